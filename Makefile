@@ -1,0 +1,101 @@
+# clipcurate — every target creates .venv and installs what it needs first (make setup).
+#   make demo            the whole job on the embedded demo world
+#   make test            the test suite
+# Variables: RUN (run name), INPUT (URL list or shard folder), CONFIG (TOML), WORKERS (0 = in-process)
+
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CLI := $(BIN)/clipcurate
+
+RUN ?= demo
+INPUT ?=
+CONFIG ?=
+WORKERS ?=
+DEMO_N ?= 3000
+DEMO_WORLD ?= runs/demo-world
+PYTEST_ARGS ?=
+
+CONFIG_ARG := $(if $(CONFIG),--config $(CONFIG),)
+WORKERS_ARG := $(if $(WORKERS),--workers $(WORKERS),)
+INPUT_ARG := $(if $(INPUT),--input $(INPUT),)
+
+# The machine's pip configuration (local wheel folders, mirrors) handed to uv, which does not read it.
+UV_FLAGS := $(shell for f in $$($(PY) -m pip config get global.find-links 2>/dev/null); do printf -- '--find-links %s ' "$$f"; done; \
+                    for u in $$($(PY) -m pip config get global.extra-index-url 2>/dev/null); do printf -- '--extra-index-url %s ' "$$u"; done)
+
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup wordnet demo demo-world ingest run align metaclip klite dfn emit train eval histograms report \
+        ablate test bench clean
+
+setup: $(STAMP) wordnet
+
+# uv installs the lock in ~30 s (pip: ~4 min); pip is the fallback when uv cannot be had.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@echo "== installing Python packages into $(VENV) (requirements.lock)"
+	@if $(BIN)/python -m pip install -q --disable-pip-version-check "uv==0.13.9" 2>/dev/null; then \
+	    $(BIN)/python -m uv pip install -q --python $(BIN)/python --index-strategy unsafe-best-match $(UV_FLAGS) -r requirements.lock && \
+	    $(BIN)/python -m uv pip install -q --python $(BIN)/python --no-deps -e . ; \
+	else \
+	    $(BIN)/python -m pip install -q -r requirements.lock && $(BIN)/python -m pip install -q --no-deps -e . ; \
+	fi
+	@touch $(STAMP)
+
+# WordNet 3.0 from Debian (klite, metadata). Installed when missing and we are root; else one clear line.
+wordnet:
+	@if [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/wordnet/index.sense ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "== installing WordNet (apt-get install wordnet-base wordnet-sense-index)"; \
+	    (apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null && apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null)) || \
+	     { echo "WordNet install failed: run 'sudo apt-get install -y wordnet-base wordnet-sense-index'"; exit 1; }; \
+	  else \
+	    echo "WordNet is missing: run 'sudo apt-get install -y wordnet-base wordnet-sense-index', then make again"; exit 1; \
+	  fi; \
+	fi
+
+demo-world: setup
+	$(CLI) demo-world $(DEMO_WORLD) --n $(DEMO_N)
+
+# The main job on the embedded demo world.
+demo: setup
+	$(CLI) demo-world $(DEMO_WORLD) --n $(DEMO_N)
+	$(CLI) ingest $(DEMO_WORLD)/urls.parquet --run $(RUN) $(if $(CONFIG),--config $(CONFIG),--config $(DEMO_WORLD)/config.toml) $(WORKERS_ARG)
+
+ingest: setup
+	@test -n "$(INPUT)" || { echo "usage: make ingest RUN=name INPUT=urls.parquet [CONFIG=c.toml]"; exit 2; }
+	$(CLI) ingest $(INPUT) --run $(RUN) $(CONFIG_ARG) $(WORKERS_ARG)
+
+# One target per stage: make align RUN=x [INPUT=folder] [CONFIG=c.toml] [WORKERS=2]
+align metaclip klite dfn emit: setup
+	$(CLI) run $@ --run $(RUN) $(INPUT_ARG) $(CONFIG_ARG) $(WORKERS_ARG)
+
+STAGES ?= align,metaclip,klite,dfn,emit
+run: setup
+	$(CLI) run $(STAGES) --run $(RUN) $(INPUT_ARG) $(CONFIG_ARG) $(WORKERS_ARG)
+
+histograms report: setup
+	$(CLI) $@ --run $(RUN)
+
+train ablate: setup
+	$(CLI) $@ --run $(RUN) $(CONFIG_ARG)
+
+eval: setup
+	$(CLI) eval --run $(RUN)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@echo "results in bench/results/"
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,376 @@
+"""Runs stages over a folder of shards: in-process, on a Dask LocalCluster, or on an existing cluster.
+
+Per stage:
+  pass 1 (stages with `collect`): map collect over shards, tree-reduce with `merge`, save the stats;
+  pass 2: map apply; each shard writes kept + rejected atomically, then a small `_done/<shard>.json`.
+
+Resume: a shard is skipped when its done-marker carries the stage fingerprint (stage config + inputs);
+stats are reused when `_stats.json` carries it. A kill at any moment leaves either a complete shard with
+its marker, or no marker (the shard is redone, overwriting by name), so a rerun never loses or
+duplicates a row. Partials are reduced in shard order with a fixed fan-in, so the merge tree (and any
+float sum inside it) is the same for any worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from pipeline import schema, shards
+from pipeline.stage import STAGE_ORDER, StageError, fingerprint, get_stage, stage_class, stage_dirname, stage_position
+
+log = logging.getLogger("clipcurate.runner")
+
+MERGE_FAN_IN = 8
+
+
+# ---- executors ---------------------------------------------------------------------------------
+class InProcessExecutor:
+    """`--workers 0`: everything in this process (debugging, tests, tiny pools)."""
+
+    name = "in-process"
+
+    def map(self, fn: Callable, items: list, desc: str) -> Iterator[tuple[int, Any]]:
+        for i, item in enumerate(tqdm(items, desc=desc, unit="shard", leave=False, disable=None)):
+            yield i, fn(*item)
+
+    def tree_reduce(self, fn: Callable, values: list) -> Any:
+        while len(values) > 1:
+            values = [fn(values[i : i + MERGE_FAN_IN]) for i in range(0, len(values), MERGE_FAN_IN)]
+        return values[0]
+
+    def collect_values(self, fn: Callable, items: list, desc: str) -> list:
+        out = [None] * len(items)
+        for i, v in self.map(fn, items, desc):
+            out[i] = v
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class DaskExecutor:
+    """A Dask distributed client: a LocalCluster of `workers` processes, or an existing scheduler."""
+
+    name = "dask"
+
+    def __init__(self, workers: int | None = None, scheduler: str | None = None):
+        import dask
+        from distributed import Client, LocalCluster
+
+        dask.config.set({"distributed.worker.daemon": False, "distributed.scheduler.work-stealing": True})
+        self.cluster = None
+        if scheduler:
+            self.client = Client(scheduler, timeout="30s")
+            self.name = f"dask scheduler {scheduler}"
+        else:
+            n = workers or os.cpu_count() or 1
+            self.cluster = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+            self.client = Client(self.cluster)
+            self.name = f"dask LocalCluster ({n} workers)"
+
+    def map(self, fn: Callable, items: list, desc: str) -> Iterator[tuple[int, Any]]:
+        from distributed import as_completed
+
+        futures = [self.client.submit(fn, *item, pure=False, retries=0) for item in items]
+        index = {f.key: i for i, f in enumerate(futures)}
+        try:
+            with tqdm(total=len(futures), desc=desc, unit="shard", leave=False, disable=None) as bar:
+                for fut in as_completed(futures):
+                    result = fut.result()
+                    bar.update(1)
+                    yield index[fut.key], result
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def tree_reduce(self, fn: Callable, values: list) -> Any:
+        # values are futures living on workers: partials never travel to the client until merged
+        while len(values) > 1:
+            values = [
+                self.client.submit(fn, values[i : i + MERGE_FAN_IN], pure=False)
+                for i in range(0, len(values), MERGE_FAN_IN)
+            ]
+        v = values[0]
+        return v.result() if hasattr(v, "result") else v
+
+    def collect_values(self, fn: Callable, items: list, desc: str) -> list:
+        from distributed import wait
+
+        futures = [self.client.submit(fn, *item, pure=False) for item in items]
+        with tqdm(total=len(futures), desc=desc, unit="shard", leave=False, disable=None) as bar:
+            done = 0
+            while done < len(futures):
+                wait(futures, timeout=None, return_when="FIRST_COMPLETED")
+                now = sum(f.done() for f in futures)
+                bar.update(now - done)
+                done = now
+                for f in futures:
+                    if f.status == "error":
+                        f.result()  # raises the task's exception here
+        return futures
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+@contextmanager
+def executor(workers: int | None, scheduler: str | None = None):
+    ex = InProcessExecutor() if (workers == 0 and not scheduler) else DaskExecutor(workers, scheduler)
+    try:
+        yield ex
+    finally:
+        ex.close()
+
+
+# ---- tasks (top-level functions: they travel to Dask workers) --------------------------------
+def _read_checked(stage, path: str) -> pa.Table:
+    table = shards.read_shard(path)
+    if "text" in stage.requires and "text" in table.column_names:
+        table = schema.check_columns(table, {"text": pa.string()}, shards.shard_name(path), stage.name)
+        table = schema.ensure_uid(table)
+    return schema.check_columns(table, stage.requires, shards.shard_name(path), stage.name)
+
+
+def collect_task(name: str, config: dict, seed: int, path: str) -> Any:
+    stage = get_stage(name, config, seed)
+    return stage.collect(_read_checked(stage, path))
+
+
+class _Merge:
+    """Picklable merge callable (closures do not travel to workers)."""
+
+    def __init__(self, name: str, config: dict, seed: int):
+        self.args = (name, config, seed)
+
+    def __call__(self, partials):
+        return get_stage(*self.args).merge(list(partials))
+
+
+_STATS_CACHE: dict[str, Any] = {}
+
+
+def _stats_for(stage, stage_dir: str, fp: str):
+    if not stage.has_stats:
+        return None
+    key = f"{stage_dir}|{fp}"
+    if key not in _STATS_CACHE:
+        _STATS_CACHE.clear()  # one stage's stats at a time per worker: bounded memory
+        _STATS_CACHE[key] = stage.load_stats(shards.join(stage_dir, "stats"))
+    return _STATS_CACHE[key]
+
+
+def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str) -> dict:
+    t0 = time.perf_counter()
+    stage = get_stage(name, config, seed)
+    table = _read_checked(stage, path)
+    stage.notes = []
+    kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp))
+    out_name = stage.output_name(shards.shard_name(path))
+    shards.write_shard(kept, shards.join(stage_dir, out_name))
+    shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))
+    reasons = Counter()
+    if rejected.num_rows:
+        vc = pc.value_counts(rejected.column("reason").combine_chunks())
+        reasons = {str(d["values"]): int(d["counts"]) for d in vc.to_pylist()}
+    summary = {
+        "shard": out_name,
+        "input": shards.shard_name(path),
+        "rows_in": table.num_rows,
+        "rows_out": kept.num_rows,
+        "rejected": rejected.num_rows,
+        "reasons": dict(reasons),
+        "seconds": round(time.perf_counter() - t0, 4),
+        "notes": list(stage.notes),
+        "fingerprint": fp,
+    }
+    shards.write_json(summary, shards.join(stage_dir, "_done", out_name + ".json"))
+    return summary
+
+
+# ---- the runner --------------------------------------------------------------------------------
+@dataclass
+class StageResult:
+    stage: str
+    folder: str
+    manifest: dict = field(default_factory=dict)
+
+
+def _input_identity(path: str, upstream_dir: str | None) -> dict:
+    if upstream_dir:
+        done = shards.read_json(shards.join(upstream_dir, "_done", shards.shard_name(path) + ".json"))
+        if done and "fingerprint" in done:
+            return {"name": shards.shard_name(path), "upstream": done["fingerprint"]}
+    return shards.file_identity(path)
+
+
+def previous_stage_dir(run_dir: str, name: str) -> str | None:
+    """The output of the nearest earlier stage that exists in this run (for a run given no --input)."""
+    for prev in reversed(STAGE_ORDER[: stage_position(name)]):
+        d = shards.join(run_dir, stage_dirname(prev))
+        if shards.exists(shards.join(d, "_manifest.json")):
+            return d
+    return None
+
+
+def run_stage(
+    name: str,
+    run_dir: str,
+    input_dir: str,
+    config: dict[str, dict],
+    ex,
+    upstream_is_stage: bool = False,
+) -> StageResult:
+    cls = stage_class(name)
+    seed = int(config.get("run", {}).get("seed", 0))
+    stage_cfg = config.get(name, {})
+    probe = cls(stage_cfg, seed)  # not set up: only for fingerprint parts and names
+    stage_dir = shards.join(run_dir, stage_dirname(name))
+    inputs = shards.list_shards(input_dir)
+    if not inputs:
+        raise StageError(f"{name}: no Parquet shards in {input_dir}")
+    fp = fingerprint(
+        {
+            "stage": name,
+            "config": stage_cfg,
+            "seed": seed,
+            "parts": probe.fingerprint_parts(),
+            "inputs": [_input_identity(p, input_dir if upstream_is_stage else None) for p in inputs],
+        }
+    )
+    for d in (stage_dir, shards.join(stage_dir, "rejected")):
+        shards.clean_temporaries(d)
+    log.info("%s: %d shards from %s (fingerprint %s, %s)", name, len(inputs), input_dir, fp, ex.name)
+    timings: dict[str, float] = {}
+
+    # pass 1 — pool-wide statistics
+    if probe.has_stats:
+        marker = shards.join(stage_dir, "_stats.json")
+        prior = shards.read_json(marker)
+        if prior and prior.get("fingerprint") == fp:
+            log.info("%s: statistics up to date, reusing", name)
+        else:
+            shards.remove(marker)  # stale stats must never be trusted if we die below
+            t0 = time.perf_counter()
+            items = [(name, stage_cfg, seed, p) for p in inputs]
+            partials = ex.collect_values(collect_task, items, f"{name} collect")
+            timings["collect_s"] = round(time.perf_counter() - t0, 3)
+            t0 = time.perf_counter()
+            stats = ex.tree_reduce(_Merge(name, stage_cfg, seed), partials)
+            stats_dir = shards.join(stage_dir, "stats")
+            shards.remove(stats_dir)
+            probe.save_stats(stats, stats_dir)
+            shards.write_json({"fingerprint": fp}, marker)
+            timings["merge_s"] = round(time.perf_counter() - t0, 3)
+
+    # pass 2 — apply, skipping shards already done under this fingerprint
+    todo, summaries = [], {}
+    for p in inputs:
+        out = probe.output_name(shards.shard_name(p))
+        done = shards.read_json(shards.join(stage_dir, "_done", out + ".json"))
+        if (
+            done
+            and done.get("fingerprint") == fp
+            and shards.exists(shards.join(stage_dir, out))
+            and shards.exists(shards.join(stage_dir, "rejected", out))
+        ):
+            summaries[out] = done
+        else:
+            todo.append(p)
+    if summaries:
+        log.info("%s: %d shards already done, %d to do", name, len(summaries), len(todo))
+    t0 = time.perf_counter()
+    items = [(name, stage_cfg, seed, p, stage_dir, fp) for p in todo]
+    for _, summary in ex.map(apply_task, items, f"{name} apply"):
+        summaries[summary["shard"]] = summary
+    timings["apply_s"] = round(time.perf_counter() - t0, 3)
+
+    # outputs of shards no longer in the input are stale
+    expected = {probe.output_name(shards.shard_name(p)) for p in inputs}
+    for sub in ("", "rejected"):
+        folder = shards.join(stage_dir, sub) if sub else stage_dir
+        if shards.exists(folder):
+            for p in shards.list_shards(folder):
+                if shards.shard_name(p) not in expected:
+                    shards.remove(p)
+
+    manifest = build_manifest(name, fp, stage_cfg, input_dir, [summaries[k] for k in sorted(summaries)], timings)
+    manifest["executor"] = ex.name
+    shards.write_json(manifest, shards.join(stage_dir, "_manifest.json"))
+    log.info(
+        "%s: %d rows in, %d kept, %d rejected %s",
+        name, manifest["rows_in"], manifest["rows_out"], manifest["rejected"], manifest["reasons"],
+    )
+    return StageResult(name, stage_dir, manifest)
+
+
+def build_manifest(name, fp, cfg, input_dir, per_shard: list[dict], timings: dict) -> dict:
+    reasons: Counter = Counter()
+    notes: list[str] = []
+    for s in per_shard:
+        reasons.update(s.get("reasons", {}))
+        for n in s.get("notes", []):
+            if n not in notes:
+                notes.append(n)
+    return {
+        "stage": name,
+        "fingerprint": fp,
+        "config": cfg,
+        "input": str(input_dir),
+        "shards": per_shard,
+        "rows_in": sum(s["rows_in"] for s in per_shard),
+        "rows_out": sum(s["rows_out"] for s in per_shard),
+        "rejected": sum(s["rejected"] for s in per_shard),
+        "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "notes": notes,
+        "timings": timings,
+        "shard_seconds": round(sum(s.get("seconds", 0.0) for s in per_shard), 3),
+    }
+
+
+def run_pipeline(
+    stages: Iterable[str],
+    run_dir: str,
+    config: dict[str, dict],
+    input_dir: str | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
+) -> list[StageResult]:
+    """Run `stages` in canonical order; each reads the previous one's output (or `input_dir` first)."""
+    names = list(stages)
+    for n in names:
+        stage_class(n)  # fail fast on unknown or missing stages
+    names = sorted(names, key=stage_position)
+    from pipeline import config as config_mod
+
+    config_mod.save(config, shards.join(run_dir, "config.toml"))
+    results = []
+    with executor(workers, scheduler) as ex:
+        current, from_stage = input_dir, False
+        for i, name in enumerate(names):
+            if current is None:
+                current = previous_stage_dir(run_dir, name)
+                from_stage = True
+                if current is None:
+                    raise StageError(f"{name}: no input: give --input DIR or run an earlier stage first")
+            res = run_stage(name, run_dir, current, config, ex, upstream_is_stage=from_stage)
+            results.append(res)
+            current, from_stage = res.folder, True
+    return results

@@ -1,0 +1,155 @@
+"""List, read and write Parquet shards on any fsspec path, with atomic writes.
+
+Atomic = write under a hidden temporary name in the same folder, then rename. Readers (and `list_shards`)
+never see a half-written `part-*.parquet`: a killed writer leaves at most a `.tmp-*` file, which the next
+run removes. On object stores (s3://, gs://) a put is already all-or-nothing; rename there is copy+delete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+
+
+class ShardError(RuntimeError):
+    """A shard cannot be read or written. str() is one line naming the shard."""
+
+
+def fs_and_path(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, p = fsspec.core.url_to_fs(str(path))
+    return fs, p
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if "://" in base:
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def shard_name(path: str) -> str:
+    return posixpath.basename(str(path).rstrip("/"))
+
+
+def list_shards(folder: str) -> list[str]:
+    """Sorted Parquet files directly in `folder` (not sub-folders; hidden/temporary names skipped)."""
+    fs, p = fs_and_path(folder)
+    if not fs.exists(p):
+        raise ShardError(f"input folder {folder} does not exist")
+    out = []
+    for info in fs.ls(p, detail=True):
+        name = posixpath.basename(info["name"].rstrip("/"))
+        if info.get("type") != "file" or not name.endswith(".parquet") or name.startswith((".", "_")):
+            continue
+        out.append(join(str(folder), name))
+    return sorted(out, key=shard_name)
+
+
+def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
+    fs, p = fs_and_path(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except FileNotFoundError:
+        raise ShardError(f"shard {shard_name(path)}: file not found ({path})") from None
+    except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ShardError(f"shard {shard_name(path)}: not a readable Parquet file ({msg})") from None
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    fs, p = fs_and_path(path)
+    parent = posixpath.dirname(p) if "://" in str(path) else os.path.dirname(p)
+    fs.makedirs(parent, exist_ok=True)
+    tmp = (posixpath if "://" in str(path) else os.path).join(
+        parent, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(p)}"
+    )
+    try:
+        with fs.open(tmp, "wb") as f:
+            write_fn(f)
+            if hasattr(f, "flush"):
+                f.flush()
+            if hasattr(f, "fileno"):
+                try:
+                    os.fsync(f.fileno())
+                except (OSError, ValueError, AttributeError):
+                    pass
+        fs.mv(tmp, p)
+    except BaseException:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def write_shard(table: pa.Table, path: str) -> None:
+    """Write `table` to `path` atomically. Deterministic bytes for the same table (no timestamps)."""
+    try:
+        _atomic_write(
+            path,
+            lambda f: pq.write_table(table, f, compression="zstd", row_group_size=64 * 1024, write_statistics=True),
+        )
+    except OSError as e:
+        raise ShardError(f"shard {shard_name(path)}: write failed ({e})") from None
+
+
+def write_json(obj: Any, path: str) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def write_bytes(data: bytes, path: str) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def read_json(path: str) -> Any | None:
+    fs, p = fs_and_path(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def exists(path: str) -> bool:
+    fs, p = fs_and_path(path)
+    return fs.exists(p)
+
+
+def remove(path: str) -> None:
+    fs, p = fs_and_path(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def clean_temporaries(folder: str) -> int:
+    """Remove `.tmp-*` leftovers of killed writers in `folder`. Returns how many."""
+    fs, p = fs_and_path(folder)
+    if not fs.exists(p):
+        return 0
+    n = 0
+    for info in fs.ls(p, detail=True):
+        if posixpath.basename(info["name"]).startswith(TMP_PREFIX):
+            fs.rm(info["name"])
+            n += 1
+    return n
+
+
+def file_identity(path: str) -> dict:
+    """What identifies an input file for fingerprints when no upstream manifest vouches for it."""
+    fs, p = fs_and_path(path)
+    info = fs.info(p)
+    return {"name": shard_name(path), "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")}

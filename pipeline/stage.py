@@ -1,0 +1,225 @@
+"""The Stage contract, the stage registry, and per-row random numbers that do not depend on sharding.
+
+A stage is a class in `stages/<name>.py` exposed as `STAGE`. The runner knows stages only through this
+contract: `collect` (optional, per shard) -> `merge` (pool-wide, associative) -> `apply` (per shard).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import pickle
+from typing import Any, ClassVar
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import shards
+
+# Canonical order: gives each stage its `NN_` folder prefix in a run, whatever subset a run uses.
+STAGE_ORDER = ["ingest", "align", "metaclip", "klite", "dfn", "emit"]
+
+
+class StageError(RuntimeError):
+    """A stage cannot run (unknown name, bad input). str() is one line."""
+
+
+class Stage:
+    """Base class. Subclasses set `name`, a `Config` dataclass, `requires`, and override what they need."""
+
+    name: ClassVar[str] = "stage"
+    requires: ClassVar[dict[str, pa.DataType]] = {"uid": pa.string(), "text": pa.string()}
+
+    @dataclasses.dataclass
+    class Config:
+        pass
+
+    def __init__(self, config: Any = None, seed: int = 0):
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            config = self.Config(**config)
+        self.config = config
+        self.seed = int(seed)
+        self._ready = False
+        self.notes: list[str] = []
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load heavy resources (automata, WordNet, models). Called once per process, lazily."""
+
+    def fingerprint_parts(self) -> dict:
+        """What, besides config and inputs, changes this stage's output (e.g. a concept list's sha256)."""
+        return {}
+
+    @property
+    def has_stats(self) -> bool:
+        return type(self).collect is not Stage.collect
+
+    def collect(self, table: pa.Table) -> Any:
+        """Small per-shard statistics for pool-wide rules (pass 1). Default: none."""
+        return None
+
+    def merge(self, partials: list) -> Any:
+        """Combine partials (or merged partials: it must be associative) into one."""
+        raise NotImplementedError
+
+    def save_stats(self, stats: Any, folder: str) -> None:
+        """Persist merged statistics in the stage folder. Default: a pickle; stages may write Parquet."""
+        shards.write_bytes(pickle.dumps(stats, protocol=5), shards.join(folder, "stats.pkl"))
+
+    def load_stats(self, folder: str) -> Any:
+        fs, p = shards.fs_and_path(shards.join(folder, "stats.pkl"))
+        with fs.open(p, "rb") as f:
+            return pickle.load(f)
+
+    def apply(self, table: pa.Table, stats: Any) -> tuple[pa.Table, pa.Table]:
+        """Return (kept, rejected); rejected carries a `reason` string column."""
+        raise NotImplementedError
+
+    def output_name(self, input_name: str) -> str:
+        return input_name
+
+    def report(self, stage_dir: str, out_dir: str) -> dict:
+        """Figures and tables for the run report, made from the stage folder (manifest, stats, shards).
+
+        Returns {"figures": [(title, png_path)], "tables": [(title, markdown)]}. Default: none.
+        """
+        return {"figures": [], "tables": []}
+
+    # ---- helpers for subclasses ----------------------------------------------------------------
+    def ensure_ready(self) -> "Stage":
+        if not self._ready:
+            self.setup()
+            self._ready = True
+        return self
+
+    def config_dict(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+
+def split_by_reason(table: pa.Table, reason: pa.Array | np.ndarray | list) -> tuple[pa.Table, pa.Table]:
+    """Rows whose reason is null are kept; the others go to `rejected` with their `reason` column."""
+    reason = pa.array(reason, type=pa.string()) if not isinstance(reason, (pa.Array, pa.ChunkedArray)) else reason
+    keep = pc.is_null(reason)
+    kept = table.filter(keep)
+    rejected = table.filter(pc.invert(keep)).append_column("reason", pc.filter(reason, pc.invert(keep)))
+    return kept, rejected
+
+
+def first_reason(n: int, rules: list[tuple[str, np.ndarray | None]]) -> pa.Array:
+    """Reason per row = name of the first rule (in list order) whose boolean mask is True; else null."""
+    names = np.array([r for r, _ in rules] + [None], dtype=object)
+    idx = np.full(n, len(rules), dtype=np.int64)
+    for i in range(len(rules) - 1, -1, -1):
+        mask = rules[i][1]
+        if mask is not None:
+            idx[np.asarray(mask, dtype=bool)] = i
+    return pa.array(names[idx], type=pa.string())
+
+
+# ---- deterministic uniforms -------------------------------------------------------------------
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    # SplitMix64's finaliser: a cheap, well-mixed 64-bit bijection, vectorised in numpy (wraps mod 2^64).
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def _hash64(value: str | int) -> np.uint64:
+    if isinstance(value, (int, np.integer)):
+        return np.uint64(int(value) & 0xFFFFFFFFFFFFFFFF)
+    return np.uint64(int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "little"))
+
+
+def uid_to_u64(uids) -> np.ndarray:
+    """Fold a 128-bit hex uid into 64 bits. Non-hex uids (user data) are hashed instead."""
+    s = pl.Series(values=uids, dtype=pl.String) if not isinstance(uids, pl.Series) else uids.cast(pl.String)
+    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    lo = s.str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    bad = (hi.is_null() | lo.is_null() | (s.str.len_chars() != 32)).to_numpy()
+    hi_np = hi.fill_null(0).to_numpy().astype(np.uint64)
+    lo_np = lo.fill_null(0).to_numpy().astype(np.uint64)
+    out = hi_np ^ _splitmix64(lo_np)
+    if bad.any():
+        for i in np.flatnonzero(bad):  # rare path: only malformed user uids
+            out[i] = _hash64(str(s[int(i)]))
+    return out
+
+
+def uniform(uids, seed: int, salt: str | int | np.ndarray = 0) -> np.ndarray:
+    """U(uid, seed, salt) in [0, 1): a pure function of its arguments, vectorised over uids.
+
+    `salt` may be a per-row integer array (e.g. MetaCLIP's entry id, so each (uid, entry) pair gets its
+    own draw). Results never depend on shard boundaries, worker count or row order.
+    """
+    key = uid_to_u64(uids)
+    base = _splitmix64(np.asarray([_hash64(seed)], dtype=np.uint64))[0]
+    if isinstance(salt, np.ndarray):
+        salt_arr = salt.astype(np.uint64)
+    else:
+        salt_arr = np.full(len(key), _hash64(salt), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = _splitmix64(key ^ _splitmix64(salt_arr ^ base))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+# ---- registry ------------------------------------------------------------------------------------
+def stage_class(name: str) -> type[Stage]:
+    """A built-in stage by name, or a user's stage as "package.module:ClassName"."""
+    if ":" in name:
+        module_name, _, cls_name = name.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), cls_name)
+        except (ModuleNotFoundError, AttributeError) as e:
+            raise StageError(f"cannot load stage '{name}': {e}") from None
+    if name not in STAGE_ORDER:
+        raise StageError(f"unknown stage '{name}' (stages: {', '.join(STAGE_ORDER)})")
+    try:
+        module = importlib.import_module(f"stages.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"stages.{name}":
+            raise StageError(f"stage '{name}' is not available in this version") from None
+        raise
+    return module.STAGE
+
+
+CUSTOM_POSITION = 90  # user stages run after the built-in ones, in the order given
+
+
+def stage_position(name: str) -> int:
+    return STAGE_ORDER.index(name) if name in STAGE_ORDER else CUSTOM_POSITION
+
+
+def stage_dirname(name: str) -> str:
+    if name in STAGE_ORDER:
+        return f"{STAGE_ORDER.index(name):02d}_{name}"
+    return f"{CUSTOM_POSITION}_{stage_class(name).name}"
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_INSTANCES: dict[str, Stage] = {}
+
+
+def get_stage(name: str, config: dict, seed: int) -> Stage:
+    """One ready instance per (stage, config, seed) per process: heavy setup happens once per worker."""
+    key = fingerprint([name, config, seed])
+    inst = _INSTANCES.get(key)
+    if inst is None:
+        inst = stage_class(name)(config, seed)
+        _INSTANCES[key] = inst
+    return inst.ensure_ready()

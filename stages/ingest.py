@@ -1,0 +1,241 @@
+"""ingest: URL list -> img2dataset -> shards in the row schema.
+
+Kept apart as in img2dataset itself: *reading* the URL list (`read_url_list`), *downloading*
+(img2dataset, untouched), and *converting* its Parquet output to our rows (the `IngestStage`, run by the
+ordinary runner so that resume, manifests and Dask apply to it too).
+
+A URL that appears with several captions is downloaded once: the list is grouped by URL before
+img2dataset sees it, all captions travel with it as a JSON column, and conversion yields one row per
+caption (same image bytes, distinct uids since uid hashes url + text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema, shards
+from pipeline.stage import Stage, StageError, fingerprint
+
+log = logging.getLogger("clipcurate.ingest")
+
+CAPTIONS_COL = "clipcurate_captions"
+VALID_URL = r"^https?://[^\s/:?#]+(:\d+)?([/?#]\S*)?$"
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    requires = {"url": pa.string(), "status": pa.string()}
+
+    @dataclasses.dataclass
+    class Config:
+        url_col: str = "url"
+        caption_col: str = "caption"
+        resize_mode: str = "no"  # img2dataset's: no | border | keep_ratio | center_crop
+        image_size: int = 256
+        encode_format: str = "jpg"
+        processes: int = 0  # 0 = cores
+        threads: int = 32
+        shard_size: int = 10000  # samples per img2dataset shard (= our shard)
+        timeout: int = 10
+        retries: int = 0
+        serve_dir: str = ""  # a demo world's www/ served by a loopback proxy during the download
+
+    def output_name(self, input_name: str) -> str:
+        return f"part-{input_name}" if not input_name.startswith("part-") else input_name
+
+    def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
+        """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason."""
+        df = pl.from_arrow(table)
+        if CAPTIONS_COL in df.columns:
+            captions = pl.col(CAPTIONS_COL).str.json_decode(pl.Struct({"c": pl.List(pl.String)})).struct.field("c")
+        else:
+            captions = pl.concat_list(pl.col("caption"))
+        def int_col(name):
+            return (pl.col(name) if name in df.columns else pl.lit(None)).cast(pl.Int32)
+        df = df.with_columns(
+            text=captions,
+            image=(pl.col("jpg") if "jpg" in df.columns else pl.lit(None)).cast(pl.Binary),
+            width=int_col("width"),
+            height=int_col("height"),
+            orig_width=int_col("original_width"),
+            orig_height=int_col("original_height"),
+            reason=pl.when(pl.col("status") == "success")
+            .then(pl.lit(None, dtype=pl.String))
+            .otherwise(
+                pl.col("status").fill_null("unknown")
+                + pl.lit(": ")
+                + pl.col("error_message").fill_null("").str.replace(r"\s+", " ").str.slice(0, 200)
+            ),
+        ).explode("text")
+        uid = schema.compute_uid(df["url"].to_arrow(), df["text"].to_arrow())
+        df = df.with_columns(uid=pl.Series(uid)).select(
+            "uid", "url", "text", "image", "width", "height", "orig_width", "orig_height", "reason"
+        )
+        out = df.to_arrow()
+        out = schema.check_columns(out, schema.ROW_SCHEMA, "ingest")
+        is_kept = pc.is_null(out.column("reason"))
+        kept = out.filter(is_kept).drop_columns(["reason"])
+        rejected = out.filter(pc.invert(is_kept))
+        return kept, rejected
+
+
+STAGE = IngestStage
+
+
+# ---- reading the URL list -----------------------------------------------------------------------
+def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption") -> pl.DataFrame:
+    """Parquet, CSV, TSV or TSV.gz with a url column and a caption (or text) column."""
+    p = str(path)
+    if not Path(p).exists() and "://" not in p:
+        raise StageError(f"ingest: URL list {p} does not exist")
+    low = p.lower()
+    try:
+        if low.endswith(".parquet"):
+            df = pl.read_parquet(p)
+        elif low.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")):
+            df = pl.read_csv(p, separator="\t", quote_char=None, infer_schema=False)
+        elif low.endswith((".csv", ".csv.gz")):
+            df = pl.read_csv(p, infer_schema=False)
+        else:
+            raise StageError(f"ingest: {p}: unknown format (use .parquet, .csv, .tsv or .tsv.gz)")
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise StageError(f"ingest: cannot read URL list {p}: {str(e).splitlines()[0]}") from None
+    if caption_col not in df.columns and caption_col == "caption" and "text" in df.columns:
+        caption_col = "text"
+    for c in (url_col, caption_col):
+        if c not in df.columns:
+            raise StageError(f"ingest: URL list {p} has no column '{c}' (columns: {', '.join(df.columns)})")
+    return df.select(pl.col(url_col).cast(pl.String).alias("url"), pl.col(caption_col).cast(pl.String).alias("caption"))
+
+
+def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(to_download, bad): unique valid URLs in first-seen order with all their captions as JSON."""
+    df = df.with_columns(pl.col("caption").fill_null(""), pl.col("url").str.strip_chars())
+    bad = df.filter(pl.col("url").is_null() | ~pl.col("url").str.contains(VALID_URL))
+    good = df.filter(pl.col("url").is_not_null() & pl.col("url").str.contains(VALID_URL))
+    grouped = (
+        good.with_row_index("_order")
+        .group_by("url", maintain_order=True)
+        .agg(pl.col("caption"), pl.col("_order").min())
+        .sort("_order")
+        .select(
+            "url",
+            pl.col("caption").list.first().alias("caption"),
+            pl.struct(pl.col("caption").alias("c")).struct.json_encode().alias(CAPTIONS_COL),
+        )
+    )
+    return grouped, bad
+
+
+# ---- downloading ----------------------------------------------------------------------------------
+@contextmanager
+def _env(overrides: dict[str, str]):
+    old = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None) -> dict:
+    """Call img2dataset (in this process; it forks its own workers). Returns its summed stats."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from img2dataset import download
+
+    processes = cfg.processes or (os.cpu_count() or 1)
+    with ExitStack() as stack:
+        if cfg.serve_dir:
+            from pipeline.serve import proxy_env, serve_world
+
+            proxy = stack.enter_context(serve_world(cfg.serve_dir))
+            stack.enter_context(_env(proxy_env(proxy)))
+            log.info("serving %s through a loopback proxy at %s", cfg.serve_dir, proxy)
+        download(
+            url_list=url_parquet,
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=additional_columns,
+            output_folder=out_dir,
+            output_format="parquet",
+            resize_mode=cfg.resize_mode,
+            image_size=cfg.image_size,
+            encode_format=cfg.encode_format,
+            processes_count=processes,
+            thread_count=cfg.threads,
+            number_sample_per_shard=cfg.shard_size,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            enable_wandb=False,
+            distributor="multiprocessing",
+            incremental_mode="incremental",
+        )
+    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    for f in sorted(Path(out_dir).glob("*_stats.json")):
+        s = json.loads(f.read_text())
+        for k in totals:
+            totals[k] += int(s.get(k, 0))
+    return totals
+
+
+def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> tuple[str, dict]:
+    """Group the list, run img2dataset into `<stage>/_img2dataset`. Skipped when already complete."""
+    df = read_url_list(input_path, cfg.url_col, cfg.caption_col)
+    grouped, bad = group_by_url(df)
+    raw_dir = os.path.join(stage_dir, "_img2dataset")
+    fp = fingerprint(
+        {
+            "input": shards.file_identity(str(input_path)),
+            "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
+        }
+    )
+    marker = os.path.join(raw_dir, "_clipcurate_done.json")
+    prior = shards.read_json(marker)
+    info = {"input_rows": df.height, "unique_urls": grouped.height, "bad_urls": bad.height}
+    if prior and prior.get("fingerprint") == fp:
+        log.info("ingest: download already complete (%s), reusing", raw_dir)
+        info.update(prior.get("img2dataset", {}))
+        return raw_dir, info
+    if prior or Path(raw_dir).exists():
+        shards.remove(raw_dir)  # a different list or config: start the download afresh
+    os.makedirs(stage_dir, exist_ok=True)
+    if grouped.height == 0 and bad.height == 0:
+        raise StageError(f"ingest: URL list {input_path} has no rows")
+    list_path = os.path.join(stage_dir, "_urls.parquet")
+    grouped.write_parquet(list_path)
+    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs", df.height, grouped.height, bad.height)
+    t0 = time.perf_counter()
+    totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=[CAPTIONS_COL]) if grouped.height else {}
+    totals["seconds"] = round(time.perf_counter() - t0, 3)
+    if bad.height:
+        # malformed URLs never reach img2dataset; they travel as an extra "failed" shard so no row is lost
+        bad_tbl = pl.DataFrame(
+            {
+                "url": bad["url"],
+                "caption": bad["caption"],
+                "status": ["invalid_url"] * bad.height,
+                "error_message": ["not an http(s) URL"] * bad.height,
+            }
+        )
+        bad_tbl.write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
+    info["img2dataset"] = totals
+    shards.write_json({"fingerprint": fp, "img2dataset": totals}, marker)
+    info.update(totals)
+    return raw_dir, info

@@ -1,0 +1,68 @@
+"""A small stage that exercises every part of the contract: pool-wide counts, randomness, reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections import Counter
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline.stage import Stage, first_reason, split_by_reason, uniform
+
+
+class FirstWordStage(Stage):
+    """Drops texts whose first word is rare in the pool (< min_count), then keeps a random `keep` share."""
+
+    name = "firstword"
+
+    @dataclasses.dataclass
+    class Config:
+        min_count: int = 2
+        keep: float = 0.5
+        sleep_per_shard: float = 0.0  # lets a test kill the run in the middle of a stage
+
+    def collect(self, table):
+        words = pl.from_arrow(table.column("text")).str.split(" ").list.first()
+        return Counter(words.drop_nulls().to_list())
+
+    def merge(self, partials):
+        total = Counter()
+        for p in partials:
+            total.update(p)
+        return total
+
+    def apply(self, table, stats):
+        if self.config.sleep_per_shard:
+            time.sleep(self.config.sleep_per_shard)
+        first = pl.from_arrow(table.column("text")).str.split(" ").list.first().to_list()
+        rare = np.array([stats.get(w, 0) < self.config.min_count for w in first], dtype=bool)
+        u = uniform(table.column("uid").to_pylist(), self.seed, "firstword")
+        unlucky = u >= self.config.keep
+        reason = first_reason(table.num_rows, [("rare_first_word", rare), ("sampled_out", unlucky)])
+        return split_by_reason(table, reason)
+
+
+def make_pool(n: int, shards_n: int, folder, seed: int = 0, prefix: str = "part-") -> list[str]:
+    """n text rows split over `shards_n` Parquet shards (contiguous blocks)."""
+    from pipeline import shards
+    from pipeline.schema import compute_uid
+
+    rng = np.random.default_rng(seed)
+    vocab = [f"w{i}" for i in range(40)]
+    weights = 1.0 / np.arange(1, 41)
+    weights /= weights.sum()
+    texts = [" ".join(rng.choice(vocab, size=4, p=weights)) + f" #{i}" for i in range(n)]
+    urls = [f"http://example.invalid/{i}.jpg" for i in range(n)]
+    table = pa.table({"uid": compute_uid(urls, texts), "url": urls, "text": texts})
+    bounds = np.linspace(0, n, shards_n + 1).astype(int)
+    paths = []
+    os.makedirs(folder, exist_ok=True)
+    for i in range(shards_n):
+        p = os.path.join(str(folder), f"{prefix}{i:05d}.parquet")
+        shards.write_shard(table.slice(bounds[i], bounds[i + 1] - bounds[i]), p)
+        paths.append(p)
+    return paths
