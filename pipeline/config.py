@@ -78,6 +78,9 @@ def resolve(raw: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
     names = ["run"] + STAGE_ORDER + ["train"]
     for section in list(raw):
+        if ":" in section:  # a user stage ("module:Class"): its own Config validates it when built
+            out[section] = dict(raw[section])
+            continue
         if section not in names:
             raise ConfigError(f"config: unknown section [{section}] (known: {', '.join(names)})")
     for section in names:
