@@ -1,0 +1,166 @@
+"""ingest: URL list reading, grouping by URL, img2dataset output -> row schema, and a real download."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import shards
+from pipeline.cli import main as cli_main
+from pipeline.schema import ROW_SCHEMA, compute_uid
+from pipeline.stage import StageError
+from stages.ingest import CAPTIONS_COL, IngestStage, group_by_url, read_url_list
+
+HOST = "http://demo.clipcurate.invalid"
+
+
+def test_read_url_list_formats_and_missing_column(tmp_path):
+    rows = [("http://a.invalid/1.jpg", "one"), ("http://a.invalid/2.jpg", "two, with comma")]
+    pl.DataFrame(rows, schema=["url", "caption"], orient="row").write_parquet(tmp_path / "l.parquet")
+    pl.DataFrame(rows, schema=["url", "text"], orient="row").write_csv(tmp_path / "l.csv")
+    tsv = "URL\tTEXT\n" + "".join(f"{u}\t{c}\n" for u, c in rows)
+    (tmp_path / "l.tsv.gz").write_bytes(gzip.compress(tsv.encode()))
+    for p, kw in [("l.parquet", {}), ("l.csv", {}), ("l.tsv.gz", {"url_col": "URL", "caption_col": "TEXT"})]:
+        df = read_url_list(str(tmp_path / p), **kw)
+        assert df.rows() == rows, p
+    with pytest.raises(StageError, match=r"has no column 'link'") as e:
+        read_url_list(str(tmp_path / "l.parquet"), url_col="link")
+    assert "\n" not in str(e.value)
+
+
+def test_group_by_url_keeps_every_caption_and_first_seen_order():
+    df = pl.DataFrame(
+        {
+            "url": ["http://h.invalid/b.jpg", "http://h.invalid/a.jpg", "http://h.invalid/b.jpg", "ftp://x/y.jpg", "not a url", None, "http://h.invalid/b.jpg"],
+            "caption": ["b1", "a1", 'b2 "quoted"', "f", "n", "none", "b3"],
+        }
+    )
+    grouped, bad = group_by_url(df)
+    assert grouped["url"].to_list() == ["http://h.invalid/b.jpg", "http://h.invalid/a.jpg"]
+    decoded = [json.loads(s)["c"] for s in grouped[CAPTIONS_COL].to_list()]
+    assert decoded == [["b1", 'b2 "quoted"', "b3"], ["a1"]]
+    assert sorted(bad["caption"].to_list()) == ["f", "n", "none"]
+
+
+def _img2dataset_like_table() -> pa.Table:
+    """The columns img2dataset writes, for one success with 2 captions and two failures."""
+    png = io.BytesIO()
+    Image.new("RGB", (300, 240), "red").save(png, "PNG")
+    caps = [json.dumps({"c": c}) for c in (["a red square", "red box"], ["x"], ["y"])]
+    return pa.table(
+        {
+            "caption": ["a red square", "x", "y"],
+            "url": [f"{HOST}/1.png", f"{HOST}/404.jpg", f"{HOST}/html.jpg"],
+            "key": ["000000000", "000000001", "000000002"],
+            "status": ["success", "failed_to_download", "failed_to_resize"],
+            "error_message": [None, "HTTP Error 404: Not Found", "cannot identify image file <_io.BytesIO object at 0x7f>"],
+            "width": [300, None, None],
+            "height": [240, None, None],
+            "original_width": [300, None, None],
+            "original_height": [240, None, None],
+            "jpg": [png.getvalue(), None, None],
+            CAPTIONS_COL: caps,
+        }
+    )
+
+
+def test_conversion_one_row_per_caption_and_reasons():
+    kept, rejected = IngestStage().apply(_img2dataset_like_table(), None)
+    assert kept.schema == pa.schema([(k, v) for k, v in ROW_SCHEMA.items()])
+    assert kept.column("text").to_pylist() == ["a red square", "red box"]
+    assert kept.column("uid").to_pylist() == compute_uid([f"{HOST}/1.png"] * 2, ["a red square", "red box"]).to_pylist()
+    assert kept.column("image")[0].as_py() == kept.column("image")[1].as_py()
+    assert kept.column("orig_width").to_pylist() == [300, 300]
+    reasons = rejected.column("reason").to_pylist()
+    assert reasons[0] == "failed_to_download: HTTP Error 404: Not Found"
+    assert reasons[1].startswith("failed_to_resize: cannot identify image file")
+    assert rejected.column("text").to_pylist() == ["x", "y"]
+
+
+# ---- a real download through img2dataset and the loopback proxy --------------------------------
+def _make_site(root: Path) -> tuple[list[tuple[str, str]], dict]:
+    """A tiny crawl: 12 good images (one URL listed 3 times), 3 404s, 2 non-images, 2 malformed URLs."""
+    www = root / "www"
+    (www / "img").mkdir(parents=True)
+    rows = []
+    for i in range(12):
+        fmt, ext = [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")][i % 3]
+        Image.new("RGB", (220 + 10 * i, 210 + 5 * i), (20 * i, 100, 200 - 10 * i)).save(www / "img" / f"{i}.{ext}", fmt)
+        rows.append((f"{HOST}/img/{i}.{ext}", f"picture number {i}"))
+    rows += [(f"{HOST}/img/0.jpg", "the first picture again"), (f"{HOST}/img/0.jpg", "yet another caption")]
+    rows += [(f"{HOST}/img/missing{i}.jpg", f"gone {i}") for i in range(3)]
+    for i in range(2):
+        (www / "img" / f"html{i}.jpg").write_bytes(b"<html><body>Not an image</body></html>")
+        rows.append((f"{HOST}/img/html{i}.jpg", f"html page {i}"))
+    rows += [("javascript:alert(1)", "script"), ("http:/broken", "broken")]
+    expect = {"good_urls": 12, "good_rows": 14, "http_404": 3, "not_image": 2, "invalid": 2}
+    return rows, expect
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    pytest.importorskip("pipeline.serve")
+    root = tmp_path_factory.mktemp("crawl")
+    rows, expect = _make_site(root)
+    pl.DataFrame(rows, schema=["url", "caption"], orient="row").write_parquet(root / "urls.parquet")
+    cfg = root / "c.toml"
+    cfg.write_text("[ingest]\nprocesses = 1\nthreads = 8\nshard_size = 8\n")
+    runs = root / "runs"
+    code = cli_main(
+        ["--runs-dir", str(runs), "ingest", str(root / "urls.parquet"), "--run", "r", "--config", str(cfg),
+         "--serve", str(root / "www"), "--workers", "0"]
+    )
+    assert code == 0
+    return runs / "r" / "00_ingest", expect
+
+
+def test_ingest_keeps_every_good_image_once_per_caption(ingested):
+    stage_dir, expect = ingested
+    kept = pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(str(stage_dir / "part-*.parquet"))))
+    assert kept.num_rows == expect["good_rows"]
+    assert len(set(kept.column("uid").to_pylist())) == kept.num_rows
+    assert len(set(kept.column("url").to_pylist())) == expect["good_urls"]
+    first = kept.filter(pa.compute.equal(kept.column("url"), f"{HOST}/img/0.jpg"))
+    assert sorted(first.column("text").to_pylist()) == ["picture number 0", "the first picture again", "yet another caption"]
+    for row in kept.slice(0, 5).to_pylist():
+        with Image.open(io.BytesIO(row["image"])) as im:
+            assert im.size == (row["orig_width"], row["orig_height"]) == (row["width"], row["height"])
+
+
+def test_ingest_downloads_duplicate_urls_once(ingested):
+    stage_dir, expect = ingested
+    raw = pa.concat_tables(pq.read_table(p, columns=["url"]) for p in glob.glob(str(stage_dir / "_img2dataset" / "0*.parquet")))
+    urls = raw.column("url").to_pylist()
+    assert len(urls) == len(set(urls)) == expect["good_urls"] + expect["http_404"] + expect["not_image"]
+
+
+def test_ingest_rejects_404_and_non_images_with_reasons(ingested):
+    stage_dir, expect = ingested
+    m = shards.read_json(str(stage_dir / "_manifest.json"))
+    reasons = m["reasons"]
+    n404 = sum(v for k, v in reasons.items() if k.startswith("failed_to_download") and "404" in k)
+    nimg = sum(v for k, v in reasons.items() if k.startswith("failed_to_resize"))
+    assert n404 == expect["http_404"] and nimg == expect["not_image"]
+    assert reasons.get("invalid_url: not an http(s) URL") == expect["invalid"]
+    assert m["rows_out"] + m["rejected"] == expect["good_rows"] + expect["http_404"] + expect["not_image"] + expect["invalid"]
+    assert m["download"]["unique_urls"] == expect["good_urls"] + expect["http_404"] + expect["not_image"]
+
+
+def test_ingest_rerun_reuses_download_and_shards(ingested, capsys):
+    stage_dir, _ = ingested
+    before = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(stage_dir / "part-*.parquet"))}
+    runs = stage_dir.parents[1]
+    root = runs.parent
+    code = cli_main(["--runs-dir", str(runs), "ingest", str(root / "urls.parquet"), "--run", "r", "--serve", str(root / "www"), "--workers", "0"])
+    assert code == 0
+    assert {p: os.stat(p).st_mtime_ns for p in before} == before
