@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from pipeline import schema, shards
-from pipeline.stage import STAGE_ORDER, StageError, fingerprint, get_stage, stage_class, stage_dirname, stage_position
+from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class, stage_dirname, stage_position
 
 log = logging.getLogger("clipcurate.runner")
 
@@ -182,8 +182,9 @@ def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp
     stage = get_stage(name, config, seed)
     table = _read_checked(stage, path)
     stage.notes = []
-    kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp))
     out_name = stage.output_name(shards.shard_name(path))
+    stage.context = {"stage_dir": stage_dir, "run_dir": _parent(stage_dir), "shard": out_name}
+    kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp))
     shards.write_shard(kept, shards.join(stage_dir, out_name))
     shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))
     reasons = Counter()
@@ -203,6 +204,12 @@ def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp
     }
     shards.write_json(summary, shards.join(stage_dir, "_done", out_name + ".json"))
     return summary
+
+
+def _parent(path: str) -> str:
+    import posixpath
+
+    return posixpath.dirname(path.rstrip("/")) if "://" in path else os.path.dirname(os.path.abspath(path))
 
 
 # ---- the runner --------------------------------------------------------------------------------
@@ -311,7 +318,16 @@ def run_stage(
                 if shards.shard_name(p) not in expected:
                     shards.remove(p)
 
-    manifest = build_manifest(name, fp, stage_cfg, input_dir, [summaries[k] for k in sorted(summaries)], timings)
+    per_shard = [summaries[k] for k in sorted(summaries)]
+    t0 = time.perf_counter()
+    final = None
+    if type(probe).finalize is not Stage.finalize:  # only then: setup may be heavy (models, automata)
+        final = get_stage(name, stage_cfg, seed).finalize(stage_dir, run_dir, per_shard)
+    if final is not None:
+        timings["finalize_s"] = round(time.perf_counter() - t0, 3)
+    manifest = build_manifest(name, fp, stage_cfg, input_dir, per_shard, timings)
+    if final is not None:
+        manifest["finalize"] = final
     manifest["executor"] = ex.name
     shards.write_json(manifest, shards.join(stage_dir, "_manifest.json"))
     log.info(

@@ -47,6 +47,8 @@ class Stage:
         self.seed = int(seed)
         self._ready = False
         self.notes: list[str] = []
+        # set by the runner before each apply: {"run_dir", "stage_dir", "shard"} (for stages with side outputs)
+        self.context: dict[str, str] = {}
 
     # ---- hooks -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -83,6 +85,13 @@ class Stage:
 
     def output_name(self, input_name: str) -> str:
         return input_name
+
+    def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> dict | None:
+        """After every shard is applied: pool-wide outputs (e.g. an index of emitted files).
+
+        Must be idempotent; returns a small dict stored in the manifest under "finalize".
+        """
+        return None
 
     def report(self, stage_dir: str, out_dir: str) -> dict:
         """Figures and tables for the run report, made from the stage folder (manifest, stats, shards).
