@@ -1,0 +1,878 @@
+"""align: ALIGN's noise filters (arXiv 2102.05918, section 3), DataComp's basic filter, and dedup.
+
+Rules, in the order a rejected row names the first one it breaks (`REASONS`):
+
+  image_unreadable     image bytes null, not decodable, truncated, or over `max_image_pixels`
+                       (Pillow's decompression-bomb limit). Our own rule, first, so a bad image never
+                       crashes a worker and never reaches the size rules. Only in pools that hold images.
+  image_too_small      min(orig_width, orig_height) < min_side
+  aspect_ratio         max/min side > max_aspect
+  image_many_texts     the image (exact content hash) comes with > max_texts_per_image distinct alt-texts
+  text_many_images     the normalised alt-text comes with > max_images_per_text distinct images
+  too_few_words        < min_words word tokens
+  too_many_words       > max_words word tokens
+  rare_token           a token seen < min_token_count times in the pool AND unknown to wordfreq's
+                       reference vocabulary (Zipf < min_zipf)
+  exact_duplicate      same image hash and same normalised text as a row with a smaller uid
+  near_duplicate       shares a MinHash-LSH band (word shingles, Jaccard threshold) with a caption of
+                       the same image that has a smaller uid
+  eval_near_duplicate  perceptual hash within `eval_hamming` bits of an evaluation image
+  language             (off unless `language` is set) py3langid says another language
+
+Pool-wide facts come from `collect` (per shard) and `merge` (associative sums/mins over 64-bit keys):
+token counts; one row per distinct (image, text) pair (its smallest uid and row count), from which
+texts-per-image and images-per-text follow; and the smallest uid per LSH band key. They are keyed by
+64-bit hashes, so memory grows with distinct pairs and band keys (16-24 bytes each), never with row
+payloads. Nothing depends on shard boundaries, row order or worker count.
+
+Two image hashes, on purpose:
+  * `image_hash` = blake2b-64 of the encoded bytes. "Same image" for the pool-wide counts and for
+    duplicates. It needs no decode, so `collect` stays cheap (decoding twice would double the most
+    expensive step), and it is exact: two different product shots on white can share a 64-bit
+    perceptual hash, and merging them would drop innocent captions. Re-encoded copies are missed by
+    it; that is the price.
+  * `image_phash` = 64-bit dHash (Pillow + numpy) of the decoded image, computed once, in `apply`,
+    and used only against the evaluation set, where near-copies (resized, re-encoded) must be caught.
+A text-only pool (no image bytes anywhere) uses the url as the image identity when there is one, so
+boilerplate and duplicates are still found; the image-only rules are skipped and the manifest says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema, shards
+from pipeline.stage import Stage, StageError, first_reason, split_by_reason
+
+log = logging.getLogger("clipcurate.align")
+
+REASONS = [
+    "image_unreadable",
+    "image_too_small",
+    "aspect_ratio",
+    "image_many_texts",
+    "text_many_images",
+    "too_few_words",
+    "too_many_words",
+    "rare_token",
+    "exact_duplicate",
+    "near_duplicate",
+    "eval_near_duplicate",
+    "language",
+]
+
+# Word token: a run of letters/digits/underscore, with inner apostrophes ("don't" is one word).
+TOKEN_RE = r"\w+(?:['’]\w+)*"
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_M1 = _U64(0xBF58476D1CE4E5B9)
+_M2 = _U64(0x94D049BB133111EB)
+_MAX_U64 = np.iinfo(np.uint64).max
+
+
+# ---- vectorised, version-stable hashing --------------------------------------------------------
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a well-mixed bijection on uint64, vectorised (wraps mod 2^64)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> _U64(30))) * _M1
+        z = (z ^ (z >> _U64(27))) * _M2
+        return z ^ (z >> _U64(31))
+
+
+def _salt(name: str) -> np.uint64:
+    return _U64(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little"))
+
+
+def combine64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Order-sensitive 64-bit combination of two hash columns."""
+    return _mix64(_mix64(np.asarray(a, dtype=_U64)) ^ np.asarray(b, dtype=_U64))
+
+
+def hash64_strings(values, salt: str = "") -> np.ndarray:
+    """64-bit hash of each string's UTF-8 bytes, vectorised over an Arrow string column.
+
+    Why not polars' `hash`: it is not stable across polars versions, and these keys are saved in the
+    run (stats Parquet) and compared by later processes. This is a pure function of the bytes: the
+    string is read as little-endian 8-byte words (one numpy step per word position, over all strings
+    at once), each folded in with SplitMix64, seeded with the byte length and `salt`. Nulls hash as "".
+    """
+    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=pa.string())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], type=pa.string())
+    arr = pc.fill_null(arr.cast(pa.large_string()), "")
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=_U64)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    padded = np.zeros(hi - lo + 8, dtype=np.uint8)
+    padded[: hi - lo] = data[lo:hi]
+    starts = offsets[:-1] - lo
+    lens = offsets[1:] - offsets[:-1]
+    # every byte offset viewed as a little-endian uint64 (unaligned, overlapping): one gather per word
+    words = np.ndarray(shape=(hi - lo + 1,), dtype="<u8", buffer=padded, offset=0, strides=(1,))
+    nwords = (lens + 7) // 8
+    order = np.argsort(-nwords, kind="stable")
+    s_starts, s_lens, s_nw = starts[order], lens[order], nwords[order]
+    h = _mix64(s_lens.astype(_U64) ^ _salt("hash64:" + salt))
+    max_w = int(s_nw[0]) if n else 0
+    active = _count_gt(s_nw, max_w)  # active[w]: strings with more than w words (a prefix: sorted)
+    for w in range(max_w):
+        k = int(active[w])
+        rem = s_lens[:k] - 8 * w
+        word = words[s_starts[:k] + 8 * w].astype(_U64)
+        part = rem < 8
+        if part.any():
+            shift = (rem[part] * 8).astype(_U64)
+            word[part] &= (_U64(1) << shift) - _U64(1)
+        h[:k] = _mix64(h[:k] ^ word)
+    out = np.empty(n, dtype=_U64)
+    out[order] = h
+    return out
+
+
+def _count_gt(sorted_desc: np.ndarray, max_w: int) -> np.ndarray:
+    """For w in 0..max_w-1: how many entries of a descending array are > w."""
+    asc = sorted_desc[::-1]
+    return len(asc) - np.searchsorted(asc, np.arange(max_w), side="right")
+
+
+def blake64(b: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
+
+
+def uid_rank(uids) -> np.ndarray:
+    """uint64 whose order is the order of the uids (first 64 of their 128 bits, hex), for "smallest uid".
+
+    Ingest's uids are 32 lowercase hex chars, so this is their string order. A user's malformed uid
+    ranks by a hash of itself instead (still a pure function of the uid).
+    """
+    s = pl.Series(values=uids, dtype=pl.String).str.to_lowercase()
+    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    bad = (hi.is_null() | (s.str.len_chars() != 32)).fill_null(True).to_numpy()
+    out = hi.fill_null(0).to_numpy().astype(_U64)
+    if bad.any():
+        out[bad] = hash64_strings(pa.array(s.filter(pl.Series(bad)).fill_null("").to_list(), pa.string()), "uid")
+    return out
+
+
+# ---- text features ---------------------------------------------------------------------------
+def normalise_text(texts: pl.Series) -> pl.Series:
+    """NFKC, lower case, runs of whitespace to one space, trimmed: what "the same alt-text" means."""
+    return (
+        texts.cast(pl.String)
+        .fill_null("")
+        .str.normalize("NFKC")
+        .str.to_lowercase()
+        .str.replace_all(r"\s+", " ")
+        .str.strip_chars()
+    )
+
+
+def tokenize(norm: pl.Series) -> pl.Series:
+    """Word tokens of normalised texts (list[str]); their count is the ALIGN word count."""
+    return norm.str.extract_all(TOKEN_RE).fill_null([])
+
+
+def _explode_tokens(tokens: pl.Series) -> tuple[np.ndarray, pl.Series]:
+    """(row index per token, tokens) for a list[str] column."""
+    lens = tokens.list.len().fill_null(0).to_numpy()
+    rows = np.repeat(np.arange(len(tokens), dtype=np.int64), lens)
+    return rows, tokens.explode().drop_nulls() if len(rows) else pl.Series([], dtype=pl.String)
+
+
+def shingles(tokens: pl.Series, k: int) -> tuple[np.ndarray, pl.Series]:
+    """Word k-shingles per row (rows with 1..k-1 tokens give one shingle: all their tokens)."""
+    rows, toks = _explode_tokens(tokens)
+    if k <= 1 or len(rows) == 0:
+        return rows, toks
+    df = pl.DataFrame({"row": rows, "tok": toks})
+    parts = [pl.col("tok").shift(-j) for j in range(k)]
+    df = df.with_columns(sh=pl.concat_str(parts, separator=" "), ok=pl.col("row").shift(-(k - 1)) == pl.col("row"))
+    full = df.filter(pl.col("ok").fill_null(False)).select("row", "sh")
+    ntok = tokens.list.len().fill_null(0)
+    short_idx = np.flatnonzero(((ntok > 0) & (ntok < k)).to_numpy())
+    if len(short_idx):
+        short = pl.DataFrame(
+            {"row": short_idx.astype(np.int64), "sh": tokens.gather(short_idx).list.join(" ")}
+        )
+        full = pl.concat([full, short]).sort("row", maintain_order=True)
+    return full["row"].to_numpy(), full["sh"]
+
+
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    s1, m1, s2, m2, s3 = _FMIX32
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> s1)
+        h = h * m1
+        h = h ^ (h >> s2)
+        h = h * m2
+        return h ^ (h >> s3)
+
+
+class MinHasher:
+    """datasketch 2.0 MinHash (default 'affine32' scheme), vectorised over a whole shard.
+
+    Same permutations and the same `sha1_hash32` as `datasketch.MinHash(num_perm, seed)`, so a row's
+    signature equals `MinHash.update` over its shingles (checked in the tests). sha1 runs once per
+    distinct shingle of the shard (a Python call each: hashlib has no vectorised form), then the
+    permutations are one numpy broadcast and the per-row minimum one `minimum.reduceat`.
+    """
+
+    def __init__(self, num_perm: int, seed: int, threshold: float):
+        from datasketch import MinHash, MinHashLSH
+
+        m = MinHash(num_perm=num_perm, seed=seed)
+        if getattr(m, "scheme", "affine32") != "affine32":
+            raise StageError(f"align: datasketch MinHash scheme {m.scheme!r} is not the expected 'affine32'")
+        self.a = np.asarray(m.permutations[0], dtype=np.uint32)
+        self.b = np.asarray(m.permutations[1], dtype=np.uint32)
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.bands, self.rows = int(lsh.b), int(lsh.r)
+        self.num_perm = num_perm
+
+    def signatures(self, rows: np.ndarray, sh: pl.Series, n: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """(row ids that have shingles, their signatures [m, num_perm] uint32). `rows` must be sorted."""
+        if len(rows) == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.num_perm), np.uint32)
+        uniq = sh.unique(maintain_order=False).sort()
+        sid = pl.DataFrame({"sh": sh}).join(
+            pl.DataFrame({"sh": uniq, "i": np.arange(len(uniq), dtype=np.int64)}), on="sh", how="left", maintain_order="left"
+        )["i"].to_numpy()
+        # one sha1 per distinct shingle: the only per-item Python step (no vectorised sha1 exists)
+        hv = np.fromiter(
+            (struct.unpack("<I", hashlib.sha1(s.encode("utf-8")).digest()[:4])[0] for s in uniq.to_list()),
+            dtype=np.uint32,
+            count=len(uniq),
+        )
+        with np.errstate(over="ignore"):
+            pv = self.a[None, :] * _fmix32(hv)[:, None] + self.b[None, :]  # [distinct shingles, num_perm]
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        row_ids = rows[starts]
+        sig = np.empty((len(starts), self.num_perm), dtype=np.uint32)
+        bounds = np.r_[starts, len(rows)]
+        for c in range(0, len(starts), chunk):  # chunks of rows bound the [tokens, num_perm] temporary
+            s0, s1 = bounds[c], bounds[min(c + chunk, len(starts))]
+            sig[c : c + chunk] = np.minimum.reduceat(pv[sid[s0:s1]], starts[c : c + chunk] - s0, axis=0)
+        return row_ids, sig
+
+    def band_keys(self, sig: np.ndarray, image_id: np.ndarray) -> np.ndarray:
+        """[m, bands] uint64 keys: hash(image, band index, the band's r values)."""
+        out = np.empty((len(sig), self.bands), dtype=_U64)
+        for j in range(self.bands):
+            h = combine64(image_id, np.full(len(sig), j, dtype=_U64))
+            for v in sig[:, j * self.rows : (j + 1) * self.rows].T:
+                h = _mix64(h ^ v.astype(_U64))
+            out[:, j] = h
+        return out
+
+
+# ---- images ------------------------------------------------------------------------------------
+def dhash64(img) -> int:
+    """64-bit difference hash: 9x8 grey thumbnail, bit = left pixel brighter than its right neighbour."""
+    from PIL import Image
+
+    g = np.asarray(img.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    bits = (g[:, :-1] > g[:, 1:]).ravel()
+    return int(np.packbits(bits, bitorder="big").view(">u8")[0])
+
+
+def inspect_image(data: bytes | None, max_pixels: int) -> tuple[bool, int, int, int]:
+    """(ok, width, height, dhash). One decode per image, in `apply` only; never raises.
+
+    Refuses images over `max_pixels` before decoding (decompression bombs), and truncated or corrupt
+    files (Pillow raises; LOAD_TRUNCATED_IMAGES stays off). JPEGs are decoded at reduced scale
+    (`draft`): the hash needs a 9x8 thumbnail, not the full image.
+    """
+    if not data:
+        return False, 0, 0, 0
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                if w <= 0 or h <= 0 or w * h > max_pixels:
+                    return False, int(w), int(h), 0
+                img.draft("RGB", (64, 64))
+                img.load()
+                return True, int(w), int(h), dhash64(img)
+    except Exception:  # noqa: BLE001 - any decoder error means "unreadable", by design
+        return False, 0, 0, 0
+
+
+class HammingIndex:
+    """Multi-index over 64-bit hashes: split into k+1 bit bands; by pigeonhole any hash within Hamming
+    distance k shares at least one band exactly. Each band is a sorted array (searchsorted); candidates
+    are verified with popcount. Work ~ pool x bands x (eval / 2^band bits), not pool x eval."""
+
+    def __init__(self, hashes: np.ndarray, k: int):
+        self.k = int(k)
+        self.hashes = np.unique(np.asarray(hashes, dtype=_U64))
+        nb = min(self.k + 1, 64)
+        edges = np.linspace(0, 64, nb + 1).astype(int)
+        self.bands = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            mask = _U64((1 << (hi - lo)) - 1)
+            keys = (self.hashes >> _U64(lo)) & mask
+            order = np.argsort(keys, kind="stable")
+            self.bands.append((_U64(lo), mask, keys[order], order))
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def near(self, q: np.ndarray) -> np.ndarray:
+        """Boolean per query hash: some indexed hash is within Hamming distance k."""
+        q = np.asarray(q, dtype=_U64)
+        hit = np.zeros(len(q), dtype=bool)
+        if len(self.hashes) == 0 or len(q) == 0:
+            return hit
+        for lo, mask, keys, order in self.bands:
+            qk = (q >> lo) & mask
+            a = np.searchsorted(keys, qk, side="left")
+            b = np.searchsorted(keys, qk, side="right")
+            cnt = b - a
+            if not cnt.any():
+                continue
+            qi = np.repeat(np.arange(len(q)), cnt)
+            first = np.repeat(a - np.cumsum(np.r_[0, cnt[:-1]]), cnt)
+            ei = order[first + np.arange(len(qi))]
+            close = np.bitwise_count(q[qi] ^ self.hashes[ei]) <= self.k
+            hit[qi[close]] = True
+        return hit
+
+
+def _image_column(table: pa.Table) -> str | None:
+    for name in ("image", "jpg", "bytes", "img"):
+        if name in table.column_names:
+            t = table.schema.field(name).type
+            if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+                return name
+            if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:  # Hugging Face Image feature
+                return name
+    return None
+
+
+def load_eval_hashes(path: str, max_pixels: int) -> tuple[np.ndarray, int]:
+    """dHashes of an evaluation set: a folder of image files (recursive) or a Parquet file/folder with
+    an image-bytes column (image/jpg/bytes, or a {bytes: ...} struct) or a uint64 `image_phash` column.
+    Returns (hashes, unreadable count)."""
+    p = Path(path)
+    blobs: list[bytes | None] = []
+    if p.is_dir() and not any(p.glob("*.parquet")):
+        for f in sorted(x for x in p.rglob("*") if x.suffix.lower() in IMAGE_EXTS and x.is_file()):
+            blobs.append(f.read_bytes())
+    else:
+        files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+        import pyarrow.parquet as pq
+
+        for f in files:
+            t = pq.read_table(f)
+            if "image_phash" in t.column_names and _image_column(t) is None:
+                col = pc.drop_null(t.column("image_phash")).to_numpy().astype(_U64)
+                blobs.extend(int(x) for x in col)  # type: ignore[arg-type]
+                continue
+            name = _image_column(t)
+            if name is None:
+                raise StageError(f"align: eval set {f} has no image column (image/jpg/bytes) or image_phash")
+            col = t.column(name)
+            if pa.types.is_struct(col.type):
+                col = pc.struct_field(col, "bytes")
+            blobs.extend(col.to_pylist())
+    hashes, bad = [], 0
+    for b in blobs:  # one decode per eval image, once per process
+        if isinstance(b, int):
+            hashes.append(b)
+            continue
+        ok, _, _, h = inspect_image(b, max_pixels)
+        if ok:
+            hashes.append(h)
+        else:
+            bad += 1
+    return np.asarray(hashes, dtype=_U64), bad
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class AlignStats:
+    """Pool-wide counts. A per-shard partial and the merged whole have the same shape (merge is
+    concat + group-by sum/min, hence associative and order-free; outputs are sorted by key)."""
+
+    tokens: pl.DataFrame  # tok: u64, n: u64                      occurrences per token
+    pairs: pl.DataFrame  # pair, image, text: u64, uid_min: u64, n: u64   one row per (image, text)
+    bands: pl.DataFrame  # key: u64, uid_min: u64, n: u64        rows per LSH band key
+    meta: dict  # rows, image_rows (rows with image bytes)
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @staticmethod
+    def empty() -> "AlignStats":
+        u = pl.UInt64
+        return AlignStats(
+            pl.DataFrame(schema={"tok": u, "n": u}),
+            pl.DataFrame(schema={"pair": u, "image": u, "text": u, "uid_min": u, "n": u}),
+            pl.DataFrame(schema={"key": u, "uid_min": u, "n": u}),
+            {"rows": 0, "image_rows": 0},
+        )
+
+    # lookups for apply: sorted numpy arrays, built once per process (stats are cached by the runner)
+    def lookup(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self._cache:
+            if name == "token_n":
+                df = self.tokens.select("tok", "n")
+            elif name == "image_texts":
+                df = self.pairs.group_by("image").agg(n=pl.len().cast(pl.UInt64)).sort("image")
+            elif name == "text_images":
+                df = self.pairs.group_by("text").agg(n=pl.len().cast(pl.UInt64)).sort("text")
+            elif name == "pair_uid":
+                df = self.pairs.filter(pl.col("n") > 1).select("pair", "uid_min")
+            elif name == "band_uid":
+                df = self.bands.filter(pl.col("n") > 1).select("key", "uid_min")
+            else:
+                raise KeyError(name)
+            k, v = df.columns
+            df = df.sort(k)
+            self._cache[name] = (df[k].to_numpy().astype(_U64), df[v].to_numpy().astype(_U64))
+        return self._cache[name]
+
+
+def _lookup(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray, default: int) -> np.ndarray:
+    k, v = table
+    out = np.full(len(keys), default, dtype=_U64)
+    if len(k) == 0 or len(keys) == 0:
+        return out
+    i = np.minimum(np.searchsorted(k, keys), len(k) - 1)
+    found = k[i] == keys
+    out[found] = v[i[found]]
+    return out
+
+
+def _merge_frames(frames: list[pl.DataFrame], key: str, aggs: list) -> pl.DataFrame:
+    frames = [f for f in frames if f.height]
+    if not frames:
+        return None  # type: ignore[return-value]
+    return pl.concat(frames).group_by(key).agg(aggs).sort(key)
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+class AlignStage(Stage):
+    """ALIGN / DataComp-basic filtering with exact and near-duplicate removal and eval decontamination."""
+
+    name = "align"
+    requires = {"uid": pa.string(), "text": pa.string()}
+
+    @dataclasses.dataclass
+    class Config:
+        min_side: int = 200  # px, on orig_width/orig_height (size before any ingest resize)
+        max_aspect: float = 3.0
+        max_texts_per_image: int = 1000  # distinct normalised alt-texts per image hash
+        max_images_per_text: int = 10  # distinct images per normalised alt-text
+        min_words: int = 3
+        max_words: int = 20
+        # Rare = pool count < min_token_count AND Zipf < min_zipf. ALIGN keeps the 100M most frequent
+        # unigrams+bigrams of 1.8B pairs; the count at that cut scales with pool size and is below 2
+        # for any pool under ~1e9 pairs, so the smallest meaningful threshold, 2 ("seen once"), is the
+        # default; raise it for web-scale pools. With Zipf < 1.5 (wordfreq 'en') it removes 1.6% of
+        # Flickr8k captions and ~24% of the raw LAION 10k sample (bench/results/align.json).
+        min_token_count: int = 2
+        min_zipf: float = 1.5
+        zipf_language: str = "en"  # wordfreq reference vocabulary
+        near_dup_threshold: float = 0.8  # Jaccard of word-shingle sets (MinHash LSH)
+        num_perm: int = 128  # datasketch's default; LSH bands x rows chosen by datasketch (9 x 13)
+        shingle_size: int = 1  # words per shingle: captions are short, one changed word in ten = J 0.82
+        minhash_seed: int = 1
+        eval_images: str = ""  # folder of images, or Parquet with image bytes / image_phash; "" = off
+        eval_hamming: int = 6  # bits of dHash distance that count as the same image
+        language: str = ""  # e.g. "en": drop captions py3langid assigns to another language; "" = off
+        max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit (MAX_IMAGE_PIXELS)
+        url_as_image: bool = True  # text-only pools: the url stands in for the image in pool counts
+
+    def __init__(self, config: Any = None, seed: int = 0):
+        super().__init__(config, seed)
+        c = self.config
+        if c.min_words > c.max_words:
+            raise StageError(f"align: min_words {c.min_words} > max_words {c.max_words}")
+        if not 0.0 < c.near_dup_threshold <= 1.0:
+            raise StageError(f"align: near_dup_threshold must be in (0, 1], got {c.near_dup_threshold}")
+        if not 0 <= c.eval_hamming < 64:
+            raise StageError(f"align: eval_hamming must be in [0, 63], got {c.eval_hamming}")
+        self._minhasher: MinHasher | None = None
+        self._eval: HammingIndex | None = None
+        self._zipf: dict[str, float] = {}
+        self._langid = None
+
+    # ---- resources ----
+    @property
+    def minhasher(self) -> MinHasher:
+        if self._minhasher is None:
+            c = self.config
+            self._minhasher = MinHasher(c.num_perm, c.minhash_seed, c.near_dup_threshold)
+        return self._minhasher
+
+    def eval_index(self) -> HammingIndex | None:
+        if not self.config.eval_images:
+            return None
+        if self._eval is None:
+            if not Path(self.config.eval_images).exists():
+                raise StageError(f"align: eval_images {self.config.eval_images} does not exist")
+            hashes, bad = load_eval_hashes(self.config.eval_images, self.config.max_image_pixels)
+            self._eval = HammingIndex(hashes, self.config.eval_hamming)
+            self._eval_bad = bad
+        return self._eval
+
+    def setup(self) -> None:
+        if self.config.language:
+            try:
+                import py3langid  # noqa: F401
+            except ModuleNotFoundError:
+                raise StageError(
+                    "align: language = "
+                    f"{self.config.language!r} needs the py3langid package (pip install py3langid==0.3.0)"
+                ) from None
+
+    def fingerprint_parts(self) -> dict:
+        import datasketch
+        import wordfreq
+
+        parts = {"datasketch": datasketch.__version__, "wordfreq": getattr(wordfreq, "__version__", "3.1.1")}
+        if self.config.eval_images and Path(self.config.eval_images).exists():
+            p = Path(self.config.eval_images)
+            files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+            parts["eval"] = [(str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size) for f in files]
+        return parts
+
+    # ---- per-row features shared by collect and apply ----
+    def _features(self, table: pa.Table) -> dict:
+        c = self.config
+        texts = pl.from_arrow(table.column("text").combine_chunks() if isinstance(table.column("text"), pa.ChunkedArray) else table.column("text"))
+        if isinstance(texts, pl.DataFrame):
+            texts = texts.to_series()
+        norm = normalise_text(texts)
+        tokens = tokenize(norm)
+        nwords = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
+        text_h = hash64_strings(norm.to_arrow(), "text")
+        uid = uid_rank(table.column("uid").to_pylist())
+        img_col = table.column("image").combine_chunks() if "image" in table.column_names else None
+        if img_col is not None and not (pa.types.is_binary(img_col.type) or pa.types.is_large_binary(img_col.type)):
+            if not pa.types.is_null(img_col.type):
+                raise StageError(f"align: column 'image' has type {img_col.type}, expected binary")
+        has_bytes = np.zeros(table.num_rows, dtype=bool)
+        image_id = np.zeros(table.num_rows, dtype=_U64)
+        content = np.zeros(table.num_rows, dtype=_U64)
+        if img_col is not None and img_col.null_count < len(img_col) and not pa.types.is_null(img_col.type):
+            blobs = img_col.to_pylist()
+            # blake2b per image: hashlib has no vectorised form; cheap next to any decode
+            for i, b in enumerate(blobs):
+                if b is not None:
+                    has_bytes[i] = True
+                    content[i] = blake64(b)
+            image_id[has_bytes] = _mix64(content[has_bytes] ^ _salt("image"))
+        id_ok = has_bytes.copy()
+        if c.url_as_image and "url" in table.column_names:
+            url = table.column("url").cast(pa.string())
+            url_ok = pc.invert(pc.is_null(url)).to_numpy(zero_copy_only=False) & ~has_bytes
+            if url_ok.any():
+                uh = hash64_strings(url, "url")
+                image_id[url_ok] = uh[url_ok]
+                id_ok |= url_ok
+        return {
+            "norm": norm, "tokens": tokens, "nwords": nwords, "text_h": text_h, "uid": uid,
+            "has_bytes": has_bytes, "content": content, "image_id": image_id, "id_ok": id_ok,
+            "blobs": img_col,
+        }
+
+    def _band_rows(self, f: dict) -> np.ndarray:
+        """Rows that take part in near-duplicate search: an image identity and a word count in range
+        (a caption dropped for its length must not knock out its near-duplicate twin)."""
+        c = self.config
+        return f["id_ok"] & (f["nwords"] >= c.min_words) & (f["nwords"] <= c.max_words)
+
+    def _bands(self, f: dict, rows_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row ids, [m, bands] band keys) for the masked rows."""
+        idx = np.flatnonzero(rows_mask)
+        if len(idx) == 0:
+            return idx, np.zeros((0, self.minhasher.bands), dtype=_U64)
+        rows, sh = shingles(f["tokens"].gather(idx), self.config.shingle_size)
+        sub_rows, sig = self.minhasher.signatures(rows, sh, len(idx))
+        keys = self.minhasher.band_keys(sig, f["image_id"][idx][sub_rows])
+        return idx[sub_rows], keys
+
+    # ---- pass 1 ----
+    def collect(self, table: pa.Table) -> AlignStats:
+        f = self._features(table)
+        rows, toks = _explode_tokens(f["tokens"])
+        tok_counts = (
+            pl.DataFrame({"tok": hash64_strings(toks.to_arrow(), "tok") if len(toks) else np.zeros(0, _U64)})
+            .group_by("tok").agg(n=pl.len().cast(pl.UInt64)).sort("tok")
+        )
+        ok = f["id_ok"]
+        pairs = (
+            pl.DataFrame({
+                "pair": combine64(f["image_id"][ok], f["text_h"][ok]),
+                "image": f["image_id"][ok], "text": f["text_h"][ok], "uid": f["uid"][ok],
+            })
+            .group_by("pair")
+            .agg(pl.col("image").first(), pl.col("text").first(), uid_min=pl.col("uid").min(), n=pl.len().cast(pl.UInt64))
+            .sort("pair")
+        )
+        brow, keys = self._bands(f, self._band_rows(f))
+        bands = (
+            pl.DataFrame({"key": keys.ravel(), "uid": np.repeat(f["uid"][brow], keys.shape[1])})
+            .group_by("key").agg(uid_min=pl.col("uid").min(), n=pl.len().cast(pl.UInt64))
+            .sort("key")
+        )
+        return AlignStats(tok_counts, pairs, bands, {"rows": table.num_rows, "image_rows": int(f["has_bytes"].sum())})
+
+    def merge(self, partials: list) -> AlignStats:
+        parts = [p for p in partials if p is not None]
+        out = AlignStats.empty()
+        if not parts:
+            return out
+        u = pl.UInt64
+        tokens = _merge_frames([p.tokens for p in parts], "tok", [pl.col("n").sum().cast(u)])
+        pairs = _merge_frames(
+            [p.pairs for p in parts], "pair",
+            [pl.col("image").first(), pl.col("text").first(), pl.col("uid_min").min(), pl.col("n").sum().cast(u)],
+        )
+        bands = _merge_frames([p.bands for p in parts], "key", [pl.col("uid_min").min(), pl.col("n").sum().cast(u)])
+        meta = {k: sum(int(p.meta.get(k, 0)) for p in parts) for k in ("rows", "image_rows")}
+        return AlignStats(
+            tokens if tokens is not None else out.tokens,
+            pairs if pairs is not None else out.pairs,
+            bands if bands is not None else out.bands,
+            meta,
+        )
+
+    def save_stats(self, stats: AlignStats, folder: str) -> None:
+        """Parquet per table. Band keys seen once cannot make anyone a duplicate: they are dropped."""
+        shards.write_shard(stats.tokens.to_arrow(), shards.join(folder, "token_counts.parquet"))
+        shards.write_shard(stats.pairs.to_arrow(), shards.join(folder, "image_text_pairs.parquet"))
+        shards.write_shard(stats.bands.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "lsh_bands.parquet"))
+        meta = dict(stats.meta, lsh_bands=self.minhasher.bands, lsh_rows=self.minhasher.rows,
+                    band_keys_total=stats.bands.height)
+        shards.write_json(meta, shards.join(folder, "meta.json"))
+
+    def load_stats(self, folder: str) -> AlignStats:
+        def read(name):
+            return pl.from_arrow(shards.read_shard(shards.join(folder, name)))
+
+        meta = shards.read_json(shards.join(folder, "meta.json")) or {}
+        return AlignStats(read("token_counts.parquet"), read("image_text_pairs.parquet"), read("lsh_bands.parquet"), meta)
+
+    # ---- pass 2 ----
+    def _zipf_of(self, words: list[str]) -> np.ndarray:
+        """wordfreq Zipf frequency per word; a Python call per *distinct pool-rare* word, cached."""
+        import wordfreq
+
+        lang = self.config.zipf_language
+        out = np.empty(len(words), dtype=np.float64)
+        for i, w in enumerate(words):
+            z = self._zipf.get(w)
+            if z is None:
+                z = self._zipf[w] = wordfreq.zipf_frequency(w, lang)
+            out[i] = z
+        return out
+
+    def _rare(self, f: dict, stats: AlignStats) -> np.ndarray:
+        c = self.config
+        n = len(f["nwords"])
+        rows, toks = _explode_tokens(f["tokens"])
+        if len(rows) == 0:
+            return np.zeros(n, dtype=bool)
+        df = pl.DataFrame({"tok": toks}).with_columns(i=pl.col("tok").rank("dense").cast(pl.Int64) - 1)
+        uniq = df.unique("i").sort("i")["tok"]
+        counts = _lookup(stats.lookup("token_n"), hash64_strings(uniq.to_arrow(), "tok"), 0)
+        cand = np.flatnonzero(counts < c.min_token_count)
+        rare_u = np.zeros(len(uniq), dtype=bool)
+        if len(cand):
+            rare_u[cand] = self._zipf_of(uniq.gather(cand).to_list()) < c.min_zipf
+        return np.bincount(rows, weights=rare_u[df["i"].to_numpy()], minlength=n) > 0
+
+    def _language(self, texts: list) -> np.ndarray:
+        """py3langid per caption: its classifier takes one text at a time."""
+        if self._langid is None:
+            from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+            self._langid = LanguageIdentifier.from_pickled_model(MODEL_FILE)
+        want = self.config.language
+        return np.array([bool(t) and self._langid.classify(t)[0] != want for t in texts], dtype=bool)
+
+    def apply(self, table: pa.Table, stats: AlignStats) -> tuple[pa.Table, pa.Table]:
+        c = self.config
+        n = table.num_rows
+        stats = stats if stats is not None else AlignStats.empty()
+        f = self._features(table)
+        pool_has_images = int(stats.meta.get("image_rows", 0)) > 0
+        skipped: list[str] = []
+
+        # images: one decode per image (Pillow), here only
+        phash = np.zeros(n, dtype=_U64)
+        decoded = np.zeros(n, dtype=bool)
+        dw = np.zeros(n, dtype=np.int64)
+        dh = np.zeros(n, dtype=np.int64)
+        unreadable = None
+        if pool_has_images and f["blobs"] is not None:
+            blobs = f["blobs"].to_pylist()
+            for i, b in enumerate(blobs):  # decoding is per image by nature
+                ok, w, h, ph = inspect_image(b, c.max_image_pixels)
+                decoded[i], dw[i], dh[i], phash[i] = ok, w, h, ph
+            unreadable = ~decoded
+        else:
+            skipped += ["image_unreadable", "eval_near_duplicate"]
+
+        # sizes: the original size when ingest recorded it, else the decoded one
+        size_cols = next(((a, b) for a, b in (("orig_width", "orig_height"), ("width", "height"))
+                          if a in table.column_names and b in table.column_names), None)
+        too_small = aspect = None
+        if size_cols or unreadable is not None:
+            if size_cols:
+                W = pc.fill_null(table.column(size_cols[0]).cast(pa.int64()), -1).to_numpy()
+                H = pc.fill_null(table.column(size_cols[1]).cast(pa.int64()), -1).to_numpy()
+                missing = (W < 0) | (H < 0)
+                W, H = np.where(missing, dw, W), np.where(missing, dh, H)
+            else:
+                W, H = dw, dh
+            known = (W > 0) & (H > 0)
+            if unreadable is not None:
+                known &= ~unreadable
+            lo, hi = np.minimum(W, H), np.maximum(W, H)
+            too_small = known & (lo < c.min_side)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                aspect = known & (hi > c.max_aspect * lo)
+        else:
+            skipped += ["image_too_small", "aspect_ratio"]
+
+        # pool-wide counts by image identity (content hash, or url in text-only pools)
+        ok = f["id_ok"]
+        many_texts = many_images = exact = near = None
+        if ok.any() or stats.pairs.height:
+            n_texts = _lookup(stats.lookup("image_texts"), f["image_id"], 0)
+            n_imgs = _lookup(stats.lookup("text_images"), f["text_h"], 0)
+            many_texts = ok & (n_texts > c.max_texts_per_image)
+            many_images = ok & (n_imgs > c.max_images_per_text)
+            pair = combine64(f["image_id"], f["text_h"])
+            exact = ok & (_lookup(stats.lookup("pair_uid"), pair, _MAX_U64) < f["uid"])
+            near = np.zeros(n, dtype=bool)
+            brow, keys = self._bands(f, self._band_rows(f) & ~exact)
+            if len(brow):
+                mins = _lookup(stats.lookup("band_uid"), keys.ravel(), _MAX_U64).reshape(keys.shape)
+                near[brow] = (mins < f["uid"][brow, None]).any(axis=1)
+            if not f["has_bytes"].any() and ok.any():
+                self._note("no image bytes: the url stands in for the image in image_many_texts, "
+                           "text_many_images, exact_duplicate and near_duplicate")
+        else:
+            skipped += ["image_many_texts", "text_many_images", "exact_duplicate", "near_duplicate"]
+
+        few = f["nwords"] < c.min_words
+        many = f["nwords"] > c.max_words
+        rare = self._rare(f, stats)
+
+        eval_near = None
+        idx = self.eval_index()
+        if idx is not None and unreadable is not None:
+            eval_near = decoded & idx.near(phash)
+        elif idx is None and "eval_near_duplicate" not in skipped:
+            skipped.append("eval_near_duplicate")
+
+        lang = None
+        if c.language:
+            lang = self._language(table.column("text").to_pylist())
+        else:
+            skipped.append("language")
+
+        rules = dict.fromkeys(REASONS)
+        rules.update({
+            "image_unreadable": unreadable, "image_too_small": too_small, "aspect_ratio": aspect,
+            "image_many_texts": many_texts, "text_many_images": many_images,
+            "too_few_words": few, "too_many_words": many, "rare_token": rare,
+            "exact_duplicate": exact, "near_duplicate": near, "eval_near_duplicate": eval_near, "language": lang,
+        })
+        reason = first_reason(n, [(r, rules[r]) for r in REASONS])
+        out = table
+        for name in ("image_phash", "image_hash"):
+            if name in out.column_names:
+                out = out.drop_columns([name])
+        if pool_has_images and f["blobs"] is not None:
+            out = out.append_column("image_phash", pa.array(phash, pa.uint64(), mask=~decoded))
+            out = out.append_column("image_hash", pa.array(f["content"], pa.uint64(), mask=~f["has_bytes"]))
+        else:
+            out = out.append_column("image_phash", pa.nulls(n, pa.uint64()))
+            out = out.append_column("image_hash", pa.nulls(n, pa.uint64()))
+        optional = {"image_unreadable", "eval_near_duplicate", "language"}
+        shown = [s for s in skipped if s not in optional or (s == "eval_near_duplicate" and c.eval_images)]
+        if shown:
+            self._note("skipped (no data for them): " + ", ".join(r for r in REASONS if r in shown))
+        return split_by_reason(out, reason)
+
+    def _note(self, text: str) -> None:
+        msg = f"align: {text}"
+        if msg not in self.notes:
+            self.notes.append(msg)
+            log.info(msg)
+
+    # ---- report ----
+    def report(self, stage_dir: str, out_dir: str) -> dict:
+        """Funnel (rows dropped per rule, in rule order) as a table and a bar chart."""
+        m = shards.read_json(shards.join(stage_dir, "_manifest.json")) or {}
+        rows_in = int(m.get("rows_in", 0))
+        reasons = m.get("reasons", {})
+        lines = ["| rule | dropped | share of input | remaining |", "|---|---:|---:|---:|"]
+        left = rows_in
+        order = REASONS + sorted(r for r in reasons if r not in REASONS)
+        for r in order:
+            d = int(reasons.get(r, 0))
+            left -= d
+            share = f"{100.0 * d / rows_in:.2f}%" if rows_in else "-"
+            lines.append(f"| {r} | {d} | {share} | {left} |")
+        lines.append(f"| **kept** | | {100.0 * left / rows_in:.2f}% | **{left}** |" if rows_in else "| **kept** | | | 0 |")
+        tables = [("align funnel (rows in: %d)" % rows_in, "\n".join(lines))]
+        if m.get("notes"):
+            tables.append(("align notes", "\n".join(f"- {x}" for x in m["notes"])))
+        figures = []
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            os.makedirs(out_dir, exist_ok=True)
+            vals = [int(reasons.get(r, 0)) for r in order]
+            fig, ax = plt.subplots(figsize=(7, 0.35 * len(order) + 1.2))
+            ax.barh(range(len(order)), vals, color="#4c72b0")
+            ax.set_yticks(range(len(order)), order)
+            ax.invert_yaxis()
+            ax.set_xlabel("rows dropped (first broken rule)")
+            ax.set_title(f"align: {rows_in} in, {left} kept")
+            fig.tight_layout()
+            png = os.path.join(out_dir, "align_funnel.png")
+            fig.savefig(png, dpi=100)
+            plt.close(fig)
+            figures.append(("align funnel", png))
+        except ModuleNotFoundError:  # matplotlib is in the lock; a bare install still gets the table
+            pass
+        return {"figures": figures, "tables": tables}
+
+
+STAGE = AlignStage
