@@ -1,16 +1,33 @@
 """Histograms and the run report. The pipeline knows nothing of what a stage does: each stage's
-`report(stage_dir, out_dir)` hook draws its own figures and tables; this module gathers them."""
+`report(stage_dir, out_dir)` hook draws its own figures and tables; this module gathers them with what
+every stage has (its manifest: funnel, reasons, timings) and writes `report.html` + `report.md`.
+
+The HTML opens from disk with no server: figures are PNG files next to it (relative links) and thumbnails
+are embedded as data URIs.
+"""
 
 from __future__ import annotations
 
+import base64
+import glob
+import html
+import io
+import json
 import logging
 import os
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.stage import STAGE_ORDER, StageError, stage_class
 
 log = logging.getLogger("clipcurate.report")
+
+THUMB_PX = 96
+THUMBS_PER_GROUP = 8
 
 
 def stage_folders(run_dir: str) -> list[tuple[str, str]]:
@@ -21,6 +38,10 @@ def stage_folders(run_dir: str) -> list[tuple[str, str]]:
             if (d / "_manifest.json").exists():
                 out.append((name, str(d)))
     return out
+
+
+def manifests(run_dir: str) -> list[dict]:
+    return [shards.read_json(os.path.join(folder, "_manifest.json")) for _, folder in stage_folders(run_dir)]
 
 
 def histograms(run_dir: str) -> dict[str, dict]:
@@ -40,10 +61,240 @@ def histograms(run_dir: str) -> dict[str, dict]:
             stage = cls(cfg)
         except TypeError:
             stage = cls()
-        results[name] = stage.report(folder, out_dir)
+        try:
+            results[name] = stage.report(folder, out_dir)
+        except Exception as e:  # a figure that fails must not lose the rest of the report
+            log.warning("%s: report hook failed: %s", name, e)
+            results[name] = {"figures": [], "tables": [], "error": str(e)}
     return results
 
 
+# ---- thumbnails --------------------------------------------------------------------------------
+def _thumb(image: bytes | None) -> str | None:
+    if not image:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=80)
+    except Exception:
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _sample_rows(files: list[str], reason: str | None, k: int) -> list[dict]:
+    """First k rows (in shard order: deterministic) with this reason, reading few columns."""
+    rows: list[dict] = []
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception:
+            continue
+        cols = [c for c in ("uid", "text", "image", "reason") if c in schema.names]
+        if "image" not in cols:
+            return []
+        t = pq.read_table(f, columns=cols)
+        if reason is not None and "reason" in cols:
+            t = t.filter(pc.equal(t.column("reason"), reason))
+        rows += t.slice(0, k - len(rows)).to_pylist()
+        if len(rows) >= k:
+            break
+    return rows
+
+
+def thumbnails(run_dir: str) -> list[dict]:
+    """Per stage: a group of kept rows and one group per rejection reason, with thumbnails and captions."""
+    groups = []
+    for name, folder in stage_folders(run_dir):
+        m = shards.read_json(os.path.join(folder, "_manifest.json")) or {}
+        kept_files = sorted(glob.glob(os.path.join(folder, "part-*.parquet")))
+        rej_files = sorted(glob.glob(os.path.join(folder, "rejected", "part-*.parquet")))
+        specs = [("kept", kept_files, None)] + [(r, rej_files, r) for r in list(m.get("reasons", {}))[:12]]
+        for label, files, reason in specs:
+            rows = _sample_rows(files, reason, THUMBS_PER_GROUP)
+            if not rows:
+                continue
+            groups.append({
+                "stage": name, "label": label,
+                "items": [{"thumb": _thumb(r.get("image")), "text": r.get("text") or ""} for r in rows],
+            })
+    return groups
+
+
+# ---- the report --------------------------------------------------------------------------------
+def _md_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def funnel_rows(ms: list[dict]) -> list[list]:
+    rows = []
+    for m in ms:
+        rows.append([m["stage"], m["rows_in"], m["rows_out"], m["rejected"], "", ""])
+        for reason, n in m.get("reasons", {}).items():
+            share = f"{100.0 * n / m['rows_in']:.1f}%" if m["rows_in"] else ""
+            rows.append(["", "", "", "", reason, f"{n} ({share})"])
+    return rows
+
+
+def timing_rows(ms: list[dict]) -> list[list]:
+    rows = []
+    for m in ms:
+        t = m.get("timings", {})
+        wall = sum(v for k, v in t.items() if k.endswith("_s"))
+        rate = f"{m['rows_in'] / wall:,.0f}" if wall else ""
+        rows.append([m["stage"], m.get("executor", ""), *(t.get(k, "") for k in ("collect_s", "merge_s", "apply_s", "finalize_s")), round(wall, 2), rate])
+    return rows
+
+
+def _training(run_dir: str) -> dict:
+    """Training curve + zero-shot results if the trainer wrote them (metrics.jsonl / eval*.json)."""
+    out: dict = {}
+    train = Path(run_dir) / "train"
+    metrics = train / "metrics.jsonl"
+    if metrics.exists():
+        pts = []
+        for line in metrics.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "step" in d and "loss" in d:
+                pts.append((d["step"], d["loss"]))
+        if pts:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts])
+            ax.set_xlabel("step")
+            ax.set_ylabel("contrastive loss")
+            ax.set_title("training curve")
+            fig.tight_layout()
+            path = Path(run_dir) / "report" / "training_curve.png"
+            fig.savefig(path)
+            plt.close(fig)
+            out["curve"] = str(path)
+    evals = {}
+    for f in sorted(train.glob("eval*.json")) if train.exists() else []:
+        try:
+            evals[f.stem] = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            pass
+    if evals:
+        out["eval"] = evals
+    ablation = Path(run_dir) / "ablation.json"
+    if ablation.exists():
+        out["ablation"] = json.loads(ablation.read_text())
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float, str)):
+            out.append((prefix + k, round(v, 4) if isinstance(v, float) else v))
+    return out
+
+
+def build_report(run_dir: str) -> dict:
+    """Write runs/NAME/report/report.md and report.html. Returns what went in (for tests and the CLI)."""
+    ms = manifests(run_dir)
+    if not ms:
+        raise StageError(f"run {run_dir} has no finished stage yet: nothing to report")
+    out_dir = Path(run_dir) / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hooks = histograms(run_dir)
+    thumbs = thumbnails(run_dir)
+    training = _training(run_dir)
+    funnel = funnel_rows(ms)
+    timings = timing_rows(ms)
+    fh = ["stage", "rows in", "kept", "rejected", "reason", "rows (share of stage input)"]
+    th = ["stage", "executor", "collect s", "merge s", "apply s", "finalize s", "total s", "rows/s"]
+
+    md = [f"# clipcurate run report: {Path(run_dir).name}", "", "## Funnel", "", _md_table(fh, funnel), ""]
+    for m in ms:
+        for note in m.get("notes", []):
+            md.append(f"- {m['stage']}: {note}")
+    md += ["", "## Timings", "", _md_table(th, timings), ""]
+    for name, res in hooks.items():
+        for title, path in res.get("figures", []):
+            md += [f"### {name}: {title}", "", f"![{title}]({os.path.relpath(path, out_dir)})", ""]
+        for title, table in res.get("tables", []):
+            md += [f"### {name}: {title}", "", table, ""]
+    if training.get("curve"):
+        md += ["## Training", "", f"![training curve]({os.path.relpath(training['curve'], out_dir)})", ""]
+    for name, ev in training.get("eval", {}).items():
+        md += [f"### {name}", "", _md_table(["metric", "value"], [list(x) for x in _flat(ev)]), ""]
+    if "ablation" in training:
+        md += ["## Ablations", "", training["ablation"].get("table_md", "```\n" + json.dumps(training["ablation"], indent=2) + "\n```"), ""]
+    (out_dir / "report.md").write_text("\n".join(md))
+
+    e = html.escape
+
+    def table_html(header, rows):
+        head = "".join(f"<th>{e(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    def md_to_html_table(md_table: str) -> str:
+        lines = [l for l in md_table.strip().splitlines() if l.strip().startswith("|")]
+        if len(lines) < 2:
+            return f"<pre>{e(md_table)}</pre>"
+        split = lambda l: [c.strip() for c in l.strip().strip("|").split("|")]
+        return table_html(split(lines[0]), [split(l) for l in lines[2:]])
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>clipcurate report: {e(Path(run_dir).name)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#eee}"
+        "td:first-child{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:8px}"
+        ".card{width:120px;font-size:11px}.card img{width:96px;height:96px;object-fit:contain;background:#f4f4f4}"
+        "img.fig{max-width:100%;border:1px solid #ddd}</style></head><body>",
+        f"<h1>clipcurate run report: {e(Path(run_dir).name)}</h1>",
+        "<h2>Funnel</h2>", table_html(fh, funnel),
+    ]
+    notes = [f"{m['stage']}: {n}" for m in ms for n in m.get("notes", [])]
+    if notes:
+        parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    parts += ["<h2>Timings</h2>", table_html(th, timings)]
+    for name, res in hooks.items():
+        for title, path in res.get("figures", []):
+            parts.append(f"<h3>{e(name)}: {e(title)}</h3><img class='fig' alt='{e(title)}' src='{e(os.path.relpath(path, out_dir))}'>")
+        for title, table in res.get("tables", []):
+            parts.append(f"<h3>{e(name)}: {e(title)}</h3>{md_to_html_table(table)}")
+    if training.get("curve"):
+        parts.append(f"<h2>Training</h2><img class='fig' alt='training curve' src='{e(os.path.relpath(training['curve'], out_dir))}'>")
+    for name, ev in training.get("eval", {}).items():
+        parts.append(f"<h3>{e(name)}</h3>" + table_html(["metric", "value"], [list(x) for x in _flat(ev)]))
+    if "ablation" in training:
+        ab = training["ablation"]
+        parts.append("<h2>Ablations</h2>" + (md_to_html_table(ab["table_md"]) if "table_md" in ab else f"<pre>{e(json.dumps(ab, indent=2))}</pre>"))
+    parts.append("<h2>Samples</h2>")
+    for g in thumbs:
+        parts.append(f"<h3>{e(g['stage'])}: {e(g['label'])}</h3><div class='grid'>")
+        for it in g["items"]:
+            img = f"<img src='{it['thumb']}' alt=''>" if it["thumb"] else "<div style='width:96px;height:96px;background:#fdd'>no image</div>"
+            parts.append(f"<div class='card'>{img}<div>{e(it['text'][:120])}</div></div>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    (out_dir / "report.html").write_text("\n".join(parts))
+    return {"manifests": ms, "funnel": funnel, "hooks": hooks, "thumb_groups": len(thumbs), "training": training,
+            "html": str(out_dir / "report.html"), "md": str(out_dir / "report.md")}
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
 def cmd_histograms(args) -> int:
     run_dir = shards.join(args.runs_dir, args.run)
     results = histograms(run_dir)
@@ -59,7 +310,16 @@ def cmd_histograms(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    res = build_report(shards.join(args.runs_dir, args.run))
+    print(f"report: {res['html']}  (and {res['md']})")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("histograms", help="draw each stage's histograms (PNG) and tables into runs/NAME/report/")
     p.add_argument("--run", required=True)
     p.set_defaults(fn=cmd_histograms)
+    p = sub.add_parser("report", help="write runs/NAME/report/report.html and report.md")
+    p.add_argument("--run", required=True)
+    p.set_defaults(fn=cmd_report)
