@@ -242,15 +242,17 @@ class MinHasher:
     """
 
     def __init__(self, num_perm: int, seed: int, threshold: float):
-        from datasketch import MinHash, MinHashLSH
+        from datasketch import MinHash
+        from datasketch.lsh import _optimal_param  # what MinHashLSH(threshold, num_perm) itself uses
 
         m = MinHash(num_perm=num_perm, seed=seed)
         if getattr(m, "scheme", "affine32") != "affine32":
             raise StageError(f"align: datasketch MinHash scheme {m.scheme!r} is not the expected 'affine32'")
         self.a = np.asarray(m.permutations[0], dtype=np.uint32)
         self.b = np.asarray(m.permutations[1], dtype=np.uint32)
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.bands, self.rows = int(lsh.b), int(lsh.r)
+        # bands x rows minimising false positive + false negative area around the threshold, as
+        # datasketch's MinHashLSH picks them (at threshold 1.0 that is 1 band: identical sketches only)
+        self.bands, self.rows = (int(x) for x in _optimal_param(threshold, num_perm, 0.5, 0.5))
         self.num_perm = num_perm
 
     def signatures(self, rows: np.ndarray, sh: pl.Series, n: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
