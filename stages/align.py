@@ -238,7 +238,7 @@ class MinHasher:
     Same permutations and the same `sha1_hash32` as `datasketch.MinHash(num_perm, seed)`, so a row's
     signature equals `MinHash.update` over its shingles (checked in the tests). sha1 runs once per
     distinct shingle of the shard (a Python call each: hashlib has no vectorised form), then the
-    permutations are one numpy broadcast and the per-row minimum one `minimum.reduceat`.
+    permutations are one numpy broadcast and the per-row minimum a loop over shingle positions.
     """
 
     def __init__(self, num_perm: int, seed: int, threshold: float):
@@ -255,7 +255,7 @@ class MinHasher:
         self.bands, self.rows = (int(x) for x in _optimal_param(threshold, num_perm, 0.5, 0.5))
         self.num_perm = num_perm
 
-    def signatures(self, rows: np.ndarray, sh: pl.Series, n: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    def signatures(self, rows: np.ndarray, sh: pl.Series, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(row ids that have shingles, their signatures [m, num_perm] uint32). `rows` must be sorted."""
         if len(rows) == 0:
             return np.zeros(0, np.int64), np.zeros((0, self.num_perm), np.uint32)
@@ -273,11 +273,19 @@ class MinHasher:
             pv = self.a[None, :] * _fmix32(hv)[:, None] + self.b[None, :]  # [distinct shingles, num_perm]
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
         row_ids = rows[starts]
-        sig = np.empty((len(starts), self.num_perm), dtype=np.uint32)
-        bounds = np.r_[starts, len(rows)]
-        for c in range(0, len(starts), chunk):  # chunks of rows bound the [tokens, num_perm] temporary
-            s0, s1 = bounds[c], bounds[min(c + chunk, len(starts))]
-            sig[c : c + chunk] = np.minimum.reduceat(pv[sid[s0:s1]], starts[c : c + chunk] - s0, axis=0)
+        lens = np.diff(np.r_[starts, len(rows)])
+        # Longest rows first; step j folds in every row's j-th shingle with one contiguous minimum over
+        # the rows that have one (a prefix). ~10x faster than minimum.reduceat over axis 0.
+        order = np.argsort(-lens, kind="stable")
+        s_starts, s_lens = starts[order], lens[order]
+        sig = pv[sid[s_starts]]
+        active = _count_gt(s_lens, int(s_lens[0]))
+        for j in range(1, int(s_lens[0])):
+            k = int(active[j])
+            np.minimum(sig[:k], pv[sid[s_starts[:k] + j]], out=sig[:k])
+        out = np.empty_like(sig)
+        out[order] = sig
+        sig = out
         return row_ids, sig
 
     def band_keys(self, sig: np.ndarray, image_id: np.ndarray) -> np.ndarray:

@@ -149,7 +149,7 @@ def test_minhash_equals_datasketch_update():
         toks = tokenize(pl.Series(caps))
         rows, sh = shingles(toks, k)
         mh = MinHasher(64, 1, 0.8)
-        ids, sig = mh.signatures(rows, sh, len(caps), chunk=2)
+        ids, sig = mh.signatures(rows, sh, len(caps))
         assert list(ids) == [0, 1, 2, 3]
         for i, c in enumerate(caps):
             w = c.split()
