@@ -166,7 +166,7 @@ def uid_rank(uids) -> np.ndarray:
     Ingest's uids are 32 lowercase hex chars, so this is their string order. A user's malformed uid
     ranks by a hash of itself instead (still a pure function of the uid).
     """
-    s = pl.Series(values=uids, dtype=pl.String).str.to_lowercase()
+    s = pl.Series("uid", uids).cast(pl.String).str.to_lowercase()
     hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
     bad = (hi.is_null() | (s.str.len_chars() != 32)).fill_null(True).to_numpy()
     out = hi.fill_null(0).to_numpy().astype(_U64)
@@ -504,8 +504,9 @@ class AlignStage(Stage):
         # Rare = pool count < min_token_count AND Zipf < min_zipf. ALIGN keeps the 100M most frequent
         # unigrams+bigrams of 1.8B pairs; the count at that cut scales with pool size and is below 2
         # for any pool under ~1e9 pairs, so the smallest meaningful threshold, 2 ("seen once"), is the
-        # default; raise it for web-scale pools. With Zipf < 1.5 (wordfreq 'en') it removes 1.6% of
-        # Flickr8k captions and ~24% of the raw LAION 10k sample (bench/results/align.json).
+        # default; raise it for web-scale pools. With Zipf < 1.5 (wordfreq 'en') the rule alone flags
+        # 1.6% of Flickr8k captions and 31.5% of the raw LAION 10k sample (28.1% as the first broken
+        # rule, after the word counts): typos, product codes, names, non-English (bench/results/align.json).
         min_token_count: int = 2
         min_zipf: float = 1.5
         zipf_language: str = "en"  # wordfreq reference vocabulary
@@ -576,14 +577,12 @@ class AlignStage(Stage):
     # ---- per-row features shared by collect and apply ----
     def _features(self, table: pa.Table) -> dict:
         c = self.config
-        texts = pl.from_arrow(table.column("text").combine_chunks() if isinstance(table.column("text"), pa.ChunkedArray) else table.column("text"))
-        if isinstance(texts, pl.DataFrame):
-            texts = texts.to_series()
+        texts = pl.Series("text", table.column("text"))
         norm = normalise_text(texts)
         tokens = tokenize(norm)
         nwords = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
         text_h = hash64_strings(norm.to_arrow(), "text")
-        uid = uid_rank(table.column("uid").to_pylist())
+        uid = uid_rank(table.column("uid"))
         img_col = table.column("image").combine_chunks() if "image" in table.column_names else None
         if img_col is not None and not (pa.types.is_binary(img_col.type) or pa.types.is_large_binary(img_col.type)):
             if not pa.types.is_null(img_col.type):

@@ -478,3 +478,43 @@ def test_matches_reference_and_is_independent_of_shards_order_and_workers(tmp_pa
     for p in sorted(glob.glob(os.path.join(dask.folder, "**", "*.parquet"), recursive=True)):
         q = p.replace(dask.folder, again.folder)
         assert Path(p).read_bytes() == Path(q).read_bytes(), p
+
+
+def test_language_rule_is_optional(tmp_path):
+    pytest.importorskip("py3langid")
+    texts = ["a black dog is running through the green grass", "un chien noir court dans l'herbe verte",
+             "ein schwarzer Hund rennt durch das grüne Gras", "two children are playing football in the park"]
+    t = make_table(texts, [png(pattern=i) for i in range(4)])
+    off = {k: v[0] for k, v in by_text(t, run_align(tmp_path, t, {"min_token_count": 0}, name="off")).items()}
+    assert set(off.values()) == {None}
+    on = {k: v[0] for k, v in by_text(t, run_align(tmp_path, t, {"min_token_count": 0, "language": "en"}, name="on")).items()}
+    assert on == dict(zip(texts, [None, "language", "language", None]))
+
+
+# ---- real captions ------------------------------------------------------------------------------------
+def _real(name: str) -> pa.Table:
+    import polars as pl
+
+    if name == "flickr":
+        df = pl.read_parquet(SHARED_DATA / "flickr8k_captions" / "flickr8k_captions.parquet")
+        url, text = ("flickr8k/" + df["image"]).to_arrow(), df["caption"].to_arrow()
+    else:
+        df = pl.read_parquet(SHARED_DATA / "laion_sample_10k" / "laion_sample_10k.parquet")
+        url, text = df["url"].to_arrow(), df["text"].to_arrow()
+    return pa.table({"uid": compute_uid(url, text), "url": url, "text": text})
+
+
+def _shares(table: pa.Table) -> dict[str, float]:
+    st = AlignStage().ensure_ready()
+    _, rej = st.apply(table, st.merge([st.collect(table)]))
+    c = Counter(rej.column("reason").to_pylist())
+    return {r: c[r] / table.num_rows for r in REASONS}
+
+
+@needs_data
+def test_real_captions_flickr_survives_text_rules_laion_does_not():
+    fl, la = _shares(_real("flickr")), _shares(_real("laion"))
+    text_rules = ("too_few_words", "too_many_words", "rare_token")
+    assert 1 - sum(fl[r] for r in text_rules) >= 0.95  # clean human captions
+    assert fl["rare_token"] < 0.03  # DESIGN: ~1.6% of Flickr8k
+    assert 0.15 < la["rare_token"] < 0.40  # raw alt-text: typos, codes, junk (~28% here)
