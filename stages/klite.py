@@ -1,0 +1,428 @@
+"""klite: K-LITE knowledge enrichment (arXiv 2204.09222), offline, from WordNet 3.0 glosses.
+
+Per caption:
+  candidates  every word n-gram (n = 1..`max_ngram`) of the caption that WordNet's morphy lemmatiser
+              (nltk's `morphy(form, "n")`) maps to a noun lemma: "golden retrievers" -> "golden retriever",
+              "men" -> "man". Single words that are stop words, numbers or shorter than `min_chars` are
+              skipped, and so are compounds that start or end with a stop word ("of the").
+  pool count  `collect`/`merge`: for each lemma, the number of captions of the pool in which it is a
+              candidate (counted once per caption).
+  choice      the candidate with the smallest pool count. Ties: more words first (the compound "golden
+              retriever" beats "retriever" at equal count: it is the more specific concept), then the
+              lemma in plain string order. K-LITE takes the least frequent too (min over (count, phrase)).
+  synset      the lemma's first noun synset (`lemma.n.01`): WordNet orders senses by tagged frequency, so
+              this is the most frequent sense; no word-sense disambiguation is attempted.
+  output      `klite_concept` (lemma, null when no candidate), `text_klite` =
+              "{caption} ; {lemma} , {gloss}" (caption unchanged when no candidate), and with
+              `hypernyms = true` `klite_hypernyms`: the first-hypernym chain of that synset up to
+              "entity" (first lemma name of each synset; the concept itself not repeated).
+No row is ever dropped (rejected is empty).
+
+Speed. WordNet lookups are per token, and nltk's reader takes ~18 s to load. So once (per WordNet
+install) we build two small tables from WordNet and cache them as Parquet under
+`metadata.wordnet.cache_root()/klite/`: every surface form whose morphy result is a noun lemma
+(the lemmas themselves, their inverse-rule plurals -s/-es/-ies/-ves/-men, and noun.exc's irregular
+plurals: since morphy only ever applies those rules or the exception list, this set is complete and
+the table equals morphy exactly), and per lemma its gloss and hypernym chain. Workers then load the
+Parquet in well under a second (no WordNet reader at all), map caption tokens to integer ids, and find
+candidates with integer joins in polars: no per-row Python on the hot path.
+
+Tokens: lower case, ’ read as ', a possessive 's removed, then runs of letters/digits with inner
+apostrophes. The same normalisation is applied to WordNet's lemmas (underscores, hyphens and dots
+become token breaks), so "t-shirt", "T shirt" and "st. bernard" all match their lemma.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from pipeline import shards
+from pipeline.stage import Stage, StageError
+
+log = logging.getLogger("clipcurate.klite")
+
+CACHE_VERSION = "1"
+
+# Token rule, shared by captions (polars, Rust regex) and WordNet lemmas (Python re): see `tokens`.
+TOKEN_RE = r"[\p{L}\p{N}]+(?:'[\p{L}\p{N}]+)*"
+_PY_TOKEN_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+_PY_POSSESSIVE_RE = re.compile(r"'s\b")
+
+# English function words (nltk's stopwords list, written out here since its corpus is a download, less
+# the contraction fragments "s", "t", "ll", ... that our tokeniser never produces: they would block
+# "t-shirt"), indefinite pronouns, and number words, which WordNet lists as nouns ("two": the cardinal
+# number, "nothing": a quantity of no importance) but are no concept worth a gloss.
+STOP_WORDS = frozenset(
+    """i me my myself we our ours ourselves you your yours yourself yourselves he him his himself she her
+    hers herself it its itself they them their theirs themselves what which who whom this that these those
+    am is are was were be been being have has had having do does did doing a an the and but if or because
+    as until while of at by for with about against between into through during before after above below to
+    from up down in out on off over under again further then once here there when where why how all any
+    both each few more most other some such no nor not only own same so than too very can will just don
+    should now also may might must shall would could nothing something anything everything someone
+    somebody anyone anybody everyone everybody nobody none one two three four five six seven eight nine
+    ten eleven twelve hundred thousand million billion""".split()
+)
+
+# morphy's noun rules (nltk WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS["n"]), used backwards to
+# list every surface form that morphy can map to a lemma.
+_NOUN_RULES = [("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
+               ("shes", "sh"), ("men", "man"), ("ies", "y")]
+
+
+def _normalise(s):
+    """Lower case, ’ -> ', possessive 's removed (a polars expression or Series)."""
+    return s.str.to_lowercase().str.replace_all("’", "'", literal=True).str.replace_all(r"'s\b", "")
+
+
+def tokens(text: str) -> list[str]:
+    """Python twin of the polars tokenisation in `KLiteStage._token_frame` (used for WordNet's lemmas)."""
+    t = _PY_POSSESSIVE_RE.sub("", text.lower().replace("’", "'").replace("_", " "))
+    return _PY_TOKEN_RE.findall(t)
+
+
+# ---- the WordNet tables (built once, cached as Parquet) ---------------------------------------------
+def _wordnet_signature() -> str:
+    """Identity of the installed WordNet files; raises WordNetMissing (one line) when they are absent."""
+    from metadata import wordnet
+
+    parts = []
+    for f in ("index.noun", "data.noun", "noun.exc"):
+        p = Path(wordnet.WORDNET_SRC) / f
+        if not p.exists():
+            wordnet.prepare_nltk_data()  # raises WordNetMissing with the apt command
+        st = p.stat()
+        parts.append(f"{f}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha256(("|".join(parts) + f"|v{CACHE_VERSION}").encode()).hexdigest()[:16]
+
+
+def build_tables(wn) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(surfaces, lemmas) from an nltk WordNet reader.
+
+    surfaces: key (normalised tokens joined by one space), lemma (WordNet key, e.g. "golden_retriever")
+    lemmas:   lemma, gloss (definition of lemma.n.01), hypernyms (list of lemma names up to the root)
+    """
+    from metadata import wordnet
+
+    noun_lemmas = sorted(wn.all_lemma_names("n"))
+    forms = set(noun_lemmas)
+    for lem in noun_lemmas:
+        for old, new in _NOUN_RULES:
+            if lem.endswith(new):
+                forms.add(lem[: len(lem) - len(new)] + old)
+    exc = Path(wordnet.WORDNET_SRC) / "noun.exc"
+    for line in exc.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.split():
+            forms.add(line.split()[0])
+    lemma_set = set(noun_lemmas)
+    best: dict[str, tuple] = {}
+    for form in sorted(forms):
+        lem = wn.morphy(form, "n")
+        if not lem:
+            continue
+        toks = tokens(form)
+        if not toks:
+            continue
+        key = " ".join(toks)
+        # Several forms can normalise to one key ("t-shirt" / "t shirt"): prefer a form that is itself a
+        # lemma, then one whose spelling is the key, then string order. Deterministic.
+        rank = (form not in lemma_set, form.replace("_", " ") != key, form)
+        if key not in best or rank < best[key][0]:
+            best[key] = (rank, lem)
+    surfaces = pl.DataFrame(
+        {"key": list(best), "lemma": [v[1] for v in best.values()]}, schema={"key": pl.String, "lemma": pl.String}
+    ).sort("key")
+
+    used = sorted(set(surfaces["lemma"].to_list()))
+    glosses, hypers = [], []
+    for lem in used:
+        syn = wn.synset(f"{lem}.n.01")
+        glosses.append(syn.definition() or "")
+        chain, s, seen = [], syn, set()
+        while True:
+            parents = s.hypernyms() or s.instance_hypernyms()
+            if not parents or parents[0].name() in seen:
+                break
+            s = parents[0]
+            seen.add(s.name())
+            chain.append(s.lemma_names()[0].replace("_", " "))
+        hypers.append(chain)
+    lemmas = pl.DataFrame(
+        {"lemma": used, "gloss": glosses, "hypernyms": hypers},
+        schema={"lemma": pl.String, "gloss": pl.String, "hypernyms": pl.List(pl.String)},
+    )
+    return surfaces, lemmas
+
+
+def cached_tables() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The tables from the cache folder, building them (WordNet load, ~30 s) when absent."""
+    from metadata import wordnet
+
+    sig = _wordnet_signature()
+    folder = wordnet.cache_root() / "klite" / f"tables-{sig}"
+    if not (folder / "lemmas.parquet").exists():
+        log.info("klite: building the WordNet lemma tables once (cached in %s)", folder)
+        surfaces, lemmas = build_tables(wordnet.load())
+        tmp = folder.parent / f".tmp-{sig}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        surfaces.write_parquet(tmp / "surfaces.parquet")
+        lemmas.write_parquet(tmp / "lemmas.parquet")  # written last: its presence means complete
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another worker finished first: its tables are the same
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (folder / "lemmas.parquet").exists():
+                raise
+    return pl.read_parquet(folder / "surfaces.parquet"), pl.read_parquet(folder / "lemmas.parquet")
+
+
+def _truncate(gloss: str, limit: int) -> str:
+    if limit <= 0 or len(gloss) <= limit:
+        return gloss
+    cut = gloss[:limit].rsplit(" ", 1)[0].rstrip(" ,;:")
+    return cut or gloss[:limit]
+
+
+# ---- the stage ------------------------------------------------------------------------------------------
+class KLiteStage(Stage):
+    """Appends the WordNet gloss of a caption's rarest noun concept (K-LITE); drops nothing."""
+
+    name = "klite"
+    requires = {"uid": pa.string(), "text": pa.string()}
+
+    @dataclasses.dataclass
+    class Config:
+        max_ngram: int = 3  # longest compound, in words (1..3)
+        min_chars: int = 2  # single-word candidates shorter than this are skipped ("e", "x")
+        default_stop_words: bool = True  # use STOP_WORDS (function words + number words)
+        extra_stop_words: list = dataclasses.field(default_factory=list)
+        max_definition_chars: int = 0  # 0: whole gloss; else cut at a word boundary
+        hypernyms: bool = False  # add klite_hypernyms (list<string>)
+
+    # -- setup: tables -> integer keys ------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load the cached WordNet tables and turn every surface into one integer key (see module doc)."""
+        from metadata.wordnet import WordNetMissing
+
+        c = self.config
+        if not 1 <= int(c.max_ngram) <= 3:
+            raise StageError(f"klite: max_ngram must be 1, 2 or 3 (got {c.max_ngram})")
+        try:
+            surfaces, lemmas = cached_tables()
+        except WordNetMissing as e:
+            raise StageError(f"klite: {e}") from None
+        stop = set(STOP_WORDS) if c.default_stop_words else set()
+        stop |= {w.lower() for w in c.extra_stop_words}
+
+        lemmas = lemmas.filter(pl.col("gloss").str.len_chars() > 0).sort("lemma").with_row_index("lemma_id")
+        lemmas = lemmas.with_columns(
+            concept=pl.col("lemma").str.replace_all("_", " ", literal=True),
+            gloss=pl.col("gloss").map_elements(lambda g: _truncate(g, int(c.max_definition_chars)), pl.String)
+            if c.max_definition_chars > 0 else pl.col("gloss"),
+        )
+        s = surfaces.join(lemmas.select("lemma", "lemma_id", "concept"), on="lemma", how="inner")
+        s = s.with_columns(toks=pl.col("key").str.split(" "))
+        s = s.with_columns(n=pl.col("toks").list.len(), first=pl.col("toks").list.first(), last=pl.col("toks").list.last())
+        stop_list = sorted(stop)
+        single_bad = (
+            pl.col("first").is_in(stop_list)
+            | pl.col("concept").is_in(stop_list)
+            | (pl.col("key").str.len_chars() < int(c.min_chars))
+            | pl.col("key").str.contains(r"^[0-9]+$")
+        )
+        multi_bad = pl.col("first").is_in(stop_list) | pl.col("last").is_in(stop_list)
+        s = s.filter(
+            (pl.col("n") <= int(c.max_ngram))
+            & pl.when(pl.col("n") == 1).then(~single_bad).otherwise(~multi_bad)
+        )
+        vocab = s.select(tok=pl.col("toks").explode()).unique().sort("tok")
+        self._base = len(vocab) + 1  # token ids 1..V: n-gram keys of different n never collide
+        self._vocab = vocab.with_row_index("tid", offset=1).with_columns(pl.col("tid").cast(pl.UInt64))
+        ids = (
+            s.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("sid"), "toks")
+            .explode("toks")
+            .join(self._vocab, left_on="toks", right_on="tok", how="left", maintain_order="left")
+            .group_by("sid", maintain_order=True)
+            .agg("tid")
+        )
+        b = self._base
+        t = [pl.col("tid").list.get(i, null_on_oob=True) for i in range(3)]
+        self._surface_keys = s.with_columns(tid=ids["tid"]).select(
+            key=pl.when(pl.col("n") == 1).then(t[0])
+            .when(pl.col("n") == 2).then(t[0] * b + t[1])
+            .otherwise((t[0] * b + t[1]) * b + t[2]),
+            lemma_id=pl.col("lemma_id"),
+        )
+        self._lemmas = lemmas.with_columns(words=_normalise(pl.col("concept")).str.extract_all(TOKEN_RE).list.len()).select(
+            "lemma_id", "concept", "gloss", "hypernyms", "words"
+        )
+        self._stats_ids: tuple[Any, pl.DataFrame] | None = None
+
+    def fingerprint_parts(self) -> dict:
+        return {"tables": f"v{CACHE_VERSION}"}
+
+    # -- candidates -------------------------------------------------------------------------------------
+    def candidates(self, texts) -> pl.DataFrame:
+        """(row, lemma_id) for every candidate of every caption, one row per distinct pair."""
+        s = pl.Series("text", texts, dtype=pl.String) if not isinstance(texts, pl.Series) else texts
+        if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+            s = pl.Series("text", pl.from_arrow(texts), dtype=pl.String)
+        toks = _normalise(s).str.extract_all(TOKEN_RE)
+        df = (
+            pl.DataFrame({"tok": toks})
+            .with_row_index("row")
+            .explode("tok")
+            .drop_nulls("tok")
+            .join(self._vocab, on="tok", how="left", maintain_order="left")
+        )
+        b = self._base
+        t1 = pl.col("tid")
+        same1 = pl.col("row").shift(-1) == pl.col("row")
+        same2 = pl.col("row").shift(-2) == pl.col("row")
+        t2 = pl.when(same1).then(pl.col("tid").shift(-1))
+        t3 = pl.when(same2).then(pl.col("tid").shift(-2))
+        grams = [df.select("row", key=t1)]
+        if self.config.max_ngram >= 2:
+            grams.append(df.select("row", key=t1 * b + t2))
+        if self.config.max_ngram >= 3:
+            grams.append(df.select("row", key=(t1 * b + t2) * b + t3))
+        return (
+            pl.concat(grams)
+            .drop_nulls("key")
+            .join(self._surface_keys, on="key", how="inner")
+            .select("row", "lemma_id")
+            .unique()
+        )
+
+    # -- collect / merge / stats ----------------------------------------------------------------------
+    def collect(self, table: pa.Table) -> pl.DataFrame:
+        """Per lemma, the captions of this shard where it is a candidate: (lemma, count), bounded by
+        WordNet's noun vocabulary."""
+        cand = self.candidates(table.column("text"))
+        counts = cand.group_by("lemma_id").agg(count=pl.len())
+        return (
+            counts.join(self._lemmas.select("lemma_id", "concept"), on="lemma_id")
+            .select(lemma="concept", count=pl.col("count").cast(pl.Int64))
+            .sort("lemma")
+        )
+
+    def merge(self, partials: list) -> pl.DataFrame:
+        parts = [p for p in partials if p is not None and len(p)]
+        if not parts:
+            return pl.DataFrame(schema={"lemma": pl.String, "count": pl.Int64})
+        return pl.concat(parts).group_by("lemma").agg(pl.col("count").sum()).sort("lemma")
+
+    def save_stats(self, stats: pl.DataFrame, folder: str) -> None:
+        """(lemma, count) as Parquet: readable by anyone, and the report's source of pool frequencies."""
+        shards.write_shard(stats.to_arrow(), shards.join(folder, "lemma_counts.parquet"))
+
+    def load_stats(self, folder: str) -> pl.DataFrame:
+        return pl.from_arrow(shards.read_shard(shards.join(folder, "lemma_counts.parquet")))
+
+    def _counts_by_id(self, stats: pl.DataFrame) -> pl.DataFrame:
+        if self._stats_ids is None or self._stats_ids[0] is not stats:
+            ids = stats.join(self._lemmas.select("lemma_id", "concept"), left_on="lemma", right_on="concept")
+            self._stats_ids = (stats, ids.select("lemma_id", "count"))
+        return self._stats_ids[1]
+
+    # -- apply ----------------------------------------------------------------------------------------
+    def choose(self, texts, stats: pl.DataFrame) -> pl.DataFrame:
+        """Per row: concept, gloss, hypernyms (nulls when no candidate), in input row order."""
+        n = len(texts)
+        cand = self.candidates(texts)
+        chosen = (
+            cand.join(self._counts_by_id(stats), on="lemma_id", how="left")
+            .with_columns(pl.col("count").fill_null(0))
+            .join(self._lemmas.select("lemma_id", "words"), on="lemma_id")
+            # lemma_id follows the lemma's string order, so it breaks the last ties alphabetically
+            .sort(["row", "count", "words", "lemma_id"], descending=[False, False, True, False])
+            .unique("row", keep="first")
+            .join(self._lemmas.drop("words"), on="lemma_id")
+        )
+        rows = pl.DataFrame({"row": pl.arange(0, n, dtype=pl.UInt32, eager=True)})
+        return rows.join(chosen, on="row", how="left").sort("row")
+
+    def apply(self, table: pa.Table, stats: Any) -> tuple[pa.Table, pa.Table]:
+        if stats is None:
+            stats = self.merge([self.collect(table)])
+        text = pl.from_arrow(table.column("text"))
+        if isinstance(text, pl.DataFrame):
+            text = text.to_series()
+        ch = self.choose(text, stats)
+        out = pl.DataFrame({"text": text}).with_columns(ch["concept"], ch["gloss"], ch["hypernyms"])
+        out = out.select(
+            klite_concept=pl.col("concept"),
+            text_klite=pl.when(pl.col("concept").is_not_null())
+            .then(pl.concat_str([pl.col("text"), pl.lit(" ; "), pl.col("concept"), pl.lit(" , "), pl.col("gloss")]))
+            .otherwise(pl.col("text")),
+            klite_hypernyms=pl.col("hypernyms"),
+        )
+        kept = table
+        for col in ("klite_concept", "text_klite") + (("klite_hypernyms",) if self.config.hypernyms else ()):
+            if col in kept.column_names:
+                kept = kept.drop_columns([col])
+            arr = out[col].to_arrow()
+            typ = pa.list_(pa.string()) if col == "klite_hypernyms" else pa.string()
+            kept = kept.append_column(pa.field(col, typ), arr.cast(typ))
+        rejected = table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
+        return kept, rejected
+
+    # -- report -----------------------------------------------------------------------------------------
+    def report(self, stage_dir: str, out_dir: str) -> dict:
+        """Coverage (share of kept captions enriched) and the most used concepts, from the kept shards."""
+        paths = shards.list_shards(stage_dir) if shards.exists(stage_dir) else []
+        col = pl.concat(
+            [pl.from_arrow(shards.read_shard(p, columns=["klite_concept"]).column(0)) for p in paths]
+        ) if paths else pl.Series("klite_concept", [], pl.String)
+        total = len(col)
+        enriched = total - col.null_count()
+        cov = 100.0 * enriched / total if total else 0.0
+        top = col.drop_nulls().value_counts(sort=True, name="n").head(20) if enriched else pl.DataFrame(
+            {"klite_concept": [], "n": []}, schema={"klite_concept": pl.String, "n": pl.UInt32}
+        )
+        top = top.sort(["n", "klite_concept"], descending=[True, False])
+        tables = [
+            ("coverage (share of captions enriched)", "| captions | enriched | coverage |\n|---:|---:|---:|\n"
+             f"| {total} | {enriched} | {cov:.2f}% |"),
+            ("most used concepts (top 20)", "\n".join(
+                ["| concept | captions | share of enriched |", "|---|---:|---:|"]
+                + [f"| {c} | {k} | {100.0 * k / enriched:.2f}% |" for c, k in top.iter_rows()]
+            )),
+        ]
+        figures = []
+        if len(top):
+            try:
+                import matplotlib
+
+                matplotlib.use("Agg")
+                import matplotlib.pyplot as plt
+
+                os.makedirs(out_dir, exist_ok=True)
+                fig, ax = plt.subplots(figsize=(7, 0.3 * len(top) + 1.2))
+                ax.barh(range(len(top)), top["n"].to_list(), color="#4c72b0")
+                ax.set_yticks(range(len(top)), top["klite_concept"].to_list())
+                ax.invert_yaxis()
+                ax.set_xlabel("captions enriched with this concept")
+                ax.set_title(f"klite: {cov:.1f}% of {total} captions enriched")
+                fig.tight_layout()
+                png = os.path.join(out_dir, "klite_concepts.png")
+                fig.savefig(png, dpi=100)
+                plt.close(fig)
+                figures.append(("most used concepts", png))
+            except ModuleNotFoundError:
+                pass
+        return {"figures": figures, "tables": tables}
+
+
+STAGE = KLiteStage
