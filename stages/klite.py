@@ -27,9 +27,10 @@ the table equals morphy exactly), and per lemma its gloss and hypernym chain. Wo
 Parquet in well under a second (no WordNet reader at all), map caption tokens to integer ids, and find
 candidates with integer joins in polars: no per-row Python on the hot path.
 
-Tokens: lower case, ’ read as ', a possessive 's removed, then runs of letters/digits with inner
-apostrophes. The same normalisation is applied to WordNet's lemmas (underscores, hyphens and dots
-become token breaks), so "t-shirt", "T shirt" and "st. bernard" all match their lemma.
+Tokens: lower case, ’ read as ', then runs of letters/digits with inner apostrophes; a possessive 's
+is a token of its own ("dog's bowl" -> dog 's bowl: "dog" is found, and "child plays" never matches
+"child's play"). The same rule tokenises WordNet's lemmas (underscores, hyphens, dots and slashes become
+token breaks), so "t-shirt", "T shirt", "St. Bernard" and "Ph.D." all match their lemma.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ from pipeline.stage import Stage, StageError
 
 log = logging.getLogger("clipcurate.klite")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 
 # Token rule, shared by captions (polars, Rust regex) and WordNet lemmas (Python re): see `tokens`.
-TOKEN_RE = r"[\p{L}\p{N}]+(?:'[\p{L}\p{N}]+)*"
-_PY_TOKEN_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+TOKEN_RE = r"'s\b|[\p{L}\p{N}]+(?:'[\p{L}\p{N}]+)*"
+_PY_TOKEN_RE = re.compile(r"'s\b|[^\W_]+(?:'[^\W_]+)*")
 _PY_POSSESSIVE_RE = re.compile(r"'s\b")
 
 # English function words (nltk's stopwords list, written out here since its corpus is a download, less
@@ -81,13 +82,21 @@ _NOUN_RULES = [("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z")
 
 
 def _normalise(s):
-    """Lower case, ’ -> ', possessive 's removed (a polars expression or Series)."""
-    return s.str.to_lowercase().str.replace_all("’", "'", literal=True).str.replace_all(r"'s\b", "")
+    """Lower case, ’ -> ', possessive 's split off as a token of its own (a polars expression or Series)."""
+    return s.str.to_lowercase().str.replace_all("’", "'", literal=True).str.replace_all(r"'s\b", " 's")
+
+
+def _as_series(texts) -> pl.Series:
+    if isinstance(texts, pl.Series):
+        return texts.cast(pl.String)
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        return pl.Series("text", pl.from_arrow(texts)).cast(pl.String)
+    return pl.Series("text", list(texts), dtype=pl.String)
 
 
 def tokens(text: str) -> list[str]:
-    """Python twin of the polars tokenisation in `KLiteStage._token_frame` (used for WordNet's lemmas)."""
-    t = _PY_POSSESSIVE_RE.sub("", text.lower().replace("’", "'").replace("_", " "))
+    """Python twin of `_normalise` + TOKEN_RE (used for WordNet's lemmas, where "_" is a space)."""
+    t = _PY_POSSESSIVE_RE.sub(" 's", text.lower().replace("’", "'").replace("_", " "))
     return _PY_TOKEN_RE.findall(t)
 
 
@@ -225,9 +234,10 @@ class KLiteStage(Stage):
         stop = set(STOP_WORDS) if c.default_stop_words else set()
         stop |= {w.lower() for w in c.extra_stop_words}
 
-        lemmas = lemmas.filter(pl.col("gloss").str.len_chars() > 0).sort("lemma").with_row_index("lemma_id")
-        lemmas = lemmas.with_columns(
-            concept=pl.col("lemma").str.replace_all("_", " ", literal=True),
+        # lemma_id follows the concept's string order (code points): `choose` breaks its last ties with it
+        lemmas = lemmas.filter(pl.col("gloss").str.len_chars() > 0)
+        lemmas = lemmas.with_columns(concept=pl.col("lemma").str.replace_all("_", " ", literal=True))
+        lemmas = lemmas.sort("concept").with_row_index("lemma_id").with_columns(
             gloss=pl.col("gloss").map_elements(lambda g: _truncate(g, int(c.max_definition_chars)), pl.String)
             if c.max_definition_chars > 0 else pl.col("gloss"),
         )
@@ -275,10 +285,7 @@ class KLiteStage(Stage):
     # -- candidates -------------------------------------------------------------------------------------
     def candidates(self, texts) -> pl.DataFrame:
         """(row, lemma_id) for every candidate of every caption, one row per distinct pair."""
-        s = pl.Series("text", texts, dtype=pl.String) if not isinstance(texts, pl.Series) else texts
-        if isinstance(texts, (pa.Array, pa.ChunkedArray)):
-            s = pl.Series("text", pl.from_arrow(texts), dtype=pl.String)
-        toks = _normalise(s).str.extract_all(TOKEN_RE)
+        toks = _normalise(_as_series(texts)).str.extract_all(TOKEN_RE)
         df = (
             pl.DataFrame({"tok": toks})
             .with_row_index("row")
@@ -356,9 +363,7 @@ class KLiteStage(Stage):
     def apply(self, table: pa.Table, stats: Any) -> tuple[pa.Table, pa.Table]:
         if stats is None:
             stats = self.merge([self.collect(table)])
-        text = pl.from_arrow(table.column("text"))
-        if isinstance(text, pl.DataFrame):
-            text = text.to_series()
+        text = _as_series(table.column("text"))
         ch = self.choose(text, stats)
         out = pl.DataFrame({"text": text}).with_columns(ch["concept"], ch["gloss"], ch["hypernyms"])
         out = out.select(
