@@ -18,6 +18,11 @@ Per caption:
               "entity" (first lemma name of each synset; the concept itself not repeated).
 No row is ever dropped (rejected is empty).
 
+Known limits (no tagger model, by design): a word that WordNet also lists as a noun is a candidate even
+where the caption uses it as a verb or adjective ("wears" -> wear, "beat up" -> beat, "lying" -> lying),
+and morphy keeps a form that is a lemma of its own ("men": the force of workers available; "glasses":
+spectacles). The first-sense rule picks no sense from context. Rarest-first keeps these rare in practice.
+
 Speed. WordNet lookups are per token, and nltk's reader takes ~18 s to load. So once (per WordNet
 install) we build two small tables from WordNet and cache them as Parquet under
 `metadata.wordnet.cache_root()/klite/`: every surface form whose morphy result is a noun lemma
@@ -243,7 +248,9 @@ class KLiteStage(Stage):
         )
         s = surfaces.join(lemmas.select("lemma", "lemma_id", "concept"), on="lemma", how="inner")
         s = s.with_columns(toks=pl.col("key").str.split(" "))
-        s = s.with_columns(n=pl.col("toks").list.len(), first=pl.col("toks").list.first(), last=pl.col("toks").list.last())
+        s = s.with_columns(
+            n=pl.col("toks").list.len(), first=pl.col("toks").list.first(), last=pl.col("toks").list.last()
+        )
         stop_list = sorted(stop)
         single_bad = (
             pl.col("first").is_in(stop_list)
@@ -274,13 +281,18 @@ class KLiteStage(Stage):
             .otherwise((t[0] * b + t[1]) * b + t[2]),
             lemma_id=pl.col("lemma_id"),
         )
-        self._lemmas = lemmas.with_columns(words=_normalise(pl.col("concept")).str.extract_all(TOKEN_RE).list.len()).select(
-            "lemma_id", "concept", "gloss", "hypernyms", "words"
-        )
+        words = _normalise(pl.col("concept")).str.extract_all(TOKEN_RE).list.len()  # tie-break: more words first
+        self._lemmas = lemmas.with_columns(words=words).select("lemma_id", "concept", "gloss", "hypernyms", "words")
         self._stats_ids: tuple[Any, pl.DataFrame] | None = None
 
     def fingerprint_parts(self) -> dict:
-        return {"tables": f"v{CACHE_VERSION}"}
+        """The WordNet install and table version: other glosses mean other output (resume redoes it)."""
+        from metadata.wordnet import WordNetMissing
+
+        try:
+            return {"tables": _wordnet_signature()}
+        except WordNetMissing:
+            return {"tables": "missing"}  # setup() then stops with the one-line error
 
     # -- candidates -------------------------------------------------------------------------------------
     def candidates(self, texts) -> pl.DataFrame:
@@ -419,7 +431,7 @@ class KLiteStage(Stage):
                 ax.set_yticks(range(len(top)), top["klite_concept"].to_list())
                 ax.invert_yaxis()
                 ax.set_xlabel("captions enriched with this concept")
-                ax.set_title(f"klite: {cov:.1f}% of {total} captions enriched")
+                ax.set_title(f"klite: {cov:.2f}% of {total} captions enriched")
                 fig.tight_layout()
                 png = os.path.join(out_dir, "klite_concepts.png")
                 fig.savefig(png, dpi=100)
