@@ -1,0 +1,524 @@
+"""metaclip: MetaCLIP curation (arXiv 2309.16671): substring matching against a concept list, then balancing.
+
+Matching gives exactly the entry-id sets of facebookresearch/MetaCLIP's `substr_matching.py` on the same
+list (DESIGN.md, section "metaclip"):
+  spacing(text)   " " + text + " ", each of , . ; : ? ! ` wrapped in spaces, tab/newline/CR -> space; no
+                  lower-casing (case-sensitive), quotes, brackets, apostrophes and hyphens untouched.
+  match           entry e matches when " " + e + " " is a substring of spacing(text): one Aho-Corasick
+                  automaton over the spaced entries, overlapping matches included.
+The reference spaces and matches caption by caption in Python. Here spacing is two vectorised regex
+replacements in polars (one pass over a column equals MetaCLIP's seven sequential `str.replace` calls,
+since each only inserts spaces around its own character), the spaced captions of a shard are joined with
+"\n" (which spacing removed from every caption, and which no automaton key contains, so no match can cross
+two captions) and scanned by ONE `automaton.iter` call; match end positions map back to captions with
+`np.searchsorted`, and (caption, entry) pairs are made unique with `np.unique`. The only Python-level loop
+left is pyahocorasick's iterator itself (one small tuple per hit, consumed by `np.fromiter`): there is no
+vectorised API for an automaton's overlapping hits. polars' built-in Aho-Corasick (`str.extract_many(...,
+overlapping=True)`) is the other `matcher`; it returns matched strings, not ids, rebuilds its automaton
+on every call, and was slower in bench/bench_metaclip.py (figures in bench/results/metaclip.json).
+
+Balancing (MetaCLIP's balancing.py): `collect` counts, per entry, the texts matching it (numpy bincount);
+`merge` sums; `apply` keeps a pair with probability 1 - prod_e (1 - p_e), p_e = t / max(count_e, t), by
+drawing u_e = uniform(uid, seed, salt=e) per matched entry and keeping when any u_e < p_e (shard- and
+worker-independent). Reasons: `no_entry` (no entry matched), `balanced_out` (not sampled), and with
+`one_text_per_image`, `other_text_of_image`.
+
+Options:
+  language_col   when set and present: counts per language, and per-language t by MetaCLIP 2's rule
+                 (curate.py): p = t_to_p(counts[reference_language], t) = share of matches in entries
+                 below t; every other language gets t_lang = p_to_t(counts[lang], p), the count at which
+                 the cumulative share of its sorted counts is nearest p. `tail_share` > 0 sets p directly
+                 for every language (reference language included). A null language is its own group "".
+                 Without the reference language in the pool, p comes from all languages together.
+  one_text_per_image  MetaCLIP 2 picks one alt-text per image (random.choice among the texts that match an
+                 entry). Here: among a pool's matching texts with the same `image_col` value, the one with
+                 the smallest uniform(uid, seed, "metaclip-one-text") (pool-wide, via collect/merge of
+                 (hash(image key), smallest draw)). Counts stay over all matching texts, as in MetaCLIP 2.
+                 Ties (two 53-bit draws equal) keep both. The partial holds one row per matching text.
+Matching runs in both passes (collect and apply): a pass-1 cache would not survive Dask placing a shard
+on another worker, and matching is cheap next to reading the shard twice anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from metadata import concepts
+from pipeline import shards
+from pipeline.stage import Stage, StageError, first_reason, split_by_reason, uniform
+
+log = logging.getLogger("clipcurate.metaclip")
+
+OUT_COL = "metaclip_entries"
+MATCHERS = ("pyahocorasick", "polars", "tokens")
+_PUNCT_RE = "([,.;:?!`])"
+_SPACE_RE = "[\t\n\r]"
+_SEP = "\n"  # spacing() removes it from every caption: a safe separator between captions
+
+
+# ---- matching ------------------------------------------------------------------------------------------
+def spacing(texts) -> pl.Series:
+    """MetaCLIP's spacing() over a column (null -> "  ", which matches nothing)."""
+    s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
+    s = s.cast(pl.String).fill_null("")
+    s = s.str.replace_all(_PUNCT_RE, " ${1} ").str.replace_all(_SPACE_RE, " ")
+    return (" " + s + " ").alias("spaced")
+
+
+def _lists(n: int, rows: np.ndarray, ids: np.ndarray, n_entries: int) -> pa.ListArray:
+    """Sorted unique entry ids per row as list<int32>, from unordered (row, id) pairs."""
+    key = np.sort(rows.astype(np.int64) * np.int64(n_entries) + ids.astype(np.int64))
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key  # np.unique: ~50x slower in numpy 2.4
+    r = key // n_entries
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(np.bincount(r, minlength=n), out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array((key % n_entries).astype(np.int32)),
+                                    type=pa.list_(pa.int32()))
+
+
+class Matcher:
+    """Entry list -> matcher state, built once; `match(texts)` -> list<int32> of sorted unique entry ids.
+
+    Backends (identical output, asserted by the tests and the benchmark):
+      pyahocorasick  one automaton over all spaced entries; a shard's spaced captions are joined with "\n"
+                     and scanned by one `automaton.iter` call (per hit, one Python tuple).
+      polars         polars' Aho-Corasick, `str.extract_many(..., overlapping=True)`; hit strings -> ids by
+                     an Enum cast. polars rebuilds its automaton on every call (~0.5 s for 150k entries).
+      tokens         the same matches found on tokens instead of characters (see `_match_tokens`).
+    """
+
+    def __init__(self, entries: list[str], backend: str = "pyahocorasick"):
+        if backend not in MATCHERS:
+            raise StageError(f"metaclip: matcher must be one of {', '.join(MATCHERS)}, not '{backend}'")
+        self.backend = backend
+        self.n = len(entries)
+        # keys holding \t \n \r can never match (spacing removed those from every caption): left out, so
+        # that the "\n" separator can never be part of a match
+        keep = [i for i, e in enumerate(entries) if not any(c in e for c in "\t\n\r")]
+        self.spaced = [f" {entries[i]} " for i in keep]
+        self.ids = np.asarray(keep, dtype=np.int32)
+        if backend == "pyahocorasick":
+            import ahocorasick
+
+            a = ahocorasick.Automaton(ahocorasick.STORE_INTS)
+            for i, key in zip(keep, self.spaced):  # once per process: pyahocorasick has no bulk add
+                a.add_word(key, i)
+            a.make_automaton()
+            self.automaton = a
+        elif backend == "polars":
+            self.enum = pl.Enum(self.spaced)
+        else:
+            self._build_trie([entries[i] for i in keep], self.ids)
+
+    def _build_trie(self, entries: list[str], ids: np.ndarray) -> None:
+        """A trie over entries split on " " (token ids from an Enum of every entry token); once per process."""
+        vocab: dict[str, int] = {}
+        seqs = [[vocab.setdefault(t, len(vocab)) for t in e.split(" ")] for e in entries]
+        self.vocab = pl.Enum(list(vocab))
+        V = max(len(vocab), 1)
+        edges: dict[int, int] = {}  # node * V + token -> child node (root = 0)
+        terminal = [-1]
+        for seq, eid in zip(seqs, ids.tolist()):  # Python loop: build only, ~0.5 s for 150k entries
+            node = 0
+            for tok in seq:
+                key = node * V + tok
+                child = edges.get(key)
+                if child is None:
+                    child = edges[key] = len(terminal)
+                    terminal.append(-1)
+                node = child
+            terminal[node] = eid
+        keys = np.fromiter(edges.keys(), dtype=np.int64, count=len(edges))
+        kids = np.fromiter(edges.values(), dtype=np.int64, count=len(edges))
+        order = np.argsort(keys)
+        self.V, self.edge_keys, self.edge_child = V, keys[order], kids[order]
+        self.terminal = np.asarray(terminal, dtype=np.int64)
+        self.root_child = np.full(V, -1, dtype=np.int64)  # level 1 by direct indexing: the busiest step
+        root = self.edge_keys < V
+        self.root_child[self.edge_keys[root]] = self.edge_child[root]
+
+    def _match_tokens(self, spaced: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+        """(row, entry) hits via the token trie.
+
+        " " + e + " " is a substring of S = spacing(text) exactly when e.split(" ") occurs as a contiguous
+        run of S.split(" ") that touches neither the first nor the last piece (the padding's empty
+        strings): spaces in S are the only token breaks, and e's own spaces must fall on them. Empty
+        pieces (double spaces) are tokens like any other, so entries with leading, trailing or double
+        spaces match as in the reference. Captions become token ids in one Enum cast (unknown -> -1;
+        each caption's first and last piece -> -1, a wall no walk crosses); then every start position
+        walks the trie at once, one vectorised numpy step per token depth.
+        """
+        parts = spaced.str.split(" ")
+        lens = parts.list.len().to_numpy().astype(np.int64)
+        flat = parts.explode(empty_as_null=False)
+        tid = flat.cast(self.vocab, strict=False).to_physical().fill_null(-1).to_numpy().astype(np.int64)
+        ends = np.cumsum(lens)
+        tid[ends - lens] = -1
+        tid[ends - 1] = -1
+        pos = np.flatnonzero(tid >= 0)
+        node = self.root_child[tid[pos]]
+        ok = node >= 0
+        start, pos, node = pos[ok], pos[ok], node[ok]
+        hit_pos, hit_entry = [], []
+        while len(pos):
+            term = self.terminal[node]
+            h = term >= 0
+            hit_pos.append(start[h])
+            hit_entry.append(term[h])
+            pos = pos + 1  # never past the end: every caption ends with a -1 wall
+            tok = tid[pos]
+            ok = tok >= 0
+            start, pos, node, tok = start[ok], pos[ok], node[ok], tok[ok]
+            key = node * self.V + tok
+            idx = np.minimum(np.searchsorted(self.edge_keys, key), len(self.edge_keys) - 1)
+            ok = self.edge_keys[idx] == key
+            start, pos, node = start[ok], pos[ok], self.edge_child[idx[ok]]
+        rows = np.repeat(np.arange(len(lens)), lens)
+        hp = np.concatenate(hit_pos) if hit_pos else np.zeros(0, dtype=np.int64)
+        return rows[hp], (np.concatenate(hit_entry) if hit_entry else np.zeros(0, dtype=np.int64))
+
+    def match(self, texts) -> pa.ListArray:
+        spaced = spacing(texts)
+        n = len(spaced)
+        if n == 0 or len(self.spaced) == 0:
+            return pa.array([[]] * n, type=pa.list_(pa.int32()))
+        if self.backend == "tokens":
+            rows, ids = self._match_tokens(spaced)
+            return _lists(n, rows, ids, self.n)
+        if self.backend == "polars":
+            hits = spaced.str.extract_many(self.spaced, overlapping=True)
+            offs = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(hits.list.len().to_numpy(), out=offs[1:])
+            rows = np.repeat(np.arange(n), np.diff(offs))
+            codes = hits.explode(empty_as_null=False).cast(self.enum).to_physical().to_numpy()
+            return _lists(n, rows, self.ids[codes], self.n)
+        starts = np.zeros(n, dtype=np.int64)
+        np.cumsum(spaced.str.len_chars().to_numpy()[:-1].astype(np.int64) + 1, out=starts[1:])
+        big = spaced.str.join(_SEP).item()
+        # the automaton's iterator is the one per-hit Python step: pyahocorasick yields (end, id) tuples
+        flat = np.fromiter(itertools.chain.from_iterable(self.automaton.iter(big)), dtype=np.int64)
+        ends, ids = flat[0::2], flat[1::2]
+        rows = np.searchsorted(starts, ends, side="right") - 1
+        return _lists(n, rows, ids, self.n)
+
+
+# ---- MetaCLIP 2's tail share <-> threshold ----------------------------------------------------------------
+def t_to_p(counts: np.ndarray, t: int) -> float:
+    """Share of all matches that fall in tail entries (count < t)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    return float(counts[counts < t].sum() / total) if total else 0.0
+
+
+def p_to_t(counts: np.ndarray, p: float) -> int:
+    """The count at which the cumulative share of the ascending counts is nearest p (first on ties)."""
+    c = np.sort(np.asarray(counts, dtype=np.int64))
+    if c.sum() == 0:
+        return 1
+    share = np.cumsum(c) / c.sum()
+    return max(int(c[int(np.abs(share - p).argmin())]), 1)
+
+
+def entry_probs(counts: np.ndarray, t: int) -> np.ndarray:
+    """p_e = t / max(count_e, t): 1 for tail entries, t / count for head entries."""
+    return t / np.maximum(np.asarray(counts, dtype=np.float64), float(t))
+
+
+# ---- the stage -----------------------------------------------------------------------------------------------
+class MetaClipStage(Stage):
+    """Adds `metaclip_entries`; keeps each pair with MetaCLIP's balancing probability."""
+
+    name = "metaclip"
+    requires = {"uid": pa.string(), "text": pa.string()}
+
+    @dataclasses.dataclass
+    class Config:
+        entries: str = ""  # concept list: "" = WordNet (built and cached); a .json list or one-a-line file
+        t: int = 20000  # head/tail threshold (MetaCLIP: 20k for 400M pairs; scale it for small pools)
+        matcher: str = "pyahocorasick"  # or "polars" (its built-in Aho-Corasick); same output
+        language_col: str = ""  # column with a language code: per-language counts and t (MetaCLIP 2)
+        tail_share: float = 0.0  # > 0: every language's t from this tail share; 0: from t on reference_language
+        reference_language: str = "en"  # the language `t` applies to (MetaCLIP 2: English)
+        one_text_per_image: bool = False  # keep one matching alt-text per image (MetaCLIP 2)
+        image_col: str = "url"  # what identifies an image for one_text_per_image
+
+    def __init__(self, config: Any = None, seed: int = 0):
+        super().__init__(config, seed)
+        c = self.config
+        if c.t < 1:
+            raise StageError(f"metaclip: t must be >= 1 (got {c.t})")
+        if not 0.0 <= c.tail_share < 1.0:
+            raise StageError(f"metaclip: tail_share must be in [0, 1) (got {c.tail_share})")
+        if c.matcher not in MATCHERS:
+            raise StageError(f"metaclip: matcher must be one of {', '.join(MATCHERS)}, not '{c.matcher}'")
+        self._entries: list[str] | None = None
+        self.matcher: Matcher | None = None
+
+    # -- resources ------------------------------------------------------------------------------------------
+    @property
+    def entries(self) -> list[str]:
+        if self._entries is None:
+            try:
+                self._entries = concepts.resolve_entries(self.config.entries)
+            except concepts.ConceptListError as e:
+                raise StageError(f"metaclip: {e}") from None
+        return self._entries
+
+    def setup(self) -> None:
+        """The automaton, once per worker process (the runner keeps one ready instance per process)."""
+        self.matcher = Matcher(self.entries, self.config.matcher)
+
+    def fingerprint_parts(self) -> dict:
+        return {"entries_sha256": concepts.entries_sha256(self.entries)}
+
+    def match(self, table: pa.Table) -> pa.ListArray:
+        self.ensure_ready()
+        return self.matcher.match(pl.from_arrow(table.column("text")))
+
+    # -- pass 1 ---------------------------------------------------------------------------------------------
+    def _languages(self, table: pa.Table) -> pl.Series | None:
+        col = self.config.language_col
+        if not col:
+            return None
+        if col not in table.column_names:
+            self.notes.append(f"language column '{col}' absent: one t for all texts")
+            return None
+        return pl.from_arrow(table.column(col)).cast(pl.String).fill_null("")
+
+    def _choice_draw(self, uids) -> np.ndarray:
+        return uniform(pl.from_arrow(uids), self.seed, "metaclip-one-text")
+
+    def _image_keys(self, table: pa.Table) -> np.ndarray:
+        col = self.config.image_col
+        if col not in table.column_names:
+            raise StageError(f"metaclip: one_text_per_image needs the image column '{col}' (set image_col)")
+        s = pl.from_arrow(table.column(col))
+        return s.hash(seed=0).to_numpy().astype(np.uint64)
+
+    def collect(self, table: pa.Table) -> dict:
+        """{"langs": {lang: (entry ids, counts)}, "images": (key hash, smallest draw) or None}."""
+        lists = self.match(table)
+        n_per_row = np.diff(lists.offsets.to_numpy())
+        ids = lists.values.to_numpy()
+        langs = self._languages(table)
+        out: dict = {"n": len(self.entries), "langs": {}, "images": None}
+        if langs is None:
+            out["langs"][""] = _sparse(np.bincount(ids, minlength=len(self.entries)))
+        else:
+            row_lang = np.repeat(langs.to_numpy(), n_per_row)
+            for lang in np.unique(langs.to_numpy()):
+                out["langs"][str(lang)] = _sparse(np.bincount(ids[row_lang == lang], minlength=len(self.entries)))
+        if self.config.one_text_per_image:
+            m = n_per_row > 0
+            out["images"] = _min_by_key(self._image_keys(table)[m], self._choice_draw(table.column("uid"))[m])
+        return out
+
+    def merge(self, partials: list) -> dict:
+        n = partials[0]["n"]
+        langs: dict[str, np.ndarray] = {}
+        for part in partials:
+            for lang, (ids, cnt) in part["langs"].items():
+                dense = langs.setdefault(lang, np.zeros(n, dtype=np.int64))
+                dense[ids] += cnt  # ids are unique within a partial
+        images = [p["images"] for p in partials if p["images"] is not None]
+        merged_images = None
+        if images:
+            merged_images = _min_by_key(np.concatenate([k for k, _ in images]), np.concatenate([d for _, d in images]))
+        return {"n": n, "langs": {k: _sparse(v) for k, v in sorted(langs.items())}, "images": merged_images}
+
+    # -- stats on disk ----------------------------------------------------------------------------------------
+    def thresholds(self, langs: dict[str, np.ndarray]) -> tuple[dict[str, int], float | None]:
+        """t per language (MetaCLIP 2), and the tail share used (None with one language)."""
+        c = self.config
+        if not c.language_col or list(langs) == [""]:  # no language information: one t
+            return {"": int(c.t)}, None
+        if c.tail_share > 0:
+            p = float(c.tail_share)
+            return {k: p_to_t(v, p) for k, v in langs.items()}, p
+        ref = langs.get(c.reference_language)
+        p = t_to_p(ref if ref is not None else sum(langs.values()), c.t)
+        return {k: (int(c.t) if k == c.reference_language else p_to_t(v, p)) for k, v in langs.items()}, p
+
+    def save_stats(self, stats: dict, folder: str) -> None:
+        n = stats["n"]
+        langs = {k: _dense(v, n) for k, v in stats["langs"].items()}
+        total = sum(langs.values()) if langs else np.zeros(n, dtype=np.int64)
+        ts, p = self.thresholds(langs)
+        shards.write_shard(
+            pa.table({"entry": pa.array(np.arange(n, dtype=np.int32)), "text": pa.array(self.entries, pa.string()),
+                      "count": pa.array(np.asarray(total, dtype=np.int64))}),
+            shards.join(folder, "entry_counts.parquet"),
+        )
+        if self.config.language_col:
+            parts = [pl.DataFrame({"language": lang, "entry": np.flatnonzero(v).astype(np.int32),
+                                   "count": v[np.flatnonzero(v)].astype(np.int64)})
+                     for lang, v in sorted(langs.items())]
+            by_lang = pl.concat(parts) if parts else pl.DataFrame(
+                schema={"language": pl.String, "entry": pl.Int32, "count": pl.Int64})
+            shards.write_shard(by_lang.to_arrow(), shards.join(folder, "entry_counts_by_language.parquet"))
+        if stats["images"] is not None:
+            keys, draws = stats["images"]
+            shards.write_shard(pa.table({"image_key": pa.array(keys, pa.uint64()), "draw": pa.array(draws)}),
+                               shards.join(folder, "image_choice.parquet"))
+        shards.write_json({"t": ts, "tail_share": p, "entries": n,
+                           "entries_sha256": concepts.entries_sha256(self.entries)},
+                          shards.join(folder, "thresholds.json"))
+
+    def load_stats(self, folder: str) -> dict:
+        counts = shards.read_shard(shards.join(folder, "entry_counts.parquet"))
+        n = counts.num_rows
+        langs: dict[str, Any]
+        by_lang = shards.join(folder, "entry_counts_by_language.parquet")
+        if self.config.language_col and shards.exists(by_lang):
+            df = pl.from_arrow(shards.read_shard(by_lang))
+            langs = {str(k[0]): (g["entry"].to_numpy(), g["count"].to_numpy()) for k, g in df.group_by("language")}
+        else:
+            langs = {"": _sparse(counts.column("count").to_numpy())}
+        images = None
+        img = shards.join(folder, "image_choice.parquet")
+        if shards.exists(img):
+            t = shards.read_shard(img)
+            images = (t.column("image_key").to_numpy(), t.column("draw").to_numpy())
+        return {"n": n, "langs": langs, "images": images}
+
+    # -- pass 2 ---------------------------------------------------------------------------------------------
+    def apply(self, table: pa.Table, stats: dict) -> tuple[pa.Table, pa.Table]:
+        lists = self.match(table)
+        n = table.num_rows
+        n_per_row = np.diff(lists.offsets.to_numpy())
+        ids = lists.values.to_numpy().astype(np.int64)
+        row = np.repeat(np.arange(n), n_per_row)
+        langs_dense = {k: _dense(v, stats["n"]) for k, v in stats["langs"].items()}
+        ts, _ = self.thresholds(langs_dense)
+        lang_col = self._languages(table)
+        p = np.empty(len(ids), dtype=np.float64)
+        if lang_col is None:
+            counts = sum(langs_dense.values()) if langs_dense else np.zeros(stats["n"], dtype=np.int64)
+            p[:] = entry_probs(counts, ts.get("", self.config.t))[ids]
+        else:
+            row_lang = np.repeat(lang_col.to_numpy(), n_per_row)
+            for lang in np.unique(row_lang):
+                m = row_lang == lang
+                counts = langs_dense.get(str(lang), np.zeros(stats["n"], dtype=np.int64))
+                p[m] = entry_probs(counts, ts.get(str(lang), self.config.t))[ids[m]]
+        uid_rep = pl.from_arrow(pc.take(table.column("uid"), pa.array(row)))
+        u = uniform(uid_rep, self.seed, salt=ids)
+        sampled = np.bincount(row, weights=(u < p), minlength=n) > 0
+        no_entry = n_per_row == 0
+        other_text = None
+        if self.config.one_text_per_image and stats.get("images") is not None:
+            keys, draws = stats["images"]
+            best = pl.DataFrame({"k": self._image_keys(table), "d": self._choice_draw(table.column("uid"))}).join(
+                pl.DataFrame({"k": keys, "best": draws}), on="k", how="left", maintain_order="left")
+            other_text = (~no_entry) & (best["d"].to_numpy() != best["best"].fill_null(-1.0).to_numpy())
+        reason = first_reason(n, [("no_entry", no_entry), ("other_text_of_image", other_text),
+                                  ("balanced_out", ~sampled)])
+        out = table.append_column(OUT_COL, lists) if OUT_COL not in table.column_names else table.set_column(
+            table.column_names.index(OUT_COL), OUT_COL, lists)
+        return split_by_reason(out, reason)
+
+    # -- report -----------------------------------------------------------------------------------------------
+    def report(self, stage_dir: str, out_dir: str) -> dict:
+        """Entry counts before/after balancing (after = expected kept matches min(count, t) per entry),
+        cumulative share of matches by rank, top entries and the tail share; CSV of every matched entry."""
+        return _report(self, stage_dir, out_dir)
+
+
+def _sparse(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.flatnonzero(dense)
+    return idx.astype(np.int32), np.asarray(dense)[idx].astype(np.int64)
+
+
+def _dense(sparse, n: int) -> np.ndarray:
+    ids, cnt = sparse
+    out = np.zeros(n, dtype=np.int64)
+    out[np.asarray(ids, dtype=np.int64)] = cnt
+    return out
+
+
+def _min_by_key(keys: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    df = pl.DataFrame({"k": keys.astype(np.uint64), "d": draws}).group_by("k").agg(pl.col("d").min()).sort("k")
+    return df["k"].to_numpy(), df["d"].to_numpy()
+
+
+def _report(stage: MetaClipStage, stage_dir: str, out_dir: str) -> dict:
+    stats_dir = shards.join(stage_dir, "stats")
+    path = shards.join(stats_dir, "entry_counts.parquet")
+    if not shards.exists(path):
+        return {"figures": [], "tables": []}
+    df = pl.from_arrow(shards.read_shard(path))
+    th = shards.read_json(shards.join(stats_dir, "thresholds.json")) or {}
+    ts = th.get("t", {"": stage.config.t})
+    t = int(ts.get("", ts.get(stage.config.reference_language, stage.config.t)))
+    per_lang = len(ts) > 1 or "" not in ts
+    df = df.filter(pl.col("count") > 0).with_columns(pl.min_horizontal("count", pl.lit(t)).alias("expected_after"))
+    df = df.sort(["count", "entry"], descending=[True, False]).with_row_index("rank", offset=1)
+    total = int(df["count"].sum()) if df.height else 0
+    total_after = int(df["expected_after"].sum()) if df.height else 0
+    head = df.filter(pl.col("count") >= t)
+    tail_share = 1.0 - (int(head["count"].sum()) / total) if total else 0.0
+    os.makedirs(out_dir, exist_ok=True)
+    csv = os.path.join(out_dir, "metaclip_entry_counts.csv")
+    df.select("rank", "entry", "text", "count", "expected_after").write_csv(csv)
+    tables = [
+        ("entry counts: head and tail", "\n".join([
+            "| t | matched entries | head entries (count >= t) | matches | tail share of matches (count < t) "
+            "| expected matches after balancing |", "|---:|---:|---:|---:|---:|---:|",
+            f"| {t}{' (per language: ' + ', '.join(f'{k or chr(34)*2}={v}' for k, v in sorted(ts.items())) + ')' if per_lang else ''} "
+            f"| {df.height} | {head.height} | {total} | {100 * tail_share:.2f}% | {total_after} |",
+        ])),
+        (f"top entries (before: matched texts; after: expected kept min(count, t); all in {os.path.basename(csv)})",
+         "\n".join(["| rank | entry | text | before | after | share before |", "|---:|---:|---|---:|---:|---:|"] + [
+             f"| {r} | {e} | {x.replace('|', '&#124;')} | {c} | {a} | {100 * c / total:.2f}% |"
+             for r, e, x, c, a in df.head(20).select("rank", "entry", "text", "count", "expected_after").iter_rows()
+         ])),
+    ]
+    figures = []
+    if df.height:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rank = df["rank"].to_numpy()
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.loglog(rank, df["count"].to_numpy(), label="before: texts matching the entry", color="#4c72b0")
+        ax.loglog(rank, df["expected_after"].to_numpy(), label="after: expected kept, min(count, t)", color="#dd8452")
+        ax.axhline(t, color="grey", ls="--", lw=1, label=f"t = {t}")
+        ax.set_xlabel("entry rank (by count before balancing)")
+        ax.set_ylabel("matches")
+        ax.set_title(f"metaclip: {df.height} matched entries, {head.height} above t; tail share {100 * tail_share:.1f}%")
+        ax.legend()
+        fig.tight_layout()
+        png1 = os.path.join(out_dir, "metaclip_entry_counts.png")
+        fig.savefig(png1, dpi=100)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.semilogx(rank, np.cumsum(df["count"].to_numpy()) / max(total, 1), label="before", color="#4c72b0")
+        ax.semilogx(rank, np.cumsum(df["expected_after"].to_numpy()) / max(total_after, 1), label="after (expected)",
+                    color="#dd8452")
+        if head.height:
+            ax.axvline(head.height, color="grey", ls="--", lw=1, label=f"last entry with count >= t ({head.height})")
+        ax.set_xlabel("entry rank")
+        ax.set_ylabel("cumulative share of matches")
+        ax.set_ylim(0, 1.02)
+        ax.legend()
+        fig.tight_layout()
+        png2 = os.path.join(out_dir, "metaclip_cumulative_share.png")
+        fig.savefig(png2, dpi=100)
+        plt.close(fig)
+        figures = [("entry counts before and after balancing (log-log)", png1),
+                   ("cumulative share of matches by entry rank", png2)]
+    return {"figures": figures, "tables": tables, "csv": csv}
+
+
+STAGE = MetaClipStage
