@@ -1,0 +1,290 @@
+"""dfn: Data Filtering Network (arXiv 2309.17425): keep the pairs a CLIP model finds best aligned.
+
+Score     `dfn_score` (float32) = cosine of the image and text embeddings of the filtering network, a CLIP
+          model in open_clip's architecture: either any open_clip checkpoint + model name the user gives
+          (`checkpoint`, `model`), or one our trainer trained on a high-quality set
+          (`clipcurate dfn-train --hq HQ.parquet --run NAME`, the DFN recipe: a small CLIP trained on clean
+          data filters better than a strong one trained on noise). It writes runs/NAME/dfn_model/model.pt
+          and records that path as `[dfn] checkpoint` in the run's config.toml.
+Keep      with `threshold` unset: the top `keep_fraction` of the scored pairs of the whole pool. `collect`
+          returns a histogram of the shard's scores over [-1, 1] in `bins` bins (20,001: width 1e-4),
+          `merge` sums them, and the cut is found in the pool histogram: every bin above the boundary bin
+          is kept, and in the boundary bin each row is kept with probability
+          (pairs still needed) / (pairs in that bin), drawn as U(uid, seed) — so the kept count equals
+          keep_fraction x scored pairs up to the binomial noise of one 1e-4-wide bin, whatever the
+          sharding. With `threshold` set: keep dfn_score >= threshold.
+Reasons   `no_image` (null image bytes: score null), `bad_image` (bytes that do not decode: score null),
+          `dfn_low_score` (score below the cut; the score is kept in the rejected shard).
+Cost      scoring is the expensive part, so `collect` stores each shard's scores in a cache
+          (`$CLIPCURATE_CACHE/dfn_scores/`, keyed by the model file's digest, precision and a hash of the
+          shard's uids and image bytes) and `apply` reads them back instead of scoring twice. A cache miss
+          (another machine of a Dask cluster, `cache = false`) rescoring gives the same numbers on the same
+          device type.
+Inference batched through a DataLoader that decodes images in `num_workers` worker processes, on CUDA when
+          present (bf16/fp16 autocast, pinned memory), CPU otherwise; the model is loaded once per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import shards
+from pipeline.stage import Stage, StageError, split_by_reason, uniform
+
+log = logging.getLogger("clipcurate.dfn")
+
+DFN_MODEL_DIR = "dfn_model"  # runs/NAME/dfn_model/model.pt: where dfn-train writes
+
+
+def score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
+    """Bin index of each (finite) cosine in [-1, 1]: bins of width 2 / (bins - 1) centred on -1 .. 1."""
+    x = np.clip(np.asarray(scores, dtype=np.float64), -1.0, 1.0)
+    return np.clip(np.rint((x + 1.0) * ((bins - 1) / 2.0)), 0, bins - 1).astype(np.int64)
+
+
+def bin_lower_edge(b: int, bins: int) -> float:
+    return max(-1.0, (b - 0.5) * 2.0 / (bins - 1) - 1.0)
+
+
+def cut_for_fraction(hist: np.ndarray, fraction: float) -> tuple[int, float, int]:
+    """(boundary bin, keep probability inside it, rows wanted) for keeping the top `fraction` of `hist`."""
+    n = int(hist.sum())
+    want = int(round(min(max(fraction, 0.0), 1.0) * n))
+    if want <= 0:
+        return len(hist), 0.0, 0  # nothing kept: boundary above every bin
+    above = np.concatenate([np.cumsum(hist[::-1])[::-1][1:], [0]])  # rows in bins strictly above b
+    b = int(np.flatnonzero((above < want) & (above + hist >= want)).max())
+    q = (want - int(above[b])) / int(hist[b])
+    return b, float(q), want
+
+
+class DfnStage(Stage):
+    name = "dfn"
+    requires = {"uid": pa.string(), "text": pa.string(), "image": pa.binary()}
+
+    @dataclasses.dataclass
+    class Config:
+        checkpoint: str = ""  # open_clip checkpoint; "" = the run's dfn_model/model.pt (see dfn-train)
+        model: str = ""  # open_clip model name; "" = the one recorded in the checkpoint (else clipcurate-tiny)
+        keep_fraction: float = 0.3  # top share of the scored pool kept (DFN, DataComp: 0.1-0.3)
+        threshold: float | None = None  # set: keep dfn_score >= threshold instead of a fraction
+        bins: int = 20001  # histogram resolution over [-1, 1] (20,001 bins: 1e-4 wide)
+        batch_size: int = 256
+        device: str = "auto"  # auto = cuda when present, else cpu
+        precision: str = "auto"  # auto = bf16/fp16 autocast on GPU, fp32 on CPU
+        num_workers: int = -1  # DataLoader decode workers; -1 = 0 on CPU (the model uses the cores), 4 on GPU
+        cache: bool = True  # keep collect's scores for apply (no second scoring pass)
+
+    def __init__(self, config: Any = None, seed: int = 0):
+        super().__init__(config, seed)
+        self.scorer = None
+        self._digest: str | None = None
+        self._mem_cache: dict[str, np.ndarray] = {}
+
+    # ---- model -----------------------------------------------------------------------------------
+    def checkpoint_path(self) -> str:
+        if self.config.checkpoint:
+            return self.config.checkpoint
+        run_dir = self.context.get("run_dir")
+        if run_dir:
+            return os.path.join(run_dir, DFN_MODEL_DIR, "model.pt")
+        raise StageError(
+            "dfn: no filtering network: set [dfn] checkpoint = PATH (any open_clip checkpoint, with [dfn] model), "
+            "or train one first with `clipcurate dfn-train --hq HQ.parquet --run NAME`"
+        )
+
+    def fingerprint_parts(self) -> dict:
+        try:
+            path = self.checkpoint_path()
+        except StageError:
+            return {}
+        if not os.path.exists(path):
+            return {"checkpoint": path}
+        return {"checkpoint_sha256": self._file_digest(path)}
+
+    def _file_digest(self, path: str) -> str:
+        if self._digest is None:
+            from trainer.models import file_digest
+
+            self._digest = file_digest(path)
+        return self._digest
+
+    def setup(self) -> None:
+        if self.config.checkpoint:  # else the path is known only once the runner tells us the run
+            self._load()
+
+    def _load(self) -> None:
+        if self.scorer is not None:
+            return
+        path = self.checkpoint_path()
+        if not os.path.exists(path):
+            raise StageError(
+                f"dfn: checkpoint {path} does not exist: train one with `clipcurate dfn-train --hq HQ.parquet "
+                f"--run NAME`, or set [dfn] checkpoint"
+            )
+        from trainer.models import pick_device
+        from trainer.score import Scorer
+
+        c = self.config
+        workers = c.num_workers
+        if workers < 0:
+            workers = 4 if pick_device(c.device).type == "cuda" else 0
+        try:
+            self.scorer = Scorer(path, c.model, c.device, c.precision, c.batch_size, workers)
+        except ValueError as e:
+            raise StageError(f"dfn: {e}") from None
+        self._file_digest(path)
+        log.info("dfn: %s (%s) on %s, %s", path, self.scorer.model_name, self.scorer.device, self.scorer.precision)
+
+    # ---- scores ----------------------------------------------------------------------------------
+    def _cache_key(self, table: pa.Table) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self._digest}|{self.scorer.precision}|{self.scorer.device.type}|{self.scorer.model_name}".encode())
+        for uid, img in zip(table.column("uid").to_pylist(), table.column("image").to_pylist()):
+            h.update(uid.encode() if uid else b"\0")
+            h.update(len(img).to_bytes(8, "little") if img is not None else b"\xff" * 8)
+            if img is not None:
+                h.update(img)
+        return h.hexdigest()
+
+    def _cache_path(self, key: str) -> str:
+        from metadata.wordnet import cache_root
+
+        return str(cache_root() / "dfn_scores" / f"{key}.npy")
+
+    def scores(self, table: pa.Table) -> np.ndarray:
+        """float32 cosine per row; NaN where the image is missing or undecodable."""
+        self._load()
+        key = self._cache_key(table) if self.config.cache else None
+        if key is not None:
+            if key in self._mem_cache:
+                return self._mem_cache[key]
+            path = self._cache_path(key)
+            if os.path.exists(path):
+                try:
+                    s = np.load(path)
+                    if s.shape == (table.num_rows,):
+                        return s
+                except (OSError, ValueError):
+                    pass
+        s = self.scorer.score(table.column("image").to_pylist(), table.column("text").to_pylist())
+        if key is not None:
+            path = self._cache_path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, s)
+            os.replace(tmp, path)
+            self._mem_cache = {key: s}  # one shard: collect then apply in the same process
+        return s
+
+    # ---- contract --------------------------------------------------------------------------------
+    def collect(self, table: pa.Table) -> dict:
+        s = self.scores(table)
+        ok = np.isfinite(s)
+        hist = np.bincount(score_bins(s[ok], self.config.bins), minlength=self.config.bins).astype(np.int64)
+        return {"hist": hist, "scored": int(ok.sum()), "unscored": int((~ok).sum())}
+
+    def merge(self, partials: list) -> dict:
+        parts = [p for p in partials if p is not None]
+        return {
+            "hist": np.sum([p["hist"] for p in parts], axis=0) if parts else np.zeros(self.config.bins, np.int64),
+            "scored": sum(p["scored"] for p in parts),
+            "unscored": sum(p["unscored"] for p in parts),
+        }
+
+    def cut(self, stats: dict) -> dict:
+        """The keep rule in numbers: {"mode", "threshold", "bin", "q", "wanted"}."""
+        if self.config.threshold is not None:
+            return {"mode": "threshold", "threshold": float(self.config.threshold)}
+        b, q, want = cut_for_fraction(stats["hist"], self.config.keep_fraction)
+        return {"mode": "fraction", "bin": b, "q": q, "wanted": want,
+                "threshold": bin_lower_edge(b, self.config.bins) if b < self.config.bins else 1.0}
+
+    def save_stats(self, stats: Any, folder: str) -> None:
+        super().save_stats(stats, folder)
+        c = self.cut(stats)
+        shards.write_json({"scored": stats["scored"], "unscored": stats["unscored"], "keep_fraction":
+                           self.config.keep_fraction, **c}, shards.join(folder, "cut.json"))
+
+    def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
+        s = self.scores(table)
+        ok = np.isfinite(s)
+        c = self.cut(stats)
+        if c["mode"] == "threshold":
+            keep = ok & (np.where(ok, s, -np.inf) >= c["threshold"])
+        else:
+            b = np.where(ok, score_bins(np.where(ok, s, 0.0), self.config.bins), -1)
+            u = uniform(table.column("uid"), self.seed, "dfn") if table.num_rows else np.zeros(0)
+            keep = ok & ((b > c["bin"]) | ((b == c["bin"]) & (u < c["q"])))
+        no_image = pc.is_null(table.column("image")).to_numpy(zero_copy_only=False)
+        reason = np.where(keep, None, np.where(no_image, "no_image", np.where(ok, "dfn_low_score", "bad_image")))
+        score_col = pa.array(s, type=pa.float32(), mask=~ok)
+        if "dfn_score" in table.column_names:
+            table = table.drop_columns(["dfn_score"])
+        table = table.append_column("dfn_score", score_col)
+        return split_by_reason(table, pa.array(reason.tolist(), type=pa.string()))
+
+    # ---- report ----------------------------------------------------------------------------------
+    def report(self, stage_dir: str, out_dir: str) -> dict:
+        """Histogram of dfn_score, kept vs dropped (dfn_low_score), and the cut."""
+
+        def scores_in(folder: str, reason: str | None) -> np.ndarray:
+            vals = []
+            for p in shards.list_shards(folder) if shards.exists(folder) else []:
+                cols = ["dfn_score"] + (["reason"] if reason else [])
+                t = shards.read_shard(p, columns=cols)
+                if reason:
+                    t = t.filter(pc.equal(t.column("reason"), reason))
+                vals.append(t.column("dfn_score").to_numpy(zero_copy_only=False))
+            v = np.concatenate(vals).astype(np.float64) if vals else np.zeros(0)
+            return v[np.isfinite(v)]
+
+        kept = scores_in(stage_dir, None)
+        dropped = scores_in(shards.join(stage_dir, "rejected"), "dfn_low_score")
+        cut = shards.read_json(shards.join(stage_dir, "stats", "cut.json")) or {}
+        total = len(kept) + len(dropped)
+        table = "\n".join([
+            "| scored | kept | dropped (dfn_low_score) | kept share | threshold | mode |",
+            "|---:|---:|---:|---:|---:|---|",
+            f"| {total} | {len(kept)} | {len(dropped)} | {100.0 * len(kept) / total if total else 0:.2f}% | "
+            f"{cut.get('threshold', float('nan')):.4f} | {cut.get('mode', '')} |",
+        ])
+        figures = []
+        if total:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            os.makedirs(out_dir, exist_ok=True)
+            both = np.concatenate([kept, dropped])
+            lo, hi = float(both.min()), float(both.max())
+            edges = np.linspace(lo, hi if hi > lo else lo + 1e-3, 61)
+            fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=100)
+            ax.hist(dropped, bins=edges, color="#c44e52", alpha=0.8, label=f"dropped ({len(dropped)})")
+            ax.hist(kept, bins=edges, color="#4c72b0", alpha=0.8, label=f"kept ({len(kept)})")
+            if "threshold" in cut:
+                ax.axvline(cut["threshold"], color="k", lw=1, ls="--", label=f"cut {cut['threshold']:.4f}")
+            ax.set_xlabel("dfn_score (image-text cosine)")
+            ax.set_ylabel("pairs")
+            ax.set_title("dfn: score histogram, kept vs dropped")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            png = os.path.join(out_dir, "dfn_scores.png")
+            fig.savefig(png)
+            plt.close(fig)
+            figures.append(("dfn score histogram (kept vs dropped)", png))
+        return {"figures": figures, "tables": [("dfn keep rule", table)]}
+
+
+STAGE = DfnStage

@@ -1,0 +1,172 @@
+"""`clipcurate train | eval | dfn-train` (registered by pipeline/cli.py when this module exists)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from pipeline import config as config_mod
+from pipeline import shards
+
+
+def _train_config(args, section: str = "train"):
+    from trainer.config import TrainConfig
+
+    run_dir = shards.join(args.runs_dir, args.run)
+    cfg = config_mod.for_run(run_dir, args.config)
+    tc = TrainConfig(**cfg.get(section, {}))
+    for field in ("steps", "batch_size", "workers", "device", "model"):
+        v = getattr(args, field, None)
+        if v is not None:
+            setattr(tc, field, v)
+    return run_dir, cfg, tc
+
+
+def _default_data(run_dir: str) -> str:
+    emit = os.path.join(run_dir, "emit")
+    if not os.path.isdir(emit):
+        raise FileNotFoundError(
+            f"no training data: {emit} does not exist (run the emit stage first, or give --data PATH)"
+        )
+    return emit
+
+
+def _print_summary(s: dict) -> None:
+    print(
+        f"trained {s['model']} for {s['steps']} steps on {s.get('pairs', '?')} pairs ({s.get('device')}, "
+        f"{s.get('precision')}): loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
+        if s.get("first_loss") is not None else f"nothing to train: already at step {s['steps']}"
+    )
+
+
+def cmd_train(args) -> int:
+    from trainer.data import DataError
+    from trainer.evaluate import EvalError
+    from trainer.train import train
+
+    run_dir, _, tc = _train_config(args)
+    data = args.data or tc.data or _default_data(run_dir)
+    out = os.path.join(run_dir, "train")
+    try:
+        s = train(tc, data, out, resume=args.resume)
+    except (DataError, ValueError) as e:
+        print(f"clipcurate: error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(s)
+    print(f"model: {s['model_path']}   metrics: {out}/metrics.jsonl")
+    if tc.eval_sets and not args.no_eval:
+        try:
+            return _run_eval(s["model_path"], tc.eval_sets, tc, out)
+        except (EvalError, ValueError) as e:
+            print(f"clipcurate: error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_name: str = "") -> int:
+    from trainer.evaluate import evaluate
+
+    res = evaluate(checkpoint, paths, model_name=model_name, device=tc.device, precision=tc.precision,
+                   templates=tc.templates, batch_size=tc.eval_batch_size)
+    for name, r in res["results"].items():
+        metrics = {k: v for k, v in r.items() if k not in ("kind", "data")}
+        print(f"{name} ({r['kind']}): " + "  ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, f"eval-{name}.json")
+            with open(path, "w") as f:
+                json.dump({"checkpoint": checkpoint, "model": res["model"], **r}, f, indent=2)
+            print(f"  -> {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from trainer.config import TrainConfig
+    from trainer.evaluate import EvalError
+    from trainer.train import latest_checkpoint
+
+    if not args.checkpoint and not args.run:
+        print("clipcurate: error: eval needs --checkpoint P or --run NAME", file=sys.stderr)
+        return 2
+    out_dir = None
+    tc = TrainConfig()
+    if args.run:
+        run_dir, _, tc = _train_config(args)
+        out_dir = os.path.join(run_dir, "train")
+    checkpoint = args.checkpoint
+    if not checkpoint:
+        final = os.path.join(out_dir, "model.pt")
+        checkpoint = final if os.path.exists(final) else latest_checkpoint(out_dir)
+        if not checkpoint:
+            print(f"clipcurate: error: no checkpoint in {out_dir} (train first)", file=sys.stderr)
+            return 2
+    paths = args.data or tc.eval_sets
+    if not paths:
+        print("clipcurate: error: no eval set: give --data EVAL.parquet or [train] eval_sets", file=sys.stderr)
+        return 2
+    if args.out:
+        out_dir = args.out
+    try:
+        return _run_eval(checkpoint, paths, tc, out_dir, model_name=args.model or "")
+    except (EvalError, ValueError) as e:
+        print(f"clipcurate: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_dfn_train(args) -> int:
+    from stages.dfn import DFN_MODEL_DIR
+    from trainer.data import DataError
+    from trainer.train import train
+
+    run_dir, cfg, tc = _train_config(args)
+    tc.klite_prob = 0.0  # the filtering network learns from the HQ captions as they are
+    out = os.path.join(run_dir, DFN_MODEL_DIR)
+    try:
+        s = train(tc, args.hq, out, resume=args.resume)
+    except (DataError, ValueError) as e:
+        print(f"clipcurate: error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(s)
+    # record the model in the run's config, so `clipcurate run dfn --run NAME` finds it
+    cfg.setdefault("dfn", {})["checkpoint"] = os.path.abspath(s["model_path"])
+    cfg["dfn"]["model"] = tc.model
+    config_mod.save(cfg, shards.join(run_dir, "config.toml"))
+    print(f"filtering network: {s['model_path']} (recorded as [dfn] checkpoint in {run_dir}/config.toml)")
+    return 0
+
+
+def _add_train_flags(p) -> None:
+    p.add_argument("--run", required=True)
+    p.add_argument("--config", default=None, help="TOML config ([train] section); default: the run's saved config")
+    p.add_argument("--steps", type=int, default=None, help="override [train] steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (override [train] workers)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--model", default=None, help="open_clip model name (default [train] model: clipcurate-tiny)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest step checkpoint")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train CLIP (open_clip) on the run's emitted set; checkpoints in runs/NAME/train")
+    _add_train_flags(p)
+    p.add_argument("--data", default=None, help="Parquet file/folder or WebDataset tars (default: runs/NAME/emit)")
+    p.add_argument("--no-eval", action="store_true", help="skip [train] eval_sets after training")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="zero-shot classification / retrieval of a checkpoint on Parquet eval sets")
+    p.add_argument("--checkpoint", default=None, help="model file (default with --run: runs/NAME/train/model.pt)")
+    p.add_argument("--run", default=None, help="use this run's latest model and its [train] eval_sets")
+    p.add_argument("--config", default=None)
+    p.add_argument("--data", action="append", default=None, help="eval Parquet (image+label or image+captions); repeatable")
+    p.add_argument("--model", default=None, help="model name for a bare open_clip checkpoint")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="folder for eval-NAME.json (default with --run: runs/NAME/train)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("dfn-train", help="train the data filtering network on a high-quality set (runs/NAME/dfn_model)")
+    _add_train_flags(p)
+    p.add_argument("--hq", required=True, help="high-quality pairs: Parquet with image + text")
+    p.set_defaults(fn=cmd_dfn_train)
+

@@ -1,0 +1,253 @@
+"""Training data: image-text pairs from Parquet (image bytes) or WebDataset tars, in a seeded, resumable order.
+
+Sources (`open_source(path)`):
+  Parquet   a file or a folder of `*.parquet` with `image` (bytes) and `text` [+ `text_klite`, `uid`]; the
+            columns are held in memory as Arrow buffers (shared copy-on-write with forked DataLoader
+            workers): fine for the pools this project trains on locally (a few GB); bigger sets: use tars.
+  WebDataset a `.tar` file or a folder of them with `{key}.jpg|png|webp`, `{key}.txt` [+ `{key}.klite.txt`,
+            `{key}.json`], as the emit stage writes. The tars are indexed once (member offsets), then
+            read by random access, so both formats give the same map-style dataset.
+  An emit folder (`runs/NAME/emit`, holding `parquet/` and `wds/`) reads its `parquet/` part.
+
+Order: step k's batch is a slice of a permutation of the set seeded by (seed, epoch) (`StepBatchSampler`):
+the order is a pure function of (seed, step), whatever the worker count, and a resumed run starts exactly
+at its step without reading the skipped samples. Per sample, the K-LITE choice and the augmentation seed are
+pure functions of (uid, seed, epoch) (`pipeline.stage.uniform`), so resume reproduces them too.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import tarfile
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataError(ValueError):
+    """Training data that cannot be read. str() is one line."""
+
+
+# ---- sources -------------------------------------------------------------------------------------
+class ParquetSource:
+    def __init__(self, files: list[str]):
+        tables = []
+        for f in files:
+            cols = pq.read_schema(f).names
+            if "image" not in cols or "text" not in cols:
+                raise DataError(f"{f}: training Parquet needs `image` and `text` columns (has {', '.join(cols)})")
+            want = [c for c in ("uid", "image", "text", "text_klite") if c in cols]
+            t = pq.read_table(f, columns=want)
+            for c in ("uid", "text_klite"):
+                if c not in t.column_names:
+                    t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
+            t = t.select(["uid", "image", "text", "text_klite"])
+            t = t.cast(pa.schema([("uid", pa.string()), ("image", pa.large_binary()), ("text", pa.string()),
+                                  ("text_klite", pa.string())]))
+            tables.append(t)
+        table = pa.concat_tables(tables) if tables else None
+        if table is None or table.num_rows == 0:
+            raise DataError("no training rows found")
+        import pyarrow.compute as pc
+
+        ok = pc.and_(pc.is_valid(table.column("image")), pc.is_valid(table.column("text")))
+        self.skipped = table.num_rows - int(pc.sum(ok).as_py() or 0)
+        table = table.filter(ok).combine_chunks()
+        self.images = table.column("image").chunk(0) if table.num_rows else pa.array([], pa.large_binary())
+        self.texts = table.column("text").to_pylist()
+        self.klite = table.column("text_klite").to_pylist()
+        uids = table.column("uid").to_pylist()
+        self.uids = [u if u is not None else f"row{i}" for i, u in enumerate(uids)]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def get(self, i: int) -> tuple[bytes, str, str | None, str]:
+        return self.images[i].as_py(), self.texts[i], self.klite[i], self.uids[i]
+
+
+class TarSource:
+    """WebDataset tars read by random access: (tar, offset, size) per member, found by one header scan."""
+
+    def __init__(self, files: list[str]):
+        self.files = list(files)
+        self.samples: list[tuple[int, tuple, tuple, tuple | None, str]] = []
+        self.skipped = 0
+        for fi, f in enumerate(self.files):
+            groups: dict[str, dict[str, tuple[int, int]]] = {}
+            order: list[str] = []
+            with tarfile.open(f, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    base = os.path.basename(m.name)
+                    key, _, ext = base.partition(".")
+                    d = os.path.dirname(m.name)
+                    key = f"{d}/{key}" if d else key
+                    if key not in groups:
+                        groups[key] = {}
+                        order.append(key)
+                    groups[key][ext.lower()] = (m.offset_data, m.size)
+            for key in order:
+                g = groups[key]
+                img = next((g[e] for e in IMAGE_EXTS if e in g), None)
+                if img is None or "txt" not in g:
+                    self.skipped += 1
+                    continue
+                self.samples.append((fi, img, g["txt"], g.get("klite.txt"), key.rsplit("/", 1)[-1]))
+        if not self.samples:
+            raise DataError("no training samples (image + txt) found in the tars")
+        self.uids = [s[4] for s in self.samples]
+        self._handles: dict[int, object] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _read(self, fi: int, where: tuple[int, int]) -> bytes:
+        if self._pid != os.getpid():  # fresh handles in each DataLoader worker
+            self._handles, self._pid = {}, os.getpid()
+        fh = self._handles.get(fi)
+        if fh is None:
+            fh = self._handles[fi] = open(self.files[fi], "rb")
+        fh.seek(where[0])
+        return fh.read(where[1])
+
+    def get(self, i: int):
+        fi, img, txt, klite, key = self.samples[i]
+        text = self._read(fi, txt).decode("utf-8")
+        kl = self._read(fi, klite).decode("utf-8") if klite else None
+        return self._read(fi, img), text, kl, key
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_handles"], d["_pid"] = {}, None
+        return d
+
+
+def _files(path: str, ext: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(path, f"*.{ext}")))
+
+
+def open_source(path: str):
+    """A Parquet or tar source for a file or a folder (an emit folder: its parquet/ part)."""
+    if not path:
+        raise DataError("no training data given")
+    if os.path.isfile(path):
+        if path.endswith(".parquet"):
+            return ParquetSource([path])
+        if path.endswith(".tar"):
+            return TarSource([path])
+        raise DataError(f"{path}: expected a .parquet or .tar file, or a folder of them")
+    if not os.path.isdir(path):
+        raise DataError(f"training data {path} does not exist")
+    for sub in ("", "parquet", "wds"):
+        folder = os.path.join(path, sub) if sub else path
+        pqs, tars = _files(folder, "parquet"), _files(folder, "tar")
+        if pqs:
+            return ParquetSource(pqs)
+        if tars:
+            return TarSource(tars)
+    raise DataError(f"{path}: no .parquet or .tar files in it (or in parquet/, wds/)")
+
+
+# ---- decoding ------------------------------------------------------------------------------------
+def decode_image(data: bytes, size: int | None = None):
+    """RGB PIL image. With `size`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+    both sides >= size (PIL's draft mode): several times faster for a 64 px model, and the resize that
+    follows is the model's own transform either way."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    if size and img.format == "JPEG":
+        img.draft("RGB", (size, size))
+    img.load()
+    return img.convert("RGB")
+
+
+# ---- the dataset ---------------------------------------------------------------------------------
+class PairDataset:
+    """Map-style dataset indexed by (row, epoch): returns (image tensor, token ids)."""
+
+    def __init__(self, source, transform, tokenizer, seed: int = 0, klite_prob: float = 0.5, seeded_transform: bool = True,
+                 decode_size: int | None = None):
+        self.source = source
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.seed = int(seed)
+        self.klite_prob = float(klite_prob)
+        self.seeded_transform = seeded_transform
+        self._epoch_draws = None
+        self.decode_size = decode_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _draws(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row uniforms for this epoch (K-LITE choice, augmentation seed), vectorised over the set."""
+        if self._epoch_draws is None or self._epoch_draws[0] != epoch:
+            from pipeline.stage import uniform
+
+            uids = self.source.uids
+            self._epoch_draws = (epoch, uniform(uids, self.seed, f"klite:{epoch}"), uniform(uids, self.seed, f"aug:{epoch}"))
+        return self._epoch_draws[1], self._epoch_draws[2]
+
+    def __getitem__(self, key):
+        import torch
+
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        i = int(i)
+        u_klite, u_aug = self._draws(epoch)
+        img_bytes, text, klite, _ = self.source.get(i)
+        if klite is not None and u_klite[i] < self.klite_prob:
+            text = klite
+        try:
+            img = decode_image(img_bytes, self.decode_size)
+        except Exception:  # an undecodable image in a training set: a black image, never a crash mid-run
+            from PIL import Image
+
+            img = Image.new("RGB", (32, 32))
+        if self.seeded_transform:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(u_aug[i] * (1 << 62)))
+                x = self.transform(img)
+        else:
+            x = self.transform(img)
+        tokens = self.tokenizer([text])[0]
+        return x, tokens
+
+
+class StepBatchSampler:
+    """Batches for optimizer steps start+1 .. total: step k (1-based) takes rows
+    perm(epoch)[j*B:(j+1)*B] with (epoch, j) = divmod(k-1, steps_per_epoch); drop_last within an epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int, total_steps: int):
+        if n < batch_size:
+            raise DataError(f"{n} training pairs is fewer than one batch ({batch_size}): lower batch_size")
+        self.n, self.bs, self.seed = n, batch_size, seed
+        self.start, self.total = start_step, total_steps
+        self.per_epoch = n // batch_size
+
+    def perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def epoch_of(self, step: int) -> int:
+        return (step - 1) // self.per_epoch
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        cached = (None, None)
+        for k in range(self.start + 1, self.total + 1):
+            epoch, j = divmod(k - 1, self.per_epoch)
+            if cached[0] != epoch:
+                cached = (epoch, self.perm(epoch))
+            rows = cached[1][j * self.bs : (j + 1) * self.bs]
+            yield [(int(r), epoch) for r in rows]

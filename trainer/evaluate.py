@@ -1,0 +1,169 @@
+"""Zero-shot evaluation of a CLIP checkpoint on held-out Parquet sets.
+
+Two kinds, told apart by columns:
+  classification  `image` + `label` (class name, string) [+ `label_id`]: class names -> prompt templates ->
+                  mean normalised text embedding per class (open_clip's build_zero_shot_classifier);
+                  top-1 / top-5 accuracy of image-to-class cosine. Class order: `classnames.txt` next to the
+                  Parquet file when present (line i = label_id i), else by label_id, else sorted names.
+  retrieval       `image` + `captions` (list<string>): recall@1/5/10 image->text (any of its captions in the
+                  top k) and text->image (its image in the top k), as in CLIP's Flickr/COCO protocol.
+The metric functions take embeddings, so they are checked by hand on tiny fixed cases in the tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from trainer import models
+from trainer.config import DEFAULT_TEMPLATES
+
+
+class EvalError(ValueError):
+    """An eval set that cannot be used. str() is one line."""
+
+
+# ---- metrics on embeddings (pure) ---------------------------------------------------------------
+def topk_accuracy(logits, labels, ks=(1, 5)) -> dict[str, float]:
+    """logits [N, C], labels [N] -> {"top1": .., "top5": ..} (k capped at C)."""
+    import torch
+
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    out = {}
+    order = logits.argsort(dim=1, descending=True)
+    for k in ks:
+        kk = min(k, logits.shape[1])
+        hit = (order[:, :kk] == labels[:, None]).any(dim=1)
+        out[f"top{k}"] = float(hit.float().mean()) if len(labels) else 0.0
+    return out
+
+
+def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict[str, float]:
+    """image_emb [I, D], text_emb [T, D] (normalised), text_to_image [T] = index of each text's image.
+
+    image->text R@k: share of images with at least one of their texts among their k nearest texts;
+    text->image R@k: share of texts whose image is among their k nearest images.
+    """
+    import torch
+
+    img = torch.as_tensor(image_emb, dtype=torch.float32)
+    txt = torch.as_tensor(text_emb, dtype=torch.float32)
+    t2i = torch.as_tensor(text_to_image, dtype=torch.long)
+    sim = img @ txt.T  # [I, T]
+    out = {}
+    pos = torch.zeros_like(sim, dtype=torch.bool)
+    pos[t2i, torch.arange(len(t2i))] = True
+    i_order = sim.argsort(dim=1, descending=True)  # texts per image
+    t_order = sim.T.argsort(dim=1, descending=True)  # images per text
+    for k in ks:
+        ki, kt = min(k, sim.shape[1]), min(k, sim.shape[0])
+        out[f"image_to_text_R@{k}"] = float(pos.gather(1, i_order[:, :ki]).any(dim=1).float().mean())
+        out[f"text_to_image_R@{k}"] = float((t_order[:, :kt] == t2i[:, None]).any(dim=1).float().mean())
+    return out
+
+
+# ---- embedding -------------------------------------------------------------------------------------
+def embed_images(model, preprocess, images: list[bytes], device, precision="fp32", batch_size=256):
+    import torch
+
+    from trainer.data import decode_image
+
+    feats = []
+    for i in range(0, len(images), batch_size):
+        size = models.image_size(model)
+        x = torch.stack([preprocess(decode_image(b, size)) for b in images[i : i + batch_size]]).to(device)
+        with torch.inference_mode(), models.autocast(device, precision):
+            feats.append(model.encode_image(x, normalize=True).float().cpu())
+    return torch.cat(feats) if feats else torch.zeros(0, 1)
+
+
+def embed_texts(model, tokenizer, texts: list[str], device, precision="fp32", batch_size=256):
+    import torch
+
+    feats = []
+    for i in range(0, len(texts), batch_size):
+        tok = tokenizer(texts[i : i + batch_size]).to(device)
+        with torch.inference_mode(), models.autocast(device, precision):
+            feats.append(model.encode_text(tok, normalize=True).float().cpu())
+    return torch.cat(feats) if feats else torch.zeros(0, 1)
+
+
+def class_embeddings(model, tokenizer, classnames: list[str], templates: list[str], device, precision="fp32"):
+    """[C, D]: per class, the normalised mean of its normalised template embeddings."""
+    import torch
+
+    texts = [t.format(c) for c in classnames for t in templates]
+    e = embed_texts(model, tokenizer, texts, device, precision).reshape(len(classnames), len(templates), -1)
+    e = e.mean(dim=1)
+    return e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def classnames_for(path: str, table) -> tuple[list[str], np.ndarray]:
+    """(class names, label index per row)."""
+    labels = table.column("label").to_pylist()
+    side = os.path.join(os.path.dirname(os.path.abspath(path)), "classnames.txt")
+    if os.path.exists(side):
+        names = [l.strip() for l in open(side, encoding="utf-8") if l.strip()]
+        if set(labels) <= set(names):
+            index = {n: i for i, n in enumerate(names)}
+            return names, np.array([index[l] for l in labels])
+    if "label_id" in table.column_names:
+        ids = table.column("label_id").to_pylist()
+        pairs = sorted(set(zip(ids, labels)))
+        if len({i for i, _ in pairs}) == len(pairs):
+            names = [n for _, n in pairs]
+            index = {n: i for i, n in enumerate(names)}
+            return names, np.array([index[l] for l in labels])
+    names = sorted(set(labels))
+    index = {n: i for i, n in enumerate(names)}
+    return names, np.array([index[l] for l in labels])
+
+
+def kind_of(path: str) -> str:
+    cols = pq.read_schema(path).names
+    if "image" not in cols:
+        raise EvalError(f"{path}: an eval set needs an `image` column (has {', '.join(cols)})")
+    if "label" in cols:
+        return "classification"
+    if "captions" in cols:
+        return "retrieval"
+    raise EvalError(f"{path}: needs `label` (classification) or `captions` (retrieval) next to `image`")
+
+
+def evaluate_model(model, preprocess, tokenizer, path: str, device, precision="fp32", templates=None,
+                   batch_size: int = 256) -> dict:
+    kind = kind_of(path)
+    if kind == "classification":
+        t = pq.read_table(path, columns=[c for c in ("image", "label", "label_id") if c in pq.read_schema(path).names])
+        names, y = classnames_for(path, t)
+        img = embed_images(model, preprocess, t.column("image").to_pylist(), device, precision, batch_size)
+        cls = class_embeddings(model, tokenizer, names, list(templates or DEFAULT_TEMPLATES), device, precision)
+        res = topk_accuracy(img @ cls.T, y)
+        return {"kind": kind, "data": path, "images": len(y), "classes": len(names), **res}
+    t = pq.read_table(path, columns=["image", "captions"])
+    caps = t.column("captions").to_pylist()
+    texts, t2i = [], []
+    for i, cs in enumerate(caps):
+        for c in cs or []:
+            texts.append(c)
+            t2i.append(i)
+    img = embed_images(model, preprocess, t.column("image").to_pylist(), device, precision, batch_size)
+    txt = embed_texts(model, tokenizer, texts, device, precision, batch_size)
+    res = retrieval_recall(img, txt, t2i)
+    return {"kind": kind, "data": path, "images": len(caps), "texts": len(texts), **res}
+
+
+def evaluate(checkpoint: str, paths: list[str], model_name: str = "", device: str = "auto", precision: str = "auto",
+             templates=None, batch_size: int = 256) -> dict:
+    dev = models.pick_device(device)
+    prec = models.pick_precision(precision, dev)
+    model, pre_val, tokenizer, name = models.load(checkpoint, model_name, dev)
+    results = {}
+    for p in paths:
+        results[os.path.splitext(os.path.basename(p))[0]] = evaluate_model(
+            model, pre_val, tokenizer, p, dev, prec, templates, batch_size
+        )
+    return {"checkpoint": checkpoint, "model": name, "results": results}

@@ -1,0 +1,256 @@
+"""The training loop: open_clip's model, tokenizer, transforms, ClipLoss and cosine schedule, in a small loop.
+
+One step = one batch = one AdamW update; everything that decides a step (the batch's rows, K-LITE choice,
+augmentation, learning rate) is a function of (seed, step), so `--resume` from a step checkpoint continues
+exactly as an uninterrupted run would (bit for bit on CPU; on a GPU up to cuDNN/atomics nondeterminism).
+
+Outputs in `out_dir` (runs/NAME/train/ or runs/NAME/dfn_model/):
+  checkpoints/step-000250.pt   model + optimizer + scaler + config (the last `keep_checkpoints` are kept)
+  model.pt                     the final model only (what `eval` and the dfn stage load)
+  metrics.jsonl                {"step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "wall_s"} lines
+  train.json                   summary of the finished run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import re
+import time
+
+from trainer.config import TrainConfig
+from trainer import data as data_mod
+from trainer import models
+
+log = logging.getLogger("clipcurate.train")
+
+CKPT_RE = re.compile(r"step-(\d+)\.pt$")
+
+
+def _atomic_save(obj, path: str) -> None:
+    import torch
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    found = []
+    for p in glob.glob(os.path.join(out_dir, "checkpoints", "step-*.pt")):
+        m = CKPT_RE.search(p)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    ck = checkpoints(out_dir)
+    return ck[-1][1] if ck else None
+
+
+def _param_groups(model, weight_decay: float):
+    # open_clip_train's rule: no decay on gains, biases, norms, logit scale, embeddings of size < 2 dims
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """On resume: drop lines written after the checkpoint, so the file reads as one uninterrupted run."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: TrainConfig,
+    data_path: str,
+    out_dir: str,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train `cfg.model` on `data_path` for `cfg.steps` steps, checkpointing into `out_dir`. Returns a summary.
+
+    `stop_after`: end this call after that step (with a checkpoint), as a kill would; `resume=True` goes on.
+    """
+    import torch
+    from open_clip import ClipLoss
+    from open_clip_train.scheduler import cosine_lr
+    from tqdm.auto import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    device = models.pick_device(cfg.device)
+    precision = models.pick_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # model init
+    model, pre_train, pre_val, tokenizer = models.create(cfg.model, device="cpu")
+    model.to(device)
+    model.train()
+
+    source = data_mod.open_source(data_path)
+    if source.skipped:
+        log.info("training data: %d rows without image or text skipped", source.skipped)
+    dataset = data_mod.PairDataset(
+        source, pre_train if cfg.augment else pre_val, tokenizer, seed=cfg.seed, klite_prob=cfg.klite_prob,
+        decode_size=models.image_size(model),
+    )
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
+    scaler = torch.amp.GradScaler(device=device.type) if precision == "amp_fp16" else None
+    scheduler = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.steps)
+    loss_fn = ClipLoss()
+
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    start = 0
+    if resume:
+        ck_path = latest_checkpoint(out_dir)
+        if ck_path is None:
+            log.info("no checkpoint in %s: starting from step 0", out_dir)
+        else:
+            ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+            if ck.get("model_name") != cfg.model:
+                raise ValueError(f"--resume: checkpoint {ck_path} is a '{ck.get('model_name')}', config says '{cfg.model}'")
+            model.load_state_dict(ck["state_dict"])
+            optimizer.load_state_dict(ck["optimizer"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            if "rng" in ck:
+                torch.set_rng_state(ck["rng"])
+            start = int(ck["step"])
+            log.info("resuming from %s (step %d)", ck_path, start)
+    if not resume or start == 0:
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    else:
+        _truncate_metrics(metrics_path, start)
+    if start >= cfg.steps:
+        log.info("already trained %d of %d steps", start, cfg.steps)
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
+    sampler = data_mod.StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, end)
+    workers = max(0, int(cfg.workers))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    cfg_dict = dataclasses.asdict(cfg)
+    step, last_loss, first_loss = start, None, None
+    t_start = time.perf_counter()
+    t_last, n_since = t_start, 0
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    with open(metrics_path, "a") as mf:
+        for images, tokens in loader:
+            step += 1
+            lr = scheduler(step - 1)
+            images = images.to(device, non_blocking=True)
+            tokens = tokens.to(device, non_blocking=True)
+            with models.autocast(device, precision):
+                out = model(images, tokens)
+                if isinstance(out, dict):
+                    out = (out["image_features"], out["text_features"], out["logit_scale"])
+                loss = loss_fn(out[0], out[1], out[2])
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                if cfg.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+            with torch.no_grad():  # open_clip_train clamps the temperature at 100
+                model.logit_scale.clamp_(0, math.log(100))
+            last_loss = float(loss.detach())
+            if first_loss is None:
+                first_loss = last_loss
+            n_since += images.shape[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            if step % max(1, cfg.log_every) == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                rec = {
+                    "step": step,
+                    "epoch": sampler.epoch_of(step),
+                    "loss": last_loss,
+                    "lr": lr,
+                    "logit_scale": float(model.logit_scale.detach().exp()),
+                    "samples_per_s": round(n_since / max(now - t_last, 1e-9), 1),
+                    "wall_s": round(now - t_start, 2),
+                }
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
+                t_last, n_since = now, 0
+            if step % max(1, cfg.save_every) == 0 or step == end:
+                _save_step(out_dir, step, sampler.epoch_of(step), cfg, model, optimizer, scaler, cfg_dict)
+    bar.close()
+    if step < cfg.steps:  # stopped early on purpose: the step checkpoint is the output
+        return {"model": cfg.model, "steps": step, "resumed_from": start, "first_loss": first_loss,
+                "last_loss": last_loss, "stopped": True, "checkpoint": latest_checkpoint(out_dir)}
+    final = {"model_name": cfg.model, "state_dict": model.state_dict(), "step": step}
+    _atomic_save(final, os.path.join(out_dir, "model.pt"))
+    summary = {
+        "model": cfg.model,
+        "data": data_path,
+        "pairs": len(dataset),
+        "steps": step,
+        "resumed_from": start,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "device": str(device),
+        "precision": precision,
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "model_path": os.path.join(out_dir, "model.pt"),
+    }
+    with open(os.path.join(out_dir, "train.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _save_step(out_dir, step, epoch, cfg, model, optimizer, scaler, cfg_dict) -> None:
+    import torch
+
+    state = {
+        "model_name": cfg.model,
+        "step": step,
+        "epoch": epoch,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "config": cfg_dict,
+        "rng": torch.get_rng_state(),
+    }
+    _atomic_save(state, os.path.join(out_dir, "checkpoints", f"step-{step:06d}.pt"))
+    for _, old in checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
+        os.remove(old)
