@@ -1,0 +1,349 @@
+"""metaclip: matching parity with a literal MetaCLIP reference (hand cases + real captions vs the WordNet
+list), balancing probabilities, shard/worker invariance, MetaCLIP 2 options, the report."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from metadata import concepts
+from pipeline import config as config_mod
+from pipeline import shards
+from pipeline.runner import run_pipeline
+from pipeline.schema import compute_uid
+from pipeline.stage import StageError
+from stages.metaclip import MATCHERS, Matcher, MetaClipStage, entry_probs, p_to_t, spacing, t_to_p
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is absent")
+
+
+# ---- the reference, literally (MetaCLIP's substr_matching.py, without the automaton) -------------------
+def ref_spacing(text: str) -> str:
+    spaced = f" {text} "
+    for punct in [",", ".", ";", ":", "?", "!", "`"]:
+        spaced = spaced.replace(punct, f" {punct} ")
+    for ch in ["\t", "\n", "\r"]:
+        spaced = spaced.replace(ch, " ")
+    return spaced
+
+
+def ref_match(text: str, entries: list[str]) -> list[int]:
+    spaced = ref_spacing(text)
+    return [i for i, e in enumerate(entries) if (" " + e + " ") in spaced]
+
+
+def ref_match_many(texts: list[str], entries: list[str]) -> list[list[int]]:
+    """ref_match for many texts; the same `in` tests, skipping only entries found in no text at all
+    (tested once against all spaced texts joined by "\\n", which no spaced text or entry key holds)."""
+    spaced = [ref_spacing(t) for t in texts]
+    joined = "\n".join(spaced)
+    out: list[list[int]] = [[] for _ in texts]
+    for i, e in enumerate(entries):
+        key = " " + e + " "
+        if "\n" in key or key not in joined:
+            continue
+        for j, s in enumerate(spaced):
+            if key in s:
+                out[j].append(i)
+    return out
+
+
+HAND_ENTRIES = [
+    "Gas", "gas", "hot dog", "dog", "hot", "dog house", "ice cream", "ice", "cream", "New York", "York",
+    "café", "naïve art", "St. Bernard", "e.g", "rock'n'roll", "(x)", "T-shirt", "shirt", "5", "55",
+    " lead", "x  y", "a b", "b c", "Zürich", "東京", "tab\there",
+]
+E = {e: i for i, e in enumerate(HAND_ENTRIES)}
+HAND_CASES = [
+    ("Gas station", {"Gas"}),
+    ("gas", {"gas"}),
+    ("GAS and gAs", set()),  # case-sensitive
+    ("a hot dog.", {"hot", "dog", "hot dog"}),  # nested
+    ("hot dog house", {"hot", "dog", "hot dog", "dog house"}),  # overlapping
+    ("dog,house", {"dog"}),  # list punctuation is spaced
+    ("dog!dog?dog;dog:`dog`", {"dog"}),
+    ("dogs hotdog", set()),  # whole tokens only
+    ('"dog" (dog) [dog] dog\'s hot-dog', set()),  # quotes, brackets, apostrophes, hyphens are not spaced
+    ("rock'n'roll (x) T-shirt", {"rock'n'roll", "(x)", "T-shirt"}),  # ... so such entries match as written
+    ("St. Bernard e.g", set()),  # "." inside an entry can never match (the text's "." is spaced)
+    ("ice\tcream", {"ice cream", "ice", "cream"}),
+    ("ice\ncream\rcream", {"ice cream", "ice", "cream"}),
+    ("ice  cream", {"ice", "cream"}),  # a double space breaks the multi-word entry
+    ("x  y x y", {"x  y"}),
+    ("a b c", {"a b", "b c"}),  # overlapping multi-word entries
+    ("lead", set()),
+    (" lead", {" lead"}),  # a leading space in an entry needs two spaces before the word
+    (", lead", {" lead"}),  # ... which the spaced comma provides
+    ("New York, York.", {"New York", "York"}),
+    ("café naïve art Zürich 東京", {"café", "naïve art", "Zürich", "東京"}),
+    ("CAFÉ naive art", set()),
+    ("5 55 555 5.5", {"5", "55"}),
+    ("tab\there", set()),  # tabs become spaces: an entry holding one never matches
+    ("", set()),
+]
+
+
+@pytest.mark.parametrize("backend", MATCHERS)
+def test_hand_cases(backend):
+    m = Matcher(HAND_ENTRIES, backend)
+    texts = [t for t, _ in HAND_CASES]
+    got = m.match(pl.Series(texts, dtype=pl.String)).to_pylist()
+    for (text, want), ids in zip(HAND_CASES, got):
+        assert ids == sorted(E[w] for w in want), (backend, text)
+        assert ids == ref_match(text, HAND_ENTRIES), (backend, text)
+
+
+def test_spacing_matches_reference():
+    texts = ["a,b.c;d:e?f!g`h\ti\nj\rk", "  ", "", "x", "\"quoted\" (b) it's a-b", "é,ü"]
+    assert spacing(pl.Series(texts)).to_list() == [ref_spacing(t) for t in texts]
+
+
+def test_null_text_matches_nothing():
+    m = Matcher(["dog"])
+    assert m.match(pl.Series(["dog", None], dtype=pl.String)).to_pylist() == [[0], []]
+
+
+@pytest.fixture(scope="module")
+def wordnet_matchers():
+    try:
+        entries = concepts.wordnet_entries()
+    except Exception as e:  # WordNet not installed
+        pytest.skip(f"WordNet unavailable: {e}")
+    return entries, {b: Matcher(entries, b) for b in MATCHERS}
+
+
+@needs_data
+def test_parity_real_captions_wordnet(wordnet_matchers):
+    entries, matchers = wordnet_matchers
+    assert len(entries) >= 100_000
+    flickr = pl.read_parquet(SHARED_DATA / "flickr8k_captions" / "flickr8k_captions.parquet")["caption"]
+    laion = pl.read_parquet(SHARED_DATA / "laion_sample_10k" / "laion_sample_10k.parquet")["text"]
+    texts = flickr.gather(np.arange(0, len(flickr), 27)[:1200]).to_list() + laion.head(1300).to_list()
+    assert len(texts) >= 2000
+    want = ref_match_many(texts, entries)
+    assert sum(map(len, want)) > 5 * len(texts)  # plenty of hits, multi-word ones included
+    assert any(" " in entries[i] for ids in want for i in ids)
+    for backend, m in matchers.items():
+        got = m.match(pl.Series(texts, dtype=pl.String)).to_pylist()
+        bad = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
+        assert not bad, (backend, bad[:3])
+
+
+# ---- MetaCLIP 2 helpers, by hand ----------------------------------------------------------------------
+def test_t_to_p_and_p_to_t_by_hand():
+    c = np.array([1, 2, 3, 4, 10])  # total 20
+    assert t_to_p(c, 4) == pytest.approx(6 / 20)  # counts below 4: 1+2+3
+    assert t_to_p(c, 100) == 1.0
+    # sorted cumulative shares: .05 .15 .30 .50 1.0 -> nearest to 0.3 is index 2 -> count 3
+    assert p_to_t(c, 0.3) == 3
+    assert p_to_t(c, 0.45) == 4
+    assert list(entry_probs(np.array([0, 5, 20, 40]), 20)) == [1.0, 1.0, 1.0, 0.5]
+
+
+# ---- pools ------------------------------------------------------------------------------------------
+def _write_pool(folder: Path, texts: list[str], n_shards: int, extra: dict | None = None, urls=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = urls or [f"http://example.invalid/{i}.jpg" for i in range(len(texts))]
+    cols = {"uid": compute_uid(urls, texts), "url": urls, "text": texts, **(extra or {})}
+    table = pa.table(cols)
+    bounds = np.linspace(0, len(texts), n_shards + 1).astype(int)
+    for i in range(n_shards):
+        shards.write_shard(table.slice(bounds[i], bounds[i + 1] - bounds[i]), str(folder / f"part-{i:05d}.parquet"))
+    return folder
+
+
+def _read(stage_dir: Path, rejected: bool = False) -> pl.DataFrame:
+    d = stage_dir / "rejected" if rejected else stage_dir
+    return pl.concat([pl.read_parquet(p) for p in sorted(d.glob("part-*.parquet"))]).sort("uid")
+
+
+def _entries_file(tmp_path: Path, entries: list[str]) -> str:
+    p = tmp_path / "entries.txt"
+    p.write_text("\n".join(entries) + "\n")
+    return str(p)
+
+
+SINGLE = {"cat": 6000, "dog": 1500, "bird": 300, "fish": 60}
+
+
+def _single_entry_pool() -> list[str]:
+    texts = []
+    for w, k in SINGLE.items():
+        texts += [f"a {w} number {i}" for i in range(k)]
+    texts += [f"nothing here {i}" for i in range(40)]
+    return texts
+
+
+def test_balancing_single_entry_pool(tmp_path):
+    """Texts that match one entry each: expected kept = min(count, t) <= t; measured within binomial error."""
+    t = 500
+    entries = _entries_file(tmp_path, list(SINGLE))
+    pool = _write_pool(tmp_path / "in", _single_entry_pool(), 3)
+    cfg = config_mod.resolve({"metaclip": {"entries": entries, "t": t}})
+    (res,) = run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+    counts = pl.read_parquet(Path(res.folder) / "stats" / "entry_counts.parquet")
+    assert counts["text"].to_list() == list(SINGLE)
+    assert counts["count"].to_list() == list(SINGLE.values())
+    kept = _read(Path(res.folder))
+    rej = _read(Path(res.folder), rejected=True)
+    assert rej.filter(pl.col("reason") == "no_entry").height == 40
+    assert set(rej["reason"]) == {"no_entry", "balanced_out"}
+    assert kept["metaclip_entries"].dtype == pl.List(pl.Int32)
+    for i, (w, c) in enumerate(SINGLE.items()):
+        p = t / max(c, t)
+        assert c * p <= t  # expected kept count
+        k = kept.filter(pl.col("metaclip_entries").list.contains(i)).height
+        sd = math.sqrt(c * p * (1 - p))
+        assert abs(k - c * p) <= 4.5 * sd + 1e-9, (w, k, c * p)
+    assert res.manifest["reasons"]["balanced_out"] == rej.filter(pl.col("reason") == "balanced_out").height
+
+
+def test_balancing_multi_entry_probability(tmp_path):
+    """A text with several entries is kept with 1 - prod(1 - p_e): check against a binomial."""
+    entries = ["cat", "dog", "bird"]
+    texts = [f"cat {i}" for i in range(4000)] + [f"dog {i}" for i in range(1000)] + [f"cat dog {i}" for i in range(3000)]
+    texts += [f"cat dog bird {i}" for i in range(200)]
+    pool = _write_pool(tmp_path / "in", texts, 2)
+    t = 800
+    cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, entries), "t": t}})
+    (res,) = run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+    counts = dict(zip(*pl.read_parquet(Path(res.folder) / "stats" / "entry_counts.parquet").select("text", "count")))
+    assert counts == {"cat": 7200, "dog": 4200, "bird": 200}
+    p = {e: t / max(c, t) for e, c in counts.items()}
+    kept = _read(Path(res.folder))
+    groups = {"cat": (4000, p["cat"]), "dog": (1000, p["dog"]),
+              "cat dog": (3000, 1 - (1 - p["cat"]) * (1 - p["dog"])), "cat dog bird": (200, 1.0)}
+    for prefix, (n, q) in groups.items():
+        k = kept.filter(pl.col("text").str.replace(r" \d+$", "") == prefix).height
+        assert abs(k - n * q) <= 4.5 * math.sqrt(n * q * (1 - q)) + 1e-9, (prefix, k, n * q)
+
+
+def test_invariance_shards_and_workers(tmp_path):
+    texts = [t for t in _single_entry_pool()] + [f"cat and dog {i}" for i in range(500)]
+    entries = _entries_file(tmp_path, list(SINGLE))
+    cfg = config_mod.resolve({"metaclip": {"entries": entries, "t": 400}})
+    outs = []
+    for n_shards, workers in [(1, 0), (4, 0), (4, 2)]:
+        pool = _write_pool(tmp_path / f"in{n_shards}", texts, n_shards)
+        (res,) = run_pipeline(["metaclip"], str(tmp_path / f"run{n_shards}_{workers}"), cfg, input_dir=str(pool),
+                              workers=workers)
+        outs.append((_read(Path(res.folder)), _read(Path(res.folder), rejected=True)))
+    for kept, rej in outs[1:]:
+        assert kept.equals(outs[0][0])
+        assert rej.equals(outs[0][1])
+    assert 0 < outs[0][0].height < len(texts)
+
+
+def test_null_text_and_uid_from_text(tmp_path):
+    pool = tmp_path / "in"
+    pool.mkdir()
+    pq.write_table(pa.table({"text": ["a dog", None, "nothing"]}), pool / "part-00000.parquet")
+    cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, ["dog"]), "t": 10}})
+    (res,) = run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+    assert res.manifest["rows_out"] == 1 and res.manifest["reasons"] == {"no_entry": 2}
+
+
+def test_per_language_t(tmp_path):
+    """MetaCLIP 2: t applies to the reference language; others get t from its tail share."""
+    entries = ["cat", "dog", "Katze", "Hund", "x"]
+    en = [f"cat {i}" for i in range(900)] + [f"dog {i}" for i in range(100)]
+    de = [f"Katze {i}" for i in range(300)] + [f"Hund {i}" for i in range(60)] + [f"x {i}" for i in range(40)]
+    texts = en + de
+    lang = ["en"] * len(en) + ["de"] * len(de)
+    pool = _write_pool(tmp_path / "in", texts, 2, extra={"lang": lang})
+    cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, entries), "t": 200, "language_col": "lang"}})
+    (res,) = run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+    th = shards.read_json(str(Path(res.folder) / "stats" / "thresholds.json"))
+    p = 100 / 1000  # en: only "dog" (100) is below t = 200
+    assert th["tail_share"] == pytest.approx(p)
+    # de sorted counts 40, 60, 300 (total 400): cumulative .10 .25 1.0 -> nearest to 0.1 is 40
+    assert th["t"] == {"de": 40, "en": 200}
+    by_lang = pl.read_parquet(Path(res.folder) / "stats" / "entry_counts_by_language.parquet")
+    assert by_lang.filter(pl.col("language") == "de").sort("entry")["count"].to_list() == [300, 60, 40]
+    kept = _read(Path(res.folder))
+    k_katze = kept.filter(pl.col("text").str.starts_with("Katze")).height
+    q = 40 / 300
+    assert abs(k_katze - 300 * q) <= 4.5 * math.sqrt(300 * q * (1 - q))
+    assert kept.filter(pl.col("text").str.starts_with("x ")).height == 40  # tail entry: all kept
+    # tail_share given: every language from it
+    cfg2 = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, entries), "t": 200,
+                                             "language_col": "lang", "tail_share": 0.25}})
+    (res2,) = run_pipeline(["metaclip"], str(tmp_path / "run2"), cfg2, input_dir=str(pool), workers=0)
+    th2 = shards.read_json(str(Path(res2.folder) / "stats" / "thresholds.json"))
+    # en sorted 100, 900 -> .1, 1.0 -> 100; de -> .25 exactly at 60
+    assert th2["t"] == {"de": 60, "en": 100}
+
+
+def test_one_text_per_image(tmp_path):
+    texts, urls = [], []
+    for img in range(300):
+        for k in range(3):
+            texts.append(f"dog {img} {k}" if k < 2 else f"nothing {img}")
+            urls.append(f"http://example.invalid/{img}.jpg")
+    pool = _write_pool(tmp_path / "in", texts, 3, urls=urls)
+    cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, ["dog"]), "t": 10**6,
+                                           "one_text_per_image": True}})
+    outs = []
+    for workers in (0, 2):
+        (res,) = run_pipeline(["metaclip"], str(tmp_path / f"run{workers}"), cfg, input_dir=str(pool), workers=workers)
+        outs.append(_read(Path(res.folder)))
+        assert res.manifest["reasons"] == {"no_entry": 300, "other_text_of_image": 300}
+    kept = outs[0]
+    assert kept.height == 300 and kept["url"].n_unique() == 300
+    assert outs[1].equals(kept)
+    # the counts stay over every matching text (MetaCLIP 2)
+    assert pl.read_parquet(Path(res.folder) / "stats" / "entry_counts.parquet")["count"].to_list() == [600]
+
+
+def test_entries_identity_and_errors(tmp_path):
+    a = _entries_file(tmp_path, ["cat", "dog"])
+    b = tmp_path / "b.json"
+    b.write_text('["dog", "cat"]')
+    fa = MetaClipStage({"entries": a}).fingerprint_parts()
+    fb = MetaClipStage({"entries": str(b)}).fingerprint_parts()
+    assert fa["entries_sha256"] != fb["entries_sha256"]
+    assert fa["entries_sha256"] == concepts.entries_sha256(["cat", "dog"])
+    with pytest.raises(StageError):
+        MetaClipStage({"entries": str(tmp_path / "missing.txt")}).fingerprint_parts()
+    with pytest.raises(StageError):
+        MetaClipStage({"matcher": "regex"})
+    with pytest.raises(StageError):
+        MetaClipStage({"t": 0})
+
+
+def test_setup_once_per_process(tmp_path):
+    from pipeline.stage import get_stage
+
+    cfg = {"entries": _entries_file(tmp_path, ["dog"]), "t": 5}
+    full = config_mod.resolve({"metaclip": cfg})["metaclip"]
+    s1 = get_stage("metaclip", full, 0)
+    s2 = get_stage("metaclip", full, 0)
+    assert s1 is s2 and s1.matcher is s2.matcher
+
+
+def test_report(tmp_path):
+    entries = _entries_file(tmp_path, list(SINGLE))
+    pool = _write_pool(tmp_path / "in", _single_entry_pool(), 2)
+    cfg = config_mod.resolve({"metaclip": {"entries": entries, "t": 500}})
+    run_dir = tmp_path / "run"
+    (res,) = run_pipeline(["metaclip"], str(run_dir), cfg, input_dir=str(pool), workers=0)
+    out = MetaClipStage(cfg["metaclip"]).report(res.folder, str(run_dir / "report"))
+    assert len(out["figures"]) == 2 and all(os.path.getsize(p) > 1000 for _, p in out["figures"])
+    head_tail, top = out["tables"]
+    # tail share = (300 + 60) / 7860; head entries: cat, dog
+    assert f"{100 * 360 / 7860:.2f}%" in head_tail[1]
+    assert "| 1 | 0 | cat | 6000 | 500 |" in top[1]
+    csv = pl.read_csv(out["csv"])
+    assert csv["expected_after"].to_list() == [500, 500, 300, 60]
+    from pipeline.report import histograms
+
+    assert "metaclip" in histograms(str(run_dir))
