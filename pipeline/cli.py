@@ -69,6 +69,9 @@ def cmd_ingest(args) -> int:
     with executor(args.workers, args.scheduler) as ex:
         res = run_stage("ingest", run_dir, raw_dir, cfg, ex)
     res.manifest["download"] = info
+    # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
+    res.manifest["urls_in"] = res.manifest["rows_in"]
+    res.manifest["rows_in"] = info["input_rows"]
     shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
     print(
         f"ingest: {info['input_rows']} URL rows, {info['unique_urls']} unique URLs downloaded once each, "

@@ -68,6 +68,11 @@ class DaskExecutor:
         from distributed import Client, LocalCluster
 
         dask.config.set({"distributed.worker.daemon": False, "distributed.scheduler.work-stealing": True})
+        if not log.isEnabledFor(logging.DEBUG):
+            # importing distributed installs its own INFO handlers; a user wants our progress, not its chatter.
+            # `batched` logs a harmless CommClosedError traceback when a LocalCluster shuts down.
+            logging.getLogger("distributed").setLevel(logging.WARNING)
+            logging.getLogger("distributed.batched").setLevel(logging.CRITICAL)
         self.cluster = None
         if scheduler:
             self.client = Client(scheduler, timeout="30s")
