@@ -518,3 +518,49 @@ def test_real_captions_flickr_survives_text_rules_laion_does_not():
     assert 1 - sum(fl[r] for r in text_rules) >= 0.95  # clean human captions
     assert fl["rare_token"] < 0.03  # DESIGN: ~1.6% of Flickr8k
     assert 0.15 < la["rare_token"] < 0.40  # raw alt-text: typos, codes, junk (~28% here)
+
+
+# ---- the demo world's ground truth ----------------------------------------------------------------
+def test_demo_world_noise_is_found_and_clean_pairs_kept(demo_ingested):
+    """Precision/recall per noise kind against the demo world's labels (the pipeline never reads them)."""
+    import polars as pl
+
+    from pipeline.cli import main as cli_main
+
+    world, runs, run = demo_ingested
+    assert cli_main(["--runs-dir", str(runs), "run", "align", "--run", run, "--workers", "0"]) == 0
+    stage = runs / run / "01_align"
+    kept = pl.concat([pl.read_parquet(p, columns=["uid"]) for p in glob.glob(str(stage / "part-*.parquet"))])
+    rej = pl.concat([pl.read_parquet(p, columns=["uid", "reason"]) for p in glob.glob(str(stage / "rejected" / "*.parquet"))])
+    truth = pl.read_parquet(world / "truth.parquet")
+    out = truth.join(pl.concat([kept.with_columns(reason=pl.lit(None, pl.String)), rej]), on="uid", how="inner")
+    ingested = truth.filter(~pl.col("kind").is_in(["http_404", "not_image"]))
+    assert out.height == ingested.height  # every ingested row is either kept or rejected with a reason
+
+    def recall(kind, reasons=None):
+        rows = out.filter(pl.col("kind") == kind)
+        hit = rows.filter(pl.col("reason").is_not_null() if reasons is None else pl.col("reason").is_in(reasons))
+        return hit.height / rows.height
+
+    assert recall("boilerplate", ["text_many_images"]) >= 0.95
+    assert recall("small_image", ["image_too_small"]) >= 0.95
+    assert recall("odd_aspect", ["aspect_ratio"]) >= 0.95
+    assert recall("eval_copy", ["eval_near_duplicate"]) >= 0.95
+    assert recall("many_texts", ["image_many_texts"]) >= 0.95
+    assert recall("too_long", ["too_many_words"]) >= 0.95
+    assert recall("too_short") >= 0.95  # too_few_words, or text_many_images for a short string many images share
+    assert recall("rare_token", ["rare_token"]) >= 0.95
+
+    # duplicates: of each (original, copy) pair exactly one survives
+    pairs = out.filter(pl.col("dup_group").is_not_null()).group_by("dup_group").agg(
+        survivors=pl.col("reason").is_null().sum(), kinds=pl.col("kind"), reasons=pl.col("reason"))
+    exact = pairs.filter(pl.col("kinds").list.contains("exact_duplicate"))
+    near = pairs.filter(pl.col("kinds").list.contains("near_duplicate"))
+    assert (exact["survivors"] == 1).mean() >= 0.95 and (near["survivors"] == 1).mean() >= 0.95
+    assert exact["reasons"].list.drop_nulls().list.first().is_in(["exact_duplicate"]).mean() >= 0.95
+
+    # clean pairs kept (a duplicate pair counts as kept when one of the two survives)
+    clean = out.filter((pl.col("kind") == "clean") & pl.col("dup_group").is_null())
+    assert clean["reason"].is_null().mean() >= 0.95
+    # and the rules barely touch well-formed captions that merely describe another image (not their job)
+    assert out.filter(pl.col("kind") == "mismatched")["reason"].is_null().mean() >= 0.9
