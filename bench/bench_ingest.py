@@ -83,6 +83,8 @@ def main() -> int:
             "what": "ingest wall time (subprocess, imports included) vs bare img2dataset.download on the same loopback server and URL list",
             "url_rows": rows,
             "unique_urls": m["download"]["unique_urls"],
+            "note": "bare img2dataset fetches every URL row (duplicate URLs included); ours fetches each unique URL once "
+                    "and then converts to the row schema (uids, captions per URL, rejected rows with reasons)",
             "rows_kept": m["rows_out"],
             "rows_rejected": m["rejected"],
             "processes": args.processes,
