@@ -63,10 +63,16 @@ wordnet:
 demo-world: setup
 	$(CLI) demo-world $(DEMO_WORLD) --n $(DEMO_N)
 
-# The main job on the embedded demo world.
+# The main job on the embedded demo world: crawl it, train the filtering network on its HQ set, curate,
+# emit, train a tiny CLIP on the result, evaluate zero-shot on the held-out set, write the report.
+# Every step resumes: a second `make demo` redoes nothing that is finished.
 demo: setup
 	$(CLI) demo-world $(DEMO_WORLD) --n $(DEMO_N)
 	$(CLI) ingest $(DEMO_WORLD)/urls.parquet --run $(RUN) $(if $(CONFIG),--config $(CONFIG),--config $(DEMO_WORLD)/config.toml) $(WORKERS_ARG)
+	$(CLI) dfn-train --run $(RUN) --hq $(DEMO_WORLD)/hq.parquet --resume
+	$(CLI) run align,metaclip,klite,dfn,emit --run $(RUN) $(WORKERS_ARG)
+	$(CLI) train --run $(RUN) --resume
+	$(CLI) report --run $(RUN)
 
 ingest: setup
 	@test -n "$(INPUT)" || { echo "usage: make ingest RUN=name INPUT=urls.parquet [CONFIG=c.toml]"; exit 2; }

@@ -312,6 +312,14 @@ def cmd_histograms(args) -> int:
 
 def cmd_report(args) -> int:
     res = build_report(shards.join(args.runs_dir, args.run))
+    # the run in a few lines: what went in, what each stage kept, how the trained model did
+    print("funnel:")
+    for m in res["manifests"]:
+        top = ", ".join(f"{k} {v}" for k, v in sorted(m.get("reasons", {}).items(), key=lambda kv: -kv[1])[:4])
+        print(f"  {m['stage']:>9}: {m['rows_in']:>8} in -> {m['rows_out']:>8} kept" + (f"   ({top})" if top else ""))
+    for name, ev in res["training"].get("eval", {}).items():
+        figures = {k: v for k, v in ev.items() if isinstance(v, float)}
+        print(f"  {name}: " + "  ".join(f"{k}={v:.3f}" for k, v in figures.items()))
     print(f"report: {res['html']}  (and {res['md']})")
     return 0
 

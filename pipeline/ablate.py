@@ -1,0 +1,114 @@
+"""Stage ablations: DataComp's experiment in one command.
+
+The same pool, curated with the stages switched on one after another (raw pool, align only, + metaclip,
++ klite, + dfn), each result trained with the same compute (model, steps, batch, seed) and evaluated
+zero-shot on the same held-out sets. Because every stage reads the previous one's output, the variants
+are the run's own stage folders: nothing is curated twice, only trained. Each variant trains into
+`runs/NAME/ablation/<variant>/` (resumable: a rerun skips finished training), and the table goes to
+`runs/NAME/ablation.json` (+ the run report).
+
+    clipcurate ablate --run demo [--steps 300]
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+
+from pipeline import config as config_mod
+from pipeline import shards
+from pipeline.stage import StageError, stage_dirname
+
+log = logging.getLogger("clipcurate.ablate")
+
+# (variant, the stage whose kept rows it trains on)
+VARIANTS = [("raw pool", "ingest"), ("align", "align"), ("+ metaclip", "metaclip"), ("+ klite", "klite"),
+            ("+ dfn", "dfn")]
+
+
+def _count_rows(folder: str) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in glob.glob(os.path.join(folder, "part-*.parquet")))
+
+
+def _headline(results: dict) -> dict:
+    """The figures a table shows: top-1/top-5 of classification sets, mean recall@1/5 of retrieval sets."""
+    out = {}
+    for name, r in results.items():
+        if r["kind"] == "classification":
+            out[f"{name} top1"] = r.get("top1")
+            out[f"{name} top5"] = r.get("top5")
+        else:
+            for k in (1, 5):
+                a, b = r.get(f"image_to_text_R@{k}"), r.get(f"text_to_image_R@{k}")
+                if a is not None and b is not None:
+                    out[f"{name} R@{k}"] = (a + b) / 2
+    return out
+
+
+def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None) -> dict:
+    from trainer.config import TrainConfig
+    from trainer.evaluate import evaluate
+    from trainer.train import train
+
+    tc = TrainConfig(**cfg.get("train", {}))
+    if steps:
+        tc.steps = int(steps)
+    if not tc.eval_sets:
+        raise StageError("ablate: no eval set: give [train] eval_sets in the config (Parquet files)")
+    rows = []
+    for variant, stage in variants or VARIANTS:
+        folder = os.path.join(run_dir, stage_dirname(stage))
+        if not os.path.exists(os.path.join(folder, "_manifest.json")):
+            log.warning("ablate: %s skipped (%s has not run in %s)", variant, stage, run_dir)
+            continue
+        pairs = _count_rows(folder)
+        out = os.path.join(run_dir, "ablation", variant.replace("+ ", "plus-").replace(" ", "-"))
+        log.info("ablate: %s: training on %d pairs from %s", variant, pairs, folder)
+        t0 = time.perf_counter()
+        s = train(tc, folder, out, resume=True)
+        res = evaluate(s["model_path"], tc.eval_sets, device=tc.device, precision=tc.precision,
+                       templates=tc.templates, batch_size=tc.eval_batch_size)["results"]
+        shards.write_json(res, os.path.join(out, "eval.json"))
+        rows.append({"variant": variant, "stage": stage, "pairs": pairs, "steps": tc.steps,
+                     "batch_size": tc.batch_size, "last_loss": s.get("last_loss"),
+                     "seconds": round(time.perf_counter() - t0, 1), **_headline(res), "eval": res})
+    if not rows:
+        raise StageError(f"ablate: no finished stage in {run_dir} (run the pipeline first)")
+    cols = [k for k in rows[0] if k not in ("variant", "stage", "eval", "last_loss", "seconds", "batch_size")]
+    head = "| variant | " + " | ".join(cols) + " |"
+    sep = "|---|" + "---|" * len(cols)
+    lines = [head, sep]
+    for r in rows:
+        cells = [f"{r.get(c):.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    result = {"model": tc.model, "steps": tc.steps, "batch_size": tc.batch_size, "seed": tc.seed,
+              "eval_sets": tc.eval_sets, "variants": rows, "table_md": "\n".join(lines)}
+    shards.write_json(result, os.path.join(run_dir, "ablation.json"))
+    return result
+
+
+def cmd_ablate(args) -> int:
+    run_dir = shards.join(args.runs_dir, args.run)
+    cfg = config_mod.for_run(run_dir, args.config)
+    result = ablate(run_dir, cfg, steps=args.steps)
+    print(f"ablation ({result['model']}, {result['steps']} steps x batch {result['batch_size']}, same seed):")
+    print(result["table_md"])
+    print(f"-> {os.path.join(run_dir, 'ablation.json')} (and the run report: clipcurate report --run {args.run})")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ablate", help="train + zero-shot eval on each stage's output in turn (raw, align, +metaclip, ...)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--config", default=None, help="TOML config ([train] section); default: the run's saved config")
+    p.add_argument("--steps", type=int, default=None, help="training steps per variant (default [train] steps)")
+    p.set_defaults(fn=cmd_ablate)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps({"variants": VARIANTS}))
