@@ -359,7 +359,7 @@ def _hq_set(b: _Builder, out: Path, n: int) -> None:
 
 def demo_config(n: int, eval_path: Path) -> str:
     """The pipeline config for a pool of n rows: web-scale thresholds scaled down (DESIGN.md, "Small pools")."""
-    t = max(20, n // 40)
+    t = max(10, n // 100)
     shard = max(100, math.ceil(n / 6 / 100) * 100)
     return f"""# Demo config, written by `clipcurate demo-world` for a pool of {n} URL rows.
 # The papers' thresholds assume web-scale pools; here they are scaled to the pool (DESIGN.md, "Small pools").
@@ -377,7 +377,7 @@ max_images_per_text = 10   # ALIGN's value works here too: boilerplate repeats f
 eval_images = "{eval_path.as_posix()}"
 
 [metaclip]
-t = {t}   # MetaCLIP: 20,000 at 400M pairs; here about n/40 so the head shapes and colours get flattened
+t = {t}   # MetaCLIP: 20,000 at 400M pairs; here n/100, about the 25th percentile of the demo's entry counts
 
 [dfn]
 keep_fraction = 0.8   # the pool is already curated twice by here; DFN papers keep 10-30% of raw pools

@@ -1,0 +1,108 @@
+"""The whole job on a small demo world, as `make demo` runs it (short training), and the report's numbers
+checked against the manifests it is built from."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards
+from pipeline.cli import main as cli_main
+
+STAGES = ["ingest", "align", "metaclip", "klite", "dfn", "emit"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_ingested):
+    world, runs, base = demo_ingested
+    run = "e2e"
+    # a run of its own on top of the shared ingest (other tests add stages to the shared run)
+    import shutil
+
+    shutil.copytree(runs / base / "00_ingest", runs / run / "00_ingest")
+    shutil.copy(runs / base / "config.toml", runs / run / "config.toml")
+    cfg = (world / "config.toml").read_text()
+    cfg = re.sub(r"steps = \d+", "steps = 25", cfg)
+    cfg = re.sub(r"workers = \d+", "workers = 0", cfg)
+    (runs / run / "e2e.toml").write_text(cfg)
+    common = ["--runs-dir", str(runs)]
+    assert cli_main(common + ["dfn-train", "--run", run, "--config", str(runs / run / "e2e.toml"),
+                              "--hq", str(world / "hq.parquet")]) == 0
+    assert cli_main(common + ["run", "align,metaclip,klite,dfn,emit", "--run", run, "--workers", "0"]) == 0
+    assert cli_main(common + ["train", "--run", run]) == 0
+    assert cli_main(common + ["report", "--run", run]) == 0
+    return world, runs / run
+
+
+def _manifests(run_dir):
+    out = {}
+    for name in STAGES:
+        paths = glob.glob(str(run_dir / f"*_{name}" / "_manifest.json"))
+        assert len(paths) == 1, name
+        out[name] = json.loads(open(paths[0]).read())
+    return out
+
+
+def test_funnel_adds_up_and_every_row_is_accounted_for(demo_run):
+    world, run_dir = demo_run
+    ms = _manifests(run_dir)
+    n_urls = pq.read_metadata(world / "urls.parquet").num_rows
+    assert ms["ingest"]["rows_in"] == n_urls
+    prev_out = None
+    for name in STAGES:
+        m = ms[name]
+        assert m["rows_out"] + m["rejected"] == m["rows_in"], name
+        assert sum(m["reasons"].values()) == m["rejected"], name
+        if prev_out is not None:
+            assert m["rows_in"] == prev_out, name  # each stage reads exactly what the previous one kept
+        prev_out = m["rows_out"]
+        stage_dir = glob.glob(str(run_dir / f"*_{name}"))[0]
+        kept = sum(pq.read_metadata(p).num_rows for p in glob.glob(f"{stage_dir}/part-*.parquet"))
+        rejected = pq.read_table(f"{stage_dir}/rejected") if glob.glob(f"{stage_dir}/rejected/*.parquet") else None
+        assert kept == m["rows_out"], name
+        if rejected is not None:
+            reasons = rejected.column("reason").to_pylist()
+            counted = {r: reasons.count(r) for r in set(reasons)}
+            assert counted == m["reasons"], name
+    emitted = sum(pq.read_metadata(p).num_rows for p in glob.glob(str(run_dir / "emit" / "parquet" / "*.parquet")))
+    assert emitted == ms["emit"]["rows_out"] > 0
+
+
+def test_report_shows_the_manifests_numbers_and_the_metrics(demo_run):
+    _, run_dir = demo_run
+    ms = _manifests(run_dir)
+    md = (run_dir / "report" / "report.md").read_text()
+    html = (run_dir / "report" / "report.html").read_text()
+    rows = [l for l in md.splitlines() if l.startswith("|")]
+    for name in STAGES:
+        m = ms[name]
+        # the stage's total line: stage, rows in, kept, rejected
+        assert any(re.match(rf"\|\s*{name}\s*\|\s*{m['rows_in']}\s*\|\s*{m['rows_out']}\s*\|\s*{m['rejected']}\s*\|", l)
+                   for l in rows), name
+        for reason, n in m["reasons"].items():
+            assert any(reason in l and re.search(rf"\|\s*{n}\b", l) for l in rows), (name, reason)
+    # figures the stages draw, linked relatively and present on disk
+    for src in re.findall(r"src='([^']+\.png)'", html):
+        assert (run_dir / "report" / src).is_file(), src
+    assert "metaclip" in html and "dfn" in html and "training curve" in html
+    evals = sorted(glob.glob(str(run_dir / "train" / "eval*.json")))
+    assert evals, "train should have evaluated the model on the demo world's held-out sets"
+    for f in evals:
+        ev = json.loads(open(f).read())
+        key = "top1" if ev["kind"] == "classification" else "image_to_text_R@1"
+        assert 0.0 <= ev[key] <= 1.0
+        assert f"{ev[key]:.4f}".rstrip("0") in md or str(round(ev[key], 4)) in md
+
+
+def test_emitted_set_is_what_the_last_stage_kept(demo_run):
+    _, run_dir = demo_run
+    dfn_dir = glob.glob(str(run_dir / "*_dfn"))[0]
+    last = [u for p in sorted(glob.glob(f"{dfn_dir}/part-*.parquet")) for u in pq.read_table(p, columns=["uid"]).column("uid").to_pylist()]
+    emitted = pq.read_table(run_dir / "emit" / "parquet", columns=["uid"]).column("uid").to_pylist()
+    assert sorted(emitted) == sorted(last)
+    summary = shards.read_json(str(run_dir / "emit" / "summary.json"))
+    assert summary
