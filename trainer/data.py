@@ -172,6 +172,18 @@ def decode_image(data: bytes, size: int | None = None):
 
 
 # ---- the dataset ---------------------------------------------------------------------------------
+def uniform_of_keys(keys: np.ndarray, seed: int, salt: str) -> np.ndarray:
+    """`pipeline.stage.uniform(uids, seed, salt)` from the uids' keys (`uid_to_u64(uids)`): numpy only, safe in
+    forked DataLoader workers (the tests check it equals `uniform`)."""
+    from pipeline.stage import _hash64, _splitmix64
+
+    base = _splitmix64(np.asarray([_hash64(seed)], dtype=np.uint64))[0]
+    salt_arr = np.full(len(keys), _hash64(salt), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = _splitmix64(np.asarray(keys, dtype=np.uint64) ^ _splitmix64(salt_arr ^ base))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
 class PairDataset:
     """Map-style dataset indexed by (row, epoch): returns (image tensor, token ids)."""
 
@@ -185,6 +197,11 @@ class PairDataset:
         self.seeded_transform = seeded_transform
         self._epoch_draws = None
         self.decode_size = decode_size
+        # the uids' 64-bit keys, folded here in the parent: DataLoader workers are forked, and polars (which
+        # pipeline.stage.uid_to_u64 uses) deadlocks in a child forked after the parent used its thread pool
+        from pipeline.stage import uid_to_u64
+
+        self._keys = uid_to_u64(list(source.uids)) if len(source) else np.zeros(0, np.uint64)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -192,10 +209,9 @@ class PairDataset:
     def _draws(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-row uniforms for this epoch (K-LITE choice, augmentation seed), vectorised over the set."""
         if self._epoch_draws is None or self._epoch_draws[0] != epoch:
-            from pipeline.stage import uniform
-
-            uids = self.source.uids
-            self._epoch_draws = (epoch, uniform(uids, self.seed, f"klite:{epoch}"), uniform(uids, self.seed, f"aug:{epoch}"))
+            k = self._keys
+            self._epoch_draws = (epoch, uniform_of_keys(k, self.seed, f"klite:{epoch}"),
+                                 uniform_of_keys(k, self.seed, f"aug:{epoch}"))
         return self._epoch_draws[1], self._epoch_draws[2]
 
     def __getitem__(self, key):
@@ -251,3 +267,67 @@ class StepBatchSampler:
                 cached = (epoch, self.perm(epoch))
             rows = cached[1][j * self.bs : (j + 1) * self.bs]
             yield [(int(r), epoch) for r in rows]
+
+
+class FastEvalTransform:
+    """open_clip's eval transform (Resize shortest side to S, bicubic; CenterCrop S; ToTensor; Normalize), split
+    in two: a uint8 S x S x 3 array per image (Pillow, in the DataLoader workers), and one batched
+    normalisation on the device. Same pixels as the torchvision pipeline (its PIL backend calls the same
+    Pillow resize), ~2.5x cheaper per image on the CPU, and 4x fewer bytes through pinned memory to a GPU.
+    `from_compose` returns None for any other transform (the caller then uses it as it is)."""
+
+    def __init__(self, size: int, crop: tuple[int, int], mean, std, interpolation):
+        self.size, self.crop = size, crop
+        self.mean, self.std, self.interpolation = tuple(mean), tuple(std), interpolation
+
+    @classmethod
+    def from_compose(cls, compose):
+        from PIL import Image
+        from torchvision import transforms as T
+        from torchvision.transforms import InterpolationMode
+
+        steps = list(getattr(compose, "transforms", []))
+        modes = [t for t in steps if type(t).__name__ == "MaybeConvertMode"]
+        if any(getattr(t, "mode", "RGB") != "RGB" for t in modes):
+            return None
+        steps = [t for t in steps if t not in modes]  # __call__ converts to RGB after the crop, as it does
+        if len(steps) != 4:
+            return None
+        rs, cc, tt, nm = steps
+        if not (isinstance(rs, T.Resize) and isinstance(cc, T.CenterCrop) and isinstance(tt, T.ToTensor)
+                and isinstance(nm, T.Normalize)):
+            return None
+        size = rs.size if isinstance(rs.size, int) else (rs.size[0] if len(rs.size) == 1 else None)
+        if size is None or rs.max_size is not None:
+            return None
+        interp = {InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.BILINEAR: Image.BILINEAR}.get(rs.interpolation)
+        if interp is None:
+            return None
+        crop = tuple(cc.size) if len(cc.size) == 2 else (cc.size[0], cc.size[0])
+        if crop[0] > size or crop[1] > size:
+            return None
+        return cls(size, crop, nm.mean, nm.std, interp)
+
+    def __call__(self, img) -> np.ndarray:
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.size, int(self.size * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), self.interpolation)
+        ch, cw = self.crop
+        top, left = int(round((new_h - ch) / 2.0)), int(round((new_w - cw) / 2.0))
+        if (top, left, ch, cw) != (0, 0, new_h, new_w):
+            img = img.crop((left, top, left + cw, top + ch))
+        if img.mode != "RGB":  # after the crop, where open_clip's MaybeConvertMode does it
+            img = img.convert("RGB")
+        return np.asarray(img, dtype=np.uint8)
+
+    def normalize(self, batch):
+        """uint8 [B, H, W, 3] tensor (on the model's device) -> normalised float [B, 3, H, W]."""
+        import torch
+
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import numpy as np
 
 from trainer import models
-from trainer.data import decode_image
+from trainer.data import FastEvalTransform, decode_image
 
 
 class _PairsForScoring:
-    def __init__(self, images, texts, preprocess, tokenizer, size: int):
+    """(image, token ids, decoded ok): the image as uint8 HWC when `fast` (normalised later, per batch)."""
+
+    def __init__(self, images, texts, preprocess, tokenizer, size: int, fast: FastEvalTransform | None):
         self.images, self.texts = images, texts
-        self.preprocess, self.tokenizer, self.size = preprocess, tokenizer, size
+        self.preprocess, self.tokenizer, self.size, self.fast = preprocess, tokenizer, size, fast
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -26,9 +28,12 @@ class _PairsForScoring:
 
         ok = True
         try:
-            x = self.preprocess(decode_image(self.images[i], self.size))
+            img = decode_image(self.images[i], self.size)
+            x = torch.from_numpy(self.fast(img).copy()) if self.fast else self.preprocess(img)
         except Exception:  # truncated or not an image: scored NaN, never a crash
-            x, ok = torch.zeros(3, self.size, self.size), False
+            ok = False
+            x = (torch.zeros(self.fast.crop[0], self.fast.crop[1], 3, dtype=torch.uint8) if self.fast
+                 else torch.zeros(3, self.size, self.size))
         return x, self.tokenizer([self.texts[i] or ""])[0], ok
 
 
@@ -43,6 +48,7 @@ class Scorer:
         self.size = models.image_size(self.model)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
+        self.fast = FastEvalTransform.from_compose(self.preprocess)
 
     def forward(self, x, tokens):
         """Cosine per pair for a ready batch (the bare model cost the benchmark compares against)."""
@@ -60,7 +66,8 @@ class Scorer:
         idx = np.array([i for i, b in enumerate(images) if b is not None], dtype=np.int64)
         if len(idx) == 0:
             return out
-        ds = _PairsForScoring([images[i] for i in idx], [texts[i] for i in idx], self.preprocess, self.tokenizer, self.size)
+        ds = _PairsForScoring([images[i] for i in idx], [texts[i] for i in idx], self.preprocess, self.tokenizer,
+                              self.size, self.fast)
         cuda = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
             ds,
@@ -72,7 +79,10 @@ class Scorer:
         )
         pos = 0
         for x, tok, ok in loader:
-            s = self.forward(x.to(self.device, non_blocking=cuda), tok.to(self.device, non_blocking=cuda)).cpu().numpy()
+            x = x.to(self.device, non_blocking=cuda)
+            if self.fast is not None:
+                x = self.fast.normalize(x)
+            s = self.forward(x, tok.to(self.device, non_blocking=cuda)).cpu().numpy()
             s[~ok.numpy().astype(bool)] = np.nan
             out[idx[pos : pos + len(s)]] = s
             pos += len(s)
