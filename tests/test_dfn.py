@@ -1,0 +1,223 @@
+"""dfn stage: pool-wide top fraction (collect/merge/apply over shards), reasons, a DFN trained on clean pairs
+scores mismatched captions lower, score cache, threshold mode, runner + report, fingerprint."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pipeline import config as config_mod  # noqa: E402
+from pipeline import shards  # noqa: E402
+from pipeline.schema import compute_uid  # noqa: E402
+from stages.dfn import DfnStage, cut_for_fraction, score_bins  # noqa: E402
+from tests.test_trainer import synthetic_world, tiny_cfg  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    # dfn's score cache lives under $CLIPCURATE_CACHE: keep the tests' scores out of the user's cache
+    monkeypatch.setenv("CLIPCURATE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _run_stage(stage: DfnStage, tables: list[pa.Table]):
+    """The runner's two passes, by hand: collect per shard, merge, apply per shard."""
+    stats = stage.merge([stage.collect(t) for t in tables])
+    return stats, [stage.apply(t, stats) for t in tables]
+
+
+def _uids(n: int, tag: str = "u") -> list[str]:
+    return compute_uid(pa.array([f"http://x.invalid/{tag}/{i}" for i in range(n)]), pa.array(["t"] * n)).to_pylist()
+
+
+def _stub_pool(scores: np.ndarray, cuts: list[int]) -> list[pa.Table]:
+    uids = _uids(len(scores))
+    img = pa.array([b"x"] * len(scores), pa.binary())
+    t = pa.table({"uid": uids, "text": ["t"] * len(scores), "image": img, "s": scores.astype(np.float32)})
+    edges = [0, *cuts, len(scores)]
+    return [t.slice(a, b - a) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@pytest.fixture
+def stub_scores(monkeypatch):
+    """DfnStage.scores reads a column `s` instead of running a model (the keep rule on its own)."""
+    monkeypatch.setattr(DfnStage, "scores", lambda self, table: table.column("s").to_numpy().astype(np.float32))
+
+
+# ---- the keep rule, without a model ---------------------------------------------------------------
+@pytest.mark.parametrize("dist", ["normal", "tied", "constant", "skewed_shards"])
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.75])
+def test_top_fraction_is_pool_wide_within_one_percent(stub_scores, dist, fraction):
+    rng = np.random.default_rng(7)
+    n = 12_000
+    if dist == "normal":
+        s = rng.normal(0.2, 0.1, n)
+    elif dist == "tied":  # 21 distinct values: the boundary bin holds hundreds of rows
+        s = np.round(rng.normal(0.2, 0.05, n), 2)
+    elif dist == "constant":  # every row in one bin: the cut is the per-row draw alone
+        s = np.full(n, 0.31)
+    else:  # shards with very different scores: a per-shard cut would keep `fraction` of each
+        s = np.sort(rng.uniform(-0.2, 0.8, n))[::-1]
+    cuts = [1000, 1500, 4000, 4001, 9000]  # uneven shards, one of a single row
+    tables = _stub_pool(s, cuts)
+    stage = DfnStage({"keep_fraction": fraction}, seed=3)
+    stats, outs = _run_stage(stage, tables)
+    assert stats["scored"] == n and stats["hist"].sum() == n
+    kept = sum(k.num_rows for k, _ in outs)
+    assert abs(kept / n - fraction) <= 0.01, (kept, n)
+    if dist != "constant":  # continuous-ish scores: kept rows are the top ones (up to the boundary bin)
+        kept_s = np.concatenate([k.column("dfn_score").to_numpy() for k, _ in outs])
+        drop_s = np.concatenate([r.column("dfn_score").to_numpy() for _, r in outs])
+        assert kept_s.min() >= drop_s.max() - 2.0 / (stage.config.bins - 1)
+    if dist == "normal":  # no ties: exact up to a handful of rows in one 1e-4 bin
+        assert abs(kept - round(fraction * n)) <= 5
+    if dist == "skewed_shards":  # pool-wide: the best shard is kept whole, the worst dropped whole
+        assert outs[0][0].num_rows == 1000 and outs[-1][0].num_rows == 0
+    for k, r in outs:
+        assert set(r.column("reason").to_pylist()) <= {"dfn_low_score"}
+        assert k.column("dfn_score").type == pa.float32() and k.column("dfn_score").null_count == 0
+        assert r.column("dfn_score").null_count == 0  # a dropped row keeps its score
+
+
+def test_keep_rule_ignores_shard_boundaries(stub_scores):
+    rng = np.random.default_rng(1)
+    s = np.round(rng.normal(0.3, 0.05, 5000), 3)  # ties, so the boundary-bin draw matters
+
+    def kept(cuts):
+        _, outs = _run_stage(DfnStage({"keep_fraction": 0.3}), _stub_pool(s, cuts))
+        return sorted(u for k, _ in outs for u in k.column("uid").to_pylist())
+
+    assert kept([]) == kept([10, 2000, 2001, 4999]) == kept([2500])
+
+
+def test_cut_for_fraction_by_hand():
+    hist = np.array([0, 5, 0, 3, 2])  # 10 rows; from the top: 2 (bin 4), 3 (bin 3), 5 (bin 1)
+    assert cut_for_fraction(hist, 0.2) == (4, 1.0, 2)
+    assert cut_for_fraction(hist, 0.3) == (3, pytest.approx(1 / 3), 3)
+    assert cut_for_fraction(hist, 0.5) == (3, 1.0, 5)
+    assert cut_for_fraction(hist, 0.6) == (1, pytest.approx(1 / 5), 6)
+    assert cut_for_fraction(hist, 1.0) == (1, 1.0, 10)
+    assert cut_for_fraction(hist, 0.0)[2] == 0
+    assert list(score_bins(np.array([-1.0, -0.9999, 0.0, 0.99996, 1.0, 2.0]), 20001)) == [0, 1, 10000, 20000, 20000, 20000]
+
+
+def test_threshold_mode_and_unscorable_rows(stub_scores):
+    s = np.array([0.1, 0.5, np.nan, 0.25, np.nan, 0.2], dtype=np.float32)
+    t = _stub_pool(s, [])[0]
+    img = t.column("image").to_pylist()
+    img[4] = None
+    t = t.set_column(t.column_names.index("image"), "image", pa.array(img, pa.binary()))
+    stats, [(kept, rej)] = _run_stage(DfnStage({"threshold": 0.2}), [t])
+    assert stats["scored"] == 4 and stats["unscored"] == 2
+    assert kept.column("dfn_score").to_pylist() == pytest.approx([0.5, 0.25, 0.2])
+    reasons = dict(zip(rej.column("uid").to_pylist(), rej.column("reason").to_pylist()))
+    u = t.column("uid").to_pylist()
+    assert reasons == {u[0]: "dfn_low_score", u[2]: "bad_image", u[4]: "no_image"}
+    assert rej.column("dfn_score").to_pylist()[0] == pytest.approx(0.1)
+    assert rej.column("dfn_score").to_pylist()[1:] == [None, None]  # no score: null, not NaN
+
+
+# ---- with a real filtering network -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthetic_world(tmp_path_factory.mktemp("dfn_world"), n=400, seed=1)
+
+
+@pytest.fixture(scope="module")
+def dfn_model(world, tmp_path_factory):
+    """The DFN recipe in small: our trainer, 30 CPU steps on the clean (HQ) pairs only."""
+    from trainer.train import train
+
+    out = tmp_path_factory.mktemp("dfn_model")
+    s = train(tiny_cfg(steps=30, save_every=1000, klite_prob=0.0), world["hq"], str(out), progress=False)
+    return s["model_path"]
+
+
+def _pool_shards(world, folder: Path, n_shards: int = 4) -> pa.Table:
+    """The synthetic pool (half the captions mismatched) in `n_shards` shards, plus a null and a broken image."""
+    pool = pq.read_table(world["pool"])
+    img = pool.column("image").to_pylist()
+    img[5], img[11] = None, b"\xff\xd8 truncated"
+    pool = pool.set_column(pool.column_names.index("image"), "image", pa.array(img, pa.binary()))
+    folder.mkdir(parents=True, exist_ok=True)
+    per = -(-pool.num_rows // n_shards)
+    for i in range(n_shards):
+        shards.write_shard(pool.slice(i * per, per), str(folder / f"part-{i:05d}.parquet"))
+    return pool
+
+
+def test_dfn_trained_on_clean_pairs_scores_mismatched_captions_lower(world, dfn_model, tmp_path):
+    pool = _pool_shards(world, tmp_path / "in")
+    tables = [pq.read_table(p) for p in shards.list_shards(str(tmp_path / "in"))]
+    stage = DfnStage({"checkpoint": dfn_model, "keep_fraction": 0.3, "batch_size": 64})
+    stats, outs = _run_stage(stage, tables)
+    both = pa.concat_tables([k for k, _ in outs] + [r.drop_columns(["reason"]) for _, r in outs])
+    kind = dict(zip(pool.column("uid").to_pylist(), pool.column("kind").to_pylist()))
+    k = np.array([kind[u] for u in both.column("uid").to_pylist()])
+    s = both.column("dfn_score").to_numpy(zero_copy_only=False).astype(np.float64)
+    clean, mis = s[(k == "clean") & np.isfinite(s)], s[(k == "mismatched") & np.isfinite(s)]
+    assert len(clean) > 100 and len(mis) > 100
+    assert clean.mean() > mis.mean() + 0.2, (clean.mean(), mis.mean())
+    auc = (clean[:, None] > mis[None, :]).mean()
+    assert auc > 0.8, auc
+    # the top 30% pool-wide, mostly clean; rows without a usable image are named, not scored
+    scored = stats["scored"]
+    kept = sum(t.num_rows for t, _ in outs)
+    assert scored == pool.num_rows - 2 and abs(kept / scored - 0.3) <= 0.01
+    kept_kinds = [kind[u] for t, _ in outs for u in t.column("uid").to_pylist()]
+    assert kept_kinds.count("clean") / len(kept_kinds) > 0.9
+    reasons = [x for _, r in outs for x in r.column("reason").to_pylist()]
+    assert reasons.count("dfn_low_score") == scored - kept
+    assert reasons.count("no_image") == 1 and reasons.count("bad_image") == 1
+    # apply read collect's scores back from the cache: a fresh stage (new process) gets the same numbers
+    cache = Path(os.environ["CLIPCURATE_CACHE"]) / "dfn_scores"
+    assert len(list(cache.glob("*.npy"))) >= len(tables)
+    fresh = DfnStage({"checkpoint": dfn_model, "cache": False, "batch_size": 64})
+    np.testing.assert_allclose(fresh.scores(tables[0]), stage.scores(tables[0]), atol=1e-6)
+
+
+def test_dfn_through_the_runner_with_report_and_fingerprint(world, dfn_model, tmp_path):
+    import shutil
+
+    from pipeline.runner import run_pipeline
+
+    _pool_shards(world, tmp_path / "in", n_shards=3)
+    ck = tmp_path / "model.pt"
+    shutil.copy(dfn_model, ck)
+    cfg = config_mod.resolve({"dfn": {"checkpoint": str(ck), "keep_fraction": 0.5, "batch_size": 64}})
+    run = tmp_path / "r"
+    [res] = run_pipeline(["dfn"], str(run), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    m = res.manifest
+    assert m["rows_in"] == 400 and abs(m["rows_out"] / 398 - 0.5) <= 0.01
+    assert m["reasons"]["dfn_low_score"] == 398 - m["rows_out"] and m["reasons"]["no_image"] == 1
+    cut = shards.read_json(str(run / "04_dfn" / "stats" / "cut.json"))
+    assert cut["mode"] == "fraction" and cut["scored"] == 398
+    rep = DfnStage(cfg["dfn"]).report(str(run / "04_dfn"), str(tmp_path / "report"))
+    assert rep["figures"] and os.path.getsize(rep["figures"][0][1]) > 1000
+    assert f"| 398 | {m['rows_out']} |" in rep["tables"][0][1]
+    # the model file is part of the fingerprint: another network redoes the stage
+    fp1 = m["fingerprint"]
+    torch.manual_seed(5)
+    from trainer import models
+
+    other, _, _, _ = models.create("clipcurate-tiny")
+    torch.save({"model_name": "clipcurate-tiny", "state_dict": other.state_dict(), "step": 0}, ck)
+    [res2] = run_pipeline(["dfn"], str(run), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    assert res2.manifest["fingerprint"] != fp1
+
+
+def test_dfn_without_a_model_is_one_clear_error(tmp_path):
+    from pipeline.stage import StageError
+
+    t = pa.table({"uid": _uids(2), "text": ["a", "b"], "image": pa.array([b"x", b"y"], pa.binary())})
+    with pytest.raises(StageError, match="dfn-train"):
+        DfnStage().collect(t)
+    with pytest.raises(StageError, match="does not exist"):
+        DfnStage({"checkpoint": str(tmp_path / "none.pt")}).collect(t)
