@@ -109,9 +109,26 @@ def _losses(path: Path) -> list[tuple[int, float]]:
     return [(d["step"], d["loss"]) for d in map(json.loads, path.read_text().splitlines())]
 
 
+def demo_or_synthetic_world(folder: Path, n_demo: int = 300) -> dict:
+    """The demo world's HQ and eval sets (pipeline.demo_world, n=300: 300 HQ pairs, 240 + 120 eval images) for
+    training and evaluation; the synthetic world's pool (labelled clean / mismatched, with `text_klite`) for
+    what needs rows with image bytes: the demo pool's images are only reachable through ingest."""
+    w = synthetic_world(folder / "synthetic", n=400)
+    w["demo"] = False
+    try:
+        from pipeline.demo_world import make_world
+    except ImportError:
+        return w
+    make_world(folder / "demo", n=n_demo, seed=0)
+    d = folder / "demo"
+    w.update(hq=str(d / "hq.parquet"), classification=str(d / "eval" / "classification.parquet"),
+             retrieval=str(d / "eval" / "retrieval.parquet"), demo=True)
+    return w
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    return synthetic_world(tmp_path_factory.mktemp("world"), n=400)
+    return demo_or_synthetic_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +287,91 @@ def test_class_embeddings_average_templates_by_hand():
     assert topk_accuracy(images @ emb.T, [0, 1, 1], ks=(1,)) == {"top1": pytest.approx(2 / 3)}
 
 
+def _ref_topk(logits: np.ndarray, labels, k: int) -> float:
+    """Straightforward top-k: the label's score beaten by fewer than k others (no ties in random floats)."""
+    hits = [sum(row[j] > row[y] for j in range(len(row))) < k for row, y in zip(logits, labels)]
+    return sum(hits) / len(hits)
+
+
+def _ref_recall(img: np.ndarray, txt: np.ndarray, t2i: list[int], k: int) -> tuple[float, float]:
+    """Straightforward R@k both ways, by sorting per query."""
+    sim = img @ txt.T
+    i2t = []
+    for i in range(len(img)):
+        best = sorted(range(len(txt)), key=lambda t: -sim[i, t])[:k]
+        i2t.append(any(t2i[t] == i for t in best))
+    t2i_hits = []
+    for t in range(len(txt)):
+        best = sorted(range(len(img)), key=lambda i: -sim[i, t])[:k]
+        t2i_hits.append(t2i[t] in best)
+    return sum(i2t) / len(i2t), sum(t2i_hits) / len(t2i_hits)
+
+
+def test_zero_shot_metrics_equal_a_straightforward_reference():
+    from trainer.evaluate import retrieval_recall, topk_accuracy
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        n, c = int(rng.integers(5, 40)), int(rng.integers(2, 12))
+        logits = rng.normal(size=(n, c)).astype(np.float32)
+        labels = rng.integers(0, c, n)
+        got = topk_accuracy(torch.from_numpy(logits), labels, ks=(1, 3, 5))
+        for k in (1, 3, 5):
+            assert got[f"top{k}"] == pytest.approx(_ref_topk(logits, labels, min(k, c)))
+        n_img = int(rng.integers(3, 15))
+        t2i = [i for i in range(n_img) for _ in range(int(rng.integers(1, 4)))]  # 1-3 captions per image
+        img = rng.normal(size=(n_img, 8)).astype(np.float32)
+        txt = (img[t2i] + rng.normal(scale=1.5, size=(len(t2i), 8))).astype(np.float32)
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+        got = retrieval_recall(img, txt, t2i, ks=(1, 2, 5, 10))
+        for k in (1, 2, 5, 10):
+            i2t, t2i_r = _ref_recall(img, txt, t2i, k)
+            assert got[f"image_to_text_R@{k}"] == pytest.approx(i2t), (trial, k)
+            assert got[f"text_to_image_R@{k}"] == pytest.approx(t2i_r), (trial, k)
+
+
+def test_evaluate_model_equals_a_hand_computed_zero_shot(trained, world):
+    """evaluate() on a real checkpoint and eval set == class prompts / captions embedded and ranked by hand."""
+    from trainer import models
+    from trainer.config import DEFAULT_TEMPLATES
+    from trainer.data import decode_image
+    from trainer.evaluate import evaluate
+
+    out, _ = trained
+    res = evaluate(str(out / "model.pt"), [world["classification"], world["retrieval"]], device="cpu")["results"]
+    model, pre, tok, _ = models.load(str(out / "model.pt"), device="cpu")
+    size = models.image_size(model)
+
+    def enc_img(blobs):
+        with torch.no_grad():
+            return model.encode_image(torch.stack([pre(decode_image(b, size)) for b in blobs]), normalize=True).numpy()
+
+    def enc_txt(texts):
+        with torch.no_grad():
+            return model.encode_text(tok(texts), normalize=True).numpy()
+
+    t = pq.read_table(world["classification"])
+    names = Path(world["classification"]).with_name("classnames.txt").read_text().split("\n")
+    names = [x for x in names if x]
+    cls_emb = []
+    for name in names:
+        e = enc_txt([tpl.format(name) for tpl in DEFAULT_TEMPLATES]).mean(0)
+        cls_emb.append(e / np.linalg.norm(e))
+    logits = enc_img(t.column("image").to_pylist()) @ np.stack(cls_emb).T
+    labels = [names.index(x) for x in t.column("label").to_pylist()]
+    assert res["classification"]["top1"] == pytest.approx(_ref_topk(logits, labels, 1), abs=1e-6)
+    assert res["classification"]["top5"] == pytest.approx(_ref_topk(logits, labels, 5), abs=1e-6)
+    r = pq.read_table(world["retrieval"])
+    caps = r.column("captions").to_pylist()
+    t2i = [i for i, cs in enumerate(caps) for _ in cs]
+    img, txt = enc_img(r.column("image").to_pylist()), enc_txt([c for cs in caps for c in cs])
+    for k in (1, 5, 10):
+        i2t, t2i_r = _ref_recall(img, txt, t2i, k)
+        assert res["retrieval"][f"image_to_text_R@{k}"] == pytest.approx(i2t, abs=1e-6)
+        assert res["retrieval"][f"text_to_image_R@{k}"] == pytest.approx(t2i_r, abs=1e-6)
+
+
 # ---- command line ----------------------------------------------------------------------------------
 def test_cli_train_then_eval(world, tmp_path, capsys):
     from pipeline.cli import main
@@ -285,10 +387,14 @@ def test_cli_train_then_eval(world, tmp_path, capsys):
     train_dir = Path(runs) / "r" / "train"
     assert (train_dir / "model.pt").exists() and len(_losses(train_dir / "metrics.jsonl")) == 1  # log_every 10: last step
     cls = json.loads((train_dir / "eval-classification.json").read_text())
-    assert cls["kind"] == "classification" and cls["classes"] == 4 and cls["images"] == 64
-    assert 0.0 <= cls["top1"] <= cls["top5"] <= 1.0 and cls["top5"] == 1.0  # 4 classes: top-5 covers all
+    n_cls = pq.read_metadata(world["classification"]).num_rows
+    classes = len(Path(world["classification"]).with_name("classnames.txt").read_text().split())
+    assert cls["kind"] == "classification" and cls["classes"] == classes and cls["images"] == n_cls
+    assert 0.0 <= cls["top1"] <= cls["top5"] <= 1.0
     ret = json.loads((train_dir / "eval-retrieval.json").read_text())
-    assert ret["texts"] == 64 and all(0 <= ret[k] <= 1 for k in ret if "R@" in k)
+    caps = pq.read_table(world["retrieval"], columns=["captions"]).column("captions").to_pylist()
+    assert ret["images"] == len(caps) and ret["texts"] == sum(map(len, caps))
+    assert all(0 <= ret[k] <= 1 for k in ret if "R@" in k)
     # --resume at the end: nothing left to do, same model
     assert main(["--runs-dir", runs, "train", "--run", "r", "--config", str(cfg), "--data", world["hq"],
                  "--steps", "3", "--resume", "--no-eval"]) == 0
