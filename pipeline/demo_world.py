@@ -10,6 +10,7 @@ What it writes (`make_world(out)`; `clipcurate demo-world OUT`):
                                original share it: the original's uid)
   eval/classification.parquet  held-out labelled images (zero-shot classification over the shape names)
   eval/classnames.txt          the class names, in label_id order
+  eval/colours.parquet         the same images labelled by colour (learnt first by a tiny model)
   eval/retrieval.parquet       held-out images with two human-style captions each (retrieval)
   hq.parquet                   a small clean, high-quality set in the row schema (to train a DFN)
   config.toml                  the pipeline config scaled to this pool size (DESIGN.md, "Small pools")
@@ -322,9 +323,18 @@ def _eval_sets(b: _Builder, out: Path) -> list[bytes]:
             data = jpeg(im, 90)
             images.append(data)
             cls_rows.append({"image": data, "label": shape, "label_id": label_id, "width": EVAL_SIDE,
-                             "height": EVAL_SIDE})
+                             "height": EVAL_SIDE, "colour": colour})
     (out / "eval").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(cls_rows), out / "eval" / "classification.parquet")
+    cls = pa.Table.from_pylist(cls_rows)
+    pq.write_table(cls.drop_columns(["colour"]), out / "eval" / "classification.parquet")
+    # the same images labelled by colour: at demo scale a tiny CPU model learns colour long before shape
+    # (captions name both, and colour alone tells most pairs in a batch apart), so this is the set where
+    # curation shows first
+    colours = cls.column("colour").to_pylist()
+    names = list(COLOURS)
+    pq.write_table(pa.table({"image": cls.column("image"), "label": colours,
+                             "label_id": pa.array([names.index(c) for c in colours], pa.int32())}),
+                   out / "eval" / "colours.parquet")
     (out / "eval" / "classnames.txt").write_text("\n".join(SHAPES) + "\n")
     ret_rows = []
     for _ in range(RETRIEVAL_IMAGES):
@@ -391,7 +401,8 @@ batch_size = 64
 workers = 1
 save_every = 100
 log_every = 10
-eval_sets = ["{(eval_path.parent / "classification.parquet").as_posix()}", "{(eval_path.parent / "retrieval.parquet").as_posix()}"]
+eval_sets = ["{(eval_path.parent / "classification.parquet").as_posix()}", "{(eval_path.parent / "colours.parquet").as_posix()}",
+             "{(eval_path.parent / "retrieval.parquet").as_posix()}"]
 """
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.demo_world import BOILERPLATE, KINDS, SHAPES, make_world
+from pipeline.demo_world import BOILERPLATE, COLOURS, KINDS, SHAPES, make_world
 from pipeline.schema import compute_uid
 from pipeline.serve import DEMO_HOST, proxy_env, serve_world
 
@@ -115,6 +115,9 @@ def test_eval_copies_are_resized_reencoded_eval_images(world):
             small_b = b.convert("L").resize((16, 16))
             diff = sum(abs(x - y) for x, y in zip(small_a.getdata(), small_b.getdata())) / 256
             assert diff < 12  # the same picture
+    colours = pq.read_table(out / "eval" / "colours.parquet")
+    assert colours.column("image").equals(ev.column("image"))  # same images, labelled by colour
+    assert set(colours.column("label").to_pylist()) <= set(COLOURS)
     ret = pq.read_table(out / "eval" / "retrieval.parquet")
     assert ret.num_rows > 0 and all(len(c) == 2 for c in ret.column("captions").to_pylist())
 
