@@ -30,8 +30,8 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup wordnet demo demo-world ingest run align metaclip klite dfn emit train eval histograms report \
-        ablate test bench clean
+.PHONY: setup wordnet demo demo-world ingest run align metaclip klite dfn emit train eval dfn-train histograms \
+        report ablate test bench clean
 
 setup: $(STAMP) wordnet
 
@@ -89,11 +89,30 @@ run: setup
 histograms report: setup
 	$(CLI) $@ --run $(RUN)
 
-train ablate: setup
-	$(CLI) $@ --run $(RUN) $(CONFIG_ARG)
+# Open the run's report.html in headless Chromium (installed from Debian when missing and we are root):
+# fails on a broken image; writes runs/RUN/report/report.png.
+render-check: setup
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then echo "== installing chromium (apt-get)"; \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null); \
+	  else echo "Chromium is missing: run 'sudo apt-get install -y chromium'"; exit 1; fi; }
+	$(CLI) render-check --run $(RUN)
 
+# Train CLIP on the run's emitted set (or DATA=Parquet/tars); RESUME=1 continues from the latest step checkpoint.
+train: setup
+	$(CLI) train --run $(RUN) $(CONFIG_ARG) $(if $(DATA),--data $(DATA),) $(if $(RESUME),--resume,)
+
+ablate: setup
+	$(CLI) ablate --run $(RUN) $(CONFIG_ARG)
+
+# Zero-shot eval of the run's model on its [train] eval_sets, or on EVAL=set.parquet (CHECKPOINT=file for another model).
 eval: setup
-	$(CLI) eval --run $(RUN)
+	$(CLI) eval --run $(RUN) $(CONFIG_ARG) $(if $(EVAL),--data $(EVAL),) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
+
+# The data filtering network for the dfn stage, trained on a high-quality set: runs/RUN/dfn_model/model.pt.
+dfn-train: setup
+	@test -n "$(HQ)" || { echo "usage: make dfn-train RUN=name HQ=hq.parquet [CONFIG=c.toml] [RESUME=1]"; exit 2; }
+	$(CLI) dfn-train --run $(RUN) --hq $(HQ) $(CONFIG_ARG) $(if $(RESUME),--resume,)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -101,6 +120,10 @@ test: setup
 bench: setup
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 	@echo "results in bench/results/"
+
+# One benchmark: make bench-dfn (bench/bench_dfn.py -> bench/results/dfn.json), bench-klite, ...
+bench-%: setup
+	$(BIN)/python bench/bench_$*.py
 
 clean:
 	rm -rf runs .pytest_cache .hypothesis

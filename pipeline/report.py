@@ -294,6 +294,74 @@ def build_report(run_dir: str) -> dict:
             "html": str(out_dir / "report.html"), "md": str(out_dir / "report.md")}
 
 
+# ---- browser check -----------------------------------------------------------------------------
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def find_browser() -> str | None:
+    import shutil
+
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+_PROBE = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                   .map(function (i) { return i.getAttribute('src').slice(0, 80); });
+  var figs = imgs.filter(function (i) { return i.className === 'fig'; });
+  var out = document.createElement('pre');
+  out.id = 'clipcurate-probe';
+  out.textContent = JSON.stringify({images: imgs.length, figures: figs.length,
+    figures_loaded: figs.filter(function (i) { return i.naturalWidth > 0; }).length, broken: broken});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def render_check(html_path: str, png_path: str | None = None, browser: str | None = None, timeout: int = 120) -> dict:
+    """Open the report in headless Chromium as a reader would (file://, no server): count images that
+    failed to load, and optionally screenshot the page to `png_path`. The probe runs on a copy of the
+    page next to it (same relative links), so the report itself is never modified."""
+    import re
+    import subprocess
+    import tempfile
+
+    browser = browser or find_browser()
+    if not browser:
+        raise FileNotFoundError("no Chromium found: install it with 'sudo apt-get install -y chromium'")
+    src = Path(html_path).resolve()
+    page = src.read_text(encoding="utf-8")
+    probe = src.with_name(f".probe-{os.getpid()}.html")
+    probe.write_text(page.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+             "--hide-scrollbars", "--virtual-time-budget=10000"]
+    try:
+        with tempfile.TemporaryDirectory(prefix="clipcurate-chromium-") as profile:
+            flags.append(f"--user-data-dir={profile}")
+            dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                                 timeout=timeout, check=False)
+            m = re.search(r'<pre id="clipcurate-probe">(.*?)</pre>', dom.stdout, re.S)
+            if not m:
+                raise RuntimeError(f"{browser} rendered no probe result (exit {dom.returncode}): "
+                                   f"{dom.stderr.strip().splitlines()[-1:] or ''}")
+            result = json.loads(html.unescape(m.group(1)))
+            if png_path:
+                png = Path(png_path).resolve()
+                png.parent.mkdir(parents=True, exist_ok=True)
+                subprocess.run([browser, *flags, "--window-size=1280,3000", f"--screenshot={png}", src.as_uri()],
+                               capture_output=True, text=True, timeout=timeout, check=False)
+                result["png"] = str(png) if png.exists() and png.stat().st_size > 0 else None
+    finally:
+        probe.unlink(missing_ok=True)
+    result["browser"] = browser
+    return result
+
+
 # ---- CLI -----------------------------------------------------------------------------------------
 def cmd_histograms(args) -> int:
     run_dir = shards.join(args.runs_dir, args.run)
@@ -324,7 +392,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_render_check(args) -> int:
+    run_dir = shards.join(args.runs_dir, args.run)
+    html_path = os.path.join(run_dir, "report", "report.html")
+    if not os.path.exists(html_path):
+        raise FileNotFoundError(f"{html_path} does not exist (run: clipcurate report --run {args.run})")
+    png = args.png or os.path.join(run_dir, "report", "report.png")
+    res = render_check(html_path, png)
+    print(f"{res['browser']}: {res['images']} images, {res['figures_loaded']}/{res['figures']} figures loaded, "
+          f"{len(res['broken'])} broken; screenshot: {res.get('png')}")
+    for b in res["broken"]:
+        print(f"  broken: {b}")
+    return 1 if res["broken"] or res["figures_loaded"] < res["figures"] else 0
+
+
 def register(sub) -> None:
+    p = sub.add_parser("render-check", help="open report.html in headless Chromium: broken images? + a PNG screenshot")
+    p.add_argument("--run", required=True)
+    p.add_argument("--png", default=None, help="screenshot path (default runs/NAME/report/report.png)")
+    p.set_defaults(fn=cmd_render_check)
     p = sub.add_parser("histograms", help="draw each stage's histograms (PNG) and tables into runs/NAME/report/")
     p.add_argument("--run", required=True)
     p.set_defaults(fn=cmd_histograms)

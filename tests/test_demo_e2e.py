@@ -106,3 +106,16 @@ def test_emitted_set_is_what_the_last_stage_kept(demo_run):
     assert sorted(emitted) == sorted(last)
     summary = shards.read_json(str(run_dir / "emit" / "summary.json"))
     assert summary
+
+
+def test_report_renders_in_headless_chromium_without_broken_images(demo_run, tmp_path):
+    from pipeline.report import find_browser, render_check
+
+    if not find_browser():
+        pytest.skip("Chromium is not installed (make render-check installs it)")
+    _, run_dir = demo_run
+    res = render_check(str(run_dir / "report" / "report.html"), str(tmp_path / "report.png"))
+    assert res["broken"] == []
+    assert res["figures"] >= 4 and res["figures_loaded"] == res["figures"]  # the stages' histograms drew
+    assert res["png"] and (tmp_path / "report.png").stat().st_size > 10_000
+    assert not list((run_dir / "report").glob(".probe-*"))  # the probe copy is cleaned up
