@@ -507,6 +507,10 @@ def test_scorer_equals_a_plain_open_clip_cosine(world, tmp_path):
     t = pq.read_table(world["pool"]).slice(0, 40)
     images, texts = t.column("image").to_pylist(), t.column("text").to_pylist()
     images[3], images[7] = None, b"not an image"
+    for i, (w, h) in zip((0, 1, 2), [(300, 260), (520, 140), (256, 256)]):  # big JPEGs: decoded in draft mode
+        buf = io.BytesIO()
+        _noise_image(w, h, "RGB", i).save(buf, "JPEG", quality=90)
+        images[i] = buf.getvalue()
     for workers in (0, 1):
         sc = Scorer(ck, device="cpu", batch_size=16, num_workers=workers)
         assert sc.fast is not None
