@@ -264,3 +264,19 @@ def test_dfn_trained_on_the_demo_hq_set_scores_its_mismatched_captions_lower(tmp
     kept = [kind[u] for t, _ in outs for u in t.column("uid").to_pylist()]
     assert abs(len(kept) / n - 0.3) <= 0.01
     assert kept.count("mismatched") / len(kept) < 0.5 * len(mis) / n  # mismatched pairs are filtered out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_scoring_uses_cuda_autocast_and_matches_cpu(world, dfn_model):
+    from trainer.score import Scorer
+
+    t = pq.read_table(world["pool"]).slice(0, 300)
+    images, texts = t.column("image").to_pylist(), t.column("text").to_pylist()
+    gpu = Scorer(dfn_model, device="auto", batch_size=64, num_workers=2)  # pinned memory, worker decoding
+    assert gpu.device.type == "cuda" and gpu.precision in ("amp_bf16", "amp_fp16")
+    cpu = Scorer(dfn_model, device="cpu", precision="fp32", batch_size=64)
+    np.testing.assert_allclose(gpu.score(images, texts), cpu.score(images, texts), atol=0.03)
+    stage = DfnStage({"checkpoint": dfn_model, "keep_fraction": 0.3})  # num_workers -1: 4 on a GPU
+    stats, [(kept, _)] = _run_stage(stage, [t.select(["uid", "text", "image"])])
+    assert stage.scorer.device.type == "cuda" and stage.scorer.num_workers == 4
+    assert abs(kept.num_rows / 300 - 0.3) <= 0.01
