@@ -154,8 +154,11 @@ def _read_checked(stage, path: str) -> pa.Table:
     return schema.check_columns(table, stage.requires, shards.shard_name(path), stage.name)
 
 
-def collect_task(name: str, config: dict, seed: int, path: str) -> Any:
+def collect_task(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
     stage = get_stage(name, config, seed)
+    # the same context apply gets: stages that find run resources (dfn's default model) need it in pass 1 too
+    stage.context = {"stage_dir": stage_dir, "run_dir": _parent(stage_dir),
+                     "shard": stage.output_name(shards.shard_name(path))}
     return stage.collect(_read_checked(stage, path))
 
 
@@ -255,6 +258,7 @@ def run_stage(
     stage_cfg = config.get(name, {})
     probe = cls(stage_cfg, seed)  # not set up: only for fingerprint parts and names
     stage_dir = shards.join(run_dir, stage_dirname(name))
+    probe.context = {"stage_dir": stage_dir, "run_dir": run_dir}  # fingerprint parts may name run resources
     inputs = shards.list_shards(input_dir)
     if not inputs:
         raise StageError(f"{name}: no Parquet shards in {input_dir}")
@@ -281,7 +285,7 @@ def run_stage(
         else:
             shards.remove(marker)  # stale stats must never be trusted if we die below
             t0 = time.perf_counter()
-            items = [(name, stage_cfg, seed, p) for p in inputs]
+            items = [(name, stage_cfg, seed, p, stage_dir) for p in inputs]
             partials = ex.collect_values(collect_task, items, f"{name} collect")
             timings["collect_s"] = round(time.perf_counter() - t0, 3)
             t0 = time.perf_counter()

@@ -213,6 +213,31 @@ def test_dfn_through_the_runner_with_report_and_fingerprint(world, dfn_model, tm
     assert res2.manifest["fingerprint"] != fp1
 
 
+def test_dfn_default_model_is_the_runs_dfn_model_through_the_runner(world, dfn_model, tmp_path):
+    """`checkpoint = ""` means runs/NAME/dfn_model/model.pt: collect (pass 1) and the fingerprint must see the
+    run folder as apply does, and a retrained network there redoes the stage on resume."""
+    import shutil
+
+    from pipeline.runner import run_pipeline
+    from stages.dfn import DFN_MODEL_DIR
+
+    _pool_shards(world, tmp_path / "in", n_shards=2)
+    run = tmp_path / "r"
+    (run / DFN_MODEL_DIR).mkdir(parents=True)
+    shutil.copy(dfn_model, run / DFN_MODEL_DIR / "model.pt")
+    cfg = config_mod.resolve({"dfn": {"keep_fraction": 0.5, "batch_size": 64}})
+    [res] = run_pipeline(["dfn"], str(run), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    assert res.manifest["rows_out"] > 0
+    from trainer import models
+
+    torch.manual_seed(6)
+    other, _, _, _ = models.create("clipcurate-tiny")
+    torch.save({"model_name": "clipcurate-tiny", "state_dict": other.state_dict(), "step": 0},
+               run / DFN_MODEL_DIR / "model.pt")
+    [res2] = run_pipeline(["dfn"], str(run), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    assert res2.manifest["fingerprint"] != res.manifest["fingerprint"]
+
+
 def test_dfn_without_a_model_is_one_clear_error(tmp_path):
     from pipeline.stage import StageError
 
