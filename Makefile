@@ -98,9 +98,11 @@ render-check: setup
 	  else echo "Chromium is missing: run 'sudo apt-get install -y chromium'"; exit 1; fi; }
 	$(CLI) render-check --run $(RUN)
 
-# Train CLIP on the run's emitted set (or DATA=Parquet/tars); RESUME=1 continues from the latest step checkpoint.
+# Train CLIP on the run's emitted set (or DATA= / INPUT= Parquet or tars); RESUME=1 continues from the latest
+# step checkpoint.
+TRAIN_DATA = $(or $(DATA),$(INPUT))
 train: setup
-	$(CLI) train --run $(RUN) $(CONFIG_ARG) $(if $(DATA),--data $(DATA),) $(if $(RESUME),--resume,)
+	$(CLI) train --run $(RUN) $(CONFIG_ARG) $(if $(TRAIN_DATA),--data $(TRAIN_DATA),) $(if $(RESUME),--resume,)
 
 ablate: setup
 	$(CLI) ablate --run $(RUN) $(CONFIG_ARG)
