@@ -12,6 +12,7 @@ caption (same image bytes, distinct uids since uid hashes url + text).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -195,6 +196,17 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
     return totals
 
 
+def _content_digest(path: str) -> str:
+    """sha256 of the URL list's bytes: a list rewritten with the same content (a regenerated demo world, a
+    copy) must not trigger a new crawl, and an edited one must. Hashing costs ~1 s per GB; a crawl far more."""
+    fs, p = shards.fs_and_path(path)
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> tuple[str, dict]:
     """Group the list, run img2dataset into `<stage>/_img2dataset`. Skipped when already complete."""
     df = read_url_list(input_path, cfg.url_col, cfg.caption_col)
@@ -202,7 +214,7 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     raw_dir = os.path.join(stage_dir, "_img2dataset")
     fp = fingerprint(
         {
-            "input": shards.file_identity(str(input_path)),
+            "input": _content_digest(str(input_path)),
             "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
         }
     )

@@ -171,6 +171,33 @@ def test_resume_continues_the_step_count_with_the_same_loss(trained, world, tmp_
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_resume_on_other_data_or_settings_starts_afresh(world, tmp_path):
+    """A checkpoint is resumed only by the run that wrote it: other data (the pipeline re-curated) or other
+    training settings start from step 0 and leave no step file of the old run behind."""
+    import shutil
+
+    from trainer.train import checkpoints, train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(world["hq"], data / "part-00000.parquet")
+    pq.write_table(pa.table({"url": ["x"]}), data / "_urls.parquet")  # bookkeeping: never read as data
+    out = tmp_path / "out"
+    first = train(tiny_cfg(steps=10, save_every=5, keep_checkpoints=2), str(data), str(out), progress=False)
+    assert first["steps"] == 10 and [s for s, _ in checkpoints(str(out))] == [5, 10]
+    again = train(tiny_cfg(steps=10, save_every=5), str(data), str(out), resume=True, progress=False)
+    assert again["first_loss"] is None  # same run: nothing left to do
+    more = train(tiny_cfg(steps=12, save_every=5), str(data), str(out), resume=True, progress=False)
+    assert more["resumed_from"] == 10  # more steps of the same run: a resume
+    t = pq.read_table(data / "part-00000.parquet")
+    pq.write_table(t.slice(0, t.num_rows - 7), data / "part-00000.parquet")  # the data changed
+    fresh = train(tiny_cfg(steps=6, save_every=5), str(data), str(out), resume=True, progress=False)
+    assert fresh["resumed_from"] == 0 and fresh["steps"] == 6 and fresh["pairs"] == t.num_rows - 7
+    assert [s for s, _ in checkpoints(str(out))] == [6]  # not the old run's step 10 or 12
+    other = train(tiny_cfg(steps=6, save_every=5, lr=1e-4), str(data), str(out), resume=True, progress=False)
+    assert other["resumed_from"] == 0  # other settings
+
+
 def test_step_sampler_resume_and_epochs():
     from trainer.data import StepBatchSampler
 

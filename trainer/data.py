@@ -132,7 +132,9 @@ class TarSource:
 
 
 def _files(path: str, ext: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(path, f"*.{ext}")))
+    # names starting with "_" or "." are bookkeeping, not data (Spark's _SUCCESS/_metadata; a stage folder's
+    # _urls.parquet; temporaries of atomic writes)
+    return sorted(p for p in glob.glob(os.path.join(path, f"*.{ext}")) if not os.path.basename(p)[:1] in "_.")
 
 
 def open_source(path: str):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -52,6 +53,34 @@ def checkpoints(out_dir: str) -> list[tuple[int, str]]:
 def latest_checkpoint(out_dir: str) -> str | None:
     ck = checkpoints(out_dir)
     return ck[-1][1] if ck else None
+
+
+# settings that may change between a checkpoint and its resume without making it another run
+_RESUMABLE = {"steps", "workers", "device", "log_every", "save_every", "keep_checkpoints", "eval_sets",
+              "eval_batch_size", "templates", "data"}
+
+
+def run_fingerprint(cfg: TrainConfig, data_path: str) -> str:
+    """What a checkpoint must share with a run to be resumed by it: the training settings and the data files
+    (name, size, mtime). A resumed run on other data would silently mix two runs."""
+    files = []
+    if os.path.isdir(data_path):
+        for root, _, names in os.walk(data_path):
+            for n in names:
+                if n.endswith((".parquet", ".tar")):
+                    st = os.stat(os.path.join(root, n))
+                    files.append((os.path.relpath(os.path.join(root, n), data_path), st.st_size, st.st_mtime_ns))
+    elif os.path.exists(data_path):
+        st = os.stat(data_path)
+        files.append((os.path.basename(data_path), st.st_size, st.st_mtime_ns))
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE}
+    blob = json.dumps({"settings": settings, "files": sorted(files)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _clear_checkpoints(out_dir: str) -> None:
+    for _, p in checkpoints(out_dir):
+        os.remove(p)
 
 
 def _param_groups(model, weight_decay: float):
@@ -126,12 +155,16 @@ def train(
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     start = 0
+    fp = run_fingerprint(cfg, data_path)
     if resume:
         ck_path = latest_checkpoint(out_dir)
-        if ck_path is None:
-            log.info("no checkpoint in %s: starting from step 0", out_dir)
+        ck = torch.load(ck_path, map_location="cpu", weights_only=True) if ck_path else None
+        if ck is not None and ck.get("fingerprint", fp) != fp:
+            log.warning("--resume: %s was trained on other data or settings: starting afresh", ck_path)
+            ck = None
+        if ck is None:
+            log.info("no checkpoint of this run in %s: starting from step 0", out_dir)
         else:
-            ck = torch.load(ck_path, map_location="cpu", weights_only=True)
             if ck.get("model_name") != cfg.model:
                 raise ValueError(f"--resume: checkpoint {ck_path} is a '{ck.get('model_name')}', config says '{cfg.model}'")
             model.load_state_dict(ck["state_dict"])
@@ -143,6 +176,7 @@ def train(
             start = int(ck["step"])
             log.info("resuming from %s (step %d)", ck_path, start)
     if not resume or start == 0:
+        _clear_checkpoints(out_dir)  # a run from step 0 never inherits another run's step files
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
     else:
@@ -213,7 +247,7 @@ def train(
                 mf.flush()
                 t_last, n_since = now, 0
             if step % max(1, cfg.save_every) == 0 or step == end:
-                _save_step(out_dir, step, sampler.epoch_of(step), cfg, model, optimizer, scaler, cfg_dict)
+                _save_step(out_dir, step, sampler.epoch_of(step), cfg, model, optimizer, scaler, cfg_dict, fp)
     bar.close()
     if step < cfg.steps:  # stopped early on purpose: the step checkpoint is the output
         return {"model": cfg.model, "steps": step, "resumed_from": start, "first_loss": first_loss,
@@ -238,7 +272,7 @@ def train(
     return summary
 
 
-def _save_step(out_dir, step, epoch, cfg, model, optimizer, scaler, cfg_dict) -> None:
+def _save_step(out_dir, step, epoch, cfg, model, optimizer, scaler, cfg_dict, fp: str) -> None:
     import torch
 
     state = {
@@ -249,6 +283,7 @@ def _save_step(out_dir, step, epoch, cfg, model, optimizer, scaler, cfg_dict) ->
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
         "config": cfg_dict,
+        "fingerprint": fp,
         "rng": torch.get_rng_state(),
     }
     _atomic_save(state, os.path.join(out_dir, "checkpoints", f"step-{step:06d}.pt"))
