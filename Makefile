@@ -105,7 +105,7 @@ train: setup
 	$(CLI) train --run $(RUN) $(CONFIG_ARG) $(if $(TRAIN_DATA),--data $(TRAIN_DATA),) $(if $(RESUME),--resume,)
 
 ablate: setup
-	$(CLI) ablate --run $(RUN) $(CONFIG_ARG)
+	$(CLI) ablate --run $(RUN) $(CONFIG_ARG) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(STEPS),--steps $(STEPS))
 
 # Zero-shot eval of the run's model on its [train] eval_sets, or on EVAL=set.parquet (CHECKPOINT=file for another model).
 eval: setup

@@ -7,15 +7,21 @@ are the run's own stage folders: nothing is curated twice, only trained. Each va
 `runs/NAME/ablation/<variant>/` (resumable: a rerun skips finished training), and the table goes to
 `runs/NAME/ablation.json` (+ the run report).
 
-    clipcurate ablate --run demo [--steps 300]
+    clipcurate ablate --run demo [--steps 300] [--seeds 0,1,2]
+
+With several seeds each variant is trained once per seed and the table shows mean ± standard deviation:
+a tiny model trained for minutes moves by a few points between seeds, which is as large as some of the
+differences the table is meant to show.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
 import os
+import statistics
 import time
 
 from pipeline import config as config_mod
@@ -50,7 +56,20 @@ def _headline(results: dict) -> dict:
     return out
 
 
-def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None) -> dict:
+def _variant_dir(run_dir: str, variant: str, seed: int, default_seed: int) -> str:
+    name = variant.replace("+ ", "plus-").replace(" ", "-")
+    # The config's own seed keeps the plain folder name, so a single-seed run's training is reused.
+    return os.path.join(run_dir, "ablation", name if seed == default_seed else f"{name}-seed{seed}")
+
+
+def _mean_std(rows: list[dict]) -> tuple[dict, dict]:
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in keys}
+    std = {k: (statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0) for k in keys}
+    return mean, std
+
+
+def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, seeds=None) -> dict:
     from trainer.config import TrainConfig
     from trainer.evaluate import evaluate
     from trainer.train import train
@@ -60,6 +79,7 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None) -> 
         tc.steps = int(steps)
     if not tc.eval_sets:
         raise StageError("ablate: no eval set: give [train] eval_sets in the config (Parquet files)")
+    seeds = [int(x) for x in (seeds or [tc.seed])]
     rows = []
     for variant, stage in variants or VARIANTS:
         folder = os.path.join(run_dir, stage_dirname(stage))
@@ -67,26 +87,39 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None) -> 
             log.warning("ablate: %s skipped (%s has not run in %s)", variant, stage, run_dir)
             continue
         pairs = _count_rows(folder)
-        out = os.path.join(run_dir, "ablation", variant.replace("+ ", "plus-").replace(" ", "-"))
-        log.info("ablate: %s: training on %d pairs from %s", variant, pairs, folder)
+        per_seed = []
         t0 = time.perf_counter()
-        s = train(tc, folder, out, resume=True)
-        res = evaluate(s["model_path"], tc.eval_sets, device=tc.device, precision=tc.precision,
-                       templates=tc.templates, batch_size=tc.eval_batch_size)["results"]
-        shards.write_json(res, os.path.join(out, "eval.json"))
+        for seed in seeds:
+            out = _variant_dir(run_dir, variant, seed, tc.seed)
+            log.info("ablate: %s, seed %d: training on %d pairs from %s", variant, seed, pairs, folder)
+            s = train(dataclasses.replace(tc, seed=seed), folder, out, resume=True)
+            res = evaluate(s["model_path"], tc.eval_sets, device=tc.device, precision=tc.precision,
+                           templates=tc.templates, batch_size=tc.eval_batch_size)["results"]
+            shards.write_json(res, os.path.join(out, "eval.json"))
+            per_seed.append({"seed": seed, "last_loss": s.get("last_loss"), **_headline(res), "eval": res})
+        mean, std = _mean_std([{k: v for k, v in r.items() if k not in ("seed", "last_loss")} for r in per_seed])
         rows.append({"variant": variant, "stage": stage, "pairs": pairs, "steps": tc.steps,
-                     "batch_size": tc.batch_size, "last_loss": s.get("last_loss"),
-                     "seconds": round(time.perf_counter() - t0, 1), **_headline(res), "eval": res})
+                     "batch_size": tc.batch_size, "seconds": round(time.perf_counter() - t0, 1), **mean,
+                     "std": std, "seeds": per_seed,
+                     # kept for single-seed readers of ablation.json (the report, scripts)
+                     "last_loss": per_seed[-1]["last_loss"], "eval": per_seed[-1]["eval"]})
     if not rows:
         raise StageError(f"ablate: no finished stage in {run_dir} (run the pipeline first)")
-    cols = [k for k in rows[0] if k not in ("variant", "stage", "eval", "last_loss", "seconds", "batch_size")]
+    cols = [k for k in rows[0]
+            if k not in ("variant", "stage", "eval", "last_loss", "seconds", "batch_size", "std", "seeds")]
     head = "| variant | " + " | ".join(cols) + " |"
     sep = "|---|" + "---|" * len(cols)
     lines = [head, sep]
     for r in rows:
-        cells = [f"{r.get(c):.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if isinstance(v, float):
+                cells.append(f"{v:.3f} ± {r['std'][c]:.3f}" if len(seeds) > 1 else f"{v:.4f}")
+            else:
+                cells.append(str(v if v is not None else ""))
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
-    result = {"model": tc.model, "steps": tc.steps, "batch_size": tc.batch_size, "seed": tc.seed,
+    result = {"model": tc.model, "steps": tc.steps, "batch_size": tc.batch_size, "seed": seeds[0], "seeds": seeds,
               "eval_sets": tc.eval_sets, "variants": rows, "table_md": "\n".join(lines)}
     shards.write_json(result, os.path.join(run_dir, "ablation.json"))
     return result
@@ -95,8 +128,13 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None) -> 
 def cmd_ablate(args) -> int:
     run_dir = shards.join(args.runs_dir, args.run)
     cfg = config_mod.for_run(run_dir, args.config)
-    result = ablate(run_dir, cfg, steps=args.steps)
-    print(f"ablation ({result['model']}, {result['steps']} steps x batch {result['batch_size']}, same seed):")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise StageError(f"ablate: --seeds wants comma-separated integers, got {args.seeds!r}") from None
+    result = ablate(run_dir, cfg, steps=args.steps, seeds=seeds)
+    how = f"mean ± std over seeds {result['seeds']}" if len(result["seeds"]) > 1 else f"seed {result['seed']}"
+    print(f"ablation ({result['model']}, {result['steps']} steps x batch {result['batch_size']}, {how}):")
     print(result["table_md"])
     print(f"-> {os.path.join(run_dir, 'ablation.json')} (and the run report: clipcurate report --run {args.run})")
     return 0
@@ -107,6 +145,7 @@ def register(sub) -> None:
     p.add_argument("--run", required=True)
     p.add_argument("--config", default=None, help="TOML config ([train] section); default: the run's saved config")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default [train] steps)")
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2 (mean ± std)")
     p.set_defaults(fn=cmd_ablate)
 
 

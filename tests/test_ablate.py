@@ -1,0 +1,59 @@
+"""Ablation bookkeeping: which rows each variant trains on, seeds averaged, table figures = the eval figures."""
+
+import json
+import os
+import statistics
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import ablate as ablate_mod
+
+
+def _stage(run_dir, name, n):
+    d = run_dir / name
+    d.mkdir(parents=True)
+    pq.write_table(pa.table({"uid": [f"{i:032x}" for i in range(n)]}), d / "part-00000.parquet")
+    (d / "_manifest.json").write_text("{}")
+    return str(d)
+
+
+def test_ablate_trains_each_stage_output_per_seed_and_averages(tmp_path, monkeypatch):
+    import trainer.evaluate
+    import trainer.train
+
+    run = tmp_path / "run"
+    sizes = {"00_ingest": 10, "01_align": 8, "02_metaclip": 6}  # klite, dfn not run: skipped, not an error
+    folders = {name: _stage(run, name, n) for name, n in sizes.items()}
+    calls = []
+
+    def fake_train(tc, data, out, resume):
+        calls.append((os.path.basename(data), out, tc.seed, tc.steps))
+        os.makedirs(out, exist_ok=True)
+        return {"model_path": json.dumps([os.path.basename(data), tc.seed]), "last_loss": 1.0}
+
+    def fake_eval(model_path, sets, **kw):
+        stage, seed = json.loads(model_path)
+        acc = sizes[stage] / 10 + seed / 100  # a figure that depends on both, to check the averaging
+        return {"results": {"shapes": {"kind": "classification", "top1": acc, "top5": 1.0},
+                            "ret": {"kind": "retrieval", "image_to_text_R@1": acc, "text_to_image_R@1": 0.0,
+                                    "image_to_text_R@5": 1.0, "text_to_image_R@5": 1.0}}}
+
+    monkeypatch.setattr(trainer.train, "train", fake_train)
+    monkeypatch.setattr(trainer.evaluate, "evaluate", fake_eval)
+    cfg = {"train": {"eval_sets": ["x.parquet"], "seed": 0, "steps": 99}}
+    res = ablate_mod.ablate(str(run), cfg, steps=7, seeds=[0, 3])
+
+    assert [r["variant"] for r in res["variants"]] == ["raw pool", "align", "+ metaclip"]
+    assert [r["pairs"] for r in res["variants"]] == [10, 8, 6]
+    # every variant trained once per seed, with the same step count; seed 0 keeps the plain folder name
+    assert sorted((c[0], c[2], c[3]) for c in calls) == sorted((s, seed, 7) for s in sizes for seed in (0, 3))
+    outs = {os.path.relpath(c[1], run) for c in calls}
+    assert "ablation/raw-pool" in outs and "ablation/plus-metaclip-seed3" in outs
+    align = res["variants"][1]
+    assert abs(align["shapes top1"] - 0.815) < 1e-12  # (0.8 + 0.83) / 2
+    assert abs(align["std"]["shapes top1"] - statistics.stdev([0.8, 0.83])) < 1e-12
+    assert abs(align["ret R@1"] - statistics.fmean([0.4, 0.415])) < 1e-12
+    assert "| align | 8 | 7 | 0.815 ± 0.021 |" in res["table_md"]
+    saved = json.loads((run / "ablation.json").read_text())
+    assert saved["seeds"] == [0, 3] and saved["table_md"] == res["table_md"]
