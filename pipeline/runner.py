@@ -154,7 +154,36 @@ def _read_checked(stage, path: str) -> pa.Table:
     return schema.check_columns(table, stage.requires, shards.shard_name(path), stage.name)
 
 
+class ShardFailed(StageError):
+    """A shard task died of something the stage did not foresee: says which stage, pass and shard.
+
+    A user with a billion rows needs the shard to look at, not a traceback from a worker; `-v` keeps
+    the original traceback in the log (it is chained as __cause__)."""
+
+
+@contextmanager
+def _naming_shard(name: str, step: str, path: str):
+    from pipeline.config import ConfigError
+    from pipeline.schema import SchemaError
+
+    try:
+        yield
+    except (StageError, shards.ShardError, SchemaError, ConfigError):
+        raise  # already one line naming what is wrong
+    except MemoryError:
+        raise StageError(f"{name} {step}: shard {shards.shard_name(path)}: out of memory") from None
+    except Exception as e:  # noqa: BLE001 - re-raised with the shard named, original chained
+        log.debug("%s %s: shard %s failed", name, step, path, exc_info=True)
+        msg = " ".join(str(e).split())[:300]
+        raise ShardFailed(f"{name} {step}: shard {shards.shard_name(path)}: {type(e).__name__}: {msg}") from e
+
+
 def collect_task(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
+    with _naming_shard(name, "collect", path):
+        return _collect(name, config, seed, path, stage_dir)
+
+
+def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
     stage = get_stage(name, config, seed)
     # the same context apply gets: stages that find run resources (dfn's default model) need it in pass 1 too
     stage.context = {"stage_dir": stage_dir, "run_dir": _parent(stage_dir),
@@ -186,6 +215,11 @@ def _stats_for(stage, stage_dir: str, fp: str):
 
 
 def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str) -> dict:
+    with _naming_shard(name, "apply", path):
+        return _apply(name, config, seed, path, stage_dir, fp)
+
+
+def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str) -> dict:
     t0 = time.perf_counter()
     stage = get_stage(name, config, seed)
     table = _read_checked(stage, path)

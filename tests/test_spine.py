@@ -279,3 +279,18 @@ def test_resolved_config_saved_in_run_and_reused(tmp_path):
     saved = config_mod.load(Path(runs) / "x" / "config.toml")
     assert saved["run"]["seed"] == 7
     assert config_mod.for_run(Path(runs) / "x", None)["run"]["seed"] == 7  # a plain rerun resumes as configured
+
+
+@pytest.mark.parametrize("step", ["collect", "apply"])
+def test_unforeseen_error_in_a_shard_is_one_line_naming_stage_and_shard(tmp_path, monkeypatch, capsys, step):
+    make_pool(300, 3, tmp_path / "in")
+
+    def boom(self, *a):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(FirstWordStage, step, boom)
+    from pipeline.runner import ShardFailed
+
+    with pytest.raises(ShardFailed, match=rf"{STAGE} {step}: shard part-0000\d.parquet: KeyError: 'surprise'") as e:
+        run_pipeline([STAGE], str(tmp_path / "r"), config_mod.resolve({}), input_dir=str(tmp_path / "in"), workers=0)
+    assert "\n" not in str(e.value) and isinstance(e.value.__cause__, KeyError)  # the traceback stays chained
