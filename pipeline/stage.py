@@ -38,6 +38,15 @@ class Stage:
     class Config:
         pass
 
+    def __init_subclass__(cls, **kw):
+        """Every stage's collect/apply first sets aside rows the reader marked unusable (non-UTF-8 text:
+        `schema.ROW_ERROR_COL`): collect never counts them, apply rejects them with that reason."""
+        super().__init_subclass__(**kw)
+        for hook in ("collect", "apply"):
+            fn = cls.__dict__.get(hook)
+            if fn is not None and not getattr(fn, "_sets_aside_bad_rows", False):
+                setattr(cls, hook, _set_aside_bad_rows(fn, hook))
+
     def __init__(self, config: Any = None, seed: int = 0):
         if config is None:
             config = self.Config()
@@ -86,6 +95,52 @@ class Stage:
     def output_name(self, input_name: str) -> str:
         return input_name
 
+    # ---- pass-1 cache: per-row work that collect did and apply needs again ---------------------
+    # A Dask cluster may run a shard's collect and apply on different workers (or machines), so an
+    # in-memory cache would miss; the stage folder is what every worker sees. apply takes the file
+    # and removes it, so nothing outlives the stage. Validity is checked, never assumed: the cached
+    # rows must be the shard's rows (uid and a hash of `text`, row by row) under the same `key`; on any
+    # doubt the caller recomputes, so a stale or missing cache costs time, never correctness.
+    def _cache_path(self, name: str) -> str | None:
+        stage_dir, shard = self.context.get("stage_dir"), self.context.get("shard")
+        if not stage_dir or not shard:
+            return None
+        return shards.join(stage_dir, "_cache", f"{shard}.{name}.parquet")
+
+    @staticmethod
+    def _row_check(table: pa.Table) -> np.ndarray:
+        return pl.from_arrow(table.column("text")).hash(seed=7).to_numpy()
+
+    def cache_put(self, name: str, table: pa.Table, columns: dict[str, Any], key: str) -> None:
+        path = self._cache_path(name)
+        if path is None:
+            return
+        t = pa.table({"uid": table.column("uid"), "_text_h": self._row_check(table), **columns})
+        t = t.replace_schema_metadata({"key": key})
+        try:
+            shards.write_shard(t, path)
+        except shards.ShardError:  # a cache is an optimisation: a full disk here is not a failure
+            shards.remove(path)
+
+    def cache_take(self, name: str, table: pa.Table, key: str) -> pa.Table | None:
+        path = self._cache_path(name)
+        if path is None or not shards.exists(path):
+            return None
+        try:
+            t = shards.read_shard(path)
+        except shards.ShardError:
+            t = None
+        shards.remove(path)
+        if (
+            t is None
+            or (t.schema.metadata or {}).get(b"key") != key.encode()
+            or t.num_rows != table.num_rows
+            or not t.column("uid").equals(table.column("uid"))
+            or not np.array_equal(t.column("_text_h").to_numpy(), self._row_check(table))
+        ):
+            return None
+        return t.drop_columns(["uid", "_text_h"])
+
     def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> dict | None:
         """After every shard is applied: pool-wide outputs (e.g. an index of emitted files).
 
@@ -109,6 +164,33 @@ class Stage:
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
+
+
+def _set_aside_bad_rows(fn, hook: str):
+    import functools
+
+    from pipeline.schema import ROW_ERROR_COL
+
+    @functools.wraps(fn)
+    def wrapper(self, table, *args):
+        if ROW_ERROR_COL not in table.column_names:
+            return fn(self, table, *args)
+        err = table.column(ROW_ERROR_COL)
+        ok = pc.is_null(err)
+        good = table.filter(ok).drop_columns([ROW_ERROR_COL])
+        if hook == "collect":
+            return fn(self, good, *args)
+        bad = table.filter(pc.invert(ok))
+        bad = bad.drop_columns([ROW_ERROR_COL]).append_column("reason", bad.column(ROW_ERROR_COL))
+        kept, rejected = fn(self, good, *args)
+        if bad.num_rows:
+            msg = f"{self.name}: rows whose text is not valid UTF-8 are rejected ({bad.column('reason')[0]})"
+            if msg not in self.notes:
+                self.notes.append(msg)
+        return kept, pa.concat_tables([rejected, bad], promote_options="default")
+
+    wrapper._sets_aside_bad_rows = True
+    return wrapper
 
 
 def split_by_reason(table: pa.Table, reason: pa.Array | np.ndarray | list) -> tuple[pa.Table, pa.Table]:

@@ -347,3 +347,37 @@ def test_report(tmp_path):
     from pipeline.report import histograms
 
     assert "metaclip" in histograms(str(run_dir))
+
+
+def test_apply_reuses_collect_matches_and_a_bad_cache_is_ignored(tmp_path, monkeypatch):
+    """Pass 2 takes pass 1's matches from the stage folder (each shard matched once), leaves no cache
+    behind, and a cache that does not fit the shard (other texts, other concept list) is recomputed."""
+    from stages import metaclip as mc
+
+    entries = _entries_file(tmp_path, list(SINGLE))
+    pool = _write_pool(tmp_path / "in", _single_entry_pool(), 3)
+    cfg = config_mod.resolve({"metaclip": {"entries": entries, "t": 500}})
+    calls = []
+    real = mc.Matcher.match
+    monkeypatch.setattr(mc.Matcher, "match", lambda self, texts: calls.append(len(texts)) or real(self, texts))
+    (res,) = run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+    assert len(calls) == 3  # one match per shard, in collect
+    assert not list((Path(res.folder) / "_cache").glob("*"))
+    ref = (_read(Path(res.folder)), _read(Path(res.folder), rejected=True))
+
+    # Bad caches: shard 0's has another shard's rows, shard 1's another concept list's key.
+    st = mc.MetaClipStage({"entries": entries, "t": 500})
+    tables = {p.name: pq.read_table(p) for p in sorted((tmp_path / "in").glob("part-*.parquet"))}
+    names = sorted(tables)
+    st.context = {"stage_dir": res.folder, "shard": names[0]}
+    st.cache_put("matches", tables[names[1]], {mc.OUT_COL: st.match(tables[names[1]])}, st._cache_key())
+    st.context = {"stage_dir": res.folder, "shard": names[1]}
+    wrong = pa.array([[0]] * tables[names[1]].num_rows, pa.list_(pa.int32()))
+    st.cache_put("matches", tables[names[1]], {mc.OUT_COL: wrong}, "another list")
+    for name in names:  # redo apply only: drop the done markers, keep the stats
+        (Path(res.folder) / "_done" / f"{name}.json").unlink()
+    calls.clear()
+    (res2,) = run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+    assert len(calls) == 3  # no cache for shard 2, two refused: all matched again
+    assert _read(Path(res2.folder)).equals(ref[0]) and _read(Path(res2.folder), rejected=True).equals(ref[1])
+    assert not list((Path(res.folder) / "_cache").glob("*"))

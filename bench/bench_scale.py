@@ -1,0 +1,194 @@
+"""Scale benchmark: >= 1M text-only captions through align -> metaclip -> klite on a real dask.distributed
+cluster (a `dask scheduler` and `dask worker` processes started on loopback, as a user would on a cluster),
+with 1 and 2 workers, then 3M rows to show that memory per worker stays flat. Writes bench/results/scale.json.
+
+    .venv/bin/python bench/bench_scale.py [--rows 1000000,3000000] [--workers 1,2] [--shard-rows 50000]
+
+The pool is bench_align's: LAION-10k + Flickr8k captions resampled with light perturbation (case,
+punctuation, a dropped word, a typo), 70% keeping their source url, so dedup and the text rules have real
+work. Shards have a fixed size (50k rows), so a bigger pool means more shards, not bigger ones: per-worker
+memory should then depend on the pool only through the pool-wide statistics (counts), not the rows.
+
+Per stage: rows in, wall time (driver's view: collect + merge + apply + scheduling), rows/s. Peak RSS per
+worker = ru_maxrss of each worker process, read through the client after the last stage (a worker lives
+through all three stages, so this is the peak over the whole run). The machine is a shared 2-core VM: the
+load average at start and end is recorded next to each measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from bench_align import DATA, FLICKR, LAION, build_pool, load_real  # noqa: E402
+
+from pipeline import config as config_mod  # noqa: E402
+from pipeline.runner import run_pipeline  # noqa: E402
+
+STAGES = ["align", "metaclip", "klite"]
+GOAL_ROWS_PER_MIN = 1_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+class Cluster:
+    """A scheduler and n single-threaded workers, each its own OS process (with a nanny), on loopback."""
+
+    def __init__(self, workers: int, workdir: str):
+        self.port = _free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        dask = str(Path(sys.executable).with_name("dask"))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        log = open(os.path.join(workdir, f"cluster-w{workers}.log"), "w")
+        common = dict(env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                        "--no-dashboard"], **common)]
+        for i in range(workers):
+            self.procs.append(subprocess.Popen(
+                [dask, "worker", self.address, "--name", f"w{i}", "--nthreads", "1", "--nworkers", "1",
+                 "--memory-limit", "0", "--no-dashboard", "--local-directory", os.path.join(workdir, f"w{i}")],
+                **common))
+        from distributed import Client
+
+        self.client = Client(self.address, timeout="60s")
+        self.client.wait_for_workers(workers, timeout=120)
+
+    def worker_peaks_mib(self) -> list[int]:
+        return sorted(round(v / 2**20) for v in self.client.run(_peak_rss).values())
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            for p in reversed(self.procs):
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            for p in self.procs:
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+
+
+def timed_run(pool: str, workdir: str, workers: int, rows: int) -> dict:
+    run_dir = os.path.join(workdir, f"run-{rows}-w{workers}")
+    cfg = config_mod.resolve({})
+    t_start = time.perf_counter()
+    cluster = Cluster(workers, workdir)
+    startup = time.perf_counter() - t_start
+    per_stage = []
+    try:
+        load0 = os.getloadavg()
+        t_all = time.perf_counter()
+        for i, stage in enumerate(STAGES):
+            t0 = time.perf_counter()
+            res = run_pipeline([stage], run_dir, cfg, input_dir=pool if i == 0 else None,
+                               scheduler=cluster.address)[0]
+            wall = time.perf_counter() - t0
+            m = res.manifest
+            per_stage.append({"stage": stage, "rows_in": m["rows_in"], "rows_out": m["rows_out"],
+                              "wall_s": round(wall, 1), "rows_per_s": round(m["rows_in"] / wall),
+                              "timings": m["timings"], "reasons": m["reasons"]})
+            print(f"  {rows:,} rows, {workers} worker(s): {stage} {m['rows_in']:,} -> {m['rows_out']:,} "
+                  f"in {wall:.1f} s ({m['rows_in'] / wall:,.0f} rows/s)", flush=True)
+        total = time.perf_counter() - t_all
+        load1 = os.getloadavg()
+        peaks = cluster.worker_peaks_mib()
+    finally:
+        cluster.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "rows": rows,
+        "workers": workers,
+        "cluster_startup_s": round(startup, 1),
+        "stages": per_stage,
+        "total_wall_s": round(total, 1),
+        "pool_rows_per_min": round(rows / total * 60),
+        "peak_rss_per_worker_mib": peaks,
+        "loadavg_start": [round(x, 2) for x in load0],
+        "loadavg_end": [round(x, 2) for x in load1],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1000000,3000000", help="pool sizes; the first runs with every --workers "
+                    "count, the others with the largest only")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--shard-rows", type=int, default=50_000)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
+    args = ap.parse_args()
+    if not LAION.exists() or not FLICKR.exists():
+        print(f"scale bench: real caption sets not found under {DATA}")
+        return 1
+    sizes = [int(x) for x in args.rows.split(",")]
+    worker_counts = [int(x) for x in args.workers.split(",")]
+    real = load_real()
+    result = {
+        "machine": {"cpus": os.cpu_count(), "note": "shared 2-core VM; see loadavg next to each figure"},
+        "stages": STAGES,
+        "config": "defaults (align rules, metaclip t=20,000 on the WordNet list, klite)",
+        "shard_rows": args.shard_rows,
+        "goal": f">= {GOAL_ROWS_PER_MIN:,} captions/min through the text stages on 2 cores",
+        "runs": [],
+    }
+    work = tempfile.mkdtemp(prefix="bench-scale-")
+    try:
+        for k, rows in enumerate(sizes):
+            pool = os.path.join(work, f"pool-{rows}")
+            t0 = time.perf_counter()
+            build_pool(real, rows, max(1, -(-rows // args.shard_rows)), pool, seed=k)
+            print(f"pool of {rows:,} captions built in {time.perf_counter() - t0:.1f} s", flush=True)
+            for w in (worker_counts if k == 0 else [max(worker_counts)]):
+                r = timed_run(pool, work, w, rows)
+                print(json.dumps({x: r[x] for x in ("rows", "workers", "total_wall_s", "pool_rows_per_min",
+                                                     "peak_rss_per_worker_mib")}), flush=True)
+                result["runs"].append(r)
+            shutil.rmtree(pool, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    first = [r for r in result["runs"] if r["rows"] == sizes[0]]
+    if len(first) > 1:
+        one = next(r for r in first if r["workers"] == min(worker_counts))
+        many = next(r for r in first if r["workers"] == max(worker_counts))
+        result["scaling"] = {
+            "workers": [one["workers"], many["workers"]],
+            "speedup_total": round(one["total_wall_s"] / many["total_wall_s"], 2),
+            "speedup_per_stage": {s["stage"]: round(s["wall_s"] / t["wall_s"], 2)
+                                  for s, t in zip(one["stages"], many["stages"])},
+        }
+    best = max(r["pool_rows_per_min"] for r in result["runs"])
+    result["goal_met"] = best >= GOAL_ROWS_PER_MIN
+    result["driver_peak_rss_mib"] = round(_peak_rss() / 2**20)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"best {best:,} captions/min (goal {GOAL_ROWS_PER_MIN:,}); wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
