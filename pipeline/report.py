@@ -73,10 +73,10 @@ def histograms(run_dir: str) -> dict[str, dict]:
 def _thumb(image: bytes | None) -> str | None:
     if not image:
         return None
-    from PIL import Image
+    from trainer.data import open_image
 
     try:
-        with Image.open(io.BytesIO(image)) as im:
+        with open_image(image) as im:  # refuses decompression bombs (rejected rows are shown here too)
             im.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
             im = im.convert("RGB")
             im.thumbnail((THUMB_PX, THUMB_PX))

@@ -18,6 +18,8 @@ Rules, in the order a rejected row names the first one it breaks (`REASONS`):
                        the same image that has a smaller uid
   eval_near_duplicate  perceptual hash within `eval_hamming` bits of an evaluation image
   language             (off unless `language` is set) py3langid says another language
+  invalid_utf8         (every stage, before its rules: `pipeline.stage.Stage`) uid/url/text bytes that are not
+                       UTF-8; the row is set aside before collect, so pool counts never see it
 
 Pool-wide facts come from `collect` (per shard) and `merge` (associative sums/mins over 64-bit keys):
 token counts; one row per distinct (image, text) pair (its smallest uid and row count), from which
@@ -131,6 +133,16 @@ def hash64_strings(values, salt: str = "") -> np.ndarray:
     # every byte offset viewed as a little-endian uint64 (unaligned, overlapping): one gather per word
     words = np.ndarray(shape=(hi - lo + 1,), dtype="<u8", buffer=padded, offset=0, strides=(1,))
     nwords = (lens + 7) // 8
+    long = np.flatnonzero(nwords > _LONG_WORDS)
+    if len(long):
+        # the vectorised fold below costs one numpy round per word position of the LONGEST string: a single
+        # 1 MB caption would take seconds. Strings over _LONG_WORDS words are folded one by one in plain
+        # Python integers instead (same function, same values), and leave the vectorised loop short.
+        seed = _mix64(lens[long].astype(_U64) ^ _salt("hash64:" + salt))
+        long_h = np.array([_fold_words(int(h0), padded[starts[i] : starts[i] + lens[i]].tobytes())
+                           for h0, i in zip(seed, long)], dtype=_U64)
+        nwords = nwords.copy()
+        nwords[long] = 0  # hashed above; the loop below skips them (0 words), their slot is overwritten
     order = np.argsort(-nwords, kind="stable")
     s_starts, s_lens, s_nw = starts[order], lens[order], nwords[order]
     h = _mix64(s_lens.astype(_U64) ^ _salt("hash64:" + salt))
@@ -147,7 +159,26 @@ def hash64_strings(values, salt: str = "") -> np.ndarray:
         h[:k] = _mix64(h[:k] ^ word)
     out = np.empty(n, dtype=_U64)
     out[order] = h
+    if len(long):
+        out[long] = long_h
     return out
+
+
+_LONG_WORDS = 256  # strings longer than this many 8-byte words (2 KB) are hashed by _fold_words
+_MASK64 = (1 << 64) - 1
+
+
+def _fold_words(h: int, data: bytes) -> int:
+    """hash64_strings' fold for one string, in Python integers: h = mix64(h ^ word) per little-endian
+    8-byte word (the last one zero-padded), starting from the seeded length hash `h`."""
+    g, m1, m2 = int(_GOLDEN), int(_M1), int(_M2)
+    data = data + b"\0" * (-len(data) % 8)
+    for word in np.frombuffer(data, dtype="<u8").tolist():
+        z = ((h ^ word) + g) & _MASK64
+        z = ((z ^ (z >> 30)) * m1) & _MASK64
+        z = ((z ^ (z >> 27)) * m2) & _MASK64
+        h = z ^ (z >> 31)
+    return h
 
 
 def _count_gt(sorted_desc: np.ndarray, max_w: int) -> np.ndarray:

@@ -6,7 +6,8 @@ stage: input shard `part-00003` becomes `emit/parquet/part-00003-000.parquet`, `
 (the file open_clip_train reads to know shard sizes), `uids.npy` (DataComp's habit: a sorted array of
 128-bit uids, so a curated subset can be re-materialised from the pool) and `summary.json`.
 The stage folder itself (`05_emit/part-*.parquet`) keeps every emitted row without image bytes: a light
-table of what went in, for reports.
+table of what went in, for reports. Rows are never dropped here, except rows whose text is not UTF-8
+(`invalid_utf8`, as in every stage: `pipeline.stage.Stage`).
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ ordinary runner so that resume, manifests and Dask apply to it too).
 A URL that appears with several captions is downloaded once: the list is grouped by URL before
 img2dataset sees it, all captions travel with it as a JSON column, and conversion yields one row per
 caption (same image bytes, distinct uids since uid hashes url + text).
+
+Rejected rows (`reason`): img2dataset's status and error ("failed_to_download: HTTP Error 404: ..."), and two
+of ours for rows that never reach img2dataset: `invalid_url: not an http(s) URL` (malformed, empty, or another
+scheme: ftp:, file:, data:, javascript: ...) and `invalid_utf8: url or caption is not valid UTF-8` (a CSV/TSV or
+Parquet list with a few rows in another encoding; their text is kept lossy-decoded, U+FFFD for bad bytes).
 """
 
 from __future__ import annotations
@@ -103,28 +108,106 @@ def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption")
     low = p.lower()
     try:
         if low.endswith(".parquet"):
-            df = pl.read_parquet(p)
+            df = _read_parquet_list(p)
         elif low.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")):
-            df = pl.read_csv(p, separator="\t", quote_char=None, infer_schema=False)
+            df = _read_text_list(p, "\t", None)
         elif low.endswith((".csv", ".csv.gz")):
-            df = pl.read_csv(p, infer_schema=False)
+            df = _read_text_list(p, ",", '"')
         else:
             raise StageError(f"ingest: {p}: unknown format (use .parquet, .csv, .tsv or .tsv.gz)")
-    except (pl.exceptions.PolarsError, OSError) as e:
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as e:
         raise StageError(f"ingest: cannot read URL list {p}: {str(e).splitlines()[0]}") from None
     if caption_col not in df.columns and caption_col == "caption" and "text" in df.columns:
         caption_col = "text"
     for c in (url_col, caption_col):
         if c not in df.columns:
             raise StageError(f"ingest: URL list {p} has no column '{c}' (columns: {', '.join(df.columns)})")
-    return df.select(pl.col(url_col).cast(pl.String).alias("url"), pl.col(caption_col).cast(pl.String).alias("caption"))
+    out = df.select(pl.col(url_col).cast(pl.String).alias("url"), pl.col(caption_col).cast(pl.String).alias("caption"))
+    bad = [f"_bad_{c}" for c in (url_col, caption_col) if f"_bad_{c}" in df.columns]
+    if bad:
+        out = out.with_columns(pl.any_horizontal([df[c] for c in bad]).alias(BAD_TEXT_COL))
+    return out
+
+
+BAD_TEXT_COL = "_not_utf8"  # rows of a URL list whose url or caption bytes are not valid UTF-8
+
+
+def _lossy(col: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
+    """(text decoded with U+FFFD for bad bytes, row is not valid UTF-8) for a binary/string column."""
+    fixed, bad = [], []
+    for b in col.cast(pa.binary()).to_pylist():
+        try:
+            fixed.append(None if b is None else b.decode("utf-8"))
+            bad.append(False)
+        except UnicodeDecodeError:
+            fixed.append(b.decode("utf-8", "replace"))
+            bad.append(True)
+    return pa.array(fixed, pa.string()), pa.array(bad, pa.bool_())
+
+
+def _with_bad_text(table: pa.Table) -> pl.DataFrame:
+    """Every string/binary column lossy-decoded, plus `_bad_<col>` flags where a value was not UTF-8."""
+    cols = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type) \
+                or pa.types.is_large_binary(col.type):
+            cols[name], cols[f"_bad_{name}"] = _lossy(col)
+        else:
+            cols[name] = col
+    return pl.from_arrow(pa.table(cols))
+
+
+def _read_text_list(p: str, sep: str, quote: str | None) -> pl.DataFrame:
+    """CSV/TSV as strings. A crawl's list may hold a few lines in another encoding: then every cell is read
+    as bytes (pyarrow), so those rows become `invalid_utf8` rejects instead of failing the whole list."""
+    try:
+        return pl.read_csv(p, separator=sep, quote_char=quote, infer_schema=False)
+    except pl.exceptions.ComputeError as e:
+        if "utf-8" not in str(e).lower() and "utf8" not in str(e).lower():
+            raise
+    import pyarrow.csv as pcsv
+
+    names = pl.read_csv(p, separator=sep, quote_char=quote, infer_schema=False, n_rows=0, encoding="utf8-lossy").columns
+    table = pcsv.read_csv(
+        p,
+        parse_options=pcsv.ParseOptions(delimiter=sep, quote_char=quote or False),
+        convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in names}),
+    )
+    return _with_bad_text(table)
+
+
+def _read_parquet_list(p: str) -> pl.DataFrame:
+    """Parquet read with pyarrow; string columns holding bytes that are not UTF-8 (Arrow does not check them
+    on read, and polars crashes on them) are flagged per row, as in _read_text_list."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(p)
+    for c in table.columns:
+        if pa.types.is_binary(c.type) or pa.types.is_large_binary(c.type):
+            return _with_bad_text(table)
+        if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
+            for chunk in c.chunks:
+                try:
+                    chunk.validate(full=True)
+                except pa.ArrowInvalid:
+                    return _with_bad_text(table)
+    return pl.from_arrow(table)
 
 
 def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(to_download, bad): unique valid URLs in first-seen order with all their captions as JSON."""
+    if BAD_TEXT_COL not in df.columns:
+        df = df.with_columns(pl.lit(False).alias(BAD_TEXT_COL))
     df = df.with_columns(pl.col("caption").fill_null(""), pl.col("url").str.strip_chars())
-    bad = df.filter(pl.col("url").is_null() | ~pl.col("url").str.contains(VALID_URL))
-    good = df.filter(pl.col("url").is_not_null() & pl.col("url").str.contains(VALID_URL))
+    url_ok = pl.col("url").is_not_null() & pl.col("url").str.contains(VALID_URL)
+    is_bad = pl.col(BAD_TEXT_COL) | ~url_ok
+    bad = df.filter(is_bad.fill_null(True)).with_columns(
+        status=pl.when(pl.col(BAD_TEXT_COL)).then(pl.lit("invalid_utf8")).otherwise(pl.lit("invalid_url")),
+        error_message=pl.when(pl.col(BAD_TEXT_COL)).then(pl.lit("url or caption is not valid UTF-8"))
+        .otherwise(pl.lit("not an http(s) URL")),
+    ).drop(BAD_TEXT_COL)
+    good = df.filter(~is_bad.fill_null(True)).drop(BAD_TEXT_COL)
     grouped = (
         good.with_row_index("_order")
         .group_by("url", maintain_order=True)
@@ -237,16 +320,10 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=[CAPTIONS_COL]) if grouped.height else {}
     totals["seconds"] = round(time.perf_counter() - t0, 3)
     if bad.height:
-        # malformed URLs never reach img2dataset; they travel as an extra "failed" shard so no row is lost
-        bad_tbl = pl.DataFrame(
-            {
-                "url": bad["url"],
-                "caption": bad["caption"],
-                "status": ["invalid_url"] * bad.height,
-                "error_message": ["not an http(s) URL"] * bad.height,
-            }
-        )
-        bad_tbl.write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
+        # malformed URLs (and rows that are not UTF-8) never reach img2dataset; they travel as an extra
+        # "failed" shard so no row is lost
+        os.makedirs(raw_dir, exist_ok=True)
+        bad.select("url", "caption", "status", "error_message").write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
     info["img2dataset"] = totals
     shards.write_json({"fingerprint": fp, "img2dataset": totals}, marker)
     info.update(totals)

@@ -16,7 +16,7 @@ Per caption:
               "{caption} ; {lemma} , {gloss}" (caption unchanged when no candidate), and with
               `hypernyms = true` `klite_hypernyms`: the first-hypernym chain of that synset up to
               "entity" (first lemma name of each synset; the concept itself not repeated).
-No row is ever dropped (rejected is empty).
+No row is ever dropped, except rows whose text is not UTF-8 (`invalid_utf8`, as in every stage).
 
 Known limits (no tagger model, by design): a word that WordNet also lists as a noun is a candidate even
 where the caption uses it as a verb or adjective ("wears" -> wear, "beat up" -> beat, "lying" -> lying),

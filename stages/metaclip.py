@@ -24,8 +24,9 @@ polars 132,476 (x1.00); tokens 296,311 (x2.23). The default stays "pyahocorasick
 Balancing (MetaCLIP's balancing.py): `collect` counts, per entry, the texts matching it (numpy bincount);
 `merge` sums; `apply` keeps a pair with probability 1 - prod_e (1 - p_e), p_e = t / max(count_e, t), by
 drawing u_e = uniform(uid, seed, salt=e) per matched entry and keeping when any u_e < p_e (shard- and
-worker-independent). Reasons: `no_entry` (no entry matched), `balanced_out` (not sampled), and with
-`one_text_per_image`, `other_text_of_image`.
+worker-independent). Reasons: `no_entry` (no entry matched), `balanced_out` (not sampled), with
+`one_text_per_image`, `other_text_of_image`, and, as in every stage, `invalid_utf8` (text bytes that are not
+UTF-8, set aside before matching).
 
 Options:
   language_col   when set and present: counts per language, and per-language t by MetaCLIP 2's rule

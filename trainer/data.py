@@ -160,13 +160,41 @@ def open_source(path: str):
 
 
 # ---- decoding ------------------------------------------------------------------------------------
+# Pillow's own decompression-bomb limit, fixed here: Pillow only *warns* between 1x and 2x its
+# MAX_IMAGE_PIXELS (and any library may set that global to None), so the size is checked from the header.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more than MAX_IMAGE_PIXELS pixels (a decompression bomb)."""
+
+
+def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Image.open from bytes, refusing decompression bombs from the header, before anything is decoded."""
+    import warnings
+
+    from PIL import Image
+
+    if not data:
+        raise ValueError("no image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageTooLarge(str(e)) from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageTooLarge(f"image of {w}x{h} pixels is over the {max_pixels} pixel limit (decompression bomb)")
+    return img
+
+
 def decode_image(data: bytes, size: int | None = None):
     """RGB PIL image. With `size`, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
     both sides >= size (PIL's draft mode): several times faster for a 64 px model, and the resize that
     follows is the model's own transform either way."""
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)
     if size and img.format == "JPEG":
         img.draft("RGB", (size, size))
     img.load()
