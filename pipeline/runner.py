@@ -97,7 +97,8 @@ class DaskExecutor:
         try:
             with tqdm(total=len(futures), desc=desc, unit="shard", leave=False, disable=None) as bar:
                 for fut in as_completed(futures):
-                    result = fut.result()
+                    with _worker_deaths(desc, items[index[fut.key]]):
+                        result = fut.result()
                     bar.update(1)
                     yield index[fut.key], result
         finally:
@@ -112,7 +113,8 @@ class DaskExecutor:
                 for i in range(0, len(values), MERGE_FAN_IN)
             ]
         v = values[0]
-        return v.result() if hasattr(v, "result") else v
+        with _worker_deaths(f"{getattr(fn, 'args', ('',))[0]} merge", None):
+            return v.result() if hasattr(v, "result") else v
 
     def collect_values(self, fn: Callable, items: list, desc: str) -> list:
         from distributed import wait
@@ -125,15 +127,33 @@ class DaskExecutor:
                 now = sum(f.done() for f in futures)
                 bar.update(now - done)
                 done = now
-                for f in futures:
+                for f, item in zip(futures, items):
                     if f.status == "error":
-                        f.result()  # raises the task's exception here
+                        with _worker_deaths(desc, item):
+                            f.result()  # raises the task's exception here
         return futures
 
     def close(self) -> None:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+@contextmanager
+def _worker_deaths(desc: str, item: tuple | None):
+    """A task whose worker process died more often than the scheduler allows (`allowed-failures`, 3 by
+    default: a worker killed once, e.g. by the OOM killer, is replaced by its nanny and the task rerun)
+    surfaces as KilledWorker, a multi-line message naming a task key. Say which stage, pass and shard."""
+    from distributed import KilledWorker
+
+    try:
+        yield
+    except KilledWorker:
+        where = f"shard {shards.shard_name(item[3])}" if item else "merge task"
+        raise StageError(
+            f"{desc}: {where}: the Dask worker running it died on every try (killed, e.g. out of memory); "
+            "rerun the same command to resume"
+        ) from None
 
 
 @contextmanager
@@ -262,6 +282,11 @@ class StageResult:
     manifest: dict = field(default_factory=dict)
 
 
+def _clean_temporaries(stage_dir: str) -> None:
+    for sub in ("", "rejected", "_done"):
+        shards.clean_temporaries(shards.join(stage_dir, sub) if sub else stage_dir)
+
+
 def _input_identity(path: str, upstream_dir: str | None) -> dict:
     if upstream_dir:
         done = shards.read_json(shards.join(upstream_dir, "_done", shards.shard_name(path) + ".json"))
@@ -276,6 +301,11 @@ def previous_stage_dir(run_dir: str, name: str) -> str | None:
         d = shards.join(run_dir, stage_dirname(prev))
         if shards.exists(shards.join(d, "_manifest.json")):
             return d
+        if shards.exists(d) and shards.list_shards(d):
+            # a stage that wrote shards but no manifest was killed (or failed) mid-way: its folder may mix
+            # shards of an old and a new config. Reading past it to an earlier stage would silently skip it.
+            raise StageError(f"{name}: {prev} did not finish in this run ({d} has no _manifest.json); "
+                             f"rerun it first")
     return None
 
 
@@ -305,8 +335,13 @@ def run_stage(
             "inputs": [_input_identity(p, input_dir if upstream_is_stage else None) for p in inputs],
         }
     )
-    for d in (stage_dir, shards.join(stage_dir, "rejected")):
-        shards.clean_temporaries(d)
+    _clean_temporaries(stage_dir)
+    # A manifest vouches for the whole folder. Once a run with another fingerprint starts rewriting shards
+    # it no longer does: removed now, so that a kill below cannot leave a folder of mixed old and new
+    # shards that the report, or a later stage run alone, would take for a finished stage.
+    manifest_path = shards.join(stage_dir, "_manifest.json")
+    if (shards.read_json(manifest_path) or {}).get("fingerprint") != fp:
+        shards.remove(manifest_path)
     log.info("%s: %d shards from %s (fingerprint %s, %s)", name, len(inputs), input_dir, fp, ex.name)
     timings: dict[str, float] = {}
 
@@ -318,12 +353,18 @@ def run_stage(
             log.info("%s: statistics up to date, reusing", name)
         else:
             shards.remove(marker)  # stale stats must never be trusted if we die below
+            # ... nor left lying around: the report and a reader of the folder would take them as this run's
+            shards.remove(shards.join(stage_dir, "stats"))
             t0 = time.perf_counter()
             items = [(name, stage_cfg, seed, p, stage_dir) for p in inputs]
             partials = ex.collect_values(collect_task, items, f"{name} collect")
             timings["collect_s"] = round(time.perf_counter() - t0, 3)
             t0 = time.perf_counter()
             stats = ex.tree_reduce(_Merge(name, stage_cfg, seed), partials)
+            # On Dask these are futures: held, they make the scheduler recompute a partial whose worker dies
+            # later, in apply, rerunning collect (and its side effects, e.g. a pass-1 cache file written
+            # after apply took it) for nothing. Released now.
+            del partials
             stats_dir = shards.join(stage_dir, "stats")
             shards.remove(stats_dir)
             probe.save_stats(stats, stats_dir)
@@ -351,6 +392,11 @@ def run_stage(
     for _, summary in ex.map(apply_task, items, f"{name} apply"):
         summaries[summary["shard"]] = summary
     timings["apply_s"] = round(time.perf_counter() - t0, 3)
+    # A Dask worker killed mid-write (its task rerun elsewhere by the nanny) leaves its `.tmp-*` file behind;
+    # every task of this stage has finished now, so any temporary left is such an orphan, and so is any
+    # pass-1 cache file (Stage.cache_put) that no apply took: e.g. one of a shard done by a killed run.
+    _clean_temporaries(stage_dir)
+    shards.remove(shards.join(stage_dir, "_cache"))
 
     # outputs of shards no longer in the input are stale
     expected = {probe.output_name(shards.shard_name(p)) for p in inputs}
@@ -404,6 +450,16 @@ def build_manifest(name, fp, cfg, input_dir, per_shard: list[dict], timings: dic
     }
 
 
+@contextmanager
+def _driver_writes(name: str, run_dir: str):
+    """What the driver itself writes (config, stats, markers, manifest) can fail too: a full disk, a folder
+    made read-only. Shard tasks already say which shard; this says which stage, in one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise StageError(f"{name}: cannot write in the run folder {run_dir}: {e}") from e
+
+
 def run_pipeline(
     stages: Iterable[str],
     run_dir: str,
@@ -419,7 +475,8 @@ def run_pipeline(
     names = sorted(names, key=stage_position)
     from pipeline import config as config_mod
 
-    config_mod.save(config, shards.join(run_dir, "config.toml"))
+    with _driver_writes("run", run_dir):
+        config_mod.save(config, shards.join(run_dir, "config.toml"))
     results = []
     with executor(workers, scheduler) as ex:
         current, from_stage = input_dir, False
@@ -429,7 +486,8 @@ def run_pipeline(
                 from_stage = True
                 if current is None:
                     raise StageError(f"{name}: no input: give --input DIR or run an earlier stage first")
-            res = run_stage(name, run_dir, current, config, ex, upstream_is_stage=from_stage)
+            with _driver_writes(name, run_dir):
+                res = run_stage(name, run_dir, current, config, ex, upstream_is_stage=from_stage)
             results.append(res)
             current, from_stage = res.folder, True
     return results

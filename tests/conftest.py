@@ -21,3 +21,34 @@ def demo_ingested(tmp_path_factory):
                      "--config", str(world / "config.toml"), "--workers", "0"])
     assert code == 0
     return world, runs, "demo"
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """One two-worker Dask LocalCluster for the session (starting one costs ~10 s on 2 cores); runs reach it
+    through the runner's `scheduler` address, as on a real cluster. Its workers preload tests/fault_hooks.py
+    (faults switched on per test by a control file, see there), and are replaced by their nannies when a
+    test kills one. allowed-failures = 1: a task survives one death of its worker, not two (default 3)."""
+    import logging
+    import os
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from tests import fault_hooks
+
+    folder = tmp_path_factory.mktemp("faults")
+    os.environ[fault_hooks.ENV] = str(folder)  # inherited by the workers and by drivers started as subprocesses
+    # worker-saturation 1.0: a worker holds only the task it runs, so a kill hits that task alone
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1, "distributed.worker.daemon": False,
+                          "distributed.scheduler.worker-saturation": 1.0}):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               silence_logs=logging.CRITICAL, preload=["tests.fault_hooks"])
+    client = Client(cluster)
+    client.faults_dir = folder
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+        os.environ.pop(fault_hooks.ENV, None)
