@@ -197,7 +197,13 @@ def wait_workers(client, n: int = 2, not_pids=()) -> None:
             return False
         return len(pids) >= n and not set(pids.values()) & set(not_pids)
 
-    wait_for(ok, "the nannies to restart killed workers", timeout=120)
+    try:
+        wait_for(ok, "the nannies to restart killed workers", timeout=120)
+    except AssertionError:
+        info = client.scheduler_info()["workers"]
+        nannies = {w.get("nanny"): w.get("id") for w in info.values()}
+        raise AssertionError(f"nannies did not restart the workers: {nannies}, "
+                             f"cluster: {getattr(client, 'cluster', None) and client.cluster.workers}")
 
 
 def done(stage_dir: Path) -> int:

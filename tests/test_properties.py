@@ -30,7 +30,7 @@ STAGES = ["align", "metaclip", "klite", TOY]
 DIRS = ["01_align", "02_metaclip", "03_klite", "90_firstword"]
 ENTRIES = ["dog", "cat", "ball", "beach", "tree", "water", "red"]
 VOCAB = ENTRIES + ["a", "the", "on", "runs", "small", "park", "zqxvbn"]  # zqxvbn: a rare token
-SIZES = [(400, 300), (400, 300), (150, 300), (900, 200), (300, 300), (400, 300)]  # too small, too wide
+SIZES = [(400, 300), (400, 300), (150, 300), (900, 200), (300, 300), (400, 300)] + [(320, 240)] * 6  # 2 too small/wide
 
 
 def _png(seed: int) -> bytes:
@@ -40,7 +40,7 @@ def _png(seed: int) -> bytes:
     return b.getvalue()
 
 
-IMAGES = [_png(i) for i in range(5)] + [_png(0)]  # image 5 has image 0's bytes under another url
+IMAGES = [_png(i) for i in range(5)] + [_png(0)] + [_png(i) for i in range(5, 11)]  # 5: image 0's bytes, another url
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_every_stage_is_independent_of_shard_split_and_order(pool, cfg):
 def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster):
     rng = np.random.default_rng(3)
     rows, seen = [], set()
-    for i in range(160):
+    for i in range(50):
         words = list(rng.choice(VOCAB, size=int(rng.integers(1, 9))))
         key = (int(rng.integers(0, len(IMAGES))), " ".join(words))
         if key not in seen:
@@ -152,7 +152,7 @@ def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster):
     (tmp_path / "one").mkdir()
     (tmp_path / "split").mkdir()
     write_split(table.sort_by("uid"), tmp_path / "one", [])
-    write_split(table, tmp_path / "split", [20, 20, 70, 120])  # an empty shard too
+    write_split(table, tmp_path / "split", [10, 10, 25, 40])  # an empty shard too
     run_pipeline(STAGES, str(tmp_path / "r0"), cfg, input_dir=str(tmp_path / "one"), workers=0)
     run_pipeline(STAGES, str(tmp_path / "r2"), cfg, input_dir=str(tmp_path / "split"),
                  scheduler=dask_cluster.scheduler.address)
