@@ -662,6 +662,32 @@ class AlignStage(Stage):
         keys = self.minhasher.band_keys(sig, f["image_id"][idx][sub_rows])
         return idx[sub_rows], keys
 
+    # MinHash signatures and band keys are the costliest per-row work of both passes, and apply needs
+    # the same keys collect made: collect leaves them in the stage folder (Stage.cache_put), apply takes
+    # them. A missing or mismatching cache means computing them again (same keys: pure functions).
+    def _bands_key(self) -> str:
+        return json.dumps([dataclasses.asdict(self.config), self.seed, self.minhasher.bands, self.minhasher.rows],
+                          sort_keys=True, default=str)
+
+    def _cache_bands(self, table: pa.Table, brow: np.ndarray, keys: np.ndarray) -> None:
+        n, b = table.num_rows, self.minhasher.bands
+        mat = np.zeros((n, b), dtype=_U64)
+        mat[brow] = keys
+        has = np.zeros(n, dtype=bool)
+        has[brow] = True
+        self.cache_put("bands", table, {"has_bands": has,
+                                        "band_keys": pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel()), b)},
+                       self._bands_key())
+
+    def _cached_bands(self, table: pa.Table, f: dict, rows_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cached = self.cache_take("bands", table, self._bands_key())
+        if cached is None:
+            return self._bands(f, rows_mask)
+        b = self.minhasher.bands
+        mat = cached.column("band_keys").combine_chunks().flatten().to_numpy().reshape(-1, b)
+        idx = np.flatnonzero(rows_mask & cached.column("has_bands").to_numpy(zero_copy_only=False))
+        return idx, mat[idx]
+
     # ---- pass 1 ----
     def collect(self, table: pa.Table) -> AlignStats:
         f = self._features(table)
@@ -681,6 +707,7 @@ class AlignStage(Stage):
             .sort("pair")
         )
         brow, keys = self._bands(f, self._band_rows(f))
+        self._cache_bands(table, brow, keys)
         bands = (
             pl.DataFrame({"key": keys.ravel(), "uid": np.repeat(f["uid"][brow], keys.shape[1])})
             .group_by("key").agg(uid_min=pl.col("uid").min(), n=pl.len().cast(pl.UInt64))
@@ -818,7 +845,7 @@ class AlignStage(Stage):
             pair = combine64(f["image_id"], f["text_h"])
             exact = ok & (_lookup(stats.lookup("pair_uid"), pair, _MAX_U64) < f["uid"])
             near = np.zeros(n, dtype=bool)
-            brow, keys = self._bands(f, self._band_rows(f) & ~exact)
+            brow, keys = self._cached_bands(table, f, self._band_rows(f) & ~exact)
             if len(brow):
                 mins = _lookup(stats.lookup("band_uid"), keys.ravel(), _MAX_U64).reshape(keys.shape)
                 near[brow] = (mins < f["uid"][brow, None]).any(axis=1)

@@ -564,3 +564,29 @@ def test_demo_world_noise_is_found_and_clean_pairs_kept(demo_ingested):
     assert clean["reason"].is_null().mean() >= 0.95
     # and the rules barely touch well-formed captions that merely describe another image (not their job)
     assert out.filter(pl.col("kind") == "mismatched")["reason"].is_null().mean() >= 0.9
+
+
+def test_apply_takes_collects_band_keys_and_gives_the_same_result_without_them(tmp_path, monkeypatch):
+    """MinHash runs once per shard (collect); apply reads the keys from the stage folder, leaves no cache,
+    and recomputing them (no cache) gives the same outcome."""
+    import stages.align as align_mod
+
+    base = ["a dog runs on the beach", "a dog runs on the beach today", "the sky is very blue today",
+            "red apples on a wooden table", "red apples on the wooden table", "a cat sleeps on a warm sofa"]
+    texts = [f"{t} {w}" for t in base for w in ("", "now", "again")] * 3
+    urls = [f"http://e.invalid/{i % 7}" for i in range(len(texts))]
+    t = make_table(texts, urls=urls)
+    calls = []
+    real = align_mod.AlignStage._bands
+    monkeypatch.setattr(align_mod.AlignStage, "_bands", lambda self, f, m: calls.append(int(m.sum())) or real(self, f, m))
+    res = run_align(tmp_path, t, n_shards=3)
+    assert len(calls) == 3  # collect only
+    assert not list((Path(res.folder) / "_cache").glob("*"))
+    with_cache = outcome(res.folder)
+    assert "near_duplicate" in with_cache.values() or "exact_duplicate" in with_cache.values()
+
+    monkeypatch.setattr(align_mod.AlignStage, "_cache_bands", lambda self, *a: None)  # no cache written
+    calls.clear()
+    res2 = run_align(tmp_path, t, n_shards=3, name="nocache")
+    assert len(calls) == 6  # collect and apply each compute them
+    assert outcome(res2.folder) == with_cache
