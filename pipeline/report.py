@@ -73,7 +73,7 @@ def histograms(run_dir: str) -> dict[str, dict]:
 def _thumb(image: bytes | None) -> str | None:
     if not image:
         return None
-    from trainer.data import open_image
+    from pipeline.images import open_image
 
     try:
         with open_image(image) as im:  # refuses decompression bombs (rejected rows are shown here too)

@@ -43,12 +43,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
 import struct
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +56,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema, shards
+from pipeline.images import MAX_IMAGE_PIXELS, open_image
 from pipeline.stage import Stage, StageError, first_reason, split_by_reason
 
 log = logging.getLogger("clipcurate.align")
@@ -350,21 +349,13 @@ def inspect_image(data: bytes | None, max_pixels: int) -> tuple[bool, int, int, 
     copies past k (measured on the demo world's eval copies: mean distance 1.6 bits at 64 px, 0.9 at
     128 px, 0.8 with a full decode; 128 px costs ~1.5x the 64 px decode, 0.65x a full one).
     """
-    if not data:
-        return False, 0, 0, 0
-    from PIL import Image
-
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w <= 0 or h <= 0 or w * h > max_pixels:
-                    return False, int(w), int(h), 0
-                img.draft("RGB", (128, 128))
-                img.load()
-                return True, int(w), int(h), dhash64(img)
-    except Exception:  # noqa: BLE001 - any decoder error means "unreadable", by design
+        with open_image(data, max_pixels) as img:
+            w, h = img.size
+            img.draft("RGB", (128, 128))
+            img.load()
+            return True, int(w), int(h), dhash64(img)
+    except Exception:  # noqa: BLE001 - no bytes, a bomb, any decoder error: "unreadable", by design
         return False, 0, 0, 0
 
 
@@ -551,7 +542,7 @@ class AlignStage(Stage):
         eval_images: str = ""  # folder of images, or Parquet with image bytes / image_phash; "" = off
         eval_hamming: int = 6  # bits of dHash distance that count as the same image
         language: str = ""  # e.g. "en": drop captions py3langid assigns to another language; "" = off
-        max_image_pixels: int = 89_478_485  # Pillow's decompression-bomb limit (MAX_IMAGE_PIXELS)
+        max_image_pixels: int = MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (pipeline.images)
         url_as_image: bool = True  # text-only pools: the url stands in for the image in pool counts
 
     def __init__(self, config: Any = None, seed: int = 0):

@@ -16,7 +16,7 @@ Keep      with `threshold` unset: the top `keep_fraction` of the scored pairs of
 Reasons   `no_image` (null image bytes: score null), `bad_image` (bytes that do not decode: score null),
           `dfn_low_score` (score below the cut; the score is kept in the rejected shard); and, as in every
           stage, `invalid_utf8` (text bytes that are not UTF-8, set aside before scoring). A decompression bomb
-          (over Pillow's 89,478,485-pixel limit, checked from the header: `trainer.data.open_image`) is a
+          (over Pillow's 89,478,485-pixel limit, checked from the header: `pipeline.images.open_image`) is a
           `bad_image`.
 Cost      scoring is the expensive part, so `collect` stores each shard's scores in a cache
           (`$CLIPCURATE_CACHE/dfn_scores/`, keyed by the model file's digest, precision and a hash of the

@@ -18,7 +18,6 @@ pure functions of (uid, seed, epoch) (`pipeline.stage.uniform`), so resume repro
 from __future__ import annotations
 
 import glob
-import io
 import os
 import tarfile
 from typing import Iterator
@@ -160,34 +159,8 @@ def open_source(path: str):
 
 
 # ---- decoding ------------------------------------------------------------------------------------
-# Pillow's own decompression-bomb limit, fixed here: Pillow only *warns* between 1x and 2x its
-# MAX_IMAGE_PIXELS (and any library may set that global to None), so the size is checked from the header.
-MAX_IMAGE_PIXELS = 89_478_485
-
-
-class ImageTooLarge(ValueError):
-    """An image whose header declares more than MAX_IMAGE_PIXELS pixels (a decompression bomb)."""
-
-
-def open_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Image.open from bytes, refusing decompression bombs from the header, before anything is decoded."""
-    import warnings
-
-    from PIL import Image
-
-    if not data:
-        raise ValueError("no image bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageTooLarge(str(e)) from None
-    w, h = img.size
-    if w * h > max_pixels:
-        img.close()
-        raise ImageTooLarge(f"image of {w}x{h} pixels is over the {max_pixels} pixel limit (decompression bomb)")
-    return img
+# The bomb-refusing opener lives in pipeline.images (align, dfn and the report use it too); re-exported here.
+from pipeline.images import MAX_IMAGE_PIXELS, ImageTooLarge, open_image  # noqa: E402,F401
 
 
 def decode_image(data: bytes, size: int | None = None):
