@@ -102,12 +102,30 @@ def _binary_to_string(col) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, pa.string())
 
 
-def _valid_utf8(chunk: pa.Array) -> bool:
+def is_valid_utf8(col) -> bool:
+    """Whether every value of a string column is valid UTF-8 (Arrow does not check on read; polars crashes
+    the process on invalid bytes). One SIMD validation pass per chunk."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
     try:
-        chunk.validate(full=True)
+        for chunk in chunks:
+            chunk.validate(full=True)
         return True
     except pa.ArrowInvalid:
         return False
+
+
+def lossy_utf8(col) -> tuple[pa.Array, list[bool]]:
+    """(values decoded as UTF-8 with U+FFFD for bad bytes, per row: were the bytes invalid). A Python loop,
+    but only over a column that `is_valid_utf8` refused: the rare shard or list that holds broken text."""
+    fixed, bad = [], []
+    for b in col.cast(pa.binary()).to_pylist():
+        try:
+            fixed.append(None if b is None else b.decode("utf-8"))
+            bad.append(False)
+        except UnicodeDecodeError:
+            fixed.append(b.decode("utf-8", "replace"))
+            bad.append(True)
+    return pa.array(fixed, pa.string()), bad
 
 
 def _flag_invalid_utf8(table: pa.Table) -> pa.Table:
@@ -119,18 +137,10 @@ def _flag_invalid_utf8(table: pa.Table) -> pa.Table:
         if name not in table.column_names or not pa.types.is_string(table.schema.field(name).type):
             continue
         col = table.column(name)
-        if all(_valid_utf8(c) for c in col.chunks):
+        if is_valid_utf8(col):
             continue
-        raw = col.cast(pa.binary()).to_pylist()  # rare path: a shard that holds broken text
-        fixed, mask = [], []
-        for b in raw:
-            try:
-                fixed.append(None if b is None else b.decode("utf-8"))
-                mask.append(False)
-            except UnicodeDecodeError:
-                fixed.append(b.decode("utf-8", "replace"))
-                mask.append(True)
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(fixed, pa.string()))
+        fixed, mask = lossy_utf8(col)
+        table = table.set_column(table.schema.get_field_index(name), name, fixed)
         bad = mask if bad is None else [a or b for a, b in zip(bad, mask)]
     if bad is None:
         return table

@@ -132,19 +132,6 @@ def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption")
 BAD_TEXT_COL = "_not_utf8"  # rows of a URL list whose url or caption bytes are not valid UTF-8
 
 
-def _lossy(col: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
-    """(text decoded with U+FFFD for bad bytes, row is not valid UTF-8) for a binary/string column."""
-    fixed, bad = [], []
-    for b in col.cast(pa.binary()).to_pylist():
-        try:
-            fixed.append(None if b is None else b.decode("utf-8"))
-            bad.append(False)
-        except UnicodeDecodeError:
-            fixed.append(b.decode("utf-8", "replace"))
-            bad.append(True)
-    return pa.array(fixed, pa.string()), pa.array(bad, pa.bool_())
-
-
 def _with_bad_text(table: pa.Table) -> pl.DataFrame:
     """Every string/binary column lossy-decoded, plus `_bad_<col>` flags where a value was not UTF-8."""
     cols = {}
@@ -152,7 +139,8 @@ def _with_bad_text(table: pa.Table) -> pl.DataFrame:
         col = table.column(name)
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_binary(col.type) \
                 or pa.types.is_large_binary(col.type):
-            cols[name], cols[f"_bad_{name}"] = _lossy(col)
+            fixed, bad = schema.lossy_utf8(col)
+            cols[name], cols[f"_bad_{name}"] = fixed, pa.array(bad, pa.bool_())
         else:
             cols[name] = col
     return pl.from_arrow(pa.table(cols))
@@ -186,12 +174,8 @@ def _read_parquet_list(p: str) -> pl.DataFrame:
     for c in table.columns:
         if pa.types.is_binary(c.type) or pa.types.is_large_binary(c.type):
             return _with_bad_text(table)
-        if pa.types.is_string(c.type) or pa.types.is_large_string(c.type):
-            for chunk in c.chunks:
-                try:
-                    chunk.validate(full=True)
-                except pa.ArrowInvalid:
-                    return _with_bad_text(table)
+        if (pa.types.is_string(c.type) or pa.types.is_large_string(c.type)) and not schema.is_valid_utf8(c):
+            return _with_bad_text(table)
     return pl.from_arrow(table)
 
 
