@@ -49,6 +49,7 @@ mismatching cache (uids, texts, concept list) means matching again, with the sam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -283,8 +284,13 @@ class MetaClipStage(Stage):
         """The automaton, once per worker process (the runner keeps one ready instance per process)."""
         self.matcher = Matcher(self.entries, self.config.matcher)
 
+    @functools.cached_property
+    def entries_sha256(self) -> str:
+        """The list's identity: in the fingerprint, and the key of the pass-1 match cache."""
+        return concepts.entries_sha256(self.entries)
+
     def fingerprint_parts(self) -> dict:
-        return {"entries_sha256": concepts.entries_sha256(self.entries)}
+        return {"entries_sha256": self.entries_sha256}
 
     def match(self, table: pa.Table) -> pa.ListArray:
         self.ensure_ready()
@@ -310,15 +316,10 @@ class MetaClipStage(Stage):
         s = pl.from_arrow(table.column(col))
         return s.hash(seed=0).to_numpy().astype(np.uint64)
 
-    def _cache_key(self) -> str:
-        if getattr(self, "_entries_sha", None) is None:
-            self._entries_sha = concepts.entries_sha256(self.entries)
-        return self._entries_sha
-
     def collect(self, table: pa.Table) -> dict:
         """{"langs": {lang: (entry ids, counts)}, "images": (key hash, smallest draw) or None}."""
         lists = self.match(table)
-        self.cache_put("matches", table, {OUT_COL: lists}, self._cache_key())
+        self.cache_put("matches", table, {OUT_COL: lists}, self.entries_sha256)
         n_per_row = np.diff(lists.offsets.to_numpy())
         ids = lists.values.to_numpy()
         langs = self._languages(table)
@@ -404,7 +405,8 @@ class MetaClipStage(Stage):
 
     # -- pass 2 ---------------------------------------------------------------------------------------------
     def apply(self, table: pa.Table, stats: dict) -> tuple[pa.Table, pa.Table]:
-        cached = self.cache_take("matches", table, self._cache_key())
+        cached = self.cache_take("matches", table, self.entries_sha256)
+        # (Parquet names a list's child "element": cast back to list<item: int32>, the type match() returns)
         lists = self.match(table) if cached is None else cached.column(OUT_COL).combine_chunks().cast(pa.list_(pa.int32()))
         n = table.num_rows
         n_per_row = np.diff(lists.offsets.to_numpy())

@@ -370,7 +370,7 @@ def test_apply_reuses_collect_matches_and_a_bad_cache_is_ignored(tmp_path, monke
     tables = {p.name: pq.read_table(p) for p in sorted((tmp_path / "in").glob("part-*.parquet"))}
     names = sorted(tables)
     st.context = {"stage_dir": res.folder, "shard": names[0]}
-    st.cache_put("matches", tables[names[1]], {mc.OUT_COL: st.match(tables[names[1]])}, st._cache_key())
+    st.cache_put("matches", tables[names[1]], {mc.OUT_COL: st.match(tables[names[1]])}, st.entries_sha256)
     st.context = {"stage_dir": res.folder, "shard": names[1]}
     wrong = pa.array([[0]] * tables[names[1]].num_rows, pa.list_(pa.int32()))
     st.cache_put("matches", tables[names[1]], {mc.OUT_COL: wrong}, "another list")
