@@ -43,7 +43,7 @@ class InProcessExecutor:
         for i, item in enumerate(tqdm(items, desc=desc, unit="shard", leave=False, disable=None)):
             yield i, fn(*item)
 
-    def tree_reduce(self, fn: Callable, values: list) -> Any:
+    def tree_reduce(self, fn: Callable, values: list, desc: str = "merge") -> Any:
         while len(values) > 1:
             values = [fn(values[i : i + MERGE_FAN_IN]) for i in range(0, len(values), MERGE_FAN_IN)]
         return values[0]
@@ -105,7 +105,7 @@ class DaskExecutor:
             for f in futures:
                 f.cancel()
 
-    def tree_reduce(self, fn: Callable, values: list) -> Any:
+    def tree_reduce(self, fn: Callable, values: list, desc: str = "merge") -> Any:
         # values are futures living on workers: partials never travel to the client until merged
         while len(values) > 1:
             values = [
@@ -113,7 +113,7 @@ class DaskExecutor:
                 for i in range(0, len(values), MERGE_FAN_IN)
             ]
         v = values[0]
-        with _worker_deaths(f"{getattr(fn, 'args', ('',))[0]} merge", None):
+        with _worker_deaths(desc, None):
             return v.result() if hasattr(v, "result") else v
 
     def collect_values(self, fn: Callable, items: list, desc: str) -> list:
@@ -360,7 +360,7 @@ def run_stage(
             partials = ex.collect_values(collect_task, items, f"{name} collect")
             timings["collect_s"] = round(time.perf_counter() - t0, 3)
             t0 = time.perf_counter()
-            stats = ex.tree_reduce(_Merge(name, stage_cfg, seed), partials)
+            stats = ex.tree_reduce(_Merge(name, stage_cfg, seed), partials, f"{name} merge")
             # On Dask these are futures: held, they make the scheduler recompute a partial whose worker dies
             # later, in apply, rerunning collect (and its side effects, e.g. a pass-1 cache file written
             # after apply took it) for nothing. Released now.
