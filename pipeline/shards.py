@@ -143,7 +143,13 @@ def clean_temporaries(folder: str) -> int:
     n = 0
     for info in fs.ls(p, detail=True):
         if posixpath.basename(info["name"]).startswith(TMP_PREFIX):
-            fs.rm(info["name"])
+            try:
+                fs.rm(info["name"])
+            except FileNotFoundError:
+                # gone between the listing and now: renamed into place by a task still finishing (e.g. a
+                # straggler of a failed Dask run whose cancelled task was already executing), or its writer's
+                # own clean-up. Either way there is nothing left to remove.
+                continue
             n += 1
     return n
 

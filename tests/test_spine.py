@@ -208,6 +208,27 @@ def test_failed_write_leaves_no_partial_shard(tmp_path, monkeypatch):
     assert pq.read_table(target).num_rows == 1
 
 
+def test_clean_temporaries_tolerates_a_temporary_renamed_away_under_it(tmp_path, monkeypatch):
+    """A rerun started while a cancelled Dask task of the failed run is still finishing its write lists that
+    task's `.tmp-*`, which is renamed into place before the rm: seen in make test as 'cannot write in the run
+    folder ... No such file or directory'. The cleanup must skip it, and still remove the real orphans."""
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    for name in (".tmp-aaa-part-00000.parquet", ".tmp-bbb-part-00001.parquet", "part-00002.parquet"):
+        (folder / name).write_bytes(b"x")
+    fs, _ = shards.fs_and_path(str(folder))
+    real_rm = type(fs).rm
+
+    def rm_racing_a_rename(self, path, *a, **kw):
+        if path.endswith(".tmp-aaa-part-00000.parquet"):
+            os.rename(path, str(folder / "part-00000.parquet"))  # the straggler's rename wins the race
+        return real_rm(self, path, *a, **kw)
+
+    monkeypatch.setattr(type(fs), "rm", rm_racing_a_rename)
+    assert shards.clean_temporaries(str(folder)) == 1
+    assert sorted(os.listdir(folder)) == ["part-00000.parquet", "part-00002.parquet"]
+
+
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys
