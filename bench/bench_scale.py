@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_align import DATA, FLICKR, LAION, build_pool, load_real  # noqa: E402
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.runner import run_pipeline  # noqa: E402
+from pipeline.runner import run_pipeline, worker_env  # noqa: E402
 
 STAGES = ["align", "metaclip", "klite"]
 GOAL_ROWS_PER_MIN = 1_000_000
@@ -60,7 +60,8 @@ class Cluster:
         self.port = _free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         dask = str(Path(sys.executable).with_name("dask"))
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   **worker_env(workers))  # what the runner's LocalCluster gives its workers
         log = open(os.path.join(workdir, f"cluster-w{workers}.log"), "w")
         common = dict(env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),

@@ -315,3 +315,34 @@ def test_unforeseen_error_in_a_shard_is_one_line_naming_stage_and_shard(tmp_path
     with pytest.raises(ShardFailed, match=rf"{STAGE} {step}: shard part-0000\d.parquet: KeyError: 'surprise'") as e:
         run_pipeline([STAGE], str(tmp_path / "r"), config_mod.resolve({}), input_dir=str(tmp_path / "in"), workers=0)
     assert "\n" not in str(e.value) and isinstance(e.value.__cause__, KeyError)  # the traceback stays chained
+
+
+def test_worker_env_splits_cores_among_workers_and_keeps_a_users_setting(monkeypatch):
+    from pipeline.runner import worker_env
+
+    monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert worker_env(2) == {"POLARS_MAX_THREADS": "4"}
+    assert worker_env(3) == {"POLARS_MAX_THREADS": "2"}
+    assert worker_env(16) == {"POLARS_MAX_THREADS": "1"}
+    monkeypatch.setenv("POLARS_MAX_THREADS", "5")
+    assert worker_env(2) == {"POLARS_MAX_THREADS": "5"}
+
+
+def test_local_cluster_workers_get_their_share_of_polars_threads(monkeypatch):
+    """Each worker process imports polars with cores // workers threads (not all cores each)."""
+    from pipeline.runner import DaskExecutor
+
+    monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
+
+    def pool_size():
+        import polars
+
+        return polars.thread_pool_size()
+
+    ex = DaskExecutor(workers=2)
+    try:
+        sizes = list(ex.client.run(pool_size).values())
+    finally:
+        ex.close()
+    assert sizes == [max(1, (os.cpu_count() or 1) // 2)] * 2
