@@ -36,7 +36,7 @@ from pipeline.stage import Stage, StageError, fingerprint
 log = logging.getLogger("clipcurate.ingest")
 
 CAPTIONS_COL = "clipcurate_captions"
-VALID_URL = r"^https?://[^\s/:?#]+(:\d+)?([/?#]\S*)?$"
+VALID_URL = r"(?i)^https?://[^\s/:?#]+(:\d+)?([/?#]\S*)?$"  # schemes are case-insensitive (RFC 3986 3.1)
 
 
 class IngestStage(Stage):

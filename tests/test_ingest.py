@@ -168,3 +168,11 @@ def test_ingest_rerun_reuses_download_and_shards(ingested, capsys):
     code = cli_main(["--runs-dir", str(runs), "ingest", str(lst), "--run", "r", "--serve", str(root / "www"), "--workers", "0"])
     assert code == 0
     assert {p: os.stat(p).st_mtime_ns for p in before} == before
+
+
+def test_url_scheme_is_case_insensitive_but_still_http_only():
+    """RFC 3986: 'HTTP://' is the same scheme as 'http://' (urllib, which img2dataset uses, fetches both)."""
+    urls = ["HTTP://h.invalid/a.jpg", "Https://h.invalid/b.jpg", "FTP://h.invalid/c.jpg", "HTTP://", "hTtP:/x"]
+    grouped, bad = group_by_url(pl.DataFrame({"url": urls, "caption": ["a", "b", "c", "d", "e"]}))
+    assert grouped["url"].to_list() == urls[:2]
+    assert sorted(bad["caption"].to_list()) == ["c", "d", "e"]
