@@ -17,9 +17,9 @@ only Python-level loop left is pyahocorasick's iterator itself (one small tuple 
 "polars" (its built-in Aho-Corasick, `str.extract_many(..., overlapping=True)`; it returns strings, not ids,
 and rebuilds its automaton on every call) and "tokens" (a token trie walked with numpy, see
 `Matcher._match_tokens`). bench/bench_metaclip.py, 1,009,000 real captions, 148,730 WordNet entries, one
-core each, cyclic GC off for every timed loop, idle 2-core machine (load ~0.9): reference 138,098 captions/s;
-pyahocorasick 191,505 (x1.39); polars 122,010 (x0.88); tokens 393,208 (x2.85; x2.64 and x2.95 in two other
-runs the same hour). "tokens" is the default: same output, the fastest measured.
+core each, cyclic GC off, median of 3 trials, 2-core VM at load ~1: reference 127,975 captions/s;
+pyahocorasick 175,669 (x1.37); polars 120,995 (x0.94); tokens 463,199 (x3.62; x3.51 against the reference's
+fastest trial; x3.79 / x3.18 in the run before). "tokens" is the default: same output, the fastest measured.
 
 Balancing (MetaCLIP's balancing.py): `collect` counts, per entry, the texts matching it (numpy bincount);
 `merge` sums; `apply` keeps a pair with probability 1 - prod_e (1 - p_e), p_e = t / max(count_e, t), by
@@ -75,11 +75,15 @@ _SEP = "\n"  # spacing() removes it from every caption: a safe separator between
 
 
 # ---- matching ------------------------------------------------------------------------------------------
-def spacing(texts) -> pl.Series:
-    """MetaCLIP's spacing() over a column (null -> "  ", which matches nothing)."""
+def _spaced_inner(texts) -> pl.Series:
+    """spacing() without its outer padding: " " + _spaced_inner(t) + " " == spacing(t)."""
     s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
-    s = s.cast(pl.String).fill_null("").str.replace_many(_SPACING_FROM, _SPACING_TO)  # literal, one pass
-    return (" " + s + " ").alias("spaced")
+    return s.cast(pl.String).fill_null("").str.replace_many(_SPACING_FROM, _SPACING_TO)  # literal, one pass
+
+
+def spacing(texts) -> pl.Series:
+    """MetaCLIP's spacing() over a column (null -> "  ", as for an empty caption)."""
+    return (" " + _spaced_inner(texts) + " ").alias("spaced")
 
 
 def _lists(n: int, rows: np.ndarray, ids: np.ndarray, n_entries: int) -> pa.ListArray:
@@ -161,35 +165,37 @@ class Matcher:
         self.first_entry = np.where(known, self.terminal[self.first_node], -1)
         self.first_goes_on = known & self.has_child[self.first_node]
 
-    def _match_tokens(self, spaced: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    def _match_tokens(self, inner: pl.Series) -> tuple[np.ndarray, np.ndarray]:
         """(row, entry) hits via the token trie.
 
-        " " + e + " " is a substring of S = spacing(text) exactly when e.split(" ") occurs as a contiguous
-        run of S.split(" ") that touches neither the first nor the last piece (the padding's empty
-        strings): spaces in S are the only token breaks, and e's own spaces must fall on them. Empty
-        pieces (double spaces) are tokens like any other, so entries with leading, trailing or double
-        spaces match as in the reference. Captions become token ids in one Enum cast (unknown -> V;
-        each caption's first and last piece -> V, a wall no walk crosses); then every start position
-        walks the trie at once, one vectorised numpy step per token depth (edges looked up in a hash
-        table, pandas' Index).
+        " " + e + " " is a substring of spacing(text) = " " + T + " " (T = `_spaced_inner(text)`) exactly
+        when e.split(" ") occurs as a contiguous run of T.split(" "): spaces are the only token breaks,
+        e's own spaces must fall on them, and the padding supplies the spaces around T's first and last
+        pieces. Empty pieces (double spaces) are tokens like any other, so entries with leading, trailing
+        or double spaces match as in the reference. Captions become token ids in one Enum cast (unknown ->
+        V); then every start position walks the trie at once, one vectorised numpy step per token depth
+        (edges looked up in a hash table, pandas' Index), never past its caption's last token. Splitting
+        T rather than the padded text spares two empty tokens per caption (~13% of the tokens).
         """
-        parts = spaced.str.split(" ")
-        lens = parts.list.len().to_numpy().astype(np.int64)
+        parts = inner.str.split(" ")
+        lens = parts.list.len().to_numpy().astype(np.int64)  # >= 1: "".split(" ") == [""]
         flat = parts.explode(empty_as_null=False)
         V = self.V
-        tid = flat.cast(self.vocab, strict=False).to_physical().cast(pl.Int64).fill_null(V).to_numpy(writable=True)
-        ends = np.cumsum(lens)
-        tid[ends - lens] = V
-        tid[ends - 1] = V
+        tid = flat.cast(self.vocab, strict=False).to_physical().cast(pl.Int64).fill_null(V).to_numpy()
+        goes_on = np.ones(len(tid), dtype=bool)  # False on each caption's last token: no walk crosses it
+        goes_on[np.cumsum(lens) - 1] = False
         # depth 1 over the whole token array (no index arrays yet): one-token entries, and where walks go on
         e1 = self.first_entry[tid]
         h = np.flatnonzero(e1 >= 0)
         hit_pos, hit_entry = [h], [e1[h]]
-        start = np.flatnonzero(self.first_goes_on[tid[:-1]] & (tid[1:] < V))
+        start = np.flatnonzero(self.first_goes_on[tid[:-1]] & goes_on[:-1] & (tid[1:] < V))
         node = self.first_node[tid[start]]
         depth = 1  # tokens consumed by every walk still going
         while len(start):
-            tok = tid[start + depth]  # never past the end: every caption ends with a wall (V)
+            if depth > 1:
+                ok = goes_on[start + depth - 1]
+                start, node = start[ok], node[ok]
+            tok = tid[start + depth]  # in bounds: the last token of all is a caption's last
             ok = tok < V
             start, node = start[ok], node[ok]
             j = self.edge_index.get_indexer(node * V + tok[ok])
@@ -203,17 +209,18 @@ class Matcher:
             start, node = start[go], node[go]
             depth += 1
         rows = np.repeat(np.arange(len(lens)), lens)
-        hp = np.concatenate(hit_pos) if hit_pos else np.zeros(0, dtype=np.int64)
-        return rows[hp], (np.concatenate(hit_entry) if hit_entry else np.zeros(0, dtype=np.int64))
+        hp = np.concatenate(hit_pos)
+        return rows[hp], np.concatenate(hit_entry)
 
     def match(self, texts) -> pa.ListArray:
-        spaced = spacing(texts)
-        n = len(spaced)
+        inner = _spaced_inner(texts)
+        n = len(inner)
         if n == 0 or len(self.spaced) == 0:
             return pa.array([[]] * n, type=pa.list_(pa.int32()))
         if self.backend == "tokens":
-            rows, ids = self._match_tokens(spaced)
+            rows, ids = self._match_tokens(inner)
             return _lists(n, rows, ids, self.n)
+        spaced = (" " + inner + " ").alias("spaced")
         if self.backend == "polars":
             hits = spaced.str.extract_many(self.spaced, overlapping=True)
             offs = np.zeros(n + 1, dtype=np.int64)
