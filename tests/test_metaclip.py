@@ -12,6 +12,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from metadata import concepts
 from pipeline import config as config_mod
@@ -100,6 +102,25 @@ def test_hand_cases(backend):
     for (text, want), ids in zip(HAND_CASES, got):
         assert ids == sorted(E[w] for w in want), (backend, text)
         assert ids == ref_match(text, HAND_ENTRIES), (backend, text)
+
+
+# Random texts and entries over a tiny alphabet, so that matches, near-misses and every separator case
+# (spaced punctuation, tabs/newlines, double/leading/trailing spaces, empty texts, one caption's last word
+# followed by the next caption's first) are dense; one batch, so nothing may cross between captions.
+_PIECES = ["a", "b", "ab", "B", " ", "  ", ",", ".", "?", "\t", "\n", "'", "-", "é", ""]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    entries=st.lists(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=4).map("".join),
+                     min_size=1, max_size=25, unique=True),
+    texts=st.lists(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join), min_size=1, max_size=12),
+)
+def test_every_matcher_equals_the_reference_on_random_texts(entries, texts):
+    want = [ref_match(t, entries) for t in texts]
+    for backend in MATCHERS:
+        got = Matcher(entries, backend).match(pl.Series(texts, dtype=pl.String)).to_pylist()
+        assert got == want, backend
 
 
 def test_spacing_matches_reference():
