@@ -4,22 +4,19 @@ Matching gives exactly the entry-id sets of facebookresearch/MetaCLIP's `substr_
 list (DESIGN.md, section "metaclip"):
   spacing(text)   " " + text + " ", each of , . ; : ? ! ` wrapped in spaces, tab/newline/CR -> space; no
                   lower-casing (case-sensitive), quotes, brackets, apostrophes and hyphens untouched.
-  match           entry e matches when " " + e + " " is a substring of spacing(text): one Aho-Corasick
-                  automaton over the spaced entries, overlapping matches included.
-The reference spaces and matches caption by caption in Python. Here spacing is one vectorised
-`str.replace_many` over the column (one pass equals MetaCLIP's ten sequential `str.replace` calls, since
-each only inserts spaces around its own character, or replaces it by a space), the spaced captions of a
-shard are joined with "\n" (which spacing removed from every caption, and which no automaton key contains,
-so no match can cross two captions) and scanned by ONE `automaton.iter` call; match end positions map back
-to captions with `np.searchsorted`, and (caption, entry) pairs are made unique with sort-based unique. The
-only Python-level loop left is pyahocorasick's iterator itself (one small tuple per hit, consumed by
-`np.fromiter`): it has no vectorised API for overlapping hits. Two other `matcher`s give the same sets:
-"polars" (its built-in Aho-Corasick, `str.extract_many(..., overlapping=True)`; it returns strings, not ids,
-and rebuilds its automaton on every call) and "tokens" (a token trie walked with numpy, see
-`Matcher._match_tokens`). bench/bench_metaclip.py, 1,009,000 real captions, 148,730 WordNet entries, one
-core each, cyclic GC off, median of 3 trials, 2-core VM at load ~1: reference 127,975 captions/s;
-pyahocorasick 175,669 (x1.37); polars 120,995 (x0.94); tokens 463,199 (x3.62; x3.51 against the reference's
-fastest trial; x3.79 / x3.18 in the run before). "tokens" is the default: same output, the fastest measured.
+  match           entry e matches when " " + e + " " is a substring of spacing(text), overlapping matches
+                  included.
+The reference spaces and matches caption by caption in Python, with one Aho-Corasick automaton. Here spacing
+is one vectorised `str.replace_many` over the column (one pass equals MetaCLIP's ten sequential
+`str.replace` calls, since each only inserts spaces around its own character, or replaces it by a space).
+Three `matcher`s give the same sets (asserted by the tests and the benchmark), see `Matcher`:
+"tokens" (the default: a token trie walked with numpy over a whole shard, `Matcher._match_tokens`),
+"pyahocorasick" (DESIGN.md's automaton, one `automaton.iter` over the shard's joined captions) and "polars"
+(its built-in Aho-Corasick). DESIGN.md names the automaton; the trie is the default because it is the
+fastest with the same output. bench/bench_metaclip.py, 1,009,000 real captions, 148,730 WordNet entries, one
+core each, cyclic GC off, 5 rounds each timing every contender (speedups are per-round ratios, median):
+reference 137,726 captions/s; tokens 424,085 (x3.08, rounds x3.06-x3.44); pyahocorasick 194,011 (x1.41);
+polars 103,430 (x0.75).
 
 Balancing (MetaCLIP's balancing.py): `collect` counts, per entry, the texts matching it (numpy bincount);
 `merge` sums; `apply` keeps a pair with probability 1 - prod_e (1 - p_e), p_e = t / max(count_e, t), by
@@ -68,7 +65,8 @@ from pipeline.stage import Stage, StageError, first_reason, split_by_reason, uni
 log = logging.getLogger("clipcurate.metaclip")
 
 OUT_COL = "metaclip_entries"
-MATCHERS = ("pyahocorasick", "polars", "tokens")
+MATCHERS = ("tokens", "pyahocorasick", "polars")
+DEFAULT_MATCHER = "tokens"
 _SPACING_FROM = list(",.;:?!`") + ["\t", "\n", "\r"]
 _SPACING_TO = [f" {c} " for c in ",.;:?!`"] + [" ", " ", " "]
 _SEP = "\n"  # spacing() removes it from every caption: a safe separator between captions
@@ -101,14 +99,17 @@ class Matcher:
     """Entry list -> matcher state, built once; `match(texts)` -> list<int32> of sorted unique entry ids.
 
     Backends (identical output, asserted by the tests and the benchmark):
+      tokens         the same matches found on tokens instead of characters (see `_match_tokens`).
       pyahocorasick  one automaton over all spaced entries; a shard's spaced captions are joined with "\n"
-                     and scanned by one `automaton.iter` call (per hit, one Python tuple).
+                     (which spacing removed from every caption, and which no key holds, so no match
+                     crosses two captions) and scanned by one `automaton.iter` call; end positions map back
+                     to captions with `np.searchsorted`. Its iterator yields one Python tuple per hit: it
+                     has no vectorised API for overlapping hits.
       polars         polars' Aho-Corasick, `str.extract_many(..., overlapping=True)`; hit strings -> ids by
                      an Enum cast. polars rebuilds its automaton on every call (~0.5 s for 150k entries).
-      tokens         the same matches found on tokens instead of characters (see `_match_tokens`).
     """
 
-    def __init__(self, entries: list[str], backend: str = "pyahocorasick"):
+    def __init__(self, entries: list[str], backend: str = DEFAULT_MATCHER):
         if backend not in MATCHERS:
             raise StageError(f"metaclip: matcher must be one of {', '.join(MATCHERS)}, not '{backend}'")
         self.backend = backend
@@ -188,14 +189,11 @@ class Matcher:
         e1 = self.first_entry[tid]
         h = np.flatnonzero(e1 >= 0)
         hit_pos, hit_entry = [h], [e1[h]]
-        start = np.flatnonzero(self.first_goes_on[tid[:-1]] & goes_on[:-1] & (tid[1:] < V))
+        start = np.flatnonzero(self.first_goes_on[tid] & goes_on)
         node = self.first_node[tid[start]]
-        depth = 1  # tokens consumed by every walk still going
+        depth = 1  # tokens consumed by every walk still going; none has reached its caption's last token
         while len(start):
-            if depth > 1:
-                ok = goes_on[start + depth - 1]
-                start, node = start[ok], node[ok]
-            tok = tid[start + depth]  # in bounds: the last token of all is a caption's last
+            tok = tid[start + depth]  # in bounds: the walk's last token was not its caption's last
             ok = tok < V
             start, node = start[ok], node[ok]
             j = self.edge_index.get_indexer(node * V + tok[ok])
@@ -205,7 +203,7 @@ class Matcher:
             h = term >= 0
             hit_pos.append(start[h])
             hit_entry.append(term[h])
-            go = self.has_child[node]  # leaves stop here
+            go = self.has_child[node] & goes_on[start + depth]  # leaves, and caption ends, stop here
             start, node = start[go], node[go]
             depth += 1
         rows = np.repeat(np.arange(len(lens)), lens)
@@ -271,7 +269,7 @@ class MetaClipStage(Stage):
     class Config:
         entries: str = ""  # concept list: "" = WordNet (built and cached); a .json list or one-a-line file
         t: int = 20000  # head/tail threshold (MetaCLIP: 20k for 400M pairs; scale it for small pools)
-        matcher: str = "tokens"  # or "pyahocorasick" / "polars" (Aho-Corasick automata): same output, slower
+        matcher: str = DEFAULT_MATCHER  # or "pyahocorasick" / "polars" (Aho-Corasick automata): same output, slower
         language_col: str = ""  # column with a language code: per-language counts and t (MetaCLIP 2)
         tail_share: float = 0.0  # > 0: every language's t from this tail share; 0: from t on reference_language
         reference_language: str = "en"  # the language `t` applies to (MetaCLIP 2: English)
@@ -301,7 +299,7 @@ class MetaClipStage(Stage):
         return self._entries
 
     def setup(self) -> None:
-        """The automaton, once per worker process (the runner keeps one ready instance per process)."""
+        """The matcher, built once per worker process (the runner keeps one ready instance per process)."""
         self.matcher = Matcher(self.entries, self.config.matcher)
 
     @functools.cached_property
