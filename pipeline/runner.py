@@ -64,7 +64,8 @@ def worker_env(workers: int) -> dict[str, str]:
     polars sizes its thread pool to every core of the machine in every process, so two workers on two cores
     ran four busy threads. One pool of cores // workers threads per worker: on 2 cores, 2 workers, the
     1M-caption scale bench went from 64.1 s to 59.4 s (metaclip 6.5 -> 5.1 s, klite 9.4 -> 6.0 s; align, whose
-    time is mostly its own numpy code, unchanged). A POLARS_MAX_THREADS the user set is left alone."""
+    time is mostly its own numpy code, unchanged; bench/results/scale_polars_threads.json). A POLARS_MAX_THREADS
+    the user set is left alone."""
     if "POLARS_MAX_THREADS" in os.environ:
         return {"POLARS_MAX_THREADS": os.environ["POLARS_MAX_THREADS"]}
     return {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, workers)))}
