@@ -1,7 +1,9 @@
 """Runs stages over a folder of shards: in-process, on a Dask LocalCluster, or on an existing cluster.
 
 Per stage:
-  pass 1 (stages with `collect`): map collect over shards, tree-reduce with `merge`, save the stats;
+  pass 1 (stages with `collect`): map collect over shards, tree-reduce with `merge`, save the stats; or, for
+    stages whose statistics grow with the pool (`Stage.split`), a shuffle: collect writes its partial cut by
+    key hash into partitions, one task per partition merges and saves it and writes each shard's answer;
   pass 2: map apply; each shard writes kept + rejected atomically, then a small `_done/<shard>.json`.
 
 Resume: a shard is skipped when its done-marker carries the stage fingerprint (stage config + inputs);
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -163,7 +166,12 @@ def _worker_deaths(desc: str, item: tuple | None):
     try:
         yield
     except KilledWorker:
-        where = f"shard {shards.shard_name(item[3])}" if item else "merge task"
+        if not item:
+            where = "merge task"
+        elif isinstance(item[3], int):
+            where = f"statistics partition {item[3]}"  # merge_partition_task
+        else:
+            where = f"shard {shards.shard_name(item[3])}"
         raise StageError(
             f"{desc}: {where}: the Dask worker running it died on every try (killed, e.g. out of memory); "
             "rerun the same command to resume"
@@ -196,20 +204,21 @@ class ShardFailed(StageError):
 
 
 @contextmanager
-def _naming_shard(name: str, step: str, path: str):
+def _naming_shard(name: str, step: str, path: str, where: str | None = None):
     from pipeline.config import ConfigError
     from pipeline.schema import SchemaError
 
+    where = where or f"shard {shards.shard_name(path)}"
     try:
         yield
     except (StageError, shards.ShardError, SchemaError, ConfigError):
         raise  # already one line naming what is wrong
     except MemoryError:
-        raise StageError(f"{name} {step}: shard {shards.shard_name(path)}: out of memory") from None
+        raise StageError(f"{name} {step}: {where}: out of memory") from None
     except Exception as e:  # noqa: BLE001 - re-raised with the shard named, original chained
-        log.debug("%s %s: shard %s failed", name, step, path, exc_info=True)
+        log.debug("%s %s: %s failed", name, step, where, exc_info=True)
         msg = " ".join(str(e).split())[:300]
-        raise ShardFailed(f"{name} {step}: shard {shards.shard_name(path)}: {type(e).__name__}: {msg}") from e
+        raise ShardFailed(f"{name} {step}: {where}: {type(e).__name__}: {msg}") from e
 
 
 def collect_task(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
@@ -225,6 +234,58 @@ def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str) -> A
     return stage.collect(_read_checked(stage, path))
 
 
+# ---- the shuffle, for stages whose statistics grow with the pool (Stage.split) -----------------------
+# Shards per statistics partition: a partition's merge holds the pieces of about this many shards' worth of
+# keys, whatever the pool size, so memory per task stays flat as the pool grows (bench_scale). The result does
+# not depend on it: every key is merged whole inside its one partition.
+SHARDS_PER_PARTITION = 8
+
+
+def stats_partitions(n_shards: int) -> int:
+    return max(1, -(-n_shards // SHARDS_PER_PARTITION))
+
+
+def _pieces_path(stage_dir: str, shard: str) -> str:
+    return shards.join(stage_dir, "_shuffle", "pieces", shard + ".bundle")
+
+
+def _answers_path(stage_dir: str, k: int) -> str:
+    return shards.join(stage_dir, "_shuffle", "answers", f"p{k:04d}.bundle")
+
+
+def collect_split_task(name: str, config: dict, seed: int, path: str, stage_dir: str, partitions: int) -> str:
+    """collect, then write the partial cut into `partitions` pieces (one bundle per shard). Returns only the
+    shard's name: partials never travel through the scheduler nor wait in worker memory."""
+    with _naming_shard(name, "collect", path):
+        stage = get_stage(name, config, seed)
+        partial = _collect(name, config, seed, path, stage_dir)
+        pieces = stage.split(partial, partitions)
+        del partial
+        out = stage.output_name(shards.shard_name(path))
+        shards.write_bundle({str(k): pickle.dumps(p, protocol=5) for k, p in enumerate(pieces)},
+                            _pieces_path(stage_dir, out))
+        return out
+
+
+def merge_partition_task(name: str, config: dict, seed: int, k: int, stage_dir: str, shard_names: list[str]) -> int:
+    """Merge partition k of every shard, save it as stats/pNNNN, and write each shard's answer from it."""
+    with _naming_shard(name, "merge", "", where=f"statistics partition {k}"):
+        stage = get_stage(name, config, seed)
+        pieces = [pickle.loads(shards.read_bundle_item(_pieces_path(stage_dir, s), str(k))) for s in shard_names]
+        merged = stage.merge(pieces)
+        stage.save_stats(merged, shards.join(stage_dir, "stats", f"p{k:04d}"))
+        answers = {}
+        for i, s in enumerate(shard_names):
+            answers[s] = pickle.dumps(stage.answer(merged, pieces[i]), protocol=5)
+            pieces[i] = None  # freed as we go
+        shards.write_bundle(answers, _answers_path(stage_dir, k))
+        return k
+
+
+def _answers_ready(stage_dir: str, partitions: int) -> bool:
+    return partitions > 0 and all(shards.exists(_answers_path(stage_dir, k)) for k in range(partitions))
+
+
 class _Merge:
     """Picklable merge callable (closures do not travel to workers)."""
 
@@ -238,9 +299,12 @@ class _Merge:
 _STATS_CACHE: dict[str, Any] = {}
 
 
-def _stats_for(stage, stage_dir: str, fp: str):
+def _stats_for(stage, stage_dir: str, fp: str, shard: str = "", partitions: int = 0):
     if not stage.has_stats:
         return None
+    if stage.shuffles_stats:  # this shard's answers only: small, read per shard, never cached
+        return stage.join_answers([pickle.loads(shards.read_bundle_item(_answers_path(stage_dir, k), shard))
+                                   for k in range(partitions)])
     key = f"{stage_dir}|{fp}"
     if key not in _STATS_CACHE:
         _STATS_CACHE.clear()  # one stage's stats at a time per worker: bounded memory
@@ -248,19 +312,19 @@ def _stats_for(stage, stage_dir: str, fp: str):
     return _STATS_CACHE[key]
 
 
-def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str) -> dict:
+def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str, partitions: int = 0) -> dict:
     with _naming_shard(name, "apply", path):
-        return _apply(name, config, seed, path, stage_dir, fp)
+        return _apply(name, config, seed, path, stage_dir, fp, partitions)
 
 
-def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str) -> dict:
+def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str, partitions: int = 0) -> dict:
     t0 = time.perf_counter()
     stage = get_stage(name, config, seed)
     table = _read_checked(stage, path)
     stage.notes = []
     out_name = stage.output_name(shards.shard_name(path))
     stage.context = {"stage_dir": stage_dir, "run_dir": _parent(stage_dir), "shard": out_name}
-    kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp))
+    kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp, out_name, partitions))
     shards.write_shard(kept, shards.join(stage_dir, out_name))
     shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))
     reasons = Counter()
@@ -359,33 +423,7 @@ def run_stage(
     log.info("%s: %d shards from %s (fingerprint %s, %s)", name, len(inputs), input_dir, fp, ex.name)
     timings: dict[str, float] = {}
 
-    # pass 1 — pool-wide statistics
-    if probe.has_stats:
-        marker = shards.join(stage_dir, "_stats.json")
-        prior = shards.read_json(marker)
-        if prior and prior.get("fingerprint") == fp:
-            log.info("%s: statistics up to date, reusing", name)
-        else:
-            shards.remove(marker)  # stale stats must never be trusted if we die below
-            # ... nor left lying around: the report and a reader of the folder would take them as this run's
-            shards.remove(shards.join(stage_dir, "stats"))
-            t0 = time.perf_counter()
-            items = [(name, stage_cfg, seed, p, stage_dir) for p in inputs]
-            partials = ex.collect_values(collect_task, items, f"{name} collect")
-            timings["collect_s"] = round(time.perf_counter() - t0, 3)
-            t0 = time.perf_counter()
-            stats = ex.tree_reduce(_Merge(name, stage_cfg, seed), partials, f"{name} merge")
-            # On Dask these are futures: held, they make the scheduler recompute a partial whose worker dies
-            # later, in apply, rerunning collect (and its side effects, e.g. a pass-1 cache file written
-            # after apply took it) for nothing. Released now.
-            del partials
-            stats_dir = shards.join(stage_dir, "stats")
-            shards.remove(stats_dir)
-            probe.save_stats(stats, stats_dir)
-            shards.write_json({"fingerprint": fp}, marker)
-            timings["merge_s"] = round(time.perf_counter() - t0, 3)
-
-    # pass 2 — apply, skipping shards already done under this fingerprint
+    # which shards are already done under this fingerprint (resume)
     todo, summaries = [], {}
     for p in inputs:
         out = probe.output_name(shards.shard_name(p))
@@ -399,10 +437,32 @@ def run_stage(
             summaries[out] = done
         else:
             todo.append(p)
-    if summaries:
-        log.info("%s: %d shards already done, %d to do", name, len(summaries), len(todo))
+
+    # pass 1 — pool-wide statistics
+    partitions = 0
+    if probe.has_stats:
+        marker = shards.join(stage_dir, "_stats.json")
+        prior = shards.read_json(marker) or {}
+        shuffled = probe.shuffles_stats
+        partitions = int(prior.get("partitions", 0)) if shuffled else 0
+        # a shuffled stage's per-shard answers are removed once every shard is applied: needed again only
+        # when some shard is to do
+        if prior.get("fingerprint") == fp and (not shuffled or not todo or _answers_ready(stage_dir, partitions)):
+            log.info("%s: statistics up to date, reusing", name)
+        else:
+            shards.remove(marker)  # stale stats must never be trusted if we die below
+            # ... nor left lying around: the report and a reader of the folder would take them as this run's
+            shards.remove(shards.join(stage_dir, "stats"))
+            shards.remove(shards.join(stage_dir, "_shuffle"))
+            if shuffled:
+                partitions = _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings)
+            else:
+                _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings)
+            shards.write_json({"fingerprint": fp, "partitions": partitions}, marker)
+
+    # pass 2 — apply, skipping shards already done under this fingerprint
     t0 = time.perf_counter()
-    items = [(name, stage_cfg, seed, p, stage_dir, fp) for p in todo]
+    items = [(name, stage_cfg, seed, p, stage_dir, fp, partitions) for p in todo]
     for _, summary in ex.map(apply_task, items, f"{name} apply"):
         summaries[summary["shard"]] = summary
     timings["apply_s"] = round(time.perf_counter() - t0, 3)
@@ -411,6 +471,7 @@ def run_stage(
     # pass-1 cache file (Stage.cache_put) that no apply took: e.g. one of a shard done by a killed run.
     _clean_temporaries(stage_dir)
     shards.remove(shards.join(stage_dir, "_cache"))
+    shards.remove(shards.join(stage_dir, "_shuffle"))
 
     # outputs of shards no longer in the input are stale
     expected = {probe.output_name(shards.shard_name(p)) for p in inputs}
@@ -432,12 +493,53 @@ def run_stage(
     if final is not None:
         manifest["finalize"] = final
     manifest["executor"] = ex.name
+    if partitions:
+        manifest["stats_partitions"] = partitions
     shards.write_json(manifest, shards.join(stage_dir, "_manifest.json"))
     log.info(
         "%s: %d rows in, %d kept, %d rejected %s",
         name, manifest["rows_in"], manifest["rows_out"], manifest["rejected"], manifest["reasons"],
     )
     return StageResult(name, stage_dir, manifest)
+
+
+def _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings) -> None:
+    """Statistics bounded by something other than the pool (metaclip: entries; klite: lemmas): partials
+    tree-reduced with `merge`, saved by the driver."""
+    t0 = time.perf_counter()
+    items = [(name, stage_cfg, seed, p, stage_dir) for p in inputs]
+    partials = ex.collect_values(collect_task, items, f"{name} collect")
+    timings["collect_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    stats = ex.tree_reduce(_Merge(name, stage_cfg, seed), partials, f"{name} merge")
+    # On Dask these are futures: held, they make the scheduler recompute a partial whose worker dies
+    # later, in apply, rerunning collect (and its side effects, e.g. a pass-1 cache file written
+    # after apply took it) for nothing. Released now.
+    del partials
+    stats_dir = shards.join(stage_dir, "stats")
+    shards.remove(stats_dir)
+    probe.save_stats(stats, stats_dir)
+    timings["merge_s"] = round(time.perf_counter() - t0, 3)
+
+
+def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings) -> int:
+    """Statistics that grow with the pool (Stage.split): collect writes each shard's partial cut into
+    partitions; one task per partition merges it, saves it as stats/pNNNN and writes every shard's answer.
+    No task ever holds more than one partition of the pool; the driver holds none. Returns the partitions."""
+    partitions = stats_partitions(len(inputs))
+    t0 = time.perf_counter()
+    items = [(name, stage_cfg, seed, p, stage_dir, partitions) for p in inputs]
+    names = [None] * len(items)
+    for i, out in ex.map(collect_split_task, items, f"{name} collect"):
+        names[i] = out
+    timings["collect_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    items = [(name, stage_cfg, seed, k, stage_dir, names) for k in range(partitions)]
+    for _ in ex.map(merge_partition_task, items, f"{name} merge ({partitions} partitions)"):
+        pass
+    shards.remove(shards.join(stage_dir, "_shuffle", "pieces"))
+    timings["merge_s"] = round(time.perf_counter() - t0, 3)
+    return partitions
 
 
 def build_manifest(name, fp, cfg, input_dir, per_shard: list[dict], timings: dict) -> dict:

@@ -113,6 +113,51 @@ def write_bytes(data: bytes, path: str) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
+BUNDLE_MAGIC = b"CCBUNDLE1\n"
+
+
+def write_bundle(items: dict[str, bytes], path: str) -> None:
+    """Many named blobs in one file, written atomically; `read_bundle_item` reads one back by name with a
+    ranged read. Why not one file per blob: a shuffle of S shards into P partitions would make S x P files
+    (slow to list and to put on object stores); bundles make S + P, each read in place."""
+    offsets, pos = {}, 0
+    for name, blob in items.items():
+        offsets[name] = [pos, len(blob)]
+        pos += len(blob)
+    header = json.dumps(offsets, sort_keys=True).encode()
+
+    def write(f):
+        f.write(BUNDLE_MAGIC + len(header).to_bytes(8, "little") + header)
+        for blob in items.values():
+            f.write(blob)
+
+    _atomic_write(path, write)
+
+
+def read_bundle_item(path: str, name: str) -> bytes:
+    """One blob of a bundle. ShardError (one line) when the file or the name is missing or the file is not a bundle."""
+    fs, p = fs_and_path(path)
+    try:
+        with fs.open(p, "rb") as f:
+            head = f.read(len(BUNDLE_MAGIC) + 8)
+            if len(head) != len(BUNDLE_MAGIC) + 8 or not head.startswith(BUNDLE_MAGIC):
+                raise ShardError(f"{shard_name(path)}: not a statistics bundle ({path})")
+            n = int.from_bytes(head[len(BUNDLE_MAGIC):], "little")
+            offsets = json.loads(f.read(n))
+            if name not in offsets:
+                raise ShardError(f"{shard_name(path)}: holds nothing for {name}")
+            start, length = offsets[name]
+            f.seek(len(head) + n + start)
+            data = f.read(length)
+    except FileNotFoundError:
+        raise ShardError(f"{shard_name(path)}: file not found ({path})") from None
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{shard_name(path)}: unreadable statistics bundle ({e})") from None
+    if len(data) != length:
+        raise ShardError(f"{shard_name(path)}: truncated statistics bundle")
+    return data
+
+
 def read_json(path: str) -> Any | None:
     fs, p = fs_and_path(path)
     try:

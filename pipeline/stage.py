@@ -79,6 +79,30 @@ class Stage:
         """Combine partials (or merged partials: it must be associative) into one."""
         raise NotImplementedError
 
+    # ---- partitioned statistics (optional) -------------------------------------------------------
+    # For pool-wide statistics that grow with the pool (align: one row per distinct image-text pair and
+    # per LSH band key), one merged whole would have to fit in one worker, and every apply would load all
+    # of it. A stage that defines `split` gets a shuffle instead (runner.py): each shard's partial is cut
+    # by key hash into partitions; each partition is merged alone (memory ~ pool / partitions); from each
+    # merged partition, `answer` picks what one shard's apply needs (the keys that shard holds), and
+    # apply gets `join_answers` of its shard's answers. The same design as datatrove's MinHash dedup.
+    @property
+    def shuffles_stats(self) -> bool:
+        return type(self).split is not Stage.split
+
+    def split(self, partial: Any, n: int) -> list:
+        """The partial cut into `n` pieces by key hash: every key lives in exactly one piece, the same one
+        in every shard. Pool-wide scalars (row counts) go to piece 0 only, so that they sum right."""
+        raise NotImplementedError
+
+    def answer(self, merged: Any, piece: Any) -> Any:
+        """From one merged partition, what apply on the shard whose piece this is needs."""
+        raise NotImplementedError
+
+    def join_answers(self, answers: list) -> Any:
+        """One shard's answers from every partition, joined into the `stats` its apply gets."""
+        raise NotImplementedError
+
     def save_stats(self, stats: Any, folder: str) -> None:
         """Persist merged statistics in the stage folder. Default: a pickle; stages may write Parquet."""
         shards.write_bytes(pickle.dumps(stats, protocol=5), shards.join(folder, "stats.pkl"))

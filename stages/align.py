@@ -451,15 +451,24 @@ def load_eval_hashes(path: str, max_pixels: int) -> tuple[np.ndarray, int]:
 
 
 # ---- statistics ----------------------------------------------------------------------------------
+META_SUMS = ("rows", "image_rows", "id_rows")  # rows; rows with image bytes; rows with an image identity
+
+
 @dataclasses.dataclass
 class AlignStats:
-    """Pool-wide counts. A per-shard partial and the merged whole have the same shape (merge is
-    concat + group-by sum/min, hence associative and order-free; outputs are sorted by key)."""
+    """Pool-wide counts. A per-shard partial, a partition of the pool and the merged whole have the same
+    shape (merge is concat + group-by sum/min, hence associative and order-free; outputs sorted by key).
+
+    On a cluster the runner shuffles them (`AlignStage.split`): each table is cut by the hash of the key
+    its lookup is by, so texts-per-image and images-per-text are whole inside one partition."""
 
     tokens: pl.DataFrame  # tok: u64, n: u64                      occurrences per token
     pairs: pl.DataFrame  # pair, image, text: u64, uid_min: u64, n: u64   one row per (image, text)
     bands: pl.DataFrame  # key: u64, uid_min: u64, n: u64        rows per LSH band key
-    meta: dict  # rows, image_rows (rows with image bytes)
+    meta: dict  # META_SUMS
+    # text, image: u64: the distinct pairs again, for images-per-text (partitioned by text, where `pairs` is
+    # partitioned by image); None = take them from `pairs` (a whole pool or a single shard)
+    texts: pl.DataFrame | None = None
     _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
@@ -469,8 +478,11 @@ class AlignStats:
             pl.DataFrame(schema={"tok": u, "n": u}),
             pl.DataFrame(schema={"pair": u, "image": u, "text": u, "uid_min": u, "n": u}),
             pl.DataFrame(schema={"key": u, "uid_min": u, "n": u}),
-            {"rows": 0, "image_rows": 0},
+            dict.fromkeys(META_SUMS, 0),
         )
+
+    def text_pairs(self) -> pl.DataFrame:
+        return self.texts if self.texts is not None else self.pairs.select("text", "image")
 
     # lookups for apply: sorted numpy arrays, built once per process (stats are cached by the runner)
     def lookup(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -480,7 +492,7 @@ class AlignStats:
             elif name == "image_texts":
                 df = self.pairs.group_by("image").agg(n=pl.len().cast(pl.UInt64)).sort("image")
             elif name == "text_images":
-                df = self.pairs.group_by("text").agg(n=pl.len().cast(pl.UInt64)).sort("text")
+                df = self.text_pairs().group_by("text").agg(n=pl.len().cast(pl.UInt64)).sort("text")
             elif name == "pair_uid":
                 df = self.pairs.filter(pl.col("n") > 1).select("pair", "uid_min")
             elif name == "band_uid":
@@ -491,6 +503,31 @@ class AlignStats:
             df = df.sort(k)
             self._cache[name] = (df[k].to_numpy().astype(_U64), df[v].to_numpy().astype(_U64))
         return self._cache[name]
+
+
+LOOKUPS = ("token_n", "image_texts", "text_images", "pair_uid", "band_uid")
+
+
+@dataclasses.dataclass
+class AlignAnswer:
+    """What one shard's apply needs from the pool: every lookup restricted to the keys the shard holds
+    (sorted key and value arrays), and the pool-wide meta. A few MiB per shard, whatever the pool size."""
+
+    tables: dict  # lookup name -> (keys u64, values u64), keys sorted
+    meta: dict
+
+    def lookup(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.tables[name]
+
+
+def _restrict(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a sorted lookup whose key is in `keys`."""
+    k, v = table
+    if len(k) == 0 or len(keys) == 0:
+        return k[:0], v[:0]
+    i = np.minimum(np.searchsorted(k, keys), len(k) - 1)
+    i = np.unique(i[k[i] == keys])
+    return k[i], v[i]
 
 
 def _lookup(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray, default: int) -> np.ndarray:
@@ -704,7 +741,8 @@ class AlignStage(Stage):
             .group_by("key").agg(uid_min=pl.col("uid").min(), n=pl.len().cast(pl.UInt64))
             .sort("key")
         )
-        return AlignStats(tok_counts, pairs, bands, {"rows": table.num_rows, "image_rows": int(f["has_bytes"].sum())})
+        meta = {"rows": table.num_rows, "image_rows": int(f["has_bytes"].sum()), "id_rows": int(ok.sum())}
+        return AlignStats(tok_counts, pairs, bands, meta)
 
     def merge(self, partials: list) -> AlignStats:
         parts = [p for p in partials if p is not None]
@@ -718,13 +756,53 @@ class AlignStage(Stage):
             [pl.col("image").first(), pl.col("text").first(), pl.col("uid_min").min(), pl.col("n").sum().cast(u)],
         )
         bands = _merge_frames([p.bands for p in parts], "key", [pl.col("uid_min").min(), pl.col("n").sum().cast(u)])
-        meta = {k: sum(int(p.meta.get(k, 0)) for p in parts) for k in ("rows", "image_rows")}
+        texts = None
+        if any(p.texts is not None for p in parts):
+            texts = pl.concat([p.text_pairs() for p in parts]).unique().sort("text", "image")
+        meta = {k: sum(int(p.meta.get(k, 0)) for p in parts) for k in META_SUMS}
         return AlignStats(
             tokens if tokens is not None else out.tokens,
             pairs if pairs is not None else out.pairs,
             bands if bands is not None else out.bands,
             meta,
+            texts,
         )
+
+    # ---- the shuffle (runner: memory per task flat in the pool size) ----
+    def split(self, partial: AlignStats, n: int) -> list[AlignStats]:
+        """Each table cut by the key its lookup goes by: tokens by token, pairs by image (texts per image and
+        the pair's smallest uid), the (text, image) pairs again by text (images per text), bands by key."""
+        def part(df: pl.DataFrame, key: str) -> list[pl.DataFrame]:
+            which = (df[key] % n).cast(pl.Int64).to_numpy() if df.height else np.zeros(0, np.int64)
+            return [df.filter(pl.Series(which == k)) for k in range(n)]
+
+        tokens, pairs, bands = part(partial.tokens, "tok"), part(partial.pairs, "image"), part(partial.bands, "key")
+        texts = part(partial.text_pairs().unique().sort("text", "image"), "text")
+        zero = dict.fromkeys(META_SUMS, 0)
+        return [AlignStats(tokens[k], pairs[k], bands[k], dict(partial.meta) if k == 0 else zero, texts[k])
+                for k in range(n)]
+
+    def answer(self, merged: AlignStats, piece: AlignStats) -> AlignAnswer:
+        def keys(df: pl.DataFrame, col: str) -> np.ndarray:
+            return np.unique(df[col].to_numpy().astype(_U64))
+
+        wanted = {
+            "token_n": keys(piece.tokens, "tok"), "image_texts": keys(piece.pairs, "image"),
+            "text_images": keys(piece.text_pairs(), "text"), "pair_uid": keys(piece.pairs, "pair"),
+            "band_uid": keys(piece.bands, "key"),
+        }
+        return AlignAnswer({name: _restrict(merged.lookup(name), wanted[name]) for name in LOOKUPS}, dict(merged.meta))
+
+    def join_answers(self, answers: list[AlignAnswer]) -> AlignAnswer:
+        """Keys of different partitions are disjoint: concatenate and sort."""
+        tables = {}
+        for name in LOOKUPS:
+            k = np.concatenate([a.tables[name][0] for a in answers]) if answers else np.zeros(0, _U64)
+            v = np.concatenate([a.tables[name][1] for a in answers]) if answers else np.zeros(0, _U64)
+            order = np.argsort(k, kind="stable")
+            tables[name] = (k[order], v[order])
+        meta = {key: sum(int(a.meta.get(key, 0)) for a in answers) for key in META_SUMS}
+        return AlignAnswer(tables, meta)
 
     def save_stats(self, stats: AlignStats, folder: str) -> None:
         """Parquet per table. Band keys seen once cannot make anyone a duplicate: they are dropped."""
@@ -780,7 +858,7 @@ class AlignStage(Stage):
         want = self.config.language
         return np.array([bool(t) and self._langid.classify(t)[0] != want for t in texts], dtype=bool)
 
-    def apply(self, table: pa.Table, stats: AlignStats) -> tuple[pa.Table, pa.Table]:
+    def apply(self, table: pa.Table, stats: AlignStats | AlignAnswer) -> tuple[pa.Table, pa.Table]:
         c = self.config
         n = table.num_rows
         stats = stats if stats is not None else AlignStats.empty()
@@ -828,7 +906,7 @@ class AlignStage(Stage):
         # pool-wide counts by image identity (content hash, or url in text-only pools)
         ok = f["id_ok"]
         many_texts = many_images = exact = near = None
-        if ok.any() or stats.pairs.height:
+        if ok.any() or int(stats.meta.get("id_rows", 0)):
             n_texts = _lookup(stats.lookup("image_texts"), f["image_id"], 0)
             n_imgs = _lookup(stats.lookup("text_images"), f["text_h"], 0)
             many_texts = ok & (n_texts > c.max_texts_per_image)

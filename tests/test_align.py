@@ -458,7 +458,11 @@ def reference(table: pa.Table, cfg: AlignStage.Config) -> dict[str, str | None]:
 POOL_CFG = {"max_images_per_text": 5, "max_texts_per_image": 12}
 
 
-def test_matches_reference_and_is_independent_of_shards_order_and_workers(tmp_path):
+def test_matches_reference_and_is_independent_of_shards_order_and_workers(tmp_path, monkeypatch):
+    """One shard (one statistics partition), then 7 shards in 4 partitions in-process, then 5 shards in 5
+    partitions on 2 Dask workers: the pool-wide rules see the same pool whatever the shuffle."""
+    from pipeline import runner
+
     t = _random_pool()
     cfg = AlignStage.Config(**POOL_CFG)
     ref = reference(t, cfg)
@@ -469,10 +473,15 @@ def test_matches_reference_and_is_independent_of_shards_order_and_workers(tmp_pa
     for r in ("image_too_small", "aspect_ratio", "image_many_texts", "text_many_images", "too_few_words",
               "too_many_words", "rare_token", "exact_duplicate", "near_duplicate"):
         assert reasons[r] > 0, r  # the pool exercises every rule
+    assert base.manifest["stats_partitions"] == 1
     perm = np.random.default_rng(1).permutation(t.num_rows)
-    assert outcome(run_align(tmp_path, t, POOL_CFG, n_shards=7, order=perm, name="seven").folder) == got
+    monkeypatch.setattr(runner, "SHARDS_PER_PARTITION", 2)
+    seven = run_align(tmp_path, t, POOL_CFG, n_shards=7, order=perm, name="seven")
+    assert seven.manifest["stats_partitions"] == 4 and outcome(seven.folder) == got
+    monkeypatch.setattr(runner, "SHARDS_PER_PARTITION", 1)
     dask = run_align(tmp_path, t, POOL_CFG, n_shards=5, workers=2, name="dask")
-    assert outcome(dask.folder) == got
+    assert dask.manifest["stats_partitions"] == 5 and outcome(dask.folder) == got
+    assert not (Path(dask.folder) / "_shuffle").exists()  # pieces and answers do not outlive the stage
     # byte-identical rerun
     again = run_align(tmp_path, t, POOL_CFG, n_shards=5, workers=0, name="again")
     for p in sorted(glob.glob(os.path.join(dask.folder, "**", "*.parquet"), recursive=True)):

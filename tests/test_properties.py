@@ -3,11 +3,13 @@ the worker count. Random small pools (captions from a small vocabulary with exac
 near copies, alt-texts shared across images, images shared across alt-texts, rare tokens, optionally image
 bytes) and random shard splits (empty shards included) through align -> metaclip -> klite -> a toy stage
 must give, stage by stage, the same kept rows (every column) and the same rejected uids and reasons as one
-shard. Worker count 0 vs 2 is checked on one fixed pool (a Dask cluster is slow to start)."""
+shard. The split run also shuffles align's statistics into a random number of partitions (the one-shard run
+has one). Worker count 0 vs 2 is checked on one fixed pool (a Dask cluster is slow to start)."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline import config as config_mod
-from pipeline import shards
+from pipeline import runner, shards
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
 
@@ -78,7 +80,8 @@ def pools(draw):
     with_images = draw(st.booleans())
     order = draw(st.permutations(range(len(rows))))
     cuts = sorted(draw(st.lists(st.integers(0, len(rows)), max_size=5)))
-    return [rows[i] for i in order], with_images, cuts
+    per_partition = draw(st.integers(1, 3))  # shards per align statistics partition in the split run
+    return [rows[i] for i in order], with_images, cuts, per_partition
 
 
 def pool_table(rows, with_images: bool) -> pa.Table:
@@ -116,7 +119,7 @@ def outcome(run: Path) -> dict[str, tuple[list, list]]:
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(pool=pools())
 def test_every_stage_is_independent_of_shard_split_and_order(pool, cfg):
-    rows, with_images, cuts = pool
+    rows, with_images, cuts, per_partition = pool
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         table = pool_table(rows, with_images)
@@ -126,7 +129,13 @@ def test_every_stage_is_independent_of_shard_split_and_order(pool, cfg):
         write_split(table.sort_by("uid"), root / "one", [])
         write_split(table, root / "split", cuts)
         run_pipeline(STAGES, str(root / "r1"), cfg, input_dir=str(root / "one"), workers=0)
-        run_pipeline(STAGES, str(root / "rs"), cfg, input_dir=str(root / "split"), workers=0)
+        saved = runner.SHARDS_PER_PARTITION
+        runner.SHARDS_PER_PARTITION = per_partition
+        try:
+            run_pipeline(STAGES, str(root / "rs"), cfg, input_dir=str(root / "split"), workers=0)
+        finally:
+            runner.SHARDS_PER_PARTITION = saved
+        assert partitions(root / "rs") == -(-(len(cuts) + 1) // per_partition)
         one, split = outcome(root / "r1"), outcome(root / "rs")
         assert len(list((root / "rs" / "01_align").glob("part-*.parquet"))) == len(cuts) + 1
         n = table.num_rows
@@ -138,7 +147,11 @@ def test_every_stage_is_independent_of_shard_split_and_order(pool, cfg):
             n = len(kept)
 
 
-def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster):
+def partitions(run: Path) -> int:
+    return json.loads((run / "01_align" / "_manifest.json").read_text())["stats_partitions"]
+
+
+def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster, monkeypatch):
     rng = np.random.default_rng(3)
     rows, seen = [], set()
     for i in range(50):
@@ -154,8 +167,10 @@ def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster):
     write_split(table.sort_by("uid"), tmp_path / "one", [])
     write_split(table, tmp_path / "split", [10, 10, 25, 40])  # an empty shard too
     run_pipeline(STAGES, str(tmp_path / "r0"), cfg, input_dir=str(tmp_path / "one"), workers=0)
+    monkeypatch.setattr(runner, "SHARDS_PER_PARTITION", 1)  # 5 statistics partitions merged on 2 workers
     run_pipeline(STAGES, str(tmp_path / "r2"), cfg, input_dir=str(tmp_path / "split"),
                  scheduler=dask_cluster.scheduler.address)
+    assert partitions(tmp_path / "r2") == 5 and partitions(tmp_path / "r0") == 1
     one, two = outcome(tmp_path / "r0"), outcome(tmp_path / "r2")
     for d in DIRS:
         assert two[d] == one[d], d
