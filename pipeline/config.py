@@ -23,6 +23,15 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class RunConfig:
     seed: int = 0
+    # Stages whose pool-wide statistics grow with the pool (align) shuffle them into ceil(shards / this)
+    # partitions, each merged by one task: a task's memory follows this many shards, not the pool. Results
+    # do not depend on it; lower it when a merge task runs out of memory, raise it for fewer, larger tasks.
+    stats_shards_per_partition: int = 8
+
+    def __post_init__(self):
+        if self.stats_shards_per_partition < 1:
+            raise ConfigError(f"config [run] stats_shards_per_partition = {self.stats_shards_per_partition}: "
+                              "must be at least 1")
 
 
 # Sections that are not shard stages but share the file.
@@ -99,6 +108,8 @@ def resolve(raw: dict) -> dict[str, dict]:
                     f"config [{section}]: unknown key '{key}' (known: {', '.join(sorted(defaults))})"
                 )
             defaults[key] = _check_value(section, key, value, defaults[key])
+        if section == "run":
+            RunConfig(**defaults)  # its own range checks (one-line ConfigError)
         out[section] = defaults
     return out
 

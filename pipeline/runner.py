@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from pipeline import schema, shards
+from pipeline.config import RunConfig
 from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class, stage_dirname, stage_position
 
 log = logging.getLogger("clipcurate.runner")
@@ -235,14 +236,11 @@ def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str) -> A
 
 
 # ---- the shuffle, for stages whose statistics grow with the pool (Stage.split) -----------------------
-# Shards per statistics partition: a partition's merge holds the pieces of about this many shards' worth of
-# keys, whatever the pool size, so memory per task stays flat as the pool grows (bench_scale). The result does
-# not depend on it: every key is merged whole inside its one partition.
-SHARDS_PER_PARTITION = 8
-
-
-def stats_partitions(n_shards: int) -> int:
-    return max(1, -(-n_shards // SHARDS_PER_PARTITION))
+def stats_partitions(n_shards: int, shards_per_partition: int) -> int:
+    """A partition's merge holds about `shards_per_partition` shards' worth of keys whatever the pool size
+    (`[run] stats_shards_per_partition`), so memory per task stays flat as the pool grows. The result does not
+    depend on it: every key is merged whole inside its one partition."""
+    return max(1, -(-n_shards // max(1, int(shards_per_partition))))
 
 
 def _pieces_path(stage_dir: str, shard: str) -> str:
@@ -455,7 +453,9 @@ def run_stage(
             shards.remove(shards.join(stage_dir, "stats"))
             shards.remove(shards.join(stage_dir, "_shuffle"))
             if shuffled:
-                partitions = _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings)
+                per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
+                partitions = _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings,
+                                             stats_partitions(len(inputs), per))
             else:
                 _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings)
             shards.write_json({"fingerprint": fp, "partitions": partitions}, marker)
@@ -522,11 +522,10 @@ def _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings)
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
 
 
-def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings) -> int:
+def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions: int) -> int:
     """Statistics that grow with the pool (Stage.split): collect writes each shard's partial cut into
     partitions; one task per partition merges it, saves it as stats/pNNNN and writes every shard's answer.
     No task ever holds more than one partition of the pool; the driver holds none. Returns the partitions."""
-    partitions = stats_partitions(len(inputs))
     t0 = time.perf_counter()
     items = [(name, stage_cfg, seed, p, stage_dir, partitions) for p in inputs]
     names = [None] * len(items)

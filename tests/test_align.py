@@ -73,9 +73,10 @@ def write_pool(table: pa.Table, folder, n_shards=1, order=None) -> str:
     return str(folder)
 
 
-def run_align(tmp_path, table, cfg=None, n_shards=1, order=None, workers=0, name="run"):
+def run_align(tmp_path, table, cfg=None, n_shards=1, order=None, workers=0, name="run", per_partition=8):
     inp = write_pool(table, tmp_path / f"in-{name}", n_shards, order)
-    res = run_pipeline(["align"], str(tmp_path / name), config_mod.resolve({"align": cfg or {}}), input_dir=inp, workers=workers)
+    config = config_mod.resolve({"align": cfg or {}, "run": {"stats_shards_per_partition": per_partition}})
+    res = run_pipeline(["align"], str(tmp_path / name), config, input_dir=inp, workers=workers)
     return res[0]
 
 
@@ -458,11 +459,9 @@ def reference(table: pa.Table, cfg: AlignStage.Config) -> dict[str, str | None]:
 POOL_CFG = {"max_images_per_text": 5, "max_texts_per_image": 12}
 
 
-def test_matches_reference_and_is_independent_of_shards_order_and_workers(tmp_path, monkeypatch):
+def test_matches_reference_and_is_independent_of_shards_order_and_workers(tmp_path):
     """One shard (one statistics partition), then 7 shards in 4 partitions in-process, then 5 shards in 5
     partitions on 2 Dask workers: the pool-wide rules see the same pool whatever the shuffle."""
-    from pipeline import runner
-
     t = _random_pool()
     cfg = AlignStage.Config(**POOL_CFG)
     ref = reference(t, cfg)
@@ -475,18 +474,35 @@ def test_matches_reference_and_is_independent_of_shards_order_and_workers(tmp_pa
         assert reasons[r] > 0, r  # the pool exercises every rule
     assert base.manifest["stats_partitions"] == 1
     perm = np.random.default_rng(1).permutation(t.num_rows)
-    monkeypatch.setattr(runner, "SHARDS_PER_PARTITION", 2)
-    seven = run_align(tmp_path, t, POOL_CFG, n_shards=7, order=perm, name="seven")
+    seven = run_align(tmp_path, t, POOL_CFG, n_shards=7, order=perm, name="seven", per_partition=2)
     assert seven.manifest["stats_partitions"] == 4 and outcome(seven.folder) == got
-    monkeypatch.setattr(runner, "SHARDS_PER_PARTITION", 1)
-    dask = run_align(tmp_path, t, POOL_CFG, n_shards=5, workers=2, name="dask")
+    dask = run_align(tmp_path, t, POOL_CFG, n_shards=5, workers=2, name="dask", per_partition=1)
     assert dask.manifest["stats_partitions"] == 5 and outcome(dask.folder) == got
     assert not (Path(dask.folder) / "_shuffle").exists()  # pieces and answers do not outlive the stage
     # byte-identical rerun
-    again = run_align(tmp_path, t, POOL_CFG, n_shards=5, workers=0, name="again")
+    again = run_align(tmp_path, t, POOL_CFG, n_shards=5, workers=0, name="again", per_partition=1)
     for p in sorted(glob.glob(os.path.join(dask.folder, "**", "*.parquet"), recursive=True)):
         q = p.replace(dask.folder, again.folder)
         assert Path(p).read_bytes() == Path(q).read_bytes(), p
+
+
+def test_shuffled_statistics_are_recomputed_only_when_a_shard_is_to_do(tmp_path):
+    """Each shard's answers are removed when the stage finishes; a rerun with every shard done needs none and
+    runs no pass 1; a rerun with a shard's output lost runs the shuffle again and gives the same rows."""
+    t = _random_pool(n=160, seed=2)
+    res = run_align(tmp_path, t, POOL_CFG, n_shards=4, name="r", per_partition=2)
+    folder = Path(res.folder)
+    assert res.manifest["stats_partitions"] == 2 and not (folder / "_shuffle").exists()
+    assert sorted(p.name for p in (folder / "stats").iterdir()) == ["p0000", "p0001"]
+    assert shards.read_json(str(folder / "stats" / "p0000" / "meta.json"))["rows"] == 160  # pool-wide, in p0000
+    before = outcome(folder)
+    config = config_mod.resolve({"align": POOL_CFG, "run": {"stats_shards_per_partition": 2}})
+    again = run_pipeline(["align"], str(tmp_path / "r"), config, input_dir=str(tmp_path / "in-r"), workers=0)[0]
+    assert "collect_s" not in again.manifest["timings"] and outcome(folder) == before
+    (folder / "part-00002.parquet").unlink()
+    third = run_pipeline(["align"], str(tmp_path / "r"), config, input_dir=str(tmp_path / "in-r"), workers=0)[0]
+    assert "collect_s" in third.manifest["timings"] and outcome(folder) == before
+    assert not (folder / "_shuffle").exists()
 
 
 def test_language_rule_is_optional(tmp_path):

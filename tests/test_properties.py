@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline import config as config_mod
-from pipeline import runner, shards
+from pipeline import shards
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
 
@@ -129,12 +129,8 @@ def test_every_stage_is_independent_of_shard_split_and_order(pool, cfg):
         write_split(table.sort_by("uid"), root / "one", [])
         write_split(table, root / "split", cuts)
         run_pipeline(STAGES, str(root / "r1"), cfg, input_dir=str(root / "one"), workers=0)
-        saved = runner.SHARDS_PER_PARTITION
-        runner.SHARDS_PER_PARTITION = per_partition
-        try:
-            run_pipeline(STAGES, str(root / "rs"), cfg, input_dir=str(root / "split"), workers=0)
-        finally:
-            runner.SHARDS_PER_PARTITION = saved
+        shuffled = dict(cfg, run=dict(cfg["run"], stats_shards_per_partition=per_partition))
+        run_pipeline(STAGES, str(root / "rs"), shuffled, input_dir=str(root / "split"), workers=0)
         assert partitions(root / "rs") == -(-(len(cuts) + 1) // per_partition)
         one, split = outcome(root / "r1"), outcome(root / "rs")
         assert len(list((root / "rs" / "01_align").glob("part-*.parquet"))) == len(cuts) + 1
@@ -151,7 +147,7 @@ def partitions(run: Path) -> int:
     return json.loads((run / "01_align" / "_manifest.json").read_text())["stats_partitions"]
 
 
-def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster, monkeypatch):
+def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster):
     rng = np.random.default_rng(3)
     rows, seen = [], set()
     for i in range(50):
@@ -167,8 +163,8 @@ def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster, monkey
     write_split(table.sort_by("uid"), tmp_path / "one", [])
     write_split(table, tmp_path / "split", [10, 10, 25, 40])  # an empty shard too
     run_pipeline(STAGES, str(tmp_path / "r0"), cfg, input_dir=str(tmp_path / "one"), workers=0)
-    monkeypatch.setattr(runner, "SHARDS_PER_PARTITION", 1)  # 5 statistics partitions merged on 2 workers
-    run_pipeline(STAGES, str(tmp_path / "r2"), cfg, input_dir=str(tmp_path / "split"),
+    shuffled = dict(cfg, run=dict(cfg["run"], stats_shards_per_partition=1))  # 5 partitions merged on 2 workers
+    run_pipeline(STAGES, str(tmp_path / "r2"), shuffled, input_dir=str(tmp_path / "split"),
                  scheduler=dask_cluster.scheduler.address)
     assert partitions(tmp_path / "r2") == 5 and partitions(tmp_path / "r0") == 1
     one, two = outcome(tmp_path / "r0"), outcome(tmp_path / "r2")

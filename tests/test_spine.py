@@ -281,6 +281,7 @@ def test_sigkill_mid_stage_then_rerun_gives_same_rows(tmp_path, workers):
         ("[run]\nsede = 1\n", "unknown key 'sede'"),
         ("[run]\nseed = 'zero'\n", "expected int"),
         ("[run\nseed = 1\n", "not valid TOML"),
+        ("[run]\nstats_shards_per_partition = 0\n", "must be at least 1"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, text, needle):
@@ -289,6 +290,25 @@ def test_config_errors_are_one_line(tmp_path, text, needle):
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.load(p)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bundles_read_back_by_name_and_say_what_is_wrong_in_one_line(tmp_path):
+    path = str(tmp_path / "b" / "x.bundle")
+    shards.write_bundle({"part-00000.parquet": b"abc", "part-00001.parquet": b"", "p1": bytes(range(256)) * 9}, path)
+    assert shards.read_bundle_item(path, "part-00000.parquet") == b"abc"
+    assert shards.read_bundle_item(path, "part-00001.parquet") == b""
+    assert shards.read_bundle_item(path, "p1") == bytes(range(256)) * 9
+    (tmp_path / "not.bundle").write_bytes(b"PAR1 something else")
+    for where, name, needle in [(path, "part-00002.parquet", "holds nothing for part-00002.parquet"),
+                                (str(tmp_path / "not.bundle"), "p1", "not a statistics bundle"),
+                                (str(tmp_path / "none.bundle"), "p1", "file not found")]:
+        with pytest.raises(shards.ShardError) as e:
+            shards.read_bundle_item(where, name)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:-100])  # truncated
+    with pytest.raises(shards.ShardError, match="truncated"):
+        shards.read_bundle_item(path, "p1")
 
 
 def test_resolved_config_saved_in_run_and_reused(tmp_path):
