@@ -119,7 +119,7 @@ def timed_run(pool: str, workdir: str, workers: int) -> dict:
         client.close()
         cluster.close()
     m = res[0].manifest
-    stats_bytes = sum(f.stat().st_size for f in Path(run_dir, "01_align", "stats").glob("*"))
+    stats_bytes = sum(f.stat().st_size for f in Path(run_dir, "01_align", "stats").rglob("*") if f.is_file())
     shutil.rmtree(run_dir, ignore_errors=True)
     return {
         "workers": workers,

@@ -6,8 +6,9 @@ with 1 and 2 workers, then 3M rows to show that memory per worker stays flat. Wr
 
 The pool is bench_align's: LAION-10k + Flickr8k captions resampled with light perturbation (case,
 punctuation, a dropped word, a typo), 70% keeping their source url, so dedup and the text rules have real
-work. Shards have a fixed size (50k rows), so a bigger pool means more shards, not bigger ones: per-worker
-memory should then depend on the pool only through the pool-wide statistics (counts), not the rows.
+work. Shards have a fixed size (50k rows), so a bigger pool means more shards, not bigger ones. Per-worker
+memory should then not depend on the pool size: rows stream shard by shard, and align's pool-wide tables
+(which do grow with the pool) are shuffled into ceil(shards / 8) partitions, each merged by one task.
 
 Per stage: rows in, wall time (driver's view: collect + merge + apply + scheduling), rows/s. Peak RSS per
 worker = ru_maxrss of each worker process, read through the client after the last stage (a worker lives
@@ -113,7 +114,8 @@ def timed_run(pool: str, workdir: str, workers: int, rows: int) -> dict:
             m = res.manifest
             per_stage.append({"stage": stage, "rows_in": m["rows_in"], "rows_out": m["rows_out"],
                               "wall_s": round(wall, 1), "rows_per_s": round(m["rows_in"] / wall),
-                              "timings": m["timings"], "reasons": m["reasons"]})
+                              "timings": m["timings"], "reasons": m["reasons"],
+                              "stats_partitions": m.get("stats_partitions")})
             print(f"  {rows:,} rows, {workers} worker(s): {stage} {m['rows_in']:,} -> {m['rows_out']:,} "
                   f"in {wall:.1f} s ({m['rows_in'] / wall:,.0f} rows/s)", flush=True)
         total = time.perf_counter() - t_all

@@ -24,8 +24,10 @@ Rules, in the order a rejected row names the first one it breaks (`REASONS`):
 Pool-wide facts come from `collect` (per shard) and `merge` (associative sums/mins over 64-bit keys):
 token counts; one row per distinct (image, text) pair (its smallest uid and row count), from which
 texts-per-image and images-per-text follow; and the smallest uid per LSH band key. They are keyed by
-64-bit hashes, so memory grows with distinct pairs and band keys (16-24 bytes each), never with row
-payloads. Nothing depends on shard boundaries, row order or worker count.
+64-bit hashes (16-40 bytes a row, never row payloads), but they still grow with the pool, so the runner
+shuffles them (`split`: each table cut by its key's hash; `merge` per partition; `answer`: the lookups one
+shard needs) and no task ever holds the whole. Nothing depends on shard boundaries, row order, worker
+count or partition count.
 
 Two image hashes, on purpose:
   * `image_hash` = blake2b-64 of the encoded bytes. "Same image" for the pool-wide counts and for
