@@ -10,9 +10,9 @@ work. Shards have a fixed size (50k rows), so a bigger pool means more shards, n
 memory should then not depend on the pool size: rows stream shard by shard, and align's pool-wide tables
 (which do grow with the pool) are shuffled into ceil(shards / 8) partitions, each merged by one task.
 
-Per stage: rows in, wall time (driver's view: collect + merge + apply + scheduling), rows/s. Peak RSS per
-worker = ru_maxrss of each worker process, read through the client after the last stage (a worker lives
-through all three stages, so this is the peak over the whole run). The machine is a shared 2-core VM: the
+Per stage: rows in, wall time (driver's view: collect + merge + apply + scheduling), rows/s, and each
+worker's peak RSS in that stage (VmHWM, reset before the stage; not ru_maxrss, which a worker inherits from
+the driver that spawned it). The run's peak per worker is the largest over its stages. The machine is a shared 2-core VM: the
 load average at start and end is recorded next to each measurement.
 """
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_align import DATA, FLICKR, LAION, build_pool, load_real  # noqa: E402
+from bench_align import DATA, FLICKR, LAION, _worker_peak_rss, build_pool, load_real, reset_peak_rss  # noqa: E402
 
 from pipeline import config as config_mod  # noqa: E402
 from pipeline.runner import run_pipeline, worker_env  # noqa: E402
@@ -51,7 +51,7 @@ def _free_port() -> int:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; the driver's own
 
 
 class Cluster:
@@ -61,7 +61,7 @@ class Cluster:
         self.port = _free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         dask = str(Path(sys.executable).with_name("dask"))
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]),
                    **worker_env(workers))  # what the runner's LocalCluster gives its workers
         log = open(os.path.join(workdir, f"cluster-w{workers}.log"), "w")
         common = dict(env=env, cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -77,8 +77,12 @@ class Cluster:
         self.client = Client(self.address, timeout="60s")
         self.client.wait_for_workers(workers, timeout=120)
 
-    def worker_peaks_mib(self) -> list[int]:
-        return sorted(round(v / 2**20) for v in self.client.run(_peak_rss).values())
+    def worker_peaks_mib(self) -> dict[str, int]:
+        """Each worker's peak RSS since the last `reset_peaks` (VmHWM: see bench_align._worker_peak_rss)."""
+        return {w: round(v / 2**20) for w, v in self.client.run(_worker_peak_rss).items()}
+
+    def reset_peaks(self) -> None:
+        self.client.run(reset_peak_rss)
 
     def close(self) -> None:
         try:
@@ -102,25 +106,30 @@ def timed_run(pool: str, workdir: str, workers: int, rows: int) -> dict:
     t_start = time.perf_counter()
     cluster = Cluster(workers, workdir)
     startup = time.perf_counter() - t_start
-    per_stage = []
+    per_stage, worker_peak = [], {}
     try:
         load0 = os.getloadavg()
         t_all = time.perf_counter()
         for i, stage in enumerate(STAGES):
+            cluster.reset_peaks()
             t0 = time.perf_counter()
             res = run_pipeline([stage], run_dir, cfg, input_dir=pool if i == 0 else None,
                                scheduler=cluster.address)[0]
             wall = time.perf_counter() - t0
             m = res.manifest
+            stage_peaks = cluster.worker_peaks_mib()
+            for w, v in stage_peaks.items():
+                worker_peak[w] = max(worker_peak.get(w, 0), v)
             per_stage.append({"stage": stage, "rows_in": m["rows_in"], "rows_out": m["rows_out"],
                               "wall_s": round(wall, 1), "rows_per_s": round(m["rows_in"] / wall),
                               "timings": m["timings"], "reasons": m["reasons"],
-                              "stats_partitions": m.get("stats_partitions")})
+                              "stats_partitions": m.get("stats_partitions"),
+                              "peak_rss_per_worker_mib": sorted(stage_peaks.values())})
             print(f"  {rows:,} rows, {workers} worker(s): {stage} {m['rows_in']:,} -> {m['rows_out']:,} "
                   f"in {wall:.1f} s ({m['rows_in'] / wall:,.0f} rows/s)", flush=True)
         total = time.perf_counter() - t_all
         load1 = os.getloadavg()
-        peaks = cluster.worker_peaks_mib()
+        peaks = sorted(worker_peak.values())
     finally:
         cluster.close()
         shutil.rmtree(run_dir, ignore_errors=True)
