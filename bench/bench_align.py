@@ -149,6 +149,9 @@ def timed_run(pool: str, workdir: str, workers: int) -> dict:
         "collect_s": m["timings"].get("collect_s"),
         "merge_and_save_stats_s": m["timings"].get("merge_s"),
         "apply_s": m["timings"].get("apply_s"),
+        "stats_partitions": m.get("stats_partitions"),
+        # what one shard's apply reads from the shuffled statistics (max, mean over shards)
+        "stats_answer_mib_per_shard": {k: round(v / 2**20, 2) for k, v in m.get("stats_answer_bytes", {}).items()},
         "peak_rss_per_worker_mib": sorted(round(v / 2**20) for v in peaks.values()),
         "stats_on_disk_mib": round(stats_bytes / 2**20, 1),
         "kept_share": round(m["rows_out"] / m["rows_in"], 4),

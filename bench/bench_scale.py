@@ -124,6 +124,8 @@ def timed_run(pool: str, workdir: str, workers: int, rows: int) -> dict:
                               "wall_s": round(wall, 1), "rows_per_s": round(m["rows_in"] / wall),
                               "timings": m["timings"], "reasons": m["reasons"],
                               "stats_partitions": m.get("stats_partitions"),
+                              "stats_answer_mib_per_shard": {k: round(v / 2**20, 2) for k, v in
+                                                             m.get("stats_answer_bytes", {}).items()},
                               "peak_rss_per_worker_mib": sorted(stage_peaks.values())})
             print(f"  {rows:,} rows, {workers} worker(s): {stage} {m['rows_in']:,} -> {m['rows_out']:,} "
                   f"in {wall:.1f} s ({m['rows_in'] / wall:,.0f} rows/s)", flush=True)

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from pipeline import schema, shards
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
 from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class, stage_dirname, stage_position
 
 log = logging.getLogger("clipcurate.runner")
@@ -205,8 +205,7 @@ class ShardFailed(StageError):
 
 
 @contextmanager
-def _naming_shard(name: str, step: str, path: str, where: str | None = None):
-    from pipeline.config import ConfigError
+def _naming_shard(name: str, step: str, path: str = "", where: str | None = None):
     from pipeline.schema import SchemaError
 
     where = where or f"shard {shards.shard_name(path)}"
@@ -265,9 +264,10 @@ def collect_split_task(name: str, config: dict, seed: int, path: str, stage_dir:
         return out
 
 
-def merge_partition_task(name: str, config: dict, seed: int, k: int, stage_dir: str, shard_names: list[str]) -> int:
-    """Merge partition k of every shard, save it as stats/pNNNN, and write each shard's answer from it."""
-    with _naming_shard(name, "merge", "", where=f"statistics partition {k}"):
+def merge_partition_task(name: str, config: dict, seed: int, k: int, stage_dir: str, shard_names: list[str]) -> list[int]:
+    """Merge partition k of every shard, save it as stats/pNNNN, and write each shard's answer from it.
+    Returns the answers' sizes in bytes, in shard order."""
+    with _naming_shard(name, "merge", where=f"statistics partition {k}"):
         stage = get_stage(name, config, seed)
         pieces = [pickle.loads(shards.read_bundle_item(_pieces_path(stage_dir, s), str(k))) for s in shard_names]
         merged = stage.merge(pieces)
@@ -277,7 +277,7 @@ def merge_partition_task(name: str, config: dict, seed: int, k: int, stage_dir: 
             answers[s] = pickle.dumps(stage.answer(merged, pieces[i]), protocol=5)
             pieces[i] = None  # freed as we go
         shards.write_bundle(answers, _answers_path(stage_dir, k))
-        return k
+        return [len(answers[s]) for s in shard_names]
 
 
 def _answers_ready(stage_dir: str, partitions: int) -> bool:
@@ -359,8 +359,8 @@ class StageResult:
 
 
 def _clean_temporaries(stage_dir: str) -> None:
-    for sub in ("", "rejected", "_done"):
-        shards.clean_temporaries(shards.join(stage_dir, sub) if sub else stage_dir)
+    """Every folder a stage writes in: shards, rejected/, _done/, stats/ (align's stats/pNNNN/ too), _shuffle/."""
+    shards.clean_temporaries(stage_dir, recursive=True)
 
 
 def _input_identity(path: str, upstream_dir: str | None) -> dict:
@@ -437,7 +437,7 @@ def run_stage(
             todo.append(p)
 
     # pass 1 — pool-wide statistics
-    partitions = 0
+    partitions, answer_bytes = 0, None
     if probe.has_stats:
         marker = shards.join(stage_dir, "_stats.json")
         prior = shards.read_json(marker) or {}
@@ -454,8 +454,8 @@ def run_stage(
             shards.remove(shards.join(stage_dir, "_shuffle"))
             if shuffled:
                 per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
-                partitions = _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings,
-                                             stats_partitions(len(inputs), per))
+                partitions = stats_partitions(len(inputs), per)
+                answer_bytes = _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions)
             else:
                 _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings)
             shards.write_json({"fingerprint": fp, "partitions": partitions}, marker)
@@ -495,6 +495,8 @@ def run_stage(
     manifest["executor"] = ex.name
     if partitions:
         manifest["stats_partitions"] = partitions
+    if answer_bytes:  # only when this run shuffled (a rerun that reused the statistics did not)
+        manifest["stats_answer_bytes"] = answer_bytes
     shards.write_json(manifest, shards.join(stage_dir, "_manifest.json"))
     log.info(
         "%s: %d rows in, %d kept, %d rejected %s",
@@ -522,10 +524,11 @@ def _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings)
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
 
 
-def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions: int) -> int:
+def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions: int) -> dict:
     """Statistics that grow with the pool (Stage.split): collect writes each shard's partial cut into
     partitions; one task per partition merges it, saves it as stats/pNNNN and writes every shard's answer.
-    No task ever holds more than one partition of the pool; the driver holds none. Returns the partitions."""
+    No task ever holds more than one partition of the pool; the driver holds none. Returns the size of
+    the answers one shard reads in apply (bytes: max and mean over shards)."""
     t0 = time.perf_counter()
     items = [(name, stage_cfg, seed, p, stage_dir, partitions) for p in inputs]
     names = [None] * len(items)
@@ -534,11 +537,14 @@ def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, parti
     timings["collect_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     items = [(name, stage_cfg, seed, k, stage_dir, names) for k in range(partitions)]
-    for _ in ex.map(merge_partition_task, items, f"{name} merge ({partitions} partitions)"):
-        pass
+    per_shard = [0] * len(names)  # what each shard's apply will read, over all partitions
+    for _, sizes in ex.map(merge_partition_task, items, f"{name} merge ({partitions} partitions)"):
+        per_shard = [a + b for a, b in zip(per_shard, sizes)]
     shards.remove(shards.join(stage_dir, "_shuffle", "pieces"))
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
-    return partitions
+    log.info("%s: statistics in %d partitions; answers per shard: max %.1f MiB, mean %.1f MiB", name, partitions,
+             max(per_shard) / 2**20, sum(per_shard) / len(per_shard) / 2**20)
+    return {"max": max(per_shard), "mean": round(sum(per_shard) / len(per_shard))}
 
 
 def build_manifest(name, fp, cfg, input_dir, per_shard: list[dict], timings: dict) -> dict:

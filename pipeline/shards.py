@@ -180,16 +180,17 @@ def remove(path: str) -> None:
         fs.rm(p, recursive=True)
 
 
-def clean_temporaries(folder: str) -> int:
-    """Remove `.tmp-*` leftovers of killed writers in `folder`. Returns how many."""
+def clean_temporaries(folder: str, recursive: bool = False) -> int:
+    """Remove `.tmp-*` leftovers of killed writers in `folder` (and its sub-folders). Returns how many."""
     fs, p = fs_and_path(folder)
     if not fs.exists(p):
         return 0
     n = 0
-    for info in fs.ls(p, detail=True):
-        if posixpath.basename(info["name"]).startswith(TMP_PREFIX):
+    names = fs.find(p) if recursive else [info["name"] for info in fs.ls(p, detail=True)]
+    for name in names:
+        if posixpath.basename(name).startswith(TMP_PREFIX):
             try:
-                fs.rm(info["name"])
+                fs.rm(name)
             except FileNotFoundError:
                 # gone between the listing and now: renamed into place by a task still finishing (e.g. a
                 # straggler of a failed Dask run whose cancelled task was already executing), or its writer's

@@ -486,7 +486,8 @@ class AlignStats:
     def text_pairs(self) -> pl.DataFrame:
         return self.texts if self.texts is not None else self.pairs.select("text", "image")
 
-    # lookups for apply: sorted numpy arrays, built once per process (stats are cached by the runner)
+    # lookups: sorted numpy arrays, built once per stats object (apply on a whole pool's stats; `answer` on
+    # a merged partition)
     def lookup(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in self._cache:
             if name == "token_n":
@@ -513,7 +514,8 @@ LOOKUPS = ("token_n", "image_texts", "text_images", "pair_uid", "band_uid")
 @dataclasses.dataclass
 class AlignAnswer:
     """What one shard's apply needs from the pool: every lookup restricted to the keys the shard holds
-    (sorted key and value arrays), and the pool-wide meta. A few MiB per shard, whatever the pool size."""
+    (sorted key and value arrays), and the pool-wide meta. Its size follows the shard, not the pool: 3.5 MiB
+    pickled for a 50k-row shard of bench_scale's pool (its partial: 10.4 MiB)."""
 
     tables: dict  # lookup name -> (keys u64, values u64), keys sorted
     meta: dict
@@ -522,25 +524,29 @@ class AlignAnswer:
         return self.tables[name]
 
 
+def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `sorted_keys` of each of `keys`, whether it is there)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+    i = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return i, sorted_keys[i] == keys
+
+
 def _restrict(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The rows of a sorted lookup whose key is in `keys`."""
-    k, v = table
-    if len(k) == 0 or len(keys) == 0:
-        return k[:0], v[:0]
-    i = np.minimum(np.searchsorted(k, keys), len(k) - 1)
-    i = np.unique(i[k[i] == keys])
-    return k[i], v[i]
+    """The rows of a sorted lookup whose key is in `keys` (unique and sorted: so are the rows)."""
+    i, found = _find(table[0], keys)
+    return table[0][i[found]], table[1][i[found]]
 
 
 def _lookup(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray, default: int) -> np.ndarray:
-    k, v = table
+    i, found = _find(table[0], keys)
     out = np.full(len(keys), default, dtype=_U64)
-    if len(k) == 0 or len(keys) == 0:
-        return out
-    i = np.minimum(np.searchsorted(k, keys), len(k) - 1)
-    found = k[i] == keys
-    out[found] = v[i[found]]
+    out[found] = table[1][i[found]]
     return out
+
+
+def _sum_meta(metas: list[dict]) -> dict:
+    return {k: sum(int(m.get(k, 0)) for m in metas) for k in META_SUMS}
 
 
 def _merge_frames(frames: list[pl.DataFrame], key: str, aggs: list) -> pl.DataFrame:
@@ -761,12 +767,11 @@ class AlignStage(Stage):
         texts = None
         if any(p.texts is not None for p in parts):
             texts = pl.concat([p.text_pairs() for p in parts]).unique().sort("text", "image")
-        meta = {k: sum(int(p.meta.get(k, 0)) for p in parts) for k in META_SUMS}
         return AlignStats(
             tokens if tokens is not None else out.tokens,
             pairs if pairs is not None else out.pairs,
             bands if bands is not None else out.bands,
-            meta,
+            _sum_meta([p.meta for p in parts]),
             texts,
         )
 
@@ -796,15 +801,14 @@ class AlignStage(Stage):
         return AlignAnswer({name: _restrict(merged.lookup(name), wanted[name]) for name in LOOKUPS}, dict(merged.meta))
 
     def join_answers(self, answers: list[AlignAnswer]) -> AlignAnswer:
-        """Keys of different partitions are disjoint: concatenate and sort."""
+        """Keys of different partitions are disjoint: concatenate and sort (the runner gives >= 1 answer)."""
         tables = {}
         for name in LOOKUPS:
-            k = np.concatenate([a.tables[name][0] for a in answers]) if answers else np.zeros(0, _U64)
-            v = np.concatenate([a.tables[name][1] for a in answers]) if answers else np.zeros(0, _U64)
+            k = np.concatenate([a.tables[name][0] for a in answers])
+            v = np.concatenate([a.tables[name][1] for a in answers])
             order = np.argsort(k, kind="stable")
             tables[name] = (k[order], v[order])
-        meta = {key: sum(int(a.meta.get(key, 0)) for a in answers) for key in META_SUMS}
-        return AlignAnswer(tables, meta)
+        return AlignAnswer(tables, _sum_meta([a.meta for a in answers]))
 
     def save_stats(self, stats: AlignStats, folder: str) -> None:
         """Parquet per table. Band keys seen once cannot make anyone a duplicate: they are dropped."""

@@ -486,22 +486,43 @@ def test_matches_reference_and_is_independent_of_shards_order_and_workers(tmp_pa
         assert Path(p).read_bytes() == Path(q).read_bytes(), p
 
 
-def test_shuffled_statistics_are_recomputed_only_when_a_shard_is_to_do(tmp_path):
-    """Each shard's answers are removed when the stage finishes; a rerun with every shard done needs none and
-    runs no pass 1; a rerun with a shard's output lost runs the shuffle again and gives the same rows."""
+def test_shuffled_statistics_are_reused_while_needed_and_recomputed_once_gone(tmp_path, monkeypatch):
+    """A run that fails in apply keeps the answers: its rerun reuses them (no pass 1). Once every shard is done
+    they are removed; a rerun with every shard done runs no pass 1; one with a shard's output lost shuffles
+    again. Every run gives the rows of an unbroken run, and leaves no temporary in stats/ or _shuffle/."""
     t = _random_pool(n=160, seed=2)
-    res = run_align(tmp_path, t, POOL_CFG, n_shards=4, name="r", per_partition=2)
-    folder = Path(res.folder)
-    assert res.manifest["stats_partitions"] == 2 and not (folder / "_shuffle").exists()
+    want = outcome(run_align(tmp_path, t, POOL_CFG, n_shards=4, name="ref", per_partition=2).folder)
+    inp = write_pool(t, tmp_path / "in", 4)
+    config = config_mod.resolve({"align": POOL_CFG, "run": {"stats_shards_per_partition": 2}})
+    folder = tmp_path / "r" / "01_align"
+
+    def run():
+        return run_pipeline(["align"], str(tmp_path / "r"), config, input_dir=inp, workers=0)[0]
+
+    real_apply = AlignStage.apply
+
+    def apply_failing_on_shard_2(self, table, stats):
+        if self.context["shard"] == "part-00002.parquet":
+            raise OSError("disk went away")
+        return real_apply(self, table, stats)
+
+    monkeypatch.setattr(AlignStage, "apply", apply_failing_on_shard_2)
+    with pytest.raises(Exception, match="disk went away"):
+        run()
+    assert len(list((folder / "_shuffle" / "answers").glob("p*.bundle"))) == 2
+    (folder / "stats" / "p0001" / ".tmp-0f-token_counts.parquet").write_bytes(b"half")  # a killed writer's
+    monkeypatch.setattr(AlignStage, "apply", real_apply)
+    res = run()
+    assert "collect_s" not in res.manifest["timings"] and outcome(folder) == want  # answers reused
+    assert not (folder / "_shuffle").exists() and not list(folder.rglob(".tmp-*"))
     assert sorted(p.name for p in (folder / "stats").iterdir()) == ["p0000", "p0001"]
     assert shards.read_json(str(folder / "stats" / "p0000" / "meta.json"))["rows"] == 160  # pool-wide, in p0000
-    before = outcome(folder)
-    config = config_mod.resolve({"align": POOL_CFG, "run": {"stats_shards_per_partition": 2}})
-    again = run_pipeline(["align"], str(tmp_path / "r"), config, input_dir=str(tmp_path / "in-r"), workers=0)[0]
-    assert "collect_s" not in again.manifest["timings"] and outcome(folder) == before
+    again = run()
+    assert "collect_s" not in again.manifest["timings"] and outcome(folder) == want
     (folder / "part-00002.parquet").unlink()
-    third = run_pipeline(["align"], str(tmp_path / "r"), config, input_dir=str(tmp_path / "in-r"), workers=0)[0]
-    assert "collect_s" in third.manifest["timings"] and outcome(folder) == before
+    third = run()
+    assert "collect_s" in third.manifest["timings"] and outcome(folder) == want
+    assert 0 < third.manifest["stats_answer_bytes"]["mean"] <= third.manifest["stats_answer_bytes"]["max"]
     assert not (folder / "_shuffle").exists()
 
 
