@@ -514,8 +514,8 @@ LOOKUPS = ("token_n", "image_texts", "text_images", "pair_uid", "band_uid")
 @dataclasses.dataclass
 class AlignAnswer:
     """What one shard's apply needs from the pool: every lookup restricted to the keys the shard holds
-    (sorted key and value arrays), and the pool-wide meta. Its size follows the shard, not the pool: 3.5 MiB
-    pickled for a 50k-row shard of bench_scale's pool (its partial: 10.4 MiB)."""
+    (sorted key and value arrays), and the pool-wide meta. Its size follows the shard, not the pool: 5.2 MiB
+    per 50k-row shard of bench_align's 1M-caption pool (bench/results/align.json)."""
 
     tables: dict  # lookup name -> (keys u64, values u64), keys sorted
     meta: dict
