@@ -34,7 +34,7 @@ def register(sub) -> None:
     msub = p.add_subparsers(dest="metadata_command", required=True)
 
     w = msub.add_parser("wordnet", help="every WordNet lemma (+ '0'..'99'), one entry a line (or .json)")
-    w.add_argument("out")
+    w.add_argument("out", help="output list (.json = JSON list; else one entry a line)")
     w.set_defaults(fn=cmd_wordnet)
 
     m = msub.add_parser("mine", help="frequent unigrams and high-PMI bigrams of a caption corpus, appended to a base list")

@@ -143,7 +143,7 @@ def cmd_ablate(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("ablate", help="train + zero-shot eval on each stage's output in turn (raw, align, +metaclip, ...)")
     p.add_argument("--run", required=True)
-    p.add_argument("--config", default=None, help="TOML config ([train] section); default: the run's saved config")
+    p.add_argument("--config", default=None, help="TOML file laid over the run's saved config ([train] section)")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default [train] steps)")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2 (mean ± std)")
     p.set_defaults(fn=cmd_ablate)

@@ -39,14 +39,58 @@ def _print_funnel(results) -> None:
 
 
 # ---- commands ------------------------------------------------------------------------------------
+DEMO_MIN_N = 200  # every noise kind of the demo world needs a few rows
+
+
 def cmd_demo_world(args) -> int:
     from pipeline.demo_world import make_world
 
+    if args.n < DEMO_MIN_N:
+        raise config_mod.ConfigError(f"demo-world --n {args.n}: give at least {DEMO_MIN_N} (every noise kind needs "
+                                     "a few rows)")
     summary = make_world(args.out, n=args.n, seed=args.seed)
     print(f"demo world written to {args.out}: {summary.get('rows', summary.get('n'))} URL rows")
     for k, v in sorted(summary.get("counts", {}).items()):
         print(f"  {k:>16}: {v}")
+    out = Path(args.out)
+    print("its config scales the papers' thresholds to this pool and turns on eval decontamination; use it:")
+    print(f"  clipcurate ingest {out / 'urls.parquet'} --run NAME --config {out / 'config.toml'}")
     return 0
+
+
+def _config_for(args, run_dir: str, running: list[str]) -> dict:
+    """The run's saved config with --config laid over it (or defaults + --config with --fresh-config); prints
+    what a --config changes in an existing run and which stages that redoes."""
+    fresh = getattr(args, "fresh_config", False)
+    if fresh and not args.config:
+        raise config_mod.ConfigError("--fresh-config needs --config FILE (the settings to start afresh from)")
+    before = config_mod.saved_config(run_dir)
+    cfg = config_mod.for_run(run_dir, args.config, fresh=fresh)
+    if before is not None and args.config:
+        changed = config_mod.changes(before, cfg)
+        for section, key, old, new in changed:
+            print(f"config: {section}.{key}: {_show(old)} -> {_show(new)}")
+        if changed:
+            stages = _run_stages(run_dir, running)
+            redo = config_mod.redone_by({c[0] for c in changed}, stages)
+            print(f"config: this redoes {', '.join(redo)}" if redo else "config: no stage of this run depends on it")
+        else:
+            print(f"config: {args.config} changes nothing in this run")
+    return cfg
+
+
+def _show(v) -> str:
+    return "(unset)" if v is None else repr(v) if isinstance(v, str) else str(v)
+
+
+def _run_stages(run_dir: str, running: list[str]) -> list[str]:
+    """The stages this run has or is about to run, in order, and the trainer when it has trained: what a config
+    change may redo."""
+    have = [s for s in STAGE_ORDER if s in running or shards.exists(shards.join(run_dir, stage_dirname(s)))]
+    have += [s for s in running if s not in have]
+    if shards.exists(shards.join(run_dir, "train")):
+        have.append("train")
+    return have
 
 
 def cmd_ingest(args) -> int:
@@ -54,7 +98,7 @@ def cmd_ingest(args) -> int:
     from stages.ingest import IngestStage, download_pool
 
     run_dir = _run_dir(args)
-    cfg = config_mod.for_run(run_dir, args.config)
+    cfg = _config_for(args, run_dir, [STAGE_ORDER[0]])
     serve = args.serve
     if serve is None:
         world = Path(args.input).resolve().parent
@@ -74,11 +118,15 @@ def cmd_ingest(args) -> int:
     res.manifest["rows_in"] = info["input_rows"]
     shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
     print(
-        f"ingest: {info['input_rows']} URL rows, {info['unique_urls']} unique URLs downloaded once each, "
-        f"{info['bad_urls']} malformed URLs"
+        f"ingest: {info['input_rows']} URL rows: {info['unique_urls']} unique URLs (each fetched once), "
+        f"{info['bad_urls']} malformed"
     )
     _print_funnel([res])
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
+    if res.manifest["rows_out"] == 0 and res.manifest["rejected"] > 0:
+        top = next(iter(res.manifest["reasons"]), "")
+        raise StageError(f"ingest: no URL downloaded ({res.manifest['rejected']} rows rejected, most as '{top}'); "
+                         f"check the URLs and the network, reasons per row in {res.folder}/rejected/")
     return 0
 
 
@@ -87,49 +135,133 @@ def cmd_run(args) -> int:
 
     names = [s.strip() for s in args.stages.split(",") if s.strip()]
     if not names:
-        raise StageError("no stages given (e.g. align,metaclip)")
+        raise StageError(f"no stages given (e.g. {','.join(RUNNABLE[:2])})")
+    if any(":" in n for n in names):
+        _import_from_cwd()
     run_dir = _run_dir(args)
-    cfg = config_mod.for_run(run_dir, args.config)
+    cfg = _config_for(args, run_dir, names)
     results = run_pipeline(names, run_dir, cfg, input_dir=args.input, workers=args.workers, scheduler=args.scheduler)
     _print_funnel(results)
+    _print_outputs(results)
     return 0
 
 
+def _import_from_cwd() -> None:
+    """`module:Class` stages are found from the current folder, as `python -m` finds modules, here and in the
+    Dask workers this command starts (they inherit PYTHONPATH)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *paths])
+
+
+def _print_outputs(results) -> None:
+    """Where the training set is: emit's output folder, not its stage folder (metadata only)."""
+    for res in results:
+        fin = res.manifest.get("finalize") or {}
+        if "samples" in fin and "folder" in fin:
+            out = fin["folder"]
+            print(f"training set: {fin['samples']} samples in {fin['shards']} shards")
+            for fmt in fin.get("formats", []):
+                print(f"  {fmt:>8}: {shards.join(out, fmt)}/")
+            print(f"  {'uids':>8}: {shards.join(out, 'uids.npy')}   summary: {shards.join(out, 'summary.json')}")
+
+
+RUNNABLE = STAGE_ORDER[1:]  # the first stage downloads: it has its own command
+
+
+def _workers(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: give 0 (in-process) or a positive number of workers")
+    return n
+
+
 def _add_exec(p) -> None:
-    p.add_argument("--workers", type=int, default=None, help="Dask workers (default: cores); 0 = in-process")
+    p.add_argument("--workers", type=_workers, default=None, help="Dask workers (default: cores); 0 = in-process")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
 
 
+def _add_config(p) -> None:
+    p.add_argument("--config", default=None,
+                   help="TOML file laid over the run's saved config (keys it does not name keep their values)")
+    p.add_argument("--fresh-config", action="store_true",
+                   help="start from the defaults + --config instead of the run's saved config")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line that says where help is, exit 2 (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+GLOBAL_HELP = {
+    "runs_dir": "root of runs (default: $CLIPCURATE_RUNS, else runs/)",
+    "verbose": "debug logs, third-party libraries' too",
+}
+
+
+def _add_globals(p, top: bool) -> None:
+    """--runs-dir and -v are accepted before or after the subcommand (SUPPRESS: an absent one after the
+    subcommand does not overwrite one given before it)."""
+    default = (lambda v: v) if top else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--runs-dir", default=default(os.environ.get("CLIPCURATE_RUNS", "runs")), help=GLOBAL_HELP["runs_dir"])
+    p.add_argument("-v", "--verbose", action="store_true", default=default(False), help=GLOBAL_HELP["verbose"])
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, p in action.choices.items():
+                yield name, p
+                yield from _subparsers(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="clipcurate", description="Curate image-text pairs for CLIP training.")
-    ap.add_argument("--runs-dir", default=os.environ.get("CLIPCURATE_RUNS", "runs"), help="root of runs (default runs/)")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = OneLineParser(prog="clipcurate", description="Curate image-text pairs for CLIP training.")
+    _add_globals(ap, top=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("demo-world", help="write the synthetic demo crawl (url list, served images, eval + HQ sets)")
-    p.add_argument("out")
-    p.add_argument("--n", type=int, default=3000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", help="folder to write the world in (replaced when it exists)")
+    p.add_argument("--n", type=int, default=3000, help=f"about this many URL rows (at least {DEMO_MIN_N}; default 3000)")
+    p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     p.set_defaults(fn=cmd_demo_world)
 
     p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest")
     p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns")
-    p.add_argument("--run", required=True)
-    p.add_argument("--config", default=None)
+    p.add_argument("--run", required=True, help="run name: runs/NAME")
+    _add_config(p)
     p.add_argument("--serve", default=None, help="serve this folder on a loopback proxy while downloading (demo)")
     _add_exec(p)
     p.set_defaults(fn=cmd_ingest)
 
-    p = sub.add_parser("run", help="run stages (comma list: " + ",".join(STAGE_ORDER[1:]) + ")")
-    p.add_argument("stages")
-    p.add_argument("--run", required=True)
-    p.add_argument("--input", default=None, help="folder of Parquet shards with a text column")
-    p.add_argument("--config", default=None)
+    p = sub.add_parser("run", help="run stages on a run's previous output or --input: "
+                                   + ",".join(RUNNABLE) + " or your own module:Class")
+    p.add_argument("stages", help=f"comma list, run in pipeline order: {','.join(RUNNABLE)}; or a Stage subclass "
+                                  "as module:Class (importable from the current folder)")
+    p.add_argument("--run", required=True, help="run name: runs/NAME")
+    p.add_argument("--input", default=None,
+                   help="folder of Parquet shards (or one .parquet file) with a text column; default: the run's "
+                        "previous stage output")
+    _add_config(p)
     _add_exec(p)
     p.set_defaults(fn=cmd_run)
 
     for extra in _extra_commands():
         extra(sub)
+    for _, p in _subparsers(ap):
+        if "--runs-dir" not in p._option_string_actions:
+            _add_globals(p, top=False)
+        run = p._option_string_actions.get("--run")
+        if run is not None and not run.help:
+            run.help = "run name: its folder is RUNS_DIR/NAME"
     return ap
 
 
@@ -148,18 +280,43 @@ def _extra_commands():
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _setup_logging(verbose: bool) -> None:
+    """Our progress at INFO; third-party libraries (open_clip logs every model load at INFO on the root logger)
+    only from WARNING, unless -v."""
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("clipcurate").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("distributed", "asyncio", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _remove_if_only_config(run_dir: str) -> None:
+    """A command that failed on a run it created leaves nothing behind (not an empty run with a config)."""
+    try:
+        fs, p = shards.fs_and_path(run_dir)
+        if fs.exists(p) and {shards.shard_name(x) for x in fs.ls(p)} <= {"config.toml"}:
+            fs.rm(p, recursive=True)
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, so that the line points at its --help
+        subs = dict(_subparsers(parser))
+        (subs.get(getattr(args, "command", ""), parser)).error(f"unrecognized arguments: {' '.join(extra)}")
+    _setup_logging(args.verbose)
+    run_dir = _run_dir(args) if getattr(args, "run", None) else None
+    created = run_dir is not None and not shards.exists(run_dir)
     try:
         return int(args.fn(args) or 0)
     except _user_errors() as e:
+        if created:
+            _remove_if_only_config(run_dir)
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -29,9 +29,7 @@ class RunConfig:
     stats_shards_per_partition: int = 8
 
     def __post_init__(self):
-        if self.stats_shards_per_partition < 1:
-            raise ConfigError(f"config [run] stats_shards_per_partition = {self.stats_shards_per_partition}: "
-                              "must be at least 1")
+        check_ranges("run", self, stats_shards_per_partition=(1, None))
 
 
 # Sections that are not shard stages but share the file.
@@ -108,23 +106,48 @@ def resolve(raw: dict) -> dict[str, dict]:
                     f"config [{section}]: unknown key '{key}' (known: {', '.join(sorted(defaults))})"
                 )
             defaults[key] = _check_value(section, key, value, defaults[key])
-        if section == "run":
-            RunConfig(**defaults)  # its own range checks (one-line ConfigError)
+        try:
+            cls(**defaults)  # the section's own range checks (__post_init__: one-line ConfigError)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"config [{section}]: {e}") from None
         out[section] = defaults
     return out
+
+
+def _read_raw(path: str | Path) -> dict:
+    """A TOML file as written (no defaults filled in)."""
+    from pipeline import shards
+
+    if not shards.exists(str(path)):
+        raise ConfigError(f"config file {path} does not exist")
+    fs, p = shards.fs_and_path(str(path))
+    if fs.isdir(p):
+        raise ConfigError(f"config file {path} is a folder, not a TOML file")
+    try:
+        with fs.open(p, "rb") as f:
+            raw = tomllib.loads(f.read().decode("utf-8", "replace"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: not valid TOML ({e})") from None
+    return raw
 
 
 def load(path: str | Path | None) -> dict[str, dict]:
     if path is None:
         return resolve({})
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path}: not valid TOML ({e})") from None
-    return resolve(raw)
+    return resolve(_read_raw(path))
+
+
+def overlay(base: dict, over: dict) -> dict:
+    """`over` laid on `base`, key by key within each section: what `over` does not name keeps its value."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for section, values in over.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
 
 
 def _drop_none(obj):
@@ -139,10 +162,68 @@ def save(config: dict, path: str | Path) -> None:
     shards.write_bytes(tomli_w.dumps(_drop_none(config)).encode(), str(path))
 
 
-def for_run(run_dir: str | Path, config_path: str | None) -> dict[str, dict]:
-    """--config wins; else a run's saved config (so a plain rerun resumes as before); else defaults."""
-    saved = Path(run_dir) / "config.toml"
-    if config_path is None and saved.exists():
-        return load(saved)
-    cfg = load(config_path)
-    return cfg
+def saved_path(run_dir: str | Path) -> str:
+    from pipeline import shards
+
+    return shards.join(str(run_dir), "config.toml")
+
+
+def for_run(run_dir: str | Path, config_path: str | None, fresh: bool = False) -> dict[str, dict]:
+    """The run's config: its saved config.toml with `config_path` laid over it (keys the file does not name
+    keep their saved values), so `--config t50.toml` holding only `[metaclip] t = 50` changes t and nothing
+    else. `fresh`: defaults + the file, ignoring what the run saved (an explicit choice, never the default).
+    A run with nothing saved starts from the defaults."""
+    from pipeline import shards
+
+    saved = saved_path(run_dir)
+    base = _read_raw(saved) if (not fresh and shards.exists(saved)) else {}
+    if config_path is None:
+        return resolve(base)
+    return resolve(overlay(base, _read_raw(config_path)))
+
+
+def saved_config(run_dir: str | Path) -> dict[str, dict] | None:
+    """The run's resolved saved config, or None for a run that has none yet."""
+    from pipeline import shards
+
+    saved = saved_path(run_dir)
+    return resolve(_read_raw(saved)) if shards.exists(saved) else None
+
+
+def changes(old: dict[str, dict], new: dict[str, dict]) -> list[tuple[str, str, Any, Any]]:
+    """(section, key, old value, new value) for every key whose resolved value differs, in file order."""
+    out = []
+    for section in list(old) + [s for s in new if s not in old]:
+        a, b = old.get(section) or {}, new.get(section) or {}
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                out.append((section, key, a.get(key), b.get(key)))
+    return out
+
+
+def redone_by(changed_sections: set[str], stage_names: list[str]) -> list[str]:
+    """Which of a run's stages (in recipe order) a config change redoes: a changed stage and every stage after
+    it (their inputs change with it); `[run]` (the seed) redoes them all."""
+    if "run" in changed_sections:
+        return list(stage_names)
+    for i, name in enumerate(stage_names):
+        if name in changed_sections:
+            return list(stage_names[i:])
+    return []
+
+
+def check_ranges(section: str, config: Any, **bounds: tuple[float | None, float | None]) -> None:
+    """One-line ConfigError for a value outside [lo, hi] (None = unbounded): `min_words = -5` is a typo the
+    run must not silently take. Called from a section's `__post_init__`."""
+    for key, (lo, hi) in bounds.items():
+        v = getattr(config, key)
+        if v is None:
+            continue
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            if hi is None:
+                want = f"must be at least {lo}"
+            elif lo is None:
+                want = f"must be at most {hi}"
+            else:
+                want = f"must be between {lo} and {hi}"
+            raise ConfigError(f"config [{section}] {key} = {v!r}: {want}")

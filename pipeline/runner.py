@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import time
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -96,6 +97,9 @@ class DaskExecutor:
             self.name = f"dask scheduler {scheduler}"
         else:
             n = workers or os.cpu_count() or 1
+            # the scheduler's HTTP server (health routes, even with no dashboard) wants port 8787 and takes
+            # another when that one is busy, warning in 4 lines that nothing is wrong
+            warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
             self.cluster = LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,
@@ -103,6 +107,7 @@ class DaskExecutor:
                 dashboard_address=None,
                 silence_logs=logging.ERROR,
                 env=worker_env(n),  # set in each worker process before it imports polars
+                preload=["pipeline.worker_init"],  # workers ignore Ctrl-C: the driver stops them (one line)
             )
             self.client = Client(self.cluster)
             self.name = f"dask LocalCluster ({n} workers)"
@@ -179,9 +184,49 @@ def _worker_deaths(desc: str, item: tuple | None):
         ) from None
 
 
+class LazyExecutor:
+    """Starts its executor (a Dask cluster costs ~10 s) on the first task, not before: a rerun with every shard
+    up to date starts nothing."""
+
+    def __init__(self, workers: int | None, scheduler: str | None = None):
+        if workers is not None and workers < 0:
+            raise StageError(f"--workers {workers}: give 0 (in-process) or a positive number of workers")
+        self.args = (workers, scheduler)
+        self.inner = None
+        if workers == 0 and not scheduler:
+            self.name = InProcessExecutor.name
+        elif scheduler:
+            self.name = f"dask scheduler {scheduler}"
+        else:
+            self.name = f"dask LocalCluster ({workers or os.cpu_count() or 1} workers)"
+
+    def _started(self):
+        if self.inner is None:
+            workers, scheduler = self.args
+            if workers == 0 and not scheduler:
+                self.inner = InProcessExecutor()
+            else:
+                log.info("starting %s", self.name)
+                self.inner = DaskExecutor(workers, scheduler)
+        return self.inner
+
+    def map(self, fn: Callable, items: list, desc: str) -> Iterator[tuple[int, Any]]:
+        return iter(()) if not items else self._started().map(fn, items, desc)
+
+    def tree_reduce(self, fn: Callable, values: list, desc: str = "merge") -> Any:
+        return self._started().tree_reduce(fn, values, desc)
+
+    def collect_values(self, fn: Callable, items: list, desc: str) -> list:
+        return [] if not items else self._started().collect_values(fn, items, desc)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+
 @contextmanager
 def executor(workers: int | None, scheduler: str | None = None):
-    ex = InProcessExecutor() if (workers == 0 and not scheduler) else DaskExecutor(workers, scheduler)
+    ex = LazyExecutor(workers, scheduler)
     try:
         yield ex
     finally:
@@ -385,6 +430,26 @@ def previous_stage_dir(run_dir: str, name: str) -> str | None:
     return None
 
 
+def skipped_stages(name: str, upstream_dir: str) -> list[str]:
+    """Built-in stages between the folder a stage reads and the stage itself that have not run: `run klite` on
+    a fresh run reads ingest's output, and align and metaclip are then silently not part of the data."""
+    if stage_position(name) >= len(STAGE_ORDER):
+        return []
+    folder = shards.shard_name(upstream_dir)
+    earlier = [s for s in STAGE_ORDER[: stage_position(name)] if stage_dirname(s) == folder]
+    if not earlier:
+        return []
+    return STAGE_ORDER[STAGE_ORDER.index(earlier[0]) + 1 : stage_position(name)]
+
+
+def _warn_skipped(name: str, upstream_dir: str, recipe: list[str]) -> None:
+    missing = [s for s in skipped_stages(name, upstream_dir) if s not in recipe]
+    if missing:
+        log.warning("%s reads %s: %s did not run in this run, so its rows are not curated by %s "
+                    "(to include: clipcurate run %s,%s --run ...)", name, upstream_dir, ", ".join(missing),
+                    "it" if len(missing) == 1 else "them", ",".join(missing), name)
+
+
 def run_stage(
     name: str,
     run_dir: str,
@@ -418,7 +483,7 @@ def run_stage(
     manifest_path = shards.join(stage_dir, "_manifest.json")
     if (shards.read_json(manifest_path) or {}).get("fingerprint") != fp:
         shards.remove(manifest_path)
-    log.info("%s: %d shards from %s (fingerprint %s, %s)", name, len(inputs), input_dir, fp, ex.name)
+    log.debug("%s: %d shards from %s (fingerprint %s, %s)", name, len(inputs), input_dir, fp, ex.name)
     timings: dict[str, float] = {}
 
     # which shards are already done under this fingerprint (resume)
@@ -435,6 +500,11 @@ def run_stage(
             summaries[out] = done
         else:
             todo.append(p)
+    if not todo:
+        log.info("%s: %d shards up to date, skipped", name, len(inputs))
+    else:
+        done_note = f"; {len(inputs) - len(todo)} up to date, skipped" if len(todo) < len(inputs) else ""
+        log.info("%s: %d shards to do from %s (%s)%s", name, len(todo), input_dir, ex.name, done_note)
 
     # pass 1 — pool-wide statistics
     partitions, answer_bytes = 0, None
@@ -592,6 +662,8 @@ def run_pipeline(
     """Run `stages` in canonical order; each reads the previous one's output (or `input_dir` first)."""
     names = list(stages)
     for n in names:
+        if n == STAGE_ORDER[0]:
+            raise StageError(f"{n} is not run with `run`: it downloads a URL list, use `clipcurate {n} URLS --run NAME`")
         stage_class(n)  # fail fast on unknown or missing stages
     names = sorted(names, key=stage_position)
     from pipeline import config as config_mod
@@ -606,7 +678,9 @@ def run_pipeline(
                 current = previous_stage_dir(run_dir, name)
                 from_stage = True
                 if current is None:
-                    raise StageError(f"{name}: no input: give --input DIR or run an earlier stage first")
+                    raise StageError(f"{name}: no input in run {run_dir}: ingest a URL list first "
+                                     f"(clipcurate {STAGE_ORDER[0]} URLS --run NAME), or give --input DIR")
+                _warn_skipped(name, current, names)
             with _driver_writes(name, run_dir):
                 res = run_stage(name, run_dir, current, config, ex, upstream_is_stage=from_stage)
             results.append(res)

@@ -41,10 +41,16 @@ def shard_name(path: str) -> str:
 
 
 def list_shards(folder: str) -> list[str]:
-    """Sorted Parquet files directly in `folder` (not sub-folders; hidden/temporary names skipped)."""
+    """Sorted Parquet files directly in `folder` (not sub-folders; hidden/temporary names skipped), or `folder`
+    itself when it is one Parquet file."""
     fs, p = fs_and_path(folder)
     if not fs.exists(p):
         raise ShardError(f"input folder {folder} does not exist")
+    if fs.isfile(p):  # one Parquet file given as the input: a pool of one shard
+        if not p.endswith(".parquet"):
+            raise ShardError(f"input {folder} is a file but not a .parquet shard: give a folder of Parquet shards "
+                             "or one .parquet file")
+        return [str(folder)]
     out = []
     for info in fs.ls(p, detail=True):
         name = posixpath.basename(info["name"].rstrip("/"))

@@ -298,9 +298,10 @@ def stage_class(name: str) -> type[Stage]:
         try:
             return getattr(importlib.import_module(module_name), cls_name)
         except (ModuleNotFoundError, AttributeError) as e:
-            raise StageError(f"cannot load stage '{name}': {e}") from None
+            raise StageError(f"cannot load stage '{name}': {e} (the module must be importable from the current "
+                             "folder or PYTHONPATH)") from None
     if name not in STAGE_ORDER:
-        raise StageError(f"unknown stage '{name}' (stages: {', '.join(STAGE_ORDER)})")
+        raise StageError(f"unknown stage '{name}' (stages: {', '.join(STAGE_ORDER[1:])}; or your own as module:Class)")
     try:
         module = importlib.import_module(f"stages.{name}")
     except ModuleNotFoundError as e:

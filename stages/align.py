@@ -57,6 +57,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import check_ranges
 from pipeline import schema, shards
 from pipeline.images import MAX_IMAGE_PIXELS, open_image
 from pipeline.stage import Stage, StageError, first_reason, split_by_reason
@@ -589,6 +590,12 @@ class AlignStage(Stage):
         language: str = ""  # e.g. "en": drop captions py3langid assigns to another language; "" = off
         max_image_pixels: int = MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (pipeline.images)
         url_as_image: bool = True  # text-only pools: the url stands in for the image in pool counts
+
+        def __post_init__(self):
+            check_ranges("align", self, min_side=(0, None), max_aspect=(1, None), max_texts_per_image=(1, None),
+                         max_images_per_text=(1, None), min_words=(0, None), max_words=(max(0, self.min_words), None),
+                         min_token_count=(0, None), near_dup_threshold=(0, 1), num_perm=(2, None),
+                         shingle_size=(1, None), eval_hamming=(0, 64), max_image_pixels=(1, None))
 
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)

@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import check_ranges
 from pipeline import shards
 from pipeline.stage import Stage, StageError, split_by_reason, uniform
 
@@ -86,6 +87,10 @@ class DfnStage(Stage):
         precision: str = "auto"  # auto = bf16/fp16 autocast on GPU, fp32 on CPU
         num_workers: int = -1  # DataLoader decode workers; -1 = 0 on CPU (the model uses the cores), 4 on GPU
         cache: bool = True  # keep collect's scores for apply (no second scoring pass)
+
+        def __post_init__(self):
+            check_ranges("dfn", self, keep_fraction=(0, 1), threshold=(-1, 1), bins=(2, None), batch_size=(1, None),
+                         num_workers=(-1, None))
 
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import check_ranges
 from pipeline import shards
 from pipeline.stage import Stage
 
@@ -51,6 +52,9 @@ class EmitStage(Stage):
         image_ext: str = "jpg"  # name of the image member in tars (bytes are written as stored)
         klite: bool = True  # add `{uid}.klite.txt` when a `text_klite` column exists
         out: str = ""  # default: <run>/emit
+
+        def __post_init__(self):
+            check_ranges("emit", self, samples_per_shard=(1, None))
 
     def out_dir(self) -> str:
         return self.config.out or shards.join(self.context["run_dir"], "emit")

@@ -30,6 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.config import check_ranges
 from pipeline import schema, shards
 from pipeline.stage import Stage, StageError, fingerprint
 
@@ -56,6 +57,10 @@ class IngestStage(Stage):
         timeout: int = 10
         retries: int = 0
         serve_dir: str = ""  # a demo world's www/ served by a loopback proxy during the download
+
+        def __post_init__(self):
+            check_ranges("ingest", self, image_size=(1, None), processes=(0, None), threads=(1, None),
+                         shard_size=(1, None), timeout=(1, None), retries=(0, None))
 
     def output_name(self, input_name: str) -> str:
         return f"part-{input_name}" if not input_name.startswith("part-") else input_name
@@ -116,17 +121,70 @@ def read_url_list(path: str, url_col: str = "url", caption_col: str = "caption")
         else:
             raise StageError(f"ingest: {p}: unknown format (use .parquet, .csv, .tsv or .tsv.gz)")
     except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as e:
-        raise StageError(f"ingest: cannot read URL list {p}: {str(e).splitlines()[0]}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise StageError(f"ingest: cannot read URL list {p}: {_where_it_breaks(p) or first}") from None
     if caption_col not in df.columns and caption_col == "caption" and "text" in df.columns:
         caption_col = "text"
-    for c in (url_col, caption_col):
-        if c not in df.columns:
-            raise StageError(f"ingest: URL list {p} has no column '{c}' (columns: {', '.join(df.columns)})")
+    missing = [(c, key) for c, key in ((url_col, "url_col"), (caption_col, "caption_col")) if c not in df.columns]
+    if missing:
+        names = " or ".join(f"'{c}'" for c, _ in missing)
+        hints = []
+        for c, key in missing:
+            hint = _column_hint(df.columns, c, key)
+            if key == "caption_col" and hint.startswith("name the column") and c == "caption":
+                hint = _column_hint(df.columns, "text", key)  # `text` is accepted for captions too
+            if hint not in hints:
+                hints.append(hint)
+        raise StageError(f"ingest: URL list {p} has no column {names} (columns: {_shown(df.columns)}); "
+                         + "; ".join(hints))
     out = df.select(pl.col(url_col).cast(pl.String).alias("url"), pl.col(caption_col).cast(pl.String).alias("caption"))
     bad = [f"_bad_{c}" for c in (url_col, caption_col) if f"_bad_{c}" in df.columns]
     if bad:
         out = out.with_columns(pl.any_horizontal([df[c] for c in bad]).alias(BAD_TEXT_COL))
     return out
+
+
+def _shown(columns: list[str], n: int = 6) -> str:
+    cut = [c if len(c) <= 40 else c[:37] + "..." for c in columns[:n]]
+    return ", ".join(cut) + (f", ... ({len(columns)} columns)" if len(columns) > n else "")
+
+
+def _column_hint(columns: list[str], wanted: str, key: str) -> str:
+    """What to do when a column is missing: a header that is data, a name in another case, another separator."""
+    if any("://" in c for c in columns):
+        return "its first line looks like data, not a header: add a header line naming the columns (url, caption)"
+    same = [c for c in columns if c.lower() == wanted.lower()]
+    if same:
+        return f'name it in the config: [ingest] {key} = "{same[0]}"'
+    if len(columns) == 1 and any(sep in columns[0] for sep in ("\t", ",", ";", "|")):
+        return "its lines are not split on the separator its extension says (.csv: comma, .tsv: tab): rename the file"
+    return f'name the column to use in the config: [ingest] {key} = "..."'
+
+
+def _where_it_breaks(p: str) -> str | None:
+    """The first line of a CSV/TSV whose field count differs from the header's (polars names no line). Only read
+    on the error path."""
+    import csv
+    import gzip
+
+    low = p.lower()
+    if not low.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt", ".txt.gz")) or "://" in p:
+        return None
+    sep = "," if ".csv" in low else "\t"
+    opener = gzip.open if low.endswith(".gz") else open
+    try:
+        with opener(p, "rt", encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.reader(f, delimiter=sep, quoting=csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE)
+            header = next(reader, [])
+            for row in reader:
+                if len(row) != len(header):
+                    hint = ("quote captions that hold a comma, or write a TSV" if sep == "," else
+                            "a caption holds a tab: remove tabs from captions")
+                    return (f"line {reader.line_num} has {len(row)} fields where the header has {len(header)} "
+                            f"({hint})")
+    except (OSError, csv.Error):
+        return None
+    return None
 
 
 BAD_TEXT_COL = "_not_utf8"  # rows of a URL list whose url or caption bytes are not valid UTF-8

@@ -52,6 +52,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from pipeline.config import check_ranges
 from pipeline import shards
 from pipeline.stage import Stage, StageError
 
@@ -223,6 +224,9 @@ class KLiteStage(Stage):
         extra_stop_words: list = dataclasses.field(default_factory=list)
         max_definition_chars: int = 0  # 0: whole gloss; else cut at a word boundary
         hypernyms: bool = False  # add klite_hypernyms (list<string>)
+
+        def __post_init__(self):
+            check_ranges("klite", self, max_ngram=(1, 3), min_chars=(0, None), max_definition_chars=(0, None))
 
     # -- setup: tables -> integer keys ------------------------------------------------------------------
     def setup(self) -> None:

@@ -59,6 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from metadata import concepts
+from pipeline.config import check_ranges
 from pipeline import shards
 from pipeline.stage import Stage, StageError, first_reason, split_by_reason, uniform
 
@@ -275,6 +276,9 @@ class MetaClipStage(Stage):
         reference_language: str = "en"  # the language `t` applies to (MetaCLIP 2: English)
         one_text_per_image: bool = False  # keep one matching alt-text per image (MetaCLIP 2)
         image_col: str = "url"  # what identifies an image for one_text_per_image
+
+        def __post_init__(self):
+            check_ranges("metaclip", self, t=(1, None), tail_share=(0, 0.999999))
 
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)

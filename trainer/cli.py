@@ -138,10 +138,10 @@ def cmd_dfn_train(args) -> int:
 
 
 def _add_train_flags(p) -> None:
-    p.add_argument("--run", required=True)
-    p.add_argument("--config", default=None, help="TOML config ([train] section); default: the run's saved config")
+    p.add_argument("--run", required=True, help="run name: its folder is RUNS_DIR/NAME")
+    p.add_argument("--config", default=None, help="TOML file laid over the run's saved config ([train] section)")
     p.add_argument("--steps", type=int, default=None, help="override [train] steps")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="override [train] batch_size")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (override [train] workers)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--model", default=None, help="open_clip model name (default [train] model: clipcurate-tiny)")
@@ -158,10 +158,10 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="zero-shot classification / retrieval of a checkpoint on Parquet eval sets")
     p.add_argument("--checkpoint", default=None, help="model file (default with --run: runs/NAME/train/model.pt)")
     p.add_argument("--run", default=None, help="use this run's latest model and its [train] eval_sets")
-    p.add_argument("--config", default=None)
+    p.add_argument("--config", default=None, help="TOML file laid over the run's saved config ([train] section)")
     p.add_argument("--data", action="append", default=None, help="eval Parquet (image+label or image+captions); repeatable")
     p.add_argument("--model", default=None, help="model name for a bare open_clip checkpoint")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", default=None, help="folder for eval-NAME.json (default with --run: runs/NAME/train)")
     p.set_defaults(fn=cmd_eval)
 

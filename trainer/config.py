@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from pipeline.config import check_ranges
+
 DEFAULT_TEMPLATES = [
     "a photo of a {}.",
     "a picture of a {}.",
@@ -37,3 +39,8 @@ class TrainConfig:
     eval_sets: list = dataclasses.field(default_factory=list)  # Parquet eval sets run after training
     templates: list = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     eval_batch_size: int = 256
+
+    def __post_init__(self):
+        check_ranges("train", self, steps=(0, None), batch_size=(1, None), lr=(0, None), weight_decay=(0, None),
+                     warmup=(0, None), grad_clip=(0, None), klite_prob=(0, 1), workers=(0, None),
+                     save_every=(1, None), keep_checkpoints=(1, None), log_every=(1, None), eval_batch_size=(1, None))
