@@ -1,7 +1,8 @@
 # clipcurate — every target creates .venv and installs what it needs first (make setup).
 #   make demo            the whole job on the embedded demo world
 #   make test            the test suite
-# Variables: RUN (run name), INPUT (URL list or shard folder), CONFIG (TOML), WORKERS (0 = in-process)
+# Variables: RUN (run name), INPUT (URL list or shard folder), CONFIG (TOML, laid over the run's saved config),
+#            WORKERS (0 = in-process)
 
 SHELL := /bin/bash
 PY ?= python3

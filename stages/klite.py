@@ -233,9 +233,7 @@ class KLiteStage(Stage):
         """Load the cached WordNet tables and turn every surface into one integer key (see module doc)."""
         from metadata.wordnet import WordNetMissing
 
-        c = self.config
-        if not 1 <= int(c.max_ngram) <= 3:
-            raise StageError(f"klite: max_ngram must be 1, 2 or 3 (got {c.max_ngram})")
+        c = self.config  # its values are range-checked by Config (config [klite] ...)
         try:
             surfaces, lemmas = cached_tables()
         except WordNetMissing as e:

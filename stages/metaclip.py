@@ -282,11 +282,7 @@ class MetaClipStage(Stage):
 
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)
-        c = self.config
-        if c.t < 1:
-            raise StageError(f"metaclip: t must be >= 1 (got {c.t})")
-        if not 0.0 <= c.tail_share < 1.0:
-            raise StageError(f"metaclip: tail_share must be in [0, 1) (got {c.tail_share})")
+        c = self.config  # t and tail_share are range-checked by Config (config [metaclip] ...)
         if c.matcher not in MATCHERS:
             raise StageError(f"metaclip: matcher must be one of {', '.join(MATCHERS)}, not '{c.matcher}'")
         self._entries: list[str] | None = None

@@ -427,7 +427,9 @@ def test_url_list_malformed_urls_schemes_and_non_utf8_rows_are_rejected(tmp_path
     runs = tmp_path / "runs"
     with untouched(path):
         code = cli_main(["--runs-dir", str(runs), "ingest", str(path), "--run", "r", "--workers", "0"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    # nothing downloadable: an error (one line), with every row kept in rejected/ with its reason
+    assert code == 2 and "ingest: no URL downloaded" in err and len(err.strip().splitlines()) == 1, err
     stage = runs / "r" / "00_ingest"
     rej = pa.concat_tables([pq.read_table(p) for p in sorted((stage / "rejected").glob("*.parquet"))])
     got = {t: r.split(":")[0] for t, r in zip(rej.column("text").to_pylist(), rej.column("reason").to_pylist())}

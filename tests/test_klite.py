@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from metadata import wordnet
+from pipeline.config import ConfigError
 from pipeline import config as config_mod
 from pipeline import shards
 from pipeline import stage as stage_mod
@@ -185,7 +186,7 @@ def test_options_hypernyms_definition_length_ngram(stage):
     assert "klite_hypernyms" not in stage.apply(table_of(["dog"]), None)[0].column_names
     s1 = KLiteStage({"max_ngram": 1}).ensure_ready()
     assert enrich(s1, ["golden retrievers"])[0]["klite_concept"] == "retriever"
-    with pytest.raises(stage_mod.StageError, match="max_ngram"):
+    with pytest.raises(ConfigError, match=r"config \[klite\] max_ngram = 4: must be between 1 and 3"):
         KLiteStage({"max_ngram": 4}).ensure_ready()
 
 

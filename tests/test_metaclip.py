@@ -20,6 +20,7 @@ from pipeline import config as config_mod
 from pipeline import shards
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
+from pipeline.config import ConfigError
 from pipeline.stage import StageError
 from stages.metaclip import MATCHERS, Matcher, MetaClipStage, entry_probs, p_to_t, spacing, t_to_p
 
@@ -337,7 +338,7 @@ def test_entries_identity_and_errors(tmp_path):
         MetaClipStage({"entries": str(tmp_path / "missing.txt")}).fingerprint_parts()
     with pytest.raises(StageError):
         MetaClipStage({"matcher": "regex"})
-    with pytest.raises(StageError):
+    with pytest.raises(ConfigError, match=r"config \[metaclip\] t = 0: must be at least 1"):
         MetaClipStage({"t": 0})
 
 
