@@ -50,6 +50,7 @@ def cmd_demo_world(args) -> int:
 
 
 def cmd_ingest(args) -> int:
+    from pipeline.images import ImageStore
     from pipeline.runner import executor, run_stage
     from stages.ingest import IngestStage, download_pool
 
@@ -66,6 +67,8 @@ def cmd_ingest(args) -> int:
     ingest_cfg = IngestStage.Config(**cfg["ingest"])
     stage_dir = shards.join(run_dir, stage_dirname("ingest"))
     raw_dir, info = download_pool(args.input, stage_dir, ingest_cfg)
+    # the download is the run's image store: ingest's shards and every later stage's hold references into it
+    ImageStore(raw_dir, "parquet", ingest_cfg.encode_format).save(run_dir)
     with executor(args.workers, args.scheduler) as ex:
         res = run_stage("ingest", run_dir, raw_dir, cfg, ex)
     res.manifest["download"] = info

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import schema, shards
+from pipeline.images import REF_COL
 from pipeline.stage import Stage, StageError, fingerprint
 
 log = logging.getLogger("clipcurate.ingest")
@@ -61,7 +62,10 @@ class IngestStage(Stage):
         return f"part-{input_name}" if not input_name.startswith("part-") else input_name
 
     def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
-        """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason."""
+        """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason.
+
+        The rows come without their image bytes: the img2dataset output is the run's image store, and the
+        runner hands each row its reference (`image_ref`, pipeline/images.py)."""
         df = pl.from_arrow(table)
         if CAPTIONS_COL in df.columns:
             captions = pl.col(CAPTIONS_COL).str.json_decode(pl.Struct({"c": pl.List(pl.String)})).struct.field("c")
@@ -69,14 +73,16 @@ class IngestStage(Stage):
             captions = pl.concat_list(pl.col("caption"))
         def int_col(name):
             return (pl.col(name) if name in df.columns else pl.lit(None)).cast(pl.Int32)
+        ok = pl.col("status") == "success"
+        ref = pl.col(REF_COL) if REF_COL in df.columns else pl.lit(None, dtype=pl.String)
         df = df.with_columns(
             text=captions,
-            image=(pl.col("jpg") if "jpg" in df.columns else pl.lit(None)).cast(pl.Binary),
+            image_ref=pl.when(ok).then(ref).otherwise(pl.lit(None, dtype=pl.String)),
             width=int_col("width"),
             height=int_col("height"),
             orig_width=int_col("original_width"),
             orig_height=int_col("original_height"),
-            reason=pl.when(pl.col("status") == "success")
+            reason=pl.when(ok)
             .then(pl.lit(None, dtype=pl.String))
             .otherwise(
                 pl.col("status").fill_null("unknown")
@@ -86,7 +92,7 @@ class IngestStage(Stage):
         ).explode("text")
         uid = schema.compute_uid(df["url"].to_arrow(), df["text"].to_arrow())
         df = df.with_columns(uid=pl.Series(uid)).select(
-            "uid", "url", "text", "image", "width", "height", "orig_width", "orig_height", "reason"
+            "uid", "url", "text", REF_COL, "width", "height", "orig_width", "orig_height", "reason"
         )
         out = df.to_arrow()
         out = schema.check_columns(out, schema.ROW_SCHEMA, "ingest")

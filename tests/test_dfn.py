@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -47,8 +48,9 @@ def _stub_pool(scores: np.ndarray, cuts: list[int]) -> list[pa.Table]:
 
 @pytest.fixture
 def stub_scores(monkeypatch):
-    """DfnStage.scores reads a column `s` instead of running a model (the keep rule on its own)."""
-    monkeypatch.setattr(DfnStage, "scores", lambda self, table: table.column("s").to_numpy().astype(np.float32))
+    """DfnStage.score_rows reads a column `s` instead of running a model (the keep rule on its own)."""
+    monkeypatch.setattr(DfnStage, "score_rows", lambda self, table: (
+        table.column("s").to_numpy().astype(np.float32), pc.is_valid(table.column("image")).to_numpy()))
 
 
 # ---- the keep rule, without a model ---------------------------------------------------------------
