@@ -28,6 +28,7 @@ def demo_run(demo_ingested):
 
     shutil.copytree(runs / base / "00_ingest", runs / run / "00_ingest")
     shutil.copy(runs / base / "config.toml", runs / run / "config.toml")
+    shutil.copy(runs / base / "image_store.json", runs / run / "image_store.json")  # root: 00_ingest/_img2dataset
     cfg = (world / "config.toml").read_text()
     cfg = re.sub(r"steps = \d+", "steps = 25", cfg)
     cfg = re.sub(r"workers = \d+", "workers = 0", cfg)
