@@ -50,12 +50,15 @@ def cmd_demo_world(args) -> int:
 
 
 def cmd_ingest(args) -> int:
-    from pipeline.images import ImageStore
     from pipeline.runner import executor, run_stage
-    from stages.ingest import IngestStage, download_pool
 
     run_dir = _run_dir(args)
     cfg = config_mod.for_run(run_dir, args.config)
+    if _is_folder(args.input):
+        return _ingest_crawl(args, run_dir, cfg)
+    from pipeline.images import ImageStore
+    from stages.ingest import IngestStage, download_pool
+
     serve = args.serve
     if serve is None:
         world = Path(args.input).resolve().parent
@@ -80,6 +83,32 @@ def cmd_ingest(args) -> int:
         f"ingest: {info['input_rows']} URL rows, {info['unique_urls']} unique URLs downloaded once each, "
         f"{info['bad_urls']} malformed URLs"
     )
+    _print_funnel([res])
+    print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
+    return 0
+
+
+def _is_folder(path: str) -> bool:
+    fs, p = shards.fs_and_path(path)
+    return fs.isdir(p)
+
+
+def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
+    """Bring your own crawl: an img2dataset output folder (Parquet or WebDataset) is the run's image store, in
+    place; ingest converts its metadata to rows with references, failures to rejected/ with img2dataset's error."""
+    from pipeline.runner import executor, run_stage
+    from stages.ingest import crawl_input
+
+    config_mod.save(cfg, shards.join(run_dir, "config.toml"))
+    stage_dir = shards.join(run_dir, stage_dirname("ingest"))
+    store, input_dir = crawl_input(args.input, stage_dir)
+    store.save(run_dir)
+    with executor(args.workers, args.scheduler) as ex:
+        res = run_stage("ingest", run_dir, input_dir, cfg, ex)
+    res.manifest["crawl"] = {"root": store.root, "format": store.format}
+    shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
+    kind = "WebDataset" if store.format == "wds" else "Parquet"
+    print(f"ingest: img2dataset {kind} output {store.root} used in place as the image store")
     _print_funnel([res])
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
     return 0
@@ -115,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_demo_world)
 
-    p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest")
-    p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns")
+    p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest, or use an "
+                                      "img2dataset output folder in place")
+    p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns, or an img2dataset output "
+                                 "folder (Parquet or WebDataset): used in place as the image store, no download")
     p.add_argument("--run", required=True)
     p.add_argument("--config", default=None)
     p.add_argument("--serve", default=None, help="serve this folder on a loopback proxy while downloading (demo)")

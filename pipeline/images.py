@@ -250,3 +250,34 @@ def run_reader(run_dir: str) -> ImageReader | None:
     """The reader of the store recorded in a run folder (None for a text-only run)."""
     store = ImageStore.load(run_dir)
     return store.reader() if store is not None else None
+
+
+# ---- WebDataset stores -----------------------------------------------------------------------------
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def index_tar(path: str) -> pa.Table:
+    """One scan of a tar's headers: (key, ext, offset, size) per regular member, `offset` where its bytes start.
+    Built once per store file (a WebDataset crawl's index), then members are read by reference."""
+    import tarfile
+
+    fs, p = shards.fs_and_path(path)
+    keys, exts, offsets, sizes = [], [], [], []
+    try:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for m in tf:  # headers only: a stream, members skipped without reading them
+                if not m.isfile():
+                    continue
+                base = posixpath.basename(m.name)
+                key, _, ext = base.partition(".")
+                d = posixpath.dirname(m.name)
+                keys.append(f"{d}/{key}" if d else key)
+                exts.append(ext.lower())
+                offsets.append(m.offset_data)
+                sizes.append(m.size)
+    except FileNotFoundError:
+        raise ImageStoreError(f"image store: {shards.shard_name(path)} not found ({path})") from None
+    except (tarfile.TarError, OSError) as e:
+        raise ImageStoreError(f"image store: {shards.shard_name(path)} is not a readable tar ({e})") from None
+    return pa.table({"key": pa.array(keys, pa.string()), "ext": pa.array(exts, pa.string()),
+                     "offset": pa.array(offsets, pa.int64()), "size": pa.array(sizes, pa.int64())})

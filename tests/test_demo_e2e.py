@@ -156,3 +156,33 @@ def test_funnel_and_kept_uids_match_the_record(demo_run):
     want = json.loads(KEPT_RECORD.read_text())
     for name in STAGES + ["emitted"]:
         assert got[name] == want[name], name
+
+
+JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF"  # how Pillow's and OpenCV's JPEGs (the demo's, img2dataset's) begin
+
+
+def test_no_file_of_a_curation_stage_holds_image_bytes(demo_run):
+    """Images are written once: every file align, metaclip, klite and dfn write (kept, rejected, statistics,
+    manifests) is metadata: no binary image column, no JPEG in the bytes, a small fraction of the store."""
+    from pipeline.images import ImageStore
+
+    _, run_dir = demo_run
+    store = ImageStore.load(str(run_dir))
+    store_bytes = sum(p.stat().st_size for p in Path(store.root).rglob("*") if p.is_file())
+    written = 0
+    for name in ("align", "metaclip", "klite", "dfn"):
+        [stage_dir] = glob.glob(str(run_dir / f"*_{name}"))
+        files = [p for p in Path(stage_dir).rglob("*") if p.is_file()]
+        assert files, name
+        for p in files:
+            data = p.read_bytes()
+            written += len(data)
+            assert JPEG_HEAD not in data, p
+            if p.suffix == ".parquet":
+                schema = pq.read_schema(p)
+                binary = [f.name for f in schema if str(f.type) in ("binary", "large_binary")]
+                assert not binary, (p, binary)
+                assert "image_ref" in schema.names or "rows" in schema.names or "tok" in schema.names \
+                    or "pair" in schema.names or "key" in schema.names or "entry" in " ".join(schema.names), p
+    # rows in the store, against the curated stages' metadata (4 stages, kept + rejected + statistics)
+    assert written < 0.25 * store_bytes, (written, store_bytes)
