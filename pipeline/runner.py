@@ -198,12 +198,10 @@ def _read_checked(stage, path: str, store: "images.ImageStore | None" = None) ->
     if had_bytes and not in_store:  # its bytes would be dropped and nothing would name them: refuse
         raise StageError(f"{stage.name}: shard {shards.shard_name(path)} holds image bytes but is not in the run's "
                          f"image store ({images.STORE_FILE}); give its folder with --input")
-    if in_store:
-        name = shards.shard_name(path)
-        refs = images.parquet_refs(name, table.num_rows) if had_bytes else pa.nulls(table.num_rows, pa.string())
+    if in_store and had_bytes:
         if images.REF_COL in table.column_names:
             table = table.drop_columns([images.REF_COL])
-        table = table.append_column(images.REF_COL, refs)
+        table = table.append_column(images.REF_COL, images.parquet_refs(shards.shard_name(path), table.num_rows))
     if "text" in stage.requires and "text" in table.column_names:
         table = schema.check_columns(table, {"text": pa.string()}, shards.shard_name(path), stage.name)
         table = schema.ensure_uid(table)

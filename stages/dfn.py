@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 
 from pipeline import shards
 from pipeline.images import REF_COL
+from pipeline.schema import SchemaError
 from pipeline.stage import Stage, StageError, split_by_reason, uniform
 
 log = logging.getLogger("clipcurate.dfn")
@@ -160,7 +161,7 @@ class DfnStage(Stage):
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{self._digest}|{self.scorer.precision}|{self.scorer.device.type}|{self.scorer.model_name}".encode())
         h.update("\0".join(u or "" for u in table.column("uid").to_pylist()).encode())
-        if REF_COL in table.column_names:
+        if REF_COL in table.column_names:  # a text-only shard has neither: score_rows says so
             refs = table.column(REF_COL)
             h.update(b"refs\0" + "\0".join(r or "" for r in refs.to_pylist()).encode())
             reader = self.context.get("images")
@@ -199,7 +200,8 @@ class DfnStage(Stage):
                     pass
         blobs = self.pixels(table)
         if blobs is None:
-            blobs = pa.nulls(table.num_rows, pa.binary())
+            raise SchemaError(f"shard {self.context.get('shard', '')}: missing column 'image' (or '{REF_COL}'), "
+                              "required by dfn: it scores image-text pairs")
         has = pc.is_valid(blobs).to_numpy(zero_copy_only=False)
         s = self.scorer.score(blobs.to_pylist(), table.column("text").to_pylist())
         if key is not None:

@@ -180,7 +180,7 @@ def test_dfn_trained_on_clean_pairs_scores_mismatched_captions_lower(world, dfn_
     assert reasons.count("no_image") == 1 and reasons.count("bad_image") == 1
     # apply read collect's scores back from the cache: a fresh stage (new process) gets the same numbers
     cache = Path(os.environ["CLIPCURATE_CACHE"]) / "dfn_scores"
-    assert len(list(cache.glob("*.npy"))) >= len(tables)
+    assert len(list(cache.glob("*.npz"))) >= len(tables)
     fresh = DfnStage({"checkpoint": dfn_model, "cache": False, "batch_size": 64})
     np.testing.assert_allclose(fresh.scores(tables[0]), stage.scores(tables[0]), atol=1e-6)
 
