@@ -157,12 +157,17 @@ def tar_refs(file: str, offsets, sizes) -> pa.Array:
 
 
 def parse_refs(refs) -> pl.DataFrame:
-    """(i, file, loc) for every non-null reference; i is its position in `refs`. Vectorised."""
+    """(i, file, loc) for every non-null reference; i is its position in `refs`. Vectorised; the locator is
+    what follows the last '#' (digits and ':'), so a file name may hold a '#' of its own."""
     s = pl.Series(REF_COL, refs, dtype=pl.String)
-    parts = s.str.splitn("#", 2)  # file names hold no '#'; the locator after it is digits and ':'
-    return (pl.DataFrame({"i": pl.int_range(0, len(s), eager=True), "file": parts.struct.field("field_0"),
-                          "loc": parts.struct.field("field_1")})
-            .filter(pl.col("loc").is_not_null()))
+    parts = s.str.extract_groups(r"^(.*)#([0-9:]+)$")
+    df = pl.DataFrame({"i": pl.int_range(0, len(s), eager=True), "ref": s,
+                       "file": parts.struct.field("1"), "loc": parts.struct.field("2")})
+    bad = df.filter(pl.col("ref").is_not_null() & pl.col("loc").is_null())
+    if bad.height:
+        raise ImageStoreError(f"image store: malformed image reference {bad['ref'][0]!r} (expected FILE#ROW or "
+                              "FILE#OFFSET:SIZE)")
+    return df.filter(pl.col("loc").is_not_null()).drop("ref")
 
 
 class ImageReader:
@@ -175,17 +180,19 @@ class ImageReader:
         """Binary array aligned with `refs`: the image bytes, null where the reference is null or names an
         empty cell. ImageStoreError (one line) for a store file that is missing or unreadable."""
         refs = refs.combine_chunks() if isinstance(refs, pa.ChunkedArray) else refs
-        n = len(refs)
-        out: list[bytes | None] = [None] * n
         parsed = parse_refs(refs)
-        for (file,), group in parsed.group_by("file", maintain_order=True):
-            idx = group["i"].to_list()
-            blobs = self._read_file(file, group["loc"])
-            for i, b in zip(idx, blobs):
-                out[i] = b
-        return pa.array(out, pa.binary())
+        rows, values = [], []
+        for (file,), group in parsed.group_by("file", maintain_order=True):  # a store file at a time
+            rows.append(group["i"].to_numpy())
+            values.append(self._read_file(file, group["loc"]).cast(pa.binary()))
+        where = np.full(len(refs), -1, dtype=np.int64)  # row -> position in the values read
+        if rows:
+            at = np.concatenate(rows)
+            where[at] = np.arange(len(at))
+        blobs = pa.concat_arrays(values) if values else pa.array([], pa.binary())
+        return blobs.take(pa.array(where, pa.int64(), mask=where < 0))
 
-    def _read_file(self, file: str, locs: pl.Series) -> list[bytes | None]:
+    def _read_file(self, file: str, locs: pl.Series) -> pa.Array:
         path = self.store.path(file)
         fs, p = shards.fs_and_path(path)
         try:
@@ -199,7 +206,7 @@ class ImageReader:
             msg = " ".join(str(e).split())[:200]
             raise ImageStoreError(f"image store: {file} cannot be read ({msg})") from None
 
-    def _parquet_rows(self, f, file: str, locs: pl.Series) -> list[bytes | None]:
+    def _parquet_rows(self, f, file: str, locs: pl.Series) -> pa.Array:
         """The bytes of the referenced rows, reading only the row groups they fall in."""
         rows = locs.cast(pl.Int64, strict=False)
         if rows.null_count():
@@ -218,10 +225,10 @@ class ImageReader:
         sizes = bounds[groups + 1] - bounds[groups]
         start_in_read = np.cumsum(np.r_[0, sizes[:-1]])  # where each group read begins in `col`
         take = r - bounds[group_of] + start_in_read[np.searchsorted(groups, group_of)]
-        return col.take(pa.array(take, pa.int64())).to_pylist()
+        return col.take(pa.array(take, pa.int64())).combine_chunks()
 
     @staticmethod
-    def _tar_members(f, locs: pl.Series) -> list[bytes | None]:
+    def _tar_members(f, locs: pl.Series) -> pa.Array:
         parts = locs.str.splitn(":", 2)
         off = parts.struct.field("field_0").cast(pl.Int64, strict=False)
         size = parts.struct.field("field_1").cast(pl.Int64, strict=False)
@@ -236,7 +243,7 @@ class ImageReader:
             if len(data) != s[j]:
                 raise ValueError("member past the end of the file (truncated tar?)")
             out[j] = data
-        return out
+        return pa.array(out, pa.binary())
 
     def identity(self, refs) -> str:
         """What identifies the referenced bytes without reading them: the store, and size and mtime of each

@@ -82,6 +82,8 @@ def test_a_missing_store_file_is_one_line_naming_it(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ImageStoreError, match="out of range"):
         reader.read(pa.array(["part-00000.parquet#99"]))
+    with pytest.raises(ImageStoreError, match="malformed image reference 'part-00000.parquet'"):
+        reader.read(pa.array(["part-00000.parquet"]))
 
 
 def test_store_inside_the_run_is_recorded_relative_and_survives_moving_the_run(tmp_path):
