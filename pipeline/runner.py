@@ -6,6 +6,12 @@ Per stage:
     key hash into partitions, one task per partition merges and saves it and writes each shard's answer;
   pass 2: map apply; each shard writes kept + rejected atomically, then a small `_done/<shard>.json`.
 
+Images are written once: a task reads its shard without the image-bytes column (pipeline/images.py), so no
+stage's table, and no file a stage writes, holds pixels. A shard of the run's image store itself (ingest's
+download, a crawl, a pool given with --input, recorded in `runs/NAME/image_store.json`) gets an `image_ref`
+column naming each row's image instead; a stage that declares `needs_pixels` gets the run's image reader in its
+context and reads the bytes by reference.
+
 Resume: a shard is skipped when its done-marker carries the stage fingerprint (stage config + inputs);
 stats are reused when `_stats.json` carries it. A kill at any moment leaves either a complete shard with
 its marker, or no marker (the shard is redone, overwriting by name), so a rerun never loses or
@@ -224,10 +230,16 @@ def _parent_folder(path: str) -> str:
     return posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
 
 
-def _context(stage_dir: str, shard: str) -> dict:
-    """What a stage's hooks get besides the table: run and stage folders, the shard, the image reader."""
+def _context(stage, stage_dir: str, shard: str) -> dict:
+    """What a stage's hooks get besides the table: run and stage folders, the shard, and, for a stage that
+    declares `needs_pixels`, the run's image reader (the others never get one)."""
     run_dir = _parent(stage_dir)
-    return {"stage_dir": stage_dir, "run_dir": run_dir, "shard": shard, "images": images.run_reader(run_dir)}
+    reader = images.run_reader(run_dir) if stage.needs_pixels else None
+    return {"stage_dir": stage_dir, "run_dir": run_dir, "shard": shard, "images": reader}
+
+
+def _store_of(run_dir: str) -> "images.ImageStore | None":
+    return images.ImageStore.load(run_dir)
 
 
 class ShardFailed(StageError):
@@ -262,8 +274,8 @@ def collect_task(name: str, config: dict, seed: int, path: str, stage_dir: str) 
 def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
     stage = get_stage(name, config, seed)
     # the same context apply gets: stages that find run resources (dfn's default model) need it in pass 1 too
-    stage.context = _context(stage_dir, stage.output_name(shards.shard_name(path)))
-    return stage.collect(_read_checked(stage, path, _store_of(stage)))
+    stage.context = _context(stage, stage_dir, stage.output_name(shards.shard_name(path)))
+    return stage.collect(_read_checked(stage, path, _store_of(stage.context["run_dir"])))
 
 
 # ---- the shuffle, for stages whose statistics grow with the pool (Stage.split) -----------------------
@@ -352,8 +364,8 @@ def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: st
     stage = get_stage(name, config, seed)
     stage.notes = []
     out_name = stage.output_name(shards.shard_name(path))
-    stage.context = _context(stage_dir, out_name)
-    table = _read_checked(stage, path, _store_of(stage))
+    stage.context = _context(stage, stage_dir, out_name)
+    table = _read_checked(stage, path, _store_of(stage.context["run_dir"]))
     kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp, out_name, partitions))
     shards.write_shard(kept, shards.join(stage_dir, out_name))
     shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))
@@ -374,11 +386,6 @@ def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: st
     }
     shards.write_json(summary, shards.join(stage_dir, "_done", out_name + ".json"))
     return summary
-
-
-def _store_of(stage) -> "images.ImageStore | None":
-    reader = stage.context.get("images")
-    return reader.store if reader is not None else None
 
 
 def _parent(path: str) -> str:
@@ -554,7 +561,7 @@ def run_stage(
     final = None
     if type(probe).finalize is not Stage.finalize:  # only then: setup may be heavy (models, automata)
         stage = get_stage(name, stage_cfg, seed)
-        stage.context = _context(stage_dir, "")
+        stage.context = _context(stage, stage_dir, "")
         final = stage.finalize(stage_dir, run_dir, per_shard)
     if final is not None:
         timings["finalize_s"] = round(time.perf_counter() - t0, 3)

@@ -139,6 +139,9 @@ class Stage:
         if refs.null_count == len(refs):
             return pa.nulls(len(refs), pa.binary())
         reader = self.context.get("images")
+        if reader is None and not self.needs_pixels:
+            raise StageError(f"{self.name}: reads pixels but does not declare `needs_pixels` (the runner gives the "
+                             "image reader only to stages that do)")
         if reader is None:
             raise StageError(f"{self.name}: rows name their images ({REF_COL}) but the run records no image store "
                              f"({STORE_FILE} in {self.context.get('run_dir') or 'the run folder'})")
