@@ -113,6 +113,11 @@ def test_an_input_pool_is_the_store_and_stage_files_hold_no_bytes(tmp_path):
     assert "image" not in kept.column_names and REF_COL in kept.column_names
     assert kept.num_rows == 8 and rej.column("reason").to_pylist() == ["image_unreadable"]  # the null image
     assert kept.column("image_hash").null_count == 0  # the content hash, computed from the store's bytes
+    # another run reading this run's stage folder with --input brings the store along
+    run_pipeline(["emit"], str(tmp_path / "runs" / "other"), cfg, input_dir=str(run / "01_align"), workers=0)
+    assert ImageStore.load(str(tmp_path / "runs" / "other")) == ImageStore.load(str(run))
+    other = pq.read_table(tmp_path / "runs" / "other" / "emit" / "parquet")
+    assert other.num_rows == 8 and other.column("image").null_count == 0
     # the run folder moves; the store (outside it, recorded absolute) is still found; emit materialises bytes
     shutil.move(str(run), str(tmp_path / "elsewhere"))
     run_pipeline(["emit"], str(tmp_path / "elsewhere"), cfg, workers=0)
