@@ -704,7 +704,7 @@ class AlignStage(Stage):
 
     def _cached_images(self, table: pa.Table) -> dict | None:
         cached = self.cache_take("images", table, self._images_key())
-        if cached is None or cached.num_columns == 0:
+        if cached is None:
             return self._inspect_images(table)
         return {k: cached.column(k).to_numpy(zero_copy_only=False).astype(t) for k, t in self.IMAGE_FACTS.items()}
 

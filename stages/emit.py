@@ -81,7 +81,7 @@ class EmitStage(Stage):
             name = out_name(j)
             sizes[name + ".tar"] = piece.num_rows
             written += self._write_piece(piece, out, name)
-            columns = columns or self._materialise(piece.slice(0, 0)).column_names
+            columns = columns or _emitted_columns(piece)
         self._remove_stale(out, {out_name(j) for j in range(len(sizes))})
         shards.write_bytes(_npy(_uids_to_u128(_read_uids(files))), shards.join(out, "uids.npy"))
         if "wds" in self.config.formats:
@@ -170,6 +170,12 @@ class EmitStage(Stage):
                 sample["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
                 w.write(sample)
         return buf.getvalue()
+
+
+def _emitted_columns(piece: pa.Table) -> list[str]:
+    """The columns of an emitted shard: the rows' metadata, the bytes in `image` in place of the reference."""
+    cols = [c for c in piece.column_names if c != REF_COL]
+    return cols + [IMAGE_COL] if REF_COL in piece.column_names else cols
 
 
 def _rebatch(files: list[str], k: int) -> Iterator[pa.Table]:
