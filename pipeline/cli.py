@@ -95,10 +95,14 @@ def _run_stages(run_dir: str, running: list[str]) -> list[str]:
 
 def cmd_ingest(args) -> int:
     from pipeline.runner import executor, run_stage
-    from stages.ingest import IngestStage, download_pool
 
     run_dir = _run_dir(args)
     cfg = _config_for(args, run_dir, [STAGE_ORDER[0]])
+    if _is_folder(args.input):
+        return _ingest_crawl(args, run_dir, cfg)
+    from pipeline.images import ImageStore
+    from stages.ingest import IngestStage, download_pool
+
     serve = args.serve
     if serve is None:
         world = Path(args.input).resolve().parent
@@ -110,6 +114,8 @@ def cmd_ingest(args) -> int:
     ingest_cfg = IngestStage.Config(**cfg["ingest"])
     stage_dir = shards.join(run_dir, stage_dirname("ingest"))
     raw_dir, info = download_pool(args.input, stage_dir, ingest_cfg)
+    # the download is the run's image store: ingest's shards and every later stage's hold references into it
+    ImageStore(raw_dir, "parquet", ingest_cfg.encode_format).save(run_dir)
     with executor(args.workers, args.scheduler) as ex:
         res = run_stage("ingest", run_dir, raw_dir, cfg, ex)
     res.manifest["download"] = info
@@ -123,10 +129,43 @@ def cmd_ingest(args) -> int:
     )
     _print_funnel([res])
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
+    _fail_if_nothing_kept(res, "no URL downloaded", "check the URLs and the network")
+    return 0
+
+
+def _fail_if_nothing_kept(res, what: str, todo: str) -> None:
+    """An ingest that kept no row is an error (exit 2), not a success with a funnel of zeros; its rows stay in
+    rejected/ with their reasons."""
     if res.manifest["rows_out"] == 0 and res.manifest["rejected"] > 0:
         top = next(iter(res.manifest["reasons"]), "")
-        raise StageError(f"ingest: no URL downloaded ({res.manifest['rejected']} rows rejected, most as '{top}'); "
-                         f"check the URLs and the network, reasons per row in {res.folder}/rejected/")
+        raise StageError(f"ingest: {what} ({res.manifest['rejected']} rows rejected, most as '{top}'); "
+                         f"{todo}, reasons per row in {res.folder}/rejected/")
+
+
+def _is_folder(path: str) -> bool:
+    fs, p = shards.fs_and_path(path)
+    return fs.isdir(p)
+
+
+def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
+    """Bring your own crawl: an img2dataset output folder (Parquet or WebDataset) is the run's image store, in
+    place; ingest converts its metadata to rows with references, failures to rejected/ with img2dataset's error."""
+    from pipeline.runner import executor, run_stage
+    from stages.ingest import crawl_input
+
+    config_mod.save(cfg, shards.join(run_dir, "config.toml"))
+    stage_dir = shards.join(run_dir, stage_dirname("ingest"))
+    store, input_dir = crawl_input(args.input, stage_dir)
+    store.save(run_dir)
+    with executor(args.workers, args.scheduler) as ex:
+        res = run_stage("ingest", run_dir, input_dir, cfg, ex)
+    res.manifest["crawl"] = {"root": store.root, "format": store.format}
+    shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
+    kind = "WebDataset" if store.format == "wds" else "Parquet"
+    print(f"ingest: img2dataset {kind} output {store.root} used in place as the image store")
+    _print_funnel([res])
+    print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
+    _fail_if_nothing_kept(res, "no image of the crawl is usable", "check the crawl's status column")
     return 0
 
 
@@ -234,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     p.set_defaults(fn=cmd_demo_world)
 
-    p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest")
-    p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns")
+    p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest, or use an "
+                                      "img2dataset output folder in place")
+    p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns, or an img2dataset output "
+                                 "folder (Parquet or WebDataset): used in place as the image store, no download")
     p.add_argument("--run", required=True, help="run name: runs/NAME")
     _add_config(p)
     p.add_argument("--serve", default=None, help="serve this folder on a loopback proxy while downloading (demo)")

@@ -1,21 +1,52 @@
-"""Opening untrusted image bytes: the one place that enforces the decompression-bomb limit.
+"""The image store, references into it, and the one reader of pixels.
 
-Every decoder of pool images (align's perceptual hash, the trainer and dfn's scorer, the report's
-thumbnails) opens bytes through `open_image`. Pillow itself only *warns* between 1x and 2x its
-MAX_IMAGE_PIXELS (and any library may set that global to None), so the size is checked here from the
-header, before anything is decoded.
+Images are written once. Their bytes live in one place, the *image store*: ingest's img2dataset output, a crawl
+the user already has (img2dataset Parquet or WebDataset output), or a Parquet pool in our row schema given with
+`--input`. Every file a curation stage writes holds metadata only; a row names its image with a reference:
+
+    image_ref = "<file>#<locator>"        <file> relative to the store root
+        Parquet file:  "00003.parquet#17"          row 17 of that file
+        tar file:      "00003.tar#1536:29876"      the member's bytes: offset 1536, 29,876 bytes
+
+It names the source, not the metadata shard, so it survives resharding; it is relative to the store root, so it
+survives moving the store; the root itself is recorded once per run in `runs/<name>/image_store.json`
+({"root", "format", "column"}), relative to the run folder when the store lives inside it (ingest's download),
+so a moved run folder still finds it; else as given (an absolute path or an fsspec URI such as s3://bucket/crawl).
+
+`ImageReader.read(refs)` returns the bytes of many references at once, a store file at a time: one Parquet
+column read (or one open tar) per source file, never one open per row. Every decoder of pool images opens the
+bytes through `open_image`, which enforces the decompression-bomb limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import os
+import posixpath
 import warnings
 
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import shards
+
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default limit, fixed here
+REF_COL = "image_ref"
+STORE_FILE = "image_store.json"
+# Binary columns that hold encoded images (ours: `image`; img2dataset: `jpg`, or its encode_format's name).
+# The runner never reads them into a stage's table.
+BYTE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 
 
 class ImageTooLarge(ValueError):
     """An image whose header declares more than the pixel limit (a decompression bomb)."""
+
+
+class ImageStoreError(shards.ShardError):
+    """The image store cannot be found or read. str() is one line naming the file."""
 
 
 def open_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -36,3 +67,224 @@ def open_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
         img.close()
         raise ImageTooLarge(f"image of {w}x{h} pixels is over the {max_pixels} pixel limit (decompression bomb)")
     return img
+
+
+# ---- the store -------------------------------------------------------------------------------------
+def byte_column(schema: pa.Schema) -> str | None:
+    """The column of a Parquet schema that holds encoded images, if any."""
+    for name in BYTE_COLUMNS:
+        if name in schema.names:
+            t = schema.field(name).type
+            if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t):
+                return name
+    return None
+
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _norm(path: str) -> str:
+    return str(path).rstrip("/") if _is_url(path) else os.path.normpath(os.path.abspath(str(path)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageStore:
+    """Where a run's image bytes live: `root` (absolute path or fsspec URI), `format` ("parquet" | "wds") and,
+    for Parquet, the bytes `column`."""
+
+    root: str
+    format: str = "parquet"
+    column: str = "jpg"
+
+    def __post_init__(self):
+        if self.format not in ("parquet", "wds"):
+            raise ImageStoreError(f"image store {self.root}: unknown format {self.format!r} (parquet or wds)")
+
+    def holds(self, folder: str) -> bool:
+        """Whether `folder` is this store's root (its files are the ones references name)."""
+        return _norm(folder) == _norm(self.root)
+
+    def path(self, file: str) -> str:
+        return shards.join(self.root, file)
+
+    def save(self, run_dir: str) -> None:
+        """Record the store in the run: its root relative to the run folder when it lives inside it."""
+        root = self.root
+        if not _is_url(root) and not _is_url(run_dir):
+            rel = os.path.relpath(_norm(root), _norm(run_dir))
+            if not rel.startswith(".."):
+                root = rel
+        shards.write_json({"root": root, "format": self.format, "column": self.column}, shards.join(run_dir, STORE_FILE))
+
+    @staticmethod
+    def load(run_dir: str) -> "ImageStore | None":
+        rec = shards.read_json(shards.join(run_dir, STORE_FILE))
+        if not rec:
+            return None
+        root = str(rec["root"])
+        if not _is_url(root) and not os.path.isabs(root):
+            root = shards.join(run_dir, root) if _is_url(run_dir) else _norm(os.path.join(run_dir, root))
+        return ImageStore(root, rec.get("format", "parquet"), rec.get("column", "jpg"))
+
+    def reader(self) -> "ImageReader":
+        return ImageReader(self)
+
+
+def store_of_folder(folder: str) -> ImageStore | None:
+    """The store that a folder of metadata shards refers to: the one recorded by its run (the folder's
+    parent, for a stage folder; or the folder itself)."""
+    for run_dir in (posixpath.dirname(str(folder).rstrip("/")) if _is_url(folder) else os.path.dirname(_norm(folder)),
+                    folder):
+        store = ImageStore.load(run_dir)
+        if store is not None:
+            return store
+    return None
+
+
+# ---- references ------------------------------------------------------------------------------------
+def parquet_refs(file: str, n: int) -> pa.Array:
+    """References to rows 0..n-1 of a Parquet file of the store."""
+    return pl.select((pl.lit(f"{file}#") + pl.int_range(0, n, dtype=pl.Int64).cast(pl.String)).alias(REF_COL)) \
+        .to_series().to_arrow().cast(pa.string()) if n else pa.array([], pa.string())
+
+
+def tar_refs(file: str, offsets, sizes) -> pa.Array:
+    """References to tar members of a store file, from their data offsets and sizes."""
+    df = pl.DataFrame({"o": offsets, "s": sizes}, schema={"o": pl.Int64, "s": pl.Int64})
+    return df.select((pl.lit(f"{file}#") + pl.col("o").cast(pl.String) + ":" + pl.col("s").cast(pl.String))
+                     .alias(REF_COL)).to_series().to_arrow().cast(pa.string())
+
+
+def parse_refs(refs) -> pl.DataFrame:
+    """(i, file, loc) for every non-null reference; i is its position in `refs`. Vectorised; the locator is
+    what follows the last '#' (digits and ':'), so a file name may hold a '#' of its own."""
+    s = pl.Series(REF_COL, refs, dtype=pl.String)
+    parts = s.str.extract_groups(r"^(.*)#([0-9:]+)$")
+    df = pl.DataFrame({"i": pl.int_range(0, len(s), eager=True), "ref": s,
+                       "file": parts.struct.field("1"), "loc": parts.struct.field("2")})
+    bad = df.filter(pl.col("ref").is_not_null() & pl.col("loc").is_null())
+    if bad.height:
+        raise ImageStoreError(f"image store: malformed image reference {bad['ref'][0]!r} (expected FILE#ROW or "
+                              "FILE#OFFSET:SIZE)")
+    return df.filter(pl.col("loc").is_not_null()).drop("ref")
+
+
+class ImageReader:
+    """Bytes by reference, a store file at a time."""
+
+    def __init__(self, store: ImageStore):
+        self.store = store
+
+    def read(self, refs) -> pa.Array:
+        """Binary array aligned with `refs`: the image bytes, null where the reference is null or names an
+        empty cell. ImageStoreError (one line) for a store file that is missing or unreadable."""
+        refs = refs.combine_chunks() if isinstance(refs, pa.ChunkedArray) else refs
+        parsed = parse_refs(refs)
+        rows, values = [], []
+        for (file,), group in parsed.group_by("file", maintain_order=True):  # a store file at a time
+            rows.append(group["i"].to_numpy())
+            values.append(self._read_file(file, group["loc"]).cast(pa.binary()))
+        where = np.full(len(refs), -1, dtype=np.int64)  # row -> position in the values read
+        if rows:
+            at = np.concatenate(rows)
+            where[at] = np.arange(len(at))
+        blobs = pa.concat_arrays(values) if values else pa.array([], pa.binary())
+        return blobs.take(pa.array(where, pa.int64(), mask=where < 0))
+
+    def _read_file(self, file: str, locs: pl.Series) -> pa.Array:
+        path = self.store.path(file)
+        fs, p = shards.fs_and_path(path)
+        try:
+            with fs.open(p, "rb") as f:
+                if self.store.format == "parquet":
+                    return self._parquet_rows(f, file, locs)
+                return self._tar_members(f, locs)
+        except FileNotFoundError:
+            raise ImageStoreError(f"image store: {file} not found ({path})") from None
+        except (pa.ArrowException, OSError, ValueError) as e:
+            msg = " ".join(str(e).split())[:200]
+            raise ImageStoreError(f"image store: {file} cannot be read ({msg})") from None
+
+    def _parquet_rows(self, f, file: str, locs: pl.Series) -> pa.Array:
+        """The bytes of the referenced rows, reading only the row groups they fall in."""
+        rows = locs.cast(pl.Int64, strict=False)
+        if rows.null_count():
+            raise ValueError(f"bad row reference {locs.filter(rows.is_null())[0]!r}")
+        pf = pq.ParquetFile(f)
+        if self.store.column not in pf.schema_arrow.names:
+            raise ValueError(f"no column '{self.store.column}'")
+        meta = pf.metadata
+        bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        r = rows.to_numpy()
+        if len(r) and (r.min() < 0 or r.max() >= bounds[-1]):
+            raise ValueError(f"row reference out of range (the file has {bounds[-1]} rows)")
+        group_of = np.searchsorted(bounds, r, side="right") - 1
+        groups = np.unique(group_of)
+        col = pf.read_row_groups(groups.tolist(), columns=[self.store.column]).column(0)
+        sizes = bounds[groups + 1] - bounds[groups]
+        start_in_read = np.cumsum(np.r_[0, sizes[:-1]])  # where each group read begins in `col`
+        take = r - bounds[group_of] + start_in_read[np.searchsorted(groups, group_of)]
+        return col.take(pa.array(take, pa.int64())).combine_chunks()
+
+    @staticmethod
+    def _tar_members(f, locs: pl.Series) -> pa.Array:
+        parts = locs.str.splitn(":", 2)
+        off = parts.struct.field("field_0").cast(pl.Int64, strict=False)
+        size = parts.struct.field("field_1").cast(pl.Int64, strict=False)
+        if off.null_count() or size.null_count():
+            raise ValueError(f"bad member reference in {locs.to_list()[:1]}")
+        out: list[bytes | None] = [None] * len(locs)
+        order = off.arg_sort().to_list()  # forward reads through the file
+        o, s = off.to_list(), size.to_list()
+        for j in order:
+            f.seek(o[j])
+            data = f.read(s[j])
+            if len(data) != s[j]:
+                raise ValueError("member past the end of the file (truncated tar?)")
+            out[j] = data
+        return pa.array(out, pa.binary())
+
+    def identity(self, refs) -> str:
+        """What identifies the referenced bytes without reading them: the store, and size and mtime of each
+        store file the references name (for caches keyed by content, e.g. dfn's scores)."""
+        files = parse_refs(refs)["file"].unique(maintain_order=True).to_list()
+        ids = [shards.file_identity(self.store.path(x)) for x in files]
+        return repr((self.store.format, self.store.column, ids))
+
+
+def run_reader(run_dir: str) -> ImageReader | None:
+    """The reader of the store recorded in a run folder (None for a text-only run)."""
+    store = ImageStore.load(run_dir)
+    return store.reader() if store is not None else None
+
+
+# ---- WebDataset stores -----------------------------------------------------------------------------
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def index_tar(path: str) -> pa.Table:
+    """One scan of a tar's headers: (key, ext, offset, size) per regular member, `offset` where its bytes start.
+    Built once per store file (a WebDataset crawl's index), then members are read by reference."""
+    import tarfile
+
+    fs, p = shards.fs_and_path(path)
+    keys, exts, offsets, sizes = [], [], [], []
+    try:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+            for m in tf:  # headers only: a stream, members skipped without reading them
+                if not m.isfile():
+                    continue
+                base = posixpath.basename(m.name)
+                key, _, ext = base.partition(".")
+                d = posixpath.dirname(m.name)
+                keys.append(f"{d}/{key}" if d else key)
+                exts.append(ext.lower())
+                offsets.append(m.offset_data)
+                sizes.append(m.size)
+    except FileNotFoundError:
+        raise ImageStoreError(f"image store: {shards.shard_name(path)} not found ({path})") from None
+    except (tarfile.TarError, OSError) as e:
+        raise ImageStoreError(f"image store: {shards.shard_name(path)} is not a readable tar ({e})") from None
+    return pa.table({"key": pa.array(keys, pa.string()), "ext": pa.array(exts, pa.string()),
+                     "offset": pa.array(offsets, pa.int64()), "size": pa.array(sizes, pa.int64())})

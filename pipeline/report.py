@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import shards
+from pipeline.images import REF_COL, ImageStoreError, run_reader
 from pipeline.stage import STAGE_ORDER, StageError, stage_class
 
 log = logging.getLogger("clipcurate.report")
@@ -88,15 +89,15 @@ def _thumb(image: bytes | None) -> str | None:
 
 
 def _sample_rows(files: list[str], reason: str | None, k: int) -> list[dict]:
-    """First k rows (in shard order: deterministic) with this reason, reading few columns."""
+    """First k rows (in shard order: deterministic) with this reason, reading few columns (never bytes)."""
     rows: list[dict] = []
     for f in files:
         try:
             schema = pq.read_schema(f)
         except Exception:
             continue
-        cols = [c for c in ("uid", "text", "image", "reason") if c in schema.names]
-        if "image" not in cols:
+        cols = [c for c in ("uid", "text", REF_COL, "reason") if c in schema.names]
+        if REF_COL not in cols:
             return []
         t = pq.read_table(f, columns=cols)
         if reason is not None and "reason" in cols:
@@ -107,9 +108,21 @@ def _sample_rows(files: list[str], reason: str | None, k: int) -> list[dict]:
     return rows
 
 
+def _with_pixels(rows: list[dict], reader) -> list[bytes | None]:
+    """The rows' image bytes, read by reference through the run's image reader (one call: a store file at a time)."""
+    if reader is None or not rows:
+        return [None] * len(rows)
+    try:
+        return reader.read(pa.array([r.get(REF_COL) for r in rows], pa.string())).to_pylist()
+    except ImageStoreError as e:  # a report without some thumbnails beats no report
+        log.warning("thumbnails: %s", e)
+        return [None] * len(rows)
+
+
 def thumbnails(run_dir: str) -> list[dict]:
     """Per stage: a group of kept rows and one group per rejection reason, with thumbnails and captions."""
     groups = []
+    reader = run_reader(run_dir)
     for name, folder in stage_folders(run_dir):
         m = shards.read_json(os.path.join(folder, "_manifest.json")) or {}
         kept_files = sorted(glob.glob(os.path.join(folder, "part-*.parquet")))
@@ -121,7 +134,8 @@ def thumbnails(run_dir: str) -> list[dict]:
                 continue
             groups.append({
                 "stage": name, "label": label,
-                "items": [{"thumb": _thumb(r.get("image")), "text": r.get("text") or ""} for r in rows],
+                "items": [{"thumb": _thumb(b), "text": r.get("text") or ""}
+                          for r, b in zip(rows, _with_pixels(rows, reader))],
             })
     return groups
 

@@ -6,6 +6,12 @@ Per stage:
     key hash into partitions, one task per partition merges and saves it and writes each shard's answer;
   pass 2: map apply; each shard writes kept + rejected atomically, then a small `_done/<shard>.json`.
 
+Images are written once: a task reads its shard without the image-bytes column (pipeline/images.py), so no
+stage's table, and no file a stage writes, holds pixels. A shard of the run's image store itself (ingest's
+download, a crawl, a pool given with --input, recorded in `runs/NAME/image_store.json`) gets an `image_ref`
+column naming each row's image instead; a stage that declares `needs_pixels` gets the run's image reader in its
+context and reads the bytes by reference.
+
 Resume: a shard is skipped when its done-marker carries the stage fingerprint (stage config + inputs);
 stats are reused when `_stats.json` carries it. A kill at any moment leaves either a complete shard with
 its marker, or no marker (the shard is redone, overwriting by name), so a rerun never loses or
@@ -29,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from pipeline import schema, shards
+from pipeline import images, schema, shards
 from pipeline.config import ConfigError, RunConfig
 from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class, stage_dirname, stage_position
 
@@ -234,12 +240,51 @@ def executor(workers: int | None, scheduler: str | None = None):
 
 
 # ---- tasks (top-level functions: they travel to Dask workers) --------------------------------
-def _read_checked(stage, path: str) -> pa.Table:
-    table = shards.read_shard(path)
+def _read_checked(stage, path: str, store: "images.ImageStore | None" = None) -> pa.Table:
+    """The shard's metadata, checked: every column but the image bytes, which no stage reads from a shard.
+    A shard of the image store itself (ingest's download, a crawl or a pool given with --input) gets an
+    `image_ref` naming each of its rows instead."""
+    table, had_bytes = _read_metadata(path)
+    in_store = store is not None and store.format == "parquet" and store.holds(_parent_folder(path))
+    if had_bytes and not in_store:  # its bytes would be dropped and nothing would name them: refuse
+        raise StageError(f"{stage.name}: shard {shards.shard_name(path)} holds image bytes but is not in the run's "
+                         f"image store ({images.STORE_FILE}); give its folder with --input")
+    if in_store and had_bytes:
+        if images.REF_COL in table.column_names:
+            table = table.drop_columns([images.REF_COL])
+        table = table.append_column(images.REF_COL, images.parquet_refs(shards.shard_name(path), table.num_rows))
     if "text" in stage.requires and "text" in table.column_names:
         table = schema.check_columns(table, {"text": pa.string()}, shards.shard_name(path), stage.name)
         table = schema.ensure_uid(table)
     return schema.check_columns(table, stage.requires, shards.shard_name(path), stage.name)
+
+
+def _read_metadata(path: str) -> tuple[pa.Table, bool]:
+    """(every column but the image-bytes column, whether the shard had one)."""
+    sch = shards.read_schema(path)
+    byte_col = images.byte_column(sch)
+    if byte_col is None:
+        return shards.read_shard(path), False
+    keep = [c for c in sch.names if c != byte_col]
+    return shards.read_shard(path, columns=keep), True
+
+
+def _parent_folder(path: str) -> str:
+    import posixpath
+
+    return posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
+
+
+def _context(stage, stage_dir: str, shard: str) -> dict:
+    """What a stage's hooks get besides the table: run and stage folders, the shard, and, for a stage that
+    declares `needs_pixels`, the run's image reader (the others never get one)."""
+    run_dir = _parent(stage_dir)
+    reader = images.run_reader(run_dir) if stage.needs_pixels else None
+    return {"stage_dir": stage_dir, "run_dir": run_dir, "shard": shard, "images": reader}
+
+
+def _store_of(run_dir: str) -> "images.ImageStore | None":
+    return images.ImageStore.load(run_dir)
 
 
 class ShardFailed(StageError):
@@ -274,9 +319,8 @@ def collect_task(name: str, config: dict, seed: int, path: str, stage_dir: str) 
 def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
     stage = get_stage(name, config, seed)
     # the same context apply gets: stages that find run resources (dfn's default model) need it in pass 1 too
-    stage.context = {"stage_dir": stage_dir, "run_dir": _parent(stage_dir),
-                     "shard": stage.output_name(shards.shard_name(path))}
-    return stage.collect(_read_checked(stage, path))
+    stage.context = _context(stage, stage_dir, stage.output_name(shards.shard_name(path)))
+    return stage.collect(_read_checked(stage, path, _store_of(stage.context["run_dir"])))
 
 
 # ---- the shuffle, for stages whose statistics grow with the pool (Stage.split) -----------------------
@@ -363,10 +407,10 @@ def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp
 def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str, partitions: int = 0) -> dict:
     t0 = time.perf_counter()
     stage = get_stage(name, config, seed)
-    table = _read_checked(stage, path)
     stage.notes = []
     out_name = stage.output_name(shards.shard_name(path))
-    stage.context = {"stage_dir": stage_dir, "run_dir": _parent(stage_dir), "shard": out_name}
+    stage.context = _context(stage, stage_dir, out_name)
+    table = _read_checked(stage, path, _store_of(stage.context["run_dir"]))
     kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp, out_name, partitions))
     shards.write_shard(kept, shards.join(stage_dir, out_name))
     shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))
@@ -393,6 +437,36 @@ def _parent(path: str) -> str:
     import posixpath
 
     return posixpath.dirname(path.rstrip("/")) if "://" in path else os.path.dirname(os.path.abspath(path))
+
+
+def record_input_store(run_dir: str, input_dir: str) -> "images.ImageStore | None":
+    """A pool given with --input becomes the run's image store when its shards hold image bytes (the runner
+    then reads them without the bytes, with references); a folder of metadata shards with references (another
+    run's stage) brings its run's store along. A text-only pool leaves the run's record as it is."""
+    store, refs = None, False
+    for path in shards.list_shards(input_dir):  # the first shard that says (an empty one may have no columns)
+        sch = shards.read_schema(path)
+        col = images.byte_column(sch)
+        if col is not None:
+            store = images.ImageStore(_norm_dir(input_dir), "parquet", col)
+            break
+        if images.REF_COL in sch.names:
+            refs = True
+            break
+    if refs:
+        store = images.store_of_folder(input_dir)
+        if store is None:
+            log.warning("%s has image references but no run of its own records their image store (%s); "
+                        "stages that need pixels will fail", input_dir, images.STORE_FILE)
+            return None
+    elif store is None:
+        return None
+    store.save(run_dir)
+    return store
+
+
+def _norm_dir(path: str) -> str:
+    return path.rstrip("/") if "://" in path else os.path.abspath(path)
 
 
 # ---- the runner --------------------------------------------------------------------------------
@@ -556,7 +630,9 @@ def run_stage(
     t0 = time.perf_counter()
     final = None
     if type(probe).finalize is not Stage.finalize:  # only then: setup may be heavy (models, automata)
-        final = get_stage(name, stage_cfg, seed).finalize(stage_dir, run_dir, per_shard)
+        stage = get_stage(name, stage_cfg, seed)
+        stage.context = _context(stage, stage_dir, "")
+        final = stage.finalize(stage_dir, run_dir, per_shard)
     if final is not None:
         timings["finalize_s"] = round(time.perf_counter() - t0, 3)
     manifest = build_manifest(name, fp, stage_cfg, input_dir, per_shard, timings)
@@ -670,6 +746,8 @@ def run_pipeline(
 
     with _driver_writes("run", run_dir):
         config_mod.save(config, shards.join(run_dir, "config.toml"))
+        if input_dir is not None:
+            record_input_store(run_dir, input_dir)
     results = []
     with executor(workers, scheduler) as ex:
         current, from_stage = input_dir, False

@@ -24,20 +24,25 @@ ROW_ERROR_COL = "_row_error"
 INVALID_UTF8 = "invalid_utf8"
 
 
-# column -> (type family, arrow type we store it as)
+# The row every stage reads and writes: metadata only. The image is named by `image_ref` (a reference into
+# the run's image store, pipeline/images.py); its bytes are never in a stage's shard.
 ROW_SCHEMA: dict[str, pa.DataType] = {
     "uid": pa.string(),
     "url": pa.string(),
     "text": pa.string(),
-    "image": pa.binary(),
+    "image_ref": pa.string(),
     "width": pa.int32(),
     "height": pa.int32(),
     "orig_width": pa.int32(),
     "orig_height": pa.int32(),
 }
 
-IMAGE_COLUMNS = ("image", "width", "height", "orig_width", "orig_height")
-
+# A pool that holds its images (a Parquet pool in our row schema given with --input, the demo's HQ and eval
+# sets, emit's Parquet output): the bytes in `image` where a stage's row has `image_ref`.
+POOL_SCHEMA: dict[str, pa.DataType] = {
+    **{k: v for k, v in ROW_SCHEMA.items() if k != "image_ref"}, "image": pa.binary(),
+}
+_KNOWN = {**ROW_SCHEMA, **POOL_SCHEMA}  # checked (type family) wherever present
 
 def _family(t: pa.DataType) -> str:
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
@@ -68,7 +73,7 @@ def check_columns(table: pa.Table, required: dict[str, pa.DataType], shard: str,
         table = _check_one(table, name, want, shard, who, cast=True)
     # the row schema's other columns, when present, must be of their family too: a string `width` or
     # `image` is a broken shard, said here in one line rather than as a crash inside a stage
-    for name, want in ROW_SCHEMA.items():
+    for name, want in _KNOWN.items():
         if name in table.column_names and name not in required:
             table = _check_one(table, name, want, shard, "", cast=want == pa.string())
     return _flag_invalid_utf8(table)

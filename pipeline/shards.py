@@ -72,6 +72,19 @@ def read_shard(path: str, columns: list[str] | None = None) -> pa.Table:
         raise ShardError(f"shard {shard_name(path)}: not a readable Parquet file ({msg})") from None
 
 
+def read_schema(path: str) -> pa.Schema:
+    """A shard's Arrow schema, from its footer (nothing else is read)."""
+    fs, p = fs_and_path(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return pq.read_schema(f)
+    except FileNotFoundError:
+        raise ShardError(f"shard {shard_name(path)}: file not found ({path})") from None
+    except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ShardError(f"shard {shard_name(path)}: not a readable Parquet file ({msg})") from None
+
+
 def _atomic_write(path: str, write_fn) -> None:
     fs, p = fs_and_path(path)
     parent = posixpath.dirname(p) if "://" in str(path) else os.path.dirname(p)

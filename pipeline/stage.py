@@ -33,6 +33,9 @@ class Stage:
 
     name: ClassVar[str] = "stage"
     requires: ClassVar[dict[str, pa.DataType]] = {"uid": pa.string(), "text": pa.string()}
+    # The runner never puts image bytes in a stage's table: rows carry `image_ref` (pipeline.images), and a
+    # stage that needs pixels reads them with `pixels(table)` through the run's image reader (context).
+    needs_pixels: ClassVar[bool] = False
 
     @dataclasses.dataclass
     class Config:
@@ -56,8 +59,9 @@ class Stage:
         self.seed = int(seed)
         self._ready = False
         self.notes: list[str] = []
-        # set by the runner before each apply: {"run_dir", "stage_dir", "shard"} (for stages with side outputs)
-        self.context: dict[str, str] = {}
+        # set by the runner before each collect/apply/finalize: {"run_dir", "stage_dir", "shard", "images"}
+        # ("images": the run's ImageReader, None for a text-only run)
+        self.context: dict[str, Any] = {}
 
     # ---- hooks -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -118,6 +122,30 @@ class Stage:
 
     def output_name(self, input_name: str) -> str:
         return input_name
+
+    # ---- pixels ----------------------------------------------------------------------------------
+    def pixels(self, table: pa.Table) -> pa.Array | None:
+        """The rows' image bytes (binary, null where a row has no image), read by reference through the run's
+        image reader, a store file at a time. None when the rows carry no references (a text-only pool).
+        A table built in memory with its bytes in `image` (a stage used directly, without the runner, which
+        never puts bytes in a stage's table) gives those."""
+        from pipeline.images import REF_COL, STORE_FILE
+
+        if REF_COL not in table.column_names:
+            if IMAGE_COL in table.column_names and _is_bytes(table.schema.field(IMAGE_COL).type):
+                return table.column(IMAGE_COL).combine_chunks().cast(pa.binary())
+            return None
+        refs = table.column(REF_COL)
+        if refs.null_count == len(refs):
+            return pa.nulls(len(refs), pa.binary())
+        reader = self.context.get("images")
+        if reader is None and not self.needs_pixels:
+            raise StageError(f"{self.name}: reads pixels but does not declare `needs_pixels` (the runner gives the "
+                             "image reader only to stages that do)")
+        if reader is None:
+            raise StageError(f"{self.name}: rows name their images ({REF_COL}) but the run records no image store "
+                             f"({STORE_FILE} in {self.context.get('run_dir') or 'the run folder'})")
+        return reader.read(refs)
 
     # ---- pass-1 cache: per-row work that collect did and apply needs again ---------------------
     # A Dask cluster may run a shard's collect and apply on different workers (or machines), so an
@@ -188,6 +216,13 @@ class Stage:
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
+
+
+IMAGE_COL = "image"
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)
 
 
 def _set_aside_bad_rows(fn, hook: str):

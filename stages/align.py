@@ -31,12 +31,14 @@ count or partition count.
 
 Two image hashes, on purpose:
   * `image_hash` = blake2b-64 of the encoded bytes. "Same image" for the pool-wide counts and for
-    duplicates. It needs no decode, so `collect` stays cheap (decoding twice would double the most
-    expensive step), and it is exact: two different product shots on white can share a 64-bit
-    perceptual hash, and merging them would drop innocent captions. Re-encoded copies are missed by
-    it; that is the price.
-  * `image_phash` = 64-bit dHash (Pillow + numpy) of the decoded image, computed once, in `apply`,
-    and used only against the evaluation set, where near-copies (resized, re-encoded) must be caught.
+    duplicates. It is exact: two different product shots on white can share a 64-bit perceptual hash, and
+    merging them would drop innocent captions. Re-encoded copies are missed by it; that is the price.
+  * `image_phash` = 64-bit dHash (Pillow + numpy) of the decoded image, used only against the evaluation
+    set, where near-copies (resized, re-encoded) must be caught.
+Pixels are read once: rows carry only a reference to their image (`image_ref`, pipeline/images.py); `collect`
+reads each shard's bytes through the run's image reader, a store file at a time, and computes every per-image
+fact (content hash, decodable, decoded size, dHash) in that one pass. `apply` takes them from the pass-1 cache
+(`Stage.cache_put`/`cache_take`) and reads the pixels again only when the cache is missing.
 A text-only pool (no image bytes anywhere) uses the url as the image identity when there is one, so
 boilerplate and duplicates are still found; the image-only rules are skipped and the manifest says so.
 """
@@ -559,6 +561,7 @@ def _merge_frames(frames: list[pl.DataFrame], key: str, aggs: list) -> pl.DataFr
 
 # ---- the stage -----------------------------------------------------------------------------------
 class AlignStage(Stage):
+    needs_pixels = True
     """ALIGN / DataComp-basic filtering with exact and near-duplicate removal and eval decontamination."""
 
     name = "align"
@@ -652,7 +655,9 @@ class AlignStage(Stage):
         return parts
 
     # ---- per-row features shared by collect and apply ----
-    def _features(self, table: pa.Table) -> dict:
+    def _features(self, table: pa.Table, img: dict | None) -> dict:
+        """Per-row text features, and the image identity: the content hash where the row has image bytes
+        (`img`, from `_inspect_images`), else the url in a text-only pool."""
         c = self.config
         texts = pl.Series("text", table.column("text"))
         norm = normalise_text(texts)
@@ -660,21 +665,11 @@ class AlignStage(Stage):
         nwords = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
         text_h = hash64_strings(norm.to_arrow(), "text")
         uid = uid_rank(table.column("uid"))
-        img_col = table.column("image").combine_chunks() if "image" in table.column_names else None
-        if img_col is not None and not (pa.types.is_binary(img_col.type) or pa.types.is_large_binary(img_col.type)):
-            if not pa.types.is_null(img_col.type):
-                raise StageError(f"align: column 'image' has type {img_col.type}, expected binary")
-        has_bytes = np.zeros(table.num_rows, dtype=bool)
-        image_id = np.zeros(table.num_rows, dtype=_U64)
-        content = np.zeros(table.num_rows, dtype=_U64)
-        if img_col is not None and img_col.null_count < len(img_col) and not pa.types.is_null(img_col.type):
-            blobs = img_col.to_pylist()
-            # blake2b per image: hashlib has no vectorised form; cheap next to any decode
-            for i, b in enumerate(blobs):
-                if b is not None:
-                    has_bytes[i] = True
-                    content[i] = blake64(b)
-            image_id[has_bytes] = _mix64(content[has_bytes] ^ _salt("image"))
+        n = table.num_rows
+        has_bytes = img["has_bytes"] if img is not None else np.zeros(n, dtype=bool)
+        content = img["content"] if img is not None else np.zeros(n, dtype=_U64)
+        image_id = np.zeros(n, dtype=_U64)
+        image_id[has_bytes] = _mix64(content[has_bytes] ^ _salt("image"))
         id_ok = has_bytes.copy()
         if c.url_as_image and "url" in table.column_names:
             url = table.column("url").cast(pa.string())
@@ -685,9 +680,40 @@ class AlignStage(Stage):
                 id_ok |= url_ok
         return {
             "norm": norm, "tokens": tokens, "nwords": nwords, "text_h": text_h, "uid": uid,
-            "has_bytes": has_bytes, "content": content, "image_id": image_id, "id_ok": id_ok,
-            "blobs": img_col,
+            "has_bytes": has_bytes, "content": content, "image_id": image_id, "id_ok": id_ok, "images": img,
         }
+
+    # ---- pixels: read once ----
+    # Every per-image fact align needs (content hash, decodable, decoded size, dHash) comes from one read of the
+    # shard's pixels through the image reader, in collect; apply takes them from the pass-1 cache
+    # (Stage.cache_put/cache_take) and reads the pixels again only when the cache is missing.
+    IMAGE_FACTS = {"has_bytes": np.bool_, "content": _U64, "decoded": np.bool_, "width": np.int64,
+                   "height": np.int64, "phash": _U64}
+
+    def _inspect_images(self, table: pa.Table) -> dict | None:
+        """{fact: array per row} for a shard whose rows reference images; None for a text-only pool."""
+        blobs = self.pixels(table)
+        if blobs is None:
+            return None
+        n = len(blobs)
+        out = {k: np.zeros(n, dtype=t) for k, t in self.IMAGE_FACTS.items()}
+        for i, b in enumerate(blobs.to_pylist()):  # hashing and decoding are per image by nature
+            if b is None:
+                continue
+            out["has_bytes"][i] = True
+            out["content"][i] = blake64(b)  # hashlib has no vectorised form; cheap next to the decode
+            ok, w, h, ph = inspect_image(b, self.config.max_image_pixels)
+            out["decoded"][i], out["width"][i], out["height"][i], out["phash"][i] = ok, w, h, ph
+        return out
+
+    def _images_key(self) -> str:
+        return json.dumps(["images", self.config.max_image_pixels])
+
+    def _cached_images(self, table: pa.Table) -> dict | None:
+        cached = self.cache_take("images", table, self._images_key())
+        if cached is None:
+            return self._inspect_images(table)
+        return {k: cached.column(k).to_numpy(zero_copy_only=False).astype(t) for k, t in self.IMAGE_FACTS.items()}
 
     def _band_rows(self, f: dict) -> np.ndarray:
         """Rows that take part in near-duplicate search: an image identity and a word count in range
@@ -733,7 +759,10 @@ class AlignStage(Stage):
 
     # ---- pass 1 ----
     def collect(self, table: pa.Table) -> AlignStats:
-        f = self._features(table)
+        img = self._inspect_images(table)
+        if img is not None:
+            self.cache_put("images", table, img, self._images_key())
+        f = self._features(table, img)
         rows, toks = _explode_tokens(f["tokens"])
         tok_counts = (
             pl.DataFrame({"tok": hash64_strings(toks.to_arrow(), "tok") if len(toks) else np.zeros(0, _U64)})
@@ -875,21 +904,19 @@ class AlignStage(Stage):
         c = self.config
         n = table.num_rows
         stats = stats if stats is not None else AlignStats.empty()
-        f = self._features(table)
+        f = self._features(table, self._cached_images(table))
         pool_has_images = int(stats.meta.get("image_rows", 0)) > 0
         skipped: list[str] = []
 
-        # images: one decode per image (Pillow), here only
+        # images: decoded once, in collect (the pass-1 cache), or here when the cache is missing
+        img = f["images"]
         phash = np.zeros(n, dtype=_U64)
         decoded = np.zeros(n, dtype=bool)
         dw = np.zeros(n, dtype=np.int64)
         dh = np.zeros(n, dtype=np.int64)
         unreadable = None
-        if pool_has_images and f["blobs"] is not None:
-            blobs = f["blobs"].to_pylist()
-            for i, b in enumerate(blobs):  # decoding is per image by nature
-                ok, w, h, ph = inspect_image(b, c.max_image_pixels)
-                decoded[i], dw[i], dh[i], phash[i] = ok, w, h, ph
+        if pool_has_images and img is not None:
+            decoded, dw, dh, phash = img["decoded"], img["width"], img["height"], img["phash"]
             unreadable = ~decoded
         else:
             skipped += ["image_unreadable", "eval_near_duplicate"]
@@ -966,7 +993,7 @@ class AlignStage(Stage):
         for name in ("image_phash", "image_hash"):
             if name in out.column_names:
                 out = out.drop_columns([name])
-        if pool_has_images and f["blobs"] is not None:
+        if pool_has_images and img is not None:
             out = out.append_column("image_phash", pa.array(phash, pa.uint64(), mask=~decoded))
             out = out.append_column("image_hash", pa.array(f["content"], pa.uint64(), mask=~f["has_bytes"]))
         else:

@@ -13,14 +13,16 @@ Keep      with `threshold` unset: the top `keep_fraction` of the scored pairs of
           (pairs still needed) / (pairs in that bin), drawn as U(uid, seed) — so the kept count equals
           keep_fraction x scored pairs up to the binomial noise of one 1e-4-wide bin, whatever the
           sharding. With `threshold` set: keep dfn_score >= threshold.
-Reasons   `no_image` (null image bytes: score null), `bad_image` (bytes that do not decode: score null),
+Pixels    rows carry a reference to their image (`image_ref`); the bytes are read through the run's image reader
+          (pipeline/images.py), a store file at a time, only to score.
+Reasons   `no_image` (no image bytes: score null), `bad_image` (bytes that do not decode: score null),
           `dfn_low_score` (score below the cut; the score is kept in the rejected shard); and, as in every
           stage, `invalid_utf8` (text bytes that are not UTF-8, set aside before scoring). A decompression bomb
           (over Pillow's 89,478,485-pixel limit, checked from the header: `pipeline.images.open_image`) is a
           `bad_image`.
 Cost      scoring is the expensive part, so `collect` stores each shard's scores in a cache
           (`$CLIPCURATE_CACHE/dfn_scores/`, keyed by the model file's digest, precision and a hash of the
-          shard's uids and image bytes) and `apply` reads them back instead of scoring twice. A cache miss
+          shard's uids and image references with the referenced store files' size and mtime) and `apply` reads them back instead of scoring twice. A cache miss
           (another machine of a Dask cluster, `cache = false`) rescoring gives the same numbers on the same
           device type.
 Inference batched through a DataLoader that decodes images in `num_workers` worker processes, on CUDA when
@@ -42,6 +44,8 @@ import pyarrow.compute as pc
 
 from pipeline.config import check_ranges
 from pipeline import shards
+from pipeline.images import REF_COL
+from pipeline.schema import SchemaError
 from pipeline.stage import Stage, StageError, split_by_reason, uniform
 
 log = logging.getLogger("clipcurate.dfn")
@@ -73,7 +77,8 @@ def cut_for_fraction(hist: np.ndarray, fraction: float) -> tuple[int, float, int
 
 class DfnStage(Stage):
     name = "dfn"
-    requires = {"uid": pa.string(), "text": pa.string(), "image": pa.binary()}
+    requires = {"uid": pa.string(), "text": pa.string()}
+    needs_pixels = True
 
     @dataclasses.dataclass
     class Config:
@@ -96,7 +101,7 @@ class DfnStage(Stage):
         super().__init__(config, seed)
         self.scorer = None
         self._digest: str | None = None
-        self._mem_cache: dict[str, np.ndarray] = {}
+        self._mem_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- model -----------------------------------------------------------------------------------
     def checkpoint_path(self) -> str:
@@ -155,10 +160,21 @@ class DfnStage(Stage):
 
     # ---- scores ----------------------------------------------------------------------------------
     def _cache_key(self, table: pa.Table) -> str:
+        """Model, precision, device, and per row its uid and what names its image: the reference plus the
+        identity (size, mtime) of the store files referenced, so a cache hit reads no pixels at all; or the
+        bytes themselves for a table that holds them."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{self._digest}|{self.scorer.precision}|{self.scorer.device.type}|{self.scorer.model_name}".encode())
-        for uid, img in zip(table.column("uid").to_pylist(), table.column("image").to_pylist()):
-            h.update(uid.encode() if uid else b"\0")
+        h.update("\0".join(u or "" for u in table.column("uid").to_pylist()).encode())
+        if REF_COL in table.column_names:  # a text-only shard has neither: score_rows says so
+            refs = table.column(REF_COL)
+            h.update(b"refs\0" + "\0".join(r or "" for r in refs.to_pylist()).encode())
+            reader = self.context.get("images")
+            if reader is not None and refs.null_count < len(refs):
+                h.update(reader.identity(refs).encode())
+            return h.hexdigest()
+        blobs = self.pixels(table)
+        for img in blobs.to_pylist() if blobs is not None else [None] * table.num_rows:
             h.update(len(img).to_bytes(8, "little") if img is not None else b"\xff" * 8)
             if img is not None:
                 h.update(img)
@@ -167,10 +183,12 @@ class DfnStage(Stage):
     def _cache_path(self, key: str) -> str:
         from metadata.wordnet import cache_root
 
-        return str(cache_root() / "dfn_scores" / f"{key}.npy")
+        return str(cache_root() / "dfn_scores" / f"{key}.npz")
 
-    def scores(self, table: pa.Table) -> np.ndarray:
-        """float32 cosine per row; NaN where the image is missing or undecodable."""
+    def score_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(float32 cosine per row, NaN where the image is missing or undecodable; whether the row has image
+        bytes). The pixels are read through the run's image reader, once per shard: collect scores, apply
+        finds the scores in the cache."""
         self._load()
         key = self._cache_key(table) if self.config.cache else None
         if key is not None:
@@ -179,25 +197,35 @@ class DfnStage(Stage):
             path = self._cache_path(key)
             if os.path.exists(path):
                 try:
-                    s = np.load(path)
-                    if s.shape == (table.num_rows,):
-                        return s
-                except (OSError, ValueError):
+                    with np.load(path) as z:
+                        s, has = z["scores"], z["has_image"]
+                    if s.shape == has.shape == (table.num_rows,):
+                        return s, has
+                except (OSError, ValueError, KeyError):
                     pass
-        s = self.scorer.score(table.column("image").to_pylist(), table.column("text").to_pylist())
+        blobs = self.pixels(table)
+        if blobs is None:
+            raise SchemaError(f"shard {self.context.get('shard', '')}: missing column 'image' (or '{REF_COL}'), "
+                              "required by dfn: it scores image-text pairs")
+        has = pc.is_valid(blobs).to_numpy(zero_copy_only=False)
+        s = self.scorer.score(blobs.to_pylist(), table.column("text").to_pylist())
         if key is not None:
             path = self._cache_path(key)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "wb") as f:
-                np.save(f, s)
+                np.savez(f, scores=s, has_image=has)
             os.replace(tmp, path)
-            self._mem_cache = {key: s}  # one shard: collect then apply in the same process
-        return s
+            self._mem_cache = {key: (s, has)}  # one shard: collect then apply in the same process
+        return s, has
+
+    def scores(self, table: pa.Table) -> np.ndarray:
+        """float32 cosine per row (NaN: no image, or one that does not decode)."""
+        return self.score_rows(table)[0]
 
     # ---- contract --------------------------------------------------------------------------------
     def collect(self, table: pa.Table) -> dict:
-        s = self.scores(table)
+        s, _ = self.score_rows(table)
         ok = np.isfinite(s)
         hist = np.bincount(score_bins(s[ok], self.config.bins), minlength=self.config.bins).astype(np.int64)
         return {"hist": hist, "scored": int(ok.sum()), "unscored": int((~ok).sum())}
@@ -225,7 +253,7 @@ class DfnStage(Stage):
                            self.config.keep_fraction, **c}, shards.join(folder, "cut.json"))
 
     def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
-        s = self.scores(table)
+        s, has_image = self.score_rows(table)
         ok = np.isfinite(s)
         c = self.cut(stats)
         if c["mode"] == "threshold":
@@ -234,7 +262,7 @@ class DfnStage(Stage):
             b = np.where(ok, score_bins(np.where(ok, s, 0.0), self.config.bins), -1)
             u = uniform(table.column("uid"), self.seed, "dfn") if table.num_rows else np.zeros(0)
             keep = ok & ((b > c["bin"]) | ((b == c["bin"]) & (u < c["q"])))
-        no_image = pc.is_null(table.column("image")).to_numpy(zero_copy_only=False)
+        no_image = ~has_image
         reason = np.where(keep, None, np.where(no_image, "no_image", np.where(ok, "dfn_low_score", "bad_image")))
         score_col = pa.array(s, type=pa.float32(), mask=~ok)
         if "dfn_score" in table.column_names:

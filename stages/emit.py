@@ -1,36 +1,40 @@
-"""emit: the kept rows of the last stage as a training set — Parquet and WebDataset shards.
+"""emit: the resharder. The kept rows of the last stage, with their image bytes, as a training set.
 
-Written per input shard (as img2dataset does), so emitting is parallel and resumable like every other
-stage: input shard `part-00003` becomes `emit/parquet/part-00003-000.parquet`, `emit/wds/part-00003-000.tar`,
-… each with at most `samples_per_shard` rows. `finalize` then writes the pool-wide index: `sizes.json`
-(the file open_clip_train reads to know shard sizes), `uids.npy` (DataComp's habit: a sorted array of
-128-bit uids, so a curated subset can be re-materialised from the pool) and `summary.json`.
-The stage folder itself (`05_emit/part-*.parquet`) keeps every emitted row without image bytes: a light
-table of what went in, for reports. Rows are never dropped here, except rows whose text is not UTF-8
-(`invalid_utf8`, as in every stage: `pipeline.stage.Stage`).
+Curation stages carry metadata only (rows name their image with `image_ref`, pipeline/images.py); emit is where
+the kept samples' bytes are materialised, once. `apply` passes each shard's rows through (the stage folder
+`05_emit/part-*.parquet` is the light table of what went in: no bytes); `finalize` then reshards the whole kept
+set into consecutive shards of exactly `samples_per_shard` rows (the last one holds the rest), in a fixed order:
+input shard order, then row order. Output shard j is `emit/parquet/part-{j:05d}.parquet` and
+`emit/wds/part-{j:05d}.tar` (WebDataset: `{uid}.jpg`, `{uid}.txt`, `{uid}.json` with every other column,
+`{uid}.klite.txt`), each shard's bytes read through the run's image reader a store file at a time. Then the
+pool-wide index: `sizes.json` (what open_clip_train reads to know shard sizes), `uids.npy` (DataComp's habit: a
+sorted array of 128-bit uids, so a curated subset can be re-materialised from the pool) and `summary.json`.
+
+Resume: each output shard's marker (`emit/_done/part-NNNNN.json`) records a digest of its rows (uids and
+references), the store and the config; a rerun rewrites only shards whose digest changed. Same rows, same
+bytes (fixed tar member times, deterministic Parquet). Rows are never dropped here, except rows whose text is
+not UTF-8 (`invalid_utf8`, as in every stage: `pipeline.stage.Stage`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
-import os
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.config import check_ranges
 from pipeline import shards
+from pipeline.images import REF_COL
 from pipeline.stage import Stage
 
 TAR_MTIME = 0.0  # fixed member times: the same rows give byte-identical tars
-
-
-def _stem(shard: str) -> str:
-    return shard[: -len(".parquet")] if shard.endswith(".parquet") else shard
+IMAGE_COL = "image"
 
 
 def _json_safe(v):
@@ -41,9 +45,14 @@ def _json_safe(v):
     return v
 
 
+def out_name(j: int) -> str:
+    return f"part-{j:05d}"
+
+
 class EmitStage(Stage):
     name = "emit"
     requires = {"uid": pa.string(), "text": pa.string()}
+    needs_pixels = True  # in finalize: the resharder reads the kept rows' bytes
 
     @dataclasses.dataclass
     class Config:
@@ -59,33 +68,99 @@ class EmitStage(Stage):
     def out_dir(self) -> str:
         return self.config.out or shards.join(self.context["run_dir"], "emit")
 
-    def _pieces(self, n: int) -> int:
-        return max(1, math.ceil(n / max(1, self.config.samples_per_shard)))
-
     def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
+        """Every row passes: the stage folder is the light table of the emitted set, in order."""
+        return table, table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
+
+    # ---- the resharder ----------------------------------------------------------------------------
+    def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> dict:
+        self.context.setdefault("run_dir", run_dir)
         out = self.out_dir()
-        stem = _stem(self.context["shard"])
-        k = self.config.samples_per_shard
-        for i in range(self._pieces(table.num_rows)):
-            piece = table.slice(i * k, k)
-            name = f"{stem}-{i:03d}"
-            if "parquet" in self.config.formats:
-                shards.write_shard(piece, shards.join(out, "parquet", name + ".parquet"))
-            if "wds" in self.config.formats:
-                shards.write_bytes(self._tar(piece), shards.join(out, "wds", name + ".tar"))
-        if table.num_rows == 0 and "wds" in self.config.formats:
-            self.notes.append("an input shard was empty: it emits one empty shard of each format")
-        light = table.drop_columns([c for c in ("image",) if c in table.column_names])
-        rejected = table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
-        return light, rejected
+        k = max(1, int(self.config.samples_per_shard))
+        files = [shards.join(stage_dir, s["shard"]) for s in summaries]  # input shard order
+        sizes: dict[str, int] = {}
+        written = 0
+        columns: list[str] = []
+        for j, piece in enumerate(_rebatch(files, k)):
+            name = out_name(j)
+            sizes[name + ".tar"] = piece.num_rows
+            written += self._write_piece(piece, out, name)
+            columns = columns or _emitted_columns(piece)
+        self._remove_stale(out, {out_name(j) for j in range(len(sizes))})
+        shards.write_bytes(_npy(_uids_to_u128(_read_uids(files))), shards.join(out, "uids.npy"))
+        if "wds" in self.config.formats:
+            shards.write_json(dict(sorted(sizes.items())), shards.join(out, "wds", "sizes.json"))
+        summary = {
+            "samples": int(sum(sizes.values())),
+            "shards": len(sizes),
+            "samples_per_shard": k,
+            "formats": list(self.config.formats),
+            "folder": out,
+            "columns": columns,
+            "wds_pattern": "::".join(sorted(sizes)) if "wds" in self.config.formats else "",
+            "shards_written": written,  # the others were up to date (resume)
+        }
+        shards.write_json(summary, shards.join(out, "summary.json"))
+        return summary
+
+    def _piece_digest(self, piece: pa.Table) -> str:
+        """Config, store and every column of the rows (a changed caption or score must rewrite the shard)."""
+        h = hashlib.sha256(json.dumps([dataclasses.asdict(self.config), repr(self._store())]).encode())
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, piece.schema) as w:
+            w.write_table(piece)
+        h.update(sink.getvalue())
+        return h.hexdigest()
+
+    def _store(self):
+        reader = self.context.get("images")
+        return reader.store if reader is not None else None
+
+    def _write_piece(self, piece: pa.Table, out: str, name: str) -> int:
+        """Write one output shard in every format, unless its marker says it is already there. Returns 1 if written."""
+        digest = self._piece_digest(piece)
+        marker = shards.join(out, "_done", name + ".json")
+        targets = {"parquet": shards.join(out, "parquet", name + ".parquet"), "wds": shards.join(out, "wds", name + ".tar")}
+        wanted = [targets[f] for f in ("parquet", "wds") if f in self.config.formats]
+        if (shards.read_json(marker) or {}).get("digest") == digest and all(shards.exists(p) for p in wanted):
+            return 0
+        shards.remove(marker)
+        full = self._materialise(piece)
+        if "parquet" in self.config.formats:
+            shards.write_shard(full, targets["parquet"])
+        if "wds" in self.config.formats:
+            shards.write_bytes(self._tar(full), targets["wds"])
+        shards.write_json({"digest": digest, "rows": piece.num_rows}, marker)
+        return 1
+
+    def _materialise(self, piece: pa.Table) -> pa.Table:
+        """The rows with their image bytes (`image`, read by reference) in place of the reference."""
+        if REF_COL not in piece.column_names:
+            return piece
+        blobs = self.pixels(piece)
+        return piece.drop_columns([REF_COL]).append_column(IMAGE_COL, blobs)
+
+    def _remove_stale(self, out: str, names: set[str]) -> None:
+        """Shards of an earlier run with other settings would silently join the training set."""
+        for fmt, ext in (("parquet", ".parquet"), ("wds", ".tar"), ("_done", ".json")):
+            folder = shards.join(out, fmt)
+            fs, p = shards.fs_and_path(folder)
+            if not fs.exists(p):
+                continue
+            for info in fs.ls(p, detail=True):
+                base = info["name"].rstrip("/").rsplit("/", 1)[-1]
+                stem = base[: -len(ext)] if base.endswith(ext) else None
+                unwanted = fmt != "_done" and fmt not in self.config.formats
+                if stem is not None and (stem not in names or unwanted):
+                    fs.rm(info["name"])
 
     def _tar(self, table: pa.Table) -> bytes:
         """One WebDataset tar: {uid}.jpg (bytes as stored), {uid}.txt, {uid}.json (every other column)."""
         import webdataset as wds
 
-        meta_cols = [c for c in table.column_names if c != "image"]
+        meta_cols = [c for c in table.column_names if c != IMAGE_COL]
         rows = table.select(meta_cols).to_pylist()
-        images = table.column("image").to_pylist() if "image" in table.column_names else [None] * table.num_rows
+        images = table.column(IMAGE_COL).to_pylist() if IMAGE_COL in table.column_names else [None] * table.num_rows
         klite = self.config.klite and "text_klite" in table.column_names
         buf = io.BytesIO()
         with wds.TarWriter(buf, mtime=TAR_MTIME, encoder=False) as w:
@@ -100,51 +175,42 @@ class EmitStage(Stage):
                 w.write(sample)
         return buf.getvalue()
 
-    def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> dict:
-        self.context = {"run_dir": run_dir, "stage_dir": stage_dir, "shard": ""}
-        out = self.out_dir()
-        sizes: dict[str, int] = {}
-        expected: dict[str, set[str]] = {"parquet": set(), "wds": set()}
-        k = self.config.samples_per_shard
-        for s in summaries:
-            n = s["rows_out"]
-            for i in range(self._pieces(n)):
-                name = f"{_stem(s['shard'])}-{i:03d}"
-                count = min(k, n - i * k) if n else 0
-                sizes[name + ".tar"] = count
-                expected["parquet"].add(name + ".parquet")
-                expected["wds"].add(name + ".tar")
-        # files of an earlier run with other settings would silently join the training set: remove them
-        for fmt, names in expected.items():
-            folder = shards.join(out, fmt)
-            if os.path.isdir(folder):
-                for f in os.listdir(folder):
-                    if (f.endswith((".tar", ".parquet")) and f not in names) or fmt not in self.config.formats:
-                        os.remove(os.path.join(folder, f))
-        uids = []
-        for s in summaries:
-            t = shards.read_shard(shards.join(stage_dir, s["shard"]), columns=["uid"])
-            uids.append(t.column("uid"))
-        uid_arr = pa.chunked_array(uids, pa.string()) if uids else pa.chunked_array([], pa.string())
-        packed = _uids_to_u128(uid_arr)
-        buf = io.BytesIO()
-        np.save(buf, packed)
-        shards.write_bytes(buf.getvalue(), shards.join(out, "uids.npy"))
-        if "wds" in self.config.formats:
-            shards.write_json(dict(sorted(sizes.items())), shards.join(out, "wds", "sizes.json"))
-        total = int(sum(sizes.values()))
-        summary = {
-            "samples": total,
-            "shards": len(sizes),
-            "samples_per_shard": k,
-            "formats": list(self.config.formats),
-            "folder": out,
-            "columns": [c for c in shards.read_shard(shards.join(stage_dir, summaries[0]["shard"])).column_names]
-            if summaries else [],
-            "wds_pattern": _brace_pattern(sorted(expected["wds"])) if expected["wds"] else "",
-        }
-        shards.write_json(summary, shards.join(out, "summary.json"))
-        return summary
+
+def _emitted_columns(piece: pa.Table) -> list[str]:
+    """The columns of an emitted shard: the rows' metadata, the bytes in `image` in place of the reference."""
+    cols = [c for c in piece.column_names if c != REF_COL]
+    return cols + [IMAGE_COL] if REF_COL in piece.column_names else cols
+
+
+def _rebatch(files: list[str], k: int) -> Iterator[pa.Table]:
+    """Consecutive pieces of exactly k rows (the last: the rest) over the shards' rows in order, holding at
+    most one input shard and one piece in memory."""
+    pending: list[pa.Table] = []
+    have = 0
+    for f in files:
+        t = shards.read_shard(f)
+        start = 0
+        while start < t.num_rows:
+            take = min(k - have, t.num_rows - start)
+            pending.append(t.slice(start, take))
+            have += take
+            start += take
+            if have == k:
+                yield pa.concat_tables(pending, promote_options="default").combine_chunks()
+                pending, have = [], 0
+    if have:
+        yield pa.concat_tables(pending, promote_options="default").combine_chunks()
+
+
+def _read_uids(files: list[str]) -> pa.ChunkedArray:
+    cols = [shards.read_shard(f, columns=["uid"]).column("uid") for f in files]
+    return pa.chunked_array([c for col in cols for c in col.chunks], pa.string())
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
 
 
 def _uids_to_u128(uids: pa.ChunkedArray) -> np.ndarray:
@@ -158,11 +224,6 @@ def _uids_to_u128(uids: pa.ChunkedArray) -> np.ndarray:
     arr["hi"], arr["lo"] = hi, lo
     arr.sort(order=["hi", "lo"])
     return arr
-
-
-def _brace_pattern(names: list[str]) -> str:
-    """A shard list for open_clip's --train-data: brace-expansion per input stem ("a-{000..002}.tar")."""
-    return "::".join(names)
 
 
 STAGE = EmitStage

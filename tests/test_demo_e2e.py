@@ -4,8 +4,11 @@ checked against the manifests it is built from."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import os
 import re
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -25,6 +28,7 @@ def demo_run(demo_ingested):
 
     shutil.copytree(runs / base / "00_ingest", runs / run / "00_ingest")
     shutil.copy(runs / base / "config.toml", runs / run / "config.toml")
+    shutil.copy(runs / base / "image_store.json", runs / run / "image_store.json")  # root: 00_ingest/_img2dataset
     cfg = (world / "config.toml").read_text()
     cfg = re.sub(r"steps = \d+", "steps = 25", cfg)
     cfg = re.sub(r"workers = \d+", "workers = 0", cfg)
@@ -119,3 +123,66 @@ def test_report_renders_in_headless_chromium_without_broken_images(demo_run, tmp
     assert res["figures"] >= 4 and res["figures_loaded"] == res["figures"]  # the stages' histograms drew
     assert res["png"] and (tmp_path / "report.png").stat().st_size > 10_000
     assert not list((run_dir / "report").glob(".probe-*"))  # the probe copy is cleaned up
+
+
+# ---- the funnel and the kept uids per stage, against a record made before images moved to a store ----------
+KEPT_RECORD = Path(__file__).parent / "data" / "demo_kept_uids.json"
+
+
+def kept_record(run_dir) -> dict:
+    """Per stage: the funnel (rows in, kept, rejected, reasons) and the sorted kept uids' count and sha256;
+    for emit also the emitted set's uids (the Parquet training set). Written by `CLIPCURATE_WRITE_RECORD=1`."""
+    ms = _manifests(run_dir)
+    out = {}
+    for name in STAGES:
+        stage_dir = glob.glob(str(run_dir / f"*_{name}"))[0]
+        uids = sorted(u for p in sorted(glob.glob(f"{stage_dir}/part-*.parquet"))
+                      for u in pq.read_table(p, columns=["uid"]).column("uid").to_pylist())
+        m = ms[name]
+        out[name] = {"rows_in": m["rows_in"], "rows_out": m["rows_out"], "rejected": m["rejected"],
+                     "reasons": dict(sorted(m["reasons"].items())), "kept": len(uids),
+                     "kept_sha256": hashlib.sha256("\n".join(uids).encode()).hexdigest()}
+    emitted = sorted(pq.read_table(run_dir / "emit" / "parquet", columns=["uid"]).column("uid").to_pylist())
+    out["emitted"] = {"kept": len(emitted), "kept_sha256": hashlib.sha256("\n".join(emitted).encode()).hexdigest()}
+    return out
+
+
+def test_funnel_and_kept_uids_match_the_record(demo_run):
+    _, run_dir = demo_run
+    got = kept_record(run_dir)
+    if os.environ.get("CLIPCURATE_WRITE_RECORD") == "1":
+        KEPT_RECORD.parent.mkdir(exist_ok=True)
+        KEPT_RECORD.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    want = json.loads(KEPT_RECORD.read_text())
+    for name in STAGES + ["emitted"]:
+        assert got[name] == want[name], name
+
+
+JPEG_HEAD = b"\xff\xd8\xff\xe0\x00\x10JFIF"  # how Pillow's and OpenCV's JPEGs (the demo's, img2dataset's) begin
+
+
+def test_no_file_of_a_curation_stage_holds_image_bytes(demo_run):
+    """Images are written once: every file align, metaclip, klite and dfn write (kept, rejected, statistics,
+    manifests) is metadata: no binary image column, no JPEG in the bytes, a small fraction of the store."""
+    from pipeline.images import ImageStore
+
+    _, run_dir = demo_run
+    store = ImageStore.load(str(run_dir))
+    store_bytes = sum(p.stat().st_size for p in Path(store.root).rglob("*") if p.is_file())
+    written = 0
+    for name in ("align", "metaclip", "klite", "dfn"):
+        [stage_dir] = glob.glob(str(run_dir / f"*_{name}"))
+        files = [p for p in Path(stage_dir).rglob("*") if p.is_file()]
+        assert files, name
+        for p in files:
+            data = p.read_bytes()
+            written += len(data)
+            assert JPEG_HEAD not in data, p
+            if p.suffix == ".parquet":
+                schema = pq.read_schema(p)
+                binary = [f.name for f in schema if str(f.type) in ("binary", "large_binary")]
+                assert not binary, (p, binary)
+                if p.parent == Path(stage_dir) and p.name.startswith("part-"):
+                    assert "image_ref" in schema.names, p  # kept rows name their image instead
+    # rows in the store, against the curated stages' metadata (4 stages, kept + rejected + statistics)
+    assert written < 0.25 * store_bytes, (written, store_bytes)

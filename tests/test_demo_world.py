@@ -123,11 +123,11 @@ def test_eval_copies_are_resized_reencoded_eval_images(world):
 
 
 def test_hq_set_is_in_the_row_schema_and_outside_the_pool(world):
-    from pipeline.schema import ROW_SCHEMA
+    from pipeline.schema import POOL_SCHEMA
 
     out, summary = world
     hq = pq.read_table(out / "hq.parquet")
-    for name, typ in ROW_SCHEMA.items():
+    for name, typ in POOL_SCHEMA.items():
         assert hq.schema.field(name).type == typ
     assert hq.num_rows == summary["hq"]
     pool_urls = set(pl.read_parquet(out / "urls.parquet")["url"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -47,8 +48,9 @@ def _stub_pool(scores: np.ndarray, cuts: list[int]) -> list[pa.Table]:
 
 @pytest.fixture
 def stub_scores(monkeypatch):
-    """DfnStage.scores reads a column `s` instead of running a model (the keep rule on its own)."""
-    monkeypatch.setattr(DfnStage, "scores", lambda self, table: table.column("s").to_numpy().astype(np.float32))
+    """DfnStage.score_rows reads a column `s` instead of running a model (the keep rule on its own)."""
+    monkeypatch.setattr(DfnStage, "score_rows", lambda self, table: (
+        table.column("s").to_numpy().astype(np.float32), pc.is_valid(table.column("image")).to_numpy()))
 
 
 # ---- the keep rule, without a model ---------------------------------------------------------------
@@ -178,7 +180,7 @@ def test_dfn_trained_on_clean_pairs_scores_mismatched_captions_lower(world, dfn_
     assert reasons.count("no_image") == 1 and reasons.count("bad_image") == 1
     # apply read collect's scores back from the cache: a fresh stage (new process) gets the same numbers
     cache = Path(os.environ["CLIPCURATE_CACHE"]) / "dfn_scores"
-    assert len(list(cache.glob("*.npy"))) >= len(tables)
+    assert len(list(cache.glob("*.npz"))) >= len(tables)
     fresh = DfnStage({"checkpoint": dfn_model, "cache": False, "batch_size": 64})
     np.testing.assert_allclose(fresh.scores(tables[0]), stage.scores(tables[0]), atol=1e-6)
 

@@ -1,4 +1,6 @@
-"""emit: Parquet + WebDataset shards per input shard, sizes.json, sorted uid list, determinism."""
+"""emit, the resharder: Parquet + WebDataset shards of exactly samples_per_shard rows across input shards (input
+shard order, then row order), bytes read from the image store by reference, sizes.json, sorted uid list,
+determinism, resume."""
 
 from __future__ import annotations
 
@@ -46,7 +48,11 @@ def test_emit_writes_parquet_wds_sizes_and_uids(tmp_path):
     run_pipeline(["emit"], str(tmp_path / "r"), cfg, input_dir=str(tmp_path / "in"), workers=0)
     out = tmp_path / "r" / "emit"
     sizes = json.loads((out / "wds" / "sizes.json").read_text())
-    assert sizes == {"part-00000-000.tar": 4, "part-00000-001.tar": 3, "part-00001-000.tar": 3, "part-00002-000.tar": 0}
+    # 10 kept rows over input shards of 7, 3 and 0 rows: resharded into 4 + 4 + 2
+    assert sizes == {"part-00000.tar": 4, "part-00001.tar": 4, "part-00002.tar": 2}
+    order = [u for p in sorted(glob.glob(str(out / "parquet" / "*.parquet")))
+             for u in pq.read_table(p, columns=["uid"]).column("uid").to_pylist()]
+    assert order == [r["uid"] for r in rows]  # input shard order, then row order
     by_uid = {r["uid"]: r for r in rows}
     seen = []
     for tar in sorted(glob.glob(str(out / "wds" / "*.tar"))):
@@ -70,7 +76,10 @@ def test_emit_writes_parquet_wds_sizes_and_uids(tmp_path):
     as_hex = [f"{int(h):016x}{int(l):016x}" for h, l in zip(uids["hi"], uids["lo"])]
     assert as_hex == sorted(by_uid)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["samples"] == len(rows) and summary["shards"] == 4
+    assert summary["samples"] == len(rows) and summary["shards"] == 3
+    emitted = pq.read_table(out / "parquet")
+    assert "image_ref" not in emitted.column_names  # the training set holds the bytes themselves
+    assert sorted(emitted.column("image").to_pylist()) == sorted(r["image"] for r in rows)
     # the stage folder keeps the light table: no image bytes
     light = pq.read_table(tmp_path / "r" / "05_emit" / "part-00000.parquet")
     assert "image" not in light.column_names and light.num_rows == 7
@@ -89,7 +98,29 @@ def test_emit_is_byte_identical_and_cleans_stale_shards(tmp_path):
     # bigger shards: the old -001/-002 pieces must not linger in the training set
     run_pipeline(["emit"], str(tmp_path / "a"), config_mod.resolve({"emit": {"samples_per_shard": 100}}),
                  input_dir=str(tmp_path / "in"), workers=0)
-    assert sorted(os.listdir(tmp_path / "a" / "emit" / "wds")) == ["part-00000-000.tar", "part-00001-000.tar", "sizes.json"]
+    assert sorted(os.listdir(tmp_path / "a" / "emit" / "wds")) == ["part-00000.tar", "sizes.json"]
+    assert sorted(os.listdir(tmp_path / "a" / "emit" / "parquet")) == ["part-00000.parquet"]
+
+
+def test_emit_rerun_rewrites_nothing_and_a_changed_row_rewrites_its_shard(tmp_path):
+    _pool(tmp_path / "in", (5, 6))
+    cfg = config_mod.resolve({"emit": {"samples_per_shard": 4}})
+    run_pipeline(["emit"], str(tmp_path / "r"), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    wds = tmp_path / "r" / "emit" / "wds"
+    before = {p.name: p.stat().st_mtime_ns for p in wds.glob("*.tar")}
+    assert sorted(before) == ["part-00000.tar", "part-00001.tar", "part-00002.tar"]
+    [res] = run_pipeline(["emit"], str(tmp_path / "r"), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    assert res.manifest["finalize"]["shards_written"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in wds.glob("*.tar")} == before
+    # a caption changed in the second input shard: only the output shards holding its rows are rewritten
+    t = pq.read_table(tmp_path / "in" / "part-00001.parquet")
+    texts = t.column("text").to_pylist()
+    texts[-1] = "a new caption"
+    pq.write_table(t.set_column(t.column_names.index("text"), "text", pa.array(texts)), tmp_path / "in" / "part-00001.parquet")
+    [res] = run_pipeline(["emit"], str(tmp_path / "r"), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    assert res.manifest["finalize"]["shards_written"] == 1
+    after = {p.name: p.stat().st_mtime_ns for p in wds.glob("*.tar")}
+    assert [n for n in before if after[n] != before[n]] == ["part-00002.tar"]
 
 
 def test_open_clip_webdataset_loader_reads_an_emitted_shard(tmp_path):

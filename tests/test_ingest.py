@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline import shards
 from pipeline.cli import main as cli_main
+from pipeline.images import ImageStore, parquet_refs
 from pipeline.schema import ROW_SCHEMA, compute_uid
 from pipeline.stage import StageError
 from stages.ingest import CAPTIONS_COL, IngestStage, group_by_url, read_url_list
@@ -75,11 +76,15 @@ def _img2dataset_like_table() -> pa.Table:
 
 
 def test_conversion_one_row_per_caption_and_reasons():
-    kept, rejected = IngestStage().apply(_img2dataset_like_table(), None)
+    # as the runner hands it over: img2dataset's rows without their bytes, each with its reference
+    t = _img2dataset_like_table()
+    t = t.drop_columns(["jpg"]).append_column("image_ref", parquet_refs("00000.parquet", t.num_rows))
+    kept, rejected = IngestStage().apply(t, None)
     assert kept.schema == pa.schema([(k, v) for k, v in ROW_SCHEMA.items()])
     assert kept.column("text").to_pylist() == ["a red square", "red box"]
     assert kept.column("uid").to_pylist() == compute_uid([f"{HOST}/1.png"] * 2, ["a red square", "red box"]).to_pylist()
-    assert kept.column("image")[0].as_py() == kept.column("image")[1].as_py()
+    assert kept.column("image_ref").to_pylist() == ["00000.parquet#0"] * 2  # both captions: the one image
+    assert rejected.column("image_ref").null_count == 2  # a failed download names no image
     assert kept.column("orig_width").to_pylist() == [300, 300]
     reasons = rejected.column("reason").to_pylist()
     assert reasons[0] == "failed_to_download: HTTP Error 404: Not Found"
@@ -132,8 +137,10 @@ def test_ingest_keeps_every_good_image_once_per_caption(ingested):
     assert len(set(kept.column("url").to_pylist())) == expect["good_urls"]
     first = kept.filter(pa.compute.equal(kept.column("url"), f"{HOST}/img/0.jpg"))
     assert sorted(first.column("text").to_pylist()) == ["picture number 0", "the first picture again", "yet another caption"]
-    for row in kept.slice(0, 5).to_pylist():
-        with Image.open(io.BytesIO(row["image"])) as im:
+    assert "image" not in kept.column_names  # metadata only: the bytes stay in the download (the store)
+    blobs = ImageStore.load(str(stage_dir.parent)).reader().read(kept.column("image_ref")).to_pylist()
+    for row, blob in zip(kept.slice(0, 5).to_pylist(), blobs):
+        with Image.open(io.BytesIO(blob)) as im:
             assert im.size == (row["orig_width"], row["orig_height"]) == (row["width"], row["height"])
 
 

@@ -103,12 +103,20 @@ def write_split(table: pa.Table, folder: Path, cuts: list[int]) -> None:
 
 
 def outcome(run: Path) -> dict[str, tuple[list, list]]:
-    """Per stage: kept rows (all columns) and rejected (uid, reason), both sorted by uid."""
+    """Per stage: kept rows (all columns) and rejected (uid, reason), both sorted by uid. A row's image
+    reference names a source shard of its own pool, so it differs between splits: it is compared by the bytes
+    it resolves to in the run's image store."""
+    from pipeline.images import REF_COL, ImageStore
+
+    store = ImageStore.load(str(run))
     out = {}
     for d in DIRS:
         kept, rej = [], []
         for p in sorted((run / d).glob("part-*.parquet")):
-            kept += pq.read_table(p).to_pylist()
+            t = pq.read_table(p)
+            if REF_COL in t.column_names:
+                t = t.append_column("image_bytes", store.reader().read(t.column(REF_COL))).drop_columns([REF_COL])
+            kept += t.to_pylist()
         for p in sorted((run / d / "rejected").glob("part-*.parquet")):
             t = pq.read_table(p, columns=["uid", "reason"])
             rej += list(zip(t.column("uid").to_pylist(), t.column("reason").to_pylist()))

@@ -8,6 +8,8 @@ Sources (`open_source(path)`):
             `{key}.json`], as the emit stage writes. The tars are indexed once (member offsets), then
             read by random access, so both formats give the same map-style dataset.
   An emit folder (`runs/NAME/emit`, holding `parquet/` and `wds/`) reads its `parquet/` part.
+  A run's stage folder (`runs/NAME/03_klite`): its rows hold `image_ref`, not bytes; the bytes are read from
+            the run's image store through pipeline.images' reader.
 
 Order: step k's batch is a slice of a permutation of the set seeded by (seed, epoch) (`StepBatchSampler`):
 the order is a pure function of (seed, step), whatever the worker count, and a resumed run starts exactly
@@ -27,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+REF_COL = "image_ref"  # pipeline.images.REF_COL: a curation stage's rows name their image in the run's store
 
 
 class DataError(ValueError):
@@ -39,10 +42,14 @@ class ParquetSource:
         tables = []
         for f in files:
             cols = pq.read_schema(f).names
-            if "image" not in cols or "text" not in cols:
-                raise DataError(f"{f}: training Parquet needs `image` and `text` columns (has {', '.join(cols)})")
-            want = [c for c in ("uid", "image", "text", "text_klite") if c in cols]
+            by_ref = "image" not in cols and REF_COL in cols
+            if ("image" not in cols and not by_ref) or "text" not in cols:
+                raise DataError(f"{f}: training Parquet needs `image` (or `{REF_COL}`) and `text` columns "
+                                f"(has {', '.join(cols)})")
+            want = [c for c in ("uid", "image", REF_COL, "text", "text_klite") if c in cols]
             t = pq.read_table(f, columns=want)
+            if by_ref:  # a stage's shard of a run: its pixels are in the run's image store
+                t = t.append_column("image", _reader_for(f).read(t.column(REF_COL)))
             for c in ("uid", "text_klite"):
                 if c not in t.column_names:
                     t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
@@ -69,6 +76,16 @@ class ParquetSource:
 
     def get(self, i: int) -> tuple[bytes, str, str | None, str]:
         return self.images[i].as_py(), self.texts[i], self.klite[i], self.uids[i]
+
+
+def _reader_for(path: str):
+    """The image reader of the run a stage's shard belongs to (runs/NAME/NN_stage/part-*.parquet)."""
+    from pipeline.images import store_of_folder
+
+    store = store_of_folder(os.path.dirname(os.path.abspath(path)))
+    if store is None:
+        raise DataError(f"{path}: its rows name their images ({REF_COL}) but no image store is recorded for its run")
+    return store.reader()
 
 
 class TarSource:
