@@ -512,8 +512,9 @@ def run_chain(tree: dict, pool: str, run_root: Path, run_name: str, config: str,
         scan()
         out.update({
             "returncode": proc.returncode, "wall_s": round(wall, 2), "loadavg_start": load0, "loadavg_end": loadavg(),
-            # the command's own writes (config, stats, manifests, emit's index): getrusage of the reaped child
-            "driver_write_bytes_total": rusage.ru_oublock * 512 if rusage else None,
+            # wait4's rusage of the command: its own writes plus those of its reaped children (with --exec workers,
+            # its LocalCluster's workers); not used in the totals, which sum the per-stage readings
+            "command_and_children_write_bytes": rusage.ru_oublock * 512 if rusage else None,
         })
         if proc.returncode != 0:
             out["error_tail"] = log_path.read_text()[-3000:]
@@ -784,8 +785,6 @@ def summarise_round(img: dict, txt: dict, disk: dict, pool_meta: dict, bare_d: d
     tt = {s["stage"]: s for s in txt["stages"]}
     io_by_stage = {k: (v["workers_write_bytes"] + (v["driver_write_bytes"] or 0)) for k, v in st.items()}
     io_total = sum(io_by_stage.values())
-    if img.get("driver_write_bytes_total") is not None:  # the command's writes after the last reading, if any
-        io_total = max(io_total, sum(v["workers_write_bytes"] for v in st.values()) + img["driver_write_bytes_total"])
     pool_b, emitted = pool_meta["pool_bytes"], disk["emitted_set"]
     limit = GOALS["bytes_vs_pool_plus_emitted"] * (pool_b + emitted)
     rates = {k: v["rows_per_s"] for k, v in st.items()}
