@@ -21,9 +21,12 @@ PYTHONPATH = that tree (the environment the runner gives a LocalCluster's worker
 `clipcurate --runs-dir D run align,metaclip,klite,dfn,emit --run R --input POOL --config CFG --scheduler ADDR`.
 While it runs, each stage's `_manifest.json` appearing marks the stage's end: each worker's VmHWM (peak RSS) and
 /proc/self/io counters are read then, and VmHWM reset (clear_refs) for the next stage. So a stage's peak can
-include the first milliseconds of the next one. Then the same on the text-only copy (align,metaclip,klite), and
-the bare baselines, each in 2 processes in parallel (one per core, OMP_NUM_THREADS=1 as Dask's nanny sets it),
-on the same JPEGs, timed without the Parquet read:
+include the first milliseconds of the next one. Then the same on the text-only copy (align,metaclip,klite).
+Each side has its own bare baselines next to the stage they are compared with (this VM's speed drifts by tens of
+percent within minutes): dhash just before the image run, open_clip just after it. Each runs in 2 processes in
+parallel (one per core, OMP_NUM_THREADS=1 as Dask's nanny sets it) on the same JPEGs (the pool's first rows),
+timed without imports, model load and the Parquet read (recorded next to it); the total is the sum of the two
+processes' rates:
   dhash   Pillow open + draft("RGB", (128, 128)) + load + 9x8 LANCZOS grey dHash: what align's inspect_image
           does per image (align decodes in draft mode at >= 128 px; so does this baseline)
   clip    bench_dfn's bare open_clip loop: PIL open (full decode) + open_clip's preprocess per image, stack,
@@ -42,7 +45,15 @@ Reported per side (medians over rounds, every round kept):
   peak RSS per worker per stage; the whole run's images/s: pool rows / the command's wall time (process start,
     imports and all), and pool rows / the sum of the stage times.
 GPU: with CUDA, dfn's Scorer and the trainer are also timed on it (images/s); else "not available" is recorded.
-The machine is a shared 2-core VM: the load average is recorded next to every measurement.
+The machine is a shared 2-core VM: the load average is recorded next to every measurement. With --after the
+same code as --before, the two sides show this VM's noise (measured: 1.46x in whole-run wall time, load 4-8).
+
+What the "after" code must keep for this bench: `clipcurate --runs-dir D run STAGES --run R --input FOLDER --config
+CFG` (and `--scheduler ADDR`; without it the bench falls back to `--workers 2` and reads the workers' peaks from
+/proc), a plain Parquet folder in the row schema as --input, the config keys written by `write_config`, one
+`runs/R/NN_<stage>/_manifest.json` per stage (stage, rows_in, rows_out, timings in *_s) written when the stage is
+done, the emitted set under runs/R/emit, and CLIPCURATE_CACHE for its caches. Writes anywhere else are still
+counted by the io readings (and by the on-disk figure when under runs/R).
 """
 
 from __future__ import annotations
@@ -906,17 +917,16 @@ def main() -> int:
         for r in range(args.rounds):
             order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
             rd = {"round": r + 1, "order": order, "sides": {}}
-            t0 = time.perf_counter()
-            bare_d = bare("dhash", pool_dir / "images", args.bare_dhash_rows, args.workers, before, dfn["checkpoint"], 256)
-            log(f"round {r + 1}: bare dhash {bare_d['rows_per_s_per_core']:,.0f} images/s per core")
-            bare_c = bare("clip", pool_dir / "images", args.bare_clip_rows, args.workers, before, dfn["checkpoint"], 256)
-            log(f"round {r + 1}: bare open_clip {bare_c['rows_per_s_total']:,.0f} pairs/s on {args.workers} processes")
-            rd["bare"] = {"dhash": bare_d, "open_clip": bare_c, "seconds": round(time.perf_counter() - t0, 1)}
             for side in order:
                 tree = sides[side]
                 name = f"r{r + 1}-{side}"
                 runs = work / "runs"
                 t0 = time.perf_counter()
+                # each side's baselines next to the stage they are compared with (the VM's speed drifts):
+                # dhash just before the run (align first), open_clip just after it (dfn last)
+                bare_d = bare("dhash", pool_dir / "images", args.bare_dhash_rows, args.workers, before,
+                              dfn["checkpoint"], 256)
+                log(f"round {r + 1}: {side}: bare dhash {bare_d['rows_per_s_per_core']:,.0f} images/s per core")
                 c_img = fresh_cache(warm, work / f"cache-{name}")
                 log(f"round {r + 1}: {side}: image pool, {', '.join(STAGES)} ...")
                 img = run_chain(tree, str(pool_dir / "images"), runs, name, str(cfg_path), STAGES, c_img,
@@ -933,6 +943,10 @@ def main() -> int:
                     "by_stage": {}, "total": 0, "emitted_set": 0, "folders": {}, "dfn_score_cache": 0}
                 if not args.keep_runs:
                     shutil.rmtree(runs / name, ignore_errors=True)
+                bare_c = bare("clip", pool_dir / "images", args.bare_clip_rows, args.workers, before,
+                              dfn["checkpoint"], 256)
+                log(f"round {r + 1}: {side}: bare open_clip {bare_c['rows_per_s_total']:,.0f} pairs/s on "
+                    f"{args.workers} processes")
                 c_txt = fresh_cache(warm, work / f"cache-{name}-text")
                 log(f"round {r + 1}: {side}: text-only copy, {', '.join(TEXT_STAGES)} ...")
                 txt = run_chain(tree, str(pool_dir / "text"), runs, name + "-text", str(cfg_path), TEXT_STAGES, c_txt,
@@ -942,6 +956,7 @@ def main() -> int:
                 shutil.rmtree(c_txt, ignore_errors=True)
                 summary = summarise_round(img, txt, disk, pool_meta, bare_d, bare_c, args.workers)
                 rd["sides"][side] = {"summary": summary, "image_run": img, "text_only_run": txt, "disk": disk,
+                                     "bare": {"dhash": bare_d, "open_clip": bare_c},
                                      "seconds": round(time.perf_counter() - t0, 1)}
                 b = summary["bytes"]
                 log(f"round {r + 1}: {side}: {summary['whole_run']['images_per_s']} images/s; written "
@@ -996,9 +1011,12 @@ def main() -> int:
             "goals": goals_of(ratios),
         }
     result["median"] = med
-    bd = [rd["bare"]["dhash"]["rows_per_s_per_core"] for rd in rounds]
-    bc = [rd["bare"]["open_clip"]["rows_per_s_total"] for rd in rounds]
-    result["bare_median"] = {"dhash_images_per_s_per_core": _median(bd), "open_clip_pairs_per_s_2_processes": _median(bc)}
+    for side in sides:
+        if med[side].get("ok"):
+            got = [rd["sides"][side]["bare"] for rd in rounds if side in rd["sides"]]
+            med[side]["bare"] = {
+                "dhash_images_per_s_per_core": _median([b["dhash"]["rows_per_s_per_core"] for b in got]),
+                "open_clip_pairs_per_s_total": _median([b["open_clip"]["rows_per_s_total"] for b in got])}
     if med.get("before", {}).get("ok") and med.get("after", {}).get("ok"):
         b, a = med["before"], med["after"]
         result["after_vs_before"] = {
