@@ -74,6 +74,8 @@ import threading
 import time
 from pathlib import Path
 
+from _procs import stop_groups
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 COCO = DATA / "coco_mini_images" / "coco_mini_images.parquet"
@@ -321,6 +323,8 @@ def _probe() -> dict:
 
 
 def _reset_peak() -> bool:
+    # bench_align.reset_peak_rss's twin, on purpose: this one runs on workers whose PYTHONPATH is the tree under
+    # test, not bench/, so it must travel by value (a function of __main__), not as a reference to bench_align
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -369,16 +373,7 @@ class Cluster:
         try:
             self.client.close()
         finally:
-            for p in reversed(self.procs):
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for p in self.procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
+            stop_groups(self.procs, timeout=30)
             self.log.close()
 
 

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _procs import stop_groups
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -88,16 +90,7 @@ class Cluster:
         try:
             self.client.close()
         finally:
-            for p in reversed(self.procs):
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for p in self.procs:
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
+            stop_groups(self.procs, timeout=20)
 
 
 def timed_run(pool: str, workdir: str, workers: int, rows: int) -> dict:
