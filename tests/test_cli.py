@@ -248,10 +248,8 @@ def test_rerun_with_nothing_to_do_starts_no_cluster(tmp_path, caplog, monkeypatc
     monkeypatch.setattr(runner, "DaskExecutor", NoCluster)
     caplog.clear()
     with caplog.at_level("INFO", logger="clipcurate"):
-        t0 = time.perf_counter()
         assert cli_main(argv + ["--workers", "2"]) == 0
     assert "align: 2 shards up to date, skipped" in caplog.text
-    assert time.perf_counter() - t0 < 10
 
 
 def test_global_options_before_or_after_the_command(tmp_path):
