@@ -180,6 +180,8 @@ def _worker_deaths(desc: str, item: tuple | None):
     except KilledWorker:
         if not item:
             where = "merge task"
+        elif isinstance(item[-1], dict):
+            where = f"finalize item {item[-1].get('name', '')}"  # finalize_item_task
         elif isinstance(item[3], int):
             where = f"statistics partition {item[3]}"  # merge_partition_task
         else:
@@ -281,6 +283,14 @@ def _context(stage, stage_dir: str, shard: str) -> dict:
     run_dir = _parent(stage_dir)
     reader = images.run_reader(run_dir) if stage.needs_pixels else None
     return {"stage_dir": stage_dir, "run_dir": run_dir, "shard": shard, "images": reader}
+
+
+def finalize_item_task(name: str, config: dict, seed: int, stage_dir: str, item) -> Any:
+    """One unit of a stage's work after apply (Stage.finalize_items), on a worker."""
+    with _naming_shard(name, "finalize", where=f"item {str(item)[:80]}"):
+        stage = get_stage(name, config, seed)
+        stage.context = _context(stage, stage_dir, "")
+        return stage.finalize_item(stage_dir, item)
 
 
 def _store_of(run_dir: str) -> "images.ImageStore | None":
@@ -632,7 +642,13 @@ def run_stage(
     if type(probe).finalize is not Stage.finalize:  # only then: setup may be heavy (models, automata)
         stage = get_stage(name, stage_cfg, seed)
         stage.context = _context(stage, stage_dir, "")
-        final = stage.finalize(stage_dir, run_dir, per_shard)
+        items = stage.finalize_items(stage_dir, run_dir, per_shard)
+        done = [None] * len(items)
+        work = [(name, stage_cfg, seed, stage_dir, item) for item in items]
+        for i, result in ex.map(finalize_item_task, work, f"{name} finalize"):
+            done[i] = result
+        stage.context = _context(stage, stage_dir, "")
+        final = stage.finalize(stage_dir, run_dir, per_shard, done if items else None)
     if final is not None:
         timings["finalize_s"] = round(time.perf_counter() - t0, 3)
     manifest = build_manifest(name, fp, stage_cfg, input_dir, per_shard, timings)

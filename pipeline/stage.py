@@ -193,12 +193,23 @@ class Stage:
             return None
         return t.drop_columns(["uid", "_text_h"])
 
-    def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> dict | None:
-        """After every shard is applied: pool-wide outputs (e.g. an index of emitted files).
+    def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict], done: list | None = None) -> dict | None:
+        """After every shard is applied: pool-wide outputs (e.g. an index of emitted files). `done`: the
+        results of `finalize_work`'s items, in item order, when the stage has any.
 
         Must be idempotent; returns a small dict stored in the manifest under "finalize".
         """
         return None
+
+    # ---- parallel work after apply (optional) -------------------------------------------------------
+    # Output that is not one-per-input-shard (emit's resharded training set) is still one task per unit of
+    # output: `finalize_items` plans small JSON-able items in the driver, the runner runs `finalize_item` on
+    # each through the executor (workers, in parallel), and `finalize` gets their results.
+    def finalize_items(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> list:
+        return []
+
+    def finalize_item(self, stage_dir: str, item) -> object:
+        raise NotImplementedError
 
     def report(self, stage_dir: str, out_dir: str) -> dict:
         """Figures and tables for the run report, made from the stage folder (manifest, stats, shards).

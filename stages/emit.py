@@ -2,11 +2,13 @@
 
 Curation stages carry metadata only (rows name their image with `image_ref`, pipeline/images.py); emit is where
 the kept samples' bytes are materialised, once. `apply` passes each shard's rows through (the stage folder
-`05_emit/part-*.parquet` is the light table of what went in: no bytes); `finalize` then reshards the whole kept
-set into consecutive shards of exactly `samples_per_shard` rows (the last one holds the rest), in a fixed order:
+`05_emit/part-*.parquet` is the light table of what went in: no bytes); then the whole kept set is resharded
+into consecutive shards of exactly `samples_per_shard` rows (the last one holds the rest), in a fixed order:
 input shard order, then row order. Output shard j is `emit/parquet/part-{j:05d}.parquet` and
 `emit/wds/part-{j:05d}.tar` (WebDataset: `{uid}.jpg`, `{uid}.txt`, `{uid}.json` with every other column,
-`{uid}.klite.txt`), each shard's bytes read through the run's image reader a store file at a time. Then the
+`{uid}.klite.txt`), each shard's bytes read through the run's image reader a store file at a time. One task per
+output shard (`finalize_items` plans the slices of input shards each is cut from; the runner runs `finalize_item`
+on the workers, in parallel): the bytes never pass through the driver. Then the
 pool-wide index: `sizes.json` (what open_clip_train reads to know shard sizes), `uids.npy` (DataComp's habit: a
 sorted array of 128-bit uids, so a curated subset can be re-materialised from the pool) and `summary.json`.
 
@@ -23,7 +25,6 @@ import hashlib
 import io
 import json
 import math
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -73,20 +74,43 @@ class EmitStage(Stage):
         return table, table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
 
     # ---- the resharder ----------------------------------------------------------------------------
-    def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> dict:
+    def finalize_items(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> list[dict]:
+        """One item per output shard: its name and the (input shard, start, rows) slices it is cut from. The
+        runner writes them in parallel (finalize_item), one task per output shard."""
+        k = max(1, int(self.config.samples_per_shard))
+        items, slices, have = [], [], 0
+        for s in summaries:  # input shard order, then row order
+            start, n = 0, int(s["rows_out"])
+            while start < n:
+                take = min(k - have, n - start)
+                slices.append([s["shard"], start, take])
+                have, start = have + take, start + take
+                if have == k:
+                    items.append({"name": out_name(len(items)), "slices": slices})
+                    slices, have = [], 0
+        if have:
+            items.append({"name": out_name(len(items)), "slices": slices})
+        return items
+
+    def finalize_item(self, stage_dir: str, item: dict) -> dict:
+        """Write one output shard (unless its marker says it is up to date): the slices' rows with their bytes."""
+        tables = {}
+        for shard, _, _ in item["slices"]:
+            if shard not in tables:
+                tables[shard] = shards.read_shard(shards.join(stage_dir, shard))
+        piece = pa.concat_tables([tables[shard].slice(start, n) for shard, start, n in item["slices"]],
+                                 promote_options="default").combine_chunks()
+        written = self._write_piece(piece, self.out_dir(), item["name"])
+        return {"name": item["name"], "rows": piece.num_rows, "written": written, "columns": _emitted_columns(piece)}
+
+    def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict], done: list | None = None) -> dict:
         self.context.setdefault("run_dir", run_dir)
         out = self.out_dir()
         k = max(1, int(self.config.samples_per_shard))
-        files = [shards.join(stage_dir, s["shard"]) for s in summaries]  # input shard order
-        sizes: dict[str, int] = {}
-        written = 0
-        columns: list[str] = []
-        for j, piece in enumerate(_rebatch(files, k)):
-            name = out_name(j)
-            sizes[name + ".tar"] = piece.num_rows
-            written += self._write_piece(piece, out, name)
-            columns = columns or _emitted_columns(piece)
-        self._remove_stale(out, {out_name(j) for j in range(len(sizes))})
+        done = done or []
+        sizes = {d["name"] + ".tar": d["rows"] for d in done}
+        self._remove_stale(out, {d["name"] for d in done})
+        files = [shards.join(stage_dir, s["shard"]) for s in summaries]
         shards.write_bytes(_npy(_uids_to_u128(_read_uids(files))), shards.join(out, "uids.npy"))
         if "wds" in self.config.formats:
             shards.write_json(dict(sorted(sizes.items())), shards.join(out, "wds", "sizes.json"))
@@ -96,9 +120,9 @@ class EmitStage(Stage):
             "samples_per_shard": k,
             "formats": list(self.config.formats),
             "folder": out,
-            "columns": columns,
+            "columns": done[0]["columns"] if done else [],
             "wds_pattern": "::".join(sorted(sizes)) if "wds" in self.config.formats else "",
-            "shards_written": written,  # the others were up to date (resume)
+            "shards_written": sum(d["written"] for d in done),  # the others were up to date (resume)
         }
         shards.write_json(summary, shards.join(out, "summary.json"))
         return summary
@@ -180,26 +204,6 @@ def _emitted_columns(piece: pa.Table) -> list[str]:
     """The columns of an emitted shard: the rows' metadata, the bytes in `image` in place of the reference."""
     cols = [c for c in piece.column_names if c != REF_COL]
     return cols + [IMAGE_COL] if REF_COL in piece.column_names else cols
-
-
-def _rebatch(files: list[str], k: int) -> Iterator[pa.Table]:
-    """Consecutive pieces of exactly k rows (the last: the rest) over the shards' rows in order, holding at
-    most one input shard and one piece in memory."""
-    pending: list[pa.Table] = []
-    have = 0
-    for f in files:
-        t = shards.read_shard(f)
-        start = 0
-        while start < t.num_rows:
-            take = min(k - have, t.num_rows - start)
-            pending.append(t.slice(start, take))
-            have += take
-            start += take
-            if have == k:
-                yield pa.concat_tables(pending, promote_options="default").combine_chunks()
-                pending, have = [], 0
-    if have:
-        yield pa.concat_tables(pending, promote_options="default").combine_chunks()
 
 
 def _read_uids(files: list[str]) -> pa.ChunkedArray:

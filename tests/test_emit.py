@@ -145,3 +145,27 @@ def test_open_clip_webdataset_loader_reads_an_emitted_shard(tmp_path):
     assert info.dataloader.num_samples == 10  # from our sizes.json
     images, texts = next(iter(info.dataloader))
     assert images.shape == (5, 3, 16, 16) and texts.shape[0] == 5
+
+
+def test_emit_reshards_on_the_workers_with_the_same_bytes(tmp_path, dask_cluster, monkeypatch):
+    """One task per output shard on the Dask workers (never in the driver: a driver-side finalize_item would raise
+    here), byte for byte the in-process result."""
+    from stages.emit import EmitStage
+
+    _pool(tmp_path / "in", (9, 2, 5))
+    cfg = config_mod.resolve({"emit": {"samples_per_shard": 4}})
+    run_pipeline(["emit"], str(tmp_path / "a"), cfg, input_dir=str(tmp_path / "in"), workers=0)
+
+    def not_here(*a, **k):
+        raise AssertionError("an output shard was written in the driver")
+
+    monkeypatch.setattr(EmitStage, "finalize_item", not_here)
+    [res] = run_pipeline(["emit"], str(tmp_path / "b"), cfg, input_dir=str(tmp_path / "in"),
+                         scheduler=dask_cluster.scheduler.address)
+    assert res.manifest["finalize"]["shards_written"] == 4  # 16 rows in shards of 4
+    digests = []
+    for run in ("a", "b"):
+        files = sorted(glob.glob(str(tmp_path / run / "emit" / "**" / "*.*"), recursive=True))
+        digests.append([(os.path.relpath(f, tmp_path / run), hashlib.sha256(Path(f).read_bytes()).hexdigest())
+                        for f in files if not f.endswith("summary.json")])
+    assert digests[0] == digests[1] and len(digests[0]) >= 4 * 3 + 2
