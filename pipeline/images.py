@@ -84,7 +84,8 @@ def _is_url(path: str) -> bool:
     return "://" in str(path)
 
 
-def _norm(path: str) -> str:
+def normalised(path: str) -> str:
+    """A folder's one spelling (absolute, normalised; an fsspec URI without its trailing slash)."""
     return str(path).rstrip("/") if _is_url(path) else os.path.normpath(os.path.abspath(str(path)))
 
 
@@ -103,7 +104,7 @@ class ImageStore:
 
     def holds(self, folder: str) -> bool:
         """Whether `folder` is this store's root (its files are the ones references name)."""
-        return _norm(folder) == _norm(self.root)
+        return normalised(folder) == normalised(self.root)
 
     def path(self, file: str) -> str:
         return shards.join(self.root, file)
@@ -112,7 +113,7 @@ class ImageStore:
         """Record the store in the run: its root relative to the run folder when it lives inside it."""
         root = self.root
         if not _is_url(root) and not _is_url(run_dir):
-            rel = os.path.relpath(_norm(root), _norm(run_dir))
+            rel = os.path.relpath(normalised(root), normalised(run_dir))
             if not rel.startswith(".."):
                 root = rel
         shards.write_json({"root": root, "format": self.format, "column": self.column}, shards.join(run_dir, STORE_FILE))
@@ -124,7 +125,7 @@ class ImageStore:
             return None
         root = str(rec["root"])
         if not _is_url(root) and not os.path.isabs(root):
-            root = shards.join(run_dir, root) if _is_url(run_dir) else _norm(os.path.join(run_dir, root))
+            root = shards.join(run_dir, root) if _is_url(run_dir) else normalised(os.path.join(run_dir, root))
         return ImageStore(root, rec.get("format", "parquet"), rec.get("column", "jpg"))
 
     def reader(self) -> "ImageReader":
@@ -134,7 +135,7 @@ class ImageStore:
 def store_of_folder(folder: str) -> ImageStore | None:
     """The store that a folder of metadata shards refers to: the one recorded by its run (the folder's
     parent, for a stage folder; or the folder itself)."""
-    for run_dir in (posixpath.dirname(str(folder).rstrip("/")) if _is_url(folder) else os.path.dirname(_norm(folder)),
+    for run_dir in (posixpath.dirname(str(folder).rstrip("/")) if _is_url(folder) else os.path.dirname(normalised(folder)),
                     folder):
         store = ImageStore.load(run_dir)
         if store is not None:
@@ -189,7 +190,9 @@ class ImageReader:
         if rows:
             at = np.concatenate(rows)
             where[at] = np.arange(len(at))
-        blobs = pa.concat_arrays(values) if values else pa.array([], pa.binary())
+        blobs = pa.concat_arrays(values) if len(values) > 1 else values[0] if values else pa.array([], pa.binary())
+        if np.array_equal(where, np.arange(len(where))):  # every row, in store order: no copy
+            return blobs
         return blobs.take(pa.array(where, pa.int64(), mask=where < 0))
 
     def _read_file(self, file: str, locs: pl.Series) -> pa.Array:
@@ -225,6 +228,8 @@ class ImageReader:
         sizes = bounds[groups + 1] - bounds[groups]
         start_in_read = np.cumsum(np.r_[0, sizes[:-1]])  # where each group read begins in `col`
         take = r - bounds[group_of] + start_in_read[np.searchsorted(groups, group_of)]
+        if np.array_equal(take, np.arange(len(col))):  # the whole file in order (a shard of the store itself)
+            return col.combine_chunks()
         return col.take(pa.array(take, pa.int64())).combine_chunks()
 
     @staticmethod

@@ -247,7 +247,7 @@ def _read_checked(stage, path: str, store: "images.ImageStore | None" = None) ->
     A shard of the image store itself (ingest's download, a crawl or a pool given with --input) gets an
     `image_ref` naming each of its rows instead."""
     table, had_bytes = _read_metadata(path)
-    in_store = store is not None and store.format == "parquet" and store.holds(_parent_folder(path))
+    in_store = store is not None and store.format == "parquet" and store.holds(_parent(path))
     if had_bytes and not in_store:  # its bytes would be dropped and nothing would name them: refuse
         raise StageError(f"{stage.name}: shard {shards.shard_name(path)} holds image bytes but is not in the run's "
                          f"image store ({images.STORE_FILE}); give its folder with --input")
@@ -271,12 +271,6 @@ def _read_metadata(path: str) -> tuple[pa.Table, bool]:
     return shards.read_shard(path, columns=keep), True
 
 
-def _parent_folder(path: str) -> str:
-    import posixpath
-
-    return posixpath.dirname(path) if "://" in path else os.path.dirname(os.path.abspath(path))
-
-
 def _context(stage, stage_dir: str, shard: str) -> dict:
     """What a stage's hooks get besides the table: run and stage folders, the shard, and, for a stage that
     declares `needs_pixels`, the run's image reader (the others never get one)."""
@@ -291,10 +285,6 @@ def finalize_item_task(name: str, config: dict, seed: int, stage_dir: str, item)
         stage = get_stage(name, config, seed)
         stage.context = _context(stage, stage_dir, "")
         return stage.finalize_item(stage_dir, item)
-
-
-def _store_of(run_dir: str) -> "images.ImageStore | None":
-    return images.ImageStore.load(run_dir)
 
 
 class ShardFailed(StageError):
@@ -330,7 +320,7 @@ def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str) -> A
     stage = get_stage(name, config, seed)
     # the same context apply gets: stages that find run resources (dfn's default model) need it in pass 1 too
     stage.context = _context(stage, stage_dir, stage.output_name(shards.shard_name(path)))
-    return stage.collect(_read_checked(stage, path, _store_of(stage.context["run_dir"])))
+    return stage.collect(_read_checked(stage, path, images.ImageStore.load(stage.context["run_dir"])))
 
 
 # ---- the shuffle, for stages whose statistics grow with the pool (Stage.split) -----------------------
@@ -420,7 +410,7 @@ def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: st
     stage.notes = []
     out_name = stage.output_name(shards.shard_name(path))
     stage.context = _context(stage, stage_dir, out_name)
-    table = _read_checked(stage, path, _store_of(stage.context["run_dir"]))
+    table = _read_checked(stage, path, images.ImageStore.load(stage.context["run_dir"]))
     kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp, out_name, partitions))
     shards.write_shard(kept, shards.join(stage_dir, out_name))
     shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))
@@ -458,7 +448,7 @@ def record_input_store(run_dir: str, input_dir: str) -> "images.ImageStore | Non
         sch = shards.read_schema(path)
         col = images.byte_column(sch)
         if col is not None:
-            store = images.ImageStore(_norm_dir(input_dir), "parquet", col)
+            store = images.ImageStore(images.normalised(input_dir), "parquet", col)
             break
         if images.REF_COL in sch.names:
             refs = True
@@ -473,10 +463,6 @@ def record_input_store(run_dir: str, input_dir: str) -> "images.ImageStore | Non
         return None
     store.save(run_dir)
     return store
-
-
-def _norm_dir(path: str) -> str:
-    return path.rstrip("/") if "://" in path else os.path.abspath(path)
 
 
 # ---- the runner --------------------------------------------------------------------------------

@@ -345,7 +345,8 @@ def dhash64(img) -> int:
 
 
 def inspect_image(data: bytes | None, max_pixels: int) -> tuple[bool, int, int, int]:
-    """(ok, width, height, dhash). One decode per image, in `apply` only; never raises.
+    """(ok, width, height, dhash). One decode per image, in `collect` (apply only when the pass-1 cache is
+    missing); never raises.
 
     Refuses images over `max_pixels` before decoding (decompression bombs), and truncated or corrupt
     files (Pillow raises; LOAD_TRUNCATED_IMAGES stays off). JPEGs are decoded at reduced scale
