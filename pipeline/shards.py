@@ -54,7 +54,10 @@ def list_shards(folder: str) -> list[str]:
     out = []
     for info in fs.ls(p, detail=True):
         name = posixpath.basename(info["name"].rstrip("/"))
-        if info.get("type") != "file" or not name.endswith(".parquet") or name.startswith((".", "_")):
+        if not name.endswith(".parquet") or name.startswith((".", "_")):
+            continue
+        # a symlinked shard (a pool assembled from links) is a shard; fsspec reports its type as "other"
+        if info.get("type") != "file" and not (info.get("islink") and fs.isfile(info["name"])):
             continue
         out.append(join(str(folder), name))
     return sorted(out, key=shard_name)

@@ -366,3 +366,17 @@ def test_local_cluster_workers_get_their_share_of_polars_threads(monkeypatch):
     finally:
         ex.close()
     assert sizes == [max(1, (os.cpu_count() or 1) // 2)] * 2
+
+
+def test_symlinked_shards_are_listed_and_hidden_ones_are_not(tmp_path):
+    """A pool assembled from links to shards elsewhere is a pool (fsspec calls a link's type "other")."""
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"x": [1]}), src / "part-00001.parquet")
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    pq.write_table(pa.table({"x": [0]}), pool / "part-00000.parquet")
+    os.symlink(src / "part-00001.parquet", pool / "part-00001.parquet")
+    os.symlink(src / "part-00001.parquet", pool / "_part-00002.parquet")
+    os.symlink(src / "missing.parquet", pool / "part-00003.parquet")  # dangling: not a shard
+    assert [os.path.basename(p) for p in shards.list_shards(str(pool))] == ["part-00000.parquet", "part-00001.parquet"]
