@@ -68,15 +68,30 @@ def _config_for(args, run_dir: str, running: list[str]) -> dict:
     cfg = config_mod.for_run(run_dir, args.config, fresh=fresh)
     if before is not None and args.config:
         changed = config_mod.changes(before, cfg)
+        changed_output = [c for c in changed if not _speed_only(c[0], c[1])]
         for section, key, old, new in changed:
             print(f"config: {section}.{key}: {_show(old)} -> {_show(new)}")
-        if changed:
+        if changed and not changed_output:
+            print("config: only speed settings changed: this redoes nothing")
+        elif changed:
             stages = _run_stages(run_dir, running)
-            redo = config_mod.redone_by({c[0] for c in changed}, stages)
+            redo = config_mod.redone_by({c[0] for c in changed_output}, stages)
             print(f"config: this redoes {', '.join(redo)}" if redo else "config: no stage of this run depends on it")
         else:
             print(f"config: {args.config} changes nothing in this run")
     return cfg
+
+
+def _speed_only(section: str, key: str) -> bool:
+    """A key that changes a stage's speed, not its output (Stage.speed_keys)."""
+    if section not in STAGE_ORDER:
+        return False
+    from pipeline.stage import stage_class
+
+    try:
+        return key in stage_class(section).speed_keys
+    except StageError:
+        return False
 
 
 def _show(v) -> str:

@@ -540,7 +540,7 @@ def run_stage(
     fp = fingerprint(
         {
             "stage": name,
-            "config": stage_cfg,
+            "config": {k: v for k, v in stage_cfg.items() if k not in cls.speed_keys},
             "seed": seed,
             "parts": probe.fingerprint_parts(),
             "inputs": [_input_identity(p, input_dir if upstream_is_stage else None) for p in inputs],

@@ -71,6 +71,11 @@ class Stage:
         """What, besides config and inputs, changes this stage's output (e.g. a concept list's sha256)."""
         return {}
 
+    # Config keys that change how fast the stage runs, never what it writes (thread counts): left out of its
+    # fingerprint, so tuning them on a finished run redoes nothing. A key belongs here only when a test shows
+    # identical output across its values.
+    speed_keys: frozenset[str] = frozenset()
+
     @property
     def has_stats(self) -> bool:
         return type(self).collect is not Stage.collect

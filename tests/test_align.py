@@ -636,3 +636,45 @@ def test_apply_takes_collects_band_keys_and_gives_the_same_result_without_them(t
     res2 = run_align(tmp_path, t, n_shards=3, name="nocache")
     assert len(calls) == 6  # collect and apply each compute them
     assert outcome(res2.folder) == with_cache
+
+
+def test_image_facts_are_the_same_on_one_thread_and_many(monkeypatch):
+    """The threaded image pass writes each row's facts exactly as the plain loop does: None rows, corrupt and
+    truncated bytes, bombs, and good images spread over several chunks (chunk made small to cross many)."""
+    import stages.align as align_mod
+
+    monkeypatch.setattr(align_mod, "IMAGE_CHUNK", 7)
+    good = [png(size=(20 + i % 9, 30), pattern=i) for i in range(60)]
+    blobs = [None if i % 11 == 0 else b"junk" if i % 13 == 0 else b[: len(b) // 2] if i % 17 == 0 else b
+             for i, b in enumerate(good)]
+    table = make_table([f"t {i}" for i in range(len(blobs))], blobs)
+    facts = {}
+    for threads in (1, 3):
+        stage = AlignStage({"decode_threads": threads, "max_image_pixels": 20 * 30 + 100})
+        stage.context = {}
+        facts[threads] = stage._inspect_images(table)
+    for k in AlignStage.IMAGE_FACTS:
+        assert np.array_equal(facts[1][k], facts[3][k]), k
+    f = facts[3]
+    assert not f["has_bytes"][0] and f["has_bytes"][1] and not f["decoded"][13] and not f["decoded"][17]
+    intact = [b is not None and b == good[i] for i, b in enumerate(blobs)]
+    within = [(20 + i % 9) * 30 <= 20 * 30 + 100 for i in range(len(blobs))]  # 24 px wide and up: a bomb
+    assert f["decoded"].tolist() == [a and b for a, b in zip(intact, within)]
+    assert f["width"][2] == 22 and f["height"][2] == 30
+    assert f["phash"][1] == dhash64(Image.open(io.BytesIO(blobs[1])))
+
+
+def test_decode_threads_is_a_speed_key_changing_it_redoes_nothing(tmp_path):
+    t = make_table([f"a photo of thing {i}" for i in range(12)], [png(size=(240, 240), pattern=i) for i in range(12)])
+    inp = write_pool(t, tmp_path / "in", 2)
+
+    def run(threads):
+        config = config_mod.resolve({"align": {"min_token_count": 0, "decode_threads": threads}})
+        folder = run_pipeline(["align"], str(tmp_path / "run"), config, input_dir=inp)[0].folder
+        return sorted(p.stat().st_mtime_ns for p in (Path(folder) / "_done").glob("*"))
+
+    done = run(1)
+    assert len(done) == 2 and run(4) == done
+    assert run(1) == done
+    with pytest.raises(config_mod.ConfigError, match="decode_threads"):
+        config_mod.resolve({"align": {"decode_threads": -1}})
