@@ -36,12 +36,15 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP) wordnet
 
-# uv installs the lock in ~30 s (pip: ~4 min); pip is the fallback when uv cannot be had.
+# uv installs the lock in ~30 s (pip: ~4 min); pip is the fallback when uv cannot be had. --compile-bytecode:
+# every Dask worker imports torch and open_clip; without .pyc files each compiles them again (~13 s a worker,
+# measured: 19.8 s cold against 7.0 s with .pyc) wherever bytecode is not written (read-only venv,
+# PYTHONDONTWRITEBYTECODE) and, on the first run, in every worker at once.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@echo "== installing Python packages into $(VENV) (requirements.lock)"
 	@if $(BIN)/python -m pip install -q --disable-pip-version-check "uv==0.13.9" 2>/dev/null; then \
-	    $(BIN)/python -m uv pip install -q --python $(BIN)/python --index-strategy unsafe-best-match $(UV_FLAGS) -r requirements.lock && \
+	    $(BIN)/python -m uv pip install -q --python $(BIN)/python --index-strategy unsafe-best-match --compile-bytecode $(UV_FLAGS) -r requirements.lock && \
 	    $(BIN)/python -m uv pip install -q --python $(BIN)/python --no-deps -e . ; \
 	else \
 	    $(BIN)/python -m pip install -q -r requirements.lock && $(BIN)/python -m pip install -q --no-deps -e . ; \

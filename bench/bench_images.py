@@ -285,8 +285,10 @@ def resolve_tree(spec: str | None, cache: Path) -> dict:
 
 
 def tree_env(tree: str, cache_dir: str | None = None, **extra) -> dict:
-    env = dict(os.environ, PYTHONPATH=tree, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled",
-               PYTHONUNBUFFERED="1", **extra)
+    # PYTHONDONTWRITEBYTECODE (set in some shells and CI images) would make every worker compile torch and
+    # open_clip again at each start (~13 s here): a user's steady state has .pyc files (make setup compiles them)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(PYTHONPATH=tree, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", **extra)
     if cache_dir:
         env["CLIPCURATE_CACHE"] = cache_dir
     return env
