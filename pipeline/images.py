@@ -49,6 +49,16 @@ class ImageStoreError(shards.ShardError):
     """The image store cannot be found or read. str() is one line naming the file."""
 
 
+def _quiet_pillow_bomb_warning() -> None:
+    """Pillow warns, on its own limit, about images our explicit `max_pixels` check refuses (or was told to
+    allow). One process-wide filter, added when absent: `warnings.catch_warnings` per image is not thread-safe,
+    and align decodes in threads (an exit in one thread restores the filters another thread entered with)."""
+    from PIL import Image
+
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def open_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
     """Image.open from bytes (lazy: nothing decoded yet); ValueError for no bytes, ImageTooLarge for a bomb,
     Pillow's own errors for bytes that are not an image."""
@@ -56,11 +66,10 @@ def open_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS):
 
     if not data:
         raise ValueError("no image bytes")
+    _quiet_pillow_bomb_warning()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
         raise ImageTooLarge(str(e)) from None
     w, h = img.size
     if w <= 0 or h <= 0 or w * h > max_pixels:
