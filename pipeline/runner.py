@@ -486,6 +486,20 @@ def _input_identity(path: str, upstream_dir: str | None) -> dict:
     return shards.file_identity(path)
 
 
+SOURCE_FILE = "source.json"
+
+
+def record_source(run_dir: str, input_dir: str) -> None:
+    """The pool a run was started on with --input (`runs/NAME/source.json`): a later `run` without --input
+    reads it where no earlier stage of the run exists, as it reads ingest's output in a run that ingested."""
+    shards.write_json({"input": images.normalised(input_dir)}, shards.join(run_dir, SOURCE_FILE))
+
+
+def recorded_source(run_dir: str) -> str | None:
+    rec = shards.read_json(shards.join(run_dir, SOURCE_FILE)) or {}
+    return rec.get("input") or None
+
+
 def previous_stage_dir(run_dir: str, name: str) -> str | None:
     """The output of the nearest earlier stage that exists in this run (for a run given no --input)."""
     for prev in reversed(STAGE_ORDER[: stage_position(name)]):
@@ -750,6 +764,7 @@ def run_pipeline(
         config_mod.save(config, shards.join(run_dir, "config.toml"))
         if input_dir is not None:
             record_input_store(run_dir, input_dir)
+            record_source(run_dir, input_dir)
     results = []
     with executor(workers, scheduler) as ex:
         current, from_stage = input_dir, False
@@ -757,6 +772,9 @@ def run_pipeline(
             if current is None:
                 current = previous_stage_dir(run_dir, name)
                 from_stage = True
+                if current is None and recorded_source(run_dir):
+                    current, from_stage = recorded_source(run_dir), False
+                    log.info("%s reads %s, the pool this run was started on (--input)", name, current)
                 if current is None:
                     raise StageError(f"{name}: no input in run {run_dir}: ingest a URL list first "
                                      f"(clipcurate {STAGE_ORDER[0]} URLS --run NAME), or give --input DIR")

@@ -335,3 +335,29 @@ def test_help_and_readme_name_the_same_commands_and_options():
         for a in p._actions:  # every argument has help text
             if a.option_strings != ["-h", "--help"] and not isinstance(a, argparse._SubParsersAction):
                 assert a.help, f"clipcurate {name}: {a.dest} has no help"
+
+
+def test_a_run_started_with_input_remembers_it(tmp_path, caplog):
+    """`run align --input POOL` then `run align,metaclip` with no --input: align reads the pool it was started
+    on (source.json), is up to date, and metaclip reads align; a run with neither ingest nor a source still
+    says to ingest or give --input."""
+    runs = tmp_path / "runs"
+    pool = _text_pool(tmp_path / "pool")
+    base = ["--runs-dir", str(runs)]
+    assert cli_main(base + ["run", "align", "--run", "r", "--input", str(pool), "--workers", "0"]) == 0
+    assert json.loads((runs / "r" / "source.json").read_text()) == {"input": str(pool.resolve())}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="clipcurate"):
+        assert cli_main(base + ["run", "align,metaclip", "--run", "r", "--workers", "0",
+                                "--config", str(_metaclip_config(tmp_path))]) == 0
+    assert f"align reads {pool.resolve()}, the pool this run was started on" in caplog.text
+    assert "align: 2 shards up to date, skipped" in caplog.text
+    assert _kept(runs / "r", "02_metaclip")
+    with pytest.raises(Exception, match="ingest a URL list first"):
+        runner.run_pipeline(["align"], str(runs / "fresh"), config_mod.resolve({}))
+
+
+def _metaclip_config(tmp_path: Path) -> Path:
+    p = tmp_path / "mc.toml"
+    p.write_text(f'[metaclip]\nentries = "{_entries(tmp_path)}"\nt = 30\n')
+    return p
