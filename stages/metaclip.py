@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from metadata import concepts
-from pipeline.config import check_ranges
+from pipeline.config import ConfigError, check_ranges
 from pipeline import shards
 from pipeline.stage import Stage, StageError, first_reason, split_by_reason, uniform
 
@@ -278,7 +278,9 @@ class MetaClipStage(Stage):
         image_col: str = "url"  # what identifies an image for one_text_per_image
 
         def __post_init__(self):
-            check_ranges("metaclip", self, t=(1, None), tail_share=(0, 0.999999))
+            check_ranges("metaclip", self, t=(1, None), tail_share=(0, 1))
+            if self.tail_share >= 1:  # a share of the matches, below all of them
+                raise ConfigError(f"config [metaclip] tail_share = {self.tail_share!r}: must be at least 0 and below 1")
 
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)

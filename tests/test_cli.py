@@ -154,6 +154,8 @@ def test_usage_mistakes_are_one_line(tmp_path, capsys, argv, needle):
 @pytest.mark.parametrize("text, needle", [
     ("[align]\nmin_words = -5\n", "config [align] min_words = -5: must be at least 0"),
     ("[metaclip]\nt = 0\n", "config [metaclip] t = 0: must be at least 1"),
+    ("[metaclip]\ntail_share = 1.0\n", "config [metaclip] tail_share = 1.0: must be at least 0 and below 1"),
+    ("[align]\ndecode_threads = -2\n", "config [align] decode_threads = -2: must be at least 0"),
     ("[dfn]\nkeep_fraction = 1.5\n", "config [dfn] keep_fraction = 1.5: must be between 0 and 1"),
     ("[emit]\nsamples_per_shard = 0\n", "config [emit] samples_per_shard = 0: must be at least 1"),
     ("[train]\nbatch_size = 0\n", "config [train] batch_size = 0: must be at least 1"),
