@@ -276,11 +276,17 @@ class MetaClipStage(Stage):
         reference_language: str = "en"  # the language `t` applies to (MetaCLIP 2: English)
         one_text_per_image: bool = False  # keep one matching alt-text per image (MetaCLIP 2)
         image_col: str = "url"  # what identifies an image for one_text_per_image
+        target_rows: int = 0  # > 0: solve t so that the expected kept count is this (t is then not used)
+        target_sample: int = 200_000  # matched rows (a uniform sample by uid) the solver evaluates; all when fewer
 
         def __post_init__(self):
-            check_ranges("metaclip", self, t=(1, None), tail_share=(0, 1))
+            check_ranges("metaclip", self, t=(1, None), tail_share=(0, 1), target_rows=(0, None),
+                         target_sample=(1, None))
             if self.tail_share >= 1:  # a share of the matches, below all of them
                 raise ConfigError(f"config [metaclip] tail_share = {self.tail_share!r}: must be at least 0 and below 1")
+            if self.target_rows and self.tail_share:
+                raise ConfigError("config [metaclip] target_rows and tail_share both set: tail_share fixes every "
+                                  "language's t, so there is no t left to solve (set one of them)")
 
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)
@@ -353,7 +359,31 @@ class MetaClipStage(Stage):
         if self.config.one_text_per_image:
             m = n_per_row > 0
             out["images"] = _min_by_key(self._image_keys(table)[m], self._choice_draw(table.column("uid"))[m])
+        if self.config.target_rows:
+            out["sample"] = self._target_sample(table, lists, n_per_row, langs)
         return out
+
+    def _target_sample(self, table: pa.Table, lists: pa.ListArray, n_per_row: np.ndarray, langs) -> dict:
+        """The shard's matched rows with the `target_sample` smallest draws of uniform(uid, seed, salt): merged
+        pool-wide, the bottom-k of all matched rows, a uniform sample of fixed size (all of them in a smaller
+        pool). Each row carries its entry ids (and language, image choice) for the t solver."""
+        c = self.config
+        matched = np.flatnonzero(n_per_row > 0)
+        draw = uniform(pl.from_arrow(pc.take(table.column("uid"), pa.array(matched))), self.seed,
+                       "metaclip-target-sample") if len(matched) else np.zeros(0)
+        if len(matched) > c.target_sample:
+            keep = np.sort(np.argpartition(draw, c.target_sample - 1)[: c.target_sample])
+            matched, draw = matched[keep], draw[keep]
+        sub = pc.take(lists, pa.array(matched))
+        return {
+            "matched_rows": int((n_per_row > 0).sum()),
+            "draw": draw,
+            "lengths": n_per_row[matched].astype(np.int64),
+            "ids": sub.flatten().to_numpy().astype(np.int32),
+            "lang": langs.to_numpy()[matched] if langs is not None else None,
+            "image": (self._image_keys(table)[matched], self._choice_draw(table.column("uid"))[matched])
+            if c.one_text_per_image else None,
+        }
 
     def merge(self, partials: list) -> dict:
         n = partials[0]["n"]
@@ -366,26 +396,40 @@ class MetaClipStage(Stage):
         merged_images = None
         if images:
             merged_images = _min_by_key(np.concatenate([k for k, _ in images]), np.concatenate([d for _, d in images]))
-        return {"n": n, "langs": {k: _sparse(v) for k, v in sorted(langs.items())}, "images": merged_images}
+        out = {"n": n, "langs": {k: _sparse(v) for k, v in sorted(langs.items())}, "images": merged_images}
+        samples = [p["sample"] for p in partials if p.get("sample") is not None]
+        if samples:
+            out["sample"] = _merge_samples(samples, self.config.target_sample)
+        return out
 
     # -- stats on disk ----------------------------------------------------------------------------------------
-    def thresholds(self, langs: dict[str, np.ndarray]) -> tuple[dict[str, int], float | None]:
-        """t per language (MetaCLIP 2), and the tail share used (None with one language)."""
+    def thresholds(self, langs: dict[str, np.ndarray], t: int | None = None) -> tuple[dict[str, int], float | None]:
+        """t per language (MetaCLIP 2), and the tail share used (None with one language). `t` (the solver's
+        candidate) stands in for the configured t."""
         c = self.config
+        t = int(c.t if t is None else t)
         if not c.language_col or list(langs) == [""]:  # no language information: one t
-            return {"": int(c.t)}, None
+            return {"": t}, None
         if c.tail_share > 0:
             p = float(c.tail_share)
             return {k: p_to_t(v, p) for k, v in langs.items()}, p
         ref = langs.get(c.reference_language)
-        p = t_to_p(ref if ref is not None else sum(langs.values()), c.t)
-        return {k: (int(c.t) if k == c.reference_language else p_to_t(v, p)) for k, v in langs.items()}, p
+        p = t_to_p(ref if ref is not None else sum(langs.values()), t)
+        return {k: (t if k == c.reference_language else p_to_t(v, p)) for k, v in langs.items()}, p
 
     def save_stats(self, stats: dict, folder: str) -> None:
         n = stats["n"]
         langs = {k: _dense(v, n) for k, v in stats["langs"].items()}
         total = sum(langs.values()) if langs else np.zeros(n, dtype=np.int64)
-        ts, p = self.thresholds(langs)
+        target = None
+        if self.config.target_rows and stats.get("sample") is not None:
+            t_solved, expected = self.solve_t(stats["sample"], langs, stats.get("images"))
+            target = {"target_rows": int(self.config.target_rows), "t": t_solved, "expected_kept": expected,
+                      "sample_rows": int(len(stats["sample"]["draw"])),
+                      "matched_rows": int(stats["sample"]["matched_rows"])}
+            ts, p = self.thresholds(langs, t_solved)
+        else:
+            ts, p = self.thresholds(langs)
         shards.write_shard(
             pa.table({"entry": pa.array(np.arange(n, dtype=np.int32)), "text": pa.array(self.entries, pa.string()),
                       "count": pa.array(np.asarray(total, dtype=np.int64))}),
@@ -403,8 +447,64 @@ class MetaClipStage(Stage):
             shards.write_shard(pa.table({"image_key": pa.array(keys, pa.uint64()), "draw": pa.array(draws)}),
                                shards.join(folder, "image_choice.parquet"))
         shards.write_json({"t": ts, "tail_share": p, "entries": n,
-                           "entries_sha256": concepts.entries_sha256(self.entries)},
+                           "entries_sha256": concepts.entries_sha256(self.entries), "target": target},
                           shards.join(folder, "thresholds.json"))
+
+    # -- t for a target size (MetaCLIP issues #19, #24) ---------------------------------------------------------
+    def expected_kept(self, sample: dict, langs: dict[str, np.ndarray], images, t: int) -> float:
+        """Expected kept rows of the pool at `t`: sum over the sampled rows of 1 - prod_e (1 - p_e), scaled by
+        matched rows / sampled rows (exact when the sample is every matched row). A row that is not its image's
+        chosen text (one_text_per_image) counts 0, as apply drops it."""
+        n_rows = len(sample["draw"])
+        if n_rows == 0:
+            return 0.0
+        ts, _ = self.thresholds(langs, t)
+        row = np.repeat(np.arange(n_rows), sample["lengths"])
+        ids = sample["ids"].astype(np.int64)
+        n = len(self.entries)
+        p = np.empty(len(ids), dtype=np.float64)
+        if sample["lang"] is None or list(ts) == [""]:
+            counts = sum(langs.values()) if langs else np.zeros(n, dtype=np.int64)
+            p[:] = entry_probs(counts, ts.get("", t))[ids]
+        else:
+            row_lang = np.asarray(sample["lang"])[row]
+            for lang in np.unique(row_lang):
+                m = row_lang == lang
+                counts = langs.get(str(lang), np.zeros(n, dtype=np.int64))
+                p[m] = entry_probs(counts, ts.get(str(lang), t))[ids[m]]
+        with np.errstate(divide="ignore"):
+            log_miss = np.bincount(row, weights=np.log1p(-p), minlength=n_rows)  # -inf: an entry with p = 1
+        keep = 1.0 - np.exp(log_miss)
+        if sample.get("image") is not None and images is not None:
+            keys, draws = sample["image"]
+            best = pl.DataFrame({"k": keys.astype(np.uint64), "d": draws}).join(
+                pl.DataFrame({"k": images[0].astype(np.uint64), "best": images[1]}), on="k", how="left",
+                maintain_order="left")
+            keep = keep * (best["d"].to_numpy() == best["best"].fill_null(-1.0).to_numpy())
+        return float(keep.sum() * sample["matched_rows"] / n_rows)
+
+    def solve_t(self, sample: dict, langs: dict[str, np.ndarray], images) -> tuple[int, float]:
+        """(t, expected kept): the t whose expected kept count is nearest `target_rows`. The expectation rises
+        with t (every p_e does), so a bisection over integer t in [1, largest count] finds it; past the
+        largest count every pair is kept, and a target above that keeps everything."""
+        target = float(self.config.target_rows)
+        hi = max(1, max((int(v.max()) for v in langs.values() if len(v)), default=1))
+        if self.config.language_col and len(langs) > 1:
+            hi = max(hi, int(sum(langs.values()).max()))  # a reference t above every count
+        k_hi = self.expected_kept(sample, langs, images, hi)
+        if k_hi <= target:
+            return hi, k_hi
+        lo = 1
+        if self.expected_kept(sample, langs, images, lo) >= target:
+            return lo, self.expected_kept(sample, langs, images, lo)
+        while hi - lo > 1:  # invariant: K(lo) < target <= K(hi)
+            mid = (lo + hi) // 2
+            if self.expected_kept(sample, langs, images, mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        k_lo, k_hi = self.expected_kept(sample, langs, images, lo), self.expected_kept(sample, langs, images, hi)
+        return (lo, k_lo) if target - k_lo < k_hi - target else (hi, k_hi)
 
     def load_stats(self, folder: str) -> dict:
         counts = shards.read_shard(shards.join(folder, "entry_counts.parquet"))
@@ -421,7 +521,9 @@ class MetaClipStage(Stage):
         if shards.exists(img):
             t = shards.read_shard(img)
             images = (t.column("image_key").to_numpy(), t.column("draw").to_numpy())
-        return {"n": n, "langs": langs, "images": images}
+        th = shards.read_json(shards.join(folder, "thresholds.json")) or {}
+        solved = th.get("t") if th.get("target") else None  # the solver's t per language (target_rows)
+        return {"n": n, "langs": langs, "images": images, "t": solved}
 
     # -- pass 2 ---------------------------------------------------------------------------------------------
     def apply(self, table: pa.Table, stats: dict) -> tuple[pa.Table, pa.Table]:
@@ -433,7 +535,7 @@ class MetaClipStage(Stage):
         ids = lists.values.to_numpy().astype(np.int64)
         row = np.repeat(np.arange(n), n_per_row)
         langs_dense = {k: _dense(v, stats["n"]) for k, v in stats["langs"].items()}
-        ts, _ = self.thresholds(langs_dense)
+        ts = stats.get("t") or self.thresholds(langs_dense)[0]
         lang_col = self._languages(table)
         p = np.empty(len(ids), dtype=np.float64)
         if lang_col is None:
@@ -480,6 +582,25 @@ def _dense(sparse, n: int) -> np.ndarray:
     return out
 
 
+def _merge_samples(samples: list[dict], k: int) -> dict:
+    """Bottom-k (by draw) of several bottom-k samples: the bottom-k of their union."""
+    draw = np.concatenate([s["draw"] for s in samples])
+    lengths = np.concatenate([s["lengths"] for s in samples])
+    ids = np.concatenate([s["ids"] for s in samples])
+    order = np.argsort(draw, kind="stable")[:k]
+    order.sort()  # the rows keep their order, so each one's entry ids stay a contiguous run
+    chosen = np.zeros(len(draw), dtype=bool)
+    chosen[order] = True
+    out = {"matched_rows": sum(s["matched_rows"] for s in samples), "draw": draw[order], "lengths": lengths[order],
+           "ids": ids[np.repeat(chosen, lengths)], "lang": None, "image": None}
+    if samples[0]["lang"] is not None:
+        out["lang"] = np.concatenate([np.asarray(s["lang"]) for s in samples])[order]
+    if samples[0]["image"] is not None:
+        out["image"] = (np.concatenate([s["image"][0] for s in samples])[order],
+                        np.concatenate([s["image"][1] for s in samples])[order])
+    return out
+
+
 def _min_by_key(keys: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     df = pl.DataFrame({"k": keys.astype(np.uint64), "d": draws}).group_by("k").agg(pl.col("d").min()).sort("k")
     return df["k"].to_numpy(), df["d"].to_numpy()
@@ -495,7 +616,9 @@ def _report(stage: MetaClipStage, stage_dir: str, out_dir: str) -> dict:
     ts = th.get("t", {"": stage.config.t})
     t = int(ts.get("", ts.get(stage.config.reference_language, stage.config.t)))
     per_lang = len(ts) > 1 or "" not in ts
-    df = df.filter(pl.col("count") > 0).with_columns(pl.min_horizontal("count", pl.lit(t)).alias("expected_after"))
+    df = df.filter(pl.col("count") > 0).with_columns(
+        (pl.lit(float(t)) / pl.max_horizontal("count", pl.lit(t)).cast(pl.Float64)).alias("p"),
+        pl.min_horizontal("count", pl.lit(t)).alias("expected_after"))
     df = df.sort(["count", "entry"], descending=[True, False]).with_row_index("rank", offset=1)
     total = int(df["count"].sum()) if df.height else 0
     total_after = int(df["expected_after"].sum()) if df.height else 0
@@ -503,8 +626,19 @@ def _report(stage: MetaClipStage, stage_dir: str, out_dir: str) -> dict:
     tail_share = 1.0 - (int(head["count"].sum()) / total) if total else 0.0
     os.makedirs(out_dir, exist_ok=True)
     csv = os.path.join(out_dir, "metaclip_entry_counts.csv")
-    df.select("rank", "entry", "text", "count", "expected_after").write_csv(csv)
-    tables = [
+    df.select("rank", "entry", "text", "count", "p", "expected_after").write_csv(csv)
+    tables = []
+    target = th.get("target")
+    if target:
+        actual = (shards.read_json(shards.join(stage_dir, "_manifest.json")) or {}).get("rows_out")
+        off = f" ({100 * (actual - target['expected_kept']) / max(target['expected_kept'], 1):+.2f}%)" if actual is not None else ""
+        tables.append(("t for a target size", "\n".join([
+            "| target_rows | t solved | expected kept | actual kept | sample (matched rows) |",
+            "|---:|---:|---:|---:|---|",
+            f"| {target['target_rows']} | {target['t']} | {target['expected_kept']:.1f} | "
+            f"{actual if actual is not None else '(not run)'}{off} | {target['sample_rows']} of {target['matched_rows']} |",
+        ])))
+    tables += [
         ("entry counts: head and tail", "\n".join([
             "| t | matched entries | head entries (count >= t) | matches | tail share of matches (count < t) "
             "| expected matches after balancing |", "|---:|---:|---:|---:|---:|---:|",

@@ -366,6 +366,7 @@ def test_report(tmp_path):
     assert "| 1 | 0 | cat | 6000 | 500 |" in top[1]
     csv = pl.read_csv(out["csv"])
     assert csv["expected_after"].to_list() == [500, 500, 300, 60]
+    assert csv["p"].to_list() == pytest.approx([500 / 6000, 500 / 1500, 1.0, 1.0])
     from pipeline.report import histograms
 
     assert "metaclip" in histograms(str(run_dir))
@@ -403,3 +404,79 @@ def test_apply_reuses_collect_matches_and_a_bad_cache_is_ignored(tmp_path, monke
     assert len(calls) == 3  # no cache for shard 2, two refused: all matched again
     assert _read(Path(res2.folder)).equals(ref[0]) and _read(Path(res2.folder), rejected=True).equals(ref[1])
     assert not list((Path(res.folder) / "_cache").glob("*"))
+
+
+# ---- t for a target size ---------------------------------------------------------------------------------
+def _target_pool() -> tuple[list[str], list[str]]:
+    """Skewed counts and rows with one, two and three entries."""
+    entries = ["cat", "dog", "bird", "fish", "owl"]
+    rng = np.random.default_rng(3)
+    weights = np.array([60, 25, 8, 5, 2], dtype=float)
+    texts = []
+    for i in range(1500):
+        k = int(rng.choice([1, 1, 1, 2, 3]))
+        words = rng.choice(entries, size=k, replace=False, p=weights / weights.sum())
+        texts.append(" ".join(words) + f" number {i}")
+    texts += [f"nothing at all {i}" for i in range(50)]
+    return entries, texts
+
+
+def _ref_expected(entry_sets: list[list[int]], counts: dict[int, int], t: int) -> float:
+    """Expected kept rows at t, straight from the definition: 1 - prod_e (1 - min(1, t / count_e)) per row."""
+    total = 0.0
+    for es in entry_sets:
+        if es:
+            miss = 1.0
+            for e in es:
+                miss *= 1.0 - min(1.0, t / counts[e])
+            total += 1.0 - miss
+    return total
+
+
+def test_target_rows_solves_t_against_brute_force(tmp_path):
+    entries, texts = _target_pool()
+    sets = ref_match_many(texts, entries)
+    counts = {e: sum(e in s for s in sets) for e in range(len(entries))}
+    target = 500
+    ref = {t: _ref_expected(sets, counts, t) for t in range(1, max(counts.values()) + 1)}
+    best = min(ref, key=lambda t: (abs(ref[t] - target), -t))
+    pool = _write_pool(tmp_path / "in", texts, 3)
+    got = {}
+    for name, extra in [("all", {}), ("sampled", {"target_sample": 600})]:
+        cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, entries), "t": 7,
+                                               "target_rows": target, **extra}})
+        (res,) = run_pipeline(["metaclip"], str(tmp_path / name), cfg, input_dir=str(pool), workers=0)
+        th = shards.read_json(str(Path(res.folder) / "stats" / "thresholds.json"))
+        got[name] = (th, res.manifest["rows_out"])
+    th, kept = got["all"]
+    out = MetaClipStage(cfg["metaclip"]).report(str(tmp_path / "all" / "02_metaclip"), str(tmp_path / "report"))
+    solved = out["tables"][0]
+    assert solved[0] == "t for a target size" and f"| {target} | {best} | {ref[best]:.1f} | {kept} (" in solved[1]
+    assert th["target"]["sample_rows"] == th["target"]["matched_rows"] == 1500  # every row: exact
+    assert th["t"] == {"": best} and th["target"]["t"] == best
+    assert th["target"]["expected_kept"] == pytest.approx(ref[best], rel=1e-9)
+    assert abs(ref[best] - target) <= abs(ref[best + 1] - target) and abs(ref[best] - target) <= abs(ref[best - 1] - target)
+    sd = math.sqrt(sum((1 - m) * m for m in [0.5] * 1500))  # a bound on the kept count's spread
+    assert abs(kept - ref[best]) <= 4 * sd
+    th_s, _ = got["sampled"]  # 600 of 1,500 rows: an estimate, near the exact t
+    assert th_s["target"]["sample_rows"] == 600 and abs(ref[th_s["target"]["t"]] - target) / target < 0.1
+
+
+def test_target_rows_t_does_not_depend_on_shards(tmp_path):
+    entries, texts = _target_pool()
+    ts = []
+    for n_shards, sample in [(1, 700), (5, 700), (5, 100_000)]:
+        pool = _write_pool(tmp_path / f"in{n_shards}-{sample}", texts, n_shards)
+        cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, entries), "target_rows": 400,
+                                               "target_sample": sample}})
+        (res,) = run_pipeline(["metaclip"], str(tmp_path / f"r{n_shards}-{sample}"), cfg, input_dir=str(pool))
+        ts.append(shards.read_json(str(Path(res.folder) / "stats" / "thresholds.json"))["target"])
+    assert ts[0] == ts[1]  # the same 700-row sample whatever the shards
+    assert ts[2]["sample_rows"] == 1500
+
+
+def test_target_rows_config_errors():
+    with pytest.raises(ConfigError, match="target_rows and tail_share both set"):
+        config_mod.resolve({"metaclip": {"target_rows": 10, "tail_share": 0.3}})
+    with pytest.raises(ConfigError, match="target_rows = -1"):
+        config_mod.resolve({"metaclip": {"target_rows": -1}})
