@@ -38,6 +38,12 @@ Options:
                  (hash(image key), smallest draw)). Counts stay over all matching texts, as in MetaCLIP 2.
                  Ties (two 53-bit draws equal) keep both. The partial holds one row per matching text.
                  Image keys are polars' 64-bit hash of `image_col` (stable within a polars version).
+  target_rows    > 0: t is solved for an expected kept count (MetaCLIP issues #19, #24: "what t gives N pairs?").
+                 Expected kept = sum over matched rows of 1 - prod_e (1 - p_e(t)), from the pool's counts and
+                 the rows' entry sets (a row with several entries is likelier kept than its entries' counts
+                 say); evaluated on a uniform sample of `target_sample` matched rows (the bottom-k by
+                 uniform(uid), every row in a smaller pool: exact), bisected over integer t. With languages,
+                 the candidate t is the reference language's and the others follow it as above.
 Matching is most of the stage's time, so `collect` leaves each shard's matches in the stage folder
 (`Stage.cache_put`, `_cache/`) and `apply` takes them instead of matching again; a missing or
 mismatching cache (uids, texts, concept list) means matching again, with the same result.
