@@ -480,3 +480,29 @@ def test_target_rows_config_errors():
         config_mod.resolve({"metaclip": {"target_rows": 10, "tail_share": 0.3}})
     with pytest.raises(ConfigError, match="target_rows = -1"):
         config_mod.resolve({"metaclip": {"target_rows": -1}})
+
+
+def test_target_rows_with_languages_matches_brute_force(tmp_path):
+    """With a language column, the candidate t is the reference language's and the others follow it
+    (MetaCLIP 2); the expected count at the solved t equals the definition summed row by row."""
+    entries, texts = _target_pool()
+    langs = ["en" if i % 3 else "de" for i in range(len(texts))]
+    sets = ref_match_many(texts, entries)
+    pool = _write_pool(tmp_path / "in", texts, 2, extra={"lang": langs})
+    cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, entries), "language_col": "lang",
+                                           "target_rows": 450}})
+    (res,) = run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+    th = shards.read_json(str(Path(res.folder) / "stats" / "thresholds.json"))
+    ts = th["t"]
+    assert ts["en"] == th["target"]["t"] and set(ts) == {"en", "de"}
+    counts = {lang: {e: sum(e in s for s, l in zip(sets, langs) if l == lang) for e in range(len(entries))}
+              for lang in ("en", "de")}
+    brute = 0.0
+    for s, lang in zip(sets, langs):
+        if s:
+            miss = 1.0
+            for e in s:
+                miss *= 1.0 - min(1.0, ts[lang] / counts[lang][e])
+            brute += 1.0 - miss
+    assert th["target"]["expected_kept"] == pytest.approx(brute, rel=1e-9)
+    assert abs(brute - 450) < 0.1 * 450
