@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 import warnings
 from collections import Counter
@@ -35,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from pipeline import images, schema, shards
+from pipeline import codec, images, schema, shards
 from pipeline.config import ConfigError, RunConfig
 from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class, stage_dirname, stage_position
 
@@ -348,7 +347,7 @@ def collect_split_task(name: str, config: dict, seed: int, path: str, stage_dir:
         pieces = stage.split(partial, partitions)
         del partial
         out = stage.output_name(shards.shard_name(path))
-        shards.write_bundle({str(k): pickle.dumps(p, protocol=5) for k, p in enumerate(pieces)},
+        shards.write_bundle({str(k): codec.encode(p) for k, p in enumerate(pieces)},
                             _pieces_path(stage_dir, out))
         return out
 
@@ -358,12 +357,12 @@ def merge_partition_task(name: str, config: dict, seed: int, k: int, stage_dir: 
     Returns the answers' sizes in bytes, in shard order."""
     with _naming_shard(name, "merge", where=f"statistics partition {k}"):
         stage = get_stage(name, config, seed)
-        pieces = [pickle.loads(shards.read_bundle_item(_pieces_path(stage_dir, s), str(k))) for s in shard_names]
+        pieces = [codec.decode(shards.read_bundle_item(_pieces_path(stage_dir, s), str(k))) for s in shard_names]
         merged = stage.merge(pieces)
         stage.save_stats(merged, shards.join(stage_dir, "stats", f"p{k:04d}"))
         answers = {}
         for i, s in enumerate(shard_names):
-            answers[s] = pickle.dumps(stage.answer(merged, pieces[i]), protocol=5)
+            answers[s] = codec.encode(stage.answer(merged, pieces[i]))
             pieces[i] = None  # freed as we go
         shards.write_bundle(answers, _answers_path(stage_dir, k))
         return [len(answers[s]) for s in shard_names]
@@ -390,7 +389,7 @@ def _stats_for(stage, stage_dir: str, fp: str, shard: str = "", partitions: int 
     if not stage.has_stats:
         return None
     if stage.shuffles_stats:  # this shard's answers only: small, read per shard, never cached
-        return stage.join_answers([pickle.loads(shards.read_bundle_item(_answers_path(stage_dir, k), shard))
+        return stage.join_answers([codec.decode(shards.read_bundle_item(_answers_path(stage_dir, k), shard))
                                    for k in range(partitions)])
     key = f"{stage_dir}|{fp}"
     if key not in _STATS_CACHE:

@@ -131,6 +131,18 @@ def write_json(obj: Any, path: str) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
+def read_bytes(path: str) -> bytes:
+    """A whole file; ShardError (one line) when it is missing or unreadable."""
+    fs, p = fs_and_path(path)
+    try:
+        with fs.open(p, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ShardError(f"{shard_name(path)}: file not found ({path})") from None
+    except OSError as e:
+        raise ShardError(f"{shard_name(path)}: cannot read ({e})") from None
+
+
 def write_bytes(data: bytes, path: str) -> None:
     _atomic_write(path, lambda f: f.write(data))
 

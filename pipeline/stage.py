@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import pickle
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import shards
+from pipeline import codec, shards
 
 # Canonical order: gives each stage its `NN_` folder prefix in a run, whatever subset a run uses.
 STAGE_ORDER = ["ingest", "align", "metaclip", "klite", "dfn", "emit"]
@@ -113,13 +112,21 @@ class Stage:
         raise NotImplementedError
 
     def save_stats(self, stats: Any, folder: str) -> None:
-        """Persist merged statistics in the stage folder. Default: a pickle; stages may write Parquet."""
-        shards.write_bytes(pickle.dumps(stats, protocol=5), shards.join(folder, "stats.pkl"))
+        """Persist merged statistics in the stage folder. Default: `pipeline.codec` (arrays, frames, JSON; never
+        a pickle); stages may write Parquet."""
+        try:
+            data = codec.encode(stats)
+        except TypeError as e:
+            raise StageError(f"{self.name}: its statistics must be data: arrays, frames, dict/list/tuple, numbers, "
+                             f"str, or @data_record dataclasses ({e}); or override save_stats/load_stats") from None
+        shards.write_bytes(data, shards.join(folder, "stats.data"))
 
     def load_stats(self, folder: str) -> Any:
-        fs, p = shards.fs_and_path(shards.join(folder, "stats.pkl"))
-        with fs.open(p, "rb") as f:
-            return pickle.load(f)
+        path = shards.join(folder, "stats.data")
+        try:
+            return codec.decode(shards.read_bytes(path))
+        except codec.CodecError as e:
+            raise StageError(f"{self.name}: statistics {path}: {e}; rerun the stage") from None
 
     def apply(self, table: pa.Table, stats: Any) -> tuple[pa.Table, pa.Table]:
         """Return (kept, rejected); rejected carries a `reason` string column."""

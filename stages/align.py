@@ -62,6 +62,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import check_ranges
 from pipeline import schema, shards
+from pipeline.codec import data_record
 from pipeline.images import MAX_IMAGE_PIXELS, open_image
 from pipeline.stage import Stage, StageError, first_reason, split_by_reason
 
@@ -474,6 +475,7 @@ def load_eval_hashes(path: str, max_pixels: int) -> tuple[np.ndarray, int]:
 META_SUMS = ("rows", "image_rows", "id_rows")  # rows; rows with image bytes; rows with an image identity
 
 
+@data_record
 @dataclasses.dataclass
 class AlignStats:
     """Pool-wide counts. A per-shard partial, a partition of the pool and the merged whole have the same
@@ -529,6 +531,7 @@ class AlignStats:
 LOOKUPS = ("token_n", "image_texts", "text_images", "pair_uid", "band_uid")
 
 
+@data_record
 @dataclasses.dataclass
 class AlignAnswer:
     """What one shard's apply needs from the pool: every lookup restricted to the keys the shard holds
