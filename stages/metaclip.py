@@ -85,6 +85,58 @@ def spacing(texts) -> pl.Series:
     return (" " + _spaced_inner(texts) + " ").alias("spaced")
 
 
+_WS = np.frombuffer(b" \t\n\r", dtype=np.uint8)  # spacing() makes each a space, the token break
+_PUNCT = np.frombuffer(b",.;:?!`", dtype=np.uint8)  # spacing() wraps each in spaces: a token of its own
+
+
+def _tokens(texts) -> tuple[np.ndarray, pa.Array]:
+    """(tokens per caption, all tokens) of `_spaced_inner(t).split(" ")` for every caption t, in order,
+    without building the spaced strings: numpy over the column's UTF-8 bytes, then one filter.
+
+    The token list of T = _spaced_inner(t) is t cut at every break: one break per space, tab, newline or
+    CR (spacing makes each a space), and two per , . ; : ? ! ` (the mark becomes a token of its own); empty
+    pieces kept. These are ASCII bytes, never part of a multi-byte UTF-8 character, so this works on bytes.
+    With the whitespace bytes taken out of the column's data buffer, every token is a contiguous run of
+    what is left, and the breaks are offsets into it: the tokens are an Arrow string array over that
+    buffer, no string copied per token. 1.4x faster than polars' replace_many + Arrow's split_pattern at
+    100k Flickr8k captions (34 vs 48 ms, one core), which built and then re-split a spaced copy.
+    """
+    s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
+    arr = s.cast(pl.String).fill_null("").to_arrow()
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if arr.type != pa.large_string():
+        arr = arr.cast(pa.large_string())
+    n = len(arr)
+    _, obuf, dbuf = arr.buffers()
+    off = np.frombuffer(obuf, dtype=np.int64)[arr.offset: arr.offset + n + 1]
+    data = (np.frombuffer(dbuf, dtype=np.uint8)[off[0]: off[-1]] if dbuf is not None and n
+            else np.zeros(0, dtype=np.uint8))
+    off = off - off[0]
+    ws = data == _WS[0]
+    for c in _WS[1:]:
+        ws |= data == c
+    brk = ws.copy()
+    for c in _PUNCT:
+        brk |= data == c
+    ev = np.flatnonzero(brk)  # byte position of every whitespace byte or mark, in order
+    ev_ws = ws[ev]
+    at = ev - (np.cumsum(ev_ws) - ev_ws)  # its position once the whitespace bytes are out
+    per = 2 - ev_ws.astype(np.int64)  # breaks it makes: whitespace 1, a mark 2 (before and after it)
+    breaks = np.repeat(at, per)
+    upto = np.cumsum(per)
+    breaks[upto[~ev_ws] - 1] += 1  # the break after a mark
+    ws_at = ev[ev_ws]
+    starts = off[:-1] - np.searchsorted(ws_at, off[:-1])  # each caption's start once whitespace is out
+    # token boundaries: every caption start and every break, as one sorted run (ties are equal values)
+    bounds = np.sort(np.concatenate([starts, breaks, [len(data) - len(ws_at)]]), kind="stable")
+    lens = np.diff(np.concatenate([[0], upto])[np.searchsorted(ev, off)]) + 1  # breaks + 1 per caption
+    # polars' filter: ~20x numpy's boolean indexing on a 5 MB uint8 array
+    kept = pl.Series(data).filter(pl.Series(~ws)).to_numpy()
+    flat = pa.LargeStringArray.from_buffers(len(bounds) - 1, pa.py_buffer(bounds), pa.py_buffer(kept))
+    return lens, flat
+
+
 def _lists(n: int, rows: np.ndarray, ids: np.ndarray, n_entries: int) -> pa.ListArray:
     """Sorted unique entry ids per row as list<int32>, from unordered (row, id) pairs."""
     # stable sort (timsort/radix in numpy): the hits arrive as a few runs already in row order (one per
@@ -215,25 +267,21 @@ class Matcher:
         j[miss | ~same] = self.V
         return j[enc.indices.to_numpy()]
 
-    def _match_tokens(self, inner: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    def _match_tokens(self, texts) -> tuple[np.ndarray, np.ndarray]:
         """(row, entry) hits via the token trie.
 
         " " + e + " " is a substring of spacing(text) = " " + T + " " (T = `_spaced_inner(text)`) exactly
         when e.split(" ") occurs as a contiguous run of T.split(" "): spaces are the only token breaks,
         e's own spaces must fall on them, and the padding supplies the spaces around T's first and last
         pieces. Empty pieces (double spaces) are tokens like any other, so entries with leading, trailing
-        or double spaces match as in the reference. Captions are split by Arrow (`split_pattern`, as
-        str.split(" ")) and become token ids (unknown -> V, `_token_ids`); then every start position walks
+        or double spaces match as in the reference. Captions are split without building T (`_tokens`)
+        and the tokens become ids (unknown -> V, `_token_ids`); then every start position walks
         the trie at once, one vectorised numpy step per token depth (edges looked up in a hash table,
         pandas' Index, behind a Bloom filter), never past its caption's last token. Splitting T rather than
         the padded text spares two empty tokens per caption (~13% of the tokens).
         """
-        arr = inner.to_arrow()
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks()
-        parts = pc.split_pattern(arr, " ")
-        lens = pc.list_value_length(parts).to_numpy().astype(np.int64)  # >= 1: "".split(" ") == [""]
-        tid = self._token_ids(pc.list_flatten(parts))
+        lens, flat = _tokens(texts)
+        tid = self._token_ids(flat)
         W = self.W
         goes_on = np.ones(len(tid), dtype=bool)  # False on each caption's last token: no walk crosses it
         goes_on[np.cumsum(lens) - 1] = False
@@ -263,13 +311,13 @@ class Matcher:
         return rows[hp], np.concatenate(hit_entry)
 
     def match(self, texts) -> pa.ListArray:
-        inner = _spaced_inner(texts)
-        n = len(inner)
+        n = len(texts)
         if n == 0 or len(self.spaced) == 0:
             return pa.array([[]] * n, type=pa.list_(pa.int32()))
         if self.backend == "tokens":
-            rows, ids = self._match_tokens(inner)
+            rows, ids = self._match_tokens(texts)
             return _lists(n, rows, ids, self.n)
+        inner = _spaced_inner(texts)
         spaced = (" " + inner + " ").alias("spaced")
         if self.backend == "polars":
             hits = spaced.str.extract_many(self.spaced, overlapping=True)
