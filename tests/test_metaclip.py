@@ -176,6 +176,20 @@ def test_slices_chunks_nulls_and_empty_columns_match_the_reference(backend):
         ref_match(t, PUNCT_ENTRIES) for t in ["dog, dog", "", "東京 dog"]]
 
 
+@pytest.mark.parametrize("piece", [1, 4, 7])
+def test_tokens_matcher_in_pieces_equals_the_reference(piece, monkeypatch):
+    """The token matcher cuts a big call into pieces of `_PIECE` captions: the rows must line up across
+    pieces (a piece boundary anywhere, null and empty captions included)."""
+    import stages.metaclip as metaclip_mod
+
+    monkeypatch.setattr(metaclip_mod, "_PIECE", piece)
+    m = Matcher(PUNCT_ENTRIES, "tokens")
+    texts = PUNCT_TEXTS + [None, ""] + PUNCT_TEXTS[::-1]
+    got = m.match(pl.Series(texts, dtype=pl.String))
+    assert got.type == pa.list_(pa.int32())
+    assert got.to_pylist() == [ref_match(t or "", PUNCT_ENTRIES) for t in texts]
+
+
 def test_token_lookup_is_exact_under_a_hash_collision():
     """The token matcher finds tokens by a 64-bit hash, then compares the strings: forge a collision (the
     entry token's hash made equal to an unknown token's) and the unknown token must still match nothing."""
