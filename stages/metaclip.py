@@ -10,13 +10,16 @@ The reference spaces and matches caption by caption in Python, with one Aho-Cora
 is one vectorised `str.replace_many` over the column (one pass equals MetaCLIP's ten sequential
 `str.replace` calls, since each only inserts spaces around its own character, or replaces it by a space).
 Three `matcher`s give the same sets (asserted by the tests and the benchmark), see `Matcher`:
-"tokens" (the default: a token trie walked with numpy over a whole shard, `Matcher._match_tokens`),
-"pyahocorasick" (DESIGN.md's automaton, one `automaton.iter` over the shard's joined captions) and "polars"
-(its built-in Aho-Corasick). DESIGN.md names the automaton; the trie is the default because it is the
-fastest with the same output. bench/bench_metaclip.py, 1,009,000 real captions, 148,730 WordNet entries, one
-core each, cyclic GC off, 5 rounds each timing every contender (speedups are per-round ratios, median):
-reference 137,726 captions/s; tokens 424,085 (x3.08, rounds x3.06-x3.44); pyahocorasick 194,011 (x1.41);
-polars 103,430 (x0.75).
+"tokens" (the default: a token trie walked with numpy over a whole shard, `Matcher._match_tokens`; it cuts
+tokens from the caption bytes without building the spaced text, `_tokens`), "pyahocorasick" (DESIGN.md's
+automaton, one `automaton.iter` over the shard's joined captions) and "polars" (its built-in Aho-Corasick).
+DESIGN.md names the automaton; the trie is the default because it is the fastest with the same output.
+Its cost per call is proportional to the call's captions: everything sized by the entry list (trie, token
+hash table, edge filter) is built once per process. bench/bench_metaclip.py, 148,730 WordNet entries,
+300,000 captions per set, one core, 5 paired rounds (speedup = median of the per-round ratios to MetaCLIP's
+per-caption loop), at 10k / 50k / 100k captions per call: Flickr8k train/dev/unsplit (tuned on it)
+x3.21 / x3.62 / x3.50; held out, Flickr8k test x3.95 / x4.60 / x4.56, LAION 10k x3.60 / x4.55 / x5.16
+(CPU-time ratios x3.29-x5.14); pyahocorasick x1.27-x1.44 and polars x0.78-x0.91 at 100k.
 
 Balancing (MetaCLIP's balancing.py): `collect` counts, per entry, the texts matching it (numpy bincount);
 `merge` sums; `apply` keeps a pair with probability 1 - prod_e (1 - p_e), p_e = t / max(count_e, t), by
