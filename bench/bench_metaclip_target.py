@@ -1,6 +1,6 @@
-"""metaclip's t solver: how close is the kept count to `[metaclip] target_rows` on bench_metaclip's pool?
+"""metaclip's t solver: how close is the kept count to `[metaclip] target_rows` on a 1M-caption pool?
 
-Pool: bench_metaclip's captions (Flickr8k 40,450 + LAION 10k sample 10,000, from ../shared/data), repeated 20x
+Pool: real captions (Flickr8k 40,450 + LAION 10k sample 10,000, from ../shared/data), repeated 20x
 to 1,009,000 rows, each with its own URL (so its own uid and its own balancing draws). Entries: the WordNet list.
 For each target, the metaclip stage runs in-process on 10 shards with `target_rows` set: it solves t from the
 pool's entry counts and a uniform sample of `target_sample` matched rows (default 200,000), then balances with

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -132,6 +133,85 @@ def test_spacing_matches_reference():
 def test_null_text_matches_nothing():
     m = Matcher(["dog"])
     assert m.match(pl.Series(["dog", None], dtype=pl.String)).to_pylist() == [[0], []]
+
+
+# Entries made of spaced punctuation, multi-byte characters next to every separator, entries that are
+# substrings (token-wise and character-wise) of other entries: the token matcher cuts captions into tokens
+# on UTF-8 bytes, so each byte-level edge is checked against the literal reference.
+PUNCT_ENTRIES = [",", "dog ,", ", dog", "? !", "dog", "dogs", "og", "do", "hot dog", "hot dog house", "dog house",
+                 "été", "東京", "東", "京", "é", "ü ,", "a  b", "", " ", "x ", " x", "naïve", "naïve art", "`"]
+PUNCT_TEXTS = [
+    "dog, dog ,dog", ",dog", "dog,", "?!", "? !", "?  !", "dog?!dog", "hot dog house dog house",
+    "été,東京.東 京", "東京", "é", "éé", "ü,", "ü ,", "a  b", "a b", "a\tb", "a\t\tb", "a\r\nb", " x ", "x",
+    "naïve art, naïve", "``", "`dog`", "", " ", "  ", ",", "\n", "\r", "\t", "dogs og do",
+    "東京\t東京\n東京\r東京", "été" * 50 + " dog",
+]
+
+
+@pytest.mark.parametrize("backend", MATCHERS)
+def test_punctuation_unicode_and_nested_entries_match_the_reference(backend):
+    m = Matcher(PUNCT_ENTRIES, backend)
+    got = m.match(pl.Series(PUNCT_TEXTS, dtype=pl.String)).to_pylist()
+    for text, ids in zip(PUNCT_TEXTS, got):
+        assert ids == ref_match(text, PUNCT_ENTRIES), (backend, text)
+
+
+@pytest.mark.parametrize("backend", MATCHERS)
+def test_slices_chunks_nulls_and_empty_columns_match_the_reference(backend):
+    """What a shard's text column can be: a slice of a bigger column, several Arrow chunks, nulls anywhere,
+    only empty strings, only nulls. A null caption is matched as an empty one (spacing gives "  ", which
+    the entry "" matches, as in the reference)."""
+    m = Matcher(PUNCT_ENTRIES, backend)
+    texts = PUNCT_TEXTS + [None] + PUNCT_TEXTS[::-1]
+    chunked = pl.concat([pl.Series(texts[:7], dtype=pl.String), pl.Series(texts[7:20], dtype=pl.String),
+                         pl.Series(texts[20:], dtype=pl.String)], rechunk=False)
+    assert chunked.n_chunks() == 3
+    for lo, hi in [(0, len(texts)), (3, 25), (6, 8), (19, 21), (len(texts) - 1, len(texts))]:
+        got = m.match(chunked.slice(lo, hi - lo)).to_pylist()
+        assert got == [ref_match(t or "", PUNCT_ENTRIES) for t in texts[lo:hi]], (backend, lo, hi)
+    assert m.match(pl.Series(["", "", ""], dtype=pl.String)).to_pylist() == [ref_match("", PUNCT_ENTRIES)] * 3
+    assert m.match(pl.Series([None, None], dtype=pl.String)).to_pylist() == [ref_match("", PUNCT_ENTRIES)] * 2
+    table = pa.table({"text": pa.chunked_array([["dog, dog", None], ["東京 dog"]])})  # the stage's input
+    assert m.match(pl.from_arrow(table.column("text"))).to_pylist() == [
+        ref_match(t, PUNCT_ENTRIES) for t in ["dog, dog", "", "東京 dog"]]
+
+
+@pytest.mark.parametrize("piece", [1, 4, 7])
+def test_tokens_matcher_in_pieces_equals_the_reference(piece, monkeypatch):
+    """The token matcher cuts a big call into pieces of `_PIECE` captions: the rows must line up across
+    pieces (a piece boundary anywhere, null and empty captions included)."""
+    import stages.metaclip as metaclip_mod
+
+    monkeypatch.setattr(metaclip_mod, "_PIECE", piece)
+    m = Matcher(PUNCT_ENTRIES, "tokens")
+    texts = PUNCT_TEXTS + [None, ""] + PUNCT_TEXTS[::-1]
+    got = m.match(pl.Series(texts, dtype=pl.String))
+    assert got.type == pa.list_(pa.int32())
+    assert got.to_pylist() == [ref_match(t or "", PUNCT_ENTRIES) for t in texts]
+
+
+def test_token_lookup_is_exact_under_a_hash_collision():
+    """The token matcher finds tokens by a 64-bit hash, then compares the strings: forge a collision (the
+    entry token's hash made equal to an unknown token's) and the unknown token must still match nothing."""
+    m = Matcher(["dog", "hot dog"], "tokens")
+    assert m.match(pl.Series(["cat", "dog", "hot dog"])).to_pylist() == [[], [0], [0, 1]]
+    forged = m.vocab.hash(seed=m.hash_seed).to_numpy().copy()
+    forged[m.vocab.to_list().index("dog")] = pl.Series(["cat"]).hash(seed=m.hash_seed).to_numpy()[0]
+    m.token_index = pd.Index(forged)
+    # "cat" now hashes to the id of "dog", and "dog" to nothing: the string check keeps "cat" unmatched
+    assert m.match(pl.Series(["cat", "hot cat", "dog"])).to_pylist() == [[], [], []]
+
+
+def test_edge_filter_only_skips_lookups():
+    """The Bloom filter in front of the trie's edge table may only skip lookups that would fail: with every
+    slot set (no filtering at all) the matches are the same."""
+    entries = ["hot dog", "hot dog house", "dog house", "a b c d", "b c", "c d e"]
+    texts = ["hot dog house", "a b c d e", "b c d", "hot hot dog", "dog house hot dog"]
+    m = Matcher(entries, "tokens")
+    want = [ref_match(t, entries) for t in texts]
+    assert m.match(pl.Series(texts)).to_pylist() == want
+    m.edge_maybe[:] = True
+    assert m.match(pl.Series(texts)).to_pylist() == want
 
 
 @pytest.fixture(scope="module")
