@@ -421,7 +421,7 @@ def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: st
     summary = {
         "shard": out_name,
         "input": shards.shard_name(path),
-        "rows_in": table.num_rows,
+        "rows_in": stage.rows_in(table, kept, rejected),
         "rows_out": kept.num_rows,
         "rejected": rejected.num_rows,
         "reasons": dict(reasons),

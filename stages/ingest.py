@@ -6,7 +6,9 @@ ordinary runner so that resume, manifests and Dask apply to it too).
 
 A URL that appears with several captions is downloaded once: the list is grouped by URL before
 img2dataset sees it, all captions travel with it as a JSON column, and conversion yields one row per
-caption (same image bytes, distinct uids since uid hashes url + text).
+caption (same image bytes, distinct uids since uid hashes url + text). A row repeating an earlier (url, caption)
+would repeat its uid: it is rejected as `duplicate: same url and caption as an earlier row`, so ingest keeps one
+row per distinct (url, caption) and every uid once.
 
 Rejected rows (`reason`): img2dataset's status and error ("failed_to_download: HTTP Error 404: ..."), and two
 of ours for rows that never reach img2dataset: `invalid_url: not an http(s) URL` (malformed, empty, or another
@@ -38,6 +40,7 @@ from pipeline.stage import Stage, StageError, fingerprint
 log = logging.getLogger("clipcurate.ingest")
 
 CAPTIONS_COL = "clipcurate_captions"
+DUPLICATE = "duplicate"  # reason of a repeated (url, caption) row: "duplicate: same url and caption ..."
 VALID_URL = r"(?i)^https?://[^\s/:?#]+(:\d+)?([/?#]\S*)?$"  # schemes are case-insensitive (RFC 3986 3.1)
 
 
@@ -65,6 +68,10 @@ class IngestStage(Stage):
 
     def output_name(self, input_name: str) -> str:
         return f"part-{input_name}" if not input_name.startswith("part-") else input_name
+
+    def rows_in(self, table, kept, rejected) -> int:
+        """An img2dataset row is a URL with its captions, and each caption is a row of the funnel."""
+        return kept.num_rows + rejected.num_rows
 
     def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
         """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason.
@@ -244,7 +251,8 @@ def _read_parquet_list(p: str) -> pl.DataFrame:
 
 
 def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(to_download, bad): unique valid URLs in first-seen order with all their captions as JSON."""
+    """(to_download, rejected): unique valid URLs in first-seen order with their distinct captions as JSON;
+    rejected: malformed URLs, rows that are not UTF-8, and repeats of an earlier (url, caption) row."""
     if BAD_TEXT_COL not in df.columns:
         df = df.with_columns(pl.lit(False).alias(BAD_TEXT_COL))
     df = df.with_columns(pl.col("caption").fill_null(""), pl.col("url").str.strip_chars())
@@ -256,6 +264,13 @@ def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .otherwise(pl.lit("not an http(s) URL")),
     ).drop(BAD_TEXT_COL)
     good = df.filter(~is_bad.fill_null(True)).drop(BAD_TEXT_COL)
+    # one row per distinct (url, caption): a repeated pair would be the same uid twice; later copies are
+    # rejected rows (`duplicate`), so that rows in = kept + rejected still holds
+    first = pl.struct("url", "caption").is_first_distinct()
+    dups = good.filter(~first).with_columns(
+        status=pl.lit(DUPLICATE), error_message=pl.lit("same url and caption as an earlier row"))
+    bad = pl.concat([bad, dups.select(bad.columns)]) if dups.height else bad
+    good = good.filter(first)
     grouped = (
         good.with_row_index("_order")
         .group_by("url", maintain_order=True)
@@ -347,12 +362,15 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     fp = fingerprint(
         {
             "input": _content_digest(str(input_path)),
+            "grouping": 2,  # 2: one row per distinct (url, caption), repeats rejected
             "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
         }
     )
     marker = os.path.join(raw_dir, "_clipcurate_done.json")
     prior = shards.read_json(marker)
-    info = {"input_rows": df.height, "unique_urls": grouped.height, "bad_urls": bad.height}
+    n_dup = int((bad["status"] == DUPLICATE).sum())
+    info = {"input_rows": df.height, "unique_urls": grouped.height, "bad_urls": bad.height - n_dup,
+            "duplicates": n_dup}
     if prior and prior.get("fingerprint") == fp:
         log.info("ingest: download already complete (%s), reusing", raw_dir)
         info.update(prior.get("img2dataset", {}))
@@ -364,12 +382,13 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
         raise StageError(f"ingest: URL list {input_path} has no rows")
     list_path = os.path.join(stage_dir, "_urls.parquet")
     grouped.write_parquet(list_path)
-    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs", df.height, grouped.height, bad.height)
+    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d repeated (url, caption) rows", df.height,
+             grouped.height, info["bad_urls"], n_dup)
     t0 = time.perf_counter()
     totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=[CAPTIONS_COL]) if grouped.height else {}
     totals["seconds"] = round(time.perf_counter() - t0, 3)
     if bad.height:
-        # malformed URLs (and rows that are not UTF-8) never reach img2dataset; they travel as an extra
+        # malformed URLs, rows that are not UTF-8 and repeated rows never reach img2dataset; they travel as an extra
         # "failed" shard so no row is lost
         os.makedirs(raw_dir, exist_ok=True)
         bad.select("url", "caption", "status", "error_message").write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
