@@ -49,7 +49,11 @@ def cmd_demo_world(args) -> int:
         raise config_mod.ConfigError(f"demo-world --n {args.n}: give at least {DEMO_MIN_N} (every noise kind needs "
                                      "a few rows)")
     summary = make_world(args.out, n=args.n, seed=args.seed)
-    print(f"demo world written to {args.out}: {summary.get('rows', summary.get('n'))} URL rows")
+    if summary.get("unchanged"):
+        print(f"demo world in {args.out} is up to date ({summary.get('rows')} URL rows, n={args.n}, seed={args.seed}): "
+              "not rewritten")
+    else:
+        print(f"demo world written to {args.out}: {summary.get('rows', summary.get('n'))} URL rows")
     for k, v in sorted(summary.get("counts", {}).items()):
         print(f"  {k:>16}: {v}")
     out = Path(args.out)

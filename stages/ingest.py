@@ -19,7 +19,6 @@ Parquet list with a few rows in another encoding; their text is kept lossy-decod
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -346,12 +345,7 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
 def _content_digest(path: str) -> str:
     """sha256 of the URL list's bytes: a list rewritten with the same content (a regenerated demo world, a
     copy) must not trigger a new crawl, and an edited one must. Hashing costs ~1 s per GB; a crawl far more."""
-    fs, p = shards.fs_and_path(path)
-    h = hashlib.sha256()
-    with fs.open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return shards.content_digest(path)
 
 
 def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> tuple[str, dict]:
@@ -456,11 +450,15 @@ def index_webdataset(store: ImageStore, index_dir: str) -> str:
     fs, p = shards.fs_and_path(store.root)
     tars = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(p, detail=False)
                   if n.endswith(".tar") and not n.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_")))
-    fp = fingerprint([shards.file_identity(store.path(t)) for t in tars])
+    # by content (each tar read once, ~1 s per GB; remembered by size and mtime in `_digests.json` beside the index)
+    digests = shards.DigestCache(shards.join(index_dir, "_digests.json"))
+    fp = fingerprint([shards.file_content_identity(store.path(t), digests) for t in tars])
     marker = shards.join(index_dir, "_index.json")
     if (shards.read_json(marker) or {}).get("fingerprint") == fp:
+        digests.save()
         return index_dir
     shards.remove(index_dir)
+    digests.save()
     for tar in tars:
         shards.write_shard(_index_one_tar(store, tar), shards.join(index_dir, tar[: -len(".tar")] + ".parquet"))
     shards.write_json({"fingerprint": fp, "tars": len(tars)}, marker)
