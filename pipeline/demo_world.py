@@ -408,18 +408,20 @@ eval_sets = ["{(eval_path.parent / "classification.parquet").as_posix()}", "{(ev
 
 
 def _generator_key(out: Path, n: int, seed: int) -> dict:
-    """Everything the world's bytes are a function of: n, seed, where it lives (config.toml names its eval set
-    by absolute path), this module's code, and the encoders' versions (Pillow's PNG/JPEG, pyarrow's Parquet)."""
+    """Everything the world's bytes are a function of, but its place: n, seed, this module's code, and the
+    encoders' versions (Pillow's PNG/JPEG, pyarrow's Parquet). config.toml, which names the eval set by absolute
+    path, is checked against `demo_config` instead."""
     import PIL
 
-    return {"n": n, "seed": seed, "path": str(out.resolve()), "pillow": PIL.__version__, "pyarrow": pa.__version__,
+    return {"n": n, "seed": seed, "pillow": PIL.__version__, "pyarrow": pa.__version__,
             "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
 
 
 def _file_digests(out: Path) -> dict[str, str]:
-    """sha256 of every file of the world (world.json, the record itself, aside)."""
+    """sha256 of every file of the world (world.json, the record itself, and config.toml, which depends on where
+    the world is, aside)."""
     return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(out.rglob("*")) if f.is_file() and f.relative_to(out) != Path("world.json")}
+            for f in sorted(out.rglob("*")) if f.is_file() and str(f.relative_to(out)) not in ("world.json", "config.toml")}
 
 
 def _up_to_date(out: Path, key: dict) -> dict | None:
@@ -430,6 +432,12 @@ def _up_to_date(out: Path, key: dict) -> dict | None:
     except (OSError, ValueError):
         return None
     if not isinstance(summary, dict) or summary.get("generator") != key or not summary.get("files"):
+        return None
+    try:
+        config = (out / "config.toml").read_text()
+    except OSError:
+        return None
+    if config != demo_config(int(summary.get("rows", -1)), (out / "eval" / "classification.parquet").resolve()):
         return None
     return summary if _file_digests(out) == summary["files"] else None
 
