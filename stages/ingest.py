@@ -27,6 +27,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -72,7 +73,65 @@ class IngestStage(Stage):
         """An img2dataset row is a URL with its captions, and each caption is a row of the funnel."""
         return kept.num_rows + rejected.num_rows
 
+    def fingerprint_parts(self) -> dict:
+        return {"unique_uids": 1}  # a repeated (url, caption) of a crawl is rejected as `duplicate`
+
+    # ---- one row per uid: a crawl used in place may list the same (url, caption) twice -------------------
+    # (a URL list is deduplicated before the download, `group_by_url`). Pool-wide and shuffled like align's
+    # dedup keys: per uid the smallest content key, per (uid, content key) the smallest position hash.
+    def collect(self, table: pa.Table) -> "CopyStats":
+        kept, _ = self._convert(table)
+        return CopyStats.of(*self._copy_keys(kept))
+
+    def merge(self, partials: list) -> "CopyStats":
+        return CopyStats.merge([p for p in partials if p is not None])
+
+    def split(self, partial: "CopyStats", n: int) -> list:
+        return partial.split(n)
+
+    def answer(self, merged: "CopyStats", piece: "CopyStats") -> "CopyStats":
+        return merged.restrict(piece)
+
+    def join_answers(self, answers: list) -> "CopyStats":
+        return CopyStats.merge(answers)
+
+    def save_stats(self, stats: "CopyStats", folder: str) -> None:
+        shards.write_shard(stats.uids.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "uid_copies.parquet"))
+        shards.write_shard(stats.copies.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "identical_rows.parquet"))
+
+    def load_stats(self, folder: str) -> "CopyStats":
+        def read(name):
+            return pl.from_arrow(shards.read_shard(shards.join(folder, name)))
+
+        return CopyStats(read("uid_copies.parquet"), read("identical_rows.parquet"))
+
+    def _copy_keys(self, kept: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(uid key, content key, position hash) per kept row, as align orders the copies of a uid (its
+        `row_content_key` without `image_ref`; ingest reads no pixels, so byte-equal rows are ordered by
+        position: (shard, row) of the crawl, a property of the crawl and not of how the run cuts it)."""
+        from stages.align import _U64, combine64, hash64_strings, row_content_key, uid_rank
+
+        n = kept.num_rows
+        ck = row_content_key(kept)
+        shard = hash64_strings(pa.array([str(self.context.get("shard", ""))], pa.string()), "shard")[0]
+        pos = combine64(np.full(n, shard, dtype=_U64), np.arange(n, dtype=_U64))
+        return uid_rank(kept.column("uid")) if n else np.zeros(0, _U64), ck, pos
+
     def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
+        """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason; a repeat
+        of a uid (a crawl listing the same url and caption twice) to `rejected` as `duplicate`."""
+        kept, rejected = self._convert(table)
+        if stats is not None and kept.num_rows:
+            extra = stats.extra_copies(*self._copy_keys(kept))
+            if extra.any():
+                mask = pa.array(extra)
+                dup = kept.filter(mask).append_column(
+                    "reason", pa.array([f"{DUPLICATE}: same url and caption as another row"] * int(extra.sum()), pa.string()))
+                kept = kept.filter(pc.invert(mask))
+                rejected = pa.concat_tables([rejected, dup.cast(rejected.schema)])
+        return kept, rejected
+
+    def _convert(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason.
 
         The rows come without their image bytes: the img2dataset output is the run's image store, and the
@@ -114,6 +173,59 @@ class IngestStage(Stage):
 
 
 STAGE = IngestStage
+
+
+_MAX = np.iinfo(np.uint64).max
+
+
+@dataclasses.dataclass
+class CopyStats:
+    """uids: key (uid), ck_min, n; copies: key (uid x content key), pos_min, n. Merge = concat + group-by
+    min/sum (associative); a shard's answer is both tables restricted to the keys it holds."""
+
+    uids: pl.DataFrame
+    copies: pl.DataFrame
+
+    @staticmethod
+    def of(ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> "CopyStats":
+        from stages.align import combine64
+
+        u = pl.DataFrame({"key": ukey, "v": ck}).group_by("key").agg(ck_min=pl.col("v").min(), n=pl.len().cast(pl.UInt64))
+        c = pl.DataFrame({"key": combine64(ukey, ck), "v": pos}).group_by("key").agg(
+            pos_min=pl.col("v").min(), n=pl.len().cast(pl.UInt64))
+        return CopyStats(u.sort("key"), c.sort("key"))
+
+    @staticmethod
+    def merge(parts: list) -> "CopyStats":
+        if not parts:
+            return CopyStats.of(*(np.zeros(0, np.uint64),) * 3)
+        u = pl.concat([p.uids for p in parts]).group_by("key").agg(pl.col("ck_min").min(), pl.col("n").sum())
+        c = pl.concat([p.copies for p in parts]).group_by("key").agg(pl.col("pos_min").min(), pl.col("n").sum())
+        return CopyStats(u.sort("key"), c.sort("key"))
+
+    def split(self, n: int) -> list:
+        def part(df):
+            which = (df["key"] % n).cast(pl.Int64).to_numpy() if df.height else np.zeros(0, np.int64)
+            return [df.filter(pl.Series(which == k)) for k in range(n)]
+
+        return [CopyStats(u, c) for u, c in zip(part(self.uids), part(self.copies))]
+
+    def restrict(self, piece: "CopyStats") -> "CopyStats":
+        """Rows of this (merged) partition seen more than once whose key the shard's piece holds."""
+        return CopyStats(self.uids.filter((pl.col("n") > 1) & pl.col("key").is_in(piece.uids["key"])),
+                         self.copies.filter((pl.col("n") > 1) & pl.col("key").is_in(piece.copies["key"])))
+
+    def extra_copies(self, ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Rows that are not the kept copy of their uid: a smaller content key, or the same one earlier."""
+        from stages.align import combine64
+
+        def lookup(df, value, keys):
+            m = pl.DataFrame({"key": keys}).join(df.select("key", value), on="key", how="left", maintain_order="left")
+            return m[value].fill_null(_MAX).to_numpy().astype(np.uint64)
+
+        ck_min = lookup(self.uids.filter(pl.col("n") > 1), "ck_min", ukey)
+        pos_min = lookup(self.copies.filter(pl.col("n") > 1), "pos_min", combine64(ukey, ck))
+        return (ck > ck_min) | ((ck == ck_min) & (pos > pos_min))
 
 
 # ---- reading the URL list -----------------------------------------------------------------------

@@ -221,3 +221,47 @@ def test_url_scheme_is_case_insensitive_but_still_http_only():
     grouped, bad = group_by_url(pl.DataFrame({"url": urls, "caption": ["a", "b", "c", "d", "e"]}))
     assert grouped["url"].to_list() == urls[:2]
     assert sorted(bad["caption"].to_list()) == ["c", "d", "e"]
+
+
+def _crawl_shard(folder: Path, name: str, rows: list[tuple[str, str, tuple[int, int]]]) -> None:
+    """An img2dataset Parquet output shard (the columns it writes) with real image bytes."""
+    blobs = []
+    for _, _, size in rows:
+        b = io.BytesIO()
+        Image.new("RGB", size, (size[0] % 255, 90, 200)).save(b, "JPEG")
+        blobs.append(b.getvalue())
+    pq.write_table(pa.table({
+        "caption": [c for _, c, _ in rows], "url": [u for u, _, _ in rows], "key": [f"{name}{i:04d}" for i in range(len(rows))],
+        "status": ["success"] * len(rows), "error_message": pa.nulls(len(rows), pa.string()),
+        "width": [s[0] for *_, s in rows], "height": [s[1] for *_, s in rows],
+        "original_width": [s[0] for *_, s in rows], "original_height": [s[1] for *_, s in rows],
+        "jpg": pa.array(blobs, pa.binary()),
+    }), folder / f"{name}.parquet")
+    (folder / f"{name}_stats.json").write_text(json.dumps({"count": len(rows), "successes": len(rows)}))
+
+
+def test_a_crawl_listing_the_same_url_and_caption_twice_keeps_one_row(tmp_path):
+    # img2dataset fetches every row of its list: a list with repeats gives a crawl with repeats (the same uid)
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    a, b, c = ("http://h.invalid/a.jpg", "a red square on white", (220, 220)), \
+        ("http://h.invalid/b.jpg", "a blue circle", (230, 210)), ("http://h.invalid/c.jpg", "a green star", (240, 240))
+    b2 = (b[0], b[1], (231, 210))  # the same url and caption, other bytes (fetched again later)
+    _crawl_shard(crawl, "00000", [a, b, a, c])
+    _crawl_shard(crawl, "00001", [b2, a, c])
+    kept_by_run = []
+    for i, cfg_text in enumerate(["", "[run]\nstats_shards_per_partition = 1\n"]):
+        cfg = tmp_path / f"c{i}.toml"
+        cfg.write_text(cfg_text)
+        runs = tmp_path / f"runs{i}"
+        assert cli_main(["--runs-dir", str(runs), "ingest", str(crawl), "--run", "r", "--config", str(cfg),
+                         "--workers", "0"]) == 0
+        stage = runs / "r" / "00_ingest"
+        kept = pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(str(stage / "part-*.parquet"))))
+        uids = kept.column("uid").to_pylist()
+        assert len(uids) == len(set(uids)) == 3
+        m = shards.read_json(str(stage / "_manifest.json"))
+        assert m["reasons"] == {"duplicate: same url and caption as another row": 4}
+        assert m["rows_in"] == m["rows_out"] + m["rejected"] == 7
+        kept_by_run.append(sorted(zip(uids, kept.column("orig_width").to_pylist())))
+    assert kept_by_run[0] == kept_by_run[1]  # the same copies kept with 1 or 2 statistics partitions
