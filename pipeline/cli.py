@@ -49,7 +49,11 @@ def cmd_demo_world(args) -> int:
         raise config_mod.ConfigError(f"demo-world --n {args.n}: give at least {DEMO_MIN_N} (every noise kind needs "
                                      "a few rows)")
     summary = make_world(args.out, n=args.n, seed=args.seed)
-    print(f"demo world written to {args.out}: {summary.get('rows', summary.get('n'))} URL rows")
+    if summary.get("unchanged"):
+        print(f"demo world in {args.out} is up to date ({summary.get('rows')} URL rows, n={args.n}, seed={args.seed}): "
+              "not rewritten")
+    else:
+        print(f"demo world written to {args.out}: {summary.get('rows', summary.get('n'))} URL rows")
     for k, v in sorted(summary.get("counts", {}).items()):
         print(f"  {k:>16}: {v}")
     out = Path(args.out)
@@ -135,12 +139,12 @@ def cmd_ingest(args) -> int:
         res = run_stage("ingest", run_dir, raw_dir, cfg, ex)
     res.manifest["download"] = info
     # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
-    res.manifest["urls_in"] = res.manifest["rows_in"]
+    res.manifest["urls_in"] = info["unique_urls"]
     res.manifest["rows_in"] = info["input_rows"]
     shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
     print(
         f"ingest: {info['input_rows']} URL rows: {info['unique_urls']} unique URLs (each fetched once), "
-        f"{info['bad_urls']} malformed"
+        f"{info['bad_urls']} malformed, {info.get('duplicates', 0)} repeated (url, caption) rows (kept once)"
     )
     _print_funnel([res])
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")

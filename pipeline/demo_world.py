@@ -38,6 +38,7 @@ Everything is a pure function of (n, seed): two calls give byte-identical files.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -406,11 +407,53 @@ eval_sets = ["{(eval_path.parent / "classification.parquet").as_posix()}", "{(ev
 """
 
 
+def _generator_key(out: Path, n: int, seed: int) -> dict:
+    """Everything the world's bytes are a function of, but its place: n, seed, this module's code, and the
+    encoders' versions (Pillow's PNG/JPEG, pyarrow's Parquet). config.toml, which names the eval set by absolute
+    path, is checked against `demo_config` instead."""
+    import PIL
+
+    return {"n": n, "seed": seed, "pillow": PIL.__version__, "pyarrow": pa.__version__,
+            "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
+
+
+def _file_digests(out: Path) -> dict[str, str]:
+    """sha256 of every file of the world (world.json, the record itself, and config.toml, which depends on where
+    the world is, aside)."""
+    return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(out.rglob("*")) if f.is_file() and str(f.relative_to(out)) not in ("world.json", "config.toml")}
+
+
+def _up_to_date(out: Path, key: dict) -> dict | None:
+    """world.json, when the world under `out` is exactly what `make_world` would write now: the same generator
+    key, and every file there with the recorded bytes (none missing, none added)."""
+    try:
+        summary = json.loads((out / "world.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("generator") != key or not summary.get("files"):
+        return None
+    try:
+        config = (out / "config.toml").read_text()
+    except OSError:
+        return None
+    if config != demo_config(int(summary.get("rows", -1)), (out / "eval" / "classification.parquet").resolve()):
+        return None
+    return summary if _file_digests(out) == summary["files"] else None
+
+
 def make_world(out: str | Path, n: int = 3000, seed: int = 0) -> dict:
-    """Write the demo world for about `n` URL rows under `out` (replacing one already there)."""
+    """Write the demo world for about `n` URL rows under `out` (replacing one already there). A world already
+    there exactly as it would be written (world.json's generator key and file digests) is left untouched, so
+    that a second `make demo` finds every input with its bytes and its mtime unchanged: summary["unchanged"]."""
     if n < 200:
         raise ValueError(f"demo world needs n >= 200 (got {n}): every noise kind needs a few rows")
     out = Path(out)
+    key = _generator_key(out, n, seed)
+    prior = _up_to_date(out, key)
+    if prior is not None:
+        log.info("demo world under %s is up to date: not rewritten", out)
+        return {**prior, "unchanged": True}
     for sub in ("www", "eval"):
         shutil.rmtree(out / sub, ignore_errors=True)
     b = _Builder(out, seed)
@@ -600,6 +643,7 @@ def make_world(out: str | Path, n: int = 3000, seed: int = 0) -> dict:
         "classnames": SHAPES, "eval_classification": len(eval_images), "eval_retrieval": RETRIEVAL_IMAGES,
         "hq": max(300, n // 3),
     }
+    summary["generator"], summary["files"] = key, _file_digests(out)
     (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
     log.info("demo world: %d URL rows, %d images under %s", truth.num_rows, b.n_files, out)
     return summary

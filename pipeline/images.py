@@ -130,7 +130,8 @@ class ImageStore:
             rel = os.path.relpath(normalised(root), normalised(run_dir))
             if not rel.startswith(".."):
                 root = rel
-        shards.write_json({"root": root, "format": self.format, "column": self.column}, shards.join(run_dir, STORE_FILE))
+        record = shards.json_bytes({"root": root, "format": self.format, "column": self.column})
+        shards.write_if_changed(record, shards.join(run_dir, STORE_FILE))
 
     @staticmethod
     def load(run_dir: str) -> "ImageStore | None":

@@ -420,7 +420,7 @@ def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: st
     summary = {
         "shard": out_name,
         "input": shards.shard_name(path),
-        "rows_in": table.num_rows,
+        "rows_in": stage.rows_in(table, kept, rejected),
         "rows_out": kept.num_rows,
         "rejected": rejected.num_rows,
         "reasons": dict(reasons),
@@ -477,12 +477,17 @@ def _clean_temporaries(stage_dir: str) -> None:
     shards.clean_temporaries(stage_dir, recursive=True)
 
 
-def _input_identity(path: str, upstream_dir: str | None) -> dict:
+DIGESTS_FILE = "_digests.json"  # content digests of a run's input files, by size and mtime (shards.DigestCache)
+
+
+def _input_identity(path: str, upstream_dir: str | None, digests: shards.DigestCache | None = None) -> dict:
+    """An upstream stage's shard: that stage's fingerprint for it. Any other file (ingest's download, a crawl,
+    an --input folder): its content digest, remembered by size and mtime in the run's `_digests.json`."""
     if upstream_dir:
         done = shards.read_json(shards.join(upstream_dir, "_done", shards.shard_name(path) + ".json"))
         if done and "fingerprint" in done:
             return {"name": shards.shard_name(path), "upstream": done["fingerprint"]}
-    return shards.file_identity(path)
+    return shards.file_content_identity(path, digests)
 
 
 SOURCE_FILE = "source.json"
@@ -550,15 +555,17 @@ def run_stage(
     inputs = shards.list_shards(input_dir)
     if not inputs:
         raise StageError(f"{name}: no Parquet shards in {input_dir}")
+    digests = shards.DigestCache(shards.join(run_dir, DIGESTS_FILE))
     fp = fingerprint(
         {
             "stage": name,
             "config": {k: v for k, v in stage_cfg.items() if k not in cls.speed_keys},
             "seed": seed,
             "parts": probe.fingerprint_parts(),
-            "inputs": [_input_identity(p, input_dir if upstream_is_stage else None) for p in inputs],
+            "inputs": [_input_identity(p, input_dir if upstream_is_stage else None, digests) for p in inputs],
         }
     )
+    digests.save()
     _clean_temporaries(stage_dir)
     # A manifest vouches for the whole folder. Once a run with another fingerprint starts rewriting shards
     # it no longer does: removed now, so that a kill below cannot leave a folder of mixed old and new

@@ -7,6 +7,7 @@ run removes. On object stores (s3://, gs://) a put is already all-or-nothing; re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -127,7 +128,7 @@ def write_shard(table: pa.Table, path: str) -> None:
 
 
 def write_json(obj: Any, path: str) -> None:
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    data = json_bytes(obj)
     _atomic_write(path, lambda f: f.write(data))
 
 
@@ -145,6 +146,26 @@ def read_bytes(path: str) -> bytes:
 
 def write_bytes(data: bytes, path: str) -> None:
     _atomic_write(path, lambda f: f.write(data))
+
+
+def write_if_changed(data: bytes, path: str) -> bool:
+    """Write unless the file already holds exactly these bytes (an index rewritten on every resume would
+    change its mtime for nothing). Returns whether it wrote."""
+    fs, p = fs_and_path(path)
+    try:
+        if fs.info(p).get("size") == len(data):
+            with fs.open(p, "rb") as f:
+                if f.read() == data:
+                    return False
+    except FileNotFoundError:
+        pass
+    write_bytes(data, path)
+    return True
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The bytes `write_json` writes."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
 
 
 BUNDLE_MAGIC = b"CCBUNDLE1\n"
@@ -234,8 +255,63 @@ def clean_temporaries(folder: str, recursive: bool = False) -> int:
     return n
 
 
+def content_digest(path: str) -> str:
+    """sha256 of a file's bytes (streamed: ~1 s per GB)."""
+    fs, p = fs_and_path(path)
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class DigestCache:
+    """Content digests of data files for fingerprints, remembered in a JSON file (`path`) beside what uses
+    them: {file: [size, mtime, sha256]}. A file whose size and mtime are those remembered is not read again; a
+    file rewritten (another mtime) is read again, and the same bytes give the same digest, so a fingerprint
+    follows the content, never the clock. Written atomically; a cache that cannot be written is only slower."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.entries = (read_json(path) or {}) if path else {}
+        self.changed = False
+
+    def digest(self, path: str) -> str:
+        fs, p = fs_and_path(path)
+        info = fs.info(p)
+        stamp = [info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")]
+        key = path if "://" in path else os.path.abspath(path)
+        for tag in ("md5Hash", "ETag", "etag"):  # object stores hash the content themselves (gs: md5, s3: ETag)
+            if "://" in path and info.get(tag):
+                return f"{tag}:{str(info[tag]).strip(chr(34))}"
+        got = self.entries.get(key)
+        if isinstance(got, list) and len(got) == 3 and got[:2] == stamp:
+            return got[2]
+        d = content_digest(path)
+        self.entries[key] = [*stamp, d]
+        self.changed = True
+        return d
+
+    def save(self) -> None:
+        if self.path and self.changed:
+            try:
+                write_json(self.entries, self.path)
+            except (OSError, ShardError):
+                pass
+            self.changed = False
+
+
+def file_content_identity(path: str, cache: DigestCache | None = None) -> dict:
+    """What identifies a data file for fingerprints: its name, size and content digest (not its mtime: a file
+    rewritten with the same bytes, e.g. a regenerated demo world, is the same input)."""
+    fs, p = fs_and_path(path)
+    return {"name": shard_name(path), "size": fs.info(p).get("size"),
+            "sha256": (cache or DigestCache(None)).digest(path)}
+
+
 def file_identity(path: str) -> dict:
-    """What identifies an input file for fingerprints when no upstream manifest vouches for it."""
+    """Size and mtime of a file, without reading it: only for cache keys that must not read the bytes (the
+    dfn score cache's image-store identity). Fingerprints of data files use `file_content_identity`."""
     fs, p = fs_and_path(path)
     info = fs.info(p)
     return {"name": shard_name(path), "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")}

@@ -66,6 +66,11 @@ class Stage:
     def setup(self) -> None:
         """Load heavy resources (automata, WordNet, models). Called once per process, lazily."""
 
+    def rows_in(self, table, kept, rejected) -> int:
+        """The shard's rows in, for the funnel, which must read rows in = kept + rejected. Default: the rows
+        read; a stage whose input row stands for several (ingest: a URL with its captions) counts those."""
+        return table.num_rows
+
     def fingerprint_parts(self) -> dict:
         """What, besides config and inputs, changes this stage's output (e.g. a concept list's sha256)."""
         return {}

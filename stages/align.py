@@ -13,7 +13,15 @@ Rules, in the order a rejected row names the first one it breaks (`REASONS`):
   too_many_words       > max_words word tokens
   rare_token           a token seen < min_token_count times in the pool AND unknown to wordfreq's
                        reference vocabulary (Zipf < min_zipf)
-  exact_duplicate      same image hash and same normalised text as a row with a smaller uid
+  exact_duplicate      same image hash and same normalised text as a row with a smaller uid; or another copy
+                       of the row's uid (same url and text) is the one kept: of the rows that share a uid, align
+                       keeps exactly one, the one with the smallest content key (`row_content_key`: a 64-bit
+                       hash of every column of the row, names sorted, so copies that differ anywhere, e.g. in
+                       the caption's other columns or the image bytes, are ordered by what they hold; the
+                       `image_ref`, a place, is left out and the image's content hash stands in for it).
+                       Copies with the same content key hold the same row and the same image bytes: any one of
+                       them is the same output, and the one kept is the one with the smallest (shard name, row)
+                       hash. uid stays unique downstream.
   near_duplicate       shares a MinHash-LSH band (word shingles, Jaccard threshold) with a caption of
                        the same image that has a smaller uid
   eval_near_duplicate  perceptual hash within `eval_hamming` bits of an evaluation image
@@ -23,7 +31,8 @@ Rules, in the order a rejected row names the first one it breaks (`REASONS`):
 
 Pool-wide facts come from `collect` (per shard) and `merge` (associative sums/mins over 64-bit keys):
 token counts; one row per distinct (image, text) pair (its smallest uid and row count), from which
-texts-per-image and images-per-text follow; and the smallest uid per LSH band key. They are keyed by
+texts-per-image and images-per-text follow; the smallest uid per LSH band key; and, per uid, its smallest
+content key and row count (`uids`), and per (uid, content key) the smallest position hash (`copies`). They are keyed by
 64-bit hashes (16-40 bytes a row, never row payloads), but they still grow with the pool, so the runner
 shuffles them (`split`: each table cut by its key's hash; `merge` per partition; `answer`: the lookups one
 shard needs) and no task ever holds the whole. Nothing depends on shard boundaries, row order, worker
@@ -63,7 +72,7 @@ import pyarrow.compute as pc
 from pipeline.config import check_ranges
 from pipeline import schema, shards
 from pipeline.codec import data_record
-from pipeline.images import MAX_IMAGE_PIXELS, open_image
+from pipeline.images import MAX_IMAGE_PIXELS, REF_COL, open_image
 from pipeline.stage import Stage, StageError, first_reason, split_by_reason
 
 log = logging.getLogger("clipcurate.align")
@@ -491,6 +500,10 @@ class AlignStats:
     # text, image: u64: the distinct pairs again, for images-per-text (partitioned by text, where `pairs` is
     # partitioned by image); None = take them from `pairs` (a whole pool or a single shard)
     texts: pl.DataFrame | None = None
+    # key (uid): u64, ck_min: u64, n: u64      rows per uid and their smallest content key
+    uids: pl.DataFrame = dataclasses.field(default_factory=lambda: _empty_frame("ck_min"))
+    # key (uid x content key): u64, pos_min: u64, n: u64   byte-identical copies and their first position
+    copies: pl.DataFrame = dataclasses.field(default_factory=lambda: _empty_frame("pos_min"))
     _cache: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @staticmethod
@@ -520,6 +533,10 @@ class AlignStats:
                 df = self.pairs.filter(pl.col("n") > 1).select("pair", "uid_min")
             elif name == "band_uid":
                 df = self.bands.filter(pl.col("n") > 1).select("key", "uid_min")
+            elif name == "uid_ck":
+                df = self.uids.filter(pl.col("n") > 1).select("key", "ck_min")
+            elif name == "copy_pos":
+                df = self.copies.filter(pl.col("n") > 1).select("key", "pos_min")
             else:
                 raise KeyError(name)
             k, v = df.columns
@@ -528,8 +545,44 @@ class AlignStats:
         return self._cache[name]
 
 
-LOOKUPS = ("token_n", "image_texts", "text_images", "pair_uid", "band_uid")
+LOOKUPS = ("token_n", "image_texts", "text_images", "pair_uid", "band_uid", "uid_ck", "copy_pos")
 
+
+def _empty_frame(value: str) -> pl.DataFrame:
+    return pl.DataFrame(schema={"key": pl.UInt64, value: pl.UInt64, "n": pl.UInt64})
+
+
+def row_content_key(table: pa.Table, image_content: np.ndarray | None = None) -> np.ndarray:
+    """64-bit key of each row's whole content: every column (names sorted, so column order does not matter),
+    each value hashed with `hash64_strings` from a canonical string (strings and binaries as their bytes,
+    numbers and other scalars as Arrow's cast to string, lists and structs as JSON), nulls apart from "".
+    `image_ref` is a place, not content (the same bytes stored twice, or a pool cut into other shards, give other
+    references): it is left out, and the image's content hash (`image_content`, 0 = no bytes) stands in for it.
+    A pure function of what the row holds: copies of a uid are ordered by that, never by where they sit."""
+    n = table.num_rows
+    h = np.full(n, _salt("row"), dtype=_U64)
+    if image_content is not None:
+        h = combine64(h, np.asarray(image_content, dtype=_U64))
+    for name in sorted(c for c in table.column_names if c != REF_COL):
+        col = table.column(name)
+        col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
+        t = col.type
+        if pa.types.is_dictionary(t):
+            col, t = col.cast(t.value_type), t.value_type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            text = col
+        elif pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+            text = col.cast(pa.large_binary()).view(pa.large_string())  # the bytes as they are, unvalidated
+        elif pa.types.is_nested(t):
+            text = pl.from_arrow(pa.table({name: col})).select(pl.struct(name).struct.json_encode())
+            text = text.to_series().to_arrow()
+        else:
+            text = col.cast(pa.string())
+        v = hash64_strings(text, "col:" + name)
+        null = pc.is_null(col).to_numpy(zero_copy_only=False)
+        v[null] = _salt("null")
+        h = combine64(combine64(h, _salt("name:" + name)), v)
+    return h
 
 @data_record
 @dataclasses.dataclass
@@ -669,7 +722,8 @@ class AlignStage(Stage):
         import datasketch
         import wordfreq
 
-        parts = {"datasketch": datasketch.__version__, "wordfreq": getattr(wordfreq, "__version__", "3.1.1")}
+        parts = {"datasketch": datasketch.__version__, "wordfreq": getattr(wordfreq, "__version__", "3.1.1"),
+                 "uid_copies": 1, "polars": pl.__version__}  # row_content_key JSON-encodes nested columns with polars
         if self.config.eval_images and Path(self.config.eval_images).exists():
             p = Path(self.config.eval_images)
             files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
@@ -822,8 +876,33 @@ class AlignStage(Stage):
             .group_by("key").agg(uid_min=pl.col("uid").min(), n=pl.len().cast(pl.UInt64))
             .sort("key")
         )
+        ck, copy_key, pos = self._copy_keys(table, f)
+        uids = (
+            pl.DataFrame({"key": f["uid"], "ck": ck})
+            .group_by("key").agg(ck_min=pl.col("ck").min(), n=pl.len().cast(pl.UInt64)).sort("key")
+        )
+        copies = (
+            pl.DataFrame({"key": copy_key, "pos": pos})
+            .group_by("key").agg(pos_min=pl.col("pos").min(), n=pl.len().cast(pl.UInt64)).sort("key")
+        )
         meta = {"rows": table.num_rows, "image_rows": int(f["has_bytes"].sum()), "id_rows": int(ok.sum())}
-        return AlignStats(tok_counts, pairs, bands, meta)
+        return AlignStats(tok_counts, pairs, bands, meta, uids=uids, copies=copies)
+
+    def _copy_keys(self, table: pa.Table, f: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(content key, uid x content key, position hash) per row: what decides which copy of a uid is kept.
+        The position (shard name, row) only orders byte-identical rows, for which the choice changes nothing
+        but the shard the one kept lands in."""
+        ck = row_content_key(table, np.where(f["has_bytes"], f["content"], _U64(0)))
+        shard = hash64_strings(pa.array([str(self.context.get("shard", ""))], pa.string()), "shard")[0]
+        pos = combine64(np.full(table.num_rows, shard, dtype=_U64), np.arange(table.num_rows, dtype=_U64))
+        return ck, combine64(f["uid"], ck), pos
+
+    def _uid_copies(self, table: pa.Table, f: dict, stats) -> np.ndarray:
+        """Rows that are not the kept copy of their uid (see `exact_duplicate`)."""
+        ck, copy_key, pos = self._copy_keys(table, f)
+        ck_min = _lookup(stats.lookup("uid_ck"), f["uid"], _MAX_U64)
+        pos_min = _lookup(stats.lookup("copy_pos"), copy_key, _MAX_U64)
+        return (ck > ck_min) | ((ck == ck_min) & (pos > pos_min))
 
     def merge(self, partials: list) -> AlignStats:
         parts = [p for p in partials if p is not None]
@@ -837,6 +916,8 @@ class AlignStage(Stage):
             [pl.col("image").first(), pl.col("text").first(), pl.col("uid_min").min(), pl.col("n").sum().cast(u)],
         )
         bands = _merge_frames([p.bands for p in parts], "key", [pl.col("uid_min").min(), pl.col("n").sum().cast(u)])
+        uids = _merge_frames([p.uids for p in parts], "key", [pl.col("ck_min").min(), pl.col("n").sum().cast(u)])
+        copies = _merge_frames([p.copies for p in parts], "key", [pl.col("pos_min").min(), pl.col("n").sum().cast(u)])
         texts = None
         if any(p.texts is not None for p in parts):
             texts = pl.concat([p.text_pairs() for p in parts]).unique().sort("text", "image")
@@ -846,6 +927,8 @@ class AlignStage(Stage):
             bands if bands is not None else out.bands,
             _sum_meta([p.meta for p in parts]),
             texts,
+            uids=uids if uids is not None else out.uids,
+            copies=copies if copies is not None else out.copies,
         )
 
     # ---- the shuffle (runner: memory per task flat in the pool size) ----
@@ -858,8 +941,10 @@ class AlignStage(Stage):
 
         tokens, pairs, bands = part(partial.tokens, "tok"), part(partial.pairs, "image"), part(partial.bands, "key")
         texts = part(partial.text_pairs().unique().sort("text", "image"), "text")
+        uids, copies = part(partial.uids, "key"), part(partial.copies, "key")
         zero = dict.fromkeys(META_SUMS, 0)
-        return [AlignStats(tokens[k], pairs[k], bands[k], dict(partial.meta) if k == 0 else zero, texts[k])
+        return [AlignStats(tokens[k], pairs[k], bands[k], dict(partial.meta) if k == 0 else zero, texts[k],
+                           uids=uids[k], copies=copies[k])
                 for k in range(n)]
 
     def answer(self, merged: AlignStats, piece: AlignStats) -> AlignAnswer:
@@ -869,7 +954,8 @@ class AlignStage(Stage):
         wanted = {
             "token_n": keys(piece.tokens, "tok"), "image_texts": keys(piece.pairs, "image"),
             "text_images": keys(piece.text_pairs(), "text"), "pair_uid": keys(piece.pairs, "pair"),
-            "band_uid": keys(piece.bands, "key"),
+            "band_uid": keys(piece.bands, "key"), "uid_ck": keys(piece.uids, "key"),
+            "copy_pos": keys(piece.copies, "key"),
         }
         return AlignAnswer({name: _restrict(merged.lookup(name), wanted[name]) for name in LOOKUPS}, dict(merged.meta))
 
@@ -888,6 +974,9 @@ class AlignStage(Stage):
         shards.write_shard(stats.tokens.to_arrow(), shards.join(folder, "token_counts.parquet"))
         shards.write_shard(stats.pairs.to_arrow(), shards.join(folder, "image_text_pairs.parquet"))
         shards.write_shard(stats.bands.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "lsh_bands.parquet"))
+        # uids seen once, and rows with no byte-identical copy, cannot make anyone a copy: dropped too
+        shards.write_shard(stats.uids.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "uid_copies.parquet"))
+        shards.write_shard(stats.copies.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "identical_rows.parquet"))
         meta = dict(stats.meta, lsh_bands=self.minhasher.bands, lsh_rows=self.minhasher.rows,
                     band_keys_total=stats.bands.height)
         shards.write_json(meta, shards.join(folder, "meta.json"))
@@ -897,7 +986,8 @@ class AlignStage(Stage):
             return pl.from_arrow(shards.read_shard(shards.join(folder, name)))
 
         meta = shards.read_json(shards.join(folder, "meta.json")) or {}
-        return AlignStats(read("token_counts.parquet"), read("image_text_pairs.parquet"), read("lsh_bands.parquet"), meta)
+        return AlignStats(read("token_counts.parquet"), read("image_text_pairs.parquet"), read("lsh_bands.parquet"), meta,
+                          uids=read("uid_copies.parquet"), copies=read("identical_rows.parquet"))
 
     # ---- pass 2 ----
     def _zipf_of(self, words: list[str]) -> np.ndarray:
@@ -982,14 +1072,16 @@ class AlignStage(Stage):
 
         # pool-wide counts by image identity (content hash, or url in text-only pools)
         ok = f["id_ok"]
-        many_texts = many_images = exact = near = None
+        many_texts = many_images = near = None
+        copy = self._uid_copies(table, f, stats)  # every row has a uid: this rule runs in every pool
+        exact = copy
         if ok.any() or int(stats.meta.get("id_rows", 0)):
             n_texts = _lookup(stats.lookup("image_texts"), f["image_id"], 0)
             n_imgs = _lookup(stats.lookup("text_images"), f["text_h"], 0)
             many_texts = ok & (n_texts > c.max_texts_per_image)
             many_images = ok & (n_imgs > c.max_images_per_text)
             pair = combine64(f["image_id"], f["text_h"])
-            exact = ok & (_lookup(stats.lookup("pair_uid"), pair, _MAX_U64) < f["uid"])
+            exact = copy | (ok & (_lookup(stats.lookup("pair_uid"), pair, _MAX_U64) < f["uid"]))
             near = np.zeros(n, dtype=bool)
             brow, keys = self._cached_bands(table, f, self._band_rows(f) & ~exact)
             if len(brow):
@@ -999,7 +1091,7 @@ class AlignStage(Stage):
                 self._note("no image bytes: the url stands in for the image in image_many_texts, "
                            "text_many_images, exact_duplicate and near_duplicate")
         else:
-            skipped += ["image_many_texts", "text_many_images", "exact_duplicate", "near_duplicate"]
+            skipped += ["image_many_texts", "text_many_images", "near_duplicate"]
 
         few = f["nwords"] < c.min_words
         many = f["nwords"] > c.max_words

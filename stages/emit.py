@@ -111,9 +111,10 @@ class EmitStage(Stage):
         sizes = {d["name"] + ".tar": d["rows"] for d in done}
         self._remove_stale(out, {d["name"] for d in done})
         files = [shards.join(stage_dir, s["shard"]) for s in summaries]
-        shards.write_bytes(_npy(_uids_to_u128(_read_uids(files))), shards.join(out, "uids.npy"))
+        # the index files are rewritten only when they change: a resume that wrote no shard leaves them as they are
+        shards.write_if_changed(_npy(_uids_to_u128(_read_uids(files))), shards.join(out, "uids.npy"))
         if "wds" in self.config.formats:
-            shards.write_json(dict(sorted(sizes.items())), shards.join(out, "wds", "sizes.json"))
+            shards.write_if_changed(shards.json_bytes(dict(sorted(sizes.items()))), shards.join(out, "wds", "sizes.json"))
         summary = {
             "samples": int(sum(sizes.values())),
             "shards": len(sizes),

@@ -6,7 +6,9 @@ ordinary runner so that resume, manifests and Dask apply to it too).
 
 A URL that appears with several captions is downloaded once: the list is grouped by URL before
 img2dataset sees it, all captions travel with it as a JSON column, and conversion yields one row per
-caption (same image bytes, distinct uids since uid hashes url + text).
+caption (same image bytes, distinct uids since uid hashes url + text). A row repeating an earlier (url, caption)
+would repeat its uid: it is rejected as `duplicate: same url and caption as an earlier row`, so ingest keeps one
+row per distinct (url, caption) and every uid once.
 
 Rejected rows (`reason`): img2dataset's status and error ("failed_to_download: HTTP Error 404: ..."), and two
 of ours for rows that never reach img2dataset: `invalid_url: not an http(s) URL` (malformed, empty, or another
@@ -17,7 +19,6 @@ Parquet list with a few rows in another encoding; their text is kept lossy-decod
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +40,7 @@ from pipeline.stage import Stage, StageError, fingerprint
 log = logging.getLogger("clipcurate.ingest")
 
 CAPTIONS_COL = "clipcurate_captions"
+DUPLICATE = "duplicate"  # reason of a repeated (url, caption) row: "duplicate: same url and caption ..."
 VALID_URL = r"(?i)^https?://[^\s/:?#]+(:\d+)?([/?#]\S*)?$"  # schemes are case-insensitive (RFC 3986 3.1)
 
 
@@ -66,7 +69,69 @@ class IngestStage(Stage):
     def output_name(self, input_name: str) -> str:
         return f"part-{input_name}" if not input_name.startswith("part-") else input_name
 
+    def rows_in(self, table, kept, rejected) -> int:
+        """An img2dataset row is a URL with its captions, and each caption is a row of the funnel."""
+        return kept.num_rows + rejected.num_rows
+
+    def fingerprint_parts(self) -> dict:
+        return {"unique_uids": 1}  # a repeated (url, caption) of a crawl is rejected as `duplicate`
+
+    # ---- one row per uid: a crawl used in place may list the same (url, caption) twice -------------------
+    # (a URL list is deduplicated before the download, `group_by_url`). Pool-wide and shuffled like align's
+    # dedup keys: per uid the smallest content key, per (uid, content key) the smallest position hash.
+    def collect(self, table: pa.Table) -> "CopyStats":
+        kept, _ = self._convert(table)
+        return CopyStats.of(*self._copy_keys(kept))
+
+    def merge(self, partials: list) -> "CopyStats":
+        return CopyStats.merge([p for p in partials if p is not None])
+
+    def split(self, partial: "CopyStats", n: int) -> list:
+        return partial.split(n)
+
+    def answer(self, merged: "CopyStats", piece: "CopyStats") -> "CopyStats":
+        return merged.restrict(piece)
+
+    def join_answers(self, answers: list) -> "CopyStats":
+        return CopyStats.merge(answers)
+
+    def save_stats(self, stats: "CopyStats", folder: str) -> None:
+        shards.write_shard(stats.uids.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "uid_copies.parquet"))
+        shards.write_shard(stats.copies.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "identical_rows.parquet"))
+
+    def load_stats(self, folder: str) -> "CopyStats":
+        def read(name):
+            return pl.from_arrow(shards.read_shard(shards.join(folder, name)))
+
+        return CopyStats(read("uid_copies.parquet"), read("identical_rows.parquet"))
+
+    def _copy_keys(self, kept: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(uid key, content key, position hash) per kept row, as align orders the copies of a uid (its
+        `row_content_key` without `image_ref`; ingest reads no pixels, so byte-equal rows are ordered by
+        position: (shard, row) of the crawl, a property of the crawl and not of how the run cuts it)."""
+        from stages.align import _U64, combine64, hash64_strings, row_content_key, uid_rank
+
+        n = kept.num_rows
+        ck = row_content_key(kept)
+        shard = hash64_strings(pa.array([str(self.context.get("shard", ""))], pa.string()), "shard")[0]
+        pos = combine64(np.full(n, shard, dtype=_U64), np.arange(n, dtype=_U64))
+        return uid_rank(kept.column("uid")) if n else np.zeros(0, _U64), ck, pos
+
     def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
+        """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason; a repeat
+        of a uid (a crawl listing the same url and caption twice) to `rejected` as `duplicate`."""
+        kept, rejected = self._convert(table)
+        if stats is not None and kept.num_rows:
+            extra = stats.extra_copies(*self._copy_keys(kept))
+            if extra.any():
+                mask = pa.array(extra)
+                dup = kept.filter(mask).append_column(
+                    "reason", pa.array([f"{DUPLICATE}: same url and caption as another row"] * int(extra.sum()), pa.string()))
+                kept = kept.filter(pc.invert(mask))
+                rejected = pa.concat_tables([rejected, dup.cast(rejected.schema)])
+        return kept, rejected
+
+    def _convert(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
         """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason.
 
         The rows come without their image bytes: the img2dataset output is the run's image store, and the
@@ -108,6 +173,59 @@ class IngestStage(Stage):
 
 
 STAGE = IngestStage
+
+
+_MAX = np.iinfo(np.uint64).max
+
+
+@dataclasses.dataclass
+class CopyStats:
+    """uids: key (uid), ck_min, n; copies: key (uid x content key), pos_min, n. Merge = concat + group-by
+    min/sum (associative); a shard's answer is both tables restricted to the keys it holds."""
+
+    uids: pl.DataFrame
+    copies: pl.DataFrame
+
+    @staticmethod
+    def of(ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> "CopyStats":
+        from stages.align import combine64
+
+        u = pl.DataFrame({"key": ukey, "v": ck}).group_by("key").agg(ck_min=pl.col("v").min(), n=pl.len().cast(pl.UInt64))
+        c = pl.DataFrame({"key": combine64(ukey, ck), "v": pos}).group_by("key").agg(
+            pos_min=pl.col("v").min(), n=pl.len().cast(pl.UInt64))
+        return CopyStats(u.sort("key"), c.sort("key"))
+
+    @staticmethod
+    def merge(parts: list) -> "CopyStats":
+        if not parts:
+            return CopyStats.of(*(np.zeros(0, np.uint64),) * 3)
+        u = pl.concat([p.uids for p in parts]).group_by("key").agg(pl.col("ck_min").min(), pl.col("n").sum())
+        c = pl.concat([p.copies for p in parts]).group_by("key").agg(pl.col("pos_min").min(), pl.col("n").sum())
+        return CopyStats(u.sort("key"), c.sort("key"))
+
+    def split(self, n: int) -> list:
+        def part(df):
+            which = (df["key"] % n).cast(pl.Int64).to_numpy() if df.height else np.zeros(0, np.int64)
+            return [df.filter(pl.Series(which == k)) for k in range(n)]
+
+        return [CopyStats(u, c) for u, c in zip(part(self.uids), part(self.copies))]
+
+    def restrict(self, piece: "CopyStats") -> "CopyStats":
+        """Rows of this (merged) partition seen more than once whose key the shard's piece holds."""
+        return CopyStats(self.uids.filter((pl.col("n") > 1) & pl.col("key").is_in(piece.uids["key"])),
+                         self.copies.filter((pl.col("n") > 1) & pl.col("key").is_in(piece.copies["key"])))
+
+    def extra_copies(self, ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Rows that are not the kept copy of their uid: a smaller content key, or the same one earlier."""
+        from stages.align import combine64
+
+        def lookup(df, value, keys):
+            m = pl.DataFrame({"key": keys}).join(df.select("key", value), on="key", how="left", maintain_order="left")
+            return m[value].fill_null(_MAX).to_numpy().astype(np.uint64)
+
+        ck_min = lookup(self.uids.filter(pl.col("n") > 1), "ck_min", ukey)
+        pos_min = lookup(self.copies.filter(pl.col("n") > 1), "pos_min", combine64(ukey, ck))
+        return (ck > ck_min) | ((ck == ck_min) & (pos > pos_min))
 
 
 # ---- reading the URL list -----------------------------------------------------------------------
@@ -244,7 +362,8 @@ def _read_parquet_list(p: str) -> pl.DataFrame:
 
 
 def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(to_download, bad): unique valid URLs in first-seen order with all their captions as JSON."""
+    """(to_download, rejected): unique valid URLs in first-seen order with their distinct captions as JSON;
+    rejected: malformed URLs, rows that are not UTF-8, and repeats of an earlier (url, caption) row."""
     if BAD_TEXT_COL not in df.columns:
         df = df.with_columns(pl.lit(False).alias(BAD_TEXT_COL))
     df = df.with_columns(pl.col("caption").fill_null(""), pl.col("url").str.strip_chars())
@@ -256,6 +375,13 @@ def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .otherwise(pl.lit("not an http(s) URL")),
     ).drop(BAD_TEXT_COL)
     good = df.filter(~is_bad.fill_null(True)).drop(BAD_TEXT_COL)
+    # one row per distinct (url, caption): a repeated pair would be the same uid twice; later copies are
+    # rejected rows (`duplicate`), so that rows in = kept + rejected still holds
+    first = pl.struct("url", "caption").is_first_distinct()
+    dups = good.filter(~first).with_columns(
+        status=pl.lit(DUPLICATE), error_message=pl.lit("same url and caption as an earlier row"))
+    bad = pl.concat([bad, dups.select(bad.columns)]) if dups.height else bad
+    good = good.filter(first)
     grouped = (
         good.with_row_index("_order")
         .group_by("url", maintain_order=True)
@@ -331,12 +457,7 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
 def _content_digest(path: str) -> str:
     """sha256 of the URL list's bytes: a list rewritten with the same content (a regenerated demo world, a
     copy) must not trigger a new crawl, and an edited one must. Hashing costs ~1 s per GB; a crawl far more."""
-    fs, p = shards.fs_and_path(path)
-    h = hashlib.sha256()
-    with fs.open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return shards.content_digest(path)
 
 
 def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> tuple[str, dict]:
@@ -347,12 +468,15 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     fp = fingerprint(
         {
             "input": _content_digest(str(input_path)),
+            "grouping": 2,  # 2: one row per distinct (url, caption), repeats rejected
             "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
         }
     )
     marker = os.path.join(raw_dir, "_clipcurate_done.json")
     prior = shards.read_json(marker)
-    info = {"input_rows": df.height, "unique_urls": grouped.height, "bad_urls": bad.height}
+    n_dup = int((bad["status"] == DUPLICATE).sum())
+    info = {"input_rows": df.height, "unique_urls": grouped.height, "bad_urls": bad.height - n_dup,
+            "duplicates": n_dup}
     if prior and prior.get("fingerprint") == fp:
         log.info("ingest: download already complete (%s), reusing", raw_dir)
         info.update(prior.get("img2dataset", {}))
@@ -364,12 +488,13 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
         raise StageError(f"ingest: URL list {input_path} has no rows")
     list_path = os.path.join(stage_dir, "_urls.parquet")
     grouped.write_parquet(list_path)
-    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs", df.height, grouped.height, bad.height)
+    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d repeated (url, caption) rows", df.height,
+             grouped.height, info["bad_urls"], n_dup)
     t0 = time.perf_counter()
     totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=[CAPTIONS_COL]) if grouped.height else {}
     totals["seconds"] = round(time.perf_counter() - t0, 3)
     if bad.height:
-        # malformed URLs (and rows that are not UTF-8) never reach img2dataset; they travel as an extra
+        # malformed URLs, rows that are not UTF-8 and repeated rows never reach img2dataset; they travel as an extra
         # "failed" shard so no row is lost
         os.makedirs(raw_dir, exist_ok=True)
         bad.select("url", "caption", "status", "error_message").write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
@@ -437,11 +562,15 @@ def index_webdataset(store: ImageStore, index_dir: str) -> str:
     fs, p = shards.fs_and_path(store.root)
     tars = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(p, detail=False)
                   if n.endswith(".tar") and not n.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_")))
-    fp = fingerprint([shards.file_identity(store.path(t)) for t in tars])
+    # by content (each tar read once, ~1 s per GB; remembered by size and mtime in `_digests.json` beside the index)
+    digests = shards.DigestCache(shards.join(index_dir, "_digests.json"))
+    fp = fingerprint([shards.file_content_identity(store.path(t), digests) for t in tars])
     marker = shards.join(index_dir, "_index.json")
     if (shards.read_json(marker) or {}).get("fingerprint") == fp:
+        digests.save()
         return index_dir
     shards.remove(index_dir)
+    digests.save()
     for tar in tars:
         shards.write_shard(_index_one_tar(store, tar), shards.join(index_dir, tar[: -len(".tar")] + ".parquet"))
     shards.write_json({"fingerprint": fp, "tars": len(tars)}, marker)

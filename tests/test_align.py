@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -280,11 +281,23 @@ def test_exact_and_near_duplicates_keep_smallest_uid(tmp_path):
     assert o[uids[5]] is None  # another text, same image
 
 
-def test_duplicate_rows_in_different_shards_are_ties_kept_together(tmp_path):
-    # the very same row twice (same uid): neither has a smaller uid, so both stay (uid dedup is ingest's)
-    t = make_table(["a red kite flying high"] * 2, [png(pattern=3)] * 2, urls=["http://e.invalid/k"] * 2)
-    res = run_align(tmp_path, t, n_shards=2)
-    assert res.manifest["rows_out"] == 2
+def test_copies_of_a_uid_keep_one_whatever_the_shards(tmp_path):
+    # the very same row three times, and a copy of another uid that differs in a column (orig size): one row
+    # per uid survives, the rest are exact_duplicate, and which one does not depend on shards, order or workers
+    img = png(pattern=3)
+    texts = ["a red kite flying high"] * 3 + ["a blue boat on a lake"] * 2 + ["a green field at dawn"]
+    urls = ["http://e.invalid/k"] * 3 + ["http://e.invalid/b"] * 2 + ["http://e.invalid/g"]
+    sizes = [(400, 400)] * 3 + [(400, 400), (500, 500)] + [(400, 400)]
+    t = make_table(texts, [img, img, img, png(pattern=4), png(pattern=4), png(pattern=5)], urls=urls, sizes=sizes)
+    kept_sizes = set()
+    for i, (n_shards, order, workers) in enumerate([(1, None, 0), (3, [5, 4, 3, 2, 1, 0], 0), (2, [3, 0, 5, 1, 4, 2], 2)]):
+        res = run_align(tmp_path, t, n_shards=n_shards, order=order, workers=workers, name=f"r{i}")
+        assert res.manifest["rows_out"] == 3 and res.manifest["reasons"] == {"exact_duplicate": 3}
+        kept = pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(os.path.join(res.folder, "part-*.parquet")))])
+        assert sorted(kept.column("uid").to_pylist()) == sorted(set(t.column("uid").to_pylist()))
+        boat = kept.filter(pc.equal(kept.column("text"), "a blue boat on a lake"))
+        kept_sizes.add(boat.column("orig_width")[0].as_py())
+    assert len(kept_sizes) == 1  # the same copy of the boat each time
 
 
 def test_unreadable_images_are_a_reason_not_a_crash(tmp_path):
@@ -347,7 +360,10 @@ def test_text_only_pool_runs_text_rules_and_says_what_was_skipped(tmp_path):
     res = run_align(tmp_path, t)
     got = by_text(t, res)
     assert set(got["alt img"]) == {"text_many_images"}
-    assert sorted(got["a dog runs on the grass"], key=str) == [None, None]  # same url, same text, same uid: a tie
+    # same url, same text, same uid: one copy kept, the other an exact_duplicate
+    dog = compute_uid(["http://e.invalid/d"], ["a dog runs on the grass"])[0].as_py()
+    kept_uids = pq.read_table(os.path.join(res.folder, "part-00000.parquet")).column("uid").to_pylist()
+    assert kept_uids.count(dog) == 1 and res.manifest["reasons"]["exact_duplicate"] == 1
     assert got["one"] == ["too_few_words"] and got["a cat qzxvbnm sleeping"] == ["rare_token"]
     notes = " ".join(res.manifest["notes"])
     assert "skipped" in notes and "image_too_small" in notes and "aspect_ratio" in notes and "url stands in" in notes

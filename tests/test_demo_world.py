@@ -169,3 +169,30 @@ def test_loopback_proxy_serves_404s_and_refuses_other_hosts(world):
 def test_too_small_n_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="n >= 200"):
         make_world(tmp_path, n=50)
+
+
+def _mtimes(root) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(d, f), root): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_a_world_already_written_is_not_rewritten(tmp_path):
+    out = tmp_path / "w"
+    first = make_world(out, n=200, seed=1)
+    assert not first.get("unchanged")
+    stamps, digests = _mtimes(out), _digest(out)
+    again = make_world(out, n=200, seed=1)  # `make demo` a second time
+    assert again["unchanged"] and _mtimes(out) == stamps
+    # anything else is written afresh: another n, a file edited, a file missing or added
+    for change in ("n", "edit", "missing", "added"):
+        if change == "edit":
+            (out / "hq.parquet").write_bytes(b"not the world's bytes")
+        elif change == "missing":
+            next((out / "www").rglob("*.jpg")).unlink()
+        elif change == "added":
+            (out / "www" / "stray.txt").write_text("x")
+        got = make_world(out, n=201 if change == "n" else 200, seed=1)
+        assert not got.get("unchanged"), change
+        if change == "n":
+            make_world(out, n=200, seed=1)
+        assert _digest(out) == digests, change  # the same world again, byte for byte

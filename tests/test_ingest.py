@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import polars as pl
@@ -39,18 +42,21 @@ def test_read_url_list_formats_and_missing_column(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_group_by_url_keeps_every_caption_and_first_seen_order():
+def test_group_by_url_keeps_every_distinct_caption_and_first_seen_order():
     df = pl.DataFrame(
         {
-            "url": ["http://h.invalid/b.jpg", "http://h.invalid/a.jpg", "http://h.invalid/b.jpg", "ftp://x/y.jpg", "not a url", None, "http://h.invalid/b.jpg"],
-            "caption": ["b1", "a1", 'b2 "quoted"', "f", "n", "none", "b3"],
+            "url": ["http://h.invalid/b.jpg", "http://h.invalid/a.jpg", "http://h.invalid/b.jpg", "ftp://x/y.jpg", "not a url", None,
+                    "http://h.invalid/b.jpg", " http://h.invalid/b.jpg", "http://h.invalid/a.jpg"],
+            "caption": ["b1", "a1", 'b2 "quoted"', "f", "n", "none", "b3", "b1", "a1"],
         }
     )
     grouped, bad = group_by_url(df)
     assert grouped["url"].to_list() == ["http://h.invalid/b.jpg", "http://h.invalid/a.jpg"]
     decoded = [json.loads(s)["c"] for s in grouped[CAPTIONS_COL].to_list()]
-    assert decoded == [["b1", 'b2 "quoted"', "b3"], ["a1"]]
-    assert sorted(bad["caption"].to_list()) == ["f", "n", "none"]
+    assert decoded == [["b1", 'b2 "quoted"', "b3"], ["a1"]]  # one row per distinct (url, caption)
+    assert sorted(bad["caption"].to_list()) == ["a1", "b1", "f", "n", "none"]
+    assert bad.filter(pl.col("status") == "duplicate")["caption"].sort().to_list() == ["a1", "b1"]
+    assert sum(map(len, decoded)) + bad.height == df.height  # every row: downloaded, or rejected with a reason
 
 
 def _img2dataset_like_table() -> pa.Table:
@@ -108,7 +114,10 @@ def _make_site(root: Path) -> tuple[list[tuple[str, str]], dict]:
         (www / "img" / f"html{i}.jpg").write_bytes(b"<html><body>Not an image</body></html>")
         rows.append((f"{HOST}/img/html{i}.jpg", f"html page {i}"))
     rows += [("javascript:alert(1)", "script"), ("http:/broken", "broken")]
-    expect = {"good_urls": 12, "good_rows": 14, "http_404": 3, "not_image": 2, "invalid": 2}
+    # the same (url, caption) again: the same uid; kept once, the repeats rejected as `duplicate`
+    rows += [(f"{HOST}/img/1.png", "picture number 1")] * 2 + [(f"{HOST}/img/missing0.jpg", "gone 0")]
+    expect = {"good_urls": 12, "good_rows": 14, "http_404": 3, "not_image": 2, "invalid": 2, "repeats": 3,
+              "rows": len(rows)}
     return rows, expect
 
 
@@ -121,11 +130,20 @@ def ingested(tmp_path_factory):
     cfg = root / "c.toml"
     cfg.write_text("[ingest]\nprocesses = 1\nthreads = 8\nshard_size = 8\n")
     runs = root / "runs"
-    code = cli_main(
-        ["--runs-dir", str(runs), "ingest", str(root / "urls.parquet"), "--run", "r", "--config", str(cfg),
-         "--serve", str(root / "www"), "--workers", "0"]
-    )
+    out, records = io.StringIO(), []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("clipcurate").addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = cli_main(
+                ["--runs-dir", str(runs), "ingest", str(root / "urls.parquet"), "--run", "r", "--config", str(cfg),
+                 "--serve", str(root / "www"), "--workers", "0"]
+            )
+    finally:
+        logging.getLogger("clipcurate").removeHandler(handler)
     assert code == 0
+    expect.update(stdout=out.getvalue(), log=records)
     return runs / "r" / "00_ingest", expect
 
 
@@ -159,8 +177,28 @@ def test_ingest_rejects_404_and_non_images_with_reasons(ingested):
     nimg = sum(v for k, v in reasons.items() if k.startswith("failed_to_resize"))
     assert n404 == expect["http_404"] and nimg == expect["not_image"]
     assert reasons.get("invalid_url: not an http(s) URL") == expect["invalid"]
-    assert m["rows_out"] + m["rejected"] == expect["good_rows"] + expect["http_404"] + expect["not_image"] + expect["invalid"]
+    assert reasons.get("duplicate: same url and caption as an earlier row") == expect["repeats"]
+    assert m["rows_out"] + m["rejected"] == m["rows_in"] == expect["rows"] == (
+        expect["good_rows"] + expect["http_404"] + expect["not_image"] + expect["invalid"] + expect["repeats"])
     assert m["download"]["unique_urls"] == expect["good_urls"] + expect["http_404"] + expect["not_image"]
+
+
+FUNNEL_LOG = re.compile(r"^(\w+): (\d+) rows in, (\d+) kept, (\d+) rejected")
+FUNNEL_OUT = re.compile(r"^\s*(\w+):\s+(\d+) in\s+(\d+) kept\s+(\d+) rejected")
+
+
+def test_every_funnel_line_reads_rows_in_equals_kept_plus_rejected(ingested):
+    # the log line (runner) and the printed funnel (cli) of ingest count rows, not URLs: a URL with three
+    # captions is three rows, a repeated (url, caption) row is a rejected row
+    _, expect = ingested
+    logged = [FUNNEL_LOG.match(r) for r in expect["log"]]
+    printed = [FUNNEL_OUT.match(line) for line in expect["stdout"].splitlines()]
+    lines = [m for m in logged + printed if m]
+    assert len(lines) == 2, (expect["log"], expect["stdout"])
+    for m in lines:
+        _, rows_in, kept, rejected = m.groups()
+        assert int(rows_in) == int(kept) + int(rejected) == expect["rows"], m.group(0)
+    assert f"{expect['repeats']} repeated (url, caption) rows" in expect["stdout"]
 
 
 def test_ingest_rerun_reuses_download_and_shards(ingested, capsys):
@@ -183,3 +221,47 @@ def test_url_scheme_is_case_insensitive_but_still_http_only():
     grouped, bad = group_by_url(pl.DataFrame({"url": urls, "caption": ["a", "b", "c", "d", "e"]}))
     assert grouped["url"].to_list() == urls[:2]
     assert sorted(bad["caption"].to_list()) == ["c", "d", "e"]
+
+
+def _crawl_shard(folder: Path, name: str, rows: list[tuple[str, str, tuple[int, int]]]) -> None:
+    """An img2dataset Parquet output shard (the columns it writes) with real image bytes."""
+    blobs = []
+    for _, _, size in rows:
+        b = io.BytesIO()
+        Image.new("RGB", size, (size[0] % 255, 90, 200)).save(b, "JPEG")
+        blobs.append(b.getvalue())
+    pq.write_table(pa.table({
+        "caption": [c for _, c, _ in rows], "url": [u for u, _, _ in rows], "key": [f"{name}{i:04d}" for i in range(len(rows))],
+        "status": ["success"] * len(rows), "error_message": pa.nulls(len(rows), pa.string()),
+        "width": [s[0] for *_, s in rows], "height": [s[1] for *_, s in rows],
+        "original_width": [s[0] for *_, s in rows], "original_height": [s[1] for *_, s in rows],
+        "jpg": pa.array(blobs, pa.binary()),
+    }), folder / f"{name}.parquet")
+    (folder / f"{name}_stats.json").write_text(json.dumps({"count": len(rows), "successes": len(rows)}))
+
+
+def test_a_crawl_listing_the_same_url_and_caption_twice_keeps_one_row(tmp_path):
+    # img2dataset fetches every row of its list: a list with repeats gives a crawl with repeats (the same uid)
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    a, b, c = ("http://h.invalid/a.jpg", "a red square on white", (220, 220)), \
+        ("http://h.invalid/b.jpg", "a blue circle", (230, 210)), ("http://h.invalid/c.jpg", "a green star", (240, 240))
+    b2 = (b[0], b[1], (231, 210))  # the same url and caption, other bytes (fetched again later)
+    _crawl_shard(crawl, "00000", [a, b, a, c])
+    _crawl_shard(crawl, "00001", [b2, a, c])
+    kept_by_run = []
+    for i, cfg_text in enumerate(["", "[run]\nstats_shards_per_partition = 1\n"]):
+        cfg = tmp_path / f"c{i}.toml"
+        cfg.write_text(cfg_text)
+        runs = tmp_path / f"runs{i}"
+        assert cli_main(["--runs-dir", str(runs), "ingest", str(crawl), "--run", "r", "--config", str(cfg),
+                         "--workers", "0"]) == 0
+        stage = runs / "r" / "00_ingest"
+        kept = pa.concat_tables(pq.read_table(p) for p in sorted(glob.glob(str(stage / "part-*.parquet"))))
+        uids = kept.column("uid").to_pylist()
+        assert len(uids) == len(set(uids)) == 3
+        m = shards.read_json(str(stage / "_manifest.json"))
+        assert m["reasons"] == {"duplicate: same url and caption as another row": 4}
+        assert m["rows_in"] == m["rows_out"] + m["rejected"] == 7
+        kept_by_run.append(sorted(zip(uids, kept.column("orig_width").to_pylist())))
+    assert kept_by_run[0] == kept_by_run[1]  # the same copies kept with 1 or 2 statistics partitions

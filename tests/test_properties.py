@@ -181,3 +181,67 @@ def test_worker_count_0_vs_2_on_a_fixed_pool(cfg, tmp_path, dask_cluster):
     reasons = {r for _, r in one["01_align"][1]} | {r for _, r in one["02_metaclip"][1]}
     assert {"image_too_small", "aspect_ratio", "text_many_images", "too_few_words", "balanced_out"} <= reasons
     assert one["03_klite"][0] and one["90_firstword"][0]  # rows reach the last stage
+
+
+# ---- uid is unique in every stage's output and in the emitted set ------------------------------------------
+EMIT_DIRS = DIRS + ["05_emit"]
+
+
+@st.composite
+def pools_with_copies(draw):
+    """A pool as above, plus copies of some rows (same url and text: the same uid), each either the very same
+    row or one that differs in another column (its original size), spread over shards in a random order."""
+    rows, with_images, _, per_partition = draw(pools())
+    picks = draw(st.lists(st.tuples(st.integers(0, len(rows) - 1), st.booleans()), min_size=1, max_size=12))
+    variants = [(img, text, False) for img, text in rows] + [(rows[i][0], rows[i][1], other) for i, other in picks]
+    order = draw(st.permutations(range(len(variants))))
+    cuts = sorted(draw(st.lists(st.integers(0, len(variants)), max_size=5)))
+    return [variants[i] for i in order], with_images, cuts, per_partition
+
+
+def copies_table(rows, with_images: bool) -> pa.Table:
+    table = pool_table([(img, text) for img, text, _ in rows], with_images)
+    if with_images:  # a copy that differs: another original width (still large enough for align's size rules)
+        w = [SIZES[img][0] + (7 if other else 0) for img, _, other in rows]
+        table = table.set_column(table.column_names.index("orig_width"), "orig_width", pa.array(w, pa.int32()))
+    else:  # a text-only pool: another extra column
+        table = table.append_column("source", pa.array(["b" if other else "a" for *_, other in rows], pa.string()))
+    return table
+
+
+def assert_uids_unique(run: Path) -> list[str]:
+    """uid once in every stage's kept shards (together) and in emit's uids.npy; returns the emitted uids."""
+    for d in EMIT_DIRS:
+        uids = [u for p in sorted((run / d).glob("part-*.parquet")) for u in pq.read_table(p, columns=["uid"]).column("uid").to_pylist()]
+        assert len(uids) == len(set(uids)), (d, len(uids) - len(set(uids)))
+    arr = np.load(run / "emit" / "uids.npy")
+    assert len(np.unique(arr)) == len(arr), "emit's uids.npy holds a uid twice"
+    emitted = [f"{int(h):016x}{int(lo):016x}" for h, lo in zip(arr["hi"], arr["lo"])]
+    return sorted(emitted)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(pool=pools_with_copies())
+def test_uid_is_unique_in_every_stage_and_in_the_emitted_set(pool, cfg, dask_cluster):
+    rows, with_images, cuts, per_partition = pool
+    stages = STAGES + ["emit"]
+    cfg = dict(cfg, emit={"samples_per_shard": 4, "formats": ["parquet"]})
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        table = copies_table(rows, with_images)
+        (root / "one").mkdir()
+        (root / "split").mkdir()
+        write_split(table.sort_by([("uid", "ascending"), ("orig_width" if with_images else "source", "descending")]),
+                    root / "one", [])
+        write_split(table, root / "split", cuts)
+        run_pipeline(stages, str(root / "r1"), cfg, input_dir=str(root / "one"), workers=0)
+        shuffled = dict(cfg, run=dict(cfg["run"], stats_shards_per_partition=per_partition))
+        # the split pool on a two-worker Dask cluster, its statistics shuffled into partitions
+        run_pipeline(stages, str(root / "rs"), shuffled, input_dir=str(root / "split"),
+                     scheduler=dask_cluster.scheduler.address)
+        assert assert_uids_unique(root / "r1") == assert_uids_unique(root / "rs")
+        one, split = outcome(root / "r1"), outcome(root / "rs")
+        for d in DIRS:  # the same copy is kept whatever the shards, their order and the workers
+            assert split[d] == one[d], d
+        kept, rej = one["01_align"]
+        assert len(kept) + len(rej) == table.num_rows  # every copy accounted for: kept once or rejected

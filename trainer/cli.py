@@ -57,16 +57,51 @@ def cmd_train(args) -> int:
     print(f"model: {s['model_path']}   metrics: {out}/metrics.jsonl")
     if tc.eval_sets and not args.no_eval:
         try:
-            return _run_eval(s["model_path"], tc.eval_sets, tc, out)
+            return _run_eval(s["model_path"], tc.eval_sets, tc, out, reuse=bool(args.resume))
         except (EvalError, ValueError) as e:
             print(f"clipcurate: error: {e}", file=sys.stderr)
             return 2
     return 0
 
 
-def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_name: str = "") -> int:
+def _eval_fingerprint(checkpoint: str, paths: list[str], tc, model_name: str, out_dir: str) -> str:
+    """The model's bytes, the eval sets' bytes and the settings that change a number: an eval with the same
+    fingerprint as the one recorded in `out_dir` would print the same results."""
+    from pipeline.stage import fingerprint
+
+    digests = shards.DigestCache(os.path.join(out_dir, "eval_digests.json"))
+    files = []
+    for p in paths:
+        found = ([os.path.join(r, n) for r, _, ns in os.walk(p) for n in ns] if os.path.isdir(p) else [p])
+        files += [(os.path.relpath(f, p) if os.path.isdir(p) else p, digests.digest(f)) for f in sorted(found)
+                  if not os.path.basename(f).startswith((".", "_"))]
+    fp = fingerprint({"model": digests.digest(checkpoint), "model_name": model_name, "sets": files,
+                      "templates": tc.templates, "precision": tc.precision, "device": tc.device})
+    digests.save()
+    return fp
+
+
+def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_name: str = "",
+              reuse: bool = False) -> int:
+    """Zero-shot eval, results printed and written to `out_dir`/eval-NAME.json. `reuse`: when the recorded
+    results were computed from the same model bytes, eval sets and settings, print them instead (no scoring)."""
     from trainer.evaluate import evaluate
 
+    fp = _eval_fingerprint(checkpoint, paths, tc, model_name, out_dir) if out_dir and reuse else None
+    record = os.path.join(out_dir, "eval_fingerprint.json") if out_dir else None
+    prior = shards.read_json(record) if fp else None
+    if prior and prior.get("fingerprint") == fp and all(
+            os.path.exists(os.path.join(out_dir, f"eval-{n}.json")) for n in prior.get("names", [])):
+        for name in prior["names"]:
+            with open(os.path.join(out_dir, f"eval-{name}.json")) as f:
+                r = json.load(f)
+            metrics = {k: v for k, v in r.items() if k not in ("kind", "data", "checkpoint", "model")}
+            print(f"{name} ({r['kind']}): " + "  ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+                + "   (unchanged model and eval sets: recorded results)")
+        return 0
+    if record and os.path.exists(record):
+        os.remove(record)  # vouches for the eval-*.json files only once they are written again below
     res = evaluate(checkpoint, paths, model_name=model_name, device=tc.device, precision=tc.precision,
                    templates=tc.templates, batch_size=tc.eval_batch_size)
     for name, r in res["results"].items():
@@ -79,6 +114,8 @@ def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_
             with open(path, "w") as f:
                 json.dump({"checkpoint": checkpoint, "model": res["model"], **r}, f, indent=2)
             print(f"  -> {path}")
+    if record and fp:
+        shards.write_json({"fingerprint": fp, "names": list(res["results"])}, record)
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -105,9 +106,35 @@ def create(model_name: str = DEFAULT_MODEL, device="cpu"):
     register_configs()
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown model '{model_name}' (tiny: {', '.join(TINY_CONFIGS)}; or any open_clip name)")
-    model, pre_train, pre_val = open_clip.create_model_and_transforms(model_name, pretrained=None, device=device)
+    with _quiet_random_init(model_name):
+        model, pre_train, pre_val = open_clip.create_model_and_transforms(model_name, pretrained=None, device=device)
     tokenizer = open_clip.get_tokenizer(model_name)
     return model, pre_train, pre_val, tokenizer
+
+
+class _RandomInitFilter(logging.Filter):
+    """Drops open_clip's one expected warning when we create a model without pretrained weights (ours are
+    loaded next from our checkpoint, or trained from scratch): "No pretrained weights loaded for model
+    '<name>'. Model initialized randomly." Exactly that record of the root logger, for that model; any other
+    record, open_clip's other warnings included, passes."""
+
+    def __init__(self, model_name: str):
+        super().__init__()
+        self.message = f"No pretrained weights loaded for model '{model_name}'. Model initialized randomly."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and record.levelno == logging.WARNING and record.getMessage() == self.message)
+
+
+@contextlib.contextmanager
+def _quiet_random_init(model_name: str):
+    f = _RandomInitFilter(model_name)
+    root = logging.getLogger()
+    root.addFilter(f)  # open_clip logs with logging.warning(...): the root logger, whose filters run first
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
 
 
 def image_size(model) -> int:

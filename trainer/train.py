@@ -60,22 +60,48 @@ _RESUMABLE = {"steps", "workers", "device", "log_every", "save_every", "keep_che
               "eval_batch_size", "templates", "data"}
 
 
-def run_fingerprint(cfg: TrainConfig, data_path: str) -> str:
+def run_fingerprint(cfg: TrainConfig, data_path: str, digests_path: str | None = None) -> str:
     """What a checkpoint must share with a run to be resumed by it: the training settings and the data files
-    (name, size, mtime). A resumed run on other data would silently mix two runs."""
-    files = []
+    (name, size, sha256 of the content). A resumed run on other data would silently mix two runs; the same
+    bytes written again (a regenerated demo world, a copy) are the same data. Digests are remembered by size
+    and mtime in `digests_path` (pipeline.shards.DigestCache), so an unchanged file is not read twice."""
+    from pipeline.shards import DigestCache
+
+    digests = DigestCache(digests_path)
+    paths = []
     if os.path.isdir(data_path):
         for root, _, names in os.walk(data_path):
             for n in names:
                 if n.endswith((".parquet", ".tar")):
-                    st = os.stat(os.path.join(root, n))
-                    files.append((os.path.relpath(os.path.join(root, n), data_path), st.st_size, st.st_mtime_ns))
+                    p = os.path.join(root, n)
+                    paths.append((os.path.relpath(p, data_path), p))
     elif os.path.exists(data_path):
-        st = os.stat(data_path)
-        files.append((os.path.basename(data_path), st.st_size, st.st_mtime_ns))
+        paths.append((os.path.basename(data_path), data_path))
+    files = [(rel, os.path.getsize(p), digests.digest(p)) for rel, p in paths]
+    digests.save()
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE}
     blob = json.dumps({"settings": settings, "files": sorted(files)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _finished(out_dir: str, cfg: TrainConfig, fp: str) -> dict | None:
+    """The summary of a finished run in `out_dir` with this fingerprint and step count, else None."""
+    import torch
+
+    ck_path, summary_path = latest_checkpoint(out_dir), os.path.join(out_dir, "train.json")
+    if not ck_path or not os.path.exists(os.path.join(out_dir, "model.pt")) or not os.path.exists(summary_path):
+        return None
+    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    if ck.get("fingerprint") != fp or int(ck.get("step", -1)) != cfg.steps or ck.get("model_name") != cfg.model:
+        return None
+    try:
+        with open(summary_path) as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if summary.get("steps") != cfg.steps:
+        return None
+    return {**summary, "resumed_from": cfg.steps, "first_loss": None, "already_trained": True}
 
 
 def _clear_checkpoints(out_dir: str) -> None:
@@ -132,6 +158,12 @@ def train(
     from tqdm.auto import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
+    fp = run_fingerprint(cfg, data_path, os.path.join(out_dir, "data_digests.json"))
+    if resume:
+        done = _finished(out_dir, cfg, fp)
+        if done is not None:  # nothing to train: model.pt and train.json stay as they are (not rewritten)
+            log.info("--resume: %s already holds %d steps on this data and settings: nothing to train", out_dir, cfg.steps)
+            return done
     device = models.pick_device(cfg.device)
     precision = models.pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # model init
@@ -155,7 +187,6 @@ def train(
 
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     start = 0
-    fp = run_fingerprint(cfg, data_path)
     if resume:
         ck_path = latest_checkpoint(out_dir)
         ck = torch.load(ck_path, map_location="cpu", weights_only=True) if ck_path else None
