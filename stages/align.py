@@ -72,7 +72,8 @@ import pyarrow.compute as pc
 from pipeline.config import check_ranges
 from pipeline import schema, shards
 from pipeline.codec import data_record
-from pipeline.images import MAX_IMAGE_PIXELS, REF_COL, open_image
+from pipeline.hashing import _count_gt, _mix64, _salt, blake64, combine64, hash64_strings, row_content_key, uid_rank
+from pipeline.images import MAX_IMAGE_PIXELS, open_image
 from pipeline.stage import Stage, StageError, first_reason, split_by_reason
 
 log = logging.getLogger("clipcurate.align")
@@ -97,128 +98,7 @@ TOKEN_RE = r"\w+(?:['’]\w+)*"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 
 _U64 = np.uint64
-_GOLDEN = _U64(0x9E3779B97F4A7C15)
-_M1 = _U64(0xBF58476D1CE4E5B9)
-_M2 = _U64(0x94D049BB133111EB)
 _MAX_U64 = np.iinfo(np.uint64).max
-
-
-# ---- vectorised, version-stable hashing --------------------------------------------------------
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser: a well-mixed bijection on uint64, vectorised (wraps mod 2^64)."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> _U64(30))) * _M1
-        z = (z ^ (z >> _U64(27))) * _M2
-        return z ^ (z >> _U64(31))
-
-
-def _salt(name: str) -> np.uint64:
-    return _U64(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little"))
-
-
-def combine64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Order-sensitive 64-bit combination of two hash columns."""
-    return _mix64(_mix64(np.asarray(a, dtype=_U64)) ^ np.asarray(b, dtype=_U64))
-
-
-def hash64_strings(values, salt: str = "") -> np.ndarray:
-    """64-bit hash of each string's UTF-8 bytes, vectorised over an Arrow string column.
-
-    Why not polars' `hash`: it is not stable across polars versions, and these keys are saved in the
-    run (stats Parquet) and compared by later processes. This is a pure function of the bytes: the
-    string is read as little-endian 8-byte words (one numpy step per word position, over all strings
-    at once), each folded in with SplitMix64, seeded with the byte length and `salt`. Nulls hash as "".
-    """
-    arr = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=pa.string())
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks() if arr.num_chunks else pa.array([], type=pa.string())
-    arr = pc.fill_null(arr.cast(pa.large_string()), "")
-    n = len(arr)
-    if n == 0:
-        return np.zeros(0, dtype=_U64)
-    bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    lo, hi = int(offsets[0]), int(offsets[-1])
-    padded = np.zeros(hi - lo + 8, dtype=np.uint8)
-    padded[: hi - lo] = data[lo:hi]
-    starts = offsets[:-1] - lo
-    lens = offsets[1:] - offsets[:-1]
-    # every byte offset viewed as a little-endian uint64 (unaligned, overlapping): one gather per word
-    words = np.ndarray(shape=(hi - lo + 1,), dtype="<u8", buffer=padded, offset=0, strides=(1,))
-    nwords = (lens + 7) // 8
-    long = np.flatnonzero(nwords > _LONG_WORDS)
-    if len(long):
-        # the vectorised fold below costs one numpy round per word position of the LONGEST string: a single
-        # 1 MB caption would take seconds. Strings over _LONG_WORDS words are folded one by one in plain
-        # Python integers instead (same function, same values), and leave the vectorised loop short.
-        seed = _mix64(lens[long].astype(_U64) ^ _salt("hash64:" + salt))
-        long_h = np.array([_fold_words(int(h0), padded[starts[i] : starts[i] + lens[i]].tobytes())
-                           for h0, i in zip(seed, long)], dtype=_U64)
-        nwords = nwords.copy()
-        nwords[long] = 0  # hashed above; the loop below skips them (0 words), their slot is overwritten
-    order = np.argsort(-nwords, kind="stable")
-    s_starts, s_lens, s_nw = starts[order], lens[order], nwords[order]
-    h = _mix64(s_lens.astype(_U64) ^ _salt("hash64:" + salt))
-    max_w = int(s_nw[0]) if n else 0
-    active = _count_gt(s_nw, max_w)  # active[w]: strings with more than w words (a prefix: sorted)
-    for w in range(max_w):
-        k = int(active[w])
-        rem = s_lens[:k] - 8 * w
-        word = words[s_starts[:k] + 8 * w].astype(_U64)
-        part = rem < 8
-        if part.any():
-            shift = (rem[part] * 8).astype(_U64)
-            word[part] &= (_U64(1) << shift) - _U64(1)
-        h[:k] = _mix64(h[:k] ^ word)
-    out = np.empty(n, dtype=_U64)
-    out[order] = h
-    if len(long):
-        out[long] = long_h
-    return out
-
-
-_LONG_WORDS = 256  # strings longer than this many 8-byte words (2 KB) are hashed by _fold_words
-_MASK64 = (1 << 64) - 1
-
-
-def _fold_words(h: int, data: bytes) -> int:
-    """hash64_strings' fold for one string, in Python integers: h = mix64(h ^ word) per little-endian
-    8-byte word (the last one zero-padded), starting from the seeded length hash `h`."""
-    g, m1, m2 = int(_GOLDEN), int(_M1), int(_M2)
-    data = data + b"\0" * (-len(data) % 8)
-    for word in np.frombuffer(data, dtype="<u8").tolist():
-        z = ((h ^ word) + g) & _MASK64
-        z = ((z ^ (z >> 30)) * m1) & _MASK64
-        z = ((z ^ (z >> 27)) * m2) & _MASK64
-        h = z ^ (z >> 31)
-    return h
-
-
-def _count_gt(sorted_desc: np.ndarray, max_w: int) -> np.ndarray:
-    """For w in 0..max_w-1: how many entries of a descending array are > w."""
-    asc = sorted_desc[::-1]
-    return len(asc) - np.searchsorted(asc, np.arange(max_w), side="right")
-
-
-def blake64(b: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
-
-
-def uid_rank(uids) -> np.ndarray:
-    """uint64 whose order is the order of the uids (first 64 of their 128 bits, hex), for "smallest uid".
-
-    Ingest's uids are 32 lowercase hex chars, so this is their string order. A user's malformed uid
-    ranks by a hash of itself instead (still a pure function of the uid).
-    """
-    s = pl.Series("uid", uids).cast(pl.String).str.to_lowercase()
-    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
-    bad = (hi.is_null() | (s.str.len_chars() != 32)).fill_null(True).to_numpy()
-    out = hi.fill_null(0).to_numpy().astype(_U64)
-    if bad.any():
-        out[bad] = hash64_strings(pa.array(s.filter(pl.Series(bad)).fill_null("").to_list(), pa.string()), "uid")
-    return out
 
 
 # ---- text features ---------------------------------------------------------------------------
@@ -551,38 +431,6 @@ LOOKUPS = ("token_n", "image_texts", "text_images", "pair_uid", "band_uid", "uid
 def _empty_frame(value: str) -> pl.DataFrame:
     return pl.DataFrame(schema={"key": pl.UInt64, value: pl.UInt64, "n": pl.UInt64})
 
-
-def row_content_key(table: pa.Table, image_content: np.ndarray | None = None) -> np.ndarray:
-    """64-bit key of each row's whole content: every column (names sorted, so column order does not matter),
-    each value hashed with `hash64_strings` from a canonical string (strings and binaries as their bytes,
-    numbers and other scalars as Arrow's cast to string, lists and structs as JSON), nulls apart from "".
-    `image_ref` is a place, not content (the same bytes stored twice, or a pool cut into other shards, give other
-    references): it is left out, and the image's content hash (`image_content`, 0 = no bytes) stands in for it.
-    A pure function of what the row holds: copies of a uid are ordered by that, never by where they sit."""
-    n = table.num_rows
-    h = np.full(n, _salt("row"), dtype=_U64)
-    if image_content is not None:
-        h = combine64(h, np.asarray(image_content, dtype=_U64))
-    for name in sorted(c for c in table.column_names if c != REF_COL):
-        col = table.column(name)
-        col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
-        t = col.type
-        if pa.types.is_dictionary(t):
-            col, t = col.cast(t.value_type), t.value_type
-        if pa.types.is_string(t) or pa.types.is_large_string(t):
-            text = col
-        elif pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-            text = col.cast(pa.large_binary()).view(pa.large_string())  # the bytes as they are, unvalidated
-        elif pa.types.is_nested(t):
-            text = pl.from_arrow(pa.table({name: col})).select(pl.struct(name).struct.json_encode())
-            text = text.to_series().to_arrow()
-        else:
-            text = col.cast(pa.string())
-        v = hash64_strings(text, "col:" + name)
-        null = pc.is_null(col).to_numpy(zero_copy_only=False)
-        v[null] = _salt("null")
-        h = combine64(combine64(h, _salt("name:" + name)), v)
-    return h
 
 @data_record
 @dataclasses.dataclass

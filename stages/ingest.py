@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import images, schema, shards
+from pipeline.codec import data_record
 from pipeline.config import check_ranges
 from pipeline.images import REF_COL, ImageStore
 from pipeline.stage import Stage, StageError, fingerprint
@@ -109,7 +110,7 @@ class IngestStage(Stage):
         """(uid key, content key, position hash) per kept row, as align orders the copies of a uid (its
         `row_content_key` without `image_ref`; ingest reads no pixels, so byte-equal rows are ordered by
         position: (shard, row) of the crawl, a property of the crawl and not of how the run cuts it)."""
-        from stages.align import _U64, combine64, hash64_strings, row_content_key, uid_rank
+        from pipeline.hashing import _U64, combine64, hash64_strings, row_content_key, uid_rank
 
         n = kept.num_rows
         ck = row_content_key(kept)
@@ -178,6 +179,7 @@ STAGE = IngestStage
 _MAX = np.iinfo(np.uint64).max
 
 
+@data_record
 @dataclasses.dataclass
 class CopyStats:
     """uids: key (uid), ck_min, n; copies: key (uid x content key), pos_min, n. Merge = concat + group-by
@@ -188,7 +190,7 @@ class CopyStats:
 
     @staticmethod
     def of(ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> "CopyStats":
-        from stages.align import combine64
+        from pipeline.hashing import combine64
 
         u = pl.DataFrame({"key": ukey, "v": ck}).group_by("key").agg(ck_min=pl.col("v").min(), n=pl.len().cast(pl.UInt64))
         c = pl.DataFrame({"key": combine64(ukey, ck), "v": pos}).group_by("key").agg(
@@ -217,7 +219,7 @@ class CopyStats:
 
     def extra_copies(self, ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Rows that are not the kept copy of their uid: a smaller content key, or the same one earlier."""
-        from stages.align import combine64
+        from pipeline.hashing import combine64
 
         def lookup(df, value, keys):
             m = pl.DataFrame({"key": keys}).join(df.select("key", value), on="key", how="left", maintain_order="left")

@@ -23,13 +23,13 @@ from pipeline import config as config_mod
 from pipeline import shards
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
+from pipeline.hashing import hash64_strings
 from stages.align import (
     REASONS,
     AlignStage,
     HammingIndex,
     MinHasher,
     dhash64,
-    hash64_strings,
     inspect_image,
     shingles,
     tokenize,
