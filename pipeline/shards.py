@@ -26,7 +26,13 @@ class ShardError(RuntimeError):
 
 
 def fs_and_path(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of a local path or URI. On an object store, what the filesystem has cached about
+    the path (s3fs keeps listings and ETags per process) is dropped first: other processes (the workers)
+    rewrite `_done` markers, manifests and shards, and a stale ETag makes s3fs refuse to read the new object
+    ("no longer exists"), which a resume then took for a missing marker and redid the stage."""
     fs, p = fsspec.core.url_to_fs(str(path))
+    if "://" in str(path) and not str(path).startswith("file://"):
+        fs.invalidate_cache(p)
     return fs, p
 
 
