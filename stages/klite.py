@@ -41,12 +41,8 @@ token breaks), so "t-shirt", "T shirt", "St. Bernard" and "Ph.D." all match thei
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
-import re
-import shutil
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -55,15 +51,14 @@ import pyarrow as pa
 from pipeline.config import check_ranges
 from pipeline import shards
 from pipeline.stage import Stage, StageError
+from metadata.glosses import (  # noqa: F401  (the tables' home: see metadata/glosses.py)
+    CACHE_VERSION, build_tables, cached_tables, tokens, wordnet_signature as _wordnet_signature,
+)
 
 log = logging.getLogger("clipcurate.klite")
 
-CACHE_VERSION = "2"
-
-# Token rule, shared by captions (polars, Rust regex) and WordNet lemmas (Python re): see `tokens`.
+# Token rule, shared by captions (polars, Rust regex) and WordNet lemmas (Python re: metadata.glosses.tokens).
 TOKEN_RE = r"'s\b|[\p{L}\p{N}]+(?:'[\p{L}\p{N}]+)*"
-_PY_TOKEN_RE = re.compile(r"'s\b|[^\W_]+(?:'[^\W_]+)*")
-_PY_POSSESSIVE_RE = re.compile(r"'s\b")
 
 # English function words (nltk's stopwords list, written out here since its corpus is a download, less
 # the contraction fragments "s", "t", "ll", ... that our tokeniser never produces: they would block
@@ -81,11 +76,6 @@ STOP_WORDS = frozenset(
     ten eleven twelve hundred thousand million billion""".split()
 )
 
-# morphy's noun rules (nltk WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS["n"]), used backwards to
-# list every surface form that morphy can map to a lemma.
-_NOUN_RULES = [("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
-               ("shes", "sh"), ("men", "man"), ("ies", "y")]
-
 
 def _normalise(s):
     """Lower case, ’ -> ', possessive 's split off as a token of its own (a polars expression or Series)."""
@@ -98,108 +88,6 @@ def _as_series(texts) -> pl.Series:
     if isinstance(texts, (pa.Array, pa.ChunkedArray)):
         return pl.Series("text", pl.from_arrow(texts)).cast(pl.String)
     return pl.Series("text", list(texts), dtype=pl.String)
-
-
-def tokens(text: str) -> list[str]:
-    """Python twin of `_normalise` + TOKEN_RE (used for WordNet's lemmas, where "_" is a space)."""
-    t = _PY_POSSESSIVE_RE.sub(" 's", text.lower().replace("’", "'").replace("_", " "))
-    return _PY_TOKEN_RE.findall(t)
-
-
-# ---- the WordNet tables (built once, cached as Parquet) ---------------------------------------------
-def _wordnet_signature() -> str:
-    """Identity of the installed WordNet files; raises WordNetMissing (one line) when they are absent."""
-    from metadata import wordnet
-
-    parts = []
-    for f in ("index.noun", "data.noun", "noun.exc"):
-        p = Path(wordnet.WORDNET_SRC) / f
-        if not p.exists():
-            wordnet.prepare_nltk_data()  # raises WordNetMissing with the apt command
-        st = p.stat()
-        parts.append(f"{f}:{st.st_size}:{int(st.st_mtime)}")
-    return hashlib.sha256(("|".join(parts) + f"|v{CACHE_VERSION}").encode()).hexdigest()[:16]
-
-
-def build_tables(wn) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(surfaces, lemmas) from an nltk WordNet reader.
-
-    surfaces: key (normalised tokens joined by one space), lemma (WordNet key, e.g. "golden_retriever")
-    lemmas:   lemma, gloss (definition of lemma.n.01), hypernyms (list of lemma names up to the root)
-    """
-    from metadata import wordnet
-
-    noun_lemmas = sorted(wn.all_lemma_names("n"))
-    forms = set(noun_lemmas)
-    for lem in noun_lemmas:
-        for old, new in _NOUN_RULES:
-            if lem.endswith(new):
-                forms.add(lem[: len(lem) - len(new)] + old)
-    exc = Path(wordnet.WORDNET_SRC) / "noun.exc"
-    for line in exc.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.split():
-            forms.add(line.split()[0])
-    lemma_set = set(noun_lemmas)
-    best: dict[str, tuple] = {}
-    for form in sorted(forms):
-        lem = wn.morphy(form, "n")
-        if not lem:
-            continue
-        toks = tokens(form)
-        if not toks:
-            continue
-        key = " ".join(toks)
-        # Several forms can normalise to one key ("t-shirt" / "t shirt"): prefer a form that is itself a
-        # lemma, then one whose spelling is the key, then string order. Deterministic.
-        rank = (form not in lemma_set, form.replace("_", " ") != key, form)
-        if key not in best or rank < best[key][0]:
-            best[key] = (rank, lem)
-    surfaces = pl.DataFrame(
-        {"key": list(best), "lemma": [v[1] for v in best.values()]}, schema={"key": pl.String, "lemma": pl.String}
-    ).sort("key")
-
-    used = sorted(set(surfaces["lemma"].to_list()))
-    glosses, hypers = [], []
-    for lem in used:
-        syn = wn.synset(f"{lem}.n.01")
-        glosses.append(syn.definition() or "")
-        chain, s, seen = [], syn, set()
-        while True:
-            parents = s.hypernyms() or s.instance_hypernyms()
-            if not parents or parents[0].name() in seen:
-                break
-            s = parents[0]
-            seen.add(s.name())
-            chain.append(s.lemma_names()[0].replace("_", " "))
-        hypers.append(chain)
-    lemmas = pl.DataFrame(
-        {"lemma": used, "gloss": glosses, "hypernyms": hypers},
-        schema={"lemma": pl.String, "gloss": pl.String, "hypernyms": pl.List(pl.String)},
-    )
-    return surfaces, lemmas
-
-
-def cached_tables() -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The tables from the cache folder, building them (WordNet load, ~30 s) when absent."""
-    from metadata import wordnet
-
-    sig = _wordnet_signature()
-    folder = wordnet.cache_root() / "klite" / f"tables-{sig}"
-    if not (folder / "lemmas.parquet").exists():
-        log.info("klite: building the WordNet lemma tables once (cached in %s)", folder)
-        surfaces, lemmas = build_tables(wordnet.load())
-        tmp = folder.parent / f".tmp-{sig}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        surfaces.write_parquet(tmp / "surfaces.parquet")
-        lemmas.write_parquet(tmp / "lemmas.parquet")  # written last: its presence means complete
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another worker finished first: its tables are the same
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (folder / "lemmas.parquet").exists():
-                raise
-    return pl.read_parquet(folder / "surfaces.parquet"), pl.read_parquet(folder / "lemmas.parquet")
 
 
 def _truncate(gloss: str, limit: int) -> str:
