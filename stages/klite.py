@@ -20,18 +20,18 @@ No row is ever dropped, except rows whose text is not UTF-8 (`invalid_utf8`, as 
 
 Part of speech (`pos_tagger`). Morphy alone cannot tell a noun from the same word used as a verb, adjective
 or adverb: "running fast" would get *fast* = "abstaining from food", "a man wears a hat" *wear*. So the
-caption's tokens are tagged (spaCy's small English pipeline, tok2vec + tagger only, fed our own tokens so
-the tags align with them) and an n-gram is a candidate only when its last word (the head of an English noun
+caption's tokens are tagged (spaCy's small English pipeline, tok2vec + tagger only, fed our own tokens, in
+the caption's own case, so the tags align with them) and an n-gram is a candidate only when its last word (the head of an English noun
 compound) is tagged a noun (NN, NNS, NNP, NNPS): "running fast" then has no candidate and stays unchanged,
 "golden retrievers" (JJ NNS) keeps "golden retriever". Morphy still lemmatises. `pos_tagger = "auto"`
 (default) uses the tagger when its model package is installed (`make setup` installs it, hash-checked) and
-falls back to morphy alone, with one logged notice, when it is not; "spacy" requires it; "none" is morphy
-alone. The tagger in use is part of the stage's fingerprint. Tags are per caption, independent of the
+falls back to morphy alone, with one logged notice, when it is not; "spacy" requires it; "none" is morphy alone. The tagger in use is part of the stage's fingerprint. Tags are per caption, independent of the
 batch it is tagged in (checked: the same tags with batches of 37 and 1000), so shard and worker
 invariance holds. Cost: ~340 LAION alt-texts/s per core on this machine, tagged in collect and in apply.
 
 Known limits: morphy keeps a form that is a lemma of its own ("men": the force of workers available;
-"glasses": spectacles); the tagger sees lower-cased tokens and makes mistakes of its own. The first-sense
+"glasses": spectacles); the tagger makes mistakes of its own (Title Case alt-text reads as proper nouns,
+which count as nouns). The first-sense
 rule picks no sense from context. Rarest-first keeps these rare in practice.
 
 Speed. WordNet lookups are per token, and nltk's reader takes ~18 s to load. So once (per WordNet
@@ -91,6 +91,17 @@ STOP_WORDS = frozenset(
 def _normalise(s):
     """Lower case, ’ -> ', possessive 's split off as a token of its own (a polars expression or Series)."""
     return s.str.to_lowercase().str.replace_all("’", "'", literal=True).str.replace_all(r"'s\b", " 's")
+
+
+def _cased_tokens(series: pl.Series, lower: pl.Series) -> list[list[str]]:
+    """The tagger's input: the caption's tokens as `_normalise` + TOKEN_RE cut them, but in their own case
+    (a tagger reads "Lille and Roux" better than "lille and roux"); the lower-case tokens for a row where
+    lower-casing changed the token count (rare Unicode)."""
+    cased = (
+        series.str.replace_all("’", "'", literal=True).str.replace_all(r"(?i)'s\b", " 's")
+        .str.extract_all("(?i)" + TOKEN_RE).to_list()
+    )
+    return [c if c is not None and len(c) == len(t) else (t or []) for c, t in zip(cased, lower.to_list())]
 
 
 def _as_series(texts) -> pl.Series:
@@ -267,7 +278,8 @@ class KLiteStage(Stage):
     # -- candidates -------------------------------------------------------------------------------------
     def candidates(self, texts) -> pl.DataFrame:
         """(row, lemma_id) for every candidate of every caption, one row per distinct pair."""
-        toks = _normalise(_as_series(texts)).str.extract_all(TOKEN_RE)
+        series = _as_series(texts)
+        toks = _normalise(series).str.extract_all(TOKEN_RE)
         df = (
             pl.DataFrame({"tok": toks})
             .with_row_index("row")
@@ -275,7 +287,7 @@ class KLiteStage(Stage):
             .drop_nulls("tok")
         )
         if self._tagger is not None:  # one flag per token, in the exploded order (null / empty rows: none)
-            flags = [f for fs in self._tagger(toks.to_list()) for f in fs]
+            flags = [f for fs in self._tagger(_cased_tokens(series, toks)) for f in fs]
             df = df.with_columns(noun=pl.Series(flags, dtype=pl.Boolean))
         else:
             df = df.with_columns(noun=pl.lit(True))
