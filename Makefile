@@ -40,14 +40,18 @@ setup: $(STAMP) wordnet
 # every Dask worker imports torch and open_clip; without .pyc files each compiles them again (~13 s a worker,
 # measured: 19.8 s cold against 7.0 s with .pyc) wherever bytecode is not written (read-only venv,
 # PYTHONDONTWRITEBYTECODE) and, on the first run, in every worker at once.
-$(STAMP): requirements.lock pyproject.toml
+# requirements-tagger.lock: klite's tagger model, hash-checked (--require-hashes) and without dependencies.
+$(STAMP): requirements.lock requirements-tagger.lock pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	@echo "== installing Python packages into $(VENV) (requirements.lock)"
+	@echo "== installing Python packages into $(VENV) (requirements.lock, requirements-tagger.lock)"
 	@if $(BIN)/python -m pip install -q --disable-pip-version-check "uv==0.13.9" 2>/dev/null; then \
 	    $(BIN)/python -m uv pip install -q --python $(BIN)/python --index-strategy unsafe-best-match --compile-bytecode $(UV_FLAGS) -r requirements.lock && \
+	    $(BIN)/python -m uv pip install -q --python $(BIN)/python --index-strategy unsafe-best-match --compile-bytecode $(UV_FLAGS) --no-deps --require-hashes -r requirements-tagger.lock && \
 	    $(BIN)/python -m uv pip install -q --python $(BIN)/python --no-deps -e . ; \
 	else \
-	    $(BIN)/python -m pip install -q -r requirements.lock && $(BIN)/python -m pip install -q --no-deps -e . ; \
+	    $(BIN)/python -m pip install -q -r requirements.lock && \
+	    $(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-tagger.lock && \
+	    $(BIN)/python -m pip install -q --no-deps -e . ; \
 	fi
 	@touch $(STAMP)
 
@@ -109,11 +113,12 @@ train: setup
 	$(CLI) train --run $(RUN) $(CONFIG_ARG) $(if $(TRAIN_DATA),--data $(TRAIN_DATA),) $(if $(RESUME),--resume,)
 
 ablate: setup
-	$(CLI) ablate --run $(RUN) $(CONFIG_ARG) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(STEPS),--steps $(STEPS))
+	$(CLI) ablate --run $(RUN) $(CONFIG_ARG) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(STEPS),--steps $(STEPS)) $(if $(VARIANTS),--variants "$(VARIANTS)")
 
-# Zero-shot eval of the run's model on its [train] eval_sets, or on EVAL=set.parquet (CHECKPOINT=file for another model).
+# Zero-shot eval of the run's model on its [train] eval_sets, or on EVAL=set.parquet (CHECKPOINT=file for another model);
+# KLITE=1: classification also with K-LITE's knowledge prompts (both results reported).
 eval: setup
-	$(CLI) eval --run $(RUN) $(CONFIG_ARG) $(if $(EVAL),--data $(EVAL),) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),)
+	$(CLI) eval --run $(RUN) $(CONFIG_ARG) $(if $(EVAL),--data $(EVAL),) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT),) $(if $(KLITE),--klite,)
 
 # The data filtering network for the dfn stage, trained on a high-quality set: runs/RUN/dfn_model/model.pt.
 dfn-train: setup

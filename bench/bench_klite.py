@@ -38,6 +38,7 @@ from pipeline.schema import compute_uid  # noqa: E402
 from stages.klite import KLiteStage, cached_tables  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
+POS_TAGGER = "none"  # --pos-tagger
 LAION = DATA / "laion_sample_10k" / "laion_sample_10k.parquet"
 FLICKR = DATA / "flickr8k_captions" / "flickr8k_captions.parquet"
 
@@ -82,7 +83,7 @@ def build_pool(real: dict[str, pl.Series], repeat: int, n_shards: int, folder: s
 
 
 def timed_run(pool: str, workdir: str, workers: int, rows: int) -> dict:
-    cfg = config_mod.resolve({})
+    cfg = config_mod.resolve({"klite": {"pos_tagger": POS_TAGGER}})
     run_dir = os.path.join(workdir, f"run-w{workers}")
     cluster = client = None
     kw: dict = {"workers": 0}
@@ -123,7 +124,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "klite.json"))
+    ap.add_argument("--pos-tagger", default="none", choices=["none", "auto", "spacy"],
+                    help="[klite] pos_tagger (default none: morphy alone, as klite.json was measured; the tagger's "
+                         "cost and effect: bench_klite_pos.py)")
     args = ap.parse_args()
+    global POS_TAGGER
+    POS_TAGGER = args.pos_tagger
     if not DATA.exists():
         sys.exit(f"bench_klite: {DATA} is absent (real captions needed)")
     logging.basicConfig(level=logging.WARNING)
@@ -136,7 +142,7 @@ def main() -> None:
     cached_tables()  # builds the WordNet tables once if this machine has none yet
     tables_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    stage = KLiteStage({}).ensure_ready()
+    stage = KLiteStage({"pos_tagger": POS_TAGGER}).ensure_ready()
     setup_s = time.perf_counter() - t0
 
     real = load_real()
@@ -184,6 +190,7 @@ def main() -> None:
         "bench": "klite",
         "machine": f"{os.cpu_count()} cores (shared with other jobs: timings are noisy; see loadavg)",
         "python": sys.version.split()[0],
+        "pos_tagger": POS_TAGGER,
         "tables_ready_s": round(tables_s, 2),
         "setup_s": round(setup_s, 2),
         "coverage": cov,

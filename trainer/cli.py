@@ -103,11 +103,16 @@ def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_
     if record and os.path.exists(record):
         os.remove(record)  # vouches for the eval-*.json files only once they are written again below
     res = evaluate(checkpoint, paths, model_name=model_name, device=tc.device, precision=tc.precision,
-                   templates=tc.templates, batch_size=tc.eval_batch_size)
+                   templates=tc.templates, batch_size=tc.eval_batch_size, klite=tc.klite_eval)
     for name, r in res["results"].items():
-        metrics = {k: v for k, v in r.items() if k not in ("kind", "data")}
+        metrics = {k: v for k, v in r.items() if k not in ("kind", "data", "klite")}
         print(f"{name} ({r['kind']}): " + "  ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            + ("  [plain prompts]" if "klite" in r else ""))
+        if "klite" in r:
+            k = r["klite"]
+            print(f"{name} ({r['kind']}): " + "  ".join(f"{m}={k[m]:.4f}" for m in ("top1", "top5"))
+                  + f"  [K-LITE prompts; {k['classes_with_gloss']}/{r['classes']} classes with a WordNet gloss]")
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, f"eval-{name}.json")
@@ -145,6 +150,8 @@ def cmd_eval(args) -> int:
         return 2
     if args.out:
         out_dir = args.out
+    if args.klite:
+        tc.klite_eval = True
     try:
         return _run_eval(checkpoint, paths, tc, out_dir, model_name=args.model or "")
     except (EvalError, ValueError) as e:
@@ -200,6 +207,9 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model name for a bare open_clip checkpoint")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", default=None, help="folder for eval-NAME.json (default with --run: runs/NAME/train)")
+    p.add_argument("--klite", action="store_true",
+                   help="classification sets also with K-LITE knowledge prompts (template ; class , WordNet gloss); "
+                        "both results are reported")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("dfn-train", help="train the data filtering network on a high-quality set (runs/NAME/dfn_model)")

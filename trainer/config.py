@@ -36,7 +36,9 @@ class TrainConfig:
     save_every: int = 250  # checkpoint every N steps (and at the end)
     keep_checkpoints: int = 2  # older step checkpoints are deleted (each holds the optimizer: ~100 MB tiny)
     log_every: int = 10  # metrics.jsonl line every N steps (and the last step)
-    eval_sets: list = dataclasses.field(default_factory=list)  # Parquet eval sets run after training
+    eval_sets: list = dataclasses.field(default_factory=list)  # Parquet eval sets run after training: a path,
+    # or a table {path = "...", klite = true} (K-LITE prompts for that set)
+    klite_eval: bool = False  # zero-shot classification also with K-LITE's knowledge prompts (sets that do not say)
     templates: list = dataclasses.field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     eval_batch_size: int = 256
 

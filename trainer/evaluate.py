@@ -8,6 +8,14 @@ Two kinds, told apart by columns:
   retrieval       `image` + `captions` (list<string>): recall@1/5/10 image->text (any of its captions in the
                   top k) and text->image (its image in the top k), as in CLIP's Flickr/COCO protocol.
 The metric functions take embeddings, so they are checked by hand on tiny fixed cases in the tests.
+
+K-LITE prompts (arXiv 2204.09222, K-LITE's other half). With `klite` on for a classification set, the set is
+scored twice with the same image embeddings: with the plain templates (the top-level figures, unchanged) and
+with K-LITE's knowledge prompts `"{template} ; {class} , {definition}"` (under `klite`), each class name's
+definition being its WordNet gloss (metadata.glosses.class_gloss: the lookup the klite stage uses for
+captions). A class WordNet does not know keeps its plain prompts. Retrieval sets have no class names: `klite`
+does not apply to them. An eval set is a path, or a table `{path = "...", klite = true}` in `[train] eval_sets`;
+`[train] klite_eval` (or `clipcurate eval --klite`) turns it on for the sets that do not say.
 """
 
 from __future__ import annotations
@@ -91,11 +99,23 @@ def embed_texts(model, tokenizer, texts: list[str], device, precision="fp32", ba
     return torch.cat(feats) if feats else torch.zeros(0, 1)
 
 
-def class_embeddings(model, tokenizer, classnames: list[str], templates: list[str], device, precision="fp32"):
-    """[C, D]: per class, the normalised mean of its normalised template embeddings."""
+def class_prompts(classnames: list[str], templates: list[str], glosses: dict | None = None) -> list[list[str]]:
+    """Per class, its prompts: `template.format(class)`, or K-LITE's `"{template} ; {class} , {gloss}"` when
+    `glosses` gives the class a gloss."""
+    from metadata.glosses import klite_prompt
+
+    if glosses is None:
+        return [[t.format(c) for t in templates] for c in classnames]
+    return [[klite_prompt(t, c, glosses.get(c)) for t in templates] for c in classnames]
+
+
+def class_embeddings(model, tokenizer, classnames: list[str], templates: list[str], device, precision="fp32",
+                     glosses: dict | None = None):
+    """[C, D]: per class, the normalised mean of its normalised prompt embeddings (K-LITE prompts when
+    `glosses` is given: see class_prompts)."""
     import torch
 
-    texts = [t.format(c) for c in classnames for t in templates]
+    texts = [p for ps in class_prompts(classnames, templates, glosses) for p in ps]
     e = embed_texts(model, tokenizer, texts, device, precision).reshape(len(classnames), len(templates), -1)
     e = e.mean(dim=1)
     return e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -133,16 +153,53 @@ def kind_of(path: str) -> str:
     raise EvalError(f"{path}: needs `label` (classification) or `captions` (retrieval) next to `image`")
 
 
+def eval_specs(sets, klite: bool = False) -> list[tuple[str, bool]]:
+    """[(path, klite)] from `[train] eval_sets` entries: a path (klite = the default given), or a table
+    {path = "...", klite = true|false}."""
+    out = []
+    for e in sets or []:
+        if isinstance(e, str):
+            out.append((e, bool(klite)))
+        elif isinstance(e, dict) and isinstance(e.get("path"), str) and set(e) <= {"path", "klite"} \
+                and isinstance(e.get("klite", klite), bool):
+            out.append((e["path"], bool(e.get("klite", klite))))
+        else:
+            raise EvalError(f"eval set {e!r}: give a path, or a table {{path = \"...\", klite = true|false}}")
+    return out
+
+
+def glosses_for(names: list[str]) -> dict:
+    """{class: WordNet gloss or None}; EvalError (one line) when WordNet is not installed."""
+    from metadata.glosses import class_glosses
+    from metadata.wordnet import WordNetMissing
+
+    try:
+        return class_glosses(names)
+    except WordNetMissing as e:
+        raise EvalError(f"K-LITE prompts need WordNet: {e}") from None
+
+
 def evaluate_model(model, preprocess, tokenizer, path: str, device, precision="fp32", templates=None,
-                   batch_size: int = 256) -> dict:
+                   batch_size: int = 256, klite: bool = False) -> dict:
+    """One eval set. With `klite` (classification only), also `klite`: the same figures with K-LITE's
+    knowledge prompts, plus `classes_with_gloss` and one example prompt."""
     kind = kind_of(path)
     if kind == "classification":
         t = pq.read_table(path, columns=[c for c in ("image", "label", "label_id") if c in pq.read_schema(path).names])
         names, y = classnames_for(path, t)
+        temps = list(templates or DEFAULT_TEMPLATES)
         img = embed_images(model, preprocess, t.column("image").to_pylist(), device, precision, batch_size)
-        cls = class_embeddings(model, tokenizer, names, list(templates or DEFAULT_TEMPLATES), device, precision)
+        cls = class_embeddings(model, tokenizer, names, temps, device, precision)
         res = topk_accuracy(img @ cls.T, y)
-        return {"kind": kind, "data": path, "images": len(y), "classes": len(names), **res}
+        out = {"kind": kind, "data": path, "images": len(y), "classes": len(names), **res}
+        if klite:
+            glosses = glosses_for(names)
+            kcls = class_embeddings(model, tokenizer, names, temps, device, precision, glosses=glosses)
+            with_gloss = [n for n in names if glosses.get(n)]
+            example = class_prompts(with_gloss[:1], temps[:1], glosses)[0][0] if with_gloss else None
+            out["klite"] = {**topk_accuracy(img @ kcls.T, y), "classes_with_gloss": len(with_gloss),
+                            "prompt_example": example}
+        return out
     t = pq.read_table(path, columns=["image", "captions"])
     caps = t.column("captions").to_pylist()
     texts, t2i = [], []
@@ -156,14 +213,16 @@ def evaluate_model(model, preprocess, tokenizer, path: str, device, precision="f
     return {"kind": kind, "data": path, "images": len(caps), "texts": len(texts), **res}
 
 
-def evaluate(checkpoint: str, paths: list[str], model_name: str = "", device: str = "auto", precision: str = "auto",
-             templates=None, batch_size: int = 256) -> dict:
+def evaluate(checkpoint: str, paths: list, model_name: str = "", device: str = "auto", precision: str = "auto",
+             templates=None, batch_size: int = 256, klite: bool = False) -> dict:
+    """`paths`: eval set entries (see eval_specs); `klite`: K-LITE prompts too, for the entries that do not say."""
+    specs = eval_specs(paths, klite)
     dev = models.pick_device(device)
     prec = models.pick_precision(precision, dev)
     model, pre_val, tokenizer, name = models.load(checkpoint, model_name, dev)
     results = {}
-    for p in paths:
+    for p, k in specs:
         results[os.path.splitext(os.path.basename(p))[0]] = evaluate_model(
-            model, pre_val, tokenizer, p, dev, prec, templates, batch_size
+            model, pre_val, tokenizer, p, dev, prec, templates, batch_size, klite=k
         )
     return {"checkpoint": checkpoint, "model": name, "results": results}

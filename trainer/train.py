@@ -56,7 +56,7 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 
 # settings that may change between a checkpoint and its resume without making it another run
-_RESUMABLE = {"steps", "workers", "device", "log_every", "save_every", "keep_checkpoints", "eval_sets",
+_RESUMABLE = {"steps", "workers", "device", "log_every", "save_every", "keep_checkpoints", "eval_sets", "klite_eval",
               "eval_batch_size", "templates", "data"}
 
 
