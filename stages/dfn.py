@@ -109,7 +109,7 @@ class DfnStage(Stage):
             return self.config.checkpoint
         run_dir = self.context.get("run_dir")
         if run_dir:
-            return os.path.join(run_dir, DFN_MODEL_DIR, "model.pt")
+            return shards.join(run_dir, DFN_MODEL_DIR, "model.pt")
         raise StageError(
             "dfn: no filtering network: set [dfn] checkpoint = PATH (any open_clip checkpoint, with [dfn] model), "
             "or train one first with `clipcurate dfn-train --hq HQ.parquet --run NAME`"
@@ -120,7 +120,7 @@ class DfnStage(Stage):
             path = self.checkpoint_path()
         except StageError:
             return {}
-        if not os.path.exists(path):
+        if not shards.exists(path):
             return {"checkpoint": path}
         return {"checkpoint_sha256": self._file_digest(path)}
 
@@ -139,7 +139,7 @@ class DfnStage(Stage):
         if self.scorer is not None:
             return
         path = self.checkpoint_path()
-        if not os.path.exists(path):
+        if not shards.exists(path):
             raise StageError(
                 f"dfn: checkpoint {path} does not exist: train one with `clipcurate dfn-train --hq HQ.parquet "
                 f"--run NAME`, or set [dfn] checkpoint"

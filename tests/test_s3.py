@@ -71,8 +71,21 @@ def test_run_folder_and_image_store_on_s3_with_resume(s3, tmp_path, capsys, capl
     assert cli_main(base + ["ingest", str(world / "urls.parquet"), "--run", "w", "--config", str(world / "config.toml"),
                             "--workers", "0"]) == 0
     assert s3.ls("curation/runs/w/00_ingest/_img2dataset")  # the image store itself is in the bucket
-    stages = ["run", "align,metaclip,klite,emit", "--run", "w", "--workers", "2"]
-    assert cli_main(base + stages) == 0
+    # a filtering network in the bucket too (untrained weights: the path is what is tested, not the scores)
+    import io as _io
+
+    import torch
+
+    from trainer import models
+
+    model, *_ = models.create("clipcurate-tiny", device="cpu")
+    buf = _io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "model_name": "clipcurate-tiny"}, buf)
+    s3.pipe("curation/models/dfn.pt", buf.getvalue())
+    cfg = tmp_path / "dfn.toml"
+    cfg.write_text('[dfn]\ncheckpoint = "s3://curation/models/dfn.pt"\nkeep_fraction = 0.5\ndevice = "cpu"\n')
+    stages = ["run", "align,metaclip,klite,dfn,emit", "--run", "w", "--workers", "2"]
+    assert cli_main(base + stages + ["--config", str(cfg)]) == 0
     out = capsys.readouterr().out
     assert "s3://curation/runs/w/emit/wds/" in out
     tars = s3.glob("curation/runs/w/emit/wds/*.tar")
@@ -99,7 +112,7 @@ def test_run_folder_and_image_store_on_s3_with_resume(s3, tmp_path, capsys, capl
     with caplog.at_level("INFO", logger="clipcurate"):
         assert cli_main(base + stages) == 0
     assert "align: 1 shards to do" in caplog.text and "2 up to date, skipped" in caplog.text
-    for later in ("metaclip", "klite", "emit"):  # the redone shard has the same bytes: nothing after it is redone
+    for later in ("metaclip", "klite", "dfn", "emit"):  # the redone shard has the same bytes: nothing after is redone
         assert f"{later}: 3 shards up to date, skipped" in caplog.text
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -145,10 +146,13 @@ def image_size(model) -> int:
 def read_checkpoint(path: str) -> dict:
     import torch
 
-    if not os.path.exists(path):
+    from pipeline import shards
+
+    if not shards.exists(path):  # a local path or an fsspec URI (s3://...)
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        data = path if "://" not in str(path) else io.BytesIO(shards.read_bytes(path))
+        ck = torch.load(data, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with objects, a truncated file, not a checkpoint at all
         raise ValueError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
     if isinstance(ck, dict) and "state_dict" not in ck and all(hasattr(v, "shape") for v in ck.values()):
@@ -175,9 +179,8 @@ def load(path: str, model_name: str = "", device="cpu"):
 
 
 def file_digest(path: str) -> str:
-    """sha256 of a file (checkpoints are tens of MB: well under a second), for fingerprints and caches."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """sha256 of a file (checkpoints are tens of MB: well under a second), for fingerprints and caches; local
+    paths and fsspec URIs."""
+    from pipeline import shards
+
+    return shards.content_digest(path)[:16]
