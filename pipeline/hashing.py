@@ -32,8 +32,58 @@ def _mix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> _U64(31))
 
 
+def blake64(b: bytes) -> int:
+    """The first 64 bits of blake2b, little-endian: content hashes, salts and seeds."""
+    return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
+
+
 def _salt(name: str) -> np.uint64:
-    return _U64(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little"))
+    return _U64(blake64(name.encode()))
+
+
+def hash64_value(value: str | int) -> np.uint64:
+    """A seed or salt as 64 bits: an integer as itself (mod 2^64), anything else by blake64 of its str."""
+    if isinstance(value, (int, np.integer)):
+        return _U64(int(value) & 0xFFFFFFFFFFFFFFFF)
+    return _salt(str(value))
+
+
+def uid_to_u64(uids) -> np.ndarray:
+    """Fold a 128-bit hex uid into 64 bits (high half ^ mix64(low half)). Non-hex uids (user data) are hashed."""
+    s = pl.Series(values=uids, dtype=pl.String) if not isinstance(uids, pl.Series) else uids.cast(pl.String)
+    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    lo = s.str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
+    bad = (hi.is_null() | lo.is_null() | (s.str.len_chars() != 32)).to_numpy()
+    hi_np = hi.fill_null(0).to_numpy().astype(_U64)
+    lo_np = lo.fill_null(0).to_numpy().astype(_U64)
+    out = hi_np ^ _mix64(lo_np)
+    if bad.any():
+        for i in np.flatnonzero(bad):  # rare path: only malformed user uids
+            out[i] = hash64_value(str(s[int(i)]))
+    return out
+
+
+def uniform_of_keys(keys: np.ndarray, seed: int, salt: str | int | np.ndarray = 0) -> np.ndarray:
+    """`uniform` from the uids' 64-bit keys (`uid_to_u64`): numpy only, so safe in forked DataLoader workers
+    (polars deadlocks in a child forked after the parent used its thread pool)."""
+    keys = np.asarray(keys, dtype=_U64)
+    base = _mix64(np.asarray([hash64_value(seed)], dtype=_U64))[0]
+    if isinstance(salt, np.ndarray):
+        salt_arr = salt.astype(_U64)
+    else:
+        salt_arr = np.full(len(keys), hash64_value(salt), dtype=_U64)
+    with np.errstate(over="ignore"):
+        x = _mix64(keys ^ _mix64(salt_arr ^ base))
+    return (x >> _U64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+def uniform(uids, seed: int, salt: str | int | np.ndarray = 0) -> np.ndarray:
+    """U(uid, seed, salt) in [0, 1): a pure function of its arguments, vectorised over uids.
+
+    `salt` may be a per-row integer array (e.g. MetaCLIP's entry id, so each (uid, entry) pair gets its
+    own draw). Results never depend on shard boundaries, worker count or row order.
+    """
+    return uniform_of_keys(uid_to_u64(uids), seed, salt)
 
 
 def combine64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -119,10 +169,6 @@ def _count_gt(sorted_desc: np.ndarray, max_w: int) -> np.ndarray:
     """For w in 0..max_w-1: how many entries of a descending array are > w."""
     asc = sorted_desc[::-1]
     return len(asc) - np.searchsorted(asc, np.arange(max_w), side="right")
-
-
-def blake64(b: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
 
 
 def uid_rank(uids) -> np.ndarray:

@@ -300,57 +300,8 @@ def first_reason(n: int, rules: list[tuple[str, np.ndarray | None]]) -> pa.Array
     return pa.array(names[idx], type=pa.string())
 
 
-# ---- deterministic uniforms -------------------------------------------------------------------
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    # SplitMix64's finaliser: a cheap, well-mixed 64-bit bijection, vectorised in numpy (wraps mod 2^64).
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
-
-
-def _hash64(value: str | int) -> np.uint64:
-    if isinstance(value, (int, np.integer)):
-        return np.uint64(int(value) & 0xFFFFFFFFFFFFFFFF)
-    return np.uint64(int.from_bytes(hashlib.blake2b(str(value).encode(), digest_size=8).digest(), "little"))
-
-
-def uid_to_u64(uids) -> np.ndarray:
-    """Fold a 128-bit hex uid into 64 bits. Non-hex uids (user data) are hashed instead."""
-    s = pl.Series(values=uids, dtype=pl.String) if not isinstance(uids, pl.Series) else uids.cast(pl.String)
-    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
-    lo = s.str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False)
-    bad = (hi.is_null() | lo.is_null() | (s.str.len_chars() != 32)).to_numpy()
-    hi_np = hi.fill_null(0).to_numpy().astype(np.uint64)
-    lo_np = lo.fill_null(0).to_numpy().astype(np.uint64)
-    out = hi_np ^ _splitmix64(lo_np)
-    if bad.any():
-        for i in np.flatnonzero(bad):  # rare path: only malformed user uids
-            out[i] = _hash64(str(s[int(i)]))
-    return out
-
-
-def uniform(uids, seed: int, salt: str | int | np.ndarray = 0) -> np.ndarray:
-    """U(uid, seed, salt) in [0, 1): a pure function of its arguments, vectorised over uids.
-
-    `salt` may be a per-row integer array (e.g. MetaCLIP's entry id, so each (uid, entry) pair gets its
-    own draw). Results never depend on shard boundaries, worker count or row order.
-    """
-    key = uid_to_u64(uids)
-    base = _splitmix64(np.asarray([_hash64(seed)], dtype=np.uint64))[0]
-    if isinstance(salt, np.ndarray):
-        salt_arr = salt.astype(np.uint64)
-    else:
-        salt_arr = np.full(len(key), _hash64(salt), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        x = _splitmix64(key ^ _splitmix64(salt_arr ^ base))
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
+# ---- deterministic uniforms: pipeline.hashing (re-exported: stages import them from here) ----------------
+from pipeline.hashing import uid_to_u64, uniform  # noqa: E402,F401
 
 
 # ---- registry ------------------------------------------------------------------------------------

@@ -555,8 +555,7 @@ def test_scorer_equals_a_plain_open_clip_cosine(world, tmp_path):
 
 
 def test_draws_in_workers_equal_pipeline_uniform(world):
-    from pipeline.stage import uid_to_u64, uniform
-    from trainer.data import uniform_of_keys
+    from pipeline.hashing import uid_to_u64, uniform, uniform_of_keys
 
     uids = pq.read_table(world["pool"], columns=["uid"]).column("uid").to_pylist() + ["not-a-hex-uid", "row7"]
     for seed, salt in [(0, "klite:0"), (3, "aug:5")]:

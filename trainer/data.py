@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.hashing import uniform_of_keys
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REF_COL = "image_ref"  # pipeline.images.REF_COL: a curation stage's rows name their image in the run's store
 
@@ -192,18 +194,6 @@ def decode_image(data: bytes, size: int | None = None):
 
 
 # ---- the dataset ---------------------------------------------------------------------------------
-def uniform_of_keys(keys: np.ndarray, seed: int, salt: str) -> np.ndarray:
-    """`pipeline.stage.uniform(uids, seed, salt)` from the uids' keys (`uid_to_u64(uids)`): numpy only, safe in
-    forked DataLoader workers (the tests check it equals `uniform`)."""
-    from pipeline.stage import _hash64, _splitmix64
-
-    base = _splitmix64(np.asarray([_hash64(seed)], dtype=np.uint64))[0]
-    salt_arr = np.full(len(keys), _hash64(salt), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        x = _splitmix64(np.asarray(keys, dtype=np.uint64) ^ _splitmix64(salt_arr ^ base))
-    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
-
-
 class PairDataset:
     """Map-style dataset indexed by (row, epoch): returns (image tensor, token ids)."""
 
@@ -219,7 +209,7 @@ class PairDataset:
         self.decode_size = decode_size
         # the uids' 64-bit keys, folded here in the parent: DataLoader workers are forked, and polars (which
         # pipeline.stage.uid_to_u64 uses) deadlocks in a child forked after the parent used its thread pool
-        from pipeline.stage import uid_to_u64
+        from pipeline.hashing import uid_to_u64
 
         self._keys = uid_to_u64(list(source.uids)) if len(source) else np.zeros(0, np.uint64)
 

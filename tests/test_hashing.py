@@ -1,0 +1,55 @@
+"""pipeline.hashing, the one home of the version-stable hashes: each against a plain-Python reference."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import hashing, stage
+from pipeline.schema import compute_uid
+
+MASK = (1 << 64) - 1
+
+
+def ref_mix(x: int) -> int:
+    """SplitMix64's finaliser on Python ints (Steele, Lea, Flood 2014)."""
+    z = (x + 0x9E3779B97F4A7C15) & MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
+    return z ^ (z >> 31)
+
+
+def ref_h64(v) -> int:
+    if isinstance(v, int):
+        return v & MASK
+    return int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little")
+
+
+def ref_uniform(uid: str, seed, salt) -> float:
+    if len(uid) == 32 and all(c in "0123456789abcdef" for c in uid.lower()):
+        key = int(uid[:16], 16) ^ ref_mix(int(uid[16:], 16))
+    else:
+        key = ref_h64(uid)
+    x = ref_mix(key ^ ref_mix(ref_h64(salt) ^ ref_mix(ref_h64(seed))))
+    return (x >> 11) / 2.0**53
+
+
+def test_uniform_equals_the_reference_and_is_defined_once():
+    uids = pa.array(compute_uid([f"http://e.invalid/{i}" for i in range(50)], [f"t {i}" for i in range(50)])).to_pylist()
+    uids += ["row7", ""]
+    for seed, salt in [(0, 0), (3, "aug:5"), (2**64 - 1, "metaclip")]:
+        got = hashing.uniform(uids, seed, salt)
+        assert got.tolist() == [ref_uniform(u, seed, salt) for u in uids]
+        assert (0 <= got).all() and (got < 1).all()
+    ids = np.arange(len(uids), dtype=np.int64)  # per-row integer salts (metaclip's entry ids)
+    assert hashing.uniform(uids, 1, ids).tolist() == [ref_uniform(u, 1, int(i)) for u, i in zip(uids, ids)]
+    assert stage.uniform is hashing.uniform  # the stages' import is this one function, not a copy
+
+
+def test_mix_and_blake64_against_references():
+    xs = np.array([0, 1, 2**63, MASK, 0x0123456789ABCDEF], dtype=np.uint64)
+    assert [int(v) for v in hashing._mix64(xs)] == [ref_mix(int(x)) for x in xs]
+    assert hashing.blake64(b"abc") == int.from_bytes(hashlib.blake2b(b"abc", digest_size=8).digest(), "little")
+    assert int(hashing.combine64(np.array([5], np.uint64), np.array([7], np.uint64))[0]) == ref_mix(ref_mix(5) ^ 7)
