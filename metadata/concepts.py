@@ -45,7 +45,6 @@ WORDNET_POS_ORDER = ("n", "v", "a", "r")  # data.noun, data.verb, data.adj (incl
 
 # spacing(): the characters MetaCLIP wraps in spaces, and the ones it turns into a space (DESIGN.md).
 SPACED_PUNCT = ",.;:?!`"
-SPACE_CHARS = "\t\n\r"
 
 
 class ConceptListError(ValueError):

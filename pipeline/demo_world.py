@@ -372,6 +372,10 @@ def demo_config(n: int, eval_path: Path) -> str:
     """The pipeline config for a pool of n rows: web-scale thresholds scaled down (DESIGN.md, "Small pools")."""
     t = max(10, n // 100)
     shard = max(100, math.ceil(n / 6 / 100) * 100)
+
+    def q(path: Path) -> str:  # a TOML basic string: JSON's escapes are TOML's (a path may hold " or \\)
+        return json.dumps(path.as_posix())
+
     return f"""# Demo config, written by `clipcurate demo-world` for a pool of {n} URL rows.
 # The papers' thresholds assume web-scale pools; here they are scaled to the pool (DESIGN.md, "Small pools").
 [run]
@@ -385,7 +389,7 @@ threads = 16
 [align]
 max_texts_per_image = 20   # ALIGN: 1,000 at 1.8B pairs
 max_images_per_text = 10   # ALIGN's value works here too: boilerplate repeats far more often
-eval_images = "{eval_path.as_posix()}"
+eval_images = {q(eval_path)}
 
 [metaclip]
 t = {t}   # MetaCLIP: 20,000 at 400M pairs; here n/100, about the 25th percentile of the demo's entry counts
@@ -402,8 +406,8 @@ batch_size = 64
 workers = 1
 save_every = 100
 log_every = 10
-eval_sets = ["{(eval_path.parent / "classification.parquet").as_posix()}", "{(eval_path.parent / "colours.parquet").as_posix()}",
-             "{(eval_path.parent / "retrieval.parquet").as_posix()}"]
+eval_sets = [{q(eval_path.parent / "classification.parquet")}, {q(eval_path.parent / "colours.parquet")},
+             {q(eval_path.parent / "retrieval.parquet")}]
 """
 
 

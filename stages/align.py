@@ -1007,27 +1007,24 @@ class AlignStage(Stage):
         if m.get("notes"):
             tables.append(("align notes", "\n".join(f"- {x}" for x in m["notes"])))
         figures = []
-        try:
-            import matplotlib
+        import matplotlib
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-            os.makedirs(out_dir, exist_ok=True)
-            vals = [int(reasons.get(r, 0)) for r in order]
-            fig, ax = plt.subplots(figsize=(7, 0.35 * len(order) + 1.2))
-            ax.barh(range(len(order)), vals, color="#4c72b0")
-            ax.set_yticks(range(len(order)), order)
-            ax.invert_yaxis()
-            ax.set_xlabel("rows dropped (first broken rule)")
-            ax.set_title(f"align: {rows_in} in, {left} kept")
-            fig.tight_layout()
-            png = os.path.join(out_dir, "align_funnel.png")
-            fig.savefig(png, dpi=100)
-            plt.close(fig)
-            figures.append(("align funnel", png))
-        except ModuleNotFoundError:  # matplotlib is in the lock; a bare install still gets the table
-            pass
+        os.makedirs(out_dir, exist_ok=True)
+        vals = [int(reasons.get(r, 0)) for r in order]
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(order) + 1.2))
+        ax.barh(range(len(order)), vals, color="#4c72b0")
+        ax.set_yticks(range(len(order)), order)
+        ax.invert_yaxis()
+        ax.set_xlabel("rows dropped (first broken rule)")
+        ax.set_title(f"align: {rows_in} in, {left} kept")
+        fig.tight_layout()
+        png = os.path.join(out_dir, "align_funnel.png")
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        figures.append(("align funnel", png))
         return {"figures": figures, "tables": tables}
 
 

@@ -412,26 +412,23 @@ class KLiteStage(Stage):
         ]
         figures = []
         if len(top):
-            try:
-                import matplotlib
+            import matplotlib
 
-                matplotlib.use("Agg")
-                import matplotlib.pyplot as plt
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
 
-                os.makedirs(out_dir, exist_ok=True)
-                fig, ax = plt.subplots(figsize=(7, 0.3 * len(top) + 1.2))
-                ax.barh(range(len(top)), top["n"].to_list(), color="#4c72b0")
-                ax.set_yticks(range(len(top)), top["klite_concept"].to_list())
-                ax.invert_yaxis()
-                ax.set_xlabel("captions enriched with this concept")
-                ax.set_title(f"klite: {cov:.2f}% of {total} captions enriched")
-                fig.tight_layout()
-                png = os.path.join(out_dir, "klite_concepts.png")
-                fig.savefig(png, dpi=100)
-                plt.close(fig)
-                figures.append(("most used concepts", png))
-            except ModuleNotFoundError:
-                pass
+            os.makedirs(out_dir, exist_ok=True)
+            fig, ax = plt.subplots(figsize=(7, 0.3 * len(top) + 1.2))
+            ax.barh(range(len(top)), top["n"].to_list(), color="#4c72b0")
+            ax.set_yticks(range(len(top)), top["klite_concept"].to_list())
+            ax.invert_yaxis()
+            ax.set_xlabel("captions enriched with this concept")
+            ax.set_title(f"klite: {cov:.2f}% of {total} captions enriched")
+            fig.tight_layout()
+            png = os.path.join(out_dir, "klite_concepts.png")
+            fig.savefig(png, dpi=100)
+            plt.close(fig)
+            figures.append(("most used concepts", png))
         return {"figures": figures, "tables": tables}
 
 

@@ -196,3 +196,18 @@ def test_a_world_already_written_is_not_rewritten(tmp_path):
         if change == "n":
             make_world(out, n=200, seed=1)
         assert _digest(out) == digests, change  # the same world again, byte for byte
+
+
+def test_demo_config_is_valid_toml_for_any_path():
+    """The config names the eval sets by path; a path with a quote, a backslash or a space stays one TOML string."""
+    import tomllib
+    from pathlib import Path
+
+    from pipeline.demo_world import demo_config
+
+    odd = Path('/tmp/a b/we"ird\\dir/eval/classification.parquet')
+    cfg = tomllib.loads(demo_config(3000, odd))
+    assert cfg["align"]["eval_images"] == odd.as_posix()
+    assert cfg["train"]["eval_sets"] == [(odd.parent / f).as_posix() for f in
+                                         ("classification.parquet", "colours.parquet", "retrieval.parquet")]
+    assert cfg["metaclip"]["t"] == 30 and cfg["ingest"]["shard_size"] == 500
