@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from pipeline.stage import StageError
+
 WORDNET_SRC = Path(os.environ.get("CLIPCURATE_WORDNET_SRC", "/usr/share/wordnet"))
 INSTALL_HINT = "sudo apt-get install -y wordnet-base wordnet-sense-index"
 
@@ -29,8 +31,9 @@ _NEEDED = ["data.noun", "index.noun", "data.verb", "index.verb", "data.adj", "in
 _OPTIONAL = ["cntlist", "cntlist.rev"]
 
 
-class WordNetMissing(RuntimeError):
-    """WordNet files are not installed. str() is one line with the command to run."""
+class WordNetMissing(StageError):
+    """WordNet files are not installed. str() is one line with the command to run (a StageError: the CLI shows
+    it as one line without knowing this module)."""
 
 
 def lexnames_text() -> str:

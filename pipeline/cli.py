@@ -19,9 +19,8 @@ def _user_errors():
     from pipeline.config import ConfigError
     from pipeline.schema import SchemaError
     from pipeline.shards import ShardError
-    from metadata.wordnet import WordNetMissing
 
-    return (ConfigError, SchemaError, ShardError, StageError, WordNetMissing, FileNotFoundError)
+    return (ConfigError, SchemaError, ShardError, StageError, FileNotFoundError)
 
 
 def _run_dir(args) -> str:

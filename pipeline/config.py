@@ -37,14 +37,17 @@ EXTRA_SECTIONS: dict[str, type] = {"run": RunConfig}
 
 
 def _extra_section_class(name: str):
+    """`[run]`, or a section another package of the project registers under the `clipcurate.config_sections`
+    entry point (pyproject: the trainer's `[train]`), so the spine imports nothing outside itself."""
     if name in EXTRA_SECTIONS:
         return EXTRA_SECTIONS[name]
-    if name == "train":
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="clipcurate.config_sections", name=name):
         try:
-            from trainer.config import TrainConfig
-        except ModuleNotFoundError:
+            return ep.load()
+        except (ImportError, AttributeError):
             return None
-        return TrainConfig
     return None
 
 

@@ -48,9 +48,9 @@ from pipeline.images import REF_COL
 from pipeline.schema import SchemaError
 from pipeline.stage import Stage, StageError, split_by_reason, uniform
 
-log = logging.getLogger("clipcurate.dfn")
+from trainer.config import DFN_MODEL_DIR  # runs/NAME/dfn_model/model.pt: where dfn-train writes
 
-DFN_MODEL_DIR = "dfn_model"  # runs/NAME/dfn_model/model.pt: where dfn-train writes
+log = logging.getLogger("clipcurate.dfn")
 
 
 def score_bins(scores: np.ndarray, bins: int) -> np.ndarray:

@@ -160,7 +160,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_dfn_train(args) -> int:
-    from stages.dfn import DFN_MODEL_DIR
+    from trainer.config import DFN_MODEL_DIR
     from trainer.data import DataError
     from trainer.train import train
 

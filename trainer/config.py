@@ -6,6 +6,8 @@ import dataclasses
 
 from pipeline.config import check_ranges
 
+DFN_MODEL_DIR = "dfn_model"  # runs/NAME/dfn_model/model.pt: where `dfn-train` writes, where dfn looks by default
+
 DEFAULT_TEMPLATES = [
     "a photo of a {}.",
     "a picture of a {}.",
