@@ -198,7 +198,7 @@ def _training(run_dir: str) -> dict:
             plt.close(fig)
             out["curve"] = str(path)
     evals = {}
-    for f in sorted(train.glob("eval*.json")) if train.exists() else []:
+    for f in sorted(train.glob("eval-*.json")) if train.exists() else []:  # eval-NAME.json (not eval_digests.json)
         try:
             evals[f.stem] = json.loads(f.read_text())
         except json.JSONDecodeError:

@@ -37,7 +37,7 @@ def demo_run(demo_ingested):
     assert cli_main(common + ["dfn-train", "--run", run, "--config", str(runs / run / "e2e.toml"),
                               "--hq", str(world / "hq.parquet")]) == 0
     assert cli_main(common + ["run", "align,metaclip,klite,dfn,emit", "--run", run, "--workers", "0"]) == 0
-    assert cli_main(common + ["train", "--run", run]) == 0
+    assert cli_main(common + ["train", "--run", run, "--resume"]) == 0  # as make demo: records eval_fingerprint.json
     assert cli_main(common + ["report", "--run", run]) == 0
     return world, runs / run
 
@@ -93,7 +93,8 @@ def test_report_shows_the_manifests_numbers_and_the_metrics(demo_run):
     for src in re.findall(r"src='([^']+\.png)'", html):
         assert (run_dir / "report" / src).is_file(), src
     assert "metaclip" in html and "dfn" in html and "training curve" in html
-    evals = sorted(glob.glob(str(run_dir / "train" / "eval*.json")))
+    assert "eval_digests" not in md and "eval_fingerprint" not in md  # bookkeeping beside the results, not results
+    evals = sorted(glob.glob(str(run_dir / "train" / "eval-*.json")))
     assert evals, "train should have evaluated the model on the demo world's held-out sets"
     for f in evals:
         ev = json.loads(open(f).read())
