@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Commands that live with the stages/trainer they belong to, registered when those modules exist."""
     out = []
-    for mod in ("pipeline.report", "pipeline.ablate", "metadata.cli", "trainer.cli"):
+    for mod in ("pipeline.report", "trainer.ablate", "metadata.cli", "trainer.cli"):
         try:
             m = __import__(mod, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -7,7 +7,7 @@ import statistics
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import ablate as ablate_mod
+from trainer import ablate as ablate_mod
 
 
 def _stage(run_dir, name, n):

@@ -186,7 +186,7 @@ def test_cli_eval_klite_flag_and_config_write_both(world, checkpoint, tmp_path, 
 def test_ablate_adds_the_klite_prompts_row_for_the_full_pipeline(tmp_path, monkeypatch):
     import trainer.evaluate
     import trainer.train
-    from pipeline import ablate as ablate_mod
+    from trainer import ablate as ablate_mod
 
     run = tmp_path / "run"
     for name, n in {"03_klite": 6, "04_dfn": 4}.items():
