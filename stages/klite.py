@@ -55,6 +55,7 @@ token breaks), so "t-shirt", "T shirt", "St. Bernard" and "Ph.D." all match thei
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -318,10 +319,19 @@ class KLiteStage(Stage):
         )
 
     # -- collect / merge / stats ----------------------------------------------------------------------
+    def _candidates_key(self) -> str:
+        """What a shard's candidates are a function of, besides its texts: config, tagger, WordNet tables."""
+        return json.dumps([dataclasses.asdict(self.config), self.fingerprint_parts()], sort_keys=True, default=str)
+
     def collect(self, table: pa.Table) -> pl.DataFrame:
         """Per lemma, the captions of this shard where it is a candidate: (lemma, count), bounded by
-        WordNet's noun vocabulary."""
+        WordNet's noun vocabulary. The candidates are left for apply (`Stage.cache_put`): with the
+        part-of-speech tagger they are most of the stage's time, and apply would otherwise tag every caption
+        again."""
         cand = self.candidates(table.column("text"))
+        per_row = (pl.DataFrame({"row": pl.arange(0, table.num_rows, dtype=pl.UInt32, eager=True)})
+                   .join(cand.group_by("row").agg(pl.col("lemma_id")), on="row", how="left").sort("row"))
+        self.cache_put("candidates", table, {"lemma_ids": per_row["lemma_id"].to_arrow()}, self._candidates_key())
         counts = cand.group_by("lemma_id").agg(count=pl.len())
         return (
             counts.join(self._lemmas.select("lemma_id", "concept"), on="lemma_id")
@@ -349,10 +359,11 @@ class KLiteStage(Stage):
         return self._stats_ids[1]
 
     # -- apply ----------------------------------------------------------------------------------------
-    def choose(self, texts, stats: pl.DataFrame) -> pl.DataFrame:
-        """Per row: concept, gloss, hypernyms (nulls when no candidate), in input row order."""
+    def choose(self, texts, stats: pl.DataFrame, cand: pl.DataFrame | None = None) -> pl.DataFrame:
+        """Per row: concept, gloss, hypernyms (nulls when no candidate), in input row order. `cand`: the
+        rows' candidates when collect left them (else computed here)."""
         n = len(texts)
-        cand = self.candidates(texts)
+        cand = self.candidates(texts) if cand is None else cand
         chosen = (
             cand.join(self._counts_by_id(stats), on="lemma_id", how="left")
             .with_columns(pl.col("count").fill_null(0))
@@ -369,7 +380,13 @@ class KLiteStage(Stage):
         if stats is None:
             stats = self.merge([self.collect(table)])
         text = _as_series(table.column("text"))
-        ch = self.choose(text, stats)
+        cand = None
+        cached = self.cache_take("candidates", table, self._candidates_key())
+        if cached is not None:
+            cand = (pl.from_arrow(cached.select(["lemma_ids"])).with_row_index("row")
+                    .explode("lemma_ids").drop_nulls("lemma_ids")
+                    .select(pl.col("row").cast(pl.UInt32), lemma_id=pl.col("lemma_ids")))
+        ch = self.choose(text, stats, cand)
         out = pl.DataFrame({"text": text}).with_columns(ch["concept"], ch["gloss"], ch["hypernyms"])
         out = out.select(
             klite_concept=pl.col("concept"),

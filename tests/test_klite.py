@@ -349,6 +349,29 @@ def test_invariant_to_shards_and_workers_and_byte_identical(tmp_path):
     assert manifest["rejected"] == 0 and manifest["rows_out"] == len(texts)
 
 
+@needs_wordnet
+def test_apply_takes_collects_candidates_and_gives_the_same_result_without_them(tmp_path, monkeypatch):
+    """Candidates (the tagger's work) are found once per shard, in collect; apply takes them from the stage
+    folder, leaves no cache, and finding them again (no cache) gives the same bytes."""
+    import stages.klite as klite_mod
+
+    texts = _pool_texts()[:600]
+    _write_pool(tmp_path / "in", texts, 3)
+    cfg = config_mod.resolve({"klite": {}})
+    calls = []
+    real = klite_mod.KLiteStage.candidates
+    monkeypatch.setattr(klite_mod.KLiteStage, "candidates", lambda self, t: calls.append(len(t)) or real(self, t))
+    run_pipeline(["klite"], str(tmp_path / "cached"), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    assert sorted(calls) == [200, 200, 200]  # collect only
+    assert not list((tmp_path / "cached" / "03_klite" / "_cache").glob("*"))
+    monkeypatch.setattr(klite_mod.KLiteStage, "cache_put", lambda self, *a: None)
+    calls.clear()
+    run_pipeline(["klite"], str(tmp_path / "fresh"), cfg, input_dir=str(tmp_path / "in"), workers=0)
+    assert len(calls) == 6  # collect and apply each find them
+    for f in sorted((tmp_path / "cached" / "03_klite").glob("part-*.parquet")):
+        assert f.read_bytes() == (tmp_path / "fresh" / "03_klite" / f.name).read_bytes()
+
+
 # ---- WordNet missing ---------------------------------------------------------------------------------
 def test_wordnet_missing_is_one_line(tmp_path, monkeypatch, capsys):
     from pipeline import cli
