@@ -28,9 +28,10 @@ lemmatises. `pos_tagger = "auto"` (default) uses the tagger when its model packa
 setup` installs it, hash-checked) and falls back to morphy alone, with one logged notice, when it is not;
 "spacy" requires it; "none" is morphy alone. The tagger in use is part of the stage's fingerprint. Tags are
 per caption, independent of the batch they are tagged in (checked: the same tags with batches of 37 and
-1000), so shard and worker invariance holds (tested). Cost: the tagger runs in `collect` and in `apply`,
-at a few hundred captions/s per core (bench/results/klite_pos.json), against ~90k/s for morphy alone: at
-web scale set `pos_tagger = "none"` or give klite more workers.
+1000), so shard and worker invariance holds (tested). Cost: the tagger runs once per caption, in `collect`
+(apply takes the candidates it left, `Stage.cache_put`): ~1,900 captions/s per core for the whole stage
+(bench/results/klite_pos.json), 50-70x slower than morphy alone: at web scale set `pos_tagger = "none"` or
+give klite more workers.
 
 Known limits: morphy keeps a form that is a lemma of its own ("men": the force of workers available;
 "glasses": spectacles); the tagger makes mistakes of its own (Title Case alt-text reads as proper nouns,
