@@ -92,6 +92,8 @@ class DfnStage(Stage):
         precision: str = "auto"  # auto = bf16/fp16 autocast on GPU, fp32 on CPU
         num_workers: int = -1  # DataLoader decode workers; -1 = 0 on CPU (the model uses the cores), 4 on GPU
         cache: bool = True  # keep collect's scores for apply (no second scoring pass)
+        score_only: bool = False  # only add dfn_score (no quality cut): for a later stage that cuts (metaclip's
+        #                           min_score) so the cut and the concept balance apply together
 
         def __post_init__(self):
             check_ranges("dfn", self, keep_fraction=(0, 1), threshold=(-1, 1), bins=(2, None), batch_size=(1, None),
@@ -256,7 +258,9 @@ class DfnStage(Stage):
         s, has_image = self.score_rows(table)
         ok = np.isfinite(s)
         c = self.cut(stats)
-        if c["mode"] == "threshold":
+        if self.config.score_only:  # rows without a usable image still go: nothing can be trained on them
+            keep = ok
+        elif c["mode"] == "threshold":
             keep = ok & (np.where(ok, s, -np.inf) >= c["threshold"])
         else:
             b = np.where(ok, score_bins(np.where(ok, s, 0.0), self.config.bins), -1)

@@ -398,12 +398,17 @@ class MetaClipStage(Stage):
         image_col: str = "url"  # what identifies an image for one_text_per_image
         target_rows: int = 0  # > 0: solve t so that the expected kept count is this (t is then not used)
         target_sample: int = 200_000  # matched rows (a uniform sample by uid) the solver evaluates; all when fewer
+        score_col: str = ""  # e.g. "dfn_score" (dfn with score_only): balance among the rows at or above min_score
+        min_score: float | None = None  # rows below it (or unscored) are `low_score`, and are not counted
 
         def __post_init__(self):
             check_ranges("metaclip", self, t=(1, None), tail_share=(0, 1), target_rows=(0, None),
                          target_sample=(1, None))
             if self.tail_share >= 1:  # a share of the matches, below all of them
                 raise ConfigError(f"config [metaclip] tail_share = {self.tail_share!r}: must be at least 0 and below 1")
+            if bool(self.score_col) != (self.min_score is not None):
+                raise ConfigError("config [metaclip] score_col and min_score go together: the column holding a "
+                                  "quality score (e.g. \"dfn_score\") and the cut to balance above")
             if self.target_rows and self.tail_share:
                 raise ConfigError("config [metaclip] target_rows and tail_share both set: tail_share fixes every "
                                   "language's t, so there is no t left to solve (set one of them)")
@@ -462,10 +467,28 @@ class MetaClipStage(Stage):
         s = pl.from_arrow(table.column(col))
         return s.hash(seed=0).to_numpy().astype(np.uint64)
 
+    def _below_cut(self, table: pa.Table) -> np.ndarray | None:
+        """Rows under the quality cut (`score_col` < `min_score`, or no score), or None without a cut."""
+        c = self.config
+        if not c.score_col:
+            return None
+        if c.score_col not in table.column_names:
+            raise StageError(f"metaclip: score_col '{c.score_col}' is not a column of the shard (run the scorer "
+                             "first, e.g. dfn with score_only = true)")
+        v = pc.fill_null(pc.cast(table.column(c.score_col), pa.float64()), float("-inf")).to_numpy(zero_copy_only=False)
+        return ~(v >= float(c.min_score))
+
     def collect(self, table: pa.Table) -> dict:
-        """{"langs": {lang: (entry ids, counts)}, "images": (key hash, smallest draw) or None}."""
+        """{"langs": {lang: (entry ids, counts)}, "images": (key hash, smallest draw) or None}. Under a quality
+        cut (`score_col`/`min_score`) only the rows above it are counted, sampled and offered to an image."""
         lists = self.match(table)
         self.cache_put("matches", table, {OUT_COL: lists}, self.entries_sha256)
+        below = self._below_cut(table)
+        if below is not None and below.any():  # the rows under the cut match nothing, for the pool's statistics
+            lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+            n_all = np.diff(lists.offsets.to_numpy()) * ~below
+            kept_values = lists.values.to_numpy()[np.repeat(~below, np.diff(lists.offsets.to_numpy()))]
+            lists = _lists_from(n_all, kept_values)
         n_per_row = np.diff(lists.offsets.to_numpy())
         ids = lists.values.to_numpy()
         langs = self._languages(table)
@@ -677,8 +700,8 @@ class MetaClipStage(Stage):
             best = pl.DataFrame({"k": self._image_keys(table), "d": self._choice_draw(table.column("uid"))}).join(
                 pl.DataFrame({"k": keys, "best": draws}), on="k", how="left", maintain_order="left")
             other_text = (~no_entry) & (best["d"].to_numpy() != best["best"].fill_null(-1.0).to_numpy())
-        reason = first_reason(n, [("no_entry", no_entry), ("other_text_of_image", other_text),
-                                  ("balanced_out", ~sampled)])
+        reason = first_reason(n, [("low_score", self._below_cut(table)), ("no_entry", no_entry),
+                                  ("other_text_of_image", other_text), ("balanced_out", ~sampled)])
         out = table.append_column(OUT_COL, lists) if OUT_COL not in table.column_names else table.set_column(
             table.column_names.index(OUT_COL), OUT_COL, lists)
         return split_by_reason(out, reason)
@@ -700,6 +723,13 @@ def _dense(sparse, n: int) -> np.ndarray:
     out = np.zeros(n, dtype=np.int64)
     out[np.asarray(ids, dtype=np.int64)] = cnt
     return out
+
+
+def _lists_from(n_per_row: np.ndarray, values: np.ndarray) -> pa.ListArray:
+    """list<int32> with n_per_row[i] of `values` (in order) in row i."""
+    offsets = np.zeros(len(n_per_row) + 1, dtype=np.int32)
+    np.cumsum(n_per_row, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values.astype(np.int32), pa.int32()))
 
 
 def _merge_samples(samples: list[dict], k: int) -> dict:

@@ -329,3 +329,17 @@ def test_threaded_batches_equal_the_dataloaders_and_scores_do_not_change(world, 
     assert np.isnan(s[3]) and np.isnan(s[70]) and np.isfinite(np.delete(s, [3, 70])).all()
     scorer.num_workers = 1  # DataLoader with a worker process: the path a GPU takes
     np.testing.assert_array_equal(scorer.score(images, texts), s)
+
+
+def test_score_only_keeps_every_scored_row_and_adds_the_score(stub_scores):
+    """dfn as a scorer (balance-last): no quality cut, rows without a usable image still go."""
+    scores = np.linspace(-1, 1, 50)
+    scores[7] = np.nan  # an image that does not decode
+    scores[3] = np.nan  # no image at all (the scorer gives NaN, and has_image says why)
+    (t,) = _stub_pool(scores, [])
+    t = t.set_column(t.column_names.index("image"), "image",
+                     pa.array([None if i == 3 else b"x" for i in range(50)], pa.binary()))
+    stage = DfnStage({"checkpoint": "unused", "score_only": True, "keep_fraction": 0.1})
+    _, [(kept, rej)] = _run_stage(stage, [t])
+    assert kept.num_rows == 48 and sorted(rej.column("reason").to_pylist()) == ["bad_image", "no_image"]
+    np.testing.assert_allclose(kept.column("dfn_score").to_numpy(), np.delete(scores, [3, 7]).astype(np.float32))

@@ -586,3 +586,38 @@ def test_target_rows_with_languages_matches_brute_force(tmp_path):
             brute += 1.0 - miss
     assert th["target"]["expected_kept"] == pytest.approx(brute, rel=1e-9)
     assert abs(brute - 450) < 0.1 * 450
+
+
+# ---- balance among the pairs above a quality cut (balance-last) --------------------------------------------
+def test_balancing_above_a_score_cut_counts_only_the_rows_above_it(tmp_path):
+    """Rows under `min_score` (or unscored) are `low_score` and are not counted: the entry counts, hence
+    the balance, are those of the rows above the cut (hand-computed)."""
+    texts = [f"a cat number {i}" for i in range(600)] + [f"a dog number {i}" for i in range(400)]
+    scores = [0.9 if i % 3 else 0.1 for i in range(600)] + [0.9 if i % 4 == 0 else 0.1 for i in range(400)]
+    scores[5] = None  # unscored: under any cut
+    pool = _write_pool(tmp_path / "in", texts, 3, extra={"dfn_score": pa.array(scores, pa.float32())})
+    cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, ["cat", "dog"]), "t": 100,
+                                           "score_col": "dfn_score", "min_score": 0.5}})
+    (res,) = run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+    counts = dict(zip(*pl.read_parquet(Path(res.folder) / "stats" / "entry_counts.parquet").select("text", "count")))
+    above_cat = sum(1 for i in range(600) if i % 3 and i != 5)
+    above_dog = sum(1 for i in range(400) if i % 4 == 0)
+    assert counts == {"cat": above_cat, "dog": above_dog} == {"cat": 399, "dog": 100}
+    rej = _read(Path(res.folder), rejected=True)
+    assert rej.filter(pl.col("reason") == "low_score").height == 1000 - above_cat - above_dog
+    kept = _read(Path(res.folder))
+    assert (kept["dfn_score"] >= 0.5).all()
+    k_cat = kept.filter(pl.col("text").str.contains("cat")).height
+    p = 100 / 399
+    assert abs(k_cat - 399 * p) <= 4.5 * math.sqrt(399 * p * (1 - p))
+    assert kept.filter(pl.col("text").str.contains("dog")).height == 100  # 100 <= t: all kept
+
+
+def test_score_cut_config_and_missing_column_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="score_col and min_score go together"):
+        config_mod.resolve({"metaclip": {"score_col": "dfn_score"}})
+    pool = _write_pool(tmp_path / "in", ["a cat"], 1)
+    cfg = config_mod.resolve({"metaclip": {"entries": _entries_file(tmp_path, ["cat"]), "score_col": "dfn_score",
+                                           "min_score": 0.2}})
+    with pytest.raises(StageError, match="score_col 'dfn_score' is not a column of the shard"):
+        run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
