@@ -309,28 +309,6 @@ def test_gpu_scoring_uses_cuda_autocast_and_matches_cpu(world, dfn_model):
     assert abs(kept.num_rows / 300 - 0.3) <= 0.01
 
 
-def test_threaded_batches_equal_the_dataloaders_and_scores_do_not_change(world, dfn_model):
-    """The CPU path builds batches in a thread beside the model: the same batches, in the same order, as a
-    DataLoader (num_workers=0), and bit-identical scores; bad images still score NaN."""
-    from trainer.score import Scorer, _PairsForScoring, batches_in_a_thread
-
-    t = pq.read_table(world["pool"]).slice(0, 150)
-    images, texts = t.column("image").to_pylist(), t.column("text").to_pylist()
-    images[3], images[70] = b"not an image", images[70][:100]
-    scorer = Scorer(dfn_model, device="cpu", precision="fp32", batch_size=32)
-    ds = _PairsForScoring(images, texts, scorer.preprocess, scorer.tokenizer, scorer.size, scorer.fast)
-    ours = list(batches_in_a_thread(ds, 32))
-    theirs = list(torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=0))
-    assert [len(b[0]) for b in ours] == [32, 32, 32, 32, 22] and len(ours) == len(theirs)
-    for a, b in zip(ours, theirs):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert list(batches_in_a_thread(ds, 200))[0][0].shape[0] == 150 and list(batches_in_a_thread([], 8)) == []
-    s = scorer.score(images, texts)
-    assert np.isnan(s[3]) and np.isnan(s[70]) and np.isfinite(np.delete(s, [3, 70])).all()
-    scorer.num_workers = 1  # DataLoader with a worker process: the path a GPU takes
-    np.testing.assert_array_equal(scorer.score(images, texts), s)
-
-
 def test_score_only_keeps_every_scored_row_and_adds_the_score(stub_scores):
     """dfn as a scorer (balance-last): no quality cut, rows without a usable image still go."""
     scores = np.linspace(-1, 1, 50)

@@ -1,7 +1,7 @@
 """Batched image-text cosine under a CLIP model: what the dfn stage (and its benchmark) calls.
 
 A DataLoader decodes images and tokenises texts (in worker processes when `num_workers` > 0, with pinned
-memory on CUDA; with 0, in one thread beside the model); the model runs under inference mode, with bf16/fp16 autocast on a GPU. Rows whose image
+memory on CUDA); the model runs under inference mode, with bf16/fp16 autocast on a GPU. Rows whose image
 is missing or cannot be decoded get NaN (the stage turns NaN into a null score).
 """
 
@@ -37,29 +37,6 @@ class _PairsForScoring:
         return x, self.tokenizer([self.texts[i] or ""])[0], ok
 
 
-def batches_in_a_thread(ds, batch_size: int):
-    """The DataLoader's batches (default_collate, in order), each built in a thread while the model runs on the
-    one before. Pillow's decode and resize and torch's forward release the GIL, so one process overlaps them:
-    a single-threaded Dask worker then uses an idle core when there is one (the last shard alone at a stage's
-    end). DataLoader with num_workers=0 runs them in turn; its worker processes cost a fork and a start per
-    call, once per shard."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from torch.utils.data import default_collate
-
-    starts = list(range(0, len(ds), batch_size))
-
-    def build(lo: int):
-        return default_collate([ds[i] for i in range(lo, min(len(ds), lo + batch_size))])
-
-    with ThreadPoolExecutor(1, thread_name_prefix="dfn-decode") as pool:
-        pending = pool.submit(build, starts[0]) if starts else None
-        for k in range(len(starts)):
-            batch = pending.result()
-            pending = pool.submit(build, starts[k + 1]) if k + 1 < len(starts) else None
-            yield batch
-
-
 class Scorer:
     """Loads a checkpoint once; `score(images, texts)` -> float32 cosines (NaN: no / bad image)."""
 
@@ -92,17 +69,14 @@ class Scorer:
         ds = _PairsForScoring([images[i] for i in idx], [texts[i] for i in idx], self.preprocess, self.tokenizer,
                               self.size, self.fast)
         cuda = self.device.type == "cuda"
-        if self.num_workers == 0:
-            loader = batches_in_a_thread(ds, self.batch_size)
-        else:
-            loader = torch.utils.data.DataLoader(
-                ds,
-                batch_size=self.batch_size,
-                shuffle=False,
-                num_workers=self.num_workers,
-                pin_memory=cuda,
-                prefetch_factor=4,
-            )
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=cuda,
+            prefetch_factor=4 if self.num_workers else None,
+        )
         pos = 0
         for x, tok, ok in loader:
             x = x.to(self.device, non_blocking=cuda)
