@@ -18,12 +18,8 @@ from metadata import wordnet
 torch = pytest.importorskip("torch")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-try:
-    wordnet.load()
-    HAVE_WORDNET = True
-except wordnet.WordNetMissing:
-    HAVE_WORDNET = False
-needs_wordnet = pytest.mark.skipif(not HAVE_WORDNET, reason="WordNet is not installed")
+from tests.test_klite import needs_wordnet  # noqa: E402  the one WordNet skip marker
+from tests.test_trainer import world  # noqa: E402,F401  the trainer tests' module-scoped world fixture
 
 
 def _first_gloss(lemma: str) -> str:
@@ -99,11 +95,6 @@ def test_eval_specs():
 
 
 # ---- a real checkpoint: both result sets, the K-LITE one equal to a hand computation -----------------
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from tests.test_trainer import demo_or_synthetic_world
-
-    return demo_or_synthetic_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")
