@@ -141,6 +141,26 @@ def thumbnails(run_dir: str) -> list[dict]:
 
 
 # ---- the report --------------------------------------------------------------------------------
+def bar_chart(path: str, labels: list[str], values: list, xlabel: str, title: str, row_height: float = 0.35) -> str:
+    """A horizontal bar per label, top to bottom, written as a PNG at `path` (the stages' report figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, row_height * len(labels) + 1.2))
+    ax.barh(range(len(labels)), values, color="#4c72b0")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

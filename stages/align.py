@@ -1006,25 +1006,11 @@ class AlignStage(Stage):
         tables = [("align funnel (rows in: %d)" % rows_in, "\n".join(lines))]
         if m.get("notes"):
             tables.append(("align notes", "\n".join(f"- {x}" for x in m["notes"])))
-        figures = []
-        import matplotlib
+        from pipeline.report import bar_chart
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        os.makedirs(out_dir, exist_ok=True)
-        vals = [int(reasons.get(r, 0)) for r in order]
-        fig, ax = plt.subplots(figsize=(7, 0.35 * len(order) + 1.2))
-        ax.barh(range(len(order)), vals, color="#4c72b0")
-        ax.set_yticks(range(len(order)), order)
-        ax.invert_yaxis()
-        ax.set_xlabel("rows dropped (first broken rule)")
-        ax.set_title(f"align: {rows_in} in, {left} kept")
-        fig.tight_layout()
-        png = os.path.join(out_dir, "align_funnel.png")
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
-        figures.append(("align funnel", png))
+        png = bar_chart(os.path.join(out_dir, "align_funnel.png"), order, [int(reasons.get(r, 0)) for r in order],
+                        "rows dropped (first broken rule)", f"align: {rows_in} in, {left} kept")
+        figures = [("align funnel", png)]
         return {"figures": figures, "tables": tables}
 
 

@@ -430,22 +430,11 @@ class KLiteStage(Stage):
         ]
         figures = []
         if len(top):
-            import matplotlib
+            from pipeline.report import bar_chart
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            os.makedirs(out_dir, exist_ok=True)
-            fig, ax = plt.subplots(figsize=(7, 0.3 * len(top) + 1.2))
-            ax.barh(range(len(top)), top["n"].to_list(), color="#4c72b0")
-            ax.set_yticks(range(len(top)), top["klite_concept"].to_list())
-            ax.invert_yaxis()
-            ax.set_xlabel("captions enriched with this concept")
-            ax.set_title(f"klite: {cov:.2f}% of {total} captions enriched")
-            fig.tight_layout()
-            png = os.path.join(out_dir, "klite_concepts.png")
-            fig.savefig(png, dpi=100)
-            plt.close(fig)
+            png = bar_chart(os.path.join(out_dir, "klite_concepts.png"), top["klite_concept"].to_list(), top["n"].to_list(),
+                            "captions enriched with this concept", f"klite: {cov:.2f}% of {total} captions enriched",
+                            row_height=0.3)
             figures.append(("most used concepts", png))
         return {"figures": figures, "tables": tables}
 
