@@ -31,9 +31,14 @@ def fs_and_path(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     rewrite `_done` markers, manifests and shards, and a stale ETag makes s3fs refuse to read the new object
     ("no longer exists"), which a resume then took for a missing marker and redid the stage."""
     fs, p = fsspec.core.url_to_fs(str(path))
-    if "://" in str(path) and not str(path).startswith("file://"):
+    if not is_local(path):
         fs.invalidate_cache(p)
     return fs, p
+
+
+def is_local(path: str) -> bool:
+    """A path on this machine's filesystem (a plain path or file://), not an object store."""
+    return "://" not in str(path) or str(path).startswith("file://")
 
 
 def join(base: str, *parts: str) -> str:

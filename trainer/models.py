@@ -151,7 +151,7 @@ def read_checkpoint(path: str) -> dict:
     if not shards.exists(path):  # a local path or an fsspec URI (s3://...)
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        data = path if "://" not in str(path) else io.BytesIO(shards.read_bytes(path))
+        data = path if shards.is_local(path) else io.BytesIO(shards.read_bytes(path))
         ck = torch.load(data, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with objects, a truncated file, not a checkpoint at all
         raise ValueError(f"checkpoint {path} cannot be read: {str(e).splitlines()[0]}") from None
