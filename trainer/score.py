@@ -7,10 +7,59 @@ is missing or cannot be decoded get NaN (the stage turns NaN into a null score).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+
 import numpy as np
 
 from trainer import models
 from trainer.data import FastEvalTransform, decode_image
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+GLIBC_MMAP_THRESHOLD = 128 * 1024  # glibc's default; setting MALLOC_TRIM_THRESHOLD_ freezes it there
+GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's default
+TENSOR_MMAP_THRESHOLD = 64 << 20
+TENSOR_TRIM_THRESHOLD = 256 << 20
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return None
+
+
+@contextlib.contextmanager
+def heap_for_tensors(libc=None):
+    """Let torch reuse heap memory for its activations while scoring, then give it back.
+
+    A Dask nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (so freed memory returns to the OS at
+    once). That also freezes glibc's mmap threshold at 128 KiB, so every activation tensor of a forward pass is
+    a fresh mmap: page faults and zeroing on each batch. Measured on bench_images' pool (clipcurate-tiny, 1
+    torch thread, batches of 256): 351 pairs/s with the nanny's setting against 536 without, 550 inside this
+    context. Only acts where that variable is set; on exit the nanny's setting is restored and the heap trimmed,
+    so the worker's memory goes back to what Dask expects."""
+    trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    libc = libc if libc is not None else (_glibc() if trim is not None else None)
+    if trim is None or libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, TENSOR_MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, TENSOR_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        try:
+            restored = int(trim)
+        except ValueError:
+            restored = GLIBC_TRIM_THRESHOLD
+        libc.mallopt(M_TRIM_THRESHOLD, restored)
+        libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
 
 
 class _PairsForScoring:
@@ -78,12 +127,13 @@ class Scorer:
             prefetch_factor=4 if self.num_workers else None,
         )
         pos = 0
-        for x, tok, ok in loader:
-            x = x.to(self.device, non_blocking=cuda)
-            if self.fast is not None:
-                x = self.fast.normalize(x)
-            s = self.forward(x, tok.to(self.device, non_blocking=cuda)).cpu().numpy()
-            s[~ok.numpy().astype(bool)] = np.nan
-            out[idx[pos : pos + len(s)]] = s
-            pos += len(s)
+        with heap_for_tensors():
+            for x, tok, ok in loader:
+                x = x.to(self.device, non_blocking=cuda)
+                if self.fast is not None:
+                    x = self.fast.normalize(x)
+                s = self.forward(x, tok.to(self.device, non_blocking=cuda)).cpu().numpy()
+                s[~ok.numpy().astype(bool)] = np.nan
+                out[idx[pos : pos + len(s)]] = s
+                pos += len(s)
         return out
