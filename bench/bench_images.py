@@ -9,8 +9,11 @@ side, made from the 239 COCO images of ../shared/data/coco_mini_images (random c
 sides >= 200 px and aspect <= 3, colour/brightness/contrast x0.75-1.25, mirror half the time, JPEG q88-90);
 every image's sha256 is checked distinct. Captions are real: 25% one of the COCO image's own 5 captions, the
 rest Flickr8k + LAION-10k captions drawn without replacement (so most pairs are mismatched, as in a web pool);
-urls are synthetic and unique; uid = pipeline.schema.compute_uid(url, text). Shards of `--shard-rows` rows in
-the project's row schema (uid, url, text, image, width, height, orig_width, orig_height); `orig_*` is the
+urls are synthetic and unique; uid = pipeline.schema.compute_uid(url, text). Shards of `--shard-rows` rows
+(default 5,000: 10 shards, 5 per worker, so neither worker idles at a stage's end, as in a crawl of thousands of
+shards; with 5 shards of 10,000 one worker had 3 and the other idled through the last, a tail that the bare
+baselines, which split their rows evenly, do not have; a cached pool of other shard sizes is re-cut, not
+rebuilt: row i depends on (seed, i) only) in the project's row schema (uid, url, text, image, width, height, orig_width, orig_height); `orig_*` is the
 crop's size before the resize. A text-only copy (uid, url, text) of the same rows gives metaclip and klite
 their text-only speed on the same captions. The filtering network for dfn is `clipcurate-tiny` trained by
 `clipcurate dfn-train` (the "before" tree) for `--dfn-steps` steps on the pool's own-caption COCO pairs.
@@ -197,12 +200,57 @@ def _captions(n: int, seed: int):
     return [int(s) for s in src], texts, own.tolist()
 
 
+def pool_name(n: int, shard_rows: int, seed: int) -> str:
+    return f"pool-n{n}-r{shard_rows}-s{seed}-v{BUILD_VERSION}"
+
+
+def recut_pool(folder: Path, n: int, seed: int, shard_rows: int) -> dict | None:
+    """The same pool in shards of another size, from a cached one: row i's image and caption depend on (seed, i)
+    only, so re-cutting the rows gives the pool a build would, without re-encoding 50,000 JPEGs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import shards
+
+    sources = [p for p in sorted(folder.parent.glob(f"pool-n{n}-r*-s{seed}-v{BUILD_VERSION}"))
+               if p != folder and (p / "pool.json").exists()]
+    if not sources:
+        return None
+    src = sources[0]
+    t0 = time.perf_counter()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for kind in ("images", "text"):
+        (tmp / kind).mkdir(parents=True)
+        k, buf = 0, None
+        for f in sorted((src / kind).glob("part-*.parquet")):
+            buf = pq.read_table(f) if buf is None else pa.concat_tables([buf, pq.read_table(f)])
+            while buf.num_rows >= shard_rows:
+                shards.write_shard(buf.slice(0, shard_rows), str(tmp / kind / f"part-{k:05d}.parquet"))
+                k, buf = k + 1, buf.slice(shard_rows)
+        if buf is not None and buf.num_rows:
+            shards.write_shard(buf, str(tmp / kind / f"part-{k:05d}.parquet"))
+    shutil.copyfile(src / "hq.parquet", tmp / "hq.parquet")
+    meta = json.loads((src / "pool.json").read_text())
+    meta.update(shard_rows=shard_rows, shards=len(list((tmp / "images").glob("part-*.parquet"))),
+                pool_bytes=folder_bytes(tmp / "images"), text_pool_bytes=folder_bytes(tmp / "text"),
+                recut_from=src.name, recut_s=round(time.perf_counter() - t0, 1))
+    (tmp / "pool.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    log(f"pool: re-cut {src.name} into {meta['shards']} shards of {shard_rows:,} rows in {meta['recut_s']:.0f} s")
+    return meta
+
+
 def build_pool(folder: Path, n: int, seed: int, shard_rows: int, procs: int) -> dict:
     """Write folder/images/part-*.parquet, folder/text/part-*.parquet, folder/hq.parquet, folder/pool.json."""
     meta_path = folder / "pool.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         log(f"pool: cached {folder} ({meta['rows']:,} rows, {meta['pool_bytes'] / 2**20:,.0f} MiB)")
+        return meta
+    meta = recut_pool(folder, n, seed, shard_rows)
+    if meta is not None:
         return meta
     import multiprocessing as mp
 
@@ -586,8 +634,8 @@ def fresh_cache(warm: Path, dest: Path) -> str:
     return str(dest)
 
 
-def train_dfn(tree: dict, pool_dir: Path, cache: Path, warm: Path, steps: int) -> dict:
-    key = f"dfn-{pool_dir.name}-s{steps}"
+def train_dfn(tree: dict, pool_dir: Path, cache: Path, warm: Path, steps: int, n: int, seed: int) -> dict:
+    key = f"dfn-pool-n{n}-s{seed}-v{BUILD_VERSION}-s{steps}"  # hq.parquet does not depend on the shard size
     out = cache / key
     ck = out / "dfn" / "dfn_model" / "model.pt"
     meta_path = out / "dfn.json"
@@ -849,7 +897,8 @@ def goals_of(ratios: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=50_000, help="distinct JPEGs in the pool")
-    ap.add_argument("--shard-rows", type=int, default=10_000)
+    ap.add_argument("--shard-rows", type=int, default=5_000,
+                    help="rows per pool shard: 10 shards, 5 per worker, so no worker idles at a stage's end")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=2, help="paired rounds (before and after each; order alternates)")
     ap.add_argument("--quick", action="store_true", help="smoke run: --n 2000 --shard-rows 500 --rounds 1")
@@ -891,7 +940,7 @@ def main() -> int:
     log(f"before: {before['path']} ({before['commit']}); after: {after['path']} ({after['commit']}"
         f"{', uncommitted changes' if after.get('dirty') else ''})")
 
-    pool_dir = cache / f"pool-n{args.n}-r{args.shard_rows}-s{args.seed}-v{BUILD_VERSION}"
+    pool_dir = cache / pool_name(args.n, args.shard_rows, args.seed)
     pool_meta = build_pool(pool_dir, args.n, args.seed, args.shard_rows, args.build_procs)
     work = Path(tempfile.mkdtemp(prefix="bench-images-", dir=cache))
     warm = cache / "clipcurate-cache"
@@ -901,7 +950,7 @@ def main() -> int:
         warm_cache(before, warm, pool_dir / "text", work)
         timings["warm_cache_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
-        dfn = train_dfn(before, pool_dir, cache, warm, args.dfn_steps)
+        dfn = train_dfn(before, pool_dir, cache, warm, args.dfn_steps, args.n, args.seed)
         timings["dfn_train_s"] = dfn["train_s"]
         cfg_path = work / "config.toml"
         cfg = write_config(cfg_path, args.n, dfn)
