@@ -148,16 +148,18 @@ class DaskExecutor:
         from distributed import wait
 
         futures = [self.client.submit(fn, *item, pure=False) for item in items]
+        item_of = {f.key: item for f, item in zip(futures, items)}
         with tqdm(total=len(futures), desc=desc, unit="shard", leave=False, disable=None) as bar:
-            done = 0
-            while done < len(futures):
-                wait(futures, timeout=None, return_when="FIRST_COMPLETED")
-                now = sum(f.done() for f in futures)
-                bar.update(now - done)
-                done = now
-                for f, item in zip(futures, items):
+            # wait on the futures still pending only: waiting on all of them returns at once as soon as one is
+            # done, and the loop spun the driver's event loop at ~60% of a core for the rest of the pass (on 2
+            # cores, taken from the workers: dfn's collect on bench_images' pool took 66 s instead of ~48)
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=None, return_when="FIRST_COMPLETED")
+                bar.update(len(done))
+                for f in done:
                     if f.status == "error":
-                        with _worker_deaths(desc, item):
+                        with _worker_deaths(desc, item_of[f.key]):
                             f.result()  # raises the task's exception here
         return futures
 
