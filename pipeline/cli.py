@@ -10,7 +10,8 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline import shards
-from pipeline.stage import STAGE_ORDER, StageError, stage_dirname
+from pipeline import recipe
+from pipeline.stage import STAGE_ORDER, StageError
 
 log = logging.getLogger("clipcurate")
 
@@ -77,7 +78,7 @@ def _config_for(args, run_dir: str, running: list[str]) -> dict:
         if changed and not changed_output:
             print("config: only speed settings changed: this redoes nothing")
         elif changed:
-            stages = _run_stages(run_dir, running)
+            stages = _run_stages(run_dir, running, cfg)
             redo = config_mod.redone_by({c[0] for c in changed_output}, stages)
             print(f"config: this redoes {', '.join(redo)}" if redo else "config: no stage of this run depends on it")
         else:
@@ -87,6 +88,7 @@ def _config_for(args, run_dir: str, running: list[str]) -> dict:
 
 def _speed_only(section: str, key: str) -> bool:
     """A key that changes a stage's speed, not its output (Stage.speed_keys)."""
+    section = section.partition("@")[0]  # a labelled step's section: its stage's keys
     if section not in STAGE_ORDER:
         return False
     from pipeline.stage import stage_class
@@ -101,14 +103,24 @@ def _show(v) -> str:
     return "(unset)" if v is None else repr(v) if isinstance(v, str) else str(v)
 
 
-def _run_stages(run_dir: str, running: list[str]) -> list[str]:
-    """The stages this run has or is about to run, in order, and the trainer when it has trained: what a config
-    change may redo."""
-    have = [s for s in STAGE_ORDER if s in running or shards.exists(shards.join(run_dir, stage_dirname(s)))]
-    have += [s for s in running if s not in have]
+def _run_stages(run_dir: str, running: list[str], cfg: dict) -> list[str]:
+    """The recipe steps this run has or is about to run, in order, and the trainer when it has trained: what a
+    config change may redo."""
+    steps = recipe.of_config(cfg)
+    have = [s.name for s in steps
+            if s.name in running or s.stage in running or shards.exists(shards.join(run_dir, s.folder))]
+    have += [s for s in running if s not in have and recipe.find(steps, s) is None]
     if shards.exists(shards.join(run_dir, "train")):
         have.append("train")
     return have
+
+
+def _ingest_step(cfg: dict) -> "recipe.Step":
+    """The recipe's download step (the first stage of the default recipe): where `clipcurate ingest` writes."""
+    step = recipe.find(recipe.of_config(cfg), STAGE_ORDER[0])
+    if step is None:
+        raise StageError(f"this run's recipe ([run] stages) has no {STAGE_ORDER[0]} step to download into")
+    return step
 
 
 def cmd_ingest(args) -> int:
@@ -130,12 +142,12 @@ def cmd_ingest(args) -> int:
         cfg["ingest"]["serve_dir"] = str(Path(serve).resolve())
     config_mod.save(cfg, shards.join(run_dir, "config.toml"))
     ingest_cfg = IngestStage.Config(**cfg["ingest"])
-    stage_dir = shards.join(run_dir, stage_dirname("ingest"))
+    stage_dir = shards.join(run_dir, _ingest_step(cfg).folder)
     raw_dir, info = download_pool(args.input, stage_dir, ingest_cfg)
     # the download is the run's image store: ingest's shards and every later stage's hold references into it
     ImageStore(raw_dir, "parquet", ingest_cfg.encode_format).save(run_dir)
     with executor(args.workers, args.scheduler) as ex:
-        res = run_stage("ingest", run_dir, raw_dir, cfg, ex)
+        res = run_stage(_ingest_step(cfg), run_dir, raw_dir, cfg, ex)
     res.manifest["download"] = info
     # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
     res.manifest["urls_in"] = info["unique_urls"]
@@ -172,11 +184,11 @@ def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
     from stages.ingest import crawl_input
 
     config_mod.save(cfg, shards.join(run_dir, "config.toml"))
-    stage_dir = shards.join(run_dir, stage_dirname("ingest"))
+    stage_dir = shards.join(run_dir, _ingest_step(cfg).folder)
     store, input_dir = crawl_input(args.input, stage_dir)
     store.save(run_dir)
     with executor(args.workers, args.scheduler) as ex:
-        res = run_stage("ingest", run_dir, input_dir, cfg, ex)
+        res = run_stage(_ingest_step(cfg), run_dir, input_dir, cfg, ex)
     res.manifest["crawl"] = {"root": store.root, "format": store.format}
     shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
     kind = "WebDataset" if store.format == "wds" else "Parquet"
@@ -190,13 +202,19 @@ def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
 def cmd_run(args) -> int:
     from pipeline.runner import run_pipeline
 
-    names = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if not names:
-        raise StageError(f"no stages given (e.g. {','.join(RUNNABLE[:2])})")
-    if any(":" in n for n in names):
-        _import_from_cwd()
     run_dir = _run_dir(args)
-    cfg = _config_for(args, run_dir, names)
+    if args.stages is None:  # the whole recipe, but its download step (`clipcurate ingest` does that)
+        cfg = _config_for(args, run_dir, [])
+        if any(":" in str(n) for n in cfg["run"]["stages"]):
+            _import_from_cwd()
+        names = [s.name for s in recipe.of_config(cfg) if s.stage != STAGE_ORDER[0]]
+    else:
+        names = [s.strip() for s in args.stages.split(",") if s.strip()]
+        if not names:
+            raise StageError(f"no stages given (e.g. {','.join(RUNNABLE[:2])})")
+        if any(":" in n for n in names):
+            _import_from_cwd()
+        cfg = _config_for(args, run_dir, names)
     results = run_pipeline(names, run_dir, cfg, input_dir=args.input, workers=args.workers, scheduler=args.scheduler)
     _print_funnel(results)
     _print_outputs(results)
@@ -303,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run stages on a run's previous output or --input: "
                                    + ",".join(RUNNABLE) + " or your own module:Class")
-    p.add_argument("stages", help=f"comma list, run in pipeline order: {','.join(RUNNABLE)}; or a Stage subclass "
-                                  "as module:Class (importable from the current folder)")
+    p.add_argument("stages", nargs="?", default=None,
+                   help=f"comma list of recipe steps, run in recipe order ([run] stages; default "
+                        f"{','.join(RUNNABLE)}); a repeated stage by its label (align@text); or a Stage subclass "
+                        "as module:Class (importable from the current folder). Default: every step of the recipe "
+                        "but its download")
     p.add_argument("--run", required=True, help="run name: runs/NAME")
     p.add_argument("--input", default=None,
                    help="folder of Parquet shards (or one .parquet file) with a text column; default: the run's "

@@ -13,6 +13,7 @@ from typing import Any
 
 import tomli_w
 
+from pipeline import recipe
 from pipeline.stage import STAGE_ORDER, StageError, stage_class
 
 
@@ -23,6 +24,8 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class RunConfig:
     seed: int = 0
+    # the recipe: the stages this run runs, in order (pipeline/recipe.py); a stage may repeat with a label
+    stages: list = dataclasses.field(default_factory=recipe.default_recipe)
     # Stages whose pool-wide statistics grow with the pool (align) shuffle them into ceil(shards / this)
     # partitions, each merged by one task: a task's memory follows this many shards, not the pool. Results
     # do not depend on it; lower it when a merge task runs out of memory, raise it for fewer, larger tasks.
@@ -30,6 +33,10 @@ class RunConfig:
 
     def __post_init__(self):
         check_ranges("run", self, stats_shards_per_partition=(1, None))
+        try:
+            recipe.steps_of(self.stages, load_user_stages=False)
+        except StageError as e:
+            raise ConfigError(str(e)) from None
 
 
 # Sections that are not shard stages but share the file.
@@ -52,6 +59,8 @@ def _extra_section_class(name: str):
 
 
 def section_class(name: str):
+    if "@" in name:  # a labelled step of the recipe (`[align@text]`): its stage's Config
+        name = name.partition("@")[0]
     if name in STAGE_ORDER:
         try:
             return stage_class(name).Config
@@ -86,7 +95,7 @@ def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
 def resolve(raw: dict) -> dict[str, dict]:
     """Defaults for every known section, overridden by `raw`; validated."""
     out: dict[str, dict] = {}
-    names = ["run"] + STAGE_ORDER + ["train"]
+    names = ["run"] + STAGE_ORDER + ["train"] + recipe.labelled_sections(raw)
     for section in list(raw):
         if ":" in section:  # a user stage ("module:Class"): its own Config validates it when built
             out[section] = dict(raw[section])

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.images import REF_COL, ImageStoreError, run_reader
-from pipeline.stage import STAGE_ORDER, StageError, stage_class
+from pipeline.stage import StageError, stage_class
 
 log = logging.getLogger("clipcurate.report")
 
@@ -32,12 +32,27 @@ THUMBS_PER_GROUP = 8
 
 
 def stage_folders(run_dir: str) -> list[tuple[str, str]]:
-    """(stage name, folder) for every stage of the run that has finished (has a manifest)."""
-    out = []
-    for name in STAGE_ORDER:
-        for d in sorted(Path(run_dir).glob(f"*_{name}")):
-            if (d / "_manifest.json").exists():
-                out.append((name, str(d)))
+    """(step name, folder) for every step of the run's recipe that has finished (has a manifest), in recipe
+    order; then any other finished stage folder (a user's stage run outside the recipe). A step name is a stage
+    name, or stage@label for a repeated stage."""
+    from pipeline import config as config_mod
+    from pipeline import recipe
+
+    try:
+        steps = recipe.of_config(config_mod.saved_config(run_dir) or config_mod.resolve({}))
+    except (StageError, ValueError):
+        steps = recipe.steps_of(recipe.default_recipe())
+    out, seen = [], set()
+    for step in steps:
+        d = Path(run_dir) / step.folder
+        seen.add(d.name)
+        if (d / "_manifest.json").exists():
+            out.append((step.name, str(d)))
+    for d in sorted(Path(run_dir).glob("[0-9][0-9]_*")):
+        if d.name not in seen and (d / "_manifest.json").exists():
+            stage = (shards.read_json(str(d / "_manifest.json")) or {}).get("stage", "")
+            if stage:
+                out.append((stage, str(d)))
     return out
 
 
@@ -54,16 +69,20 @@ def histograms(run_dir: str) -> dict[str, dict]:
     results = {}
     for name, folder in stage_folders(run_dir):
         try:
-            cls = stage_class(name)
+            cls = stage_class(name.partition("@")[0])
         except StageError:
             continue
+        step_out = out_dir
+        if "@" in name:  # a repeated stage: its figures must not overwrite the other step's
+            step_out = os.path.join(out_dir, name.replace("@", "-"))
+            os.makedirs(step_out, exist_ok=True)
         cfg = (shards.read_json(os.path.join(folder, "_manifest.json")) or {}).get("config", {})
         try:
             stage = cls(cfg)
         except TypeError:
             stage = cls()
         try:
-            results[name] = stage.report(folder, out_dir)
+            results[name] = stage.report(folder, step_out)
         except Exception as e:  # a figure that fails must not lose the rest of the report
             log.warning("%s: report hook failed: %s", name, e)
             results[name] = {"figures": [], "tables": [], "error": str(e)}

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from pipeline import codec, images, schema, shards
 from pipeline.config import ConfigError, RunConfig
-from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class, stage_dirname, stage_position
+from pipeline import recipe
+from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class
 
 log = logging.getLogger("clipcurate.runner")
 
@@ -506,53 +507,62 @@ def recorded_source(run_dir: str) -> str | None:
     return rec.get("input") or None
 
 
-def previous_stage_dir(run_dir: str, name: str) -> str | None:
-    """The output of the nearest earlier stage that exists in this run (for a run given no --input)."""
-    for prev in reversed(STAGE_ORDER[: stage_position(name)]):
-        d = shards.join(run_dir, stage_dirname(prev))
+def previous_stage_dir(run_dir: str, step: "recipe.Step", steps: list) -> str | None:
+    """The output of the nearest earlier step of the recipe that exists in this run (for a run given no --input)."""
+    for prev in reversed([s for s in steps if s.position < step.position]):
+        d = shards.join(run_dir, prev.folder)
         if shards.exists(shards.join(d, "_manifest.json")):
             return d
         if shards.exists(d) and shards.list_shards(d):
             # a stage that wrote shards but no manifest was killed (or failed) mid-way: its folder may mix
             # shards of an old and a new config. Reading past it to an earlier stage would silently skip it.
-            raise StageError(f"{name}: {prev} did not finish in this run ({d} has no _manifest.json); "
+            raise StageError(f"{step.name}: {prev.name} did not finish in this run ({d} has no _manifest.json); "
                              f"rerun it first")
     return None
 
 
-def skipped_stages(name: str, upstream_dir: str) -> list[str]:
-    """Built-in stages between the folder a stage reads and the stage itself that have not run: `run klite` on
-    a fresh run reads ingest's output, and align and metaclip are then silently not part of the data."""
-    if stage_position(name) >= len(STAGE_ORDER):
-        return []
+def skipped_stages(step: "recipe.Step", upstream_dir: str, steps: list) -> list[str]:
+    """Recipe steps between the folder a step reads and the step itself that have not run: `run klite` on a
+    fresh run reads ingest's output, and align and metaclip are then silently not part of the data."""
     folder = shards.shard_name(upstream_dir)
-    earlier = [s for s in STAGE_ORDER[: stage_position(name)] if stage_dirname(s) == folder]
+    earlier = [s for s in steps if s.position < step.position and s.folder == folder]
     if not earlier:
         return []
-    return STAGE_ORDER[STAGE_ORDER.index(earlier[0]) + 1 : stage_position(name)]
+    return [s.name for s in steps if earlier[0].position < s.position < step.position]
 
 
-def _warn_skipped(name: str, upstream_dir: str, recipe: list[str]) -> None:
-    missing = [s for s in skipped_stages(name, upstream_dir) if s not in recipe]
+def _warn_skipped(step: "recipe.Step", upstream_dir: str, steps: list, running: list) -> None:
+    missing = [s for s in skipped_stages(step, upstream_dir, steps) if s not in {r.name for r in running}]
     if missing:
         log.warning("%s reads %s: %s did not run in this run, so its rows are not curated by %s "
-                    "(to include: clipcurate run %s,%s --run ...)", name, upstream_dir, ", ".join(missing),
-                    "it" if len(missing) == 1 else "them", ",".join(missing), name)
+                    "(to include: clipcurate run %s,%s --run ...)", step.name, upstream_dir, ", ".join(missing),
+                    "it" if len(missing) == 1 else "them", ",".join(missing), step.name)
+
+
+def step_of(name: "str | recipe.Step", config: dict) -> "recipe.Step":
+    """A step of the config's recipe by name (a stage outside it: its pre-recipe place, 90_<name>)."""
+    if isinstance(name, recipe.Step):
+        return name
+    return recipe.plan([name], recipe.of_config(config))[0]
 
 
 def run_stage(
-    name: str,
+    name: "str | recipe.Step",
     run_dir: str,
     input_dir: str,
     config: dict[str, dict],
     ex,
     upstream_is_stage: bool = False,
 ) -> StageResult:
-    cls = stage_class(name)
+    """One step of the recipe over every shard of `input_dir`. Its tasks build the stage by its stage name
+    (`step.stage`); its config section, folder, fingerprint and manifest use the step's name (`align@text`)."""
+    step = step_of(name, config)
+    name, stage = step.name, step.stage
+    cls = stage_class(stage)
     seed = int(config.get("run", {}).get("seed", 0))
     stage_cfg = config.get(name, {})
     probe = cls(stage_cfg, seed)  # not set up: only for fingerprint parts and names
-    stage_dir = shards.join(run_dir, stage_dirname(name))
+    stage_dir = shards.join(run_dir, step.folder)
     probe.context = {"stage_dir": stage_dir, "run_dir": run_dir}  # fingerprint parts may name run resources
     inputs = shards.list_shards(input_dir)
     if not inputs:
@@ -617,14 +627,14 @@ def run_stage(
             if shuffled:
                 per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
                 partitions = stats_partitions(len(inputs), per)
-                answer_bytes = _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions)
+                answer_bytes = _shuffled_stats(stage, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions)
             else:
-                _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings)
+                _reduced_stats(probe, stage, stage_cfg, seed, inputs, stage_dir, ex, timings)
             shards.write_json({"fingerprint": fp, "partitions": partitions}, marker)
 
     # pass 2 — apply, skipping shards already done under this fingerprint
     t0 = time.perf_counter()
-    items = [(name, stage_cfg, seed, p, stage_dir, fp, partitions) for p in todo]
+    items = [(stage, stage_cfg, seed, p, stage_dir, fp, partitions) for p in todo]
     for _, summary in ex.map(apply_task, items, f"{name} apply"):
         summaries[summary["shard"]] = summary
     timings["apply_s"] = round(time.perf_counter() - t0, 3)
@@ -648,15 +658,15 @@ def run_stage(
     t0 = time.perf_counter()
     final = None
     if type(probe).finalize is not Stage.finalize:  # only then: setup may be heavy (models, automata)
-        stage = get_stage(name, stage_cfg, seed)
-        stage.context = _context(stage, stage_dir, "")
-        items = stage.finalize_items(stage_dir, run_dir, per_shard)
+        inst = get_stage(stage, stage_cfg, seed)
+        inst.context = _context(inst, stage_dir, "")
+        items = inst.finalize_items(stage_dir, run_dir, per_shard)
         done = [None] * len(items)
-        work = [(name, stage_cfg, seed, stage_dir, item) for item in items]
+        work = [(stage, stage_cfg, seed, stage_dir, item) for item in items]
         for i, result in ex.map(finalize_item_task, work, f"{name} finalize"):
             done[i] = result
-        stage.context = _context(stage, stage_dir, "")
-        final = stage.finalize(stage_dir, run_dir, per_shard, done if items else None)
+        inst.context = _context(inst, stage_dir, "")
+        final = inst.finalize(stage_dir, run_dir, per_shard, done if items else None)
     if final is not None:
         timings["finalize_s"] = round(time.perf_counter() - t0, 3)
     manifest = build_manifest(name, fp, stage_cfg, input_dir, per_shard, timings)
@@ -759,13 +769,15 @@ def run_pipeline(
     workers: int | None = None,
     scheduler: str | None = None,
 ) -> list[StageResult]:
-    """Run `stages` in canonical order; each reads the previous one's output (or `input_dir` first)."""
-    names = list(stages)
-    for n in names:
-        if n == STAGE_ORDER[0]:
-            raise StageError(f"{n} is not run with `run`: it downloads a URL list, use `clipcurate {n} URLS --run NAME`")
-        stage_class(n)  # fail fast on unknown or missing stages
-    names = sorted(names, key=stage_position)
+    """Run the recipe steps `stages` names, in recipe order ([run] stages); each reads the output of the
+    nearest earlier step that has run (or `input_dir` first)."""
+    steps = recipe.of_config(config)
+    todo = recipe.plan(list(stages), steps)
+    for st in todo:
+        if st.stage == STAGE_ORDER[0]:
+            raise StageError(f"{st.name} is not run with `run`: it downloads a URL list, use "
+                             f"`clipcurate {st.stage} URLS --run NAME`")
+        stage_class(st.stage)  # fail fast on unknown or missing stages
     from pipeline import config as config_mod
 
     with _driver_writes("run", run_dir):
@@ -776,19 +788,19 @@ def run_pipeline(
     results = []
     with executor(workers, scheduler) as ex:
         current, from_stage = input_dir, False
-        for i, name in enumerate(names):
+        for st in todo:
             if current is None:
-                current = previous_stage_dir(run_dir, name)
+                current = previous_stage_dir(run_dir, st, steps)
                 from_stage = True
                 if current is None and recorded_source(run_dir):
                     current, from_stage = recorded_source(run_dir), False
-                    log.info("%s reads %s, the pool this run was started on (--input)", name, current)
+                    log.info("%s reads %s, the pool this run was started on (--input)", st.name, current)
                 if current is None:
-                    raise StageError(f"{name}: no input in run {run_dir}: ingest a URL list first "
+                    raise StageError(f"{st.name}: no input in run {run_dir}: ingest a URL list first "
                                      f"(clipcurate {STAGE_ORDER[0]} URLS --run NAME), or give --input DIR")
-                _warn_skipped(name, current, names)
-            with _driver_writes(name, run_dir):
-                res = run_stage(name, run_dir, current, config, ex, upstream_is_stage=from_stage)
+                _warn_skipped(st, current, steps, todo)
+            with _driver_writes(st.name, run_dir):
+                res = run_stage(st, run_dir, current, config, ex, upstream_is_stage=from_stage)
             results.append(res)
             current, from_stage = res.folder, True
     return results

@@ -33,7 +33,8 @@ import time
 
 from pipeline import config as config_mod
 from pipeline import shards
-from pipeline.stage import StageError, stage_dirname
+from pipeline import recipe
+from pipeline.stage import StageError
 
 log = logging.getLogger("clipcurate.ablate")
 
@@ -101,9 +102,14 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
         raise StageError("ablate: no eval set: give [train] eval_sets in the config (Parquet files)")
     seeds = [int(x) for x in (seeds or [tc.seed])]
     rows = []
+    steps = recipe.of_config(cfg)
     for variant, stage in variants or VARIANTS:
         with_klite = variant == KLITE_PROMPTS_OF
-        folder = os.path.join(run_dir, stage_dirname(stage))
+        step = recipe.find(steps, stage)
+        if step is None:
+            log.warning("ablate: %s skipped (%s is not in this run's recipe)", variant, stage)
+            continue
+        folder = os.path.join(run_dir, step.folder)
         if not os.path.exists(os.path.join(folder, "_manifest.json")):
             log.warning("ablate: %s skipped (%s has not run in %s)", variant, stage, run_dir)
             continue
