@@ -361,3 +361,53 @@ def test_heap_for_tensors_lifts_the_dask_nanny_trim_while_scoring_and_restores_i
     with heap_for_tensors(libc):
         pass
     assert libc.calls == []
+
+
+def test_balance_last_recipe_balances_among_the_pairs_above_the_score_cut(world, dfn_model, tmp_path):
+    """The balance-last recipe (MetaCLIP's advice: balance after the quality losses): dfn only scores, then
+    metaclip balances among the pairs at or above a score cut, in one run, in recipe order."""
+    import re
+    import shutil
+    from collections import Counter
+
+    from pipeline.runner import run_pipeline
+
+    _pool_shards(world, tmp_path / "in", n_shards=3)
+    texts = pq.read_table(world["pool"], columns=["text"]).column("text").to_pylist()
+    words = Counter(w for t in texts for w in set(re.findall(r"[a-z]{4,}", (t or "").lower())))
+    entries = [w for w, _ in words.most_common(4)]
+    (tmp_path / "entries.txt").write_text("\n".join(entries) + "\n")
+    ck = tmp_path / "model.pt"
+    shutil.copy(dfn_model, ck)
+    raw = {"run": {"stages": ["dfn", "metaclip"]},
+           "dfn": {"checkpoint": str(ck), "score_only": True, "batch_size": 64},
+           "metaclip": {"entries": str(tmp_path / "entries.txt"), "t": 20, "score_col": "dfn_score", "min_score": -1.0}}
+    run = tmp_path / "r"
+    [scored] = run_pipeline(["dfn"], str(run), config_mod.resolve(raw), input_dir=str(tmp_path / "in"), workers=0)
+    assert scored.folder.endswith("00_dfn") and scored.manifest["rows_out"] == 398  # score only: no cut
+    scored_rows = pa.concat_tables([pq.read_table(p, columns=["text", "dfn_score"])
+                                    for p in sorted((run / "00_dfn").glob("part-*.parquet"))])
+    s = scored_rows.column("dfn_score").to_numpy()
+    cut = float(np.median(s))
+    raw["metaclip"]["min_score"] = cut
+    dfn_res, meta_res = run_pipeline(["dfn", "metaclip"], str(run), config_mod.resolve(raw), workers=0)
+    assert dfn_res.manifest["fingerprint"] == scored.manifest["fingerprint"]  # up to date: not rescored
+    assert meta_res.folder.endswith("01_metaclip")
+    kept = pa.concat_tables([pq.read_table(p) for p in sorted((run / "01_metaclip").glob("part-*.parquet"))])
+    assert kept.num_rows > 0 and pc.all(pc.greater_equal(kept.column("dfn_score"), cut)).as_py()
+    rej = pa.concat_tables([pq.read_table(p) for p in sorted((run / "01_metaclip" / "rejected").glob("*.parquet"))])
+    low = pc.equal(rej.column("reason"), "low_score").to_numpy(zero_copy_only=False)
+    assert (rej.column("dfn_score").to_numpy(zero_copy_only=False)[low] < cut).all()
+    # the entry counts are those of the rows above the cut; no entry keeps much more than t (each of its rows is
+    # kept with probability t / count; a row that also matches a rarer entry may be kept through that one)
+    above = [t.lower() for t, v in zip(scored_rows.column("text").to_pylist(), s) if v >= cut]
+    kept_texts = [t.lower() for t in kept.column("text").to_pylist()]
+    heads = [e for e in entries if sum(e in t for t in above) > 20]
+    assert heads, "the test needs an entry with more than t rows above the cut"
+    for e in entries:
+        n_above = sum(e in t for t in above)
+        n_kept = sum(e in t for t in kept_texts)
+        via_others = sum(e in t and any(o in t for o in entries if o != e) for t in kept_texts)
+        assert n_kept <= n_above
+        if n_above > 20:  # a head entry: about t of its rows, plus those kept through another entry
+            assert n_kept <= 20 + 4.5 * np.sqrt(20) + via_others, (e, n_above, n_kept, via_others)
