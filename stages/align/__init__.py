@@ -338,11 +338,12 @@ class AlignStage(Stage):
         if img is not None:
             f.decoded, f.phash = img["decoded"], img["phash"]
         zeros = np.zeros(n, dtype=np.int64)
-        f.width, f.height = judged_size(table, f.decoded, *((img["width"], img["height"]) if img else (zeros, zeros)))
+        dw, dh = (img["width"], img["height"]) if img is not None else (zeros, zeros)
+        f.width, f.height = judged_size(table, f.decoded, dw, dh)
 
-        words, f.token_row, f.token_word = word_table(f.tokens)
-        f.words = words
-        f.word_count = (_lookup(stats.lookup("token_n"), hash64_strings(words.to_arrow(), "tok"), 0) if len(words)
+        # each distinct word's pool count, for rare_token
+        f.words, f.token_row, f.token_word = word_table(f.tokens)
+        f.word_count = (_lookup(stats.lookup("token_n"), hash64_strings(f.words.to_arrow(), "tok"), 0) if len(f.words)
                         else np.zeros(0, _U64))
 
         # which copy of each uid is kept: every row has a uid, so this is known in every pool
