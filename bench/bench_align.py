@@ -6,7 +6,7 @@
 The big pool resamples LAION-10k and Flickr8k captions with light perturbation (case, punctuation, a
 dropped last word, a one-character typo) and keeps the source url for 70% of rows (the same "image" with
 a near-identical caption, so dedup has work) and a fresh url for the rest. Text-only: the url stands in for
-the image (see stages/align.py). Timings on a shared 2-core machine are noisy: the load average at start
+the image (see stages/align/). Timings on a shared 2-core machine are noisy: the load average at start
 and end of each measurement is recorded next to it.
 """
 

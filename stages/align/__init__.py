@@ -1,0 +1,403 @@
+"""align: ALIGN's noise filters (arXiv 2102.05918, section 3), DataComp's basic filter, and dedup.
+
+Rules, in the order a rejected row names the first one it breaks (`REASONS`):
+
+  image_unreadable     image bytes null, not decodable, truncated, or over `max_image_pixels`
+                       (Pillow's decompression-bomb limit). Our own rule, first, so a bad image never
+                       crashes a worker and never reaches the size rules. Only in pools that hold images.
+  image_too_small      min(orig_width, orig_height) < min_side
+  aspect_ratio         max/min side > max_aspect
+  image_many_texts     the image (exact content hash) comes with > max_texts_per_image distinct alt-texts
+  text_many_images     the normalised alt-text comes with > max_images_per_text distinct images
+  too_few_words        < min_words word tokens
+  too_many_words       > max_words word tokens
+  rare_token           a token seen < min_token_count times in the pool AND unknown to wordfreq's
+                       reference vocabulary (Zipf < min_zipf)
+  exact_duplicate      same image hash and same normalised text as a row with a smaller uid; or another copy
+                       of the row's uid (same url and text) is the one kept: of the rows that share a uid, align
+                       keeps exactly one, the one with the smallest content key (`row_content_key`: a 64-bit
+                       hash of every column of the row, names sorted, so copies that differ anywhere, e.g. in
+                       the caption's other columns or the image bytes, are ordered by what they hold; the
+                       `image_ref`, a place, is left out and the image's content hash stands in for it).
+                       Copies with the same content key hold the same row and the same image bytes: any one of
+                       them is the same output, and the one kept is the one with the smallest (shard name, row)
+                       hash. uid stays unique downstream.
+  near_duplicate       shares a MinHash-LSH band (word shingles, Jaccard threshold) with a caption of
+                       the same image that has a smaller uid
+  eval_near_duplicate  perceptual hash within `eval_hamming` bits of an evaluation image
+  language             (off unless `language` is set) py3langid says another language
+  invalid_utf8         (every stage, before its rules: `pipeline.stage.Stage`) uid/url/text bytes that are not
+                       UTF-8; the row is set aside before collect, so pool counts never see it
+
+Pool-wide facts come from `collect` (per shard) and `merge` (associative sums/mins over 64-bit keys):
+token counts; one row per distinct (image, text) pair (its smallest uid and row count), from which
+texts-per-image and images-per-text follow; the smallest uid per LSH band key; and, per uid, its smallest
+content key and row count (`uids`), and per (uid, content key) the smallest position hash (`copies`). They are keyed by
+64-bit hashes (16-40 bytes a row, never row payloads), but they still grow with the pool, so the runner
+shuffles them (`split`: each table cut by its key's hash; `merge` per partition; `answer`: the lookups one
+shard needs) and no task ever holds the whole. Nothing depends on shard boundaries, row order, worker
+count or partition count.
+
+Two image hashes, on purpose:
+  * `image_hash` = blake2b-64 of the encoded bytes. "Same image" for the pool-wide counts and for
+    duplicates. It is exact: two different product shots on white can share a 64-bit perceptual hash, and
+    merging them would drop innocent captions. Re-encoded copies are missed by it; that is the price.
+  * `image_phash` = 64-bit dHash (Pillow + numpy) of the decoded image, used only against the evaluation
+    set, where near-copies (resized, re-encoded) must be caught.
+Pixels are read once: rows carry only a reference to their image (`image_ref`, pipeline/images.py); `collect`
+reads each shard's bytes through the run's image reader, a store file at a time, and computes every per-image
+fact (content hash, decodable, decoded size, dHash) in that one pass. `apply` takes them from the pass-1 cache
+(`Stage.cache_put`/`cache_take`) and reads the pixels again only when the cache is missing.
+A text-only pool (no image bytes anywhere) uses the url as the image identity when there is one, so
+boilerplate and duplicates are still found; the image-only rules are skipped and the manifest says so.
+
+The package: `rules` (each rule a small unit over `features.RowFeatures`, and `judge`), `text` (normalise,
+tokens, shingles), `minhash` (MinHash and LSH band keys), `images` (image facts, dHash, the eval set's Hamming
+index), `stats` (the pool-wide tables, their merge and shuffle); the stage here wires them: `rules()` is the list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline.config import check_ranges
+from pipeline.hashing import combine64, hash64_strings, row_content_key
+from pipeline.images import MAX_IMAGE_PIXELS
+from pipeline.stage import Stage, StageError, split_by_reason
+
+from . import stats as _stats
+from .features import RowFeatures, judged_size, row_features
+from .images import (IMAGE_CHUNK, IMAGE_EXTS, IMAGE_FACTS, HammingIndex, decode_threads, dhash64, image_facts,
+                     inspect_image, load_eval_hashes)
+from .minhash import MinHasher
+from .report import funnel_report
+from .rules import (REASONS, AspectRatio, EvalNearDuplicate, ExactDuplicate, ImageManyTexts, ImageTooSmall,
+                    ImageUnreadable, Language, LanguageId, NearDuplicate, RareToken, Rule, TextManyImages,
+                    TooFewWords, TooManyWords, ZipfVocabulary, judge)
+from .stats import LOOKUPS, META_SUMS, AlignAnswer, AlignStats, _lookup
+from .text import TOKEN_RE, _explode_tokens, normalise_text, shingles, tokenize, word_table
+
+__all__ = [
+    "REASONS", "AlignStage", "STAGE", "AlignStats", "AlignAnswer", "RowFeatures", "Rule", "MinHasher", "HammingIndex",
+    "dhash64", "inspect_image", "load_eval_hashes", "decode_threads", "normalise_text", "tokenize", "shingles",
+    "TOKEN_RE", "IMAGE_EXTS", "IMAGE_CHUNK", "META_SUMS", "LOOKUPS",
+]
+
+log = logging.getLogger("clipcurate.align")
+
+_U64 = np.uint64
+_MAX_U64 = np.iinfo(np.uint64).max
+
+
+class AlignStage(Stage):
+    """ALIGN / DataComp-basic filtering with exact and near-duplicate removal and eval decontamination."""
+
+    needs_pixels = True
+    name = "align"
+    requires = {"uid": pa.string(), "text": pa.string()}
+
+    @dataclasses.dataclass
+    class Config:
+        min_side: int = 200  # px, on orig_width/orig_height (size before any ingest resize)
+        max_aspect: float = 3.0
+        max_texts_per_image: int = 1000  # distinct normalised alt-texts per image hash
+        max_images_per_text: int = 10  # distinct images per normalised alt-text
+        min_words: int = 3
+        max_words: int = 20
+        # Rare = pool count < min_token_count AND Zipf < min_zipf. ALIGN keeps the 100M most frequent
+        # unigrams+bigrams of 1.8B pairs; the count at that cut scales with pool size and is below 2
+        # for any pool under ~1e9 pairs, so the smallest meaningful threshold, 2 ("seen once"), is the
+        # default; raise it for web-scale pools. With Zipf < 1.5 (wordfreq 'en') the rule alone flags
+        # 1.6% of Flickr8k captions and 31.5% of the raw LAION 10k sample (28.1% as the first broken
+        # rule, after the word counts): typos, product codes, names, non-English (bench/results/align.json).
+        min_token_count: int = 2
+        min_zipf: float = 1.5
+        zipf_language: str = "en"  # wordfreq reference vocabulary
+        near_dup_threshold: float = 0.8  # Jaccard of word-shingle sets (MinHash LSH)
+        num_perm: int = 128  # datasketch's default; LSH bands x rows chosen by datasketch (9 x 13)
+        shingle_size: int = 1  # words per shingle: captions are short, one changed word in ten = J 0.82
+        minhash_seed: int = 1
+        eval_images: str = ""  # folder of images, or Parquet with image bytes / image_phash; "" = off
+        eval_hamming: int = 6  # bits of dHash distance that count as the same image
+        language: str = ""  # e.g. "en": drop captions py3langid assigns to another language; "" = off
+        max_image_pixels: int = MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (pipeline.images)
+        url_as_image: bool = True  # text-only pools: the url stands in for the image in pool counts
+        decode_threads: int = 0  # threads that hash and decode a shard's images; 0 = one per core
+
+        def __post_init__(self):
+            check_ranges("align", self, min_side=(0, None), max_aspect=(1, None), max_texts_per_image=(1, None),
+                         max_images_per_text=(1, None), min_words=(0, None), max_words=(max(0, self.min_words), None),
+                         min_token_count=(0, None), near_dup_threshold=(0, 1), num_perm=(2, None),
+                         shingle_size=(1, None), eval_hamming=(0, 64), max_image_pixels=(1, None),
+                         decode_threads=(0, None))
+
+    speed_keys = frozenset({"decode_threads"})
+
+    def __init__(self, config: Any = None, seed: int = 0):
+        super().__init__(config, seed)
+        c = self.config
+        if c.min_words > c.max_words:
+            raise StageError(f"align: min_words {c.min_words} > max_words {c.max_words}")
+        if not 0.0 < c.near_dup_threshold <= 1.0:
+            raise StageError(f"align: near_dup_threshold must be in (0, 1], got {c.near_dup_threshold}")
+        if not 0 <= c.eval_hamming < 64:
+            raise StageError(f"align: eval_hamming must be in [0, 63], got {c.eval_hamming}")
+        self._minhasher: MinHasher | None = None
+        self._eval: HammingIndex | None = None
+        self._zipf = ZipfVocabulary(c.zipf_language)
+        self._langid = LanguageId()
+
+    # ---- the rules, in the order a rejected row names the first one it breaks ----
+    def rules(self) -> list[Rule]:
+        c = self.config
+        return [
+            ImageUnreadable(),
+            ImageTooSmall(c.min_side),
+            AspectRatio(c.max_aspect),
+            ImageManyTexts(c.max_texts_per_image),
+            TextManyImages(c.max_images_per_text),
+            TooFewWords(c.min_words),
+            TooManyWords(c.max_words),
+            RareToken(c.min_token_count, c.min_zipf, self._zipf),
+            ExactDuplicate(),
+            NearDuplicate(),
+            EvalNearDuplicate(self.eval_index()),
+            Language(c.language, self._langid),
+        ]
+
+    # ---- resources ----
+    @property
+    def minhasher(self) -> MinHasher:
+        if self._minhasher is None:
+            c = self.config
+            self._minhasher = MinHasher(c.num_perm, c.minhash_seed, c.near_dup_threshold)
+        return self._minhasher
+
+    def eval_index(self) -> HammingIndex | None:
+        if not self.config.eval_images:
+            return None
+        if self._eval is None:
+            if not Path(self.config.eval_images).exists():
+                raise StageError(f"align: eval_images {self.config.eval_images} does not exist")
+            hashes, bad = load_eval_hashes(self.config.eval_images, self.config.max_image_pixels)
+            self._eval = HammingIndex(hashes, self.config.eval_hamming)
+            self._eval_bad = bad
+        return self._eval
+
+    def setup(self) -> None:
+        if self.config.language:
+            try:
+                import py3langid  # noqa: F401
+            except ModuleNotFoundError:
+                raise StageError(
+                    "align: language = "
+                    f"{self.config.language!r} needs the py3langid package (pip install py3langid==0.3.0)"
+                ) from None
+
+    def fingerprint_parts(self) -> dict:
+        import datasketch
+        import wordfreq
+
+        parts = {"datasketch": datasketch.__version__, "wordfreq": getattr(wordfreq, "__version__", "3.1.1"),
+                 "uid_copies": 1, "polars": pl.__version__}  # row_content_key JSON-encodes nested columns with polars
+        if self.config.eval_images and Path(self.config.eval_images).exists():
+            p = Path(self.config.eval_images)
+            files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+            parts["eval"] = [(str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size) for f in files]
+        return parts
+
+    # ---- per-row features shared by collect and apply ----
+    def _features(self, table: pa.Table, img: dict | None) -> RowFeatures:
+        return row_features(table, img, self.config.url_as_image)
+
+    # ---- pixels: read once ----
+    # Every per-image fact align needs (content hash, decodable, decoded size, dHash) comes from one read of the
+    # shard's pixels through the image reader, in collect; apply takes them from the pass-1 cache
+    # (Stage.cache_put/cache_take) and reads the pixels again only when the cache is missing.
+    IMAGE_FACTS = IMAGE_FACTS
+
+    def _inspect_images(self, table: pa.Table) -> dict | None:
+        """{fact: array per row} for a shard whose rows reference images; None for a text-only pool."""
+        blobs = self.pixels(table)
+        if blobs is None:
+            return None
+        c = self.config
+        return image_facts(blobs, c.max_image_pixels, decode_threads(c.decode_threads), IMAGE_CHUNK)
+
+    def _images_key(self) -> str:
+        return json.dumps(["images", self.config.max_image_pixels])
+
+    def _cached_images(self, table: pa.Table) -> dict | None:
+        cached = self.cache_take("images", table, self._images_key())
+        if cached is None:
+            return self._inspect_images(table)
+        return {k: cached.column(k).to_numpy(zero_copy_only=False).astype(t) for k, t in self.IMAGE_FACTS.items()}
+
+    # ---- near-duplicate search: MinHash LSH band keys ----
+    def _band_rows(self, f: RowFeatures) -> np.ndarray:
+        """Rows that take part in near-duplicate search: an image identity and a word count in range
+        (a caption dropped for its length must not knock out its near-duplicate twin)."""
+        c = self.config
+        return f.id_ok & (f.nwords >= c.min_words) & (f.nwords <= c.max_words)
+
+    def _bands(self, f: RowFeatures, rows_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row ids, [m, bands] band keys) for the masked rows."""
+        idx = np.flatnonzero(rows_mask)
+        if len(idx) == 0:
+            return idx, np.zeros((0, self.minhasher.bands), dtype=_U64)
+        rows, sh = shingles(f.tokens.gather(idx), self.config.shingle_size)
+        sub_rows, sig = self.minhasher.signatures(rows, sh, len(idx))
+        keys = self.minhasher.band_keys(sig, f.image_id[idx][sub_rows])
+        return idx[sub_rows], keys
+
+    # MinHash signatures and band keys are the costliest per-row work of both passes, and apply needs
+    # the same keys collect made: collect leaves them in the stage folder (Stage.cache_put), apply takes
+    # them. A missing or mismatching cache means computing them again (same keys: pure functions).
+    def _bands_key(self) -> str:
+        return json.dumps([dataclasses.asdict(self.config), self.seed, self.minhasher.bands, self.minhasher.rows],
+                          sort_keys=True, default=str)
+
+    def _cache_bands(self, table: pa.Table, brow: np.ndarray, keys: np.ndarray) -> None:
+        n, b = table.num_rows, self.minhasher.bands
+        mat = np.zeros((n, b), dtype=_U64)
+        mat[brow] = keys
+        has = np.zeros(n, dtype=bool)
+        has[brow] = True
+        self.cache_put("bands", table, {"has_bands": has,
+                                        "band_keys": pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel()), b)},
+                       self._bands_key())
+
+    def _cached_bands(self, table: pa.Table, f: RowFeatures, rows_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cached = self.cache_take("bands", table, self._bands_key())
+        if cached is None:
+            return self._bands(f, rows_mask)
+        b = self.minhasher.bands
+        mat = cached.column("band_keys").combine_chunks().flatten().to_numpy().reshape(-1, b)
+        idx = np.flatnonzero(rows_mask & cached.column("has_bands").to_numpy(zero_copy_only=False))
+        return idx, mat[idx]
+
+    def _copy_keys(self, table: pa.Table, f: RowFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(content key, uid x content key, position hash) per row: what decides which copy of a uid is kept.
+        The position (shard name, row) only orders byte-identical rows, for which the choice changes nothing
+        but the shard the one kept lands in."""
+        ck = row_content_key(table, np.where(f.has_bytes, f.content, _U64(0)))
+        shard = hash64_strings(pa.array([str(self.context.get("shard", ""))], pa.string()), "shard")[0]
+        pos = combine64(np.full(table.num_rows, shard, dtype=_U64), np.arange(table.num_rows, dtype=_U64))
+        return ck, combine64(f.uid, ck), pos
+
+    # ---- pass 1 ----
+    def collect(self, table: pa.Table) -> AlignStats:
+        img = self._inspect_images(table)
+        if img is not None:
+            self.cache_put("images", table, img, self._images_key())
+        f = self._features(table, img)
+        _, toks = _explode_tokens(f.tokens)
+        tok = hash64_strings(toks.to_arrow(), "tok") if len(toks) else np.zeros(0, _U64)
+        ok = f.id_ok
+        brow, keys = self._bands(f, self._band_rows(f))
+        self._cache_bands(table, brow, keys)
+        ck, copy_key, pos = self._copy_keys(table, f)
+        meta = {"rows": table.num_rows, "image_rows": int(f.has_bytes.sum()), "id_rows": int(ok.sum())}
+        return _stats.shard_stats(tok, f.image_id[ok], f.text_h[ok], f.uid[ok], combine64(f.image_id[ok], f.text_h[ok]),
+                                  keys, f.uid[brow], (f.uid, ck), (copy_key, pos), meta)
+
+    def merge(self, partials: list) -> AlignStats:
+        return _stats.merge(partials)
+
+    # ---- the shuffle (runner: memory per task flat in the pool size): stats.py ----
+    def split(self, partial: AlignStats, n: int) -> list[AlignStats]:
+        return _stats.split(partial, n)
+
+    def answer(self, merged: AlignStats, piece: AlignStats) -> AlignAnswer:
+        return _stats.answer(merged, piece)
+
+    def join_answers(self, answers: list[AlignAnswer]) -> AlignAnswer:
+        return _stats.join_answers(answers)
+
+    def save_stats(self, stats: AlignStats, folder: str) -> None:
+        _stats.save(stats, folder, self.minhasher.bands, self.minhasher.rows)
+
+    def load_stats(self, folder: str) -> AlignStats:
+        return _stats.load(folder)
+
+    # ---- pass 2 ----
+    def _rule_features(self, table: pa.Table, stats: AlignStats | AlignAnswer) -> RowFeatures:
+        """The shard's features, and what the rules read from the pool and the pixels (None: no data)."""
+        n = table.num_rows
+        f = self._features(table, self._cached_images(table))
+        # images: decoded once, in collect (the pass-1 cache), or here when the cache is missing
+        img = f.images if int(stats.meta.get("image_rows", 0)) > 0 else None
+        if img is not None:
+            f.decoded, f.phash = img["decoded"], img["phash"]
+        zeros = np.zeros(n, dtype=np.int64)
+        dw, dh = (img["width"], img["height"]) if img is not None else (zeros, zeros)
+        f.width, f.height = judged_size(table, f.decoded, dw, dh)
+
+        # each distinct word's pool count, for rare_token
+        f.words, f.token_row, f.token_word = word_table(f.tokens)
+        f.word_count = (_lookup(stats.lookup("token_n"), hash64_strings(f.words.to_arrow(), "tok"), 0) if len(f.words)
+                        else np.zeros(0, _U64))
+
+        # which copy of each uid is kept: every row has a uid, so this is known in every pool
+        ck, copy_key, pos = self._copy_keys(table, f)
+        ck_min = _lookup(stats.lookup("uid_ck"), f.uid, _MAX_U64)
+        pos_min = _lookup(stats.lookup("copy_pos"), copy_key, _MAX_U64)
+        f.other_copy_kept = (ck > ck_min) | ((ck == ck_min) & (pos > pos_min))
+
+        # pool-wide counts by image identity (content hash, or url in text-only pools)
+        f.pair_uid_min = np.full(n, _MAX_U64, dtype=_U64)
+        if f.id_ok.any() or int(stats.meta.get("id_rows", 0)):
+            f.texts_per_image = _lookup(stats.lookup("image_texts"), f.image_id, 0)
+            f.images_per_text = _lookup(stats.lookup("text_images"), f.text_h, 0)
+            f.pair_uid_min = _lookup(stats.lookup("pair_uid"), combine64(f.image_id, f.text_h), _MAX_U64)
+            # an exact duplicate is not searched for near ones (exact_duplicate comes first): less MinHash work
+            f.band_uid_min = np.full(n, _MAX_U64, dtype=_U64)
+            brow, keys = self._cached_bands(table, f, self._band_rows(f) & ~ExactDuplicate().mask(f))
+            if len(brow):
+                mins = _lookup(stats.lookup("band_uid"), keys.ravel(), _MAX_U64).reshape(keys.shape)
+                f.band_uid_min[brow] = mins.min(axis=1)
+            if not f.has_bytes.any() and f.id_ok.any():
+                self._note("no image bytes: the url stands in for the image in image_many_texts, "
+                           "text_many_images, exact_duplicate and near_duplicate")
+        if self.config.language:
+            f.captions = table.column("text").to_pylist()
+        return f
+
+    def apply(self, table: pa.Table, stats: AlignStats | AlignAnswer) -> tuple[pa.Table, pa.Table]:
+        stats = stats if stats is not None else AlignStats.empty()
+        f = self._rule_features(table, stats)
+        reason, skipped = judge(self.rules(), f)
+        out = table
+        for name in ("image_phash", "image_hash"):
+            if name in out.column_names:
+                out = out.drop_columns([name])
+        if f.decoded is not None:
+            out = out.append_column("image_phash", pa.array(f.phash, pa.uint64(), mask=~f.decoded))
+            out = out.append_column("image_hash", pa.array(f.content, pa.uint64(), mask=~f.has_bytes))
+        else:
+            out = out.append_column("image_phash", pa.nulls(f.n, pa.uint64()))
+            out = out.append_column("image_hash", pa.nulls(f.n, pa.uint64()))
+        if skipped:
+            self._note("skipped (no data for them): " + ", ".join(skipped))
+        return split_by_reason(out, reason)
+
+    def _note(self, text: str) -> None:
+        msg = f"align: {text}"
+        if msg not in self.notes:
+            self.notes.append(msg)
+            log.info(msg)
+
+    def report(self, stage_dir: str, out_dir: str) -> dict:
+        """Funnel (rows dropped per rule, in rule order) as a table and a bar chart."""
+        return funnel_report(stage_dir, out_dir)
+
+
+STAGE = AlignStage

@@ -1,0 +1,35 @@
+"""align's part of the run report: the funnel, rows dropped per rule in rule order."""
+
+from __future__ import annotations
+
+import os
+
+from pipeline import shards
+
+from .rules import REASONS
+
+
+def funnel_report(stage_dir: str, out_dir: str) -> dict:
+    """The funnel from the stage's manifest, as a table and a bar chart (rules not in `REASONS`, such as
+    invalid_utf8, after them)."""
+    m = shards.read_json(shards.join(stage_dir, "_manifest.json")) or {}
+    rows_in = int(m.get("rows_in", 0))
+    reasons = m.get("reasons", {})
+    lines = ["| rule | dropped | share of input | remaining |", "|---|---:|---:|---:|"]
+    left = rows_in
+    order = REASONS + sorted(r for r in reasons if r not in REASONS)
+    for r in order:
+        d = int(reasons.get(r, 0))
+        left -= d
+        share = f"{100.0 * d / rows_in:.2f}%" if rows_in else "-"
+        lines.append(f"| {r} | {d} | {share} | {left} |")
+    lines.append(f"| **kept** | | {100.0 * left / rows_in:.2f}% | **{left}** |" if rows_in else "| **kept** | | | 0 |")
+    tables = [("align funnel (rows in: %d)" % rows_in, "\n".join(lines))]
+    if m.get("notes"):
+        tables.append(("align notes", "\n".join(f"- {x}" for x in m["notes"])))
+    from pipeline.report import bar_chart
+
+    png = bar_chart(os.path.join(out_dir, "align_funnel.png"), order, [int(reasons.get(r, 0)) for r in order],
+                    "rows dropped (first broken rule)", f"align: {rows_in} in, {left} kept")
+    figures = [("align funnel", png)]
+    return {"figures": figures, "tables": tables}
