@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from pipeline.stage import STAGE_ORDER, CUSTOM_POSITION, StageError, stage_class
+from pipeline.stage import STAGE_ORDER, StageError, stage_class
+
+CUSTOM_POSITION = 90  # a user's stage run outside the recipe: after every step (its folder: 90_<name>)
 
 # a stage name or module.path:Class, then an optional @label (lower case: it names a folder and a section)
 _STEP = re.compile(r"^(?P<stage>[A-Za-z_][\w.]*(?::[A-Za-z_]\w*)?)(?:@(?P<label>[a-z0-9][a-z0-9_-]*))?$")
@@ -121,6 +123,3 @@ def plan(names: list[str], steps: list[Step]) -> list[Step]:
             chosen.append(s)
     return sorted(chosen, key=lambda s: s.position) + extra
 
-
-def step_for_section(section: str, steps: list[Step]) -> Step | None:
-    return next((s for s in steps if s.name == section), None)

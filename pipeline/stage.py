@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline import codec, shards
 
-# Canonical order: gives each stage its `NN_` folder prefix in a run, whatever subset a run uses.
+# The built-in stages, in the default recipe's order (pipeline/recipe.py; a run's own is `[run] stages`).
 STAGE_ORDER = ["ingest", "align", "metaclip", "klite", "dfn", "emit"]
 
 
@@ -323,19 +323,6 @@ def stage_class(name: str) -> type[Stage]:
             raise StageError(f"stage '{name}' is not available in this version") from None
         raise
     return module.STAGE
-
-
-CUSTOM_POSITION = 90  # user stages run after the built-in ones, in the order given
-
-
-def stage_position(name: str) -> int:
-    return STAGE_ORDER.index(name) if name in STAGE_ORDER else CUSTOM_POSITION
-
-
-def stage_dirname(name: str) -> str:
-    if name in STAGE_ORDER:
-        return f"{STAGE_ORDER.index(name):02d}_{name}"
-    return f"{CUSTOM_POSITION}_{stage_class(name).name}"
 
 
 def fingerprint(obj: Any) -> str:

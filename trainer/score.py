@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 
 import numpy as np
@@ -25,6 +26,7 @@ TENSOR_MMAP_THRESHOLD = 64 << 20
 TENSOR_TRIM_THRESHOLD = 256 << 20
 
 
+@functools.cache
 def _glibc():
     try:
         libc = ctypes.CDLL("libc.so.6")
