@@ -207,7 +207,8 @@ class AlignStage(Stage):
         import wordfreq
 
         parts = {"datasketch": datasketch.__version__, "wordfreq": getattr(wordfreq, "__version__", "3.1.1"),
-                 "uid_copies": 1, "polars": pl.__version__}  # row_content_key JSON-encodes nested columns with polars
+                 "uid_copies": 1, "polars": pl.__version__,  # row_content_key JSON-encodes nested columns with polars
+                 "dhash": "draft-L"}  # dHash of the image decoded straight to grey (was "RGB", then converted)
         if self.config.eval_images and Path(self.config.eval_images).exists():
             p = Path(self.config.eval_images)
             files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
@@ -233,7 +234,7 @@ class AlignStage(Stage):
         return image_facts(blobs, c.max_image_pixels, decode_threads(c.decode_threads), IMAGE_CHUNK)
 
     def _images_key(self) -> str:
-        return json.dumps(["images", self.config.max_image_pixels])
+        return json.dumps(["images", self.config.max_image_pixels, "dhash-draft-L"])
 
     def _cached_images(self, table: pa.Table) -> dict | None:
         cached = self.cache_take("images", table, self._images_key())
@@ -246,7 +247,7 @@ class AlignStage(Stage):
         """Rows that take part in near-duplicate search: an image identity and a word count in range
         (a caption dropped for its length must not knock out its near-duplicate twin)."""
         c = self.config
-        return f.id_ok & (f.nwords >= c.min_words) & (f.nwords <= c.max_words)
+        return f.id_ok & ~TooFewWords(c.min_words).mask(f) & ~TooManyWords(c.max_words).mask(f)
 
     def _bands(self, f: RowFeatures, rows_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row ids, [m, bands] band keys) for the masked rows."""

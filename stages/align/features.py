@@ -25,10 +25,9 @@ class RowFeatures:
     n: int  # rows
     # ---- from the shard's rows (collect and apply) ----
     uid: np.ndarray | None = None  # u64 rank of the uid: "a smaller uid" for duplicates
-    norm: pl.Series | None = None  # normalised alt-text
     tokens: pl.Series | None = None  # its word tokens, list[str]
     nwords: np.ndarray | None = None  # int64 word count
-    text_h: np.ndarray | None = None  # u64 hash of `norm`
+    text_h: np.ndarray | None = None  # u64 hash of the normalised alt-text
     has_bytes: np.ndarray | None = None  # the row has image bytes
     content: np.ndarray | None = None  # u64 blake2b of the bytes (0 without)
     image_id: np.ndarray | None = None  # u64 image identity: the content hash, or the url in a text-only pool
@@ -73,7 +72,7 @@ def row_features(table: pa.Table, img: dict | None, url_as_image: bool) -> RowFe
             image_id[url_ok] = uh[url_ok]
             id_ok |= url_ok
     return RowFeatures(
-        n, uid=uid_rank(table.column("uid")), norm=norm, tokens=tokens,
+        n, uid=uid_rank(table.column("uid")), tokens=tokens,
         nwords=tokens.list.len().fill_null(0).to_numpy().astype(np.int64),
         text_h=hash64_strings(norm.to_arrow(), "text"), has_bytes=has_bytes, content=content, image_id=image_id,
         id_ok=id_ok, images=img,

@@ -7,7 +7,6 @@ import dataclasses
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from pipeline import shards
 from pipeline.codec import data_record
