@@ -560,3 +560,23 @@ def test_draws_in_workers_equal_pipeline_uniform(world):
     uids = pq.read_table(world["pool"], columns=["uid"]).column("uid").to_pylist() + ["not-a-hex-uid", "row7"]
     for seed, salt in [(0, "klite:0"), (3, "aug:5")]:
         assert np.array_equal(uniform_of_keys(uid_to_u64(uids), seed, salt), uniform(uids, seed, salt))
+
+
+def test_eval_reuse_fingerprint_takes_table_eval_sets_and_the_klite_choice(tmp_path):
+    """`[train] eval_sets` may hold {path, klite} tables; turning K-LITE prompts on must not reuse results
+    recorded without them."""
+    import dataclasses as dc
+
+    from trainer.cli import _eval_fingerprint
+    from trainer.config import TrainConfig
+
+    (tmp_path / "model.pt").write_bytes(b"model")
+    (tmp_path / "cls.parquet").write_bytes(b"set")
+    out = tmp_path / "out"
+    out.mkdir()
+    tc = TrainConfig()
+    ck, cls = str(tmp_path / "model.pt"), str(tmp_path / "cls.parquet")
+    plain = _eval_fingerprint(ck, [cls], tc, "", str(out))
+    assert _eval_fingerprint(ck, [{"path": cls}], tc, "", str(out)) == plain  # the same set, written as a table
+    assert _eval_fingerprint(ck, [{"path": cls, "klite": True}], tc, "", str(out)) != plain
+    assert _eval_fingerprint(ck, [cls], dc.replace(tc, klite_eval=True), "", str(out)) != plain

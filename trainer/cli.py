@@ -64,21 +64,35 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _eval_fingerprint(checkpoint: str, paths: list[str], tc, model_name: str, out_dir: str) -> str:
-    """The model's bytes, the eval sets' bytes and the settings that change a number: an eval with the same
-    fingerprint as the one recorded in `out_dir` would print the same results."""
+def _eval_fingerprint(checkpoint: str, sets: list, tc, model_name: str, out_dir: str) -> str:
+    """The model's bytes, the eval sets' bytes (and per set whether K-LITE prompts run) and the settings that
+    change a number: an eval with the same fingerprint as the one recorded in `out_dir` would print the same
+    results."""
     from pipeline.stage import fingerprint
+    from trainer.evaluate import eval_specs
 
     digests = shards.DigestCache(os.path.join(out_dir, "eval_digests.json"))
     files = []
-    for p in paths:
+    for p, klite in eval_specs(sets, tc.klite_eval):
         found = ([os.path.join(r, n) for r, _, ns in os.walk(p) for n in ns] if os.path.isdir(p) else [p])
-        files += [(os.path.relpath(f, p) if os.path.isdir(p) else p, digests.digest(f)) for f in sorted(found)
+        files += [(os.path.relpath(f, p) if os.path.isdir(p) else p, digests.digest(f), klite) for f in sorted(found)
                   if not os.path.basename(f).startswith((".", "_"))]
     fp = fingerprint({"model": digests.digest(checkpoint), "model_name": model_name, "sets": files,
                       "templates": tc.templates, "precision": tc.precision, "device": tc.device})
     digests.save()
     return fp
+
+
+def _print_result(name: str, r: dict, note: str = "") -> None:
+    """One line per set (plain prompts), and one more with K-LITE's prompts when they ran."""
+    metrics = {k: v for k, v in r.items() if k not in ("kind", "data", "checkpoint", "model", "klite")}
+    print(f"{name} ({r['kind']}): " + "  ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        + ("  [plain prompts]" if "klite" in r else "") + note)
+    if "klite" in r:
+        k = r["klite"]
+        print(f"{name} ({r['kind']}): " + "  ".join(f"{m}={k[m]:.4f}" for m in ("top1", "top5"))
+              + f"  [K-LITE prompts; {k['classes_with_gloss']}/{r['classes']} classes with a WordNet gloss]")
 
 
 def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_name: str = "",
@@ -94,25 +108,14 @@ def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_
             os.path.exists(os.path.join(out_dir, f"eval-{n}.json")) for n in prior.get("names", [])):
         for name in prior["names"]:
             with open(os.path.join(out_dir, f"eval-{name}.json")) as f:
-                r = json.load(f)
-            metrics = {k: v for k, v in r.items() if k not in ("kind", "data", "checkpoint", "model")}
-            print(f"{name} ({r['kind']}): " + "  ".join(
-                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-                + "   (unchanged model and eval sets: recorded results)")
+                _print_result(name, json.load(f), "   (unchanged model and eval sets: recorded results)")
         return 0
     if record and os.path.exists(record):
         os.remove(record)  # vouches for the eval-*.json files only once they are written again below
     res = evaluate(checkpoint, paths, model_name=model_name, device=tc.device, precision=tc.precision,
                    templates=tc.templates, batch_size=tc.eval_batch_size, klite=tc.klite_eval)
     for name, r in res["results"].items():
-        metrics = {k: v for k, v in r.items() if k not in ("kind", "data", "klite")}
-        print(f"{name} ({r['kind']}): " + "  ".join(
-            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            + ("  [plain prompts]" if "klite" in r else ""))
-        if "klite" in r:
-            k = r["klite"]
-            print(f"{name} ({r['kind']}): " + "  ".join(f"{m}={k[m]:.4f}" for m in ("top1", "top5"))
-                  + f"  [K-LITE prompts; {k['classes_with_gloss']}/{r['classes']} classes with a WordNet gloss]")
+        _print_result(name, r)
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
             path = os.path.join(out_dir, f"eval-{name}.json")
