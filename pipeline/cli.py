@@ -203,17 +203,14 @@ def cmd_run(args) -> int:
     from pipeline.runner import run_pipeline
 
     run_dir = _run_dir(args)
+    _import_from_cwd()  # a user's module:Class stage may be named on the command line or in the saved recipe
     if args.stages is None:  # the whole recipe, but its download step (`clipcurate ingest` does that)
         cfg = _config_for(args, run_dir, [])
-        if any(":" in str(n) for n in cfg["run"]["stages"]):
-            _import_from_cwd()
         names = [s.name for s in recipe.of_config(cfg) if s.stage != STAGE_ORDER[0]]
     else:
         names = [s.strip() for s in args.stages.split(",") if s.strip()]
         if not names:
             raise StageError(f"no stages given (e.g. {','.join(RUNNABLE[:2])})")
-        if any(":" in n for n in names):
-            _import_from_cwd()
         cfg = _config_for(args, run_dir, names)
     results = run_pipeline(names, run_dir, cfg, input_dir=args.input, workers=args.workers, scheduler=args.scheduler)
     _print_funnel(results)

@@ -156,3 +156,22 @@ def test_a_recipe_in_another_order_than_the_default(tmp_path):
     assert cli_main(["--runs-dir", str(ref), "run", "align", "--run", "a", "--input",
                      str(ref / "m" / "02_metaclip"), "--workers", "0"]) == 0
     assert _kept(run / "01_align") == _kept(ref / "a" / "01_align")
+
+
+def test_a_users_stage_in_the_saved_recipe_is_found_when_a_config_changes(tmp_path, monkeypatch):
+    """The recipe names module:Class; a later `run STAGE --config` (which reads the recipe to say what a change
+    redoes) finds the module from the current folder, as the first run did."""
+    mod = tmp_path / "work"
+    mod.mkdir()
+    (mod / "mystage_rc.py").write_text("from tests.stages_for_tests import FirstWordStage as My\n")
+    monkeypatch.chdir(mod)
+    pool = tmp_path / "pool"
+    make_pool(120, 2, pool)
+    runs = tmp_path / "runs"
+    cfg = _write(tmp_path / "r.toml", '[run]\nstages = ["align", "mystage_rc:My"]\n')
+    base = ["--runs-dir", str(runs)]
+    assert cli_main(base + ["run", "--run", "r", "--input", str(pool), "--config", cfg, "--workers", "0"]) == 0
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in (str(mod), "")])
+    __import__("sys").modules.pop("mystage_rc", None)
+    seed = _write(tmp_path / "seed.toml", "[run]\nseed = 1\n")
+    assert cli_main(base + ["run", "align", "--run", "r", "--config", seed, "--workers", "0"]) == 0
