@@ -483,13 +483,18 @@ def _clean_temporaries(stage_dir: str) -> None:
 DIGESTS_FILE = "_digests.json"  # content digests of a run's input files, by size and mtime (shards.DigestCache)
 
 
-def _input_identity(path: str, upstream_dir: str | None, digests: shards.DigestCache | None = None) -> dict:
-    """An upstream stage's shard: that stage's fingerprint for it. Any other file (ingest's download, a crawl,
-    an --input folder): its content digest, remembered by size and mtime in the run's `_digests.json`."""
+def _input_identity(path: str, upstream_dir: str | None, digests: shards.DigestCache | None = None,
+                    run_dir: str | None = None) -> dict:
+    """An upstream stage's shard: that stage's fingerprint for it. A file the run wrote itself (ingest's
+    download, which holds the image bytes: a content digest would read the whole image store): its size and
+    mtime. Any other file (a crawl, an --input folder): its content digest, remembered by size and mtime in the
+    run's `_digests.json` (a file rewritten with the same bytes, e.g. a regenerated demo world, is the same)."""
     if upstream_dir:
         done = shards.read_json(shards.join(upstream_dir, "_done", shards.shard_name(path) + ".json"))
         if done and "fingerprint" in done:
             return {"name": shards.shard_name(path), "upstream": done["fingerprint"]}
+    if run_dir and str(path).startswith(str(run_dir).rstrip("/") + "/"):
+        return shards.file_identity(path)
     return shards.file_content_identity(path, digests)
 
 
@@ -574,7 +579,7 @@ def run_stage(
             "config": {k: v for k, v in stage_cfg.items() if k not in cls.speed_keys},
             "seed": seed,
             "parts": probe.fingerprint_parts(),
-            "inputs": [_input_identity(p, input_dir if upstream_is_stage else None, digests) for p in inputs],
+            "inputs": [_input_identity(p, input_dir if upstream_is_stage else None, digests, run_dir) for p in inputs],
         }
     )
     digests.save()

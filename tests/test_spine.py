@@ -411,3 +411,22 @@ def test_dask_collect_values_waits_instead_of_spinning(monkeypatch):
         finally:
             ex.close()
     assert 1 <= len(calls) <= 3
+
+
+def test_a_file_the_run_wrote_is_identified_without_reading_it(tmp_path, monkeypatch):
+    """Ingest's input is the run's own download (the image store): its fingerprint must not read the bytes
+    (a content digest of a 3 TB store). A file from outside the run (--input, a crawl) is digested."""
+    from pipeline import runner, shards
+
+    run = tmp_path / "runs" / "r"
+    inside = run / "00_ingest" / "_img2dataset" / "00000.parquet"
+    outside = tmp_path / "crawl" / "00000.parquet"
+    for p in (inside, outside):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"jpeg bytes")
+    read = []
+    monkeypatch.setattr(shards.DigestCache, "digest", lambda self, path: read.append(path) or "d")
+    ident = runner._input_identity(str(inside), None, shards.DigestCache(None), str(run))
+    assert read == [] and ident["size"] == 10 and "mtime" in ident
+    assert runner._input_identity(str(outside), None, shards.DigestCache(None), str(run))["sha256"] == "d"
+    assert read == [str(outside)]
