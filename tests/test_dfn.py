@@ -342,6 +342,7 @@ def test_heap_for_tensors_lifts_the_dask_nanny_trim_while_scoring_and_restores_i
     from trainer.score import (GLIBC_MMAP_THRESHOLD, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, TENSOR_MMAP_THRESHOLD,
                                TENSOR_TRIM_THRESHOLD, heap_for_tensors)
 
+    assert (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD) == (-1, -3, 128 * 1024)  # malloc.h, glibc
     libc = _FakeLibc()
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with heap_for_tensors(libc):

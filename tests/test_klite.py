@@ -368,7 +368,9 @@ def test_apply_takes_collects_candidates_and_gives_the_same_result_without_them(
     calls.clear()
     run_pipeline(["klite"], str(tmp_path / "fresh"), cfg, input_dir=str(tmp_path / "in"), workers=0)
     assert len(calls) == 6  # collect and apply each find them
-    for f in sorted((tmp_path / "cached" / "03_klite").glob("part-*.parquet")):
+    outputs = sorted((tmp_path / "cached" / "03_klite").glob("part-*.parquet"))
+    assert len(outputs) == 3
+    for f in outputs:
         assert f.read_bytes() == (tmp_path / "fresh" / "03_klite" / f.name).read_bytes()
 
 
