@@ -38,7 +38,7 @@ setup: $(STAMP) wordnet
 
 # uv installs the lock in ~30 s (pip: ~4 min); pip is the fallback when uv cannot be had. --compile-bytecode:
 # every Dask worker imports torch and open_clip; without .pyc files each compiles them again (~13 s a worker,
-# measured: 19.8 s cold against 7.0 s with .pyc) wherever bytecode is not written (read-only venv,
+# measured once by hand: 19.8 s cold against 7.0 s with .pyc) wherever bytecode is not written (read-only venv,
 # PYTHONDONTWRITEBYTECODE) and, on the first run, in every worker at once.
 # requirements-tagger.lock: klite's tagger model, hash-checked (--require-hashes) and without dependencies.
 $(STAMP): requirements.lock requirements-tagger.lock pyproject.toml

@@ -152,8 +152,8 @@ class DaskExecutor:
         item_of = {f.key: item for f, item in zip(futures, items)}
         with tqdm(total=len(futures), desc=desc, unit="shard", leave=False, disable=None) as bar:
             # wait on the futures still pending only: waiting on all of them returns at once as soon as one is
-            # done, and the loop spun the driver's event loop at ~60% of a core for the rest of the pass (on 2
-            # cores, taken from the workers: dfn's collect on bench_images' pool took 66 s instead of ~48)
+            # done, and the loop spun the driver's event loop for the rest of the pass (on 2 cores, CPU taken
+            # from the workers; one run by hand: dfn's collect on bench_images' pool 66 s, 49 s with this)
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=None, return_when="FIRST_COMPLETED")

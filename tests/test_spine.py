@@ -389,7 +389,7 @@ def _nap(seconds: float) -> float:
 
 def test_dask_collect_values_waits_instead_of_spinning(monkeypatch):
     """The driver waits for each shard's partial; it must not spin (on 2 cores a spinning driver takes a worker's
-    core: dfn's collect on bench_images' pool ran 66 s instead of 49 s). One wait per completion at most."""
+    core). One wait per completion at most."""
     import distributed
     from distributed import LocalCluster
 

@@ -41,9 +41,8 @@ def heap_for_tensors(libc=None):
 
     A Dask nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (so freed memory returns to the OS at
     once). That also freezes glibc's mmap threshold at 128 KiB, so every activation tensor of a forward pass is
-    a fresh mmap: page faults and zeroing on each batch. Measured on bench_images' pool (clipcurate-tiny, 1
-    torch thread, batches of 256): 351 pairs/s with the nanny's setting against 536 without, 550 inside this
-    context. Only acts where that variable is set; on exit the nanny's setting is restored and the heap trimmed,
+    a fresh mmap: page faults and zeroing on each batch: 0.67-0.76x a plain process's scoring, 0.98-0.99x
+    inside this context (bench/results/image_path.json, clipcurate-tiny, 1 torch thread). Only acts where that variable is set; on exit the nanny's setting is restored and the heap trimmed,
     so the worker's memory goes back to what Dask expects."""
     trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
     libc = libc if libc is not None else (_glibc() if trim is not None else None)

@@ -44,8 +44,8 @@ def inspect_image(data: bytes | None, max_pixels: int) -> tuple[bool, int, int, 
     copies past k (measured on the demo world's eval copies: mean distance 1.6 bits at 64 px, 0.9 at
     128 px, 0.8 with a full decode; 128 px costs ~1.5x the 64 px decode, 0.65x a full one).
     And straight to grey (`draft("L")`: libjpeg returns the Y channel, no chroma upsampling nor colour
-    conversion), as the hash only looks at luminance: 1.2x faster than decoding RGB and converting, and on
-    bench_images' pool 96.4% of 3,000 hashes are the same bits, the rest 1-2 bits apart (mean 0.04).
+    conversion), as the hash only looks at luminance: 1.17x (COCO photos) to 1.42x (demo world) faster than
+    decoding RGB and converting, the same bits for 100% / 93% of the hashes (bench/results/image_path.json).
     """
     try:
         with open_image(data, max_pixels) as img:
