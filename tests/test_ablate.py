@@ -57,3 +57,38 @@ def test_ablate_trains_each_stage_output_per_seed_and_averages(tmp_path, monkeyp
     assert "| align | 8 | 7 | 0.815 ± 0.021 |" in res["table_md"]
     saved = json.loads((run / "ablation.json").read_text())
     assert saved["seeds"] == [0, 3] and saved["table_md"] == res["table_md"]
+
+
+def test_ablate_follows_the_runs_recipe(tmp_path, monkeypatch):
+    """Variants are the recipe's curation steps in recipe order (a repeated stage by its label; emit, which
+    writes the last step's rows again, is none); the last one is the full pipeline, with K-LITE prompts."""
+    import trainer.evaluate
+    import trainer.train
+
+    from pipeline import config as config_mod
+
+    run = tmp_path / "run"
+    sizes = {"00_ingest": 10, "01_align-text": 9, "02_dfn": 8, "03_metaclip": 6, "04_align": 5, "05_emit": 5}
+    for name, n in sizes.items():
+        _stage(run, name, n)
+    trained = []
+
+    def fake_train(tc, data, out, resume):
+        trained.append(os.path.basename(data))
+        return {"model_path": os.path.basename(data), "last_loss": 1.0}
+
+    def fake_eval(model_path, sets, klite=False, **kw):
+        r = {"kind": "classification", "top1": sizes[model_path] / 10, "top5": 1.0}
+        if klite:
+            r["klite"] = {"top1": 0.5, "top5": 1.0, "classes_with_gloss": 1}
+        return {"results": {"shapes": r}}
+
+    monkeypatch.setattr(trainer.train, "train", fake_train)
+    monkeypatch.setattr(trainer.evaluate, "evaluate", fake_eval)
+    cfg = config_mod.resolve({"run": {"stages": ["ingest", "align@text", "dfn", "metaclip", "align", "emit"]},
+                              "train": {"eval_sets": ["x.parquet"]}})
+    res = ablate_mod.ablate(str(run), cfg, steps=3, seeds=[0, 1])
+    assert [(r["variant"], r["pairs"]) for r in res["variants"]] == [
+        ("raw pool", 10), ("align@text", 9), ("+ dfn", 8), ("+ metaclip", 6), ("+ align", 5),
+        ("+ align, K-LITE prompts", 5)]
+    assert sorted(set(trained)) == ["00_ingest", "01_align-text", "02_dfn", "03_metaclip", "04_align"]

@@ -1,7 +1,7 @@
 """Stage ablations: DataComp's experiment in one command.
 
-The same pool, curated with the stages switched on one after another (raw pool, align only, + metaclip,
-+ klite, + dfn), each result trained with the same compute (model, steps, batch, seed) and evaluated
+The same pool, curated with the recipe's stages switched on one after another (default recipe: raw pool,
+align only, + metaclip, + klite, + dfn), each result trained with the same compute (model, steps, batch, seed) and evaluated
 zero-shot on the same held-out sets. Because every stage reads the previous one's output, the variants
 are the run's own stage folders: nothing is curated twice, only trained. Each variant trains into
 `runs/NAME/ablation/<variant>/` (resumable: a rerun skips finished training), and the table goes to
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import logging
 import os
 import statistics
@@ -38,12 +37,15 @@ from pipeline.stage import StageError
 
 log = logging.getLogger("clipcurate.ablate")
 
-# (variant, the stage whose kept rows it trains on)
-VARIANTS = [("raw pool", "ingest"), ("align", "align"), ("+ metaclip", "metaclip"), ("+ klite", "klite"),
-            ("+ dfn", "dfn")]
-# the variant also evaluated with K-LITE's knowledge prompts (the full pipeline), and that row's name
-KLITE_PROMPTS_OF = "+ dfn"
-KLITE_PROMPTS_ROW = "+ dfn, K-LITE prompts"
+RESHARDER = "emit"  # writes the last curation step's kept rows again (with bytes): not a variant of its own
+
+
+def variants_of(steps: list) -> list[tuple[str, str]]:
+    """(variant, recipe step it trains on) for each curation step of the run's recipe, in recipe order: the
+    first step's output is the raw pool, then each step added (default recipe: raw pool, align, + metaclip,
+    + klite, + dfn). The last one is the full pipeline, also evaluated with K-LITE's prompts."""
+    cur = [s for s in steps if s.stage != RESHARDER]
+    return [("raw pool" if i == 0 else s.name if i == 1 else f"+ {s.name}", s.name) for i, s in enumerate(cur)]
 
 
 def _count_rows(folder: str) -> int:
@@ -102,13 +104,16 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
         raise StageError("ablate: no eval set: give [train] eval_sets in the config (Parquet files)")
     seeds = [int(x) for x in (seeds or [tc.seed])]
     rows = []
-    steps = recipe.of_config(cfg)
-    for variant, stage in variants or VARIANTS:
-        with_klite = variant == KLITE_PROMPTS_OF
-        step = recipe.find(steps, stage)
+    recipe_steps = recipe.of_config(cfg)
+    every = variants_of(recipe_steps)
+    full = every[-1][0] if every else None  # the variant also evaluated with K-LITE's knowledge prompts
+    for variant, name in variants or every:
+        with_klite = variant == full
+        step = recipe.find(recipe_steps, name)
         if step is None:
-            log.warning("ablate: %s skipped (%s is not in this run's recipe)", variant, stage)
+            log.warning("ablate: %s skipped (%s is not in this run's recipe)", variant, name)
             continue
+        stage = step.name
         folder = os.path.join(run_dir, step.folder)
         if not os.path.exists(os.path.join(folder, "_manifest.json")):
             log.warning("ablate: %s skipped (%s has not run in %s)", variant, stage, run_dir)
@@ -136,7 +141,7 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
                      "last_loss": per_seed[-1]["last_loss"], "eval": per_seed[-1]["eval"]})
         if with_klite and any(len(r) > 1 for r in per_seed_klite):
             kmean, kstd = _mean_std([{k: v for k, v in r.items() if k != "seed"} for r in per_seed_klite])
-            rows.append({"variant": KLITE_PROMPTS_ROW, "stage": stage, "prompts": "klite", "pairs": pairs,
+            rows.append({"variant": f"{variant}, K-LITE prompts", "stage": stage, "prompts": "klite", "pairs": pairs,
                          "steps": tc.steps, "batch_size": tc.batch_size, **kmean, "std": kstd,
                          "seeds": per_seed_klite})
     if not rows:
@@ -171,7 +176,7 @@ def cmd_ablate(args) -> int:
     variants = None
     if args.variants:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
-        known = dict(VARIANTS)
+        known = dict(variants_of(recipe.of_config(cfg)))
         bad = [v for v in names if v not in known]
         if bad:
             raise StageError(f"ablate: unknown variant {bad[0]!r} (variants: {', '.join(known)})")
@@ -191,9 +196,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per variant (default [train] steps)")
     p.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2 (mean ± std)")
     p.add_argument("--variants", default=None,
-                   help='comma-separated subset, e.g. "+ dfn" (default: all: raw pool, align, + metaclip, + klite, + dfn)')
+                   help='comma-separated subset, e.g. "+ dfn" (default: one per step of the run\'s recipe: raw pool, '
+                        'align, + metaclip, + klite, + dfn for the default one)')
     p.set_defaults(fn=cmd_ablate)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(json.dumps({"variants": VARIANTS}))
