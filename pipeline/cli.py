@@ -78,9 +78,13 @@ def _config_for(args, run_dir: str, running: list[str]) -> dict:
         if changed and not changed_output:
             print("config: only speed settings changed: this redoes nothing")
         elif changed:
-            stages = _run_stages(run_dir, running, cfg)
-            redo = config_mod.redone_by({c[0] for c in changed_output}, stages)
-            print(f"config: this redoes {', '.join(redo)}" if redo else "config: no stage of this run depends on it")
+            recipe_changed = any(c[:2] == ("run", "stages") for c in changed_output)
+            if recipe_changed:  # which steps that redoes follows from their inputs: each step's fingerprint says
+                print("config: the recipe changed: a step whose input or place changed is redone")
+            sections = {c[0] for c in changed_output if c[:2] != ("run", "stages")}
+            if sections or not recipe_changed:
+                redo = config_mod.redone_by(sections, _run_stages(run_dir, running, cfg))
+                print(f"config: this redoes {', '.join(redo)}" if redo else "config: no stage of this run depends on it")
         else:
             print(f"config: {args.config} changes nothing in this run")
     return cfg
@@ -89,6 +93,8 @@ def _config_for(args, run_dir: str, running: list[str]) -> dict:
 def _speed_only(section: str, key: str) -> bool:
     """A key that changes a stage's speed, not its output (Stage.speed_keys)."""
     section = section.partition("@")[0]  # a labelled step's section: its stage's keys
+    if section == "run":
+        return key in config_mod.RunConfig.speed_keys
     if section not in STAGE_ORDER:
         return False
     from pipeline.stage import stage_class

@@ -30,6 +30,7 @@ class RunConfig:
     # partitions, each merged by one task: a task's memory follows this many shards, not the pool. Results
     # do not depend on it; lower it when a merge task runs out of memory, raise it for fewer, larger tasks.
     stats_shards_per_partition: int = 8
+    speed_keys = frozenset({"stats_shards_per_partition"})  # change how fast, not what (as Stage.speed_keys)
 
     def __post_init__(self):
         check_ranges("run", self, stats_shards_per_partition=(1, None))

@@ -95,6 +95,20 @@ def test_config_file_overlays_the_saved_config_and_redoes_only_downstream_stages
     # the changed stage: redone with the new t
     assert _kept(run_dir, "02_metaclip") != meta_before and len(_kept(run_dir, "02_metaclip")) > len(meta_before)
 
+    # [run] stats_shards_per_partition changes how align's statistics are cut, not what it keeps
+    parts = tmp_path / "parts.toml"
+    parts.write_text("[run]\nstats_shards_per_partition = 3\n")
+    assert cli_main(base + ["--config", str(parts)]) == 0
+    out = capsys.readouterr().out
+    assert "only speed settings changed: this redoes nothing" in out and "this redoes align" not in out
+    assert _kept(run_dir, "01_align") == align_before
+    # a new recipe: said as such, not as "redoes every stage"
+    rec = tmp_path / "recipe.toml"
+    rec.write_text('[run]\nstages = ["ingest", "align", "metaclip", "klite", "emit"]\n')
+    assert cli_main(base + ["--config", str(rec)]) == 0
+    out = capsys.readouterr().out
+    assert "the recipe changed" in out and "this redoes" not in out
+
     # starting afresh from the defaults is explicit
     assert cli_main(base + ["--config", str(t50), "--fresh-config"]) == 0
     fresh = config_mod.saved_config(run_dir)
