@@ -598,56 +598,54 @@ class MetaClipStage(Stage):
         """Expected kept rows of the pool at `t`: sum over the sampled rows of 1 - prod_e (1 - p_e), scaled by
         matched rows / sampled rows (exact when the sample is every matched row). A row that is not its image's
         chosen text (one_text_per_image) counts 0, as apply drops it."""
+        return self._expected(self._sample_parts(sample, images), langs, t)
+
+    def _sample_parts(self, sample: dict, images) -> dict:
+        """What the expectation needs of the sample and does not depend on t (computed once per solve)."""
         n_rows = len(sample["draw"])
-        if n_rows == 0:
+        row = np.repeat(np.arange(n_rows), sample["lengths"])
+        chosen = None
+        if sample.get("image") is not None and images is not None:
+            chosen = _is_chosen_text(sample["image"][0], sample["image"][1], images)
+        return {"n_rows": n_rows, "row": row, "ids": sample["ids"].astype(np.int64), "chosen": chosen,
+                "row_lang": None if sample["lang"] is None else np.asarray(sample["lang"])[row],
+                "matched_rows": sample["matched_rows"]}
+
+    def _expected(self, parts: dict, langs: dict[str, np.ndarray], t: int) -> float:
+        if parts["n_rows"] == 0:
             return 0.0
         ts, _ = self.thresholds(langs, t)
-        row = np.repeat(np.arange(n_rows), sample["lengths"])
-        ids = sample["ids"].astype(np.int64)
-        n = len(self.entries)
-        p = np.empty(len(ids), dtype=np.float64)
-        if sample["lang"] is None or list(ts) == [""]:
-            counts = sum(langs.values()) if langs else np.zeros(n, dtype=np.int64)
-            p[:] = entry_probs(counts, ts.get("", t))[ids]
-        else:
-            row_lang = np.asarray(sample["lang"])[row]
-            for lang in np.unique(row_lang):
-                m = row_lang == lang
-                counts = langs.get(str(lang), np.zeros(n, dtype=np.int64))
-                p[m] = entry_probs(counts, ts.get(str(lang), t))[ids[m]]
+        row_lang = None if list(ts) == [""] else parts["row_lang"]
+        p = _match_probs(parts["ids"], row_lang, langs, ts, t, len(self.entries))
         with np.errstate(divide="ignore"):
-            log_miss = np.bincount(row, weights=np.log1p(-p), minlength=n_rows)  # -inf: an entry with p = 1
+            log_miss = np.bincount(parts["row"], weights=np.log1p(-p), minlength=parts["n_rows"])  # -inf: p = 1
         keep = 1.0 - np.exp(log_miss)
-        if sample.get("image") is not None and images is not None:
-            keys, draws = sample["image"]
-            best = pl.DataFrame({"k": keys.astype(np.uint64), "d": draws}).join(
-                pl.DataFrame({"k": images[0].astype(np.uint64), "best": images[1]}), on="k", how="left",
-                maintain_order="left")
-            keep = keep * (best["d"].to_numpy() == best["best"].fill_null(-1.0).to_numpy())
-        return float(keep.sum() * sample["matched_rows"] / n_rows)
+        if parts["chosen"] is not None:
+            keep = keep * parts["chosen"]
+        return float(keep.sum() * parts["matched_rows"] / parts["n_rows"])
 
     def solve_t(self, sample: dict, langs: dict[str, np.ndarray], images) -> tuple[int, float]:
         """(t, expected kept): the t whose expected kept count is nearest `target_rows`. The expectation rises
         with t (every p_e does), so a bisection over integer t in [1, largest count] finds it; past the
         largest count every pair is kept, and a target above that keeps everything."""
+        parts = self._sample_parts(sample, images)
+        kept = functools.cache(lambda t: self._expected(parts, langs, t))
         target = float(self.config.target_rows)
         hi = max(1, max((int(v.max()) for v in langs.values() if len(v)), default=1))
         if self.config.language_col and len(langs) > 1:
             hi = max(hi, int(sum(langs.values()).max()))  # a reference t above every count
-        k_hi = self.expected_kept(sample, langs, images, hi)
-        if k_hi <= target:
-            return hi, k_hi
+        if kept(hi) <= target:
+            return hi, kept(hi)
         lo = 1
-        if self.expected_kept(sample, langs, images, lo) >= target:
-            return lo, self.expected_kept(sample, langs, images, lo)
+        if kept(lo) >= target:
+            return lo, kept(lo)
         while hi - lo > 1:  # invariant: K(lo) < target <= K(hi)
             mid = (lo + hi) // 2
-            if self.expected_kept(sample, langs, images, mid) < target:
+            if kept(mid) < target:
                 lo = mid
             else:
                 hi = mid
-        k_lo, k_hi = self.expected_kept(sample, langs, images, lo), self.expected_kept(sample, langs, images, hi)
-        return (lo, k_lo) if target - k_lo < k_hi - target else (hi, k_hi)
+        return (lo, kept(lo)) if target - kept(lo) < kept(hi) - target else (hi, kept(hi))
 
     def load_stats(self, folder: str) -> dict:
         counts = shards.read_shard(shards.join(folder, "entry_counts.parquet"))
@@ -680,26 +678,16 @@ class MetaClipStage(Stage):
         langs_dense = {k: _dense(v, stats["n"]) for k, v in stats["langs"].items()}
         ts = stats.get("t") or self.thresholds(langs_dense)[0]
         lang_col = self._languages(table)
-        p = np.empty(len(ids), dtype=np.float64)
-        if lang_col is None:
-            counts = sum(langs_dense.values()) if langs_dense else np.zeros(stats["n"], dtype=np.int64)
-            p[:] = entry_probs(counts, ts.get("", self.config.t))[ids]
-        else:
-            row_lang = np.repeat(lang_col.to_numpy(), n_per_row)
-            for lang in np.unique(row_lang):
-                m = row_lang == lang
-                counts = langs_dense.get(str(lang), np.zeros(stats["n"], dtype=np.int64))
-                p[m] = entry_probs(counts, ts.get(str(lang), self.config.t))[ids[m]]
+        row_lang = None if lang_col is None else np.repeat(lang_col.to_numpy(), n_per_row)
+        p = _match_probs(ids, row_lang, langs_dense, ts, self.config.t, stats["n"])
         uid_rep = pl.from_arrow(pc.take(table.column("uid"), pa.array(row)))
         u = uniform(uid_rep, self.seed, salt=ids)
         sampled = np.bincount(row, weights=(u < p), minlength=n) > 0
         no_entry = n_per_row == 0
         other_text = None
         if self.config.one_text_per_image and stats.get("images") is not None:
-            keys, draws = stats["images"]
-            best = pl.DataFrame({"k": self._image_keys(table), "d": self._choice_draw(table.column("uid"))}).join(
-                pl.DataFrame({"k": keys, "best": draws}), on="k", how="left", maintain_order="left")
-            other_text = (~no_entry) & (best["d"].to_numpy() != best["best"].fill_null(-1.0).to_numpy())
+            chosen = _is_chosen_text(self._image_keys(table), self._choice_draw(table.column("uid")), stats["images"])
+            other_text = (~no_entry) & ~chosen
         reason = first_reason(n, [("low_score", self._below_cut(table)), ("no_entry", no_entry),
                                   ("other_text_of_image", other_text), ("balanced_out", ~sampled)])
         out = table.append_column(OUT_COL, lists) if OUT_COL not in table.column_names else table.set_column(
@@ -711,6 +699,29 @@ class MetaClipStage(Stage):
         """Entry counts before/after balancing (after = expected kept matches min(count, t) per entry),
         cumulative share of matches by rank, top entries and the tail share; CSV of every matched entry."""
         return _report(self, stage_dir, out_dir)
+
+
+def _match_probs(ids: np.ndarray, row_lang: np.ndarray | None, langs: dict[str, np.ndarray], ts: dict, t: int,
+                 n: int) -> np.ndarray:
+    """p_e of each (row, entry) match: its entry's keep probability among the counts of the row's language (all
+    counts summed when rows have no language), at that language's t. One home for apply and the t solver."""
+    p = np.empty(len(ids), dtype=np.float64)
+    if row_lang is None:
+        counts = sum(langs.values()) if langs else np.zeros(n, dtype=np.int64)
+        p[:] = entry_probs(counts, ts.get("", t))[ids]
+        return p
+    for lang in np.unique(row_lang):
+        m = row_lang == lang
+        p[m] = entry_probs(langs.get(str(lang), np.zeros(n, dtype=np.int64)), ts.get(str(lang), t))[ids[m]]
+    return p
+
+
+def _is_chosen_text(keys: np.ndarray, draws: np.ndarray, images: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Whether each row is its image's chosen text (one_text_per_image): its draw is the image's best one."""
+    best = pl.DataFrame({"k": np.asarray(keys, dtype=np.uint64), "d": draws}).join(
+        pl.DataFrame({"k": np.asarray(images[0], dtype=np.uint64), "best": images[1]}), on="k", how="left",
+        maintain_order="left")
+    return best["d"].to_numpy() == best["best"].fill_null(-1.0).to_numpy()
 
 
 def _sparse(dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
