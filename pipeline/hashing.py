@@ -217,3 +217,19 @@ def row_content_key(table: pa.Table, image_content: np.ndarray | None = None) ->
         v[null] = _salt("null")
         h = combine64(combine64(h, _salt("name:" + name)), v)
     return h
+
+
+# ---- which copy of a uid is kept (ingest and align: one rule) -----------------------------------------------
+def row_positions(shard: str, n: int) -> np.ndarray:
+    """A position hash per row of a shard, (shard name, row): orders byte-identical copies of a uid, for which the
+    choice changes nothing but the shard the one kept lands in."""
+    at = hash64_strings(pa.array([str(shard)], pa.string()), "shard")[0]
+    return combine64(np.full(n, at, dtype=_U64), np.arange(n, dtype=_U64))
+
+
+def other_copy_kept(ck: np.ndarray, ck_min: np.ndarray, pos: np.ndarray, pos_min: np.ndarray) -> np.ndarray:
+    """Rows that are not the kept copy of their uid. The copy kept has the smallest content key (`row_content_key`)
+    among the uid's rows, then the smallest position among those with that key; `ck_min` and `pos_min` are those
+    pool-wide minima (the u64 maximum where the uid, or the uid x content key, occurs once)."""
+    return (ck > ck_min) | ((ck == ck_min) & (pos > pos_min))
+

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -110,13 +109,11 @@ class IngestStage(Stage):
         """(uid key, content key, position hash) per kept row, as align orders the copies of a uid (its
         `row_content_key` without `image_ref`; ingest reads no pixels, so byte-equal rows are ordered by
         position: (shard, row) of the crawl, a property of the crawl and not of how the run cuts it)."""
-        from pipeline.hashing import _U64, combine64, hash64_strings, row_content_key, uid_rank
+        from pipeline.hashing import _U64, row_content_key, row_positions, uid_rank
 
         n = kept.num_rows
-        ck = row_content_key(kept)
-        shard = hash64_strings(pa.array([str(self.context.get("shard", ""))], pa.string()), "shard")[0]
-        pos = combine64(np.full(n, shard, dtype=_U64), np.arange(n, dtype=_U64))
-        return uid_rank(kept.column("uid")) if n else np.zeros(0, _U64), ck, pos
+        pos = row_positions(self.context.get("shard", ""), n)
+        return uid_rank(kept.column("uid")) if n else np.zeros(0, _U64), row_content_key(kept), pos
 
     def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
         """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason; a repeat
@@ -218,8 +215,8 @@ class CopyStats:
                          self.copies.filter((pl.col("n") > 1) & pl.col("key").is_in(piece.copies["key"])))
 
     def extra_copies(self, ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """Rows that are not the kept copy of their uid: a smaller content key, or the same one earlier."""
-        from pipeline.hashing import combine64
+        """Rows that are not the kept copy of their uid (pipeline.hashing.other_copy_kept)."""
+        from pipeline.hashing import combine64, other_copy_kept
 
         def lookup(df, value, keys):
             m = pl.DataFrame({"key": keys}).join(df.select("key", value), on="key", how="left", maintain_order="left")
@@ -227,7 +224,7 @@ class CopyStats:
 
         ck_min = lookup(self.uids.filter(pl.col("n") > 1), "ck_min", ukey)
         pos_min = lookup(self.copies.filter(pl.col("n") > 1), "pos_min", combine64(ukey, ck))
-        return (ck > ck_min) | ((ck == ck_min) & (pos > pos_min))
+        return other_copy_kept(ck, ck_min, pos, pos_min)
 
 
 # ---- reading the URL list -----------------------------------------------------------------------

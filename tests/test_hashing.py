@@ -53,3 +53,14 @@ def test_mix_and_blake64_against_references():
     assert [int(v) for v in hashing._mix64(xs)] == [ref_mix(int(x)) for x in xs]
     assert hashing.blake64(b"abc") == int.from_bytes(hashlib.blake2b(b"abc", digest_size=8).digest(), "little")
     assert int(hashing.combine64(np.array([5], np.uint64), np.array([7], np.uint64))[0]) == ref_mix(ref_mix(5) ^ 7)
+
+
+def test_the_kept_copy_of_a_uid_is_the_smallest_content_key_then_the_first_position():
+    """One rule for ingest and align (hand-computed): 5 rows of one uid, content keys 7 7 3 3 9."""
+    from pipeline.hashing import other_copy_kept
+
+    ck = np.array([7, 7, 3, 3, 9], dtype=np.uint64)
+    pos = np.array([10, 11, 13, 12, 14], dtype=np.uint64)
+    ck_min = np.full(5, 3, dtype=np.uint64)
+    pos_min = np.array([10, 10, 12, 12, 14], dtype=np.uint64)  # per (uid x content key)
+    assert other_copy_kept(ck, ck_min, pos, pos_min).tolist() == [True, True, True, False, True]

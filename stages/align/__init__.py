@@ -69,7 +69,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.config import check_ranges
-from pipeline.hashing import combine64, hash64_strings, row_content_key
+from pipeline.hashing import combine64, hash64_strings, other_copy_kept, row_content_key, row_positions
 from pipeline.images import MAX_IMAGE_PIXELS
 from pipeline.stage import Stage, StageError, split_by_reason
 
@@ -290,9 +290,7 @@ class AlignStage(Stage):
         The position (shard name, row) only orders byte-identical rows, for which the choice changes nothing
         but the shard the one kept lands in."""
         ck = row_content_key(table, np.where(f.has_bytes, f.content, _U64(0)))
-        shard = hash64_strings(pa.array([str(self.context.get("shard", ""))], pa.string()), "shard")[0]
-        pos = combine64(np.full(table.num_rows, shard, dtype=_U64), np.arange(table.num_rows, dtype=_U64))
-        return ck, combine64(f.uid, ck), pos
+        return ck, combine64(f.uid, ck), row_positions(self.context.get("shard", ""), table.num_rows)
 
     # ---- pass 1 ----
     def collect(self, table: pa.Table) -> AlignStats:
@@ -351,7 +349,7 @@ class AlignStage(Stage):
         ck, copy_key, pos = self._copy_keys(table, f)
         ck_min = _lookup(stats.lookup("uid_ck"), f.uid, _MAX_U64)
         pos_min = _lookup(stats.lookup("copy_pos"), copy_key, _MAX_U64)
-        f.other_copy_kept = (ck > ck_min) | ((ck == ck_min) & (pos > pos_min))
+        f.other_copy_kept = other_copy_kept(ck, ck_min, pos, pos_min)
 
         # pool-wide counts by image identity (content hash, or url in text-only pools)
         f.pair_uid_min = np.full(n, _MAX_U64, dtype=_U64)
