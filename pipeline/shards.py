@@ -287,10 +287,12 @@ class DigestCache:
         self.entries = (read_json(path) or {}) if path else {}
         self.changed = False
 
-    def digest(self, path: str) -> str:
-        fs, p = fs_and_path(path)
-        info = fs.info(p)
-        stamp = [info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")]
+    def digest(self, path: str, info: dict | None = None) -> str:
+        """`info`: the file's fsspec info when the caller has it (one metadata request per file, not two)."""
+        if info is None:
+            fs, p = fs_and_path(path)
+            info = fs.info(p)
+        stamp = [info.get("size"), _modified(info)]
         key = path if "://" in path else os.path.abspath(path)
         for tag in ("md5Hash", "ETag", "etag"):  # object stores hash the content themselves (gs: md5, s3: ETag)
             if "://" in path and info.get(tag):
@@ -316,8 +318,8 @@ def file_content_identity(path: str, cache: DigestCache | None = None) -> dict:
     """What identifies a data file for fingerprints: its name, size and content digest (not its mtime: a file
     rewritten with the same bytes, e.g. a regenerated demo world, is the same input)."""
     fs, p = fs_and_path(path)
-    return {"name": shard_name(path), "size": fs.info(p).get("size"),
-            "sha256": (cache or DigestCache(None)).digest(path)}
+    info = fs.info(p)
+    return {"name": shard_name(path), "size": info.get("size"), "sha256": (cache or DigestCache(None)).digest(path, info)}
 
 
 def file_identity(path: str) -> dict:
@@ -325,4 +327,9 @@ def file_identity(path: str) -> dict:
     dfn score cache's image-store identity). Fingerprints of data files use `file_content_identity`."""
     fs, p = fs_and_path(path)
     info = fs.info(p)
-    return {"name": shard_name(path), "size": info.get("size"), "mtime": str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")}
+    return {"name": shard_name(path), "size": info.get("size"), "mtime": _modified(info)}
+
+
+def _modified(info: dict) -> str:
+    """A file's modification stamp from fsspec's info, whichever key the filesystem uses."""
+    return str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")
