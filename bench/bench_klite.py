@@ -35,7 +35,8 @@ from pipeline import config as config_mod  # noqa: E402
 from pipeline import shards  # noqa: E402
 from pipeline.runner import run_pipeline  # noqa: E402
 from pipeline.schema import compute_uid  # noqa: E402
-from stages.klite import KLiteStage, cached_tables  # noqa: E402
+from metadata.glosses import cached_tables  # noqa: E402
+from stages.klite import KLiteStage  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 POS_TAGGER = "none"  # --pos-tagger

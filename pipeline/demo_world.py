@@ -411,7 +411,7 @@ eval_sets = [{q(eval_path.parent / "classification.parquet")}, {q(eval_path.pare
 """
 
 
-def _generator_key(out: Path, n: int, seed: int) -> dict:
+def _generator_key(n: int, seed: int) -> dict:
     """Everything the world's bytes are a function of, but its place: n, seed, this module's code, and the
     encoders' versions (Pillow's PNG/JPEG, pyarrow's Parquet). config.toml, which names the eval set by absolute
     path, is checked against `demo_config` instead."""
@@ -453,7 +453,7 @@ def make_world(out: str | Path, n: int = 3000, seed: int = 0) -> dict:
     if n < 200:
         raise ValueError(f"demo world needs n >= 200 (got {n}): every noise kind needs a few rows")
     out = Path(out)
-    key = _generator_key(out, n, seed)
+    key = _generator_key(n, seed)
     prior = _up_to_date(out, key)
     if prior is not None:
         log.info("demo world under %s is up to date: not rewritten", out)

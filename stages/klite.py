@@ -67,9 +67,7 @@ import pyarrow as pa
 from pipeline.config import ConfigError, check_ranges
 from pipeline import shards
 from pipeline.stage import Stage, StageError
-from metadata.glosses import (  # noqa: F401  (the tables' home: see metadata/glosses.py)
-    CACHE_VERSION, build_tables, cached_tables, tokens, wordnet_signature as _wordnet_signature,
-)
+from metadata.glosses import cached_tables, wordnet_signature as _wordnet_signature  # the tables' home
 
 log = logging.getLogger("clipcurate.klite")
 
