@@ -91,15 +91,15 @@ def _finished(out_dir: str, cfg: TrainConfig, fp: str) -> dict | None:
     ck_path, summary_path = latest_checkpoint(out_dir), os.path.join(out_dir, "train.json")
     if not ck_path or not os.path.exists(os.path.join(out_dir, "model.pt")) or not os.path.exists(summary_path):
         return None
-    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
-    if ck.get("fingerprint") != fp or int(ck.get("step", -1)) != cfg.steps or ck.get("model_name") != cfg.model:
-        return None
     try:
         with open(summary_path) as f:
             summary = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-    if summary.get("steps") != cfg.steps:
+    if summary.get("steps") != cfg.steps:  # more steps asked: no need to load the checkpoint to know
+        return None
+    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    if ck.get("fingerprint") != fp or int(ck.get("step", -1)) != cfg.steps or ck.get("model_name") != cfg.model:
         return None
     return {**summary, "resumed_from": cfg.steps, "first_loss": None, "already_trained": True}
 
