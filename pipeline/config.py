@@ -59,6 +59,13 @@ def _extra_section_class(name: str):
     return None
 
 
+def _registered_sections() -> list[str]:
+    """Sections other packages of the project register (`clipcurate.config_sections`: the trainer's `[train]`)."""
+    from importlib.metadata import entry_points
+
+    return sorted({ep.name for ep in entry_points(group="clipcurate.config_sections")} - set(EXTRA_SECTIONS))
+
+
 def section_class(name: str):
     if "@" in name:  # a labelled step of the recipe (`[align@text]`): its stage's Config
         name = name.partition("@")[0]
@@ -96,7 +103,7 @@ def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
 def resolve(raw: dict) -> dict[str, dict]:
     """Defaults for every known section, overridden by `raw`; validated."""
     out: dict[str, dict] = {}
-    names = ["run"] + STAGE_ORDER + ["train"] + recipe.labelled_sections(raw)
+    names = ["run"] + STAGE_ORDER + _registered_sections() + recipe.labelled_sections(raw)
     for section in list(raw):
         if ":" in section:  # a user stage ("module:Class"): its own Config validates it when built
             out[section] = dict(raw[section])
