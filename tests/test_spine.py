@@ -425,7 +425,7 @@ def test_a_file_the_run_wrote_is_identified_without_reading_it(tmp_path, monkeyp
         p.parent.mkdir(parents=True)
         p.write_bytes(b"jpeg bytes")
     read = []
-    monkeypatch.setattr(shards.DigestCache, "digest", lambda self, path: read.append(path) or "d")
+    monkeypatch.setattr(shards.DigestCache, "digest", lambda self, path, info=None: read.append(path) or "d")
     ident = runner._input_identity(str(inside), None, shards.DigestCache(None), str(run))
     assert read == [] and ident["size"] == 10 and "mtime" in ident
     assert runner._input_identity(str(outside), None, shards.DigestCache(None), str(run))["sha256"] == "d"
