@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from pipeline.images import REF_COL
 
@@ -33,8 +34,15 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def blake64(b: bytes) -> int:
-    """The first 64 bits of blake2b, little-endian: content hashes, salts and seeds."""
+    """The first 64 bits of blake2b, little-endian: salts and seeds."""
     return int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
+
+
+def content64(b: bytes) -> int:
+    """64-bit hash of an image's bytes (its content identity): XXH3, 1.5 us for a 29 KB JPEG where blake2b
+    takes 32 us, 6% of align's whole per-image work (decode and dHash included). Not cryptographic; none is
+    needed: a collision among 10^8 images has odds ~3e-4, and costs one pair wrongly dropped as a copy."""
+    return xxhash.xxh3_64_intdigest(b)
 
 
 def _salt(name: str) -> np.uint64:

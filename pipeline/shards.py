@@ -235,6 +235,12 @@ def read_json(path: str) -> Any | None:
         return None
 
 
+def makedirs(path: str) -> None:
+    """A folder, local or fsspec (os.makedirs of "s3://b/x" would make a local folder "s3:/b/x")."""
+    fs, p = fs_and_path(path)
+    fs.makedirs(p, exist_ok=True)
+
+
 def exists(path: str) -> bool:
     fs, p = fs_and_path(path)
     return fs.exists(p)

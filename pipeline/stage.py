@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -146,6 +147,30 @@ class Stage:
         image reader, a store file at a time. None when the rows carry no references (a text-only pool).
         A table built in memory with its bytes in `image` (a stage used directly, without the runner, which
         never puts bytes in a stage's table) gives those."""
+        got = self._pixel_source(table)
+        if got is None or isinstance(got, pa.Array):
+            return got
+        reader, refs = got
+        return reader.read(refs)
+
+    def pixel_batches(self, table: pa.Table, rows: int | None = None) -> Iterator[tuple[np.ndarray, pa.Array]] | None:
+        """`pixels` as a stream: (row positions, their bytes) in batches of at most `rows` (the reader's
+        default: `ImageReader.batches`), rows without an image left out. For stages that decode as they read:
+        they hold one batch of bytes, not the shard's. None for a text-only pool, as `pixels`."""
+        from pipeline.images import PIXEL_BATCH_ROWS
+
+        rows = rows or PIXEL_BATCH_ROWS
+        got = self._pixel_source(table)
+        if got is None:
+            return None
+        if isinstance(got, pa.Array):
+            return _array_batches(got, rows)
+        reader, refs = got
+        return reader.batches(refs, rows)
+
+    def _pixel_source(self, table: pa.Table):
+        """None (no images), the bytes themselves (an in-memory table, or references that are all null), or
+        (reader, references)."""
         from pipeline.images import REF_COL, STORE_FILE
 
         if REF_COL not in table.column_names:
@@ -162,7 +187,7 @@ class Stage:
         if reader is None:
             raise StageError(f"{self.name}: rows name their images ({REF_COL}) but the run records no image store "
                              f"({STORE_FILE} in {self.context.get('run_dir') or 'the run folder'})")
-        return reader.read(refs)
+        return reader, refs
 
     # ---- pass-1 cache: per-row work that collect did and apply needs again ---------------------
     # A Dask cluster may run a shard's collect and apply on different workers (or machines), so an
@@ -340,3 +365,11 @@ def get_stage(name: str, config: dict, seed: int) -> Stage:
         inst = stage_class(name)(config, seed)
         _INSTANCES[key] = inst
     return inst.ensure_ready()
+
+
+def _array_batches(blobs: pa.Array, rows: int) -> Iterator[tuple[np.ndarray, pa.Array]]:
+    """`ImageReader.batches`' shape over bytes already in memory: slices, null rows left out."""
+    valid = np.flatnonzero(pc.is_valid(blobs).to_numpy(zero_copy_only=False))
+    for lo in range(0, len(valid), rows):
+        at = valid[lo:lo + rows]
+        yield at, blobs.take(pa.array(at))

@@ -446,8 +446,9 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
             incremental_mode="incremental",
         )
     totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
-    for f in sorted(Path(out_dir).glob("*_stats.json")):
-        s = json.loads(f.read_text())
+    fs, root = shards.fs_and_path(out_dir)
+    for f in sorted(fs.glob(f"{root.rstrip('/')}/*_stats.json")):  # out_dir may be s3://...
+        s = json.loads(fs.cat_file(f))
         for k in totals:
             totals[k] += int(s.get(k, 0))
     return totals
@@ -480,9 +481,9 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
         log.info("ingest: download already complete (%s), reusing", raw_dir)
         info.update(prior.get("img2dataset", {}))
         return raw_dir, info
-    if prior or Path(raw_dir).exists():
+    if prior or shards.exists(raw_dir):
         shards.remove(raw_dir)  # a different list or config: start the download afresh
-    os.makedirs(stage_dir, exist_ok=True)
+    shards.makedirs(stage_dir)
     if grouped.height == 0 and bad.height == 0:
         raise StageError(f"ingest: URL list {input_path} has no rows")
     list_path = os.path.join(stage_dir, "_urls.parquet")
@@ -495,7 +496,7 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     if bad.height:
         # malformed URLs, rows that are not UTF-8 and repeated rows never reach img2dataset; they travel as an extra
         # "failed" shard so no row is lost
-        os.makedirs(raw_dir, exist_ok=True)
+        shards.makedirs(raw_dir)
         bad.select("url", "caption", "status", "error_message").write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
     info["img2dataset"] = totals
     shards.write_json({"fingerprint": fp, "img2dataset": totals}, marker)

@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from pipeline import hashing, stage
 from pipeline.schema import compute_uid
@@ -48,10 +49,13 @@ def test_uniform_equals_the_reference_and_is_defined_once():
     assert stage.uniform is hashing.uniform  # the stages' import is this one function, not a copy
 
 
-def test_mix_and_blake64_against_references():
+def test_mix_blake64_and_content64_against_references():
     xs = np.array([0, 1, 2**63, MASK, 0x0123456789ABCDEF], dtype=np.uint64)
     assert [int(v) for v in hashing._mix64(xs)] == [ref_mix(int(x)) for x in xs]
     assert hashing.blake64(b"abc") == int.from_bytes(hashlib.blake2b(b"abc", digest_size=8).digest(), "little")
+    # XXH3-64 (seed 0) of the spec's test vectors (github.com/Cyan4973/xxHash, sanity_test_vectors.h)
+    assert hashing.content64(b"") == 0x2D06800538D394C2
+    assert hashing.content64(b"abc") == xxhash.xxh3_64_intdigest(b"abc") != hashing.content64(b"abd")
     assert int(hashing.combine64(np.array([5], np.uint64), np.array([7], np.uint64))[0]) == ref_mix(ref_mix(5) ^ 7)
 
 

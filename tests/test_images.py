@@ -74,6 +74,57 @@ def test_reader_reads_parquet_rows_and_tar_members_by_reference(tmp_path):
     assert tar_reader.read(trefs[::-1]).to_pylist() == want[:3][::-1]
 
 
+def test_batches_stream_what_read_returns_a_store_file_at_a_time_in_store_order(tmp_path):
+    """`batches` (what align decodes from) gives every non-null reference exactly once, with the bytes `read`
+    gives it, at most `rows` a batch, forward through each store file; across row groups, for a sparse,
+    shuffled subset with a repeat, and over tar members. Checked against a plain per-reference lookup."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    blobs = [_jpeg(i, size=(24, 20)) if i % 9 else None for i in range(70)]
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"jpg": pa.array(blobs, pa.binary())}), tmp_path / "pq" / "a.parquet", row_group_size=16)
+    pq.write_table(pa.table({"jpg": pa.array(blobs[:5], pa.binary())}), tmp_path / "pq" / "b.parquet")
+    (tmp_path / "tars").mkdir()
+    offsets, sizes = [], []
+    with tarfile.open(tmp_path / "tars" / "00000.tar", "w") as tf:
+        for i, b in enumerate(x for x in blobs if x is not None):
+            ti = tarfile.TarInfo(f"{i:09d}.jpg")
+            ti.size = len(b)
+            tf.addfile(ti, io.BytesIO(b))
+    idx = index_tar(str(tmp_path / "tars" / "00000.tar"))
+    members = [x for x in blobs if x is not None]
+
+    rows = [int(x) for x in rng.choice(70, 30, replace=False)] + [3, 3]
+    cases = [
+        ("parquet", "jpg", pa.array([f"a.parquet#{i}" for i in range(70)]), blobs),
+        ("parquet", "jpg", pa.array([f"a.parquet#{r}" for r in rows] + [None, "b.parquet#2"]),
+         [blobs[r] for r in rows] + [None, blobs[2]]),
+        ("wds", "jpg", tar_refs("00000.tar", idx.column("offset").to_numpy(), idx.column("size").to_numpy()).take(
+            pa.array(rng.permutation(len(members)))), None),
+    ]
+    for fmt, col, refs, want in cases:
+        reader = ImageStore(str(tmp_path / ("pq" if fmt == "parquet" else "tars")), fmt, col).reader()
+        if want is None:  # the tar case: the members in the order the references name them
+            order = {o: i for i, o in enumerate(idx.column("offset").to_pylist())}
+            want = [members[order[int(r.split("#")[1].split(":")[0])]] for r in refs.to_pylist()]
+        assert reader.read(refs).to_pylist() == want
+        for size in (1, 7, 1000):
+            got, seen = {}, []
+            for at, b in reader.batches(refs, size):
+                assert len(at) == len(b) > 0 and b.type == pa.binary()
+                assert len({refs[i].as_py() for i in at.tolist()}) <= size  # a repeated reference rides along
+                seen.extend(at.tolist())
+                got.update(zip(at.tolist(), b.to_pylist()))
+            assert sorted(seen) == [i for i, r in enumerate(refs.to_pylist()) if r is not None]  # each once
+            assert [got.get(i) for i in range(len(refs))] == want
+            # forward through each store file
+            locs = [refs[i].as_py().split("#") for i in seen]
+            for (f1, l1), (f2, l2) in zip(locs, locs[1:]):
+                if f1 == f2:
+                    assert int(l1.split(":")[0]) <= int(l2.split(":")[0])
+
+
 def test_a_missing_store_file_is_one_line_naming_it(tmp_path):
     _pool(tmp_path / "pool")
     reader = ImageStore(str(tmp_path / "pool"), "parquet", "image").reader()

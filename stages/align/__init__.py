@@ -39,7 +39,7 @@ shard needs) and no task ever holds the whole. Nothing depends on shard boundari
 count or partition count.
 
 Two image hashes, on purpose:
-  * `image_hash` = blake2b-64 of the encoded bytes. "Same image" for the pool-wide counts and for
+  * `image_hash` = XXH3-64 of the encoded bytes (`content64`). "Same image" for the pool-wide counts and for
     duplicates. It is exact: two different product shots on white can share a 64-bit perceptual hash, and
     merging them would drop innocent captions. Re-encoded copies are missed by it; that is the price.
   * `image_phash` = 64-bit dHash (Pillow + numpy) of the decoded image, used only against the evaluation
@@ -227,11 +227,11 @@ class AlignStage(Stage):
 
     def _inspect_images(self, table: pa.Table) -> dict | None:
         """{fact: array per row} for a shard whose rows reference images; None for a text-only pool."""
-        blobs = self.pixels(table)
-        if blobs is None:
+        batches = self.pixel_batches(table, IMAGE_CHUNK)
+        if batches is None:
             return None
         c = self.config
-        return image_facts(blobs, c.max_image_pixels, decode_threads(c.decode_threads), IMAGE_CHUNK)
+        return image_facts(batches, table.num_rows, c.max_image_pixels, decode_threads(c.decode_threads))
 
     def _images_key(self) -> str:
         return json.dumps(["images", self.config.max_image_pixels, "dhash-draft-L"])

@@ -29,7 +29,7 @@ class RowFeatures:
     nwords: np.ndarray | None = None  # int64 word count
     text_h: np.ndarray | None = None  # u64 hash of the normalised alt-text
     has_bytes: np.ndarray | None = None  # the row has image bytes
-    content: np.ndarray | None = None  # u64 blake2b of the bytes (0 without)
+    content: np.ndarray | None = None  # u64 content64 of the bytes (0 without)
     image_id: np.ndarray | None = None  # u64 image identity: the content hash, or the url in a text-only pool
     id_ok: np.ndarray | None = None  # the row has an image identity
     images: dict | None = None  # the image facts (images.IMAGE_FACTS); None for a text-only shard

@@ -4,6 +4,8 @@ over a shard, and the evaluation set as a Hamming index of dHashes."""
 from __future__ import annotations
 
 import os
+from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,13 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.hashing import blake64
+from pipeline.hashing import content64
 from pipeline.images import open_image
 from pipeline.stage import StageError
 
 _U64 = np.uint64
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-IMAGE_CHUNK = 256  # images per thread task: amortises the pool's per-task cost (~30 us) over ~0.15 s of work
+IMAGE_CHUNK = 256  # images per batch read and per thread task: the pool's per-task cost (~30 us) is nothing next to
+# ~0.15 s of decoding, and a batch of 256-px JPEGs is ~7 MB
 # Every per-image fact align needs, from one read of the shard's pixels (collect's; apply takes them from the
 # pass-1 cache)
 IMAGE_FACTS = {"has_bytes": np.bool_, "content": _U64, "decoded": np.bool_, "width": np.int64,
@@ -67,30 +70,37 @@ def decode_threads(configured: int) -> int:
         return os.cpu_count() or 1
 
 
-def image_facts(blobs: pa.Array, max_pixels: int, threads: int, chunk: int = IMAGE_CHUNK) -> dict:
-    """{fact: array per row} (`IMAGE_FACTS`) for a shard's image bytes (null: the row has none)."""
-    n = len(blobs)
-    out = {k: np.zeros(n, dtype=t) for k, t in IMAGE_FACTS.items()}
-    items = blobs.to_pylist()
+def image_facts(batches: Iterable[tuple[np.ndarray, pa.Array]], n: int, max_pixels: int, threads: int) -> dict:
+    """{fact: array per row} (`IMAGE_FACTS`) for a shard of `n` rows, from its image bytes streamed as
+    (row positions, bytes) batches (`Stage.pixel_batches`); rows in no batch, or with null bytes, have none.
 
-    def facts(lo: int, hi: int) -> None:  # hashing and decoding are per image by nature
-        for i in range(lo, hi):
-            b = items[i]
+    The batches are decoded as they arrive, each by one thread: Pillow's decode and resize and hashlib's digest
+    release the GIL, so threads use idle cores: all of them in an in-process run, and on a cluster the ones a
+    worker that has finished its shards leaves idle (5 shards on 2 workers: the last shard alone). At most
+    2 x threads batches are read ahead, so a worker holds a few batches of bytes, never the shard's."""
+    out = {k: np.zeros(n, dtype=t) for k, t in IMAGE_FACTS.items()}
+
+    def facts(at: np.ndarray, blobs: pa.Array) -> None:  # hashing and decoding are per image by nature
+        for i, b in zip(at.tolist(), blobs.to_pylist()):
             if b is None:
                 continue
             out["has_bytes"][i] = True
-            out["content"][i] = blake64(b)  # hashlib has no vectorised form; cheap next to the decode
+            out["content"][i] = content64(b)  # per image: no vectorised byte hash over an Arrow array
             ok, w, h, ph = inspect_image(b, max_pixels)
             out["decoded"][i], out["width"][i], out["height"][i], out["phash"][i] = ok, w, h, ph
 
-    if threads <= 1 or n < 2 * chunk:
-        facts(0, n)
-    else:
-        # Pillow's decode and resize and hashlib's digest release the GIL, so threads use idle cores:
-        # all of them in an in-process run, and on a cluster the ones a worker that has finished its
-        # shards leaves idle (5 shards on 2 workers: the last shard alone). Each chunk writes only its rows.
-        with ThreadPoolExecutor(threads, thread_name_prefix="align-decode") as pool:
-            list(pool.map(lambda lo: facts(lo, min(n, lo + chunk)), range(0, n, chunk)))
+    if threads <= 1:
+        for at, blobs in batches:
+            facts(at, blobs)
+        return out
+    with ThreadPoolExecutor(threads, thread_name_prefix="align-decode") as pool:
+        pending: deque = deque()
+        for at, blobs in batches:  # each batch writes only its rows
+            pending.append(pool.submit(facts, at, blobs))
+            while len(pending) > 2 * threads:
+                pending.popleft().result()
+        for f in pending:
+            f.result()
     return out
 
 
