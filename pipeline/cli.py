@@ -158,6 +158,7 @@ def cmd_ingest(args) -> int:
     # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
     res.manifest["urls_in"] = info["unique_urls"]
     res.manifest["rows_in"] = info["input_rows"]
+    res.manifest["url_list"] = args.input if "://" in str(args.input) else str(Path(args.input).resolve())
     shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
     print(
         f"ingest: {info['input_rows']} URL rows: {info['unique_urls']} unique URLs (each fetched once), "

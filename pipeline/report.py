@@ -250,6 +250,41 @@ def _training(run_dir: str) -> dict:
     return out
 
 
+def world_truth(run_dir: str) -> str | None:
+    """The labelled truth of the world the run crawled: `truth.parquet` next to the URL list it ingested
+    (ingest's manifest `url_list`; the demo world writes one) or its first step's input, if there is one."""
+    steps = stage_folders(run_dir)
+    if not steps:
+        return None
+    m = shards.read_json(os.path.join(steps[0][1], "_manifest.json")) or {}
+    src = m.get("url_list") or m.get("input")
+    if not src or "://" in str(src):
+        return None
+    p = Path(src)
+    cand = (p if p.is_dir() else p.parent) / "truth.parquet"
+    return str(cand) if cand.exists() else None
+
+
+def filter_quality_tables(q: dict) -> list[tuple[str, list[str], list[list]]]:
+    """(title, header, rows) of the three truth tables (pipeline/truth.py)."""
+    steps = list(q["precision"])
+    rec = [[kind, r["rows"], r["dropped"], f"{r['recall']:.1%}" if r["recall"] is not None else ""]
+           + [r["by_step"].get(st, "") for st in steps] + [r["by_step"].get("unaccounted", "")]
+           for kind, r in q["recall"].items()]
+    pre = [[st, p["dropped"], p["noise"], f"{p['precision']:.1%}" if p["precision"] is not None else "",
+            ", ".join(f"{k} {v}" for k, v in list(p["by_reason"].items())[:5])] for st, p in q["precision"].items()]
+    cl = q["clean_lost"]
+    lost = [[x["step"], x["reason"], x["rows"], f"{x['rows'] / cl['clean_rows']:.1%}"] for x in cl["by_step_reason"]]
+    return [
+        (f"Recall: the share of each kind's rows the run dropped ({q['rows']} rows, {q['kept']} kept)",
+         ["kind", "rows", "dropped", "recall", *(f"by {st}" for st in steps), "unaccounted"], rec),
+        ("Precision: the share of each step's drops that were noise", ["step", "dropped", "noise", "precision",
+                                                                      "top reasons"], pre),
+        (f"Clean rows lost: {cl['lost']} of {cl['clean_rows']} ({cl['share']:.1%})" if cl["share"] is not None
+         else "Clean rows lost", ["step", "reason", "rows", "share of clean rows"], lost),
+    ]
+
+
 def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for k, v in d.items():
@@ -272,6 +307,14 @@ def build_report(run_dir: str) -> dict:
     training = _training(run_dir)
     funnel = funnel_rows(ms)
     timings = timing_rows(ms)
+    truth = world_truth(run_dir)
+    quality = None
+    if truth:
+        from pipeline.truth import filter_quality
+
+        quality = filter_quality(run_dir, truth, stage_folders(run_dir))
+        shards.write_json(quality, str(out_dir / "filter_quality.json"))
+    quality_tables = filter_quality_tables(quality) if quality else []
     fh = ["stage", "rows in", "kept", "rejected", "reason", "rows (share of stage input)"]
     th = ["stage", "executor", "collect s", "merge s", "apply s", "finalize s", "total s", "rows/s"]
 
@@ -279,6 +322,10 @@ def build_report(run_dir: str) -> dict:
     for m in ms:
         for note in m.get("notes", []):
             md.append(f"- {m['stage']}: {note}")
+    if quality_tables:
+        md += ["", "## Filter quality against the truth", "", f"The world's labels: `{truth}` (pipeline/truth.py).", ""]
+        for title, head, rows in quality_tables:
+            md += [f"### {title}", "", _md_table(head, rows), ""]
     md += ["", "## Timings", "", _md_table(th, timings), ""]
     for name, res in hooks.items():
         for title, path in res.get("figures", []):
@@ -321,6 +368,10 @@ def build_report(run_dir: str) -> dict:
     notes = [f"{m['stage']}: {n}" for m in ms for n in m.get("notes", [])]
     if notes:
         parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
+    if quality_tables:
+        parts.append(f"<h2>Filter quality against the truth</h2><p>The world's labels: {e(truth)} (pipeline/truth.py).</p>")
+        for title, head, rows in quality_tables:
+            parts += [f"<h3>{e(title)}</h3>", table_html(head, rows)]
     parts += ["<h2>Timings</h2>", table_html(th, timings)]
     for name, res in hooks.items():
         for title, path in res.get("figures", []):
@@ -344,6 +395,7 @@ def build_report(run_dir: str) -> dict:
     parts.append("</body></html>")
     (out_dir / "report.html").write_text("\n".join(parts))
     return {"manifests": ms, "funnel": funnel, "hooks": hooks, "thumb_groups": len(thumbs), "training": training,
+            "filter_quality": quality,
             "html": str(out_dir / "report.html"), "md": str(out_dir / "report.md")}
 
 

@@ -36,6 +36,10 @@ class Stage:
     # The runner never puts image bytes in a stage's table: rows carry `image_ref` (pipeline.images), and a
     # stage that needs pixels reads them with `pixels(table)` through the run's image reader (context).
     needs_pixels: ClassVar[bool] = False
+    # Libraries the stage imports lazily that a Dask worker of ours imports in the background as it starts
+    # (pipeline/worker_init.py), so a worker's first shard does not pay for them. Only ones cheap to hold for a
+    # worker's life: not torch, nor a spaCy model.
+    worker_imports: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass
     class Config:

@@ -8,9 +8,10 @@ took the signal themselves died mid-task and printed ~65 lines of tracebacks fir
 driver's shutdown stops them.
 
 A fresh worker's first task paid for importing the spine (pipeline.runner with pyarrow, polars and numpy:
-0.26 s) and Pillow's plugins, on top of its work. A background thread imports them as the worker starts, while
-the driver plans the stage; a task that needs them first waits on Python's import lock, never imports twice.
-Stage-specific libraries (torch, datasketch) stay lazy: a worker imports what its stages use.
+0.26 s), Pillow's plugins and its stage's lazy libraries (align's datasketch and scipy: 0.28 s), on top of its
+work. A background thread imports them as the worker starts, while the driver plans the stage; a task that needs
+them first waits on Python's import lock, never imports twice. Only what a built-in stage lists in
+`Stage.worker_imports` (cheap to hold); torch and spaCy stay lazy: a worker imports them when its stage runs.
 
 Dask's own `dask worker` (a cluster of your own, `--scheduler`) takes the same file: `--preload pipeline.worker_init`.
 """
@@ -33,9 +34,16 @@ def dask_setup(worker=None) -> None:
 
 def _import_spine() -> None:
     try:
+        import importlib
+
         import pipeline.runner  # noqa: F401
         from PIL import Image
 
+        from pipeline.stage import STAGE_ORDER, stage_class
+
         Image.preinit()
+        for name in STAGE_ORDER:  # the built-in stages' own cheap lazy imports (Stage.worker_imports)
+            for module in stage_class(name).worker_imports:
+                importlib.import_module(module)
     except Exception:  # noqa: BLE001 - a warm-up only: the task that needs the module reports the error
         pass

@@ -78,7 +78,7 @@ def test_ablate_follows_the_runs_recipe(tmp_path, monkeypatch):
         return {"model_path": os.path.basename(data), "last_loss": 1.0}
 
     def fake_eval(model_path, sets, klite=False, **kw):
-        r = {"kind": "classification", "top1": sizes[model_path] / 10, "top5": 1.0}
+        r = {"kind": "classification", "top1": sizes.get(model_path, 5) / 10, "top5": 1.0}
         if klite:
             r["klite"] = {"top1": 0.5, "top5": 1.0, "classes_with_gloss": 1}
         return {"results": {"shapes": r}}
@@ -90,5 +90,66 @@ def test_ablate_follows_the_runs_recipe(tmp_path, monkeypatch):
     res = ablate_mod.ablate(str(run), cfg, steps=3, seeds=[0, 1])
     assert [(r["variant"], r["pairs"]) for r in res["variants"]] == [
         ("raw pool", 10), ("align@text", 9), ("+ dfn", 8), ("+ metaclip", 6), ("+ align", 5),
-        ("+ align, K-LITE prompts", 5)]
-    assert sorted(set(trained)) == ["00_ingest", "01_align-text", "02_dfn", "03_metaclip", "04_align"]
+        ("+ align, K-LITE prompts", 5), ("random subset", 5)]  # no truth here: no oracle
+    assert sorted(set(trained)) == ["00_ingest", "01_align-text", "02_dfn", "03_metaclip", "04_align",
+                                    "random-n5-seed0", "random-n5-seed1"]
+
+
+def test_controls_a_random_subset_the_full_pipelines_size_and_the_truth_clean_oracle(tmp_path, monkeypatch):
+    """DataComp's size control: per seed a uniform sample of the raw pool (2 shards) as large as the full
+    pipeline's output; the oracle: the raw pool's truth-clean rows. Both are metadata shards that name the
+    run's image store (the trainer reads pixels through it); trained with the same steps as every variant."""
+    import numpy as np
+    import polars as pl
+
+    import trainer.evaluate
+    import trainer.train
+    from pipeline.images import ImageStore, store_of_folder
+
+    run = tmp_path / "run"
+    uids = [f"{i:032x}" for i in range(30)]
+    d = run / "00_ingest"
+    d.mkdir(parents=True)
+    for k, part in enumerate((uids[:18], uids[18:])):
+        pq.write_table(pa.table({"uid": part, "image_ref": [f"s.parquet#{u}" for u in part]}), d / f"part-{k:05d}.parquet")
+    (d / "_manifest.json").write_text(json.dumps({"input": str(tmp_path / "world" / "urls.parquet")}))
+    for name, n in {"01_align": 20, "02_metaclip": 15, "03_klite": 15, "04_dfn": 12}.items():
+        _stage(run, name, n)
+    ImageStore(str(tmp_path / "store"), "parquet", "image").save(str(run))
+    (tmp_path / "world").mkdir()
+    kinds = ["clean" if i % 3 else "mismatched" for i in range(30)] + ["clean"]  # one uid the pool never had
+    pq.write_table(pa.table({"uid": uids + ["f" * 32], "kind": kinds}), tmp_path / "world" / "truth.parquet")
+    seen = {}
+
+    def fake_train(tc, data, out, resume):
+        rows = pl.read_parquet(os.path.join(data, "*.parquet"))["uid"].to_list()
+        seen[(os.path.basename(data), tc.seed, tc.steps)] = rows
+        if "_subsets" in data:
+            assert store_of_folder(data) == ImageStore.load(str(run))  # the trainer finds the pixels
+        return {"model_path": "m", "last_loss": 1.0}
+
+    monkeypatch.setattr(trainer.train, "train", fake_train)
+    monkeypatch.setattr(trainer.evaluate, "evaluate",
+                        lambda *a, **k: {"results": {"s": {"kind": "classification", "top1": 0.5, "top5": 1.0}}})
+    res = ablate_mod.ablate(str(run), {"train": {"eval_sets": ["x.parquet"], "seed": 0}}, steps=4, seeds=[0, 1])
+    rows = {r["variant"]: r for r in res["variants"]}
+    assert list(rows)[-2:] == ["random subset", "oracle"]
+    assert rows["random subset"]["pairs"] == rows["+ dfn"]["pairs"] == 12
+    a, b = seen[("random-n12-seed0", 0, 4)], seen[("random-n12-seed1", 1, 4)]
+    assert len(set(a)) == len(set(b)) == 12 and set(a) | set(b) <= set(uids) and set(a) != set(b)
+    assert set(a) == {uids[i] for i in np.flatnonzero(_pick(30, 12, 0))}  # numpy's Generator(seed).choice
+    oracle = [v for k, v in seen.items() if k[0].startswith("oracle-")]
+    assert len(oracle) == 2 and sorted(oracle[0]) == [u for i, u in enumerate(uids) if i % 3]
+    assert rows["oracle"]["pairs"] == 20 and rows["oracle"]["stage"] == "ingest, truth-clean"
+    # rerun: the subsets are reused, not drawn again
+    before = {p: os.path.getmtime(p) for p in (run / "ablation" / "_subsets").rglob("part-*.parquet")}
+    ablate_mod.ablate(str(run), {"train": {"eval_sets": ["x.parquet"], "seed": 0}}, steps=4, seeds=[0, 1])
+    assert {p: os.path.getmtime(p) for p in (run / "ablation" / "_subsets").rglob("part-*.parquet")} == before
+
+
+def _pick(n, k, seed):
+    import numpy as np
+
+    m = np.zeros(n, dtype=bool)
+    m[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
+    return m

@@ -19,6 +19,14 @@ variant, the same checkpoints, no extra training) are also evaluated with K-LITE
 (`"{template} ; {class} , {definition}"`, trainer/evaluate.py) and reported as one more row,
 "+ dfn, K-LITE prompts": classification figures only (retrieval has no class prompts: those cells are empty).
 `--variants "+ dfn"` reruns just that variant (finished training is reused: only the evaluation runs).
+
+Controls (DataComp's, and the ceiling). "Full pipeline vs raw pool" mixes two effects: fewer pairs and better
+pairs. So two more variants train with the same compute:
+  * "random subset": a uniform random sample of the raw pool, the size of the full pipeline's output (a new
+    sample per training seed, so the spread counts the sampling too);
+  * "oracle": the raw pool's rows that the world's truth labels clean (`--truth`, default the demo world's
+    truth.parquet next to the run's URL list): what a perfect filter would keep; the ceiling of the table.
+Their rows are metadata shards under `ablation/_subsets/` naming the run's image store (no image is copied).
 """
 
 from __future__ import annotations
@@ -79,6 +87,73 @@ def _klite_headline(results: dict) -> dict:
     return out
 
 
+RANDOM, ORACLE = "random subset", "oracle"
+
+
+def _pool_rows(folder: str) -> list[tuple[str, int]]:
+    return [(p, pq_rows(p)) for p in sorted(glob.glob(os.path.join(folder, "part-*.parquet")))]
+
+
+def pq_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def write_subset(run_dir: str, pool: str, out: str, keep) -> int:
+    """Rows of the raw pool's shards (`pool`) that `keep(shard_index, table) -> bool mask` selects, written as
+    metadata shards to `out` with the run's image store recorded there (the trainer finds pixels through it).
+    Rewritten only when missing; returns the rows written."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.images import ImageStore
+
+    done = os.path.join(out, "_subset.json")
+    if os.path.exists(done):
+        return int(shards.read_json(done)["rows"])
+    shards.remove(out)
+    n = 0
+    for i, (path, _) in enumerate(_pool_rows(pool)):
+        t = shards.read_shard(path)
+        mask = np.asarray(keep(i, t), dtype=bool)
+        if mask.any():
+            shards.write_shard(t.filter(pa.array(mask)), os.path.join(out, f"part-{i:05d}.parquet"))
+            n += int(mask.sum())
+    store = ImageStore.load(run_dir)
+    if store is not None:
+        store.save(out)
+    shards.write_json({"rows": n, "pool": pool}, done)
+    return n
+
+
+def random_subset(run_dir: str, pool: str, n: int, seed: int) -> str:
+    """A uniform sample of `n` rows of the raw pool (numpy's Generator, `seed`), as shards."""
+    import numpy as np
+
+    sizes = [k for _, k in _pool_rows(pool)]
+    pick = np.zeros(sum(sizes), dtype=bool)
+    pick[np.random.default_rng(seed).choice(len(pick), size=min(n, len(pick)), replace=False)] = True
+    starts = np.cumsum([0] + sizes)
+    out = os.path.join(run_dir, "ablation", "_subsets", f"random-n{n}-seed{seed}")
+    write_subset(run_dir, pool, out, lambda i, t: pick[starts[i]:starts[i + 1]])
+    return out
+
+
+def oracle_subset(run_dir: str, pool: str, truth: str) -> str:
+    """The raw pool's rows whose uid the truth labels `clean`."""
+    import polars as pl
+    import pyarrow.compute as pc
+
+    t = pl.read_parquet(truth, columns=["uid", "kind"])
+    clean = t.filter(pl.col("kind") == "clean")["uid"].to_arrow()
+    tag = shards.content_digest(truth)[:12]
+    out = os.path.join(run_dir, "ablation", "_subsets", f"oracle-{tag}")
+    write_subset(run_dir, pool, out, lambda i, tab: pc.is_in(tab.column("uid"), value_set=clean).to_numpy(
+        zero_copy_only=False))
+    return out
+
+
 def _variant_dir(run_dir: str, variant: str, seed: int, default_seed: int) -> str:
     name = variant.replace("+ ", "plus-").replace(" ", "-")
     # The config's own seed keeps the plain folder name, so a single-seed run's training is reused.
@@ -92,7 +167,9 @@ def _mean_std(rows: list[dict]) -> tuple[dict, dict]:
     return mean, std
 
 
-def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, seeds=None) -> dict:
+def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, seeds=None,
+           truth: str | None = None) -> dict:
+    from pipeline.report import world_truth
     from trainer.config import TrainConfig
     from trainer.evaluate import evaluate
     from trainer.train import train
@@ -105,26 +182,45 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
     seeds = [int(x) for x in (seeds or [tc.seed])]
     rows = []
     recipe_steps = recipe.of_config(cfg)
-    every = variants_of(recipe_steps)
-    full = every[-1][0] if every else None  # the variant also evaluated with K-LITE's knowledge prompts
+    curation = variants_of(recipe_steps)
+    every = curation + [(RANDOM, None), (ORACLE, None)]
+    full = curation[-1][0] if curation else None  # the full pipeline: also evaluated with K-LITE's prompts
+    finished = {}  # variant -> (stage, folder) of the recipe variants that have run
+    for variant, name in every:
+        step = recipe.find(recipe_steps, name) if name else None
+        if step is not None and os.path.exists(os.path.join(run_dir, step.folder, "_manifest.json")):
+            finished[variant] = (step.name, os.path.join(run_dir, step.folder))
+    raw = finished.get(curation[0][0]) if curation else None  # the raw pool: the first step's output
     for variant, name in variants or every:
         with_klite = variant == full
-        step = recipe.find(recipe_steps, name)
-        if step is None:
-            log.warning("ablate: %s skipped (%s is not in this run's recipe)", variant, name)
-            continue
-        stage = step.name
-        folder = os.path.join(run_dir, step.folder)
-        if not os.path.exists(os.path.join(folder, "_manifest.json")):
-            log.warning("ablate: %s skipped (%s has not run in %s)", variant, stage, run_dir)
-            continue
-        pairs = _count_rows(folder)
+        if variant == RANDOM or variant == ORACLE:
+            if raw is None or full not in finished:
+                log.warning("ablate: %s skipped (the run has no raw pool and full pipeline to compare)", variant)
+                continue
+            if variant == RANDOM:
+                n = _count_rows(finished[full][1])
+                folders = {seed: random_subset(run_dir, raw[1], n, seed) for seed in seeds}
+                stage = f"{raw[0]}, sampled"
+            else:
+                truth = truth or world_truth(run_dir)
+                if not truth:
+                    log.warning("ablate: %s skipped (no truth: give --truth, a world's truth.parquet)", variant)
+                    continue
+                folders = dict.fromkeys(seeds, oracle_subset(run_dir, raw[1], truth))
+                stage = f"{raw[0]}, truth-clean"
+        else:
+            if variant not in finished:
+                log.warning("ablate: %s skipped (%s has not run in %s)", variant, name, run_dir)
+                continue
+            stage, folder = finished[variant]
+            folders = dict.fromkeys(seeds, folder)
+        pairs = _count_rows(folders[seeds[0]])
         per_seed, per_seed_klite = [], []
         t0 = time.perf_counter()
         for seed in seeds:
             out = _variant_dir(run_dir, variant, seed, tc.seed)
-            log.info("ablate: %s, seed %d: training on %d pairs from %s", variant, seed, pairs, folder)
-            s = train(dataclasses.replace(tc, seed=seed), folder, out, resume=True)
+            log.info("ablate: %s, seed %d: training on %d pairs from %s", variant, seed, pairs, folders[seed])
+            s = train(dataclasses.replace(tc, seed=seed), folders[seed], out, resume=True)
             # the full pipeline: K-LITE prompts too, on every set (those naming `klite` keep their choice)
             res = evaluate(s["model_path"], tc.eval_sets, device=tc.device, precision=tc.precision,
                            templates=tc.templates, batch_size=tc.eval_batch_size,
@@ -176,12 +272,12 @@ def cmd_ablate(args) -> int:
     variants = None
     if args.variants:
         names = [v.strip() for v in args.variants.split(",") if v.strip()]
-        known = dict(variants_of(recipe.of_config(cfg)))
+        known = dict(variants_of(recipe.of_config(cfg)) + [(RANDOM, None), (ORACLE, None)])
         bad = [v for v in names if v not in known]
         if bad:
             raise StageError(f"ablate: unknown variant {bad[0]!r} (variants: {', '.join(known)})")
         variants = [(v, known[v]) for v in names]
-    result = ablate(run_dir, cfg, steps=args.steps, seeds=seeds, variants=variants)
+    result = ablate(run_dir, cfg, steps=args.steps, seeds=seeds, variants=variants, truth=args.truth)
     how = f"mean ± std over seeds {result['seeds']}" if len(result["seeds"]) > 1 else f"seed {result['seed']}"
     print(f"ablation ({result['model']}, {result['steps']} steps x batch {result['batch_size']}, {how}):")
     print(result["table_md"])
@@ -197,6 +293,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", default=None, help="comma-separated training seeds, e.g. 0,1,2 (mean ± std)")
     p.add_argument("--variants", default=None,
                    help='comma-separated subset, e.g. "+ dfn" (default: one per step of the run\'s recipe: raw pool, '
-                        'align, + metaclip, + klite, + dfn for the default one)')
+                        'align, + metaclip, + klite, + dfn for the default one; then "random subset" and "oracle")')
+    p.add_argument("--truth", default=None,
+                   help="the world's labels (truth.parquet: uid, kind) for the oracle variant (default: the demo "
+                        "world's, next to the run's URL list)")
     p.set_defaults(fn=cmd_ablate)
 

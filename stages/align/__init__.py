@@ -102,6 +102,7 @@ class AlignStage(Stage):
 
     needs_pixels = True
     name = "align"
+    worker_imports = ("datasketch",)  # MinHash permutations and LSH parameters: 0.28 s to import (scipy)
     requires = {"uid": pa.string(), "text": pa.string()}
 
     @dataclasses.dataclass
