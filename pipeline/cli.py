@@ -43,19 +43,24 @@ DEMO_MIN_N = 200  # every noise kind of the demo world needs a few rows
 
 
 def cmd_demo_world(args) -> int:
-    from pipeline.demo_world import make_world
+    from pipeline.demo_world import WEB_MIN_N, WEB_ONLY_KINDS, make_world
 
     if args.n < DEMO_MIN_N:
         raise config_mod.ConfigError(f"demo-world --n {args.n}: give at least {DEMO_MIN_N} (every noise kind needs "
                                      "a few rows)")
-    summary = make_world(args.out, n=args.n, seed=args.seed)
+    if args.noise == "web" and args.n < WEB_MIN_N:
+        raise config_mod.ConfigError(f"demo-world --noise web --n {args.n}: give at least {WEB_MIN_N} (its duplicates "
+                                     "need enough clean originals)")
+    summary = make_world(args.out, n=args.n, seed=args.seed, noise=args.noise)
     if summary.get("unchanged"):
         print(f"demo world in {args.out} is up to date ({summary.get('rows')} URL rows, n={args.n}, seed={args.seed}): "
               "not rewritten")
     else:
-        print(f"demo world written to {args.out}: {summary.get('rows', summary.get('n'))} URL rows")
+        print(f"demo world written to {args.out}: {summary.get('rows', summary.get('n'))} URL rows"
+              + ("" if args.noise == "default" else f" (noise: {args.noise})"))
     for k, v in sorted(summary.get("counts", {}).items()):
-        print(f"  {k:>16}: {v}")
+        if v or k not in WEB_ONLY_KINDS:  # a default world has no weak rows: no line for them
+            print(f"  {k:>16}: {v}")
     out = Path(args.out)
     print("its config scales the papers' thresholds to this pool and turns on eval decontamination; use it:")
     print(f"  clipcurate ingest {out / 'urls.parquet'} --run NAME --config {out / 'config.toml'}")
@@ -311,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write the world in (replaced when it exists)")
     p.add_argument("--n", type=int, default=3000, help=f"about this many URL rows (at least {DEMO_MIN_N}; default 3000)")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    p.add_argument("--noise", choices=["default", "web"], default="default",
+                   help="noise composition: 'default' (mostly clean, a few percent of each noise kind) or 'web' (as "
+                        "noisy as a raw crawl: most pairs weakly aligned or mismatched, from published figures; "
+                        "n >= 500); the eval and HQ sets are the same in both (default: default)")
     p.set_defaults(fn=cmd_demo_world)
 
     p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest, or use an "

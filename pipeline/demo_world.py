@@ -33,7 +33,88 @@ Noise kinds (the `kind` column; one per row):
   non_english      a caption in French, German, Spanish or Italian
   eval_copy        a resized, re-encoded copy of a held-out evaluation image
   http_404         the URL does not exist;  not_image: the URL serves an HTML page
-Everything is a pure function of (n, seed): two calls give byte-identical files.
+  weak             (web mode only) a caption that is true but says little about its image: a generic product or
+                   SEO phrase, only the background, only the colour, only "some shapes". Each is worded afresh,
+                   so no rule for repeated alt-text catches it; a CLIP score (the dfn stage) is what should.
+Everything is a pure function of (n, seed, noise): two calls give byte-identical files.
+
+Noise modes (`make_world(..., noise=)`, `clipcurate demo-world --noise`):
+  default  the composition in SHARES: a mostly clean pool (about 60% clean rows) with a few percent of each
+           kind, so that every rule of every stage has something to find. Its files are what this module wrote
+           before the web mode existed, byte for byte (tests/test_demo_world_web.py holds their digests).
+  web      the composition in WEB_SHARES below: as noisy as a raw web crawl, where most pairs are weakly aligned
+           or mismatched and a good curation keeps 10-30%. n >= WEB_MIN_N (the duplicate kinds need enough clean
+           originals).
+
+The web composition (share of the n URL rows; set from the published figures below before any ablation was run).
+"Our choice" marks a value no source we found gives; the rest cite what they rest on.
+
+  kind             share   where it comes from
+  clean            ~0.13   the rest (0.127 at n=3000; many_texts takes max(25, min(60, n/50)) rows first). What
+                           a good curation should keep: DataComp-1B is 1.4B of CommonPool's 12.8B pairs (11%) [1],
+                           DFN-2B 2B of 12.8B (15.6%) [2].
+  weak             0.30    weak + mismatched = 0.52, a majority: LAION's CLIP-similarity thresholds (ViT-B/32:
+  mismatched       0.22    0.30 for LAION-400M [3], 0.28 for LAION-5B [4]) keep only 20% (>= 0.300) and 30%
+                           (>= 0.281) of CommonPool [1, Table 16], and DataComp's CLIP-score baseline keeps the top
+                           30% [1, Table 3]: 70-80% of a raw crawl scores below what LAION kept. Here the rows a CLIP
+                           filter would pass (clean, duplicates, and the rule-caught kinds whose caption is right:
+                           sizes, too_long, rare_token, many_texts, eval_copy) are ~0.31; of the rest, 0.52 are
+                           only a CLIP score's to catch. The 0.30 / 0.22 split is our choice (alt-text that says
+                           little is commoner than alt-text written for another picture; no source splits them).
+  boilerplate      0.04    our choice (ALIGN drops alt-text shared by more than 10 images [5]; we found no share).
+  exact_duplicate  0.03    duplicates are 0.06 = ~32% of the clean rows plus their copies (0.06 / 0.187): Webster
+  near_duplicate   0.03    et al. find roughly 700M, about 30%, of LAION-2B's images likely duplicated [6]. The
+                           exact / near split is our choice.
+  too_short        0.02    our choice (DataComp's basic filter drops captions of <= 2 words or < 6 characters [1];
+  too_long         0.015   no share given for them alone).
+  rare_token       0.01    our choice.
+  small_image      0.04    our choice; LAION-400M, already filtered, has 211M of 413M images with both sides
+  odd_aspect       0.01    >= 256 px [3], i.e. half with a side under 256 px, but no source gives the share under
+                           ALIGN's / DataComp's 200 px (or over aspect 3) [1, 5].
+  non_english      0.03    our choice, for an English-targeted crawl after language ID. Without language ID a crawl
+                           is mostly not English: LAION-5B is 2.3B English, 2.2B other languages and 1B undetermined
+                           of 5.85B [4], and in CommonPool English filtering halves what a CLIP threshold of 0.30
+                           keeps (10.2% vs 20% of the pool) [1, Table 16]. The demo's stages and evaluation are
+                           English, its non-English captions come from a small glossary (more rows would make them
+                           repeated alt-text), and align's language rule is off by default, so we keep the residue
+                           small.
+  eval_copy        0.028   DataComp flags ~2.8% of CommonPool's downloaded samples as near-duplicates of its
+                           evaluation images [1, App. F] (capped at the eval set's size: 240 images).
+  http_404         0.06    failed downloads are 0.08: img2dataset's author reports LAION-400M at ~95% download
+  not_image        0.02    success at release and ~87% eight months later (~1% link rot a month), and a user's
+                           stats file of 8,542 successes, 594 HTTP 404s and over 200 other failures (403, 503,
+                           DNS, robots) [7]: 404s 0.06, other failures (stood in for by a page that is not an
+                           image) 0.02.
+                           A URL list drawn from old snapshots rots far more (DataComp downloaded ~16.8B of ~40B
+                           attempted [1]); ours is a fresh list.
+  many_texts       fixed   as in the default world (one image, max(25, min(60, n/50)) alt-texts).
+
+Concept frequencies (web): Zipf exponents 1.5 over shapes and 1.2 over colours instead of 1.1 and 0.9 (our choice).
+On the web a few concepts match millions of pairs and most match few (MetaCLIP's entry counts, which is why it caps
+each entry at t = 20,000 at 400M pairs [8]); with only 12 shapes the default exponent leaves a mild head (the top
+shape 36% of images, the last 2.3%), the steeper one a real head and a thin tail (49% and 1.2%), so metaclip's
+balancing has something to cap and the tail shapes are as data-poor as the web's.
+
+The evaluation sets (eval/*) are identical to the default world's for the same seed, and the HQ set
+(hq.parquet) for the same seed and n: they are drawn before anything the noise mode changes, from the same
+random stream. A web world's config.toml asks dfn for `keep_fraction = 0.3` (DataComp's CLIP-score baseline
+[1]) instead of 0.8: most of what reaches dfn here is weak or mismatched.
+
+Sources:
+  [1] Gadre et al. 2023, "DataComp: In search of the next generation of multimodal datasets", arXiv 2304.14108,
+      https://arxiv.org/abs/2304.14108 (Table 3, Table 16, section 3.2, Appendix F).
+  [2] Fang et al. 2023, "Data Filtering Networks", arXiv 2309.17425, https://arxiv.org/abs/2309.17425; the DFN-2B
+      models' card: "2B images that were filtered from a pool of 12.8B",
+      https://huggingface.co/apple/DFN2B-CLIP-ViT-L-14
+  [3] LAION-400M, https://laion.ai/blog/laion-400-open-dataset/ (CLIP ViT-B/32 similarity >= 0.3; size statistics).
+  [4] LAION-5B, https://laion.ai/blog/laion-5b/ and Schuhmann et al. 2022, arXiv 2210.08402 (threshold 0.28;
+      2.3B English, 2.2B other languages, 1B undetermined of 5.85B).
+  [5] Jia et al. 2021, "Scaling Up Visual and Vision-Language Representation Learning With Noisy Text
+      Supervision" (ALIGN), arXiv 2102.05918, https://arxiv.org/abs/2102.05918, section 3.
+  [6] Webster et al. 2023, "On the De-duplication of LAION-2B", arXiv 2303.12733, https://arxiv.org/abs/2303.12733.
+  [7] rom1504/img2dataset issue #277, "Failed to download all of LAION-400M",
+      https://github.com/rom1504/img2dataset/issues/277
+  [8] Xu et al. 2023, "Demystifying CLIP Data" (MetaCLIP), arXiv 2309.16671, https://arxiv.org/abs/2309.16671.
 """
 
 from __future__ import annotations
@@ -76,13 +157,22 @@ BACKGROUNDS = {"white": (250, 250, 250), "beige": (235, 225, 200), "light grey":
 TEXTURES = ["plain", "striped", "dotted", "gradient", "checked", "noisy"]
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
-KINDS = ["clean", "boilerplate", "many_texts", "mismatched", "exact_duplicate", "near_duplicate", "too_short",
-         "too_long", "rare_token", "small_image", "odd_aspect", "non_english", "eval_copy", "http_404",
+KINDS = ["clean", "boilerplate", "many_texts", "mismatched", "weak", "exact_duplicate", "near_duplicate",
+         "too_short", "too_long", "rare_token", "small_image", "odd_aspect", "non_english", "eval_copy", "http_404",
          "not_image"]
 # share of the n URL rows per kind (clean is the rest); many_texts is a fixed block
 SHARES = {"boilerplate": 0.05, "mismatched": 0.08, "exact_duplicate": 0.03, "near_duplicate": 0.03,
           "too_short": 0.03, "too_long": 0.025, "rare_token": 0.01, "small_image": 0.03, "odd_aspect": 0.02,
           "non_english": 0.01, "eval_copy": 0.02, "http_404": 0.02, "not_image": 0.01}
+# the web world's composition: the table and its sources are in the module docstring
+WEB_SHARES = {"weak": 0.30, "mismatched": 0.22, "boilerplate": 0.04, "exact_duplicate": 0.03, "near_duplicate": 0.03,
+              "too_short": 0.02, "too_long": 0.015, "rare_token": 0.01, "small_image": 0.04, "odd_aspect": 0.01,
+              "non_english": 0.03, "eval_copy": 0.028, "http_404": 0.06, "not_image": 0.02}
+NOISE_SHARES = {"default": SHARES, "web": WEB_SHARES}
+NOISE_MODES = tuple(NOISE_SHARES)
+WEB_ONLY_KINDS = [k for k in KINDS if k != "clean" and k != "many_texts" and k not in SHARES]  # ["weak"]
+WEB_MIN_N = 500  # below it the web world's duplicates outnumber the clean originals they copy
+WEB_ZIPF = (1.5, 1.2)  # shape and colour exponents of the web world (default: 1.1 and 0.9); see the docstring
 DUP_URL_SHARE = 0.05  # clean images that come with a second (or third) alt-text
 
 BOILERPLATE = ["image", "IMG_2041.JPG", "click to enlarge", "1920x1080", "alt_img", "untitled",
@@ -271,6 +361,66 @@ def caption_for(shape: str, colour: str, count: int, bg: str, texture: str, rng:
             return text
 
 
+# Weak alt-text (the web world): true of the picture but saying little about it. The slots are common English
+# words (wordfreq knows them: align's rare-token rule passes them) and the combinations many, so a caption is
+# written afresh for each image and no rule for repeated alt-text catches it; only a CLIP score can.
+WEAK_SEO = [
+    "{adj} {item} for your {place}, {cta}",
+    "{cta}: {adj} {item} at a great price",
+    "our {adj} {item} collection, new this {season}",
+    "{adj} {item} ideas for the {place}",
+    "{item} for every {place}, {adj} and {adj2}",
+]
+WEAK_BACKGROUND = [
+    "{texture} {bg} background{post}",
+    "a {texture} {bg} backdrop for {use}",
+    "close-up of a {texture} {bg} surface",
+    "{bg} paper with a {texture} pattern{post}",
+]
+WEAK_COLOUR = [
+    "shades of {colour} for {use}",
+    "a touch of {colour} for your {place}",
+    "{colour} is the colour of the {season}",
+    "bright {colour} tones, {adj} and {adj2}",
+    "the colour {colour} on {bg}",
+]
+WEAK_GENERIC = [
+    "{count} simple {things} on a page",
+    "a {adj} {style} graphic for {use}",
+    "{style} design for {use}, {cta}",
+    "a simple picture for {use}",
+    "{count} {things} in a {style} style",
+]
+WEAK_SLOTS = {
+    "adj": ["beautiful", "simple", "modern", "elegant", "cheap", "quality", "handmade", "lovely", "unique", "classic",
+            "stylish", "affordable", "cute", "fresh"],
+    "item": ["wall art", "home decor", "gift ideas", "party supplies", "craft supplies", "print designs", "posters",
+             "greeting cards", "sticker packs", "school supplies", "office decor", "room decor", "gift wrap"],
+    "place": ["living room", "bedroom", "office", "classroom", "kitchen", "nursery", "studio", "shop", "website",
+              "blog", "home", "party"],
+    "cta": ["shop now", "free shipping", "order today", "see more", "buy online", "learn more", "find out more",
+            "available now", "save today"],
+    "season": ["spring", "summer", "autumn", "winter", "season", "week", "month", "year"],
+    "use": ["a school project", "your presentation", "a blog post", "kids crafts", "a birthday card",
+            "print and web", "social media", "a poster", "your next project", "the holidays"],
+    "post": ["", "", " texture", ", close up", " for your design", ", plain and simple", " pattern"],
+}
+
+
+def weak_caption_for(shape: str, colour: str, count: int, bg: str, texture: str, rng: random.Random) -> str:
+    """A weakly aligned alt-text for the image: true, but never naming its shape (SEO phrase, background only,
+    colour only, or "some shapes")."""
+    del shape  # what makes it weak: the caption never says what the picture is of
+    slot = {k: rng.choice(v) for k, v in WEAK_SLOTS.items()}
+    slot["adj2"] = rng.choice([a for a in WEAK_SLOTS["adj"] if a != slot["adj"]])
+    group = rng.choices([WEAK_SEO, WEAK_BACKGROUND, WEAK_COLOUR, WEAK_GENERIC], weights=[0.35, 0.25, 0.2, 0.2])[0]
+    text = rng.choice(group).format(
+        **slot, bg=bg, texture=TEXTURE_WORDS[texture], colour=colour, style=rng.choice(STYLES),
+        count="one" if count == 1 else COUNT_WORDS[count], things="shape" if count == 1 else "shapes")
+    text = re.sub(r"\b([Aa]) ([aeiou])", r"\1n \2", text)
+    return (text[0].upper() + text[1:]) if rng.random() < 0.3 else text
+
+
 # ---- the world -----------------------------------------------------------------------------------------
 class _Builder:
     def __init__(self, out: Path, seed: int):
@@ -368,14 +518,21 @@ def _hq_set(b: _Builder, out: Path, n: int) -> None:
     pq.write_table(t, out / "hq.parquet")
 
 
-def demo_config(n: int, eval_path: Path) -> str:
-    """The pipeline config for a pool of n rows: web-scale thresholds scaled down (DESIGN.md, "Small pools")."""
+def demo_config(n: int, eval_path: Path, noise: str = "default") -> str:
+    """The pipeline config for a pool of n rows: web-scale thresholds scaled down (DESIGN.md, "Small pools").
+    A web world (`noise="web"`) differs in one line: dfn keeps the papers' share, not 0.8."""
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {', '.join(NOISE_MODES)} (got {noise!r})")
     t = max(10, n // 100)
     shard = max(100, math.ceil(n / 6 / 100) * 100)
 
     def q(path: Path) -> str:  # a TOML basic string: JSON's escapes are TOML's (a path may hold " or \\)
         return json.dumps(path.as_posix())
 
+    dfn_keep = ("keep_fraction = 0.8   # the pool is already curated twice by here; DFN papers keep 10-30% of raw pools"
+                if noise == "default" else
+                "keep_fraction = 0.3   # a web pool is mostly weak or mismatched pairs even after align: DataComp's "
+                "CLIP-score baseline keeps 30%")
     return f"""# Demo config, written by `clipcurate demo-world` for a pool of {n} URL rows.
 # The papers' thresholds assume web-scale pools; here they are scaled to the pool (DESIGN.md, "Small pools").
 [run]
@@ -395,7 +552,7 @@ eval_images = {q(eval_path)}
 t = {t}   # MetaCLIP: 20,000 at 400M pairs; here n/100, about the 25th percentile of the demo's entry counts
 
 [dfn]
-keep_fraction = 0.8   # the pool is already curated twice by here; DFN papers keep 10-30% of raw pools
+{dfn_keep}
 
 [emit]
 samples_per_shard = 1000
@@ -411,13 +568,22 @@ eval_sets = [{q(eval_path.parent / "classification.parquet")}, {q(eval_path.pare
 """
 
 
-def _generator_key(n: int, seed: int) -> dict:
-    """Everything the world's bytes are a function of, but its place: n, seed, this module's code, and the
+def kind_counts(n: int, noise: str = "default") -> dict[str, int]:
+    """Rows per kind for a world of n rows, before the eval-copy cap: round(n * share) per kind of the mode's
+    table, many_texts a fixed block, clean the rest."""
+    counts = {k: int(round(n * s)) for k, s in NOISE_SHARES[noise].items()}
+    counts["many_texts"] = max(25, min(60, n // 50))
+    counts["clean"] = n - sum(counts.values())
+    return counts
+
+
+def _generator_key(n: int, seed: int, noise: str = "default") -> dict:
+    """Everything the world's bytes are a function of, but its place: n, seed, noise, this module's code, and the
     encoders' versions (Pillow's PNG/JPEG, pyarrow's Parquet). config.toml, which names the eval set by absolute
     path, is checked against `demo_config` instead."""
     import PIL
 
-    return {"n": n, "seed": seed, "pillow": PIL.__version__, "pyarrow": pa.__version__,
+    return {"n": n, "seed": seed, "noise": noise, "pillow": PIL.__version__, "pyarrow": pa.__version__,
             "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
 
 
@@ -441,19 +607,26 @@ def _up_to_date(out: Path, key: dict) -> dict | None:
         config = (out / "config.toml").read_text()
     except OSError:
         return None
-    if config != demo_config(int(summary.get("rows", -1)), (out / "eval" / "classification.parquet").resolve()):
+    if config != demo_config(int(summary.get("rows", -1)), (out / "eval" / "classification.parquet").resolve(),
+                             key["noise"]):
         return None
     return summary if _file_digests(out) == summary["files"] else None
 
 
-def make_world(out: str | Path, n: int = 3000, seed: int = 0) -> dict:
+def make_world(out: str | Path, n: int = 3000, seed: int = 0, noise: str = "default") -> dict:
     """Write the demo world for about `n` URL rows under `out` (replacing one already there). A world already
     there exactly as it would be written (world.json's generator key and file digests) is left untouched, so
-    that a second `make demo` finds every input with its bytes and its mtime unchanged: summary["unchanged"]."""
+    that a second `make demo` finds every input with its bytes and its mtime unchanged: summary["unchanged"].
+    `noise`: "default" (SHARES) or "web" (WEB_SHARES: as noisy as a raw crawl; see the module docstring)."""
+    if noise not in NOISE_MODES:
+        raise ValueError(f"noise must be one of {', '.join(NOISE_MODES)} (got {noise!r})")
     if n < 200:
         raise ValueError(f"demo world needs n >= 200 (got {n}): every noise kind needs a few rows")
+    if noise == "web" and n < WEB_MIN_N:
+        raise ValueError(f"the web demo world needs n >= {WEB_MIN_N} (got {n}): its duplicates need enough clean "
+                         "originals")
     out = Path(out)
-    key = _generator_key(n, seed)
+    key = _generator_key(n, seed, noise)
     prior = _up_to_date(out, key)
     if prior is not None:
         log.info("demo world under %s is up to date: not rewritten", out)
@@ -466,10 +639,14 @@ def make_world(out: str | Path, n: int = 3000, seed: int = 0) -> dict:
 
     eval_images = _eval_sets(b, out)
     _hq_set(b, out, max(300, n // 3))
+    # everything the noise mode changes comes after the eval and HQ sets: they are the same in every mode
+    if noise == "web":
+        b.shape_w = _zipf_weights(len(SHAPES), WEB_ZIPF[0])
+        b.colour_w = _zipf_weights(len(COLOURS), WEB_ZIPF[1])
 
-    counts = {k: int(round(n * s)) for k, s in SHARES.items()}
-    counts["many_texts"] = max(25, min(60, n // 50))
-    counts["clean"] = n - sum(counts.values())
+    counts = kind_counts(n, noise)
+    counts["eval_copy"] = min(counts["eval_copy"], len(eval_images))  # a copy per eval image at most
+    counts["clean"] = n - sum(v for k, v in counts.items() if k != "clean")
     n_clean_images = int(counts["clean"] / (1 + DUP_URL_SHARE * 1.5))
 
     # clean images, some with a second or third alt-text
@@ -523,6 +700,18 @@ def make_world(out: str | Path, n: int = 3000, seed: int = 0) -> dict:
             if rng.random() < 0.5:
                 o_shape = rng.choice(SHAPES)
         b.add(b.file(data), caption_for(o_shape, o_colour, count, bg, tex, rng), "mismatched", shape, colour, count)
+
+    # weak (web world only): true of the picture but saying little about it, each worded afresh
+    weak_seen: set[str] = set()
+    for _ in range(counts.get("weak", 0)):
+        shape, colour, count = b.pick()
+        data, bg, tex = b.image(shape, colour, count)
+        for _try in range(50):
+            cap = weak_caption_for(shape, colour, count, bg, tex, rng)
+            if cap not in weak_seen:
+                break
+        weak_seen.add(cap)
+        b.add(b.file(data), cap, "weak", shape, colour, count)
 
     # exact duplicates: same bytes at a mirror URL, same caption up to case and spacing
     src = iter(singles)
@@ -637,11 +826,12 @@ def make_world(out: str | Path, n: int = 3000, seed: int = 0) -> dict:
     pq.write_table(truth.select(["url", "caption"]), out / "urls.parquet")
     pq.write_table(truth.select(["url", "caption", "uid", "kind", "shape", "colour", "count", "eval_image_id",
                                  "dup_url", "dup_group"]), out / "truth.parquet")
-    (out / "config.toml").write_text(demo_config(truth.num_rows, (out / "eval" / "classification.parquet").resolve()))
+    (out / "config.toml").write_text(demo_config(truth.num_rows, (out / "eval" / "classification.parquet").resolve(),
+                                                 noise))
 
     kinds = truth.column("kind").to_pylist()
     summary = {
-        "n": n, "seed": seed, "rows": truth.num_rows, "host": DEMO_HOST, "images_served": b.n_files,
+        "n": n, "seed": seed, "noise": noise, "rows": truth.num_rows, "host": DEMO_HOST, "images_served": b.n_files,
         "counts": {k: kinds.count(k) for k in KINDS},
         "dup_url_rows": int(sum(truth.column("dup_url").to_pylist())),
         "classnames": SHAPES, "eval_classification": len(eval_images), "eval_retrieval": RETRIEVAL_IMAGES,
