@@ -32,7 +32,7 @@ export WANDB_MODE := disabled
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup wordnet demo demo-world ingest run align metaclip klite dfn emit train eval dfn-train histograms \
-        report ablate test bench clean
+        report ablate ablate-web test bench clean
 
 setup: $(STAMP) wordnet
 
@@ -114,6 +114,11 @@ train: setup
 
 ablate: setup
 	$(CLI) ablate --run $(RUN) $(CONFIG_ARG) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(STEPS),--steps $(STEPS)) $(if $(VARIANTS),--variants "$(VARIANTS)")
+
+# The ablation on the web-noise demo world (raw pool, each stage, full pipeline, a random subset of the full
+# pipeline's size, oracle; seeds 0,1,2): bench/bench_ablate_web.py -> bench/results/ablation_web.json. Long (a bench).
+ablate-web: setup
+	$(BIN)/python bench/bench_ablate_web.py $(if $(SEEDS),--seeds $(SEEDS)) $(if $(STEPS),--steps $(STEPS))
 
 # Zero-shot eval of the run's model on its [train] eval_sets, or on EVAL=set.parquet (CHECKPOINT=file for another model);
 # KLITE=1: classification also with K-LITE's knowledge prompts (both results reported).

@@ -9,7 +9,7 @@ A row is counted at the first step that dropped it (a step's `rejected/` shards:
 category is what precedes its first ':' ("failed_to_download: HTTP Error 404" -> failed_to_download). Steps are
 the run's finished recipe steps in order (as the report lists them): the table names no stage. Rows of the truth
 that no step holds and none dropped (a list row img2dataset never reported) are counted as `unaccounted`, never
-silently as kept.
+silently as kept. Duplicates are judged by group (`_stand_ins`): keeping any one copy of a group is right.
 """
 
 from __future__ import annotations
@@ -41,6 +41,27 @@ def drops(steps: list[tuple[str, str]]) -> pl.DataFrame:
         .select("uid", "step", "reason")
 
 
+def _stand_ins(rows: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Which copy of a duplicate group is "the original" is the world's arbitrary choice (truth's `dup_group`:
+    the original's uid, on the original too). A run that keeps one copy of a group and drops the rest has caught
+    every duplicate, whichever copy it kept. So where the original was dropped and a copy kept, the kept copy
+    (the smallest uid among them) is counted as the group's clean row and the original as that copy's kind."""
+    if "dup_group" not in rows.columns:
+        return rows, 0
+    g = rows.filter(pl.col("dup_group").is_not_null())
+    orig = g.filter((pl.col("uid") == pl.col("dup_group")) & ~pl.col("kept")).select("dup_group")
+    kept = g.filter((pl.col("uid") != pl.col("dup_group")) & pl.col("kept")).sort("uid") \
+        .unique("dup_group", keep="first", maintain_order=True).select("dup_group", stand_in="uid", its_kind="kind")
+    swap = orig.join(kept, on="dup_group")
+    if not swap.height:
+        return rows, 0
+    relabel = pl.concat([swap.select(uid="dup_group", new_kind="its_kind"),
+                         swap.select(uid="stand_in", new_kind=pl.lit("clean"))])
+    rows = rows.join(relabel, on="uid", how="left", maintain_order="left") \
+        .with_columns(kind=pl.coalesce("new_kind", "kind")).drop("new_kind")
+    return rows, swap.height
+
+
 def filter_quality(run_dir: str, truth_path: str, steps: list[tuple[str, str]] | None = None) -> dict:
     """The recall / precision / clean-lost tables of a run against its world's truth. `steps`: (name, folder)
     of the finished steps in recipe order (default: the run's, as the report lists them)."""
@@ -48,13 +69,15 @@ def filter_quality(run_dir: str, truth_path: str, steps: list[tuple[str, str]] |
         from pipeline.report import stage_folders
 
         steps = stage_folders(run_dir)
-    truth = pl.read_parquet(truth_path, columns=["uid", "kind"])
+    cols = [c for c in ("uid", "kind", "dup_group") if c in pl.read_parquet_schema(truth_path)]
+    truth = pl.read_parquet(truth_path, columns=cols)
     dropped = drops(steps)
     kept = _uids(steps[-1][1], ["uid"]) if steps else pl.DataFrame(schema={"uid": pl.String})
     rows = truth.join(dropped, on="uid", how="left").with_columns(
         kept=pl.col("uid").is_in(kept["uid"].implode()))
     rows = rows.with_columns(
         step=pl.when(pl.col("step").is_null() & ~pl.col("kept")).then(pl.lit("unaccounted")).otherwise(pl.col("step")))
+    rows, swapped = _stand_ins(rows)
 
     recall = {}
     for (kind,), g in rows.group_by("kind", maintain_order=True):
@@ -74,7 +97,7 @@ def filter_quality(run_dir: str, truth_path: str, steps: list[tuple[str, str]] |
     clean = rows.filter(pl.col("kind") == "clean")
     lost = clean.filter(pl.col("step").is_not_null() & (pl.col("step") != "unaccounted"))
     return {
-        "truth": truth_path, "rows": truth.height, "kept": int(rows["kept"].sum()),
+        "truth": truth_path, "rows": truth.height, "kept": int(rows["kept"].sum()), "stand_ins": swapped,
         "recall": dict(sorted(recall.items())), "precision": precision,
         "clean_lost": {"clean_rows": clean.height, "lost": lost.height,
                        "share": round(lost.height / clean.height, 4) if clean.height else None,

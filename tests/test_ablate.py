@@ -6,6 +6,7 @@ import statistics
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from trainer import ablate as ablate_mod
 
@@ -153,3 +154,29 @@ def _pick(n, k, seed):
     m = np.zeros(n, dtype=bool)
     m[np.random.default_rng(seed).choice(n, size=k, replace=False)] = True
     return m
+
+
+def test_head_and_tail_classes_are_ranked_by_how_often_the_raw_pool_names_them(tmp_path, monkeypatch):
+    """MetaCLIP's claim is about the tail: the table splits each classification set's top-1 into the half of its
+    classes the raw pool's captions name most (word match) and the rest. Hand-computed on 4 classes."""
+    import trainer.evaluate
+    import trainer.train
+
+    run = tmp_path / "run"
+    d = run / "00_ingest"
+    d.mkdir(parents=True)
+    texts = ["a red circle", "two circles", "a circle", "a square", "a blue square", "squares", "a star",
+             "a starry night", "one ring"]  # circle 2 (not "circles"), square 2, star 1 ("starry" is not), ring 1
+    pq.write_table(pa.table({"uid": [f"{i:032x}" for i in range(len(texts))], "text": texts}), d / "part-00000.parquet")
+    (d / "_manifest.json").write_text("{}")
+    per = {"circle": 0.9, "square": 0.7, "star": 0.2, "ring": 0.4}
+    monkeypatch.setattr(trainer.train, "train", lambda tc, data, out, resume: {"model_path": "m", "last_loss": 1.0})
+    monkeypatch.setattr(trainer.evaluate, "evaluate", lambda *a, **k: {"results": {"shapes": {
+        "kind": "classification", "top1": 0.55, "top5": 1.0, "per_class_top1": per}}})
+    res = ablate_mod.ablate(str(run), {"train": {"eval_sets": ["x.parquet"], "seed": 0}}, steps=2, seeds=[0])
+    g = res["class_groups"]["shapes"]
+    assert g["pool_mentions"] == {"circle": 2, "square": 2, "star": 1, "ring": 1}
+    assert g["head"] == ["circle", "square"] and g["tail"] == ["ring", "star"]  # ties by name
+    raw = res["variants"][0]
+    assert raw["shapes head top1"] == pytest.approx(0.8) and raw["shapes tail top1"] == pytest.approx(0.3)
+    assert "shapes head top1" in res["table_md"]

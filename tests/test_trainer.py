@@ -279,6 +279,14 @@ def test_topk_accuracy_by_hand():
     assert res == {"top1": 0.5, "top5": 0.75}
 
 
+def test_per_class_top1_by_hand():
+    from trainer.evaluate import per_class_top1
+
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.7, 0.3, 0.0], [0.1, 0.2, 0.6]])
+    # a: rows 0 (hit) and 3 (predicted c: miss); b: rows 1 (hit) and 2 (predicted a: miss)
+    assert per_class_top1(logits, [0, 1, 1, 0], ["a", "b", "c"]) == {"a": 0.5, "b": 0.5}  # c has no images
+
+
 def test_retrieval_recall_by_hand():
     from trainer.evaluate import retrieval_recall
 

@@ -66,3 +66,22 @@ def test_recall_precision_and_clean_lost_by_hand(run):
         {"step": "ingest", "reason": "failed_to_download", "rows": 1},
         {"step": "align", "reason": "near_duplicate", "rows": 1},
         {"step": "dfn", "reason": "dfn_low_score", "rows": 1}]
+
+
+def test_a_duplicate_group_is_caught_whichever_copy_is_kept(tmp_path):
+    """Group g1: original o1 (clean) dropped as a duplicate, its copy d1 kept: the run caught the duplicate, so d1
+    counts as the clean row and o1 as the duplicate. Group g2: original and copy both kept: a missed duplicate.
+    Group g3: the copy dropped, the original kept: plain."""
+    truth = [("o1", "clean", "o1"), ("d1", "exact_duplicate", "o1"), ("o2", "clean", "o2"),
+             ("d2", "near_duplicate", "o2"), ("o3", "clean", "o3"), ("d3", "exact_duplicate", "o3"),
+             ("c0", "clean", None)]
+    shards.write_shard(pa.table({"uid": [t[0] for t in truth], "kind": [t[1] for t in truth],
+                                 "dup_group": pa.array([t[2] for t in truth], pa.string())}), str(tmp_path / "t.parquet"))
+    r = tmp_path / "run"
+    _shard(r / "01_align" / "part-00000.parquet", ["d1", "o2", "d2", "o3", "c0"])
+    _shard(r / "01_align" / "rejected" / "part-00000.parquet", ["o1", "d3"], ["exact_duplicate", "exact_duplicate"])
+    q = filter_quality(str(r), str(tmp_path / "t.parquet"), [("align", str(r / "01_align"))])
+    assert q["stand_ins"] == 1
+    assert q["recall"]["exact_duplicate"] == {"rows": 2, "dropped": 2, "recall": 1.0, "by_step": {"align": 2}}
+    assert q["recall"]["near_duplicate"]["recall"] == 0.0  # d2 kept beside o2
+    assert q["clean_lost"]["lost"] == 0 and q["precision"]["align"]["precision"] == 1.0

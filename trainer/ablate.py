@@ -62,13 +62,42 @@ def _count_rows(folder: str) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in glob.glob(os.path.join(folder, "part-*.parquet")))
 
 
-def _headline(results: dict) -> dict:
-    """The figures a table shows: top-1/top-5 of classification sets, mean recall@1/5 of retrieval sets."""
+def class_groups(pool: str, results: dict) -> dict:
+    """Per classification set with per-class figures: its head and tail classes, the half of its class names
+    the raw pool's captions name most often (word match, case-insensitive) and the rest. MetaCLIP's claim is
+    that balancing helps the tail: the table shows top-1 on each half."""
+    import re
+
+    import polars as pl
+
+    if not any(r.get("kind") == "classification" and len(r.get("per_class_top1") or {}) > 1 for r in results.values()):
+        return {}
+    files = [f for f in sorted(glob.glob(os.path.join(pool, "part-*.parquet"))) if "text" in pq_columns(f)]
+    texts = pl.concat([pl.read_parquet(f, columns=["text"]) for f in files])["text"].str.to_lowercase() if files \
+        else pl.Series([], dtype=pl.String)
+    out = {}
+    for name, r in results.items():
+        per = r.get("per_class_top1") if r.get("kind") == "classification" else None
+        if not per or len(per) < 2:
+            continue
+        freq = {c: int(texts.str.contains(rf"\b{re.escape(c.lower())}\b").sum()) for c in per}
+        ranked = sorted(per, key=lambda c: (-freq[c], c))
+        out[name] = {"head": ranked[: len(ranked) // 2], "tail": ranked[len(ranked) // 2:], "pool_mentions": freq}
+    return out
+
+
+def _headline(results: dict, groups: dict | None = None) -> dict:
+    """The figures a table shows: top-1/top-5 of classification sets (and top-1 on their head and tail classes,
+    `class_groups`), mean recall@1/5 of retrieval sets."""
     out = {}
     for name, r in results.items():
         if r["kind"] == "classification":
             out[f"{name} top1"] = r.get("top1")
             out[f"{name} top5"] = r.get("top5")
+            g, per = (groups or {}).get(name), r.get("per_class_top1") or {}
+            if g and all(c in per for c in g["head"] + g["tail"]):
+                out[f"{name} head top1"] = statistics.fmean(per[c] for c in g["head"])
+                out[f"{name} tail top1"] = statistics.fmean(per[c] for c in g["tail"])
         else:
             for k in (1, 5):
                 a, b = r.get(f"image_to_text_R@{k}"), r.get(f"text_to_image_R@{k}")
@@ -92,6 +121,12 @@ RANDOM, ORACLE = "random subset", "oracle"
 
 def _pool_rows(folder: str) -> list[tuple[str, int]]:
     return [(p, pq_rows(p)) for p in sorted(glob.glob(os.path.join(folder, "part-*.parquet")))]
+
+
+def pq_columns(path: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
 
 
 def pq_rows(path: str) -> int:
@@ -191,6 +226,7 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
         if step is not None and os.path.exists(os.path.join(run_dir, step.folder, "_manifest.json")):
             finished[variant] = (step.name, os.path.join(run_dir, step.folder))
     raw = finished.get(curation[0][0]) if curation else None  # the raw pool: the first step's output
+    groups = None  # head and tail classes of each classification set, from the raw pool (class_groups)
     for variant, name in variants or every:
         with_klite = variant == full
         if variant == RANDOM or variant == ORACLE:
@@ -226,7 +262,9 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
                            templates=tc.templates, batch_size=tc.eval_batch_size,
                            klite=with_klite or tc.klite_eval)["results"]
             shards.write_json(res, os.path.join(out, "eval.json"))
-            per_seed.append({"seed": seed, "last_loss": s.get("last_loss"), **_headline(res), "eval": res})
+            if groups is None:
+                groups = class_groups(raw[1], res) if raw else {}
+            per_seed.append({"seed": seed, "last_loss": s.get("last_loss"), **_headline(res, groups), "eval": res})
             if with_klite:
                 per_seed_klite.append({"seed": seed, **_klite_headline(res)})
         mean, std = _mean_std([{k: v for k, v in r.items() if k not in ("seed", "last_loss")} for r in per_seed])
@@ -257,7 +295,7 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
                 cells.append(str(v if v is not None else ""))
         lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     result = {"model": tc.model, "steps": tc.steps, "batch_size": tc.batch_size, "seed": seeds[0], "seeds": seeds,
-              "eval_sets": tc.eval_sets, "variants": rows, "table_md": "\n".join(lines)}
+              "eval_sets": tc.eval_sets, "class_groups": groups or {}, "variants": rows, "table_md": "\n".join(lines)}
     shards.write_json(result, os.path.join(run_dir, "ablation.json"))
     return result
 

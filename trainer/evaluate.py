@@ -49,6 +49,16 @@ def topk_accuracy(logits, labels, ks=(1, 5)) -> dict[str, float]:
     return out
 
 
+def per_class_top1(logits, labels, names: list[str]) -> dict[str, float]:
+    """{class name: top-1 accuracy on its images} for the classes that have images (head vs tail, per class)."""
+    import torch
+
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    hit = (logits.argmax(dim=1) == labels).float() if len(labels) else torch.zeros(0)
+    return {names[c]: float(hit[labels == c].mean()) for c in range(len(names)) if bool((labels == c).any())}
+
+
 def retrieval_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)) -> dict[str, float]:
     """image_emb [I, D], text_emb [T, D] (normalised), text_to_image [T] = index of each text's image.
 
@@ -191,7 +201,8 @@ def evaluate_model(model, preprocess, tokenizer, path: str, device, precision="f
         img = embed_images(model, preprocess, t.column("image").to_pylist(), device, precision, batch_size)
         cls = class_embeddings(model, tokenizer, names, temps, device, precision)
         res = topk_accuracy(img @ cls.T, y)
-        out = {"kind": kind, "data": path, "images": len(y), "classes": len(names), **res}
+        out = {"kind": kind, "data": path, "images": len(y), "classes": len(names), **res,
+               "per_class_top1": per_class_top1(img @ cls.T, y, names)}
         if klite:
             glosses = glosses_for(names)
             kcls = class_embeddings(model, tokenizer, names, temps, device, precision, glosses=glosses)
