@@ -57,6 +57,7 @@ def main() -> int:
         if args.steps:
             cmd += ["--steps", str(args.steps)]
         secs["ablate"] = sh(cmd, log)
+        secs["report"] = sh(["--runs-dir", str(run_dir.parent), "report", "--run", run_dir.name], log)  # + ablation
     ab = json.loads((run_dir / "ablation.json").read_text())
     rows = {r["variant"]: r for r in ab["variants"]}
     full = next((r["variant"] for r in ab["variants"] if r["variant"].startswith("+ dfn") and "K-LITE" not in r["variant"]),
