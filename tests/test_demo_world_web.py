@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.cli import main as cli_main
+from tests.test_demo_world import _digest  # the one file-digest walk of a world
 from pipeline.demo_world import (KINDS, SHAPES, SHARES, WEB_ONLY_KINDS, WEB_SHARES, _generator_key, _up_to_date,
                                  demo_config, kind_counts, make_world)
 
@@ -76,15 +77,6 @@ eval_sets = ["/w/eval/classification.parquet", "/w/eval/colours.parquet",
 """
 
 
-def _digests(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
-
-
 def _combined(digests: dict[str, str]) -> str:
     return hashlib.sha256("".join(f"{k} {v}\n" for k, v in sorted(digests.items())).encode()).hexdigest()
 
@@ -107,7 +99,7 @@ def test_default_world_is_byte_for_byte_what_it_was(default_world):
     assert summary["noise"] == "default" and summary["rows"] == DEFAULT_300_ROWS
     assert {k: v for k, v in summary["counts"].items() if k not in WEB_ONLY_KINDS} == DEFAULT_300_COUNTS
     assert all(summary["counts"][k] == 0 for k in WEB_ONLY_KINDS)
-    got = _digests(out)
+    got = _digest(out)
     got.pop("world.json"), got.pop("config.toml")
     assert len(got) == DEFAULT_300_FILES and got == summary["files"]
     if (PIL.__version__, pa.__version__) != (RECORDED_WITH["pillow"], RECORDED_WITH["pyarrow"]):
@@ -182,7 +174,7 @@ def test_web_concepts_have_a_steeper_head(web_world, default_world):
 def test_eval_and_hq_sets_are_the_default_worlds(web_world, default_world):
     """Drawn before anything the noise mode changes: the same bytes for the same seed (HQ: same size too,
     max(300, n // 3) rows, 300 for both n here)."""
-    web, dflt = _digests(web_world[0]), _digests(default_world[0])
+    web, dflt = _digest(web_world[0]), _digest(default_world[0])
     held_out = [k for k in dflt if k.startswith("eval" + os.sep) or k == "hq.parquet"]
     assert len(held_out) == 5
     assert {k: web[k] for k in held_out} == {k: dflt[k] for k in held_out}
@@ -193,7 +185,7 @@ def test_eval_and_hq_sets_are_the_default_worlds(web_world, default_world):
 def test_web_world_is_deterministic_and_seeded(web_world, tmp_path):
     out, summary = web_world
     again = make_world(tmp_path / "again", n=WEB_N, seed=SEED, noise="web")
-    a, b = _digests(out), _digests(tmp_path / "again")
+    a, b = _digest(out), _digest(tmp_path / "again")
     assert a.pop("config.toml") and b.pop("config.toml")  # holds the world's absolute eval path
     assert a.pop("world.json") and b.pop("world.json")
     assert a == b and again["files"] == summary["files"] and again["counts"] == summary["counts"]

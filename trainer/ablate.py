@@ -57,9 +57,7 @@ def variants_of(steps: list) -> list[tuple[str, str]]:
 
 
 def _count_rows(folder: str) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in glob.glob(os.path.join(folder, "part-*.parquet")))
+    return sum(n for _, n in _shard_rows(folder))
 
 
 def class_groups(pool: str, results: dict) -> dict:
@@ -72,7 +70,7 @@ def class_groups(pool: str, results: dict) -> dict:
 
     if not any(r.get("kind") == "classification" and len(r.get("per_class_top1") or {}) > 1 for r in results.values()):
         return {}
-    files = [f for f in sorted(glob.glob(os.path.join(pool, "part-*.parquet"))) if "text" in pq_columns(f)]
+    files = [f for f, _ in _shard_rows(pool) if "text" in shards.read_schema(f).names]
     texts = pl.concat([pl.read_parquet(f, columns=["text"]) for f in files])["text"].str.to_lowercase() if files \
         else pl.Series([], dtype=pl.String)
     out = {}
@@ -119,20 +117,11 @@ def _klite_headline(results: dict) -> dict:
 RANDOM, ORACLE = "random subset", "oracle"
 
 
-def _pool_rows(folder: str) -> list[tuple[str, int]]:
-    return [(p, pq_rows(p)) for p in sorted(glob.glob(os.path.join(folder, "part-*.parquet")))]
-
-
-def pq_columns(path: str) -> list[str]:
+def _shard_rows(folder: str) -> list[tuple[str, int]]:
+    """(shard, rows) of a folder's part-*.parquet, in name order: one footer read each."""
     import pyarrow.parquet as pq
 
-    return pq.read_schema(path).names
-
-
-def pq_rows(path: str) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
+    return [(p, pq.ParquetFile(p).metadata.num_rows) for p in sorted(glob.glob(os.path.join(folder, "part-*.parquet")))]
 
 
 def write_subset(run_dir: str, pool: str, out: str, keep) -> int:
@@ -149,7 +138,7 @@ def write_subset(run_dir: str, pool: str, out: str, keep) -> int:
         return int(shards.read_json(done)["rows"])
     shards.remove(out)
     n = 0
-    for i, (path, _) in enumerate(_pool_rows(pool)):
+    for i, (path, _) in enumerate(_shard_rows(pool)):
         t = shards.read_shard(path)
         mask = np.asarray(keep(i, t), dtype=bool)
         if mask.any():
@@ -166,7 +155,7 @@ def random_subset(run_dir: str, pool: str, n: int, seed: int) -> str:
     """A uniform sample of `n` rows of the raw pool (numpy's Generator, `seed`), as shards."""
     import numpy as np
 
-    sizes = [k for _, k in _pool_rows(pool)]
+    sizes = [k for _, k in _shard_rows(pool)]
     pick = np.zeros(sum(sizes), dtype=bool)
     pick[np.random.default_rng(seed).choice(len(pick), size=min(n, len(pick)), replace=False)] = True
     starts = np.cumsum([0] + sizes)
