@@ -151,6 +151,22 @@ def test_thirty_steps_lower_the_contrastive_loss(trained):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000030.pt"]
 
 
+def test_the_tiny_resnet_trains_and_loads_back(world, tmp_path):
+    """clipcurate-tiny-rn (the web-noise ablation's model): open_clip's ModifiedResNet under our text tower
+    learns on the clean pairs and its checkpoint loads back as the same model."""
+    from trainer import models
+    from trainer.train import train
+
+    s = train(tiny_cfg(model="clipcurate-tiny-rn", save_every=30), world["hq"], str(tmp_path), progress=False)
+    losses = [l for _, l in _losses(tmp_path / "metrics.jsonl")]
+    assert s["steps"] == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+    model, pre, tok, name = models.load(str(tmp_path / "model.pt"), device="cpu")
+    assert name == "clipcurate-tiny-rn" and type(model.visual).__name__ == "ModifiedResNet"
+    with torch.no_grad():
+        f = model.encode_image(torch.zeros(2, 3, 64, 64), normalize=True)
+    assert f.shape == (2, 128) and torch.isfinite(f).all()
+
+
 def test_resume_continues_the_step_count_with_the_same_loss(trained, world, tmp_path):
     from trainer.train import latest_checkpoint, train
 
@@ -481,7 +497,7 @@ def _noise_image(w: int, h: int, mode: str, seed: int):
     return img.filter(ImageFilter.GaussianBlur(1)) if seed % 2 else img  # sharp noise and smooth content
 
 
-@pytest.mark.parametrize("model_name", ["clipcurate-tiny", "clipcurate-small"])
+@pytest.mark.parametrize("model_name", ["clipcurate-tiny", "clipcurate-tiny-rn", "clipcurate-small"])
 def test_fast_eval_transform_matches_open_clip_preprocess(model_name):
     """FastEvalTransform (uint8 Pillow part + batched normalisation) == open_clip's preprocess, image by image."""
     import open_clip
