@@ -140,6 +140,20 @@ def _truncate_metrics(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+@dataclasses.dataclass
+class _Parts:
+    """What one training run is made of: built in a fixed order (the order decides torch's random draws)."""
+
+    model: object
+    dataset: object
+    optimizer: object
+    scaler: object  # a GradScaler under amp_fp16, else None
+    scheduler: object
+    loss_fn: object
+    device: object
+    precision: str
+
+
 def train(
     cfg: TrainConfig,
     data_path: str,
@@ -152,11 +166,6 @@ def train(
 
     `stop_after`: end this call after that step (with a checkpoint), as a kill would; `resume=True` goes on.
     """
-    import torch
-    from open_clip import ClipLoss
-    from open_clip_train.scheduler import cosine_lr
-    from tqdm.auto import tqdm
-
     os.makedirs(out_dir, exist_ok=True)
     fp = run_fingerprint(cfg, data_path, os.path.join(out_dir, "data_digests.json"))
     if resume:
@@ -164,13 +173,50 @@ def train(
         if done is not None:  # nothing to train: model.pt and train.json stay as they are (not rewritten)
             log.info("--resume: %s already holds %d steps on this data and settings: nothing to train", out_dir, cfg.steps)
             return done
+    parts = _build(cfg, data_path)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    start = _resume_from_checkpoint(out_dir, cfg, fp, parts) if resume else 0
+    _reset_outputs(out_dir, metrics_path, start)
+    if start >= cfg.steps:
+        log.info("already trained %d of %d steps", start, cfg.steps)
+    end = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
+    t_start = time.perf_counter()
+    step, first_loss, last_loss = _run_steps(cfg, parts, out_dir, metrics_path, fp, start, end, progress)
+    if step < cfg.steps:  # stopped early on purpose: the step checkpoint is the output
+        return {"model": cfg.model, "steps": step, "resumed_from": start, "first_loss": first_loss,
+                "last_loss": last_loss, "stopped": True, "checkpoint": latest_checkpoint(out_dir)}
+    final = {"model_name": cfg.model, "state_dict": parts.model.state_dict(), "step": step}
+    _atomic_save(final, os.path.join(out_dir, "model.pt"))
+    summary = {
+        "model": cfg.model,
+        "data": data_path,
+        "pairs": len(parts.dataset),
+        "steps": step,
+        "resumed_from": start,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
+        "device": str(parts.device),
+        "precision": parts.precision,
+        "seconds": round(time.perf_counter() - t_start, 2),
+        "model_path": os.path.join(out_dir, "model.pt"),
+    }
+    with open(os.path.join(out_dir, "train.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _build(cfg: TrainConfig, data_path: str) -> _Parts:
+    """open_clip's model, transforms and ClipLoss, AdamW and the cosine schedule, over the pairs at `data_path`."""
+    import torch
+    from open_clip import ClipLoss
+    from open_clip_train.scheduler import cosine_lr
+
     device = models.pick_device(cfg.device)
     precision = models.pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # model init
     model, pre_train, pre_val, tokenizer = models.create(cfg.model, device="cpu")
     model.to(device)
     model.train()
-
     source = data_mod.open_source(data_path)
     if source.skipped:
         log.info("training data: %d rows without image or text skipped", source.skipped)
@@ -183,46 +229,58 @@ def train(
     )
     scaler = torch.amp.GradScaler(device=device.type) if precision == "amp_fp16" else None
     scheduler = cosine_lr(optimizer, cfg.lr, cfg.warmup, cfg.steps)
-    loss_fn = ClipLoss()
+    return _Parts(model, dataset, optimizer, scaler, scheduler, ClipLoss(), device, precision)
 
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    start = 0
-    if resume:
-        ck_path = latest_checkpoint(out_dir)
-        ck = torch.load(ck_path, map_location="cpu", weights_only=True) if ck_path else None
-        if ck is not None and ck.get("fingerprint", fp) != fp:
-            log.warning("--resume: %s was trained on other data or settings: starting afresh", ck_path)
-            ck = None
-        if ck is None:
-            log.info("no checkpoint of this run in %s: starting from step 0", out_dir)
-        else:
-            if ck.get("model_name") != cfg.model:
-                raise ValueError(f"--resume: checkpoint {ck_path} is a '{ck.get('model_name')}', config says '{cfg.model}'")
-            model.load_state_dict(ck["state_dict"])
-            optimizer.load_state_dict(ck["optimizer"])
-            if scaler is not None and ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            if "rng" in ck:
-                torch.set_rng_state(ck["rng"])
-            start = int(ck["step"])
-            log.info("resuming from %s (step %d)", ck_path, start)
-    if not resume or start == 0:
-        _clear_checkpoints(out_dir)  # a run from step 0 never inherits another run's step files
+
+def _resume_from_checkpoint(out_dir: str, cfg: TrainConfig, fp: str, parts: _Parts) -> int:
+    """Load the latest step checkpoint of this run (same data and settings) into `parts`; the step it holds."""
+    import torch
+
+    ck_path = latest_checkpoint(out_dir)
+    ck = torch.load(ck_path, map_location="cpu", weights_only=True) if ck_path else None
+    if ck is not None and ck.get("fingerprint", fp) != fp:
+        log.warning("--resume: %s was trained on other data or settings: starting afresh", ck_path)
+        ck = None
+    if ck is None:
+        log.info("no checkpoint of this run in %s: starting from step 0", out_dir)
+        return 0
+    if ck.get("model_name") != cfg.model:
+        raise ValueError(f"--resume: checkpoint {ck_path} is a '{ck.get('model_name')}', config says '{cfg.model}'")
+    parts.model.load_state_dict(ck["state_dict"])
+    parts.optimizer.load_state_dict(ck["optimizer"])
+    if parts.scaler is not None and ck.get("scaler"):
+        parts.scaler.load_state_dict(ck["scaler"])
+    if "rng" in ck:
+        torch.set_rng_state(ck["rng"])
+    log.info("resuming from %s (step %d)", ck_path, int(ck["step"]))
+    return int(ck["step"])
+
+
+def _reset_outputs(out_dir: str, metrics_path: str, start: int) -> None:
+    """A run from step 0 never inherits another run's step files or metrics; a resumed one drops the metric
+    lines past its checkpoint (the steps it will redo)."""
+    if start == 0:
+        _clear_checkpoints(out_dir)
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
     else:
         _truncate_metrics(metrics_path, start)
-    if start >= cfg.steps:
-        log.info("already trained %d of %d steps", start, cfg.steps)
 
-    end = cfg.steps if stop_after is None else min(cfg.steps, int(stop_after))
-    sampler = data_mod.StepBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start, end)
+
+def _run_steps(cfg: TrainConfig, parts: _Parts, out_dir: str, metrics_path: str, fp: str, start: int, end: int,
+               progress: bool) -> tuple[int, float | None, float | None]:
+    """Steps start+1 .. end: one batch and one update each, metrics every `log_every`, a checkpoint every
+    `save_every` and at `end`. Returns (last step, first loss, last loss)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    sampler = data_mod.StepBatchSampler(len(parts.dataset), cfg.batch_size, cfg.seed, start, end)
     workers = max(0, int(cfg.workers))
     loader = torch.utils.data.DataLoader(
-        dataset,
+        parts.dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=parts.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
@@ -234,30 +292,8 @@ def train(
     with open(metrics_path, "a") as mf:
         for images, tokens in loader:
             step += 1
-            lr = scheduler(step - 1)
-            images = images.to(device, non_blocking=True)
-            tokens = tokens.to(device, non_blocking=True)
-            with models.autocast(device, precision):
-                out = model(images, tokens)
-                if isinstance(out, dict):
-                    out = (out["image_features"], out["text_features"], out["logit_scale"])
-                loss = loss_fn(out[0], out[1], out[2])
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-            with torch.no_grad():  # open_clip_train clamps the temperature at 100
-                model.logit_scale.clamp_(0, math.log(100))
-            last_loss = float(loss.detach())
+            lr = parts.scheduler(step - 1)
+            last_loss = _step(cfg, parts, images, tokens)
             if first_loss is None:
                 first_loss = last_loss
             n_since += images.shape[0]
@@ -270,7 +306,7 @@ def train(
                     "epoch": sampler.epoch_of(step),
                     "loss": last_loss,
                     "lr": lr,
-                    "logit_scale": float(model.logit_scale.detach().exp()),
+                    "logit_scale": float(parts.model.logit_scale.detach().exp()),
                     "samples_per_s": round(n_since / max(now - t_last, 1e-9), 1),
                     "wall_s": round(now - t_start, 2),
                 }
@@ -278,29 +314,40 @@ def train(
                 mf.flush()
                 t_last, n_since = now, 0
             if step % max(1, cfg.save_every) == 0 or step == end:
-                _save_step(out_dir, step, sampler.epoch_of(step), cfg, model, optimizer, scaler, cfg_dict, fp)
+                _save_step(out_dir, step, sampler.epoch_of(step), cfg, parts.model, parts.optimizer, parts.scaler,
+                           cfg_dict, fp)
     bar.close()
-    if step < cfg.steps:  # stopped early on purpose: the step checkpoint is the output
-        return {"model": cfg.model, "steps": step, "resumed_from": start, "first_loss": first_loss,
-                "last_loss": last_loss, "stopped": True, "checkpoint": latest_checkpoint(out_dir)}
-    final = {"model_name": cfg.model, "state_dict": model.state_dict(), "step": step}
-    _atomic_save(final, os.path.join(out_dir, "model.pt"))
-    summary = {
-        "model": cfg.model,
-        "data": data_path,
-        "pairs": len(dataset),
-        "steps": step,
-        "resumed_from": start,
-        "first_loss": first_loss,
-        "last_loss": last_loss,
-        "device": str(device),
-        "precision": precision,
-        "seconds": round(time.perf_counter() - t_start, 2),
-        "model_path": os.path.join(out_dir, "model.pt"),
-    }
-    with open(os.path.join(out_dir, "train.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    return step, first_loss, last_loss
+
+
+def _step(cfg: TrainConfig, parts: _Parts, images, tokens) -> float:
+    """One AdamW update on one batch under the run's precision; the contrastive loss before it."""
+    import torch
+
+    model, optimizer, scaler = parts.model, parts.optimizer, parts.scaler
+    images = images.to(parts.device, non_blocking=True)
+    tokens = tokens.to(parts.device, non_blocking=True)
+    with models.autocast(parts.device, parts.precision):
+        out = model(images, tokens)
+        if isinstance(out, dict):
+            out = (out["image_features"], out["text_features"], out["logit_scale"])
+        loss = parts.loss_fn(out[0], out[1], out[2])
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+    with torch.no_grad():  # open_clip_train clamps the temperature at 100
+        model.logit_scale.clamp_(0, math.log(100))
+    return float(loss.detach())
 
 
 def _save_step(out_dir, step, epoch, cfg, model, optimizer, scaler, cfg_dict, fp: str) -> None:
