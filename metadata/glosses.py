@@ -3,10 +3,10 @@ gloss of a class name for K-LITE's zero-shot prompts.
 
 Why here. Two users need the same "surface form -> noun lemma -> first-sense gloss" lookup: the klite stage
 (captions) and the trainer's zero-shot evaluation (class names). A stage never imports another stage, and
-the pipeline spine names no stage, so the lookup cannot live in stages/klite.py if the trainer is to use it.
+the pipeline spine names no stage, so the lookup cannot live in stages/klite/ if the trainer is to use it.
 `metadata/` is already the home of the WordNet reader (wordnet.py) and of the concept lists built from it,
 and both the stages and the trainer may import it: so the tables and the class-name lookup live here, and
-stages/klite.py imports them.
+stages/klite/wordnet.py imports them.
 
 Tables (built once per WordNet install, cached as Parquet under `wordnet.cache_root()/klite/`):
   surfaces  key (normalised tokens joined by one space) -> lemma: every surface form whose morphy result is
@@ -48,8 +48,8 @@ _NOUN_RULES = [("s", ""), ("ses", "s"), ("ves", "f"), ("xes", "x"), ("zes", "z")
 
 
 def tokens(text: str) -> list[str]:
-    """Python twin of the klite stage's caption tokens (stages/klite.py `_normalise` + TOKEN_RE), for WordNet's
-    lemmas (where "_" is a space) and class names."""
+    """Python twin of the klite stage's caption tokens (stages/klite/wordnet.py `normalise` + TOKEN_RE), for
+    WordNet's lemmas (where "_" is a space) and class names."""
     t = _PY_POSSESSIVE_RE.sub(" 's", text.lower().replace("’", "'").replace("_", " "))
     return _PY_TOKEN_RE.findall(t)
 

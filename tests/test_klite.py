@@ -23,6 +23,7 @@ from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
 from stages import klite as klite_mod
 from stages.klite import NOUN_TAGS, STOP_WORDS, KLiteStage
+from stages.klite import tagger as tagger_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -288,8 +289,8 @@ def test_tagger_option_fallback_and_fingerprint(monkeypatch, caplog):
     if HAVE_TAGGER:
         assert KLiteStage({}).fingerprint_parts()["tagger"].startswith("spacy:en_core_web_sm")
     # no model installed: auto falls back to morphy (one notice), spacy is a one-line error
-    monkeypatch.setattr(klite_mod, "_installed_model", lambda: None)
-    monkeypatch.setattr(klite_mod, "_TAGGERS", {})
+    monkeypatch.setattr(tagger_mod, "_installed_model", lambda: None)
+    monkeypatch.setattr(tagger_mod, "_TAGGERS", {})
     assert KLiteStage({}).fingerprint_parts()["tagger"] == "none"
     with caplog.at_level("WARNING", logger="clipcurate.klite"):
         assert klite_mod.load_tagger("auto") is None
