@@ -4,7 +4,7 @@ size control and the oracle. Writes bench/results/ablation_web.json. `make ablat
     .venv/bin/python bench/bench_ablate_web.py [--n 3000] [--seeds 0,1,2] [--steps 300] [--workers 2]
 
 1. The web-noise world (`clipcurate demo-world --noise web`: its composition and sources are in
-   pipeline/demo_world.py), crawled and curated as `bench/bench_filters.py` does it (same cache).
+   demo/composition.py), crawled and curated as `bench/bench_filters.py` does it (same cache).
 2. `clipcurate ablate --run web-... --seeds S`: the same model and compute on the raw pool, each step added,
    the full pipeline, a random subset of the raw pool the size of the full pipeline's output (one per seed) and
    the oracle (the raw pool's truth-clean rows); mean ± std over the seeds.

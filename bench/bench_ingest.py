@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=16)
     args = ap.parse_args()
 
-    from pipeline.demo_world import make_world
+    from demo.world import make_world
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
