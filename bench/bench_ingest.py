@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 BARE = """
 import os, sys
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-from pipeline.serve import serve_world, proxy_env
+from stages.ingest.serve import serve_world, proxy_env
 from img2dataset import download
 www, urls, out, procs, threads = sys.argv[1:6]
 with serve_world(www) as proxy:

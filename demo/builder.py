@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from demo.draw import COLOURS, SHAPES, jpeg, render, zipf_weights
-from pipeline.serve import DEMO_HOST
+from stages.ingest.serve import DEMO_HOST
 
 HOST = f"http://{DEMO_HOST}"
 

@@ -3,7 +3,7 @@
 What it writes (`make_world(out)`; `clipcurate demo-world OUT`):
 
   urls.parquet                 url, caption: the crawl list ingest reads (shuffled, like a real dump)
-  www/img/*.jpg                what the URLs serve (pipeline/serve.py proxies demo.clipcurate.invalid to it);
+  www/img/*.jpg                what the URLs serve (stages/ingest/serve.py proxies demo.clipcurate.invalid to it);
                                some URLs 404, some serve an HTML page under a .jpg name
   truth.parquet                the ground truth the pipeline never reads: url, caption, uid, kind, shape,
                                colour, count, eval_image_id, dup_url, dup_group (a duplicate and its
@@ -78,7 +78,7 @@ from demo.config import demo_config
 from demo.draw import COLOURS, SHAPES, zipf_weights
 from demo.sets import RETRIEVAL_IMAGES
 from pipeline.schema import compute_uid
-from pipeline.serve import DEMO_HOST
+from stages.ingest.serve import DEMO_HOST
 
 __all__ = ["make_world", "demo_config", "kind_counts", "KINDS", "SHARES", "WEB_SHARES", "WEB_ONLY_KINDS", "WEB_MIN_N",
            "NOISE_MODES", "SHAPES", "COLOURS", "BOILERPLATE"]

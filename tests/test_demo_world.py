@@ -15,7 +15,7 @@ from PIL import Image
 
 from demo.world import BOILERPLATE, COLOURS, KINDS, SHAPES, WEB_ONLY_KINDS, make_world
 from pipeline.schema import compute_uid
-from pipeline.serve import DEMO_HOST, proxy_env, serve_world
+from stages.ingest.serve import DEMO_HOST, proxy_env, serve_world
 
 
 def _digest(root) -> dict[str, str]:
