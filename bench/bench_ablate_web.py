@@ -14,7 +14,7 @@ unchanged (it is fixed in pipeline/demo_world.py): only its size and the ablatio
 curation (including dfn's filtering network, trained by `dfn-train` with the world config's ViT) is untouched.
 
 1. The web-noise world (`clipcurate demo-world --noise web`: its composition and sources are in
-   pipeline/demo_world.py), crawled and curated as `bench/bench_filters.py` does it (same cache).
+   demo/composition.py), crawled and curated as `bench/bench_filters.py` does it (same cache).
 2. `clipcurate ablate --run web-... --seeds S`: the same model and compute on the raw pool, each step added,
    the full pipeline, a random subset of the raw pool the size of the full pipeline's output (one per seed) and
    the oracle (the raw pool's truth-clean rows); mean ± std over the seeds.

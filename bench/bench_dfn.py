@@ -3,7 +3,7 @@ mismatched pairs, and what our scoring path costs against a bare open_clip loop.
 
     .venv/bin/python bench/bench_dfn.py [--n 3000] [--steps 200] [--batch 64] [--rounds 3]
 
-1. `make_world(tmp, n)` (pipeline.demo_world): 3,000 URL rows, a 1,000-pair clean HQ set, eval sets.
+1. `make_world(tmp, n)` (demo.world): 3,000 URL rows, a 1,000-pair clean HQ set, eval sets.
 2. The filtering network: our trainer (what `clipcurate dfn-train` runs) trains `clipcurate-tiny` on hq.parquet
    for `--steps` steps (CPU here; CUDA + autocast when present); its zero-shot eval figures are recorded.
 3. Scored pairs: the pool's images are only reachable through ingest (a loopback download), so the pairs are
@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.demo_world import make_world  # noqa: E402
+from demo.world import make_world  # noqa: E402
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -4,7 +4,7 @@ alternating), on two data sets. Writes bench/results/image_path.json.
     .venv/bin/python bench/bench_image_path.py [--rounds 3]
 
 Data sets: `coco` = the 239 real COCO photos of ../shared/data/coco_mini_images (JPEG, ~640x480), and `demo` =
-the JPEGs a demo world serves (`pipeline.demo_world.make_world(n=600)`: synthetic scenes, a data set the choices
+the JPEGs a demo world serves (`demo.world.make_world(n=600)`: synthetic scenes, a data set the choices
 were not measured on when they were made).
 
 dhash   align's per-image fact: decode at >= 128 px (JPEG draft) to RGB then convert to grey (before) against
@@ -41,7 +41,7 @@ def coco_images() -> list[bytes]:
 
 
 def demo_images(folder: Path) -> list[bytes]:
-    from pipeline.demo_world import make_world
+    from demo.world import make_world
 
     from PIL import Image
 

@@ -25,7 +25,7 @@ BIN = Path(sys.executable).parent
 BARE = """
 import os, sys
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
-from pipeline.serve import serve_world, proxy_env
+from stages.ingest.serve import serve_world, proxy_env
 from img2dataset import download
 www, urls, out, procs, threads = sys.argv[1:6]
 with serve_world(www) as proxy:
@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=16)
     args = ap.parse_args()
 
-    from pipeline.demo_world import make_world
+    from demo.world import make_world
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))

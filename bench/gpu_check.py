@@ -38,7 +38,7 @@ def main() -> int:
         print("gpu_check: no CUDA device here; nothing to check", file=sys.stderr)
         return 2
 
-    from pipeline.demo_world import make_world
+    from demo.world import make_world
     from trainer import models
     from trainer.config import TrainConfig
     from trainer.evaluate import evaluate

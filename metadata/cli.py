@@ -1,4 +1,4 @@
-"""`clipcurate metadata ...`: build concept lists (registered by pipeline/cli.py when this module exists)."""
+"""`clipcurate metadata ...`: build concept lists (registered under the `clipcurate.commands` entry point)."""
 
 from __future__ import annotations
 

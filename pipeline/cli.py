@@ -15,6 +15,9 @@ from pipeline.stage import STAGE_ORDER, StageError
 
 log = logging.getLogger("clipcurate")
 
+COMMANDS = "clipcurate.commands"  # entry-point group of the commands that live outside the spine
+
+
 # Errors that are the user's input, not our bug: shown as one line.
 def _user_errors():
     from pipeline.config import ConfigError
@@ -39,34 +42,6 @@ def _print_funnel(results) -> None:
 
 
 # ---- commands ------------------------------------------------------------------------------------
-DEMO_MIN_N = 200  # every noise kind of the demo world needs a few rows
-
-
-def cmd_demo_world(args) -> int:
-    from pipeline.demo_world import WEB_MIN_N, WEB_ONLY_KINDS, make_world
-
-    if args.n < DEMO_MIN_N:
-        raise config_mod.ConfigError(f"demo-world --n {args.n}: give at least {DEMO_MIN_N} (every noise kind needs "
-                                     "a few rows)")
-    if args.noise == "web" and args.n < WEB_MIN_N:
-        raise config_mod.ConfigError(f"demo-world --noise web --n {args.n}: give at least {WEB_MIN_N} (its duplicates "
-                                     "need enough clean originals)")
-    summary = make_world(args.out, n=args.n, seed=args.seed, noise=args.noise)
-    if summary.get("unchanged"):
-        print(f"demo world in {args.out} is up to date ({summary.get('rows')} URL rows, n={args.n}, seed={args.seed}): "
-              "not rewritten")
-    else:
-        print(f"demo world written to {args.out}: {summary.get('rows', summary.get('n'))} URL rows"
-              + ("" if args.noise == "default" else f" (noise: {args.noise})"))
-    for k, v in sorted(summary.get("counts", {}).items()):
-        if v or k not in WEB_ONLY_KINDS:  # a default world has no weak rows: no line for them
-            print(f"  {k:>16}: {v}")
-    out = Path(args.out)
-    print("its config scales the papers' thresholds to this pool and turns on eval decontamination; use it:")
-    print(f"  clipcurate ingest {out / 'urls.parquet'} --run NAME --config {out / 'config.toml'}")
-    return 0
-
-
 def _config_for(args, run_dir: str, running: list[str]) -> dict:
     """The run's saved config with --config laid over it (or defaults + --config with --fresh-config); prints
     what a --config changes in an existing run and which stages that redoes."""
@@ -312,16 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_globals(ap, top=True)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    p = sub.add_parser("demo-world", help="write the synthetic demo crawl (url list, served images, eval + HQ sets)")
-    p.add_argument("out", help="folder to write the world in (replaced when it exists)")
-    p.add_argument("--n", type=int, default=3000, help=f"about this many URL rows (at least {DEMO_MIN_N}; default 3000)")
-    p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
-    p.add_argument("--noise", choices=["default", "web"], default="default",
-                   help="noise composition: 'default' (mostly clean, a few percent of each noise kind) or 'web' (as "
-                        "noisy as a raw crawl: most pairs weakly aligned or mismatched, from published figures; "
-                        "n >= 500); the eval and HQ sets are the same in both (default: default)")
-    p.set_defaults(fn=cmd_demo_world)
-
     p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest, or use an "
                                       "img2dataset output folder in place")
     p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns, or an img2dataset output "
@@ -359,17 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Commands that live with the stages/trainer they belong to, registered when those modules exist."""
-    out = []
-    for mod in ("pipeline.report", "trainer.ablate", "metadata.cli", "trainer.cli"):
-        try:
-            m = __import__(mod, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name and mod.startswith(e.name):
-                continue
-            raise
-        if hasattr(m, "register"):
-            out.append(m.register)
+    """The spine's own extra commands (report), then the commands other packages register under the
+    `clipcurate.commands` entry point (pyproject.toml: `name = "module:register"`, e.g. the demo world's, the
+    trainer's), each a function that adds its subparsers. The spine names none of them; one whose package is not
+    installed is left out."""
+    from pipeline import plugins, report
+
+    out = [report.register]
+    for _, target in plugins.registered(COMMANDS):
+        register = plugins.load(target)
+        if register is not None:
+            out.append(register)
     return out
 
 

@@ -11,7 +11,7 @@ def demo_ingested(tmp_path_factory):
     Returns (world dir, runs dir, run name); stages may be run on top of it under other run names by
     copying `runs/<run>/00_ingest` or reading it as input."""
     from pipeline.cli import main as cli_main
-    from pipeline.demo_world import make_world
+    from demo.world import make_world
 
     root = tmp_path_factory.mktemp("demo")
     world = root / "world"

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.demo_world import BOILERPLATE, COLOURS, KINDS, SHAPES, WEB_ONLY_KINDS, make_world
+from demo.world import BOILERPLATE, COLOURS, KINDS, SHAPES, WEB_ONLY_KINDS, make_world
 from pipeline.schema import compute_uid
-from pipeline.serve import DEMO_HOST, proxy_env, serve_world
+from stages.ingest.serve import DEMO_HOST, proxy_env, serve_world
 
 
 def _digest(root) -> dict[str, str]:
@@ -203,7 +203,7 @@ def test_demo_config_is_valid_toml_for_any_path():
     import tomllib
     from pathlib import Path
 
-    from pipeline.demo_world import demo_config
+    from demo.world import demo_config
 
     odd = Path('/tmp/a b/we"ird\\dir/eval/classification.parquet')
     cfg = tomllib.loads(demo_config(3000, odd))

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.cli import main as cli_main
 from tests.test_demo_world import _digest  # the one file-digest walk of a world
-from pipeline.demo_world import (KINDS, SHAPES, SHARES, WEB_ONLY_KINDS, WEB_SHARES, _generator_key, _up_to_date,
+from demo.world import (KINDS, SHAPES, SHARES, WEB_ONLY_KINDS, WEB_SHARES, _generator_key, _up_to_date,
                                  demo_config, kind_counts, make_world)
 
 WEB_N, SEED = 600, 0
@@ -244,7 +244,7 @@ def test_cli_writes_a_web_world(tmp_path, capsys):
 
 
 def test_shares_tables_are_what_the_docstring_says():
-    import pipeline.demo_world as dw
+    import demo.composition as dw
 
     doc = dw.__doc__
     for kind, share in WEB_SHARES.items():

@@ -267,9 +267,9 @@ def _demo_pairs(world: Path) -> pa.Table:
 
 
 def test_dfn_trained_on_the_demo_hq_set_scores_its_mismatched_captions_lower(tmp_path):
-    """The acceptance case on pipeline.demo_world: a DFN trained on the world's HQ set only (our trainer, 60 CPU
+    """The acceptance case on demo.world: a DFN trained on the world's HQ set only (our trainer, 60 CPU
     steps), then the stage (collect/merge/apply over 3 shards) on the world's clean and mismatched pairs."""
-    demo_world = pytest.importorskip("pipeline.demo_world")
+    demo_world = pytest.importorskip("demo.world")
     from trainer.train import train
 
     world = tmp_path / "world"

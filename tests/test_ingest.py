@@ -123,7 +123,7 @@ def _make_site(root: Path) -> tuple[list[tuple[str, str]], dict]:
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory):
-    pytest.importorskip("pipeline.serve")
+    pytest.importorskip("stages.ingest.serve")
     root = tmp_path_factory.mktemp("crawl")
     rows, expect = _make_site(root)
     pl.DataFrame(rows, schema=["url", "caption"], orient="row").write_parquet(root / "urls.parquet")

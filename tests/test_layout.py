@@ -1,11 +1,15 @@
 """Dependencies point one way (DESIGN.md, Layout): pipeline imports nothing of ours outside itself, a stage never
-imports another stage, the trainer uses pipeline's public API and no stage. Read from the source (ast), so an
-import inside a function counts too."""
+imports another stage, the trainer uses pipeline's public API and no stage, and nothing of ours imports the demo
+world (demo/): its command plugs into the CLI through an entry point. Read from the source (ast), so an import
+inside a function counts too."""
 
 from __future__ import annotations
 
 import ast
+import re
+import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 # a stage is a module (stages/emit.py) or a package (stages/align/)
@@ -28,12 +32,12 @@ def _imports(path: Path) -> list[tuple[str, list[str]]]:
 
 def _ours(module: str) -> str | None:
     top = module.split(".")[0]
-    return top if top in ("pipeline", "stages", "trainer", "metadata") else None
+    return top if top in ("pipeline", "stages", "trainer", "metadata", "demo") else None
 
 
 def test_dependencies_point_one_way():
     bad = []
-    for pkg in ("pipeline", "stages", "trainer", "metadata"):
+    for pkg in ("pipeline", "stages", "trainer", "metadata", "demo"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             own = path.relative_to(ROOT / pkg).parts[0].removesuffix(".py")  # the stage a file belongs to
@@ -43,7 +47,9 @@ def test_dependencies_point_one_way():
                     continue
                 if (rel, module) in KNOWN or (rel, top) in KNOWN:
                     continue
-                if pkg == "pipeline" and top != "pipeline":
+                if top == "demo" and pkg != "demo":
+                    bad.append(f"{rel} imports {module} (nothing of ours imports the demo world)")
+                elif pkg == "pipeline" and top != "pipeline":
                     bad.append(f"{rel} imports {module} (the spine imports nothing of ours outside itself)")
                 elif pkg == "stages" and top == "stages" and module.split(".")[1:2] and module.split(".")[1] in STAGES \
                         and module.split(".")[1] != own:
@@ -63,3 +69,35 @@ def test_the_known_exceptions_still_exist():
     """When one of them is fixed, drop it from KNOWN (this fails until then, so the list stays true)."""
     for rel, module in KNOWN:
         assert any(m == module or m.startswith(module + ".") for m, _ in _imports(ROOT / rel)), (rel, module)
+
+
+def test_commands_outside_the_spine_plug_in_through_an_entry_point():
+    """pipeline/cli.py names no package outside the spine, not even as a string to import: the demo world's,
+    the trainer's and metadata's commands are `clipcurate.commands` entry points (pyproject.toml)."""
+    from pipeline.cli import COMMANDS, _subparsers, build_parser
+
+    src = (ROOT / "pipeline" / "cli.py").read_text()
+    for pkg in ("demo", "trainer", "metadata"):
+        assert not re.search(rf"[\"']{pkg}[.:]", src), pkg
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][COMMANDS]
+    assert declared["demo-world"] == "demo.cli:register"
+    commands = {name for name, _ in _subparsers(build_parser())}
+    assert {"demo-world", "ablate", "metadata", "train", "eval", "dfn-train"} <= commands
+
+
+def test_an_install_older_than_an_entry_point_still_finds_it(monkeypatch):
+    """Run from the source tree, the project's own entry points are pyproject.toml's, whatever the installed
+    metadata says (an editable install is as old as its last `make setup`); another distribution's come from its
+    metadata."""
+    import importlib.metadata
+
+    from pipeline import plugins
+
+    stale = SimpleNamespace(name="demo-world", value="gone.module:register", dist=SimpleNamespace(name=plugins.PROJECT))
+    other = SimpleNamespace(name="extra", value="someone.else:register", dist=SimpleNamespace(name="a-plugin"))
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: [stale, other] if group == "clipcurate.commands" else [])
+    found = dict(plugins.registered("clipcurate.commands"))
+    assert found["demo-world"] == "demo.cli:register" and found["extra"] == "someone.else:register"
+    assert plugins.load("no_such_package.cli:register") is None  # a package left out of an install: skipped
+    assert plugins.load("demo.cli:register").__module__ == "demo.cli"

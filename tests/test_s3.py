@@ -62,7 +62,7 @@ def _digest(fs, path: str) -> str:
 
 
 def test_run_folder_and_image_store_on_s3_with_resume(s3, tmp_path, capsys, caplog):
-    from pipeline.demo_world import make_world
+    from demo.world import make_world
 
     world = tmp_path / "world"
     make_world(world, n=300, seed=0)

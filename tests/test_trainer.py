@@ -50,7 +50,7 @@ def _caption(shape: str, colour: str, rng: random.Random) -> str:
 
 
 def synthetic_world(out: Path, n: int = 600, seed: int = 0) -> dict:
-    """A small stand-in for pipeline.demo_world: hq.parquet (clean pairs), pool.parquet (clean + mismatched
+    """A small stand-in for demo.world: hq.parquet (clean pairs), pool.parquet (clean + mismatched
     captions, with `kind`), eval/classification.parquet (+ classnames.txt) and eval/retrieval.parquet."""
     from pipeline.schema import compute_uid
 
@@ -110,13 +110,13 @@ def _losses(path: Path) -> list[tuple[int, float]]:
 
 
 def demo_or_synthetic_world(folder: Path, n_demo: int = 300) -> dict:
-    """The demo world's HQ and eval sets (pipeline.demo_world, n=300: 300 HQ pairs, 240 + 120 eval images) for
+    """The demo world's HQ and eval sets (demo.world, n=300: 300 HQ pairs, 240 + 120 eval images) for
     training and evaluation; the synthetic world's pool (labelled clean / mismatched, with `text_klite`) for
     what needs rows with image bytes: the demo pool's images are only reachable through ingest."""
     w = synthetic_world(folder / "synthetic", n=400)
     w["demo"] = False
     try:
-        from pipeline.demo_world import make_world
+        from demo.world import make_world
     except ImportError:
         return w
     make_world(folder / "demo", n=n_demo, seed=0)

@@ -1,4 +1,4 @@
-"""`clipcurate train | eval | dfn-train` (registered by pipeline/cli.py when this module exists)."""
+"""`clipcurate train | eval | dfn-train` (registered under the `clipcurate.commands` entry point, pyproject.toml)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,231 @@
+"""ingest: URL list -> img2dataset -> shards in the row schema.
+
+Kept apart as in img2dataset itself: *reading* the URL list (`read_url_list`), *downloading*
+(img2dataset, untouched), and *converting* its Parquet output to our rows (the `IngestStage`, run by the
+ordinary runner so that resume, manifests and Dask apply to it too).
+
+A URL that appears with several captions is downloaded once: the list is grouped by URL before
+img2dataset sees it, all captions travel with it as a JSON column, and conversion yields one row per
+caption (same image bytes, distinct uids since uid hashes url + text). A row repeating an earlier (url, caption)
+would repeat its uid: it is rejected as `duplicate: same url and caption as an earlier row`, so ingest keeps one
+row per distinct (url, caption) and every uid once.
+
+Rejected rows (`reason`): img2dataset's status and error ("failed_to_download: HTTP Error 404: ..."), and two
+of ours for rows that never reach img2dataset: `invalid_url: not an http(s) URL` (malformed, empty, or another
+scheme: ftp:, file:, data:, javascript: ...) and `invalid_utf8: url or caption is not valid UTF-8` (a CSV/TSV or
+Parquet list with a few rows in another encoding; their text is kept lossy-decoded, U+FFFD for bad bytes).
+
+The package: this module is the stage (`IngestStage`, and `CopyStats`, its statistics); `urls.py` reads and
+groups the URL list, `download.py` runs img2dataset (`download_pool`, `run_img2dataset`), `crawl.py` uses an
+img2dataset output folder in place (`crawl_input`), and `serve.py` is the loopback server that a demo world's
+`www/` is downloaded from (`[ingest] serve_dir`). Every name other code imports is importable from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema, shards
+from pipeline.codec import data_record
+from pipeline.config import check_ranges
+from pipeline.images import REF_COL
+from pipeline.stage import Stage
+from stages.ingest.crawl import crawl_input, crawl_store, index_webdataset
+from stages.ingest.download import download_pool, run_img2dataset
+from stages.ingest.urls import BAD_TEXT_COL, CAPTIONS_COL, DUPLICATE, VALID_URL, group_by_url, read_url_list
+
+__all__ = ["IngestStage", "STAGE", "CopyStats", "CAPTIONS_COL", "DUPLICATE", "VALID_URL", "BAD_TEXT_COL",
+           "read_url_list", "group_by_url", "download_pool", "run_img2dataset", "crawl_store", "index_webdataset",
+           "crawl_input"]
+
+log = logging.getLogger("clipcurate.ingest")
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    requires = {"url": pa.string(), "status": pa.string()}
+
+    @dataclasses.dataclass
+    class Config:
+        url_col: str = "url"
+        caption_col: str = "caption"
+        resize_mode: str = "no"  # img2dataset's: no | border | keep_ratio | center_crop
+        image_size: int = 256
+        encode_format: str = "jpg"
+        processes: int = 0  # 0 = cores
+        threads: int = 32
+        shard_size: int = 10000  # samples per img2dataset shard (= our shard)
+        timeout: int = 10
+        retries: int = 0
+        serve_dir: str = ""  # a demo world's www/ served by a loopback proxy during the download
+
+        def __post_init__(self):
+            check_ranges("ingest", self, image_size=(1, None), processes=(0, None), threads=(1, None),
+                         shard_size=(1, None), timeout=(1, None), retries=(0, None))
+
+    def output_name(self, input_name: str) -> str:
+        return f"part-{input_name}" if not input_name.startswith("part-") else input_name
+
+    def rows_in(self, table, kept, rejected) -> int:
+        """An img2dataset row is a URL with its captions, and each caption is a row of the funnel."""
+        return kept.num_rows + rejected.num_rows
+
+    def fingerprint_parts(self) -> dict:
+        return {"unique_uids": 1}  # a repeated (url, caption) of a crawl is rejected as `duplicate`
+
+    # ---- one row per uid: a crawl used in place may list the same (url, caption) twice -------------------
+    # (a URL list is deduplicated before the download, `group_by_url`). Pool-wide and shuffled like align's
+    # dedup keys: per uid the smallest content key, per (uid, content key) the smallest position hash.
+    def collect(self, table: pa.Table) -> "CopyStats":
+        kept, _ = self._convert(table)
+        return CopyStats.of(*self._copy_keys(kept))
+
+    def merge(self, partials: list) -> "CopyStats":
+        return CopyStats.merge([p for p in partials if p is not None])
+
+    def split(self, partial: "CopyStats", n: int) -> list:
+        return partial.split(n)
+
+    def answer(self, merged: "CopyStats", piece: "CopyStats") -> "CopyStats":
+        return merged.restrict(piece)
+
+    def join_answers(self, answers: list) -> "CopyStats":
+        return CopyStats.merge(answers)
+
+    def save_stats(self, stats: "CopyStats", folder: str) -> None:
+        shards.write_shard(stats.uids.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "uid_copies.parquet"))
+        shards.write_shard(stats.copies.filter(pl.col("n") > 1).to_arrow(), shards.join(folder, "identical_rows.parquet"))
+
+    def load_stats(self, folder: str) -> "CopyStats":
+        def read(name):
+            return pl.from_arrow(shards.read_shard(shards.join(folder, name)))
+
+        return CopyStats(read("uid_copies.parquet"), read("identical_rows.parquet"))
+
+    def _copy_keys(self, kept: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(uid key, content key, position hash) per kept row, as align orders the copies of a uid (its
+        `row_content_key` without `image_ref`; ingest reads no pixels, so byte-equal rows are ordered by
+        position: (shard, row) of the crawl, a property of the crawl and not of how the run cuts it)."""
+        from pipeline.hashing import _U64, row_content_key, row_positions, uid_rank
+
+        n = kept.num_rows
+        pos = row_positions(self.context.get("shard", ""), n)
+        return uid_rank(kept.column("uid")) if n else np.zeros(0, _U64), row_content_key(kept), pos
+
+    def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
+        """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason; a repeat
+        of a uid (a crawl listing the same url and caption twice) to `rejected` as `duplicate`."""
+        kept, rejected = self._convert(table)
+        if stats is not None and kept.num_rows:
+            extra = stats.extra_copies(*self._copy_keys(kept))
+            if extra.any():
+                mask = pa.array(extra)
+                dup = kept.filter(mask).append_column(
+                    "reason", pa.array([f"{DUPLICATE}: same url and caption as another row"] * int(extra.sum()), pa.string()))
+                kept = kept.filter(pc.invert(mask))
+                rejected = pa.concat_tables([rejected, dup.cast(rejected.schema)])
+        return kept, rejected
+
+    def _convert(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason.
+
+        The rows come without their image bytes: the img2dataset output is the run's image store, and the
+        runner hands each row its reference (`image_ref`, pipeline/images.py)."""
+        df = pl.from_arrow(table)
+        if CAPTIONS_COL in df.columns:
+            captions = pl.col(CAPTIONS_COL).str.json_decode(pl.Struct({"c": pl.List(pl.String)})).struct.field("c")
+        else:
+            captions = pl.concat_list(pl.col("caption").fill_null(""))  # a crawl used in place: one caption a row
+        def int_col(name):
+            return (pl.col(name) if name in df.columns else pl.lit(None)).cast(pl.Int32)
+        ok = pl.col("status") == "success"
+        ref = pl.col(REF_COL) if REF_COL in df.columns else pl.lit(None, dtype=pl.String)
+        df = df.with_columns(
+            text=captions,
+            image_ref=pl.when(ok).then(ref).otherwise(pl.lit(None, dtype=pl.String)),
+            width=int_col("width"),
+            height=int_col("height"),
+            orig_width=int_col("original_width"),
+            orig_height=int_col("original_height"),
+            reason=pl.when(ok)
+            .then(pl.lit(None, dtype=pl.String))
+            .otherwise(
+                pl.col("status").fill_null("unknown")
+                + pl.lit(": ")
+                + pl.col("error_message").fill_null("").str.replace(r"\s+", " ").str.slice(0, 200)
+            ),
+        ).explode("text")
+        uid = schema.compute_uid(df["url"].to_arrow(), df["text"].to_arrow())
+        df = df.with_columns(uid=pl.Series(uid)).select(
+            "uid", "url", "text", REF_COL, "width", "height", "orig_width", "orig_height", "reason"
+        )
+        out = df.to_arrow()
+        out = schema.check_columns(out, schema.ROW_SCHEMA, "ingest")
+        is_kept = pc.is_null(out.column("reason"))
+        kept = out.filter(is_kept).drop_columns(["reason"])
+        rejected = out.filter(pc.invert(is_kept))
+        return kept, rejected
+
+
+STAGE = IngestStage
+
+
+_MAX = np.iinfo(np.uint64).max
+
+
+@data_record
+@dataclasses.dataclass
+class CopyStats:
+    """uids: key (uid), ck_min, n; copies: key (uid x content key), pos_min, n. Merge = concat + group-by
+    min/sum (associative); a shard's answer is both tables restricted to the keys it holds."""
+
+    uids: pl.DataFrame
+    copies: pl.DataFrame
+
+    @staticmethod
+    def of(ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> "CopyStats":
+        from pipeline.hashing import combine64
+
+        u = pl.DataFrame({"key": ukey, "v": ck}).group_by("key").agg(ck_min=pl.col("v").min(), n=pl.len().cast(pl.UInt64))
+        c = pl.DataFrame({"key": combine64(ukey, ck), "v": pos}).group_by("key").agg(
+            pos_min=pl.col("v").min(), n=pl.len().cast(pl.UInt64))
+        return CopyStats(u.sort("key"), c.sort("key"))
+
+    @staticmethod
+    def merge(parts: list) -> "CopyStats":
+        if not parts:
+            return CopyStats.of(*(np.zeros(0, np.uint64),) * 3)
+        u = pl.concat([p.uids for p in parts]).group_by("key").agg(pl.col("ck_min").min(), pl.col("n").sum())
+        c = pl.concat([p.copies for p in parts]).group_by("key").agg(pl.col("pos_min").min(), pl.col("n").sum())
+        return CopyStats(u.sort("key"), c.sort("key"))
+
+    def split(self, n: int) -> list:
+        def part(df):
+            which = (df["key"] % n).cast(pl.Int64).to_numpy() if df.height else np.zeros(0, np.int64)
+            return [df.filter(pl.Series(which == k)) for k in range(n)]
+
+        return [CopyStats(u, c) for u, c in zip(part(self.uids), part(self.copies))]
+
+    def restrict(self, piece: "CopyStats") -> "CopyStats":
+        """Rows of this (merged) partition seen more than once whose key the shard's piece holds."""
+        return CopyStats(self.uids.filter((pl.col("n") > 1) & pl.col("key").is_in(piece.uids["key"])),
+                         self.copies.filter((pl.col("n") > 1) & pl.col("key").is_in(piece.copies["key"])))
+
+    def extra_copies(self, ukey: np.ndarray, ck: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Rows that are not the kept copy of their uid (pipeline.hashing.other_copy_kept)."""
+        from pipeline.hashing import combine64, other_copy_kept
+
+        def lookup(df, value, keys):
+            m = pl.DataFrame({"key": keys}).join(df.select("key", value), on="key", how="left", maintain_order="left")
+            return m[value].fill_null(_MAX).to_numpy().astype(np.uint64)
+
+        ck_min = lookup(self.uids.filter(pl.col("n") > 1), "ck_min", ukey)
+        pos_min = lookup(self.copies.filter(pl.col("n") > 1), "pos_min", combine64(ukey, ck))
+        return other_copy_kept(ck, ck_min, pos, pos_min)
+

@@ -1,0 +1,131 @@
+"""Downloading: the grouped URL list through img2dataset (untouched, in this process; it forks its own workers)
+into `<stage>/_img2dataset`, skipped when a download of the same list and config is complete. A demo world's
+`www/` is served on loopback meanwhile (`serve.py`) when `[ingest] serve_dir` names it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
+
+from pipeline import shards
+from pipeline.stage import StageError, fingerprint
+from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list
+
+if TYPE_CHECKING:
+    from stages.ingest import IngestStage
+
+log = logging.getLogger("clipcurate.ingest")
+
+
+@contextmanager
+def _env(overrides: dict[str, str]):
+    old = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None,
+                    output_format: str = "parquet") -> dict:
+    """Call img2dataset (in this process; it forks its own workers). Returns its summed stats."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from img2dataset import download
+
+    processes = cfg.processes or (os.cpu_count() or 1)
+    with ExitStack() as stack:
+        if cfg.serve_dir:
+            from stages.ingest.serve import proxy_env, serve_world
+
+            proxy = stack.enter_context(serve_world(cfg.serve_dir))
+            stack.enter_context(_env(proxy_env(proxy)))
+            log.info("serving %s through a loopback proxy at %s", cfg.serve_dir, proxy)
+        download(
+            url_list=url_parquet,
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=additional_columns,
+            output_folder=out_dir,
+            output_format=output_format,
+            resize_mode=cfg.resize_mode,
+            image_size=cfg.image_size,
+            encode_format=cfg.encode_format,
+            processes_count=processes,
+            thread_count=cfg.threads,
+            number_sample_per_shard=cfg.shard_size,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            enable_wandb=False,
+            distributor="multiprocessing",
+            incremental_mode="incremental",
+        )
+    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    fs, root = shards.fs_and_path(out_dir)
+    for f in sorted(fs.glob(f"{root.rstrip('/')}/*_stats.json")):  # out_dir may be s3://...
+        s = json.loads(fs.cat_file(f))
+        for k in totals:
+            totals[k] += int(s.get(k, 0))
+    return totals
+
+
+def _content_digest(path: str) -> str:
+    """sha256 of the URL list's bytes: a list rewritten with the same content (a regenerated demo world, a
+    copy) must not trigger a new crawl, and an edited one must. Hashing costs ~1 s per GB; a crawl far more."""
+    return shards.content_digest(path)
+
+
+def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> tuple[str, dict]:
+    """Group the list, run img2dataset into `<stage>/_img2dataset`. Skipped when already complete."""
+    df = read_url_list(input_path, cfg.url_col, cfg.caption_col)
+    grouped, bad = group_by_url(df)
+    raw_dir = os.path.join(stage_dir, "_img2dataset")
+    fp = fingerprint(
+        {
+            "input": _content_digest(str(input_path)),
+            "grouping": 2,  # 2: one row per distinct (url, caption), repeats rejected
+            "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
+        }
+    )
+    marker = os.path.join(raw_dir, "_clipcurate_done.json")
+    prior = shards.read_json(marker)
+    n_dup = int((bad["status"] == DUPLICATE).sum())
+    info = {"input_rows": df.height, "unique_urls": grouped.height, "bad_urls": bad.height - n_dup,
+            "duplicates": n_dup}
+    if prior and prior.get("fingerprint") == fp:
+        log.info("ingest: download already complete (%s), reusing", raw_dir)
+        info.update(prior.get("img2dataset", {}))
+        return raw_dir, info
+    if prior or shards.exists(raw_dir):
+        shards.remove(raw_dir)  # a different list or config: start the download afresh
+    shards.makedirs(stage_dir)
+    if grouped.height == 0 and bad.height == 0:
+        raise StageError(f"ingest: URL list {input_path} has no rows")
+    list_path = os.path.join(stage_dir, "_urls.parquet")
+    grouped.write_parquet(list_path)
+    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d repeated (url, caption) rows", df.height,
+             grouped.height, info["bad_urls"], n_dup)
+    t0 = time.perf_counter()
+    totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=[CAPTIONS_COL]) if grouped.height else {}
+    totals["seconds"] = round(time.perf_counter() - t0, 3)
+    if bad.height:
+        # malformed URLs, rows that are not UTF-8 and repeated rows never reach img2dataset; they travel as an extra
+        # "failed" shard so no row is lost
+        shards.makedirs(raw_dir)
+        bad.select("url", "caption", "status", "error_message").write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
+    info["img2dataset"] = totals
+    shards.write_json({"fingerprint": fp, "img2dataset": totals}, marker)
+    info.update(totals)
+    return raw_dir, info
+
