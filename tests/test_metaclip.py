@@ -23,7 +23,7 @@ from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
 from pipeline.config import ConfigError
 from pipeline.stage import StageError
-from stages.metaclip import Matcher, MetaClipStage, entry_probs, p_to_t, spacing, t_to_p
+from stages.metaclip import Matcher, MetaClipStage, balance, entry_probs, p_to_t, spacing, t_to_p
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -413,6 +413,26 @@ def test_one_text_per_image(tmp_path):
     assert outs[1].equals(kept)
     # the counts stay over every matching text (MetaCLIP 2)
     assert pl.read_parquet(Path(res.folder) / "stats" / "entry_counts.parquet")["count"].to_list() == [600]
+    # the saved image keys are the ones apply computes from the urls (one per image)
+    saved = pl.read_parquet(Path(res.folder) / "stats" / "image_choice.parquet")["image_key"].to_list()
+    assert sorted(saved) == sorted(set(balance.image_keys(pa.table({"url": urls}), "url").tolist()))
+
+
+def test_image_keys_are_the_version_stable_hash():
+    """one_text_per_image's image keys are saved (image_choice.parquet) and compared by later processes, maybe
+    under another polars: they are pipeline.hashing's (row_content_key of the image column's value), pinned here,
+    never polars' hash. A null image is not the empty string; any column type has keys."""
+    from pipeline.hashing import row_content_key
+
+    col = pa.array(["http://example.invalid/0.jpg", "", None, "http://example.invalid/0.jpg"])
+    keys = balance.image_keys(pa.table({"url": col}), "url")
+    assert keys.dtype == np.uint64
+    assert keys.tolist() == [7821035016242520208, 4924465410787830146, 16857188639596273356, 7821035016242520208]
+    assert keys.tolist() == row_content_key(pa.table({"image": col})).tolist()
+    assert balance.image_keys(pa.table({"id": pa.array([7, None, 7])}), "id").tolist() == [
+        6893616107955520828, 16857188639596273356, 6893616107955520828]
+    with pytest.raises(StageError, match="needs the image column 'url'"):
+        balance.image_keys(pa.table({"x": [1]}), "url")
 
 
 def test_entries_identity_and_errors(tmp_path):

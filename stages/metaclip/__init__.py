@@ -28,7 +28,7 @@ Options:
                  uniform(uid, seed, "metaclip-one-text") (MetaCLIP 2: random.choice among the texts that match
                  an entry), pool-wide via collect/merge of (image key, smallest draw). Counts stay over all
                  matching texts, as in MetaCLIP 2. Ties (two 53-bit draws equal) keep both. Image keys are
-                 polars' 64-bit hash of `image_col` (stable within a polars version; `balance.image_keys`).
+                 pipeline.hashing's version-stable 64-bit hash of the `image_col` value (`balance.image_keys`).
   target_rows    > 0: t is solved for an expected kept count (`target`).
 
 The package: `matcher` (spacing and the token-trie matcher), `balance` (the rules above as units, the keep
@@ -130,7 +130,10 @@ class MetaClipStage(Stage):
         return concepts.entries_sha256(self.entries)
 
     def fingerprint_parts(self) -> dict:
-        return {"entries_sha256": self.entries_sha256}
+        parts = {"entries_sha256": self.entries_sha256}
+        if self.config.one_text_per_image:  # image_choice.parquet's keys were polars' hash before: not reused
+            parts["image_keys"] = "pipeline.hashing.row_content_key"
+        return parts
 
     def match(self, table: pa.Table) -> pa.ListArray:
         self.ensure_ready()

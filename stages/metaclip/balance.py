@@ -17,6 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.hashing import row_content_key
 from pipeline.stage import StageError, first_reason, uniform
 
 
@@ -129,10 +130,12 @@ def thresholds(config, langs: dict[str, np.ndarray], t: int | None = None) -> tu
 
 # ---- one_text_per_image: which text each image keeps ------------------------------------------------------------
 def image_keys(table: pa.Table, col: str) -> np.ndarray:
-    """A 64-bit key per row for its image: polars' hash of `image_col` (stable within a polars version)."""
+    """A 64-bit key per row for its image (`image_col`'s value). The keys are saved (image_choice.parquet) and
+    compared by later processes, so they come from the project's version-stable hash: `row_content_key` of the
+    one column (its values' bytes through `hash64_strings`, any column type, a null apart from "")."""
     if col not in table.column_names:
         raise StageError(f"metaclip: one_text_per_image needs the image column '{col}' (set image_col)")
-    return pl.from_arrow(table.column(col)).hash(seed=0).to_numpy().astype(np.uint64)
+    return row_content_key(pa.table({"image": table.column(col)}))
 
 
 def choice_draw(uids, seed: int) -> np.ndarray:

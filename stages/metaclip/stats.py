@@ -7,7 +7,7 @@ A partial is {"n": entries, "langs": {lang: (entry ids, counts)}, "images": (ima
 it is associative and the result is the same whatever the shards. On disk (`save`, `load`):
   entry_counts.parquet              entry, text, count (all languages together)
   entry_counts_by_language.parquet  language, entry, count (nonzero only; with `language_col`)
-  image_choice.parquet              image_key, draw (one_text_per_image)
+  image_choice.parquet              image_key (pipeline.hashing, version-stable), draw (one_text_per_image)
   thresholds.json                   t per language, the tail share, the list's sha256, the solved target
 """
 
