@@ -8,9 +8,9 @@ Entries: the WordNet list (148,730). Three caption sets from ../shared/data, eac
 Per core: this process runs with POLARS_MAX_THREADS=1 (set before polars is imported), so every matcher
 uses one core. The reference (per-caption spacing + automaton.iter + set, as MetaCLIP's substr_matching.py)
 runs in the same process on the same captions; every matcher's output at every batch size is asserted
-identical to it. The default matcher runs at every --batches size (captions per `Matcher.match` call: 10k is
-ingest's shard size); the other backends at the largest only (polars' figure includes the automaton it
-rebuilds on every call). Timing runs in --trials rounds (default 5) per set, each timing the reference and
+identical to it. The stage's matcher (the token trie) runs at every --batches size (captions per `match` call:
+10k is ingest's shard size); its contenders, the two Aho-Corasick matchers of bench/contender_matchers.py
+(pyahocorasick, polars), at the largest only (polars' figure includes the automaton it rebuilds on every call). Timing runs in --trials rounds (default 5) per set, each timing the reference and
 then every contender, cyclic GC off: a speedup is the median of the per-round ratios (the VM's speed drifts
 between minutes), captions/s come from median times; every trial is kept in the JSON. Then the stage end to
 end (collect + merge + apply, t = 20000) on Flickr8k + LAION repeated 20x in 10 shards, in-process and on a
@@ -111,7 +111,8 @@ def main() -> int:
     import polars as pl
 
     from metadata import concepts
-    from stages.metaclip import DEFAULT_MATCHER, MATCHERS, Matcher
+    from bench.contender_matchers import CONTENDERS
+    from stages.metaclip import DEFAULT_MATCHER, Matcher
 
     entries = concepts.wordnet_entries()
     all_sets = caption_sets(pl)
@@ -146,15 +147,15 @@ def main() -> int:
         return ref
 
     matchers, builds = {}, {}
-    for backend in MATCHERS:
+    for backend, build in {DEFAULT_MATCHER: Matcher, **CONTENDERS}.items():
         t0 = time.perf_counter()
-        matchers[backend] = Matcher(entries, backend)
+        matchers[backend] = build(entries)
         builds[backend] = round(time.perf_counter() - t0, 2)
         matchers[backend].match(pl.Series(["a dog", "x"]))  # first-call imports (pyarrow's lazy modules) out of the timing
     result["build_s"] = builds
-    # contenders: the default at every batch size; the other backends at the largest batch only (polars
-    # rebuilds its automaton on every call, ~0.5 s, so small batches would only measure that)
-    contenders = [(DEFAULT_MATCHER, b) for b in batches] + [(m, big) for m in MATCHERS if m != DEFAULT_MATCHER]
+    # contenders: the stage's matcher at every batch size; the Aho-Corasick ones at the largest batch only
+    # (polars rebuilds its automaton on every call, ~0.5 s, so small batches would only measure that)
+    contenders = [(DEFAULT_MATCHER, b) for b in batches] + [(m, big) for m in CONTENDERS]
 
     for set_name in args.sets.split(","):
         base = all_sets[set_name]

@@ -23,7 +23,7 @@ from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
 from pipeline.config import ConfigError
 from pipeline.stage import StageError
-from stages.metaclip import MATCHERS, Matcher, MetaClipStage, entry_probs, p_to_t, spacing, t_to_p
+from stages.metaclip import Matcher, MetaClipStage, balance, entry_probs, p_to_t, spacing, t_to_p
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -96,14 +96,17 @@ HAND_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", MATCHERS)
-def test_hand_cases(backend):
-    m = Matcher(HAND_ENTRIES, backend)
+def check_hand_cases(m) -> None:
+    """A matcher (the stage's, or a benchmark contender: tests/test_metaclip_contenders.py) on HAND_CASES."""
     texts = [t for t, _ in HAND_CASES]
     got = m.match(pl.Series(texts, dtype=pl.String)).to_pylist()
     for (text, want), ids in zip(HAND_CASES, got):
-        assert ids == sorted(E[w] for w in want), (backend, text)
-        assert ids == ref_match(text, HAND_ENTRIES), (backend, text)
+        assert ids == sorted(E[w] for w in want), text
+        assert ids == ref_match(text, HAND_ENTRIES), text
+
+
+def test_hand_cases():
+    check_hand_cases(Matcher(HAND_ENTRIES))
 
 
 # Random texts and entries over a tiny alphabet, so that matches, near-misses and every separator case
@@ -112,17 +115,16 @@ def test_hand_cases(backend):
 _PIECES = ["a", "b", "ab", "B", " ", "  ", ",", ".", "?", "\t", "\n", "'", "-", "é", ""]
 
 
+RANDOM_ENTRIES = st.lists(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=4).map("".join),
+                          min_size=1, max_size=25, unique=True)
+RANDOM_TEXTS = st.lists(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join), min_size=1, max_size=12)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    entries=st.lists(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=4).map("".join),
-                     min_size=1, max_size=25, unique=True),
-    texts=st.lists(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join), min_size=1, max_size=12),
-)
-def test_every_matcher_equals_the_reference_on_random_texts(entries, texts):
+@given(entries=RANDOM_ENTRIES, texts=RANDOM_TEXTS)
+def test_matcher_equals_the_reference_on_random_texts(entries, texts):
     want = [ref_match(t, entries) for t in texts]
-    for backend in MATCHERS:
-        got = Matcher(entries, backend).match(pl.Series(texts, dtype=pl.String)).to_pylist()
-        assert got == want, backend
+    assert Matcher(entries).match(pl.Series(texts, dtype=pl.String)).to_pylist() == want
 
 
 def test_spacing_matches_reference():
@@ -148,27 +150,27 @@ PUNCT_TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("backend", MATCHERS)
-def test_punctuation_unicode_and_nested_entries_match_the_reference(backend):
-    m = Matcher(PUNCT_ENTRIES, backend)
+def check_punctuation_unicode_and_nested_entries(m) -> None:
     got = m.match(pl.Series(PUNCT_TEXTS, dtype=pl.String)).to_pylist()
     for text, ids in zip(PUNCT_TEXTS, got):
-        assert ids == ref_match(text, PUNCT_ENTRIES), (backend, text)
+        assert ids == ref_match(text, PUNCT_ENTRIES), text
 
 
-@pytest.mark.parametrize("backend", MATCHERS)
-def test_slices_chunks_nulls_and_empty_columns_match_the_reference(backend):
+def test_punctuation_unicode_and_nested_entries_match_the_reference():
+    check_punctuation_unicode_and_nested_entries(Matcher(PUNCT_ENTRIES))
+
+
+def check_slices_chunks_nulls_and_empty_columns(m) -> None:
     """What a shard's text column can be: a slice of a bigger column, several Arrow chunks, nulls anywhere,
     only empty strings, only nulls. A null caption is matched as an empty one (spacing gives "  ", which
-    the entry "" matches, as in the reference)."""
-    m = Matcher(PUNCT_ENTRIES, backend)
+    the entry "" matches, as in the reference). `m` was built from PUNCT_ENTRIES."""
     texts = PUNCT_TEXTS + [None] + PUNCT_TEXTS[::-1]
     chunked = pl.concat([pl.Series(texts[:7], dtype=pl.String), pl.Series(texts[7:20], dtype=pl.String),
                          pl.Series(texts[20:], dtype=pl.String)], rechunk=False)
     assert chunked.n_chunks() == 3
     for lo, hi in [(0, len(texts)), (3, 25), (6, 8), (19, 21), (len(texts) - 1, len(texts))]:
         got = m.match(chunked.slice(lo, hi - lo)).to_pylist()
-        assert got == [ref_match(t or "", PUNCT_ENTRIES) for t in texts[lo:hi]], (backend, lo, hi)
+        assert got == [ref_match(t or "", PUNCT_ENTRIES) for t in texts[lo:hi]], (lo, hi)
     assert m.match(pl.Series(["", "", ""], dtype=pl.String)).to_pylist() == [ref_match("", PUNCT_ENTRIES)] * 3
     assert m.match(pl.Series([None, None], dtype=pl.String)).to_pylist() == [ref_match("", PUNCT_ENTRIES)] * 2
     table = pa.table({"text": pa.chunked_array([["dog, dog", None], ["東京 dog"]])})  # the stage's input
@@ -176,14 +178,18 @@ def test_slices_chunks_nulls_and_empty_columns_match_the_reference(backend):
         ref_match(t, PUNCT_ENTRIES) for t in ["dog, dog", "", "東京 dog"]]
 
 
+def test_slices_chunks_nulls_and_empty_columns_match_the_reference():
+    check_slices_chunks_nulls_and_empty_columns(Matcher(PUNCT_ENTRIES))
+
+
 @pytest.mark.parametrize("piece", [1, 4, 7])
 def test_tokens_matcher_in_pieces_equals_the_reference(piece, monkeypatch):
     """The token matcher cuts a big call into pieces of `_PIECE` captions: the rows must line up across
     pieces (a piece boundary anywhere, null and empty captions included)."""
-    import stages.metaclip as metaclip_mod
+    from stages.metaclip import matcher as matcher_mod
 
-    monkeypatch.setattr(metaclip_mod, "_PIECE", piece)
-    m = Matcher(PUNCT_ENTRIES, "tokens")
+    monkeypatch.setattr(matcher_mod, "_PIECE", piece)
+    m = Matcher(PUNCT_ENTRIES)
     texts = PUNCT_TEXTS + [None, ""] + PUNCT_TEXTS[::-1]
     got = m.match(pl.Series(texts, dtype=pl.String))
     assert got.type == pa.list_(pa.int32())
@@ -193,7 +199,7 @@ def test_tokens_matcher_in_pieces_equals_the_reference(piece, monkeypatch):
 def test_token_lookup_is_exact_under_a_hash_collision():
     """The token matcher finds tokens by a 64-bit hash, then compares the strings: forge a collision (the
     entry token's hash made equal to an unknown token's) and the unknown token must still match nothing."""
-    m = Matcher(["dog", "hot dog"], "tokens")
+    m = Matcher(["dog", "hot dog"])
     assert m.match(pl.Series(["cat", "dog", "hot dog"])).to_pylist() == [[], [0], [0, 1]]
     forged = m.vocab.hash(seed=m.hash_seed).to_numpy().copy()
     forged[m.vocab.to_list().index("dog")] = pl.Series(["cat"]).hash(seed=m.hash_seed).to_numpy()[0]
@@ -207,25 +213,19 @@ def test_edge_filter_only_skips_lookups():
     slot set (no filtering at all) the matches are the same."""
     entries = ["hot dog", "hot dog house", "dog house", "a b c d", "b c", "c d e"]
     texts = ["hot dog house", "a b c d e", "b c d", "hot hot dog", "dog house hot dog"]
-    m = Matcher(entries, "tokens")
+    m = Matcher(entries)
     want = [ref_match(t, entries) for t in texts]
     assert m.match(pl.Series(texts)).to_pylist() == want
     m.edge_maybe[:] = True
     assert m.match(pl.Series(texts)).to_pylist() == want
 
 
-@pytest.fixture(scope="module")
-def wordnet_matchers():
+def wordnet_parity_set() -> tuple[list[str], list[str], list[list[int]]]:
+    """(WordNet entries, 2,500 real captions, the reference's matches): skips without WordNet."""
     try:
         entries = concepts.wordnet_entries()
     except Exception as e:  # WordNet not installed
         pytest.skip(f"WordNet unavailable: {e}")
-    return entries, {b: Matcher(entries, b) for b in MATCHERS}
-
-
-@needs_data
-def test_parity_real_captions_wordnet(wordnet_matchers):
-    entries, matchers = wordnet_matchers
     assert len(entries) >= 100_000
     flickr = pl.read_parquet(SHARED_DATA / "flickr8k_captions" / "flickr8k_captions.parquet")["caption"]
     laion = pl.read_parquet(SHARED_DATA / "laion_sample_10k" / "laion_sample_10k.parquet")["text"]
@@ -234,10 +234,19 @@ def test_parity_real_captions_wordnet(wordnet_matchers):
     want = ref_match_many(texts, entries)
     assert sum(map(len, want)) > 5 * len(texts)  # plenty of hits, multi-word ones included
     assert any(" " in entries[i] for ids in want for i in ids)
-    for backend, m in matchers.items():
-        got = m.match(pl.Series(texts, dtype=pl.String)).to_pylist()
-        bad = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
-        assert not bad, (backend, bad[:3])
+    return entries, texts, want
+
+
+def check_parity(m, texts: list[str], want: list[list[int]]) -> None:
+    got = m.match(pl.Series(texts, dtype=pl.String)).to_pylist()
+    bad = [(t, g, w) for t, g, w in zip(texts, got, want) if g != w]
+    assert not bad, bad[:3]
+
+
+@needs_data
+def test_parity_real_captions_wordnet():
+    entries, texts, want = wordnet_parity_set()
+    check_parity(Matcher(entries), texts, want)
 
 
 # ---- MetaCLIP 2 helpers, by hand ----------------------------------------------------------------------
@@ -404,6 +413,26 @@ def test_one_text_per_image(tmp_path):
     assert outs[1].equals(kept)
     # the counts stay over every matching text (MetaCLIP 2)
     assert pl.read_parquet(Path(res.folder) / "stats" / "entry_counts.parquet")["count"].to_list() == [600]
+    # the saved image keys are the ones apply computes from the urls (one per image)
+    saved = pl.read_parquet(Path(res.folder) / "stats" / "image_choice.parquet")["image_key"].to_list()
+    assert sorted(saved) == sorted(set(balance.image_keys(pa.table({"url": urls}), "url").tolist()))
+
+
+def test_image_keys_are_the_version_stable_hash():
+    """one_text_per_image's image keys are saved (image_choice.parquet) and compared by later processes, maybe
+    under another polars: they are pipeline.hashing's (row_content_key of the image column's value), pinned here,
+    never polars' hash. A null image is not the empty string; any column type has keys."""
+    from pipeline.hashing import row_content_key
+
+    col = pa.array(["http://example.invalid/0.jpg", "", None, "http://example.invalid/0.jpg"])
+    keys = balance.image_keys(pa.table({"url": col}), "url")
+    assert keys.dtype == np.uint64
+    assert keys.tolist() == [7821035016242520208, 4924465410787830146, 16857188639596273356, 7821035016242520208]
+    assert keys.tolist() == row_content_key(pa.table({"image": col})).tolist()
+    assert balance.image_keys(pa.table({"id": pa.array([7, None, 7])}), "id").tolist() == [
+        6893616107955520828, 16857188639596273356, 6893616107955520828]
+    with pytest.raises(StageError, match="needs the image column 'url'"):
+        balance.image_keys(pa.table({"x": [1]}), "url")
 
 
 def test_entries_identity_and_errors(tmp_path):
@@ -416,10 +445,23 @@ def test_entries_identity_and_errors(tmp_path):
     assert fa["entries_sha256"] == concepts.entries_sha256(["cat", "dog"])
     with pytest.raises(StageError):
         MetaClipStage({"entries": str(tmp_path / "missing.txt")}).fingerprint_parts()
-    with pytest.raises(StageError):
-        MetaClipStage({"matcher": "regex"})
     with pytest.raises(ConfigError, match=r"config \[metaclip\] t = 0: must be at least 1"):
         MetaClipStage({"t": 0})
+
+
+@pytest.mark.parametrize("value", ["pyahocorasick", "polars", "regex", ""])
+def test_matcher_other_than_tokens_is_a_one_line_config_error(tmp_path, value):
+    """The Aho-Corasick contenders left the stage for the benchmark (bench/contender_matchers.py): `[metaclip]
+    matcher` takes only "tokens", and any other value stops the config read with one line."""
+    assert config_mod.resolve({"metaclip": {"matcher": "tokens"}})["metaclip"]["matcher"] == "tokens"
+    path = tmp_path / "c.toml"
+    path.write_text(f'[metaclip]\nmatcher = "{value}"\n')
+    with pytest.raises(ConfigError) as e:
+        config_mod.load(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"config [metaclip] matcher = {value!r}: must be 'tokens'"), msg
+    with pytest.raises(ConfigError, match="bench/contender_matchers.py"):
+        MetaClipStage({"matcher": value})
 
 
 def test_setup_once_per_process(tmp_path):
