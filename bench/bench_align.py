@@ -55,9 +55,10 @@ def load_real() -> dict[str, pa.Table]:
 def shares(table: pa.Table, cfg: dict | None = None) -> dict:
     """Share of rows dropped per rule (first broken rule), one in-process collect/merge/apply."""
     st = AlignStage(cfg or {}).ensure_ready()
+    ctx = st.detached()
     t0 = time.perf_counter()
-    stats = st.merge([st.collect(table)])
-    kept, rej = st.apply(table, stats)
+    stats = st.merge([st.collect(table, ctx)])
+    kept, rej = st.apply(table, stats, ctx)
     secs = time.perf_counter() - t0
     c = Counter(rej.column("reason").to_pylist())
     n = table.num_rows
@@ -68,7 +69,7 @@ def shares(table: pa.Table, cfg: dict | None = None) -> dict:
         "kept_share_text_rules": round(1 - sum(c[r] for r in text_rules) / n, 4),
         "dropped_share": {r: round(c[r] / n, 4) for r in REASONS if c[r]},
         "seconds_in_process": round(secs, 2),
-        "notes": st.notes,
+        "notes": ctx.notes,
     }
 
 

@@ -44,10 +44,12 @@ def choose(stage: KLiteStage, texts: pl.Series, folder: str) -> tuple[list, floa
 
     urls = [f"http://bench.invalid/{i}" for i in range(len(texts))]
     table = pa.table({"uid": compute_uid(urls, texts.to_list()), "text": texts.to_arrow()})
-    stage.context = {"stage_dir": folder, "shard": "part-00000.parquet"}
+    from pipeline.context import ShardContext
+
+    ctx = ShardContext(stage=stage.name, stage_dir=folder, shard="part-00000.parquet")
     t0 = time.perf_counter()
-    stats = stage.merge([stage.collect(table)])
-    kept, _ = stage.apply(table, stats)
+    stats = stage.merge([stage.collect(table, ctx)])
+    kept, _ = stage.apply(table, stats, ctx)
     return kept.column("klite_concept").to_pylist(), time.perf_counter() - t0
 
 

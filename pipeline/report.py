@@ -9,6 +9,7 @@ are embedded as data URIs.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import glob
 import html
 import io
@@ -180,10 +181,27 @@ def bar_chart(path: str, labels: list[str], values: list, xlabel: str, title: st
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """A report table as data. Stages' report hooks return these; the Markdown and the HTML report (one jinja2
+    template, templates/report.html.j2) are both made from them, so neither is parsed back from the other."""
+
+    title: str
+    header: list[str]
+    rows: list[list]
+
+    def markdown(self) -> str:
+        return _md_table(self.header, self.rows)
+
+
 def _md_table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    out = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def _cell(c) -> str:
+    return "" if c is None else str(c).replace("|", "\\|").replace("\n", " ")
 
 
 def funnel_rows(ms: list[dict]) -> list[list]:
@@ -296,7 +314,8 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def build_report(run_dir: str) -> dict:
-    """Write runs/NAME/report/report.md and report.html. Returns what went in (for tests and the CLI)."""
+    """Write runs/NAME/report/report.md and report.html, both from the same sections. Returns what went in (for
+    tests and the CLI)."""
     ms = manifests(run_dir)
     if not ms:
         raise StageError(f"run {run_dir} has no finished stage yet: nothing to report")
@@ -306,7 +325,6 @@ def build_report(run_dir: str) -> dict:
     thumbs = thumbnails(run_dir)
     training = _training(run_dir)
     funnel = funnel_rows(ms)
-    timings = timing_rows(ms)
     truth = world_truth(run_dir)
     quality = None
     if truth:
@@ -314,89 +332,81 @@ def build_report(run_dir: str) -> dict:
 
         quality = filter_quality(run_dir, truth, stage_folders(run_dir))
         shards.write_json(quality, str(out_dir / "filter_quality.json"))
-    quality_tables = filter_quality_tables(quality) if quality else []
+    sections = _sections(ms, funnel, truth, quality, hooks, training, thumbs, out_dir)
+    run = Path(run_dir).name
+    (out_dir / "report.md").write_text(render_markdown(run, sections))
+    (out_dir / "report.html").write_text(render_html(run, sections))
+    return {"manifests": ms, "funnel": funnel, "hooks": hooks, "thumb_groups": len(thumbs), "training": training,
+            "filter_quality": quality, "sections": sections,
+            "html": str(out_dir / "report.html"), "md": str(out_dir / "report.md")}
+
+
+def _section(title: str, level: int = 2, **kw) -> dict:
+    return {"title": title, "level": level, "text": "", "notes": [], "tables": [], "figures": [], "pre": "",
+            "cards": [], **kw}
+
+
+def _sections(ms, funnel, truth, quality, hooks, training, thumbs, out_dir: Path) -> list[dict]:
+    """The report as data, in reading order: funnel, filter quality, timings, each stage's own figures and
+    tables, training, ablation, sample thumbnails."""
     fh = ["stage", "rows in", "kept", "rejected", "reason", "rows (share of stage input)"]
     th = ["stage", "executor", "collect s", "merge s", "apply s", "finalize s", "total s", "rows/s"]
-
-    md = [f"# clipcurate run report: {Path(run_dir).name}", "", "## Funnel", "", _md_table(fh, funnel), ""]
-    for m in ms:
-        for note in m.get("notes", []):
-            md.append(f"- {m['stage']}: {note}")
-    if quality_tables:
-        md += ["", "## Filter quality against the truth", "", f"The world's labels: `{truth}` (pipeline/truth.py).", ""]
-        for title, head, rows in quality_tables:
-            md += [f"### {title}", "", _md_table(head, rows), ""]
-    md += ["", "## Timings", "", _md_table(th, timings), ""]
+    rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731 - figures are linked next to the report
+    out = [_section("Funnel", tables=[Table("", fh, funnel)],
+                    notes=[f"{m['stage']}: {n}" for m in ms for n in m.get("notes", [])])]
+    if quality:
+        out.append(_section("Filter quality against the truth",
+                            text=f"The world's labels: {truth} (pipeline/truth.py).",
+                            tables=[Table(t, h, r) for t, h, r in filter_quality_tables(quality)]))
+    out.append(_section("Timings", tables=[Table("", th, timing_rows(ms))]))
     for name, res in hooks.items():
         for title, path in res.get("figures", []):
-            md += [f"### {name}: {title}", "", f"![{title}]({os.path.relpath(path, out_dir)})", ""]
-        for title, table in res.get("tables", []):
-            md += [f"### {name}: {title}", "", table, ""]
+            out.append(_section(f"{name}: {title}", 3, figures=[(title, rel(path))]))
+        for t in res.get("tables", []):
+            out.append(_section(f"{name}: {t.title}", 3, tables=[Table("", t.header, t.rows)]))
     if training.get("curve"):
-        md += ["## Training", "", f"![training curve]({os.path.relpath(training['curve'], out_dir)})", ""]
+        out.append(_section("Training", figures=[("training curve", rel(training["curve"]))]))
     for name, ev in training.get("eval", {}).items():
-        md += [f"### {name}", "", _md_table(["metric", "value"], [list(x) for x in _flat(ev)]), ""]
-    if "ablation" in training:
-        md += ["## Ablations", "", training["ablation"].get("table_md", "```\n" + json.dumps(training["ablation"], indent=2) + "\n```"), ""]
-    (out_dir / "report.md").write_text("\n".join(md))
-
-    e = html.escape
-
-    def table_html(header, rows):
-        head = "".join(f"<th>{e(str(h))}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    def md_to_html_table(md_table: str) -> str:
-        lines = [l for l in md_table.strip().splitlines() if l.strip().startswith("|")]
-        if len(lines) < 2:
-            return f"<pre>{e(md_table)}</pre>"
-        split = lambda l: [c.strip() for c in l.strip().strip("|").split("|")]
-        return table_html(split(lines[0]), [split(l) for l in lines[2:]])
-
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>clipcurate report: {e(Path(run_dir).name)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}th{background:#eee}"
-        "td:first-child{text-align:left}.grid{display:flex;flex-wrap:wrap;gap:8px}"
-        ".card{width:120px;font-size:11px}.card img{width:96px;height:96px;object-fit:contain;background:#f4f4f4}"
-        "img.fig{max-width:100%;border:1px solid #ddd}</style></head><body>",
-        f"<h1>clipcurate run report: {e(Path(run_dir).name)}</h1>",
-        "<h2>Funnel</h2>", table_html(fh, funnel),
-    ]
-    notes = [f"{m['stage']}: {n}" for m in ms for n in m.get("notes", [])]
-    if notes:
-        parts.append("<ul>" + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
-    if quality_tables:
-        parts.append(f"<h2>Filter quality against the truth</h2><p>The world's labels: {e(truth)} (pipeline/truth.py).</p>")
-        for title, head, rows in quality_tables:
-            parts += [f"<h3>{e(title)}</h3>", table_html(head, rows)]
-    parts += ["<h2>Timings</h2>", table_html(th, timings)]
-    for name, res in hooks.items():
-        for title, path in res.get("figures", []):
-            parts.append(f"<h3>{e(name)}: {e(title)}</h3><img class='fig' alt='{e(title)}' src='{e(os.path.relpath(path, out_dir))}'>")
-        for title, table in res.get("tables", []):
-            parts.append(f"<h3>{e(name)}: {e(title)}</h3>{md_to_html_table(table)}")
-    if training.get("curve"):
-        parts.append(f"<h2>Training</h2><img class='fig' alt='training curve' src='{e(os.path.relpath(training['curve'], out_dir))}'>")
-    for name, ev in training.get("eval", {}).items():
-        parts.append(f"<h3>{e(name)}</h3>" + table_html(["metric", "value"], [list(x) for x in _flat(ev)]))
+        out.append(_section(name, 3, tables=[Table("", ["metric", "value"], [list(x) for x in _flat(ev)])]))
     if "ablation" in training:
         ab = training["ablation"]
-        parts.append("<h2>Ablations</h2>" + (md_to_html_table(ab["table_md"]) if "table_md" in ab else f"<pre>{e(json.dumps(ab, indent=2))}</pre>"))
-    parts.append("<h2>Samples</h2>")
+        if "table" in ab:
+            out.append(_section("Ablations", tables=[Table("", ab["table"]["header"], ab["table"]["rows"])]))
+        else:  # an ablation.json written before ablations carried their table as data
+            out.append(_section("Ablations", pre=ab.get("table_md") or json.dumps(ab, indent=2)))
+    if thumbs:
+        out.append(_section("Samples"))
     for g in thumbs:
-        parts.append(f"<h3>{e(g['stage'])}: {e(g['label'])}</h3><div class='grid'>")
-        for it in g["items"]:
-            img = f"<img src='{it['thumb']}' alt=''>" if it["thumb"] else "<div style='width:96px;height:96px;background:#fdd'>no image</div>"
-            parts.append(f"<div class='card'>{img}<div>{e(it['text'][:120])}</div></div>")
-        parts.append("</div>")
-    parts.append("</body></html>")
-    (out_dir / "report.html").write_text("\n".join(parts))
-    return {"manifests": ms, "funnel": funnel, "hooks": hooks, "thumb_groups": len(thumbs), "training": training,
-            "filter_quality": quality,
-            "html": str(out_dir / "report.html"), "md": str(out_dir / "report.md")}
+        out.append(_section(f"{g['stage']}: {g['label']}", 3,
+                            cards=[{"thumb": it["thumb"], "text": it["text"][:120]} for it in g["items"]]))
+    return out
+
+
+def render_markdown(run: str, sections: list[dict]) -> str:
+    md = [f"# clipcurate run report: {run}", ""]
+    for s in sections:
+        md += ["#" * s["level"] + " " + s["title"], ""]
+        if s["text"]:
+            md += [s["text"], ""]
+        for t in s["tables"]:
+            if t.title:
+                md += ["#" * (s["level"] + 1) + " " + t.title, ""]
+            md += [t.markdown(), ""]
+        md += [f"- {n}" for n in s["notes"]] + ([""] if s["notes"] else [])
+        md += [f"![{title}]({src})" for title, src in s["figures"]] + ([""] if s["figures"] else [])
+        if s["pre"]:
+            md += [s["pre"], ""]
+        if s["cards"]:
+            md += [f"- {'(no image) ' if not c['thumb'] else ''}{c['text']}" for c in s["cards"]] + [""]
+    return "\n".join(md)
+
+
+def render_html(run: str, sections: list[dict]) -> str:
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("pipeline", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html.j2").render(run=run, sections=sections)
 
 
 # ---- browser check -----------------------------------------------------------------------------
@@ -476,8 +486,8 @@ def cmd_histograms(args) -> int:
         for title, path in res.get("figures", []):
             print(f"{name}: {title}: {path}")
             n += 1
-        for title, table in res.get("tables", []):
-            print(f"\n{name}: {title}\n{table}")
+        for t in res.get("tables", []):
+            print(f"\n{name}: {t.title}\n{t.markdown()}")
     if not n:
         print(f"no figures: no finished stage in {run_dir} draws any yet")
     return 0

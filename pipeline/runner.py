@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from pipeline import codec, images, schema, shards
 from pipeline.config import ConfigError, RunConfig
 from pipeline import recipe
+from pipeline.context import ShardContext
 from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class
 
 log = logging.getLogger("clipcurate.runner")
@@ -283,20 +284,33 @@ def _read_metadata(path: str) -> tuple[pa.Table, bool]:
     return shards.read_shard(path, columns=keep), True
 
 
-def _context(stage, stage_dir: str, shard: str) -> dict:
-    """What a stage's hooks get besides the table: run and stage folders, the shard, and, for a stage that
-    declares `needs_pixels`, the run's image reader (the others never get one)."""
+def _context(stage, stage_dir: str, shard: str) -> ShardContext:
+    """What a stage's hooks get besides the table: run and stage folders, the shard, a notes sink, and, for a
+    stage that declares `needs_pixels`, the run's image reader (the others never get one)."""
     run_dir = _parent(stage_dir)
     reader = images.run_reader(run_dir) if stage.needs_pixels else None
-    return {"stage_dir": stage_dir, "run_dir": run_dir, "shard": shard, "images": reader}
+    return ShardContext(stage=stage.name, run_dir=run_dir, stage_dir=stage_dir, shard=shard, images=reader,
+                        needs_pixels=stage.needs_pixels)
 
 
 def finalize_item_task(name: str, config: dict, seed: int, stage_dir: str, item) -> Any:
     """One unit of a stage's work after apply (Stage.finalize_items), on a worker."""
     with _naming_shard(name, "finalize", where=f"item {str(item)[:80]}"):
         stage = get_stage(name, config, seed)
-        stage.context = _context(stage, stage_dir, "")
-        return stage.finalize_item(stage_dir, item)
+        return stage.finalize_item(item, _context(stage, stage_dir, ""))
+
+
+def _set_aside_bad_rows(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+    """(rows a stage may see, rows the reader marked unusable with their reason) -- non-UTF-8 text
+    (`schema.ROW_ERROR_COL`): collect never counts them, apply's rejected gets them with that reason."""
+    if schema.ROW_ERROR_COL not in table.column_names:
+        return table, None
+    err = table.column(schema.ROW_ERROR_COL)
+    ok = pc.is_null(err)
+    good = table.filter(ok).drop_columns([schema.ROW_ERROR_COL])
+    bad = table.filter(pc.invert(ok))
+    bad = bad.drop_columns([schema.ROW_ERROR_COL]).append_column("reason", bad.column(schema.ROW_ERROR_COL))
+    return good, bad
 
 
 class ShardFailed(StageError):
@@ -331,8 +345,9 @@ def collect_task(name: str, config: dict, seed: int, path: str, stage_dir: str) 
 def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
     stage = get_stage(name, config, seed)
     # the same context apply gets: stages that find run resources (dfn's default model) need it in pass 1 too
-    stage.context = _context(stage, stage_dir, stage.output_name(shards.shard_name(path)))
-    return stage.collect(_read_checked(stage, path, images.ImageStore.load(stage.context["run_dir"])))
+    ctx = _context(stage, stage_dir, stage.output_name(shards.shard_name(path)))
+    good, _ = _set_aside_bad_rows(_read_checked(stage, path, images.ImageStore.load(ctx.run_dir)))
+    return stage.collect(good, ctx)
 
 
 # ---- the shuffle, for stages whose statistics grow with the pool (Stage.split) -----------------------
@@ -419,11 +434,14 @@ def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp
 def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str, partitions: int = 0) -> dict:
     t0 = time.perf_counter()
     stage = get_stage(name, config, seed)
-    stage.notes = []
     out_name = stage.output_name(shards.shard_name(path))
-    stage.context = _context(stage, stage_dir, out_name)
-    table = _read_checked(stage, path, images.ImageStore.load(stage.context["run_dir"]))
-    kept, rejected = stage.apply(table, _stats_for(stage, stage_dir, fp, out_name, partitions))
+    ctx = _context(stage, stage_dir, out_name)
+    table = _read_checked(stage, path, images.ImageStore.load(ctx.run_dir))
+    good, bad = _set_aside_bad_rows(table)
+    kept, rejected = stage.apply(good, _stats_for(stage, stage_dir, fp, out_name, partitions), ctx)
+    if bad is not None and bad.num_rows:
+        ctx.note(f"{stage.name}: rows whose text is not valid UTF-8 are rejected ({bad.column('reason')[0]})")
+        rejected = pa.concat_tables([rejected, bad], promote_options="default")
     shards.write_shard(kept, shards.join(stage_dir, out_name))
     shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))
     reasons = Counter()
@@ -438,7 +456,7 @@ def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: st
         "rejected": rejected.num_rows,
         "reasons": dict(reasons),
         "seconds": round(time.perf_counter() - t0, 4),
-        "notes": list(stage.notes),
+        "notes": list(ctx.notes),
         "fingerprint": fp,
     }
     shards.write_json(summary, shards.join(stage_dir, "_done", out_name + ".json"))
@@ -561,6 +579,23 @@ def step_of(name: "str | recipe.Step", config: dict) -> "recipe.Step":
     return recipe.plan([name], recipe.of_config(config))[0]
 
 
+@dataclass(frozen=True)
+class _StepRun:
+    """One step's run over its input: what every part of `run_stage` needs to know."""
+
+    name: str  # the step's name (`align@text`): config section, manifest
+    stage: str  # the stage it builds (`align`)
+    cls: type
+    probe: Stage  # not set up: only for fingerprint parts and names
+    seed: int
+    stage_cfg: dict
+    run_dir: str
+    stage_dir: str
+    input_dir: str
+    inputs: list
+    fp: str = ""
+
+
 def run_stage(
     name: "str | recipe.Step",
     run_dir: str,
@@ -570,121 +605,36 @@ def run_stage(
     upstream_is_stage: bool = False,
 ) -> StageResult:
     """One step of the recipe over every shard of `input_dir`. Its tasks build the stage by its stage name
-    (`step.stage`); its config section, folder, fingerprint and manifest use the step's name (`align@text`)."""
-    step = step_of(name, config)
-    name, stage = step.name, step.stage
-    cls = stage_class(stage)
-    seed = int(config.get("run", {}).get("seed", 0))
-    stage_cfg = config.get(name, {})
-    probe = cls(stage_cfg, seed)  # not set up: only for fingerprint parts and names
-    stage_dir = shards.join(run_dir, step.folder)
-    probe.context = {"stage_dir": stage_dir, "run_dir": run_dir}  # fingerprint parts may name run resources
-    inputs = shards.list_shards(input_dir)
-    if not inputs:
-        raise StageError(f"{name}: no Parquet shards in {input_dir}")
-    digests = shards.DigestCache(shards.join(run_dir, DIGESTS_FILE))
-    fp = fingerprint(
-        {
-            "stage": name,
-            "config": {k: v for k, v in stage_cfg.items() if k not in cls.speed_keys},
-            "seed": seed,
-            "parts": probe.fingerprint_parts(),
-            "inputs": [_input_identity(p, input_dir if upstream_is_stage else None, digests, run_dir) for p in inputs],
-        }
-    )
-    digests.save()
-    _clean_temporaries(stage_dir)
+    (`step.stage`); its config section, folder, fingerprint and manifest use the step's name (`align@text`).
+
+    Fingerprint -> shards to do (resume) -> pass 1, pool-wide statistics (`collect`, `merge`; reused when up to
+    date) -> pass 2, `apply` per shard to do -> stale outputs removed -> `finalize` -> manifest."""
+    r = _step_run(name, run_dir, input_dir, config, upstream_is_stage)
+    _clean_temporaries(r.stage_dir)
     # A manifest vouches for the whole folder. Once a run with another fingerprint starts rewriting shards
     # it no longer does: removed now, so that a kill below cannot leave a folder of mixed old and new
     # shards that the report, or a later stage run alone, would take for a finished stage.
-    manifest_path = shards.join(stage_dir, "_manifest.json")
-    if (shards.read_json(manifest_path) or {}).get("fingerprint") != fp:
+    manifest_path = shards.join(r.stage_dir, "_manifest.json")
+    if (shards.read_json(manifest_path) or {}).get("fingerprint") != r.fp:
         shards.remove(manifest_path)
-    log.debug("%s: %d shards from %s (fingerprint %s, %s)", name, len(inputs), input_dir, fp, ex.name)
+    log.debug("%s: %d shards from %s (fingerprint %s, %s)", r.name, len(r.inputs), input_dir, r.fp, ex.name)
     timings: dict[str, float] = {}
+    todo, summaries = _shards_to_do(r, ex)
+    partitions, answer_bytes = _pass_one(r, config, todo, ex, timings)
 
-    # which shards are already done under this fingerprint (resume)
-    todo, summaries = [], {}
-    for p in inputs:
-        out = probe.output_name(shards.shard_name(p))
-        done = shards.read_json(shards.join(stage_dir, "_done", out + ".json"))
-        if (
-            done
-            and done.get("fingerprint") == fp
-            and shards.exists(shards.join(stage_dir, out))
-            and shards.exists(shards.join(stage_dir, "rejected", out))
-        ):
-            summaries[out] = done
-        else:
-            todo.append(p)
-    if not todo:
-        log.info("%s: %d shards up to date, skipped", name, len(inputs))
-    else:
-        done_note = f"; {len(inputs) - len(todo)} up to date, skipped" if len(todo) < len(inputs) else ""
-        log.info("%s: %d shards to do from %s (%s)%s", name, len(todo), input_dir, ex.name, done_note)
-
-    # pass 1 — pool-wide statistics
-    partitions, answer_bytes = 0, None
-    if probe.has_stats:
-        marker = shards.join(stage_dir, "_stats.json")
-        prior = shards.read_json(marker) or {}
-        shuffled = probe.shuffles_stats
-        partitions = int(prior.get("partitions", 0)) if shuffled else 0
-        # a shuffled stage's per-shard answers are removed once every shard is applied: needed again only
-        # when some shard is to do
-        if prior.get("fingerprint") == fp and (not shuffled or not todo or _answers_ready(stage_dir, partitions)):
-            log.info("%s: statistics up to date, reusing", name)
-        else:
-            shards.remove(marker)  # stale stats must never be trusted if we die below
-            # ... nor left lying around: the report and a reader of the folder would take them as this run's
-            shards.remove(shards.join(stage_dir, "stats"))
-            shards.remove(shards.join(stage_dir, "_shuffle"))
-            if shuffled:
-                per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
-                partitions = stats_partitions(len(inputs), per)
-                answer_bytes = _shuffled_stats(stage, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions)
-            else:
-                _reduced_stats(probe, stage, stage_cfg, seed, inputs, stage_dir, ex, timings)
-            shards.write_json({"fingerprint": fp, "partitions": partitions}, marker)
-
-    # pass 2 — apply, skipping shards already done under this fingerprint
     t0 = time.perf_counter()
-    items = [(stage, stage_cfg, seed, p, stage_dir, fp, partitions) for p in todo]
-    for _, summary in ex.map(apply_task, items, f"{name} apply"):
+    items = [(r.stage, r.stage_cfg, r.seed, p, r.stage_dir, r.fp, partitions) for p in todo]
+    for _, summary in ex.map(apply_task, items, f"{r.name} apply"):
         summaries[summary["shard"]] = summary
     timings["apply_s"] = round(time.perf_counter() - t0, 3)
-    # A Dask worker killed mid-write (its task rerun elsewhere by the nanny) leaves its `.tmp-*` file behind;
-    # every task of this stage has finished now, so any temporary left is such an orphan, and so is any
-    # pass-1 cache file (Stage.cache_put) that no apply took: e.g. one of a shard done by a killed run.
-    _clean_temporaries(stage_dir)
-    shards.remove(shards.join(stage_dir, "_cache"))
-    shards.remove(shards.join(stage_dir, "_shuffle"))
-
-    # outputs of shards no longer in the input are stale
-    expected = {probe.output_name(shards.shard_name(p)) for p in inputs}
-    for sub in ("", "rejected"):
-        folder = shards.join(stage_dir, sub) if sub else stage_dir
-        if shards.exists(folder):
-            for p in shards.list_shards(folder):
-                if shards.shard_name(p) not in expected:
-                    shards.remove(p)
+    _after_apply(r)
 
     per_shard = [summaries[k] for k in sorted(summaries)]
     t0 = time.perf_counter()
-    final = None
-    if type(probe).finalize is not Stage.finalize:  # only then: setup may be heavy (models, automata)
-        inst = get_stage(stage, stage_cfg, seed)
-        inst.context = _context(inst, stage_dir, "")
-        items = inst.finalize_items(stage_dir, run_dir, per_shard)
-        done = [None] * len(items)
-        work = [(stage, stage_cfg, seed, stage_dir, item) for item in items]
-        for i, result in ex.map(finalize_item_task, work, f"{name} finalize"):
-            done[i] = result
-        inst.context = _context(inst, stage_dir, "")
-        final = inst.finalize(stage_dir, run_dir, per_shard, done if items else None)
+    final = _finalize(r, per_shard, ex)
     if final is not None:
         timings["finalize_s"] = round(time.perf_counter() - t0, 3)
-    manifest = build_manifest(name, fp, stage_cfg, input_dir, per_shard, timings)
+    manifest = build_manifest(r.name, r.fp, r.stage_cfg, input_dir, per_shard, timings)
     if final is not None:
         manifest["finalize"] = final
     manifest["executor"] = ex.name
@@ -692,12 +642,123 @@ def run_stage(
         manifest["stats_partitions"] = partitions
     if answer_bytes:  # only when this run shuffled (a rerun that reused the statistics did not)
         manifest["stats_answer_bytes"] = answer_bytes
-    shards.write_json(manifest, shards.join(stage_dir, "_manifest.json"))
+    shards.write_json(manifest, manifest_path)
     log.info(
         "%s: %d rows in, %d kept, %d rejected %s",
-        name, manifest["rows_in"], manifest["rows_out"], manifest["rejected"], manifest["reasons"],
+        r.name, manifest["rows_in"], manifest["rows_out"], manifest["rejected"], manifest["reasons"],
     )
-    return StageResult(name, stage_dir, manifest)
+    return StageResult(r.name, r.stage_dir, manifest)
+
+
+def _step_run(name, run_dir: str, input_dir: str, config: dict, upstream_is_stage: bool) -> _StepRun:
+    """The step, its inputs and its fingerprint: config (less speed keys), seed, the stage's own parts, and
+    the identity of every input shard."""
+    step = step_of(name, config)
+    cls = stage_class(step.stage)
+    seed = int(config.get("run", {}).get("seed", 0))
+    stage_cfg = config.get(step.name, {})
+    probe = cls(stage_cfg, seed)
+    stage_dir = shards.join(run_dir, step.folder)
+    inputs = shards.list_shards(input_dir)
+    if not inputs:
+        raise StageError(f"{step.name}: no Parquet shards in {input_dir}")
+    digests = shards.DigestCache(shards.join(run_dir, DIGESTS_FILE))
+    probe_ctx = ShardContext(stage=probe.name, run_dir=run_dir, stage_dir=stage_dir)  # parts may name run resources
+    fp = fingerprint(
+        {
+            "stage": step.name,
+            "config": {k: v for k, v in stage_cfg.items() if k not in cls.speed_keys},
+            "seed": seed,
+            "parts": probe.fingerprint_parts(probe_ctx),
+            "inputs": [_input_identity(p, input_dir if upstream_is_stage else None, digests, run_dir) for p in inputs],
+        }
+    )
+    digests.save()
+    return _StepRun(step.name, step.stage, cls, probe, seed, stage_cfg, run_dir, stage_dir, input_dir, inputs, fp)
+
+
+def _shards_to_do(r: _StepRun, ex) -> tuple[list[str], dict[str, dict]]:
+    """(input shards to apply, summaries of those already done under this fingerprint: the resume)."""
+    todo, summaries = [], {}
+    for p in r.inputs:
+        out = r.probe.output_name(shards.shard_name(p))
+        done = shards.read_json(shards.join(r.stage_dir, "_done", out + ".json"))
+        if (
+            done
+            and done.get("fingerprint") == r.fp
+            and shards.exists(shards.join(r.stage_dir, out))
+            and shards.exists(shards.join(r.stage_dir, "rejected", out))
+        ):
+            summaries[out] = done
+        else:
+            todo.append(p)
+    if not todo:
+        log.info("%s: %d shards up to date, skipped", r.name, len(r.inputs))
+    else:
+        done_note = f"; {len(r.inputs) - len(todo)} up to date, skipped" if len(todo) < len(r.inputs) else ""
+        log.info("%s: %d shards to do from %s (%s)%s", r.name, len(todo), r.input_dir, ex.name, done_note)
+    return todo, summaries
+
+
+def _pass_one(r: _StepRun, config: dict, todo: list[str], ex, timings: dict) -> tuple[int, int | None]:
+    """Pool-wide statistics, unless up to date: tree-reduced, or shuffled by key into partitions for a stage
+    whose statistics grow with the pool. Returns (partitions, answer bytes written; None when reused)."""
+    if not r.probe.has_stats:
+        return 0, None
+    marker = shards.join(r.stage_dir, "_stats.json")
+    prior = shards.read_json(marker) or {}
+    shuffled = r.probe.shuffles_stats
+    partitions = int(prior.get("partitions", 0)) if shuffled else 0
+    # a shuffled stage's per-shard answers are removed once every shard is applied: needed again only
+    # when some shard is to do
+    if prior.get("fingerprint") == r.fp and (not shuffled or not todo or _answers_ready(r.stage_dir, partitions)):
+        log.info("%s: statistics up to date, reusing", r.name)
+        return partitions, None
+    shards.remove(marker)  # stale stats must never be trusted if we die below
+    # ... nor left lying around: the report and a reader of the folder would take them as this run's
+    shards.remove(shards.join(r.stage_dir, "stats"))
+    shards.remove(shards.join(r.stage_dir, "_shuffle"))
+    answer_bytes = None
+    if shuffled:
+        per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
+        partitions = stats_partitions(len(r.inputs), per)
+        answer_bytes = _shuffled_stats(r.stage, r.stage_cfg, r.seed, r.inputs, r.stage_dir, ex, timings, partitions)
+    else:
+        _reduced_stats(r.probe, r.stage, r.stage_cfg, r.seed, r.inputs, r.stage_dir, ex, timings)
+    shards.write_json({"fingerprint": r.fp, "partitions": partitions}, marker)
+    return partitions, answer_bytes
+
+
+def _after_apply(r: _StepRun) -> None:
+    """Every apply has finished: what is left of them goes."""
+    # A Dask worker killed mid-write (its task rerun elsewhere by the nanny) leaves its `.tmp-*` file behind;
+    # every task of this stage has finished now, so any temporary left is such an orphan, and so is any
+    # pass-1 cache file (ShardContext.cache_put) that no apply took: e.g. one of a shard done by a killed run.
+    _clean_temporaries(r.stage_dir)
+    shards.remove(shards.join(r.stage_dir, "_cache"))
+    shards.remove(shards.join(r.stage_dir, "_shuffle"))
+    # outputs of shards no longer in the input are stale
+    expected = {r.probe.output_name(shards.shard_name(p)) for p in r.inputs}
+    for sub in ("", "rejected"):
+        folder = shards.join(r.stage_dir, sub) if sub else r.stage_dir
+        if shards.exists(folder):
+            for p in shards.list_shards(folder):
+                if shards.shard_name(p) not in expected:
+                    shards.remove(p)
+
+
+def _finalize(r: _StepRun, per_shard: list[dict], ex) -> dict | None:
+    """The stage's pool-wide outputs (Stage.finalize), its items run on the executor; None for a stage
+    without one (not set up then: setup may be heavy, models, automata)."""
+    if type(r.probe).finalize is Stage.finalize:
+        return None
+    inst = get_stage(r.stage, r.stage_cfg, r.seed)
+    items = inst.finalize_items(r.stage_dir, r.run_dir, per_shard)
+    done = [None] * len(items)
+    work = [(r.stage, r.stage_cfg, r.seed, r.stage_dir, item) for item in items]
+    for i, result in ex.map(finalize_item_task, work, f"{r.name} finalize"):
+        done[i] = result
+    return inst.finalize(r.stage_dir, r.run_dir, per_shard, done if items else None)
 
 
 def _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings) -> None:

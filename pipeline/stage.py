@@ -1,7 +1,10 @@
 """The Stage contract, the stage registry, and per-row random numbers that do not depend on sharding.
 
 A stage is a class in `stages/<name>.py` exposed as `STAGE`. The runner knows stages only through this
-contract: `collect` (optional, per shard) -> `merge` (pool-wide, associative) -> `apply` (per shard).
+contract: `collect(table, ctx)` (optional, per shard) -> `merge` (pool-wide, associative) -> `apply(table,
+stats, ctx)` (per shard). `ctx` is the runner's frozen per-shard context (pipeline/context.py): folders, the
+shard's name, the image reader, the notes sink and the pass-1 cache. An instance holds its config and what
+`setup` loaded, never per-call state: instances are cached per process and may serve several threads.
 """
 
 from __future__ import annotations
@@ -10,15 +13,14 @@ import dataclasses
 import hashlib
 import importlib
 import json
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import codec, shards
+from pipeline.context import ShardContext
 
 # The built-in stages, in the default recipe's order (pipeline/recipe.py; a run's own is `[run] stages`).
 STAGE_ORDER = ["ingest", "align", "metaclip", "klite", "dfn", "emit"]
@@ -45,15 +47,6 @@ class Stage:
     class Config:
         pass
 
-    def __init_subclass__(cls, **kw):
-        """Every stage's collect/apply first sets aside rows the reader marked unusable (non-UTF-8 text:
-        `schema.ROW_ERROR_COL`): collect never counts them, apply rejects them with that reason."""
-        super().__init_subclass__(**kw)
-        for hook in ("collect", "apply"):
-            fn = cls.__dict__.get(hook)
-            if fn is not None and not getattr(fn, "_sets_aside_bad_rows", False):
-                setattr(cls, hook, _set_aside_bad_rows(fn, hook))
-
     def __init__(self, config: Any = None, seed: int = 0):
         if config is None:
             config = self.Config()
@@ -62,10 +55,6 @@ class Stage:
         self.config = config
         self.seed = int(seed)
         self._ready = False
-        self.notes: list[str] = []
-        # set by the runner before each collect/apply/finalize: {"run_dir", "stage_dir", "shard", "images"}
-        # ("images": the run's ImageReader, None for a text-only run)
-        self.context: dict[str, Any] = {}
 
     # ---- hooks -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -76,8 +65,9 @@ class Stage:
         read; a stage whose input row stands for several (ingest: a URL with its captions) counts those."""
         return table.num_rows
 
-    def fingerprint_parts(self) -> dict:
-        """What, besides config and inputs, changes this stage's output (e.g. a concept list's sha256)."""
+    def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
+        """What, besides config and inputs, changes this stage's output (e.g. a concept list's sha256). `ctx`:
+        the stage folder's context (no shard), for parts that live in the run (dfn's default model)."""
         return {}
 
     # Config keys that change how fast the stage runs, never what it writes (thread counts): left out of its
@@ -89,8 +79,9 @@ class Stage:
     def has_stats(self) -> bool:
         return type(self).collect is not Stage.collect
 
-    def collect(self, table: pa.Table) -> Any:
-        """Small per-shard statistics for pool-wide rules (pass 1). Default: none."""
+    def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> Any:
+        """Small per-shard statistics for pool-wide rules (pass 1). Default: none. The runner has set aside
+        the rows its reader marked unusable (non-UTF-8 text): collect never sees them."""
         return None
 
     def merge(self, partials: list) -> Any:
@@ -138,106 +129,13 @@ class Stage:
         except codec.CodecError as e:
             raise StageError(f"{self.name}: statistics {path}: {e}; rerun the stage") from None
 
-    def apply(self, table: pa.Table, stats: Any) -> tuple[pa.Table, pa.Table]:
-        """Return (kept, rejected); rejected carries a `reason` string column."""
+    def apply(self, table: pa.Table, stats: Any, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
+        """Return (kept, rejected); rejected carries a `reason` string column. Without a runner, `ctx` may be
+        left out (`ShardContext.detached`)."""
         raise NotImplementedError
 
     def output_name(self, input_name: str) -> str:
         return input_name
-
-    # ---- pixels ----------------------------------------------------------------------------------
-    def pixels(self, table: pa.Table) -> pa.Array | None:
-        """The rows' image bytes (binary, null where a row has no image), read by reference through the run's
-        image reader, a store file at a time. None when the rows carry no references (a text-only pool).
-        A table built in memory with its bytes in `image` (a stage used directly, without the runner, which
-        never puts bytes in a stage's table) gives those."""
-        got = self._pixel_source(table)
-        if got is None or isinstance(got, pa.Array):
-            return got
-        reader, refs = got
-        return reader.read(refs)
-
-    def pixel_batches(self, table: pa.Table, rows: int | None = None) -> Iterator[tuple[np.ndarray, pa.Array]] | None:
-        """`pixels` as a stream: (row positions, their bytes) in batches of at most `rows` (the reader's
-        default: `ImageReader.batches`), rows without an image left out. For stages that decode as they read:
-        they hold one batch of bytes, not the shard's. None for a text-only pool, as `pixels`."""
-        from pipeline.images import PIXEL_BATCH_ROWS
-
-        rows = rows or PIXEL_BATCH_ROWS
-        got = self._pixel_source(table)
-        if got is None:
-            return None
-        if isinstance(got, pa.Array):
-            return _array_batches(got, rows)
-        reader, refs = got
-        return reader.batches(refs, rows)
-
-    def _pixel_source(self, table: pa.Table):
-        """None (no images), the bytes themselves (an in-memory table, or references that are all null), or
-        (reader, references)."""
-        from pipeline.images import REF_COL, STORE_FILE
-
-        if REF_COL not in table.column_names:
-            if IMAGE_COL in table.column_names and _is_bytes(table.schema.field(IMAGE_COL).type):
-                return table.column(IMAGE_COL).combine_chunks().cast(pa.binary())
-            return None
-        refs = table.column(REF_COL)
-        if refs.null_count == len(refs):
-            return pa.nulls(len(refs), pa.binary())
-        reader = self.context.get("images")
-        if reader is None and not self.needs_pixels:
-            raise StageError(f"{self.name}: reads pixels but does not declare `needs_pixels` (the runner gives the "
-                             "image reader only to stages that do)")
-        if reader is None:
-            raise StageError(f"{self.name}: rows name their images ({REF_COL}) but the run records no image store "
-                             f"({STORE_FILE} in {self.context.get('run_dir') or 'the run folder'})")
-        return reader, refs
-
-    # ---- pass-1 cache: per-row work that collect did and apply needs again ---------------------
-    # A Dask cluster may run a shard's collect and apply on different workers (or machines), so an
-    # in-memory cache would miss; the stage folder is what every worker sees. apply takes the file
-    # and removes it, so nothing outlives the stage. Validity is checked, never assumed: the cached
-    # rows must be the shard's rows (uid and a hash of `text`, row by row) under the same `key`; on any
-    # doubt the caller recomputes, so a stale or missing cache costs time, never correctness.
-    def _cache_path(self, name: str) -> str | None:
-        stage_dir, shard = self.context.get("stage_dir"), self.context.get("shard")
-        if not stage_dir or not shard:
-            return None
-        return shards.join(stage_dir, "_cache", f"{shard}.{name}.parquet")
-
-    @staticmethod
-    def _row_check(table: pa.Table) -> np.ndarray:
-        return pl.from_arrow(table.column("text")).hash(seed=7).to_numpy()
-
-    def cache_put(self, name: str, table: pa.Table, columns: dict[str, Any], key: str) -> None:
-        path = self._cache_path(name)
-        if path is None:
-            return
-        t = pa.table({"uid": table.column("uid"), "_text_h": self._row_check(table), **columns})
-        t = t.replace_schema_metadata({"key": key})
-        try:
-            shards.write_shard(t, path)
-        except shards.ShardError:  # a cache is an optimisation: a full disk here is not a failure
-            shards.remove(path)
-
-    def cache_take(self, name: str, table: pa.Table, key: str) -> pa.Table | None:
-        path = self._cache_path(name)
-        if path is None or not shards.exists(path):
-            return None
-        try:
-            t = shards.read_shard(path)
-        except shards.ShardError:
-            t = None
-        shards.remove(path)
-        if (
-            t is None
-            or (t.schema.metadata or {}).get(b"key") != key.encode()
-            or t.num_rows != table.num_rows
-            or not t.column("uid").equals(table.column("uid"))
-            or not np.array_equal(t.column("_text_h").to_numpy(), self._row_check(table))
-        ):
-            return None
-        return t.drop_columns(["uid", "_text_h"])
 
     def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict], done: list | None = None) -> dict | None:
         """After every shard is applied: pool-wide outputs (e.g. an index of emitted files). `done`: the
@@ -254,13 +152,14 @@ class Stage:
     def finalize_items(self, stage_dir: str, run_dir: str, summaries: list[dict]) -> list:
         return []
 
-    def finalize_item(self, stage_dir: str, item) -> object:
+    def finalize_item(self, item, ctx: ShardContext) -> object:
+        """One item of `finalize_items`, on a worker; `ctx` names the stage folder (no shard)."""
         raise NotImplementedError
 
     def report(self, stage_dir: str, out_dir: str) -> dict:
         """Figures and tables for the run report, made from the stage folder (manifest, stats, shards).
 
-        Returns {"figures": [(title, png_path)], "tables": [(title, markdown)]}. Default: none.
+        Returns {"figures": [(title, png_path)], "tables": [pipeline.report.Table]}. Default: none.
         """
         return {"figures": [], "tables": []}
 
@@ -274,39 +173,9 @@ class Stage:
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
 
-
-IMAGE_COL = "image"
-
-
-def _is_bytes(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)
-
-
-def _set_aside_bad_rows(fn, hook: str):
-    import functools
-
-    from pipeline.schema import ROW_ERROR_COL
-
-    @functools.wraps(fn)
-    def wrapper(self, table, *args):
-        if ROW_ERROR_COL not in table.column_names:
-            return fn(self, table, *args)
-        err = table.column(ROW_ERROR_COL)
-        ok = pc.is_null(err)
-        good = table.filter(ok).drop_columns([ROW_ERROR_COL])
-        if hook == "collect":
-            return fn(self, good, *args)
-        bad = table.filter(pc.invert(ok))
-        bad = bad.drop_columns([ROW_ERROR_COL]).append_column("reason", bad.column(ROW_ERROR_COL))
-        kept, rejected = fn(self, good, *args)
-        if bad.num_rows:
-            msg = f"{self.name}: rows whose text is not valid UTF-8 are rejected ({bad.column('reason')[0]})"
-            if msg not in self.notes:
-                self.notes.append(msg)
-        return kept, pa.concat_tables([rejected, bad], promote_options="default")
-
-    wrapper._sets_aside_bad_rows = True
-    return wrapper
+    def detached(self) -> ShardContext:
+        """The context of a call made without a runner: no run folder, no pass-1 cache, in-memory pixels."""
+        return ShardContext.detached(self)
 
 
 def split_by_reason(table: pa.Table, reason: pa.Array | np.ndarray | list) -> tuple[pa.Table, pa.Table]:
@@ -369,11 +238,3 @@ def get_stage(name: str, config: dict, seed: int) -> Stage:
         inst = stage_class(name)(config, seed)
         _INSTANCES[key] = inst
     return inst.ensure_ready()
-
-
-def _array_batches(blobs: pa.Array, rows: int) -> Iterator[tuple[np.ndarray, pa.Array]]:
-    """`ImageReader.batches`' shape over bytes already in memory: slices, null rows left out."""
-    valid = np.flatnonzero(pc.is_valid(blobs).to_numpy(zero_copy_only=False))
-    for lo in range(0, len(valid), rows):
-        at = valid[lo:lo + rows]
-        yield at, blobs.take(pa.array(at))

@@ -46,6 +46,7 @@ from pipeline.config import check_ranges
 from pipeline import shards
 from pipeline.images import REF_COL
 from pipeline.schema import SchemaError
+from pipeline.context import ShardContext
 from pipeline.stage import Stage, StageError, split_by_reason, uniform
 
 from trainer.config import DFN_MODEL_DIR  # runs/NAME/dfn_model/model.pt: where dfn-train writes
@@ -102,14 +103,15 @@ class DfnStage(Stage):
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)
         self.scorer = None
-        self._digest: str | None = None
+        self._scorer_path = ""  # the checkpoint `scorer` was loaded from: the default one is per run
+        self._digests: dict[str, str] = {}
         self._mem_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- model -----------------------------------------------------------------------------------
-    def checkpoint_path(self) -> str:
+    def checkpoint_path(self, ctx: ShardContext | None = None) -> str:
         if self.config.checkpoint:
             return self.config.checkpoint
-        run_dir = self.context.get("run_dir")
+        run_dir = ctx.run_dir if ctx is not None else ""
         if run_dir:
             return shards.join(run_dir, DFN_MODEL_DIR, "model.pt")
         raise StageError(
@@ -117,9 +119,9 @@ class DfnStage(Stage):
             "or train one first with `clipcurate dfn-train --hq HQ.parquet --run NAME`"
         )
 
-    def fingerprint_parts(self) -> dict:
+    def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
         try:
-            path = self.checkpoint_path()
+            path = self.checkpoint_path(ctx)
         except StageError:
             return {}
         if not shards.exists(path):
@@ -127,20 +129,20 @@ class DfnStage(Stage):
         return {"checkpoint_sha256": self._file_digest(path)}
 
     def _file_digest(self, path: str) -> str:
-        if self._digest is None:
+        if path not in self._digests:
             from trainer.models import file_digest
 
-            self._digest = file_digest(path)
-        return self._digest
+            self._digests[path] = file_digest(path)
+        return self._digests[path]
 
     def setup(self) -> None:
         if self.config.checkpoint:  # else the path is known only once the runner tells us the run
-            self._load()
+            self._load(self.detached())
 
-    def _load(self) -> None:
-        if self.scorer is not None:
+    def _load(self, ctx: ShardContext) -> None:
+        path = self.checkpoint_path(ctx)
+        if self.scorer is not None and path == self._scorer_path:
             return
-        path = self.checkpoint_path()
         if not shards.exists(path):
             raise StageError(
                 f"dfn: checkpoint {path} does not exist: train one with `clipcurate dfn-train --hq HQ.parquet "
@@ -157,25 +159,26 @@ class DfnStage(Stage):
             self.scorer = Scorer(path, c.model, c.device, c.precision, c.batch_size, workers)
         except ValueError as e:
             raise StageError(f"dfn: {e}") from None
+        self._scorer_path = path
         self._file_digest(path)
         log.info("dfn: %s (%s) on %s, %s", path, self.scorer.model_name, self.scorer.device, self.scorer.precision)
 
     # ---- scores ----------------------------------------------------------------------------------
-    def _cache_key(self, table: pa.Table) -> str:
+    def _cache_key(self, table: pa.Table, ctx: ShardContext) -> str:
         """Model, precision, device, and per row its uid and what names its image: the reference plus the
         identity (size, mtime) of the store files referenced, so a cache hit reads no pixels at all; or the
         bytes themselves for a table that holds them."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"{self._digest}|{self.scorer.precision}|{self.scorer.device.type}|{self.scorer.model_name}".encode())
+        h.update(f"{self._file_digest(self._scorer_path)}|{self.scorer.precision}|{self.scorer.device.type}|{self.scorer.model_name}".encode())
         h.update("\0".join(u or "" for u in table.column("uid").to_pylist()).encode())
         if REF_COL in table.column_names:  # a text-only shard has neither: score_rows says so
             refs = table.column(REF_COL)
             h.update(b"refs\0" + "\0".join(r or "" for r in refs.to_pylist()).encode())
-            reader = self.context.get("images")
+            reader = ctx.images
             if reader is not None and refs.null_count < len(refs):
                 h.update(reader.identity(refs).encode())
             return h.hexdigest()
-        blobs = self.pixels(table)
+        blobs = ctx.pixels(table)
         for img in blobs.to_pylist() if blobs is not None else [None] * table.num_rows:
             h.update(len(img).to_bytes(8, "little") if img is not None else b"\xff" * 8)
             if img is not None:
@@ -187,12 +190,13 @@ class DfnStage(Stage):
 
         return str(cache_root() / "dfn_scores" / f"{key}.npz")
 
-    def score_rows(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def score_rows(self, table: pa.Table, ctx: ShardContext | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(float32 cosine per row, NaN where the image is missing or undecodable; whether the row has image
         bytes). The pixels are read through the run's image reader, once per shard: collect scores, apply
         finds the scores in the cache."""
-        self._load()
-        key = self._cache_key(table) if self.config.cache else None
+        ctx = ctx or self.detached()
+        self._load(ctx)
+        key = self._cache_key(table, ctx) if self.config.cache else None
         if key is not None:
             if key in self._mem_cache:
                 return self._mem_cache[key]
@@ -205,9 +209,9 @@ class DfnStage(Stage):
                         return s, has
                 except (OSError, ValueError, KeyError):
                     pass
-        blobs = self.pixels(table)
+        blobs = ctx.pixels(table)
         if blobs is None:
-            raise SchemaError(f"shard {self.context.get('shard', '')}: missing column 'image' (or '{REF_COL}'), "
+            raise SchemaError(f"shard {ctx.shard}: missing column 'image' (or '{REF_COL}'), "
                               "required by dfn: it scores image-text pairs")
         has = pc.is_valid(blobs).to_numpy(zero_copy_only=False)
         s = self.scorer.score(blobs.to_pylist(), table.column("text").to_pylist())
@@ -221,13 +225,13 @@ class DfnStage(Stage):
             self._mem_cache = {key: (s, has)}  # one shard: collect then apply in the same process
         return s, has
 
-    def scores(self, table: pa.Table) -> np.ndarray:
+    def scores(self, table: pa.Table, ctx: ShardContext | None = None) -> np.ndarray:
         """float32 cosine per row (NaN: no image, or one that does not decode)."""
-        return self.score_rows(table)[0]
+        return self.score_rows(table, ctx)[0]
 
     # ---- contract --------------------------------------------------------------------------------
-    def collect(self, table: pa.Table) -> dict:
-        s, _ = self.score_rows(table)
+    def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> dict:
+        s, _ = self.score_rows(table, ctx)
         ok = np.isfinite(s)
         hist = np.bincount(score_bins(s[ok], self.config.bins), minlength=self.config.bins).astype(np.int64)
         return {"hist": hist, "scored": int(ok.sum()), "unscored": int((~ok).sum())}
@@ -254,8 +258,8 @@ class DfnStage(Stage):
         shards.write_json({"scored": stats["scored"], "unscored": stats["unscored"], "keep_fraction":
                            self.config.keep_fraction, **c}, shards.join(folder, "cut.json"))
 
-    def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
-        s, has_image = self.score_rows(table)
+    def apply(self, table: pa.Table, stats, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
+        s, has_image = self.score_rows(table, ctx)
         ok = np.isfinite(s)
         c = self.cut(stats)
         if self.config.score_only:  # rows without a usable image still go: nothing can be trained on them
@@ -293,12 +297,11 @@ class DfnStage(Stage):
         dropped = scores_in(shards.join(stage_dir, "rejected"), "dfn_low_score")
         cut = shards.read_json(shards.join(stage_dir, "stats", "cut.json")) or {}
         total = len(kept) + len(dropped)
-        table = "\n".join([
-            "| scored | kept | dropped (dfn_low_score) | kept share | threshold | mode |",
-            "|---:|---:|---:|---:|---:|---|",
-            f"| {total} | {len(kept)} | {len(dropped)} | {100.0 * len(kept) / total if total else 0:.2f}% | "
-            f"{cut.get('threshold', float('nan')):.4f} | {cut.get('mode', '')} |",
-        ])
+        from pipeline.report import Table
+
+        table = Table("dfn keep rule", ["scored", "kept", "dropped (dfn_low_score)", "kept share", "threshold", "mode"],
+                      [[total, len(kept), len(dropped), f"{100.0 * len(kept) / total if total else 0:.2f}%",
+                        f"{cut.get('threshold', float('nan')):.4f}", cut.get("mode", "")]])
         figures = []
         if total:
             import matplotlib
@@ -324,7 +327,7 @@ class DfnStage(Stage):
             fig.savefig(png)
             plt.close(fig)
             figures.append(("dfn score histogram (kept vs dropped)", png))
-        return {"figures": figures, "tables": [("dfn keep rule", table)]}
+        return {"figures": figures, "tables": [table]}
 
 
 STAGE = DfnStage

@@ -32,6 +32,7 @@ import pyarrow as pa
 from pipeline.config import check_ranges
 from pipeline import shards
 from pipeline.images import REF_COL
+from pipeline.context import ShardContext
 from pipeline.stage import Stage
 
 TAR_MTIME = 0.0  # fixed member times: the same rows give byte-identical tars
@@ -66,10 +67,10 @@ class EmitStage(Stage):
         def __post_init__(self):
             check_ranges("emit", self, samples_per_shard=(1, None))
 
-    def out_dir(self) -> str:
-        return self.config.out or shards.join(self.context["run_dir"], "emit")
+    def out_dir(self, run_dir: str) -> str:
+        return self.config.out or shards.join(run_dir, "emit")
 
-    def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
+    def apply(self, table: pa.Table, stats, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
         """Every row passes: the stage folder is the light table of the emitted set, in order."""
         return table, table.slice(0, 0).append_column("reason", pa.array([], pa.string()))
 
@@ -92,20 +93,19 @@ class EmitStage(Stage):
             items.append({"name": out_name(len(items)), "slices": slices})
         return items
 
-    def finalize_item(self, stage_dir: str, item: dict) -> dict:
+    def finalize_item(self, item: dict, ctx: ShardContext) -> dict:
         """Write one output shard (unless its marker says it is up to date): the slices' rows with their bytes."""
         tables = {}
         for shard, _, _ in item["slices"]:
             if shard not in tables:
-                tables[shard] = shards.read_shard(shards.join(stage_dir, shard))
+                tables[shard] = shards.read_shard(shards.join(ctx.stage_dir, shard))
         piece = pa.concat_tables([tables[shard].slice(start, n) for shard, start, n in item["slices"]],
                                  promote_options="default").combine_chunks()
-        written = self._write_piece(piece, self.out_dir(), item["name"])
+        written = self._write_piece(piece, self.out_dir(ctx.run_dir), item["name"], ctx)
         return {"name": item["name"], "rows": piece.num_rows, "written": written, "columns": _emitted_columns(piece)}
 
     def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict], done: list | None = None) -> dict:
-        self.context.setdefault("run_dir", run_dir)
-        out = self.out_dir()
+        out = self.out_dir(run_dir)
         k = max(1, int(self.config.samples_per_shard))
         done = done or []
         sizes = {d["name"] + ".tar": d["rows"] for d in done}
@@ -128,29 +128,26 @@ class EmitStage(Stage):
         shards.write_json(summary, shards.join(out, "summary.json"))
         return summary
 
-    def _piece_digest(self, piece: pa.Table) -> str:
+    def _piece_digest(self, piece: pa.Table, ctx: ShardContext) -> str:
         """Config, store and every column of the rows (a changed caption or score must rewrite the shard)."""
-        h = hashlib.sha256(json.dumps([dataclasses.asdict(self.config), repr(self._store())]).encode())
+        store = ctx.images.store if ctx.images is not None else None
+        h = hashlib.sha256(json.dumps([dataclasses.asdict(self.config), repr(store)]).encode())
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, piece.schema) as w:
             w.write_table(piece)
         h.update(sink.getvalue())
         return h.hexdigest()
 
-    def _store(self):
-        reader = self.context.get("images")
-        return reader.store if reader is not None else None
-
-    def _write_piece(self, piece: pa.Table, out: str, name: str) -> int:
+    def _write_piece(self, piece: pa.Table, out: str, name: str, ctx: ShardContext) -> int:
         """Write one output shard in every format, unless its marker says it is already there. Returns 1 if written."""
-        digest = self._piece_digest(piece)
+        digest = self._piece_digest(piece, ctx)
         marker = shards.join(out, "_done", name + ".json")
         targets = {"parquet": shards.join(out, "parquet", name + ".parquet"), "wds": shards.join(out, "wds", name + ".tar")}
         wanted = [targets[f] for f in ("parquet", "wds") if f in self.config.formats]
         if (shards.read_json(marker) or {}).get("digest") == digest and all(shards.exists(p) for p in wanted):
             return 0
         shards.remove(marker)
-        full = self._materialise(piece)
+        full = self._materialise(piece, ctx)
         if "parquet" in self.config.formats:
             shards.write_shard(full, targets["parquet"])
         if "wds" in self.config.formats:
@@ -158,11 +155,11 @@ class EmitStage(Stage):
         shards.write_json({"digest": digest, "rows": piece.num_rows}, marker)
         return 1
 
-    def _materialise(self, piece: pa.Table) -> pa.Table:
+    def _materialise(self, piece: pa.Table, ctx: ShardContext) -> pa.Table:
         """The rows with their image bytes (`image`, read by reference) in place of the reference."""
         if REF_COL not in piece.column_names:
             return piece
-        blobs = self.pixels(piece)
+        blobs = ctx.pixels(piece)
         return piece.drop_columns([REF_COL]).append_column(IMAGE_COL, blobs)
 
     def _remove_stale(self, out: str, names: set[str]) -> None:

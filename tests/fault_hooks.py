@@ -72,7 +72,10 @@ def _wrap_step(cls, step: str) -> None:
     @functools.wraps(original)
     def hooked(self, *args, **kwargs):
         if step in ("collect", "apply"):
-            _point(f"{cls.name}.{step}.{self.context.get('shard', '-')}")
+            from pipeline.context import ShardContext
+
+            ctx = args[-1] if args and isinstance(args[-1], ShardContext) else None
+            _point(f"{cls.name}.{step}.{ctx.shard if ctx is not None and ctx.shard else '-'}")
         out = original(self, *args, **kwargs)
         if step in ("merge", "save_stats"):
             # merge: after the partials are reduced; save_stats: after stats/ is written, before _stats.json

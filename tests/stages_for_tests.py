@@ -25,7 +25,7 @@ class FirstWordStage(Stage):
         keep: float = 0.5
         sleep_per_shard: float = 0.0  # lets a test kill the run in the middle of a stage
 
-    def collect(self, table):
+    def collect(self, table, ctx=None):
         words = pl.from_arrow(table.column("text")).str.split(" ").list.first()
         return Counter(words.drop_nulls().to_list())
 
@@ -35,7 +35,7 @@ class FirstWordStage(Stage):
             total.update(p)
         return total
 
-    def apply(self, table, stats):
+    def apply(self, table, stats, ctx=None):
         if self.config.sleep_per_shard:
             time.sleep(self.config.sleep_per_shard)
         first = pl.from_arrow(table.column("text")).str.split(" ").list.first().to_list()
@@ -66,3 +66,20 @@ def make_pool(n: int, shards_n: int, folder, seed: int = 0, prefix: str = "part-
         shards.write_shard(table.slice(bounds[i], bounds[i + 1] - bounds[i]), p)
         paths.append(p)
     return paths
+
+
+class NotingStage(FirstWordStage):
+    """FirstWordStage that leaves a note per shard through its context and reports a table of its own: the
+    report's data path end to end, with text that HTML must escape."""
+
+    name = "noting"
+
+    def apply(self, table, stats, ctx=None):
+        ctx = ctx or self.detached()
+        ctx.note(f"saw <{ctx.shard}> & kept what it could")
+        return super().apply(table, stats, ctx)
+
+    def report(self, stage_dir, out_dir):
+        from pipeline.report import Table
+
+        return {"figures": [], "tables": [Table("first words", ["word", "note"], [["w0", "<script>x</script>"]])]}

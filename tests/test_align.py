@@ -384,11 +384,11 @@ def test_config_is_validated_and_report_shows_funnel(tmp_path):
     t = make_table(["one", "a nice red apple", "alt img"], [png(pattern=i) for i in range(3)])
     res = run_align(tmp_path, t)
     rep = AlignStage().report(res.folder, str(tmp_path / "report"))
-    (title, md), = rep["tables"][:1]
-    lines = md.splitlines()
-    rules = [ln.split("|")[1].strip() for ln in lines[2:-1]]
-    assert rules == REASONS
-    assert "| too_few_words | 2 |" in md and "**1**" in md
+    funnel = rep["tables"][0]
+    assert funnel.header == ["rule", "dropped", "share of input", "remaining"]
+    assert [r[0] for r in funnel.rows[:-1]] == REASONS
+    md = funnel.markdown()
+    assert "| too_few_words | 2 |" in md and funnel.rows[-1][0] == "kept" and funnel.rows[-1][-1] == 1
     assert rep["figures"] and os.path.exists(rep["figures"][0][1])
 
 
@@ -517,10 +517,10 @@ def test_shuffled_statistics_are_reused_while_needed_and_recomputed_once_gone(tm
 
     real_apply = AlignStage.apply
 
-    def apply_failing_on_shard_2(self, table, stats):
-        if self.context["shard"] == "part-00002.parquet":
+    def apply_failing_on_shard_2(self, table, stats, ctx=None):
+        if ctx.shard == "part-00002.parquet":
             raise OSError("disk went away")
-        return real_apply(self, table, stats)
+        return real_apply(self, table, stats, ctx)
 
     monkeypatch.setattr(AlignStage, "apply", apply_failing_on_shard_2)
     with pytest.raises(Exception, match="disk went away"):
@@ -667,8 +667,7 @@ def test_image_facts_are_the_same_on_one_thread_and_many(monkeypatch):
     facts = {}
     for threads in (1, 3):
         stage = AlignStage({"decode_threads": threads, "max_image_pixels": 20 * 30 + 100})
-        stage.context = {}
-        facts[threads] = stage._inspect_images(table)
+        facts[threads] = stage._inspect_images(table, stage.detached())
     for k in AlignStage.IMAGE_FACTS:
         assert np.array_equal(facts[1][k], facts[3][k]), k
     f = facts[3]

@@ -90,7 +90,7 @@ def test_report_shows_the_manifests_numbers_and_the_metrics(demo_run):
         for reason, n in m["reasons"].items():
             assert any(reason in l and re.search(rf"\|\s*{n}\b", l) for l in rows), (name, reason)
     # figures the stages draw, linked relatively and present on disk
-    for src in re.findall(r"src='([^']+\.png)'", html):
+    for src in re.findall(r"src=[\"']([^\"']+\.png)[\"']", html):
         assert (run_dir / "report" / src).is_file(), src
     assert "metaclip" in html and "dfn" in html and "training curve" in html
     assert "eval_digests" not in md and "eval_fingerprint" not in md  # bookkeeping beside the results, not results

@@ -49,7 +49,7 @@ def _stub_pool(scores: np.ndarray, cuts: list[int]) -> list[pa.Table]:
 @pytest.fixture
 def stub_scores(monkeypatch):
     """DfnStage.score_rows reads a column `s` instead of running a model (the keep rule on its own)."""
-    monkeypatch.setattr(DfnStage, "score_rows", lambda self, table: (
+    monkeypatch.setattr(DfnStage, "score_rows", lambda self, table, ctx=None: (
         table.column("s").to_numpy().astype(np.float32), pc.is_valid(table.column("image")).to_numpy()))
 
 
@@ -203,7 +203,8 @@ def test_dfn_through_the_runner_with_report_and_fingerprint(world, dfn_model, tm
     assert cut["mode"] == "fraction" and cut["scored"] == 398
     rep = DfnStage(cfg["dfn"]).report(str(run / "04_dfn"), str(tmp_path / "report"))
     assert rep["figures"] and os.path.getsize(rep["figures"][0][1]) > 1000
-    assert f"| 398 | {m['rows_out']} |" in rep["tables"][0][1]
+    assert rep["tables"][0].rows[0][:2] == [398, m["rows_out"]]
+    assert f"| 398 | {m['rows_out']} |" in rep["tables"][0].markdown()
     # the model file is part of the fingerprint: another network redoes the stage
     fp1 = m["fingerprint"]
     torch.manual_seed(5)

@@ -532,9 +532,9 @@ def test_disk_full_on_a_real_tmpfs_fails_the_shard_in_one_line_and_rerun_complet
     try:
         real_apply, applied = AlignStage.apply, []
 
-        def apply_then_fill(self, table, stats):
-            out = real_apply(self, table, stats)
-            applied.append(self.context["shard"])
+        def apply_then_fill(self, table, stats, ctx=None):
+            out = real_apply(self, table, stats, ctx)
+            applied.append(ctx.shard)
             if len(applied) == 5:
                 _fill(disk)
             return out

@@ -341,10 +341,10 @@ def test_invariant_to_shards_and_workers_and_byte_identical(tmp_path):
     assert counts.equals(one.collect(table_of(texts)))
     # report hook: coverage and top concepts
     rep = one.report(str(tmp_path / "r4" / "03_klite"), str(tmp_path / "rep"))
-    titles = [t for t, _ in rep["tables"]]
+    titles = [t.title for t in rep["tables"]]
     assert titles[0].startswith("coverage")
     enriched = a.column("klite_concept").null_count
-    assert f"| {len(texts)} | {len(texts) - enriched} |" in rep["tables"][0][1]
+    assert rep["tables"][0].rows[0][:2] == [len(texts), len(texts) - enriched]
     assert rep["figures"] and Path(rep["figures"][0][1]).stat().st_size > 1000
     manifest = shards.read_json(str(tmp_path / "r4" / "03_klite" / "_manifest.json"))
     assert manifest["rejected"] == 0 and manifest["rows_out"] == len(texts)
@@ -365,7 +365,9 @@ def test_apply_takes_collects_candidates_and_gives_the_same_result_without_them(
     run_pipeline(["klite"], str(tmp_path / "cached"), cfg, input_dir=str(tmp_path / "in"), workers=0)
     assert sorted(calls) == [200, 200, 200]  # collect only
     assert not list((tmp_path / "cached" / "03_klite" / "_cache").glob("*"))
-    monkeypatch.setattr(klite_mod.KLiteStage, "cache_put", lambda self, *a: None)
+    from pipeline.context import ShardContext
+
+    monkeypatch.setattr(ShardContext, "cache_put", lambda self, *a: None)
     calls.clear()
     run_pipeline(["klite"], str(tmp_path / "fresh"), cfg, input_dir=str(tmp_path / "in"), workers=0)
     assert len(calls) == 6  # collect and apply each find them

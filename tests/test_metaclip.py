@@ -484,8 +484,8 @@ def test_report(tmp_path):
     assert len(out["figures"]) == 2 and all(os.path.getsize(p) > 1000 for _, p in out["figures"])
     head_tail, top = out["tables"]
     # tail share = (300 + 60) / 7860; head entries: cat, dog
-    assert f"{100 * 360 / 7860:.2f}%" in head_tail[1]
-    assert "| 1 | 0 | cat | 6000 | 500 |" in top[1]
+    assert head_tail.rows[0][4] == f"{100 * 360 / 7860:.2f}%"
+    assert top.rows[0][:5] == [1, 0, "cat", 6000, 500] and "| 1 | 0 | cat | 6000 | 500 |" in top.markdown()
     csv = pl.read_csv(out["csv"])
     assert csv["expected_after"].to_list() == [500, 500, 300, 60]
     assert csv["p"].to_list() == pytest.approx([500 / 6000, 500 / 1500, 1.0, 1.0])
@@ -514,11 +514,13 @@ def test_apply_reuses_collect_matches_and_a_bad_cache_is_ignored(tmp_path, monke
     st = mc.MetaClipStage({"entries": entries, "t": 500})
     tables = {p.name: pq.read_table(p) for p in sorted((tmp_path / "in").glob("part-*.parquet"))}
     names = sorted(tables)
-    st.context = {"stage_dir": res.folder, "shard": names[0]}
-    st.cache_put("matches", tables[names[1]], {mc.OUT_COL: st.match(tables[names[1]])}, st.entries_sha256)
-    st.context = {"stage_dir": res.folder, "shard": names[1]}
+    from pipeline.context import ShardContext
+
+    ctx0 = ShardContext(stage="metaclip", stage_dir=res.folder, shard=names[0])
+    ctx0.cache_put("matches", tables[names[1]], {mc.OUT_COL: st.match(tables[names[1]])}, st.entries_sha256)
+    ctx1 = ShardContext(stage="metaclip", stage_dir=res.folder, shard=names[1])
     wrong = pa.array([[0]] * tables[names[1]].num_rows, pa.list_(pa.int32()))
-    st.cache_put("matches", tables[names[1]], {mc.OUT_COL: wrong}, "another list")
+    ctx1.cache_put("matches", tables[names[1]], {mc.OUT_COL: wrong}, "another list")
     for name in names:  # redo apply only: drop the done markers, keep the stats
         (Path(res.folder) / "_done" / f"{name}.json").unlink()
     calls.clear()
@@ -573,7 +575,8 @@ def test_target_rows_solves_t_against_brute_force(tmp_path):
     th, kept = got["all"]
     out = MetaClipStage(cfg["metaclip"]).report(str(tmp_path / "all" / "02_metaclip"), str(tmp_path / "report"))
     solved = out["tables"][0]
-    assert solved[0] == "t for a target size" and f"| {target} | {best} | {ref[best]:.1f} | {kept} (" in solved[1]
+    assert solved.title == "t for a target size"
+    assert f"| {target} | {best} | {ref[best]:.1f} | {kept} (" in solved.markdown()
     assert th["target"]["sample_rows"] == th["target"]["matched_rows"] == 1500  # every row: exact
     assert th["t"] == {"": best} and th["target"]["t"] == best
     assert th["target"]["expected_kept"] == pytest.approx(ref[best], rel=1e-9)

@@ -40,6 +40,7 @@ import time
 
 from pipeline import config as config_mod
 from pipeline import shards
+from pipeline.report import Table
 from pipeline import recipe
 from pipeline.stage import StageError
 
@@ -271,20 +272,20 @@ def ablate(run_dir: str, cfg: dict, steps: int | None = None, variants=None, see
         raise StageError(f"ablate: no finished stage in {run_dir} (run the pipeline first)")
     skip = ("variant", "stage", "eval", "last_loss", "seconds", "batch_size", "std", "seeds", "prompts")
     cols = [k for k in rows[0] if k not in skip]
-    head = "| variant | " + " | ".join(cols) + " |"
-    sep = "|---|" + "---|" * len(cols)
-    lines = [head, sep]
+    body = []
     for r in rows:
-        cells = []
+        cells = [r["variant"]]
         for c in cols:
             v = r.get(c)
             if isinstance(v, float):
                 cells.append(f"{v:.3f} ± {r['std'][c]:.3f}" if len(seeds) > 1 else f"{v:.4f}")
             else:
                 cells.append(str(v if v is not None else ""))
-        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+        body.append(cells)
+    table = Table("ablation", ["variant", *cols], body)
     result = {"model": tc.model, "steps": tc.steps, "batch_size": tc.batch_size, "seed": seeds[0], "seeds": seeds,
-              "eval_sets": tc.eval_sets, "class_groups": groups or {}, "variants": rows, "table_md": "\n".join(lines)}
+              "eval_sets": tc.eval_sets, "class_groups": groups or {}, "variants": rows,
+              "table": {"header": table.header, "rows": table.rows}, "table_md": table.markdown()}
     shards.write_json(result, os.path.join(run_dir, "ablation.json"))
     return result
 

@@ -47,7 +47,7 @@ Two image hashes, on purpose:
 Pixels are read once: rows carry only a reference to their image (`image_ref`, pipeline/images.py); `collect`
 reads each shard's bytes through the run's image reader, a store file at a time, and computes every per-image
 fact (content hash, decodable, decoded size, dHash) in that one pass. `apply` takes them from the pass-1 cache
-(`Stage.cache_put`/`cache_take`) and reads the pixels again only when the cache is missing.
+(`ShardContext.cache_put`/`cache_take`) and reads the pixels again only when the cache is missing.
 A text-only pool (no image bytes anywhere) uses the url as the image identity when there is one, so
 boilerplate and duplicates are still found; the image-only rules are skipped and the manifest says so.
 
@@ -71,6 +71,7 @@ import pyarrow as pa
 from pipeline.config import check_ranges
 from pipeline.hashing import combine64, hash64_strings, other_copy_kept, row_content_key, row_positions
 from pipeline.images import MAX_IMAGE_PIXELS
+from pipeline.context import ShardContext
 from pipeline.stage import Stage, StageError, split_by_reason
 
 from . import stats as _stats
@@ -203,7 +204,7 @@ class AlignStage(Stage):
                     f"{self.config.language!r} needs the py3langid package (pip install py3langid==0.3.0)"
                 ) from None
 
-    def fingerprint_parts(self) -> dict:
+    def fingerprint_parts(self, ctx=None) -> dict:
         import datasketch
         import wordfreq
 
@@ -223,12 +224,12 @@ class AlignStage(Stage):
     # ---- pixels: read once ----
     # Every per-image fact align needs (content hash, decodable, decoded size, dHash) comes from one read of the
     # shard's pixels through the image reader, in collect; apply takes them from the pass-1 cache
-    # (Stage.cache_put/cache_take) and reads the pixels again only when the cache is missing.
+    # (ShardContext.cache_put/cache_take) and reads the pixels again only when the cache is missing.
     IMAGE_FACTS = IMAGE_FACTS
 
-    def _inspect_images(self, table: pa.Table) -> dict | None:
+    def _inspect_images(self, table: pa.Table, ctx: ShardContext) -> dict | None:
         """{fact: array per row} for a shard whose rows reference images; None for a text-only pool."""
-        batches = self.pixel_batches(table, IMAGE_CHUNK)
+        batches = ctx.pixel_batches(table, IMAGE_CHUNK)
         if batches is None:
             return None
         c = self.config
@@ -237,10 +238,10 @@ class AlignStage(Stage):
     def _images_key(self) -> str:
         return json.dumps(["images", self.config.max_image_pixels, "dhash-draft-L"])
 
-    def _cached_images(self, table: pa.Table) -> dict | None:
-        cached = self.cache_take("images", table, self._images_key())
+    def _cached_images(self, table: pa.Table, ctx: ShardContext) -> dict | None:
+        cached = ctx.cache_take("images", table, self._images_key())
         if cached is None:
-            return self._inspect_images(table)
+            return self._inspect_images(table, ctx)
         return {k: cached.column(k).to_numpy(zero_copy_only=False).astype(t) for k, t in self.IMAGE_FACTS.items()}
 
     # ---- near-duplicate search: MinHash LSH band keys ----
@@ -261,24 +262,25 @@ class AlignStage(Stage):
         return idx[sub_rows], keys
 
     # MinHash signatures and band keys are the costliest per-row work of both passes, and apply needs
-    # the same keys collect made: collect leaves them in the stage folder (Stage.cache_put), apply takes
+    # the same keys collect made: collect leaves them in the stage folder (ShardContext.cache_put), apply takes
     # them. A missing or mismatching cache means computing them again (same keys: pure functions).
     def _bands_key(self) -> str:
         return json.dumps([dataclasses.asdict(self.config), self.seed, self.minhasher.bands, self.minhasher.rows],
                           sort_keys=True, default=str)
 
-    def _cache_bands(self, table: pa.Table, brow: np.ndarray, keys: np.ndarray) -> None:
+    def _cache_bands(self, table: pa.Table, brow: np.ndarray, keys: np.ndarray, ctx: ShardContext) -> None:
         n, b = table.num_rows, self.minhasher.bands
         mat = np.zeros((n, b), dtype=_U64)
         mat[brow] = keys
         has = np.zeros(n, dtype=bool)
         has[brow] = True
-        self.cache_put("bands", table, {"has_bands": has,
+        ctx.cache_put("bands", table, {"has_bands": has,
                                         "band_keys": pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel()), b)},
                        self._bands_key())
 
-    def _cached_bands(self, table: pa.Table, f: RowFeatures, rows_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        cached = self.cache_take("bands", table, self._bands_key())
+    def _cached_bands(self, table: pa.Table, f: RowFeatures, rows_mask: np.ndarray,
+                      ctx: ShardContext) -> tuple[np.ndarray, np.ndarray]:
+        cached = ctx.cache_take("bands", table, self._bands_key())
         if cached is None:
             return self._bands(f, rows_mask)
         b = self.minhasher.bands
@@ -286,25 +288,26 @@ class AlignStage(Stage):
         idx = np.flatnonzero(rows_mask & cached.column("has_bands").to_numpy(zero_copy_only=False))
         return idx, mat[idx]
 
-    def _copy_keys(self, table: pa.Table, f: RowFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _copy_keys(self, table: pa.Table, f: RowFeatures, ctx: ShardContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(content key, uid x content key, position hash) per row: what decides which copy of a uid is kept.
         The position (shard name, row) only orders byte-identical rows, for which the choice changes nothing
         but the shard the one kept lands in."""
         ck = row_content_key(table, np.where(f.has_bytes, f.content, _U64(0)))
-        return ck, combine64(f.uid, ck), row_positions(self.context.get("shard", ""), table.num_rows)
+        return ck, combine64(f.uid, ck), row_positions(ctx.shard, table.num_rows)
 
     # ---- pass 1 ----
-    def collect(self, table: pa.Table) -> AlignStats:
-        img = self._inspect_images(table)
+    def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> AlignStats:
+        ctx = ctx or self.detached()
+        img = self._inspect_images(table, ctx)
         if img is not None:
-            self.cache_put("images", table, img, self._images_key())
+            ctx.cache_put("images", table, img, self._images_key())
         f = self._features(table, img)
         _, toks = _explode_tokens(f.tokens)
         tok = hash64_strings(toks.to_arrow(), "tok") if len(toks) else np.zeros(0, _U64)
         ok = f.id_ok
         brow, keys = self._bands(f, self._band_rows(f))
-        self._cache_bands(table, brow, keys)
-        ck, copy_key, pos = self._copy_keys(table, f)
+        self._cache_bands(table, brow, keys, ctx)
+        ck, copy_key, pos = self._copy_keys(table, f, ctx)
         meta = {"rows": table.num_rows, "image_rows": int(f.has_bytes.sum()), "id_rows": int(ok.sum())}
         return _stats.shard_stats(tok, f.image_id[ok], f.text_h[ok], f.uid[ok], combine64(f.image_id[ok], f.text_h[ok]),
                                   keys, f.uid[brow], (f.uid, ck), (copy_key, pos), meta)
@@ -329,10 +332,10 @@ class AlignStage(Stage):
         return _stats.load(folder)
 
     # ---- pass 2 ----
-    def _rule_features(self, table: pa.Table, stats: AlignStats | AlignAnswer) -> RowFeatures:
+    def _rule_features(self, table: pa.Table, stats: AlignStats | AlignAnswer, ctx: ShardContext) -> RowFeatures:
         """The shard's features, and what the rules read from the pool and the pixels (None: no data)."""
         n = table.num_rows
-        f = self._features(table, self._cached_images(table))
+        f = self._features(table, self._cached_images(table, ctx))
         # images: decoded once, in collect (the pass-1 cache), or here when the cache is missing
         img = f.images if int(stats.meta.get("image_rows", 0)) > 0 else None
         if img is not None:
@@ -347,7 +350,7 @@ class AlignStage(Stage):
                         else np.zeros(0, _U64))
 
         # which copy of each uid is kept: every row has a uid, so this is known in every pool
-        ck, copy_key, pos = self._copy_keys(table, f)
+        ck, copy_key, pos = self._copy_keys(table, f, ctx)
         ck_min = _lookup(stats.lookup("uid_ck"), f.uid, _MAX_U64)
         pos_min = _lookup(stats.lookup("copy_pos"), copy_key, _MAX_U64)
         f.other_copy_kept = other_copy_kept(ck, ck_min, pos, pos_min)
@@ -360,20 +363,22 @@ class AlignStage(Stage):
             f.pair_uid_min = _lookup(stats.lookup("pair_uid"), combine64(f.image_id, f.text_h), _MAX_U64)
             # an exact duplicate is not searched for near ones (exact_duplicate comes first): less MinHash work
             f.band_uid_min = np.full(n, _MAX_U64, dtype=_U64)
-            brow, keys = self._cached_bands(table, f, self._band_rows(f) & ~ExactDuplicate().mask(f))
+            brow, keys = self._cached_bands(table, f, self._band_rows(f) & ~ExactDuplicate().mask(f), ctx)
             if len(brow):
                 mins = _lookup(stats.lookup("band_uid"), keys.ravel(), _MAX_U64).reshape(keys.shape)
                 f.band_uid_min[brow] = mins.min(axis=1)
             if not f.has_bytes.any() and f.id_ok.any():
-                self._note("no image bytes: the url stands in for the image in image_many_texts, "
+                self._note(ctx, "no image bytes: the url stands in for the image in image_many_texts, "
                            "text_many_images, exact_duplicate and near_duplicate")
         if self.config.language:
             f.captions = table.column("text").to_pylist()
         return f
 
-    def apply(self, table: pa.Table, stats: AlignStats | AlignAnswer) -> tuple[pa.Table, pa.Table]:
+    def apply(self, table: pa.Table, stats: AlignStats | AlignAnswer,
+              ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
+        ctx = ctx or self.detached()
         stats = stats if stats is not None else AlignStats.empty()
-        f = self._rule_features(table, stats)
+        f = self._rule_features(table, stats, ctx)
         reason, skipped = judge(self.rules(), f)
         out = table
         for name in ("image_phash", "image_hash"):
@@ -386,14 +391,15 @@ class AlignStage(Stage):
             out = out.append_column("image_phash", pa.nulls(f.n, pa.uint64()))
             out = out.append_column("image_hash", pa.nulls(f.n, pa.uint64()))
         if skipped:
-            self._note("skipped (no data for them): " + ", ".join(skipped))
+            self._note(ctx, "skipped (no data for them): " + ", ".join(skipped))
         return split_by_reason(out, reason)
 
-    def _note(self, text: str) -> None:
+    @staticmethod
+    def _note(ctx: ShardContext, text: str) -> None:
         msg = f"align: {text}"
-        if msg not in self.notes:
-            self.notes.append(msg)
+        if msg not in ctx.notes:
             log.info(msg)
+        ctx.note(msg)
 
     def report(self, stage_dir: str, out_dir: str) -> dict:
         """Funnel (rows dropped per rule, in rule order) as a table and a bar chart."""

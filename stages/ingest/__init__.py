@@ -35,6 +35,7 @@ from pipeline import schema, shards
 from pipeline.codec import data_record
 from pipeline.config import check_ranges
 from pipeline.images import REF_COL
+from pipeline.context import ShardContext
 from pipeline.stage import Stage
 from stages.ingest.crawl import crawl_input, crawl_store, index_webdataset
 from stages.ingest.download import download_pool, run_img2dataset
@@ -76,15 +77,15 @@ class IngestStage(Stage):
         """An img2dataset row is a URL with its captions, and each caption is a row of the funnel."""
         return kept.num_rows + rejected.num_rows
 
-    def fingerprint_parts(self) -> dict:
+    def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
         return {"unique_uids": 1}  # a repeated (url, caption) of a crawl is rejected as `duplicate`
 
     # ---- one row per uid: a crawl used in place may list the same (url, caption) twice -------------------
     # (a URL list is deduplicated before the download, `group_by_url`). Pool-wide and shuffled like align's
     # dedup keys: per uid the smallest content key, per (uid, content key) the smallest position hash.
-    def collect(self, table: pa.Table) -> "CopyStats":
+    def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> "CopyStats":
         kept, _ = self._convert(table)
-        return CopyStats.of(*self._copy_keys(kept))
+        return CopyStats.of(*self._copy_keys(kept, ctx or self.detached()))
 
     def merge(self, partials: list) -> "CopyStats":
         return CopyStats.merge([p for p in partials if p is not None])
@@ -108,22 +109,22 @@ class IngestStage(Stage):
 
         return CopyStats(read("uid_copies.parquet"), read("identical_rows.parquet"))
 
-    def _copy_keys(self, kept: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _copy_keys(self, kept: pa.Table, ctx: ShardContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(uid key, content key, position hash) per kept row, as align orders the copies of a uid (its
         `row_content_key` without `image_ref`; ingest reads no pixels, so byte-equal rows are ordered by
         position: (shard, row) of the crawl, a property of the crawl and not of how the run cuts it)."""
         from pipeline.hashing import _U64, row_content_key, row_positions, uid_rank
 
         n = kept.num_rows
-        pos = row_positions(self.context.get("shard", ""), n)
+        pos = row_positions(ctx.shard, n)
         return uid_rank(kept.column("uid")) if n else np.zeros(0, _U64), row_content_key(kept), pos
 
-    def apply(self, table: pa.Table, stats) -> tuple[pa.Table, pa.Table]:
+    def apply(self, table: pa.Table, stats, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
         """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason; a repeat
         of a uid (a crawl listing the same url and caption twice) to `rejected` as `duplicate`."""
         kept, rejected = self._convert(table)
         if stats is not None and kept.num_rows:
-            extra = stats.extra_copies(*self._copy_keys(kept))
+            extra = stats.extra_copies(*self._copy_keys(kept, ctx or self.detached()))
             if extra.any():
                 mask = pa.array(extra)
                 dup = kept.filter(mask).append_column(

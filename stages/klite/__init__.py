@@ -54,6 +54,7 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, check_ranges
 from pipeline import shards
+from pipeline.context import ShardContext
 from pipeline.stage import Stage
 
 from .report import concept_report
@@ -94,7 +95,7 @@ class KLiteStage(Stage):
         self._tagger = load_tagger(self.config.pos_tagger)
         self._stats_ids: tuple[Any, pl.DataFrame] | None = None
 
-    def fingerprint_parts(self) -> dict:
+    def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
         """The WordNet install and table version: other glosses mean other output (resume redoes it)."""
         tagger = tagger_id(self.config.pos_tagger)
         return {"tables": signature(), "tagger": tagger}
@@ -143,15 +144,16 @@ class KLiteStage(Stage):
         """What a shard's candidates are a function of, besides its texts: config, tagger, WordNet tables."""
         return json.dumps([dataclasses.asdict(self.config), self.fingerprint_parts()], sort_keys=True, default=str)
 
-    def collect(self, table: pa.Table) -> pl.DataFrame:
+    def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> pl.DataFrame:
         """Per lemma, the captions of this shard where it is a candidate: (lemma, count), bounded by
-        WordNet's noun vocabulary. The candidates are left for apply (`Stage.cache_put`): with the
+        WordNet's noun vocabulary. The candidates are left for apply (`ShardContext.cache_put`): with the
         part-of-speech tagger they are most of the stage's time, and apply would otherwise tag every caption
         again."""
         cand = self.candidates(table.column("text"))
         per_row = (pl.DataFrame({"row": pl.arange(0, table.num_rows, dtype=pl.UInt32, eager=True)})
                    .join(cand.group_by("row").agg(pl.col("lemma_id")), on="row", how="left").sort("row"))
-        self.cache_put("candidates", table, {"lemma_ids": per_row["lemma_id"].to_arrow()}, self._candidates_key())
+        (ctx or self.detached()).cache_put("candidates", table, {"lemma_ids": per_row["lemma_id"].to_arrow()},
+                                           self._candidates_key())
         counts = cand.group_by("lemma_id").agg(count=pl.len())
         return (
             counts.join(self._lemmas.select("lemma_id", "concept"), on="lemma_id")
@@ -196,12 +198,13 @@ class KLiteStage(Stage):
         rows = pl.DataFrame({"row": pl.arange(0, n, dtype=pl.UInt32, eager=True)})
         return rows.join(chosen, on="row", how="left").sort("row")
 
-    def apply(self, table: pa.Table, stats: Any) -> tuple[pa.Table, pa.Table]:
+    def apply(self, table: pa.Table, stats: Any, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
+        ctx = ctx or self.detached()
         if stats is None:
-            stats = self.merge([self.collect(table)])
+            stats = self.merge([self.collect(table, ctx)])
         text = as_series(table.column("text"))
         cand = None
-        cached = self.cache_take("candidates", table, self._candidates_key())
+        cached = ctx.cache_take("candidates", table, self._candidates_key())
         if cached is not None:
             cand = (pl.from_arrow(cached.select(["lemma_ids"])).with_row_index("row")
                     .explode("lemma_ids").drop_nulls("lemma_ids")

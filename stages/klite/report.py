@@ -23,13 +23,13 @@ def concept_report(stage_dir: str, out_dir: str) -> dict:
         {"klite_concept": [], "n": []}, schema={"klite_concept": pl.String, "n": pl.UInt32}
     )
     top = top.sort(["n", "klite_concept"], descending=[True, False])
+    from pipeline.report import Table
+
     tables = [
-        ("coverage (share of captions enriched)", "| captions | enriched | coverage |\n|---:|---:|---:|\n"
-         f"| {total} | {enriched} | {cov:.2f}% |"),
-        ("most used concepts (top 20)", "\n".join(
-            ["| concept | captions | share of enriched |", "|---|---:|---:|"]
-            + [f"| {c} | {k} | {100.0 * k / enriched:.2f}% |" for c, k in top.iter_rows()]
-        )),
+        Table("coverage (share of captions enriched)", ["captions", "enriched", "coverage"],
+              [[total, enriched, f"{cov:.2f}%"]]),
+        Table("most used concepts (top 20)", ["concept", "captions", "share of enriched"],
+              [[c, k, f"{100.0 * k / enriched:.2f}%"] for c, k in top.iter_rows()]),
     ]
     figures = []
     if len(top):

@@ -13,7 +13,7 @@ fingerprint says so (`tagger_id`), so output made with and without the tagger is
 Why per caption is enough: tags depend on the caption alone, not on the batch it is tagged in (checked: the
 same tags with batches of 37 and 1000), so shard and worker invariance holds (tested).
 
-Cost: the tagger runs once per caption, in `collect` (apply takes the candidates it left, `Stage.cache_put`):
+Cost: the tagger runs once per caption, in `collect` (apply takes the candidates it left, `ShardContext.cache_put`):
 ~1,900 captions/s per core for the whole stage (bench/results/klite_pos.json), 50-70x slower than morphy
 alone: at web scale set `pos_tagger = "none"` or give klite more workers.
 """

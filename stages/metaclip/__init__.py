@@ -12,7 +12,7 @@ keeps or rejects each pair. A row is rejected for the first rule it breaks, in t
   balanced_out         not sampled: kept with probability 1 - prod_e (1 - p_e), p_e = t / max(count_e, t), so
                        tail entries (count < t) keep every text and head entries about t, which flattens the
                        kept set's concept distribution
-  invalid_utf8         (every stage, before its rules: `pipeline.stage.Stage`) text bytes that are not UTF-8
+  invalid_utf8         (every stage, before its rules: the runner sets these rows aside) text bytes that are not UTF-8
 
 Every draw is uniform(uid, seed, salt): u_e with salt = the entry id for balanced_out, "metaclip-one-text" for the
 image's choice, "metaclip-target-sample" for the solver's sample; the outcome never depends on shards or workers.
@@ -35,7 +35,7 @@ The package: `matcher` (spacing and the token-trie matcher), `balance` (the rule
 probabilities and their draws, MetaCLIP 2's t per language, one_text_per_image's choice), `target` (t for
 target_rows), `stats` (the pool-wide counts: collect, merge, save, load), `report`. The stage here wires them.
 Matching is most of the stage's time, so `collect` leaves each shard's matches in the stage folder
-(`Stage.cache_put`, `_cache/`) and `apply` takes them instead of matching again; a missing or mismatching cache
+(`ShardContext.cache_put`, `_cache/`) and `apply` takes them instead of matching again; a missing or mismatching cache
 (uids, texts, concept list) means matching again, with the same result.
 """
 
@@ -53,6 +53,7 @@ import pyarrow.compute as pc
 
 from metadata import concepts
 from pipeline.config import ConfigError, check_ranges
+from pipeline.context import ShardContext
 from pipeline.stage import Stage, StageError, split_by_reason
 
 from . import balance, stats as _stats, target as _target
@@ -129,7 +130,7 @@ class MetaClipStage(Stage):
         """The list's identity: in the fingerprint, and the key of the pass-1 match cache."""
         return concepts.entries_sha256(self.entries)
 
-    def fingerprint_parts(self) -> dict:
+    def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
         parts = {"entries_sha256": self.entries_sha256}
         if self.config.one_text_per_image:  # image_choice.parquet's keys were polars' hash before: not reused
             parts["image_keys"] = "pipeline.hashing.row_content_key"
@@ -140,12 +141,12 @@ class MetaClipStage(Stage):
         return self.matcher.match(pl.from_arrow(table.column("text")))
 
     # -- per-row inputs of the rules --------------------------------------------------------------------------
-    def _languages(self, table: pa.Table) -> pl.Series | None:
+    def _languages(self, table: pa.Table, ctx: ShardContext) -> pl.Series | None:
         col = self.config.language_col
         if not col:
             return None
         if col not in table.column_names:
-            self.notes.append(f"language column '{col}' absent: one t for all texts")
+            ctx.note(f"language column '{col}' absent: one t for all texts")
             return None
         return pl.from_arrow(table.column(col)).cast(pl.String).fill_null("")
 
@@ -168,17 +169,18 @@ class MetaClipStage(Stage):
         return ~(v >= float(c.min_score))
 
     # -- pass 1: count -------------------------------------------------------------------------------------------
-    def collect(self, table: pa.Table) -> dict:
+    def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> dict:
         """{"langs": {lang: (entry ids, counts)}, "images": (key hash, smallest draw) or None, "sample": the t
         solver's rows with target_rows}. Under a quality cut only the rows above it are counted, sampled and
         offered to an image."""
+        ctx = ctx or self.detached()
         lists = self.match(table)
-        self.cache_put("matches", table, {OUT_COL: lists}, self.entries_sha256)
+        ctx.cache_put("matches", table, {OUT_COL: lists}, self.entries_sha256)
         below = self._below_cut(table)
         if below is not None and below.any():  # the rows under the cut match nothing, for the pool's statistics
             lists = _stats.without_rows(lists, below)
         n_per_row = np.diff(lists.offsets.to_numpy())
-        langs = self._languages(table)
+        langs = self._languages(table, ctx)
         images = self._images(table)
         n = len(self.entries)
         out: dict = {"n": n, "langs": _stats.count(lists.values.to_numpy(), n_per_row, langs, n), "images": None}
@@ -215,8 +217,9 @@ class MetaClipStage(Stage):
         return _stats.load(folder, self.config.language_col)
 
     # -- pass 2: keep or reject ---------------------------------------------------------------------------------
-    def apply(self, table: pa.Table, stats: dict) -> tuple[pa.Table, pa.Table]:
-        cached = self.cache_take("matches", table, self.entries_sha256)
+    def apply(self, table: pa.Table, stats: dict, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
+        ctx = ctx or self.detached()
+        cached = ctx.cache_take("matches", table, self.entries_sha256)
         # (Parquet names a list's child "element": cast back to list<item: int32>, the type match() returns)
         lists = self.match(table) if cached is None else cached.column(OUT_COL).combine_chunks().cast(pa.list_(pa.int32()))
         n_per_row = np.diff(lists.offsets.to_numpy())
@@ -224,7 +227,7 @@ class MetaClipStage(Stage):
         row = np.repeat(np.arange(table.num_rows), n_per_row)
         langs = {k: _stats.dense(v, stats["n"]) for k, v in stats["langs"].items()}
         ts = stats.get("t") or thresholds(self.config, langs)[0]
-        lang_col = self._languages(table)
+        lang_col = self._languages(table, ctx)
         row_lang = None if lang_col is None else np.repeat(lang_col.to_numpy(), n_per_row)
         p = balance.match_probs(ids, row_lang, langs, ts, self.config.t, stats["n"])
         chosen = None

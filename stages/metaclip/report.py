@@ -34,29 +34,29 @@ def entry_report(config, stage_dir: str, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     csv = os.path.join(out_dir, "metaclip_entry_counts.csv")
     df.select("rank", "entry", "text", "count", "p", "expected_after").write_csv(csv)
+    from pipeline.report import Table
+
     tables = []
     target = th.get("target")
     if target:
         actual = (shards.read_json(shards.join(stage_dir, "_manifest.json")) or {}).get("rows_out")
         off = f" ({100 * (actual - target['expected_kept']) / max(target['expected_kept'], 1):+.2f}%)" if actual is not None else ""
-        tables.append(("t for a target size", "\n".join([
-            "| target_rows | t solved | expected kept | actual kept | sample (matched rows) |",
-            "|---:|---:|---:|---:|---|",
-            f"| {target['target_rows']} | {target['t']} | {target['expected_kept']:.1f} | "
-            f"{actual if actual is not None else '(not run)'}{off} | {target['sample_rows']} of {target['matched_rows']} |",
-        ])))
+        tables.append(Table("t for a target size",
+                            ["target_rows", "t solved", "expected kept", "actual kept", "sample (matched rows)"],
+                            [[target["target_rows"], target["t"], f"{target['expected_kept']:.1f}",
+                              f"{actual if actual is not None else '(not run)'}{off}",
+                              f"{target['sample_rows']} of {target['matched_rows']}"]]))
+    per_lang_t = (" (per language: " + ", ".join(f"{k or chr(34) * 2}={v}" for k, v in sorted(ts.items())) + ")"
+                  if per_lang else "")
     tables += [
-        ("entry counts: head and tail", "\n".join([
-            "| t | matched entries | head entries (count >= t) | matches | tail share of matches (count < t) "
-            "| expected matches after balancing |", "|---:|---:|---:|---:|---:|---:|",
-            f"| {t}{' (per language: ' + ', '.join(f'{k or chr(34)*2}={v}' for k, v in sorted(ts.items())) + ')' if per_lang else ''} "
-            f"| {df.height} | {head.height} | {total} | {100 * tail_share:.2f}% | {total_after} |",
-        ])),
-        (f"top entries (before: matched texts; after: expected kept min(count, t); all in {os.path.basename(csv)})",
-         "\n".join(["| rank | entry | text | before | after | share before |", "|---:|---:|---|---:|---:|---:|"] + [
-             f"| {r} | {e} | {x.replace('|', '&#124;')} | {c} | {a} | {100 * c / total:.2f}% |"
-             for r, e, x, c, a in df.head(20).select("rank", "entry", "text", "count", "expected_after").iter_rows()
-         ])),
+        Table("entry counts: head and tail",
+              ["t", "matched entries", "head entries (count >= t)", "matches", "tail share of matches (count < t)",
+               "expected matches after balancing"],
+              [[f"{t}{per_lang_t}", df.height, head.height, total, f"{100 * tail_share:.2f}%", total_after]]),
+        Table(f"top entries (before: matched texts; after: expected kept min(count, t); all in {os.path.basename(csv)})",
+              ["rank", "entry", "text", "before", "after", "share before"],
+              [[r, e, x, c, a, f"{100 * c / total:.2f}%"]
+               for r, e, x, c, a in df.head(20).select("rank", "entry", "text", "count", "expected_after").iter_rows()]),
     ]
     figures = []
     if df.height:
