@@ -6,12 +6,11 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline import shards
 from pipeline import recipe
-from pipeline.stage import STAGE_ORDER, StageError
+from pipeline.stage import StageError, stage_class, stage_names
 
 log = logging.getLogger("clipcurate")
 
@@ -27,11 +26,11 @@ def _user_errors():
     return (ConfigError, SchemaError, ShardError, StageError, FileNotFoundError)
 
 
-def _run_dir(args) -> str:
+def run_dir_of(args) -> str:
     return shards.join(args.runs_dir, args.run)
 
 
-def _print_funnel(results) -> None:
+def print_funnel(results) -> None:
     for res in results:
         m = res.manifest
         print(f"{m['stage']:>9}: {m['rows_in']:>8} in  {m['rows_out']:>8} kept  {m['rejected']:>8} rejected   -> {res.folder}")
@@ -42,7 +41,7 @@ def _print_funnel(results) -> None:
 
 
 # ---- commands ------------------------------------------------------------------------------------
-def _config_for(args, run_dir: str, running: list[str]) -> dict:
+def config_for(args, run_dir: str, running: list[str]) -> dict:
     """The run's saved config with --config laid over it (or defaults + --config with --fresh-config); prints
     what a --config changes in an existing run and which stages that redoes."""
     fresh = getattr(args, "fresh_config", False)
@@ -75,10 +74,8 @@ def _speed_only(section: str, key: str) -> bool:
     section = section.partition("@")[0]  # a labelled step's section: its stage's keys
     if section == "run":
         return key in config_mod.RunConfig.speed_keys
-    if section not in STAGE_ORDER:
+    if section not in stage_names():
         return False
-    from pipeline.stage import stage_class
-
     try:
         return key in stage_class(section).speed_keys
     except StageError:
@@ -101,106 +98,21 @@ def _run_stages(run_dir: str, running: list[str], cfg: dict) -> list[str]:
     return have
 
 
-def _ingest_step(cfg: dict) -> "recipe.Step":
-    """The recipe's download step (the first stage of the default recipe): where `clipcurate ingest` writes."""
-    step = recipe.find(recipe.of_config(cfg), STAGE_ORDER[0])
-    if step is None:
-        raise StageError(f"this run's recipe ([run] stages) has no {STAGE_ORDER[0]} step to download into")
-    return step
-
-
-def cmd_ingest(args) -> int:
-    from pipeline.runner import executor, run_stage
-
-    run_dir = _run_dir(args)
-    cfg = _config_for(args, run_dir, [STAGE_ORDER[0]])
-    if _is_folder(args.input):
-        return _ingest_crawl(args, run_dir, cfg)
-    from pipeline.images import ImageStore
-    from stages.ingest import IngestStage, download_pool
-
-    serve = args.serve
-    if serve is None:
-        world = Path(args.input).resolve().parent
-        if (world / "world.json").exists() and (world / "www").is_dir():
-            serve = str(world / "www")  # a demo world: its URLs are served from this machine
-    if serve:
-        cfg["ingest"]["serve_dir"] = str(Path(serve).resolve())
-    config_mod.save(cfg, shards.join(run_dir, "config.toml"))
-    ingest_cfg = IngestStage.Config(**cfg["ingest"])
-    stage_dir = shards.join(run_dir, _ingest_step(cfg).folder)
-    raw_dir, info = download_pool(args.input, stage_dir, ingest_cfg)
-    # the download is the run's image store: ingest's shards and every later stage's hold references into it
-    ImageStore(raw_dir, "parquet", ingest_cfg.encode_format).save(run_dir)
-    with executor(args.workers, args.scheduler) as ex:
-        res = run_stage(_ingest_step(cfg), run_dir, raw_dir, cfg, ex)
-    res.manifest["download"] = info
-    # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
-    res.manifest["urls_in"] = info["unique_urls"]
-    res.manifest["rows_in"] = info["input_rows"]
-    res.manifest["url_list"] = args.input if "://" in str(args.input) else str(Path(args.input).resolve())
-    shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
-    print(
-        f"ingest: {info['input_rows']} URL rows: {info['unique_urls']} unique URLs (each fetched once), "
-        f"{info['bad_urls']} malformed, {info.get('duplicates', 0)} repeated (url, caption) rows (kept once)"
-    )
-    _print_funnel([res])
-    print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
-    _fail_if_nothing_kept(res, "no URL downloaded", "check the URLs and the network")
-    return 0
-
-
-def _fail_if_nothing_kept(res, what: str, todo: str) -> None:
-    """An ingest that kept no row is an error (exit 2), not a success with a funnel of zeros; its rows stay in
-    rejected/ with their reasons."""
-    if res.manifest["rows_out"] == 0 and res.manifest["rejected"] > 0:
-        top = next(iter(res.manifest["reasons"]), "")
-        raise StageError(f"ingest: {what} ({res.manifest['rejected']} rows rejected, most as '{top}'); "
-                         f"{todo}, reasons per row in {res.folder}/rejected/")
-
-
-def _is_folder(path: str) -> bool:
-    fs, p = shards.fs_and_path(path)
-    return fs.isdir(p)
-
-
-def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
-    """Bring your own crawl: an img2dataset output folder (Parquet or WebDataset) is the run's image store, in
-    place; ingest converts its metadata to rows with references, failures to rejected/ with img2dataset's error."""
-    from pipeline.runner import executor, run_stage
-    from stages.ingest import crawl_input
-
-    config_mod.save(cfg, shards.join(run_dir, "config.toml"))
-    stage_dir = shards.join(run_dir, _ingest_step(cfg).folder)
-    store, input_dir = crawl_input(args.input, stage_dir)
-    store.save(run_dir)
-    with executor(args.workers, args.scheduler) as ex:
-        res = run_stage(_ingest_step(cfg), run_dir, input_dir, cfg, ex)
-    res.manifest["crawl"] = {"root": store.root, "format": store.format}
-    shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
-    kind = "WebDataset" if store.format == "wds" else "Parquet"
-    print(f"ingest: img2dataset {kind} output {store.root} used in place as the image store")
-    _print_funnel([res])
-    print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
-    _fail_if_nothing_kept(res, "no image of the crawl is usable", "check the crawl's status column")
-    return 0
-
-
 def cmd_run(args) -> int:
     from pipeline.runner import run_pipeline
 
-    run_dir = _run_dir(args)
+    run_dir = run_dir_of(args)
     _import_from_cwd()  # a user's module:Class stage may be named on the command line or in the saved recipe
     if args.stages is None:  # the whole recipe, but its download step (`clipcurate ingest` does that)
-        cfg = _config_for(args, run_dir, [])
-        names = [s.name for s in recipe.of_config(cfg) if s.stage != STAGE_ORDER[0]]
+        cfg = config_for(args, run_dir, [])
+        names = [s.name for s in recipe.of_config(cfg) if not stage_class(s.stage).downloads]
     else:
         names = [s.strip() for s in args.stages.split(",") if s.strip()]
         if not names:
-            raise StageError(f"no stages given (e.g. {','.join(RUNNABLE[:2])})")
-        cfg = _config_for(args, run_dir, names)
+            raise StageError(f"no stages given (e.g. {','.join(runnable()[:2])})")
+        cfg = config_for(args, run_dir, names)
     results = run_pipeline(names, run_dir, cfg, input_dir=args.input, workers=args.workers, scheduler=args.scheduler)
-    _print_funnel(results)
+    print_funnel(results)
     _print_outputs(results)
     return 0
 
@@ -228,7 +140,12 @@ def _print_outputs(results) -> None:
             print(f"  {'uids':>8}: {shards.join(out, 'uids.npy')}   summary: {shards.join(out, 'summary.json')}")
 
 
-RUNNABLE = STAGE_ORDER[1:]  # the first stage downloads: it has its own command
+def runnable() -> list[str]:
+    """The default recipe's steps that `run` runs: all but the download, which has its own command."""
+    try:
+        return [n for n in recipe.default_recipe() if not stage_class(n).downloads]
+    except StageError:
+        return []
 
 
 def _workers(value: str) -> int:
@@ -241,12 +158,12 @@ def _workers(value: str) -> int:
     return n
 
 
-def _add_exec(p) -> None:
+def add_exec(p) -> None:
     p.add_argument("--workers", type=_workers, default=None, help="Dask workers (default: cores); 0 = in-process")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
 
 
-def _add_config(p) -> None:
+def add_config(p) -> None:
     p.add_argument("--config", default=None,
                    help="TOML file laid over the run's saved config (keys it does not name keep their values)")
     p.add_argument("--fresh-config", action="store_true",
@@ -287,29 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_globals(ap, top=True)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest, or use an "
-                                      "img2dataset output folder in place")
-    p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns, or an img2dataset output "
-                                 "folder (Parquet or WebDataset): used in place as the image store, no download")
-    p.add_argument("--run", required=True, help="run name: runs/NAME")
-    _add_config(p)
-    p.add_argument("--serve", default=None, help="serve this folder on a loopback proxy while downloading (demo)")
-    _add_exec(p)
-    p.set_defaults(fn=cmd_ingest)
-
-    p = sub.add_parser("run", help="run stages on a run's previous output or --input: "
-                                   + ",".join(RUNNABLE) + " or your own module:Class")
+    steps = ",".join(runnable())
+    p = sub.add_parser("run", help=f"run stages on a run's previous output or --input: {steps} or your own "
+                                   "module:Class")
     p.add_argument("stages", nargs="?", default=None,
                    help=f"comma list of recipe steps, run in recipe order ([run] stages; default "
-                        f"{','.join(RUNNABLE)}); a repeated stage by its label (align@text); or a Stage subclass "
+                        f"{steps}); a repeated stage by its label (align@text); or a Stage subclass "
                         "as module:Class (importable from the current folder). Default: every step of the recipe "
                         "but its download")
     p.add_argument("--run", required=True, help="run name: runs/NAME")
     p.add_argument("--input", default=None,
                    help="folder of Parquet shards (or one .parquet file) with a text column; default: the run's "
                         "previous stage output")
-    _add_config(p)
-    _add_exec(p)
+    add_config(p)
+    add_exec(p)
     p.set_defaults(fn=cmd_run)
 
     for extra in _extra_commands():
@@ -368,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         subs = dict(_subparsers(parser))
         (subs.get(getattr(args, "command", ""), parser)).error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
-    run_dir = _run_dir(args) if getattr(args, "run", None) else None
+    run_dir = run_dir_of(args) if getattr(args, "run", None) else None
     created = run_dir is not None and not shards.exists(run_dir)
     try:
         return int(args.fn(args) or 0)

@@ -14,7 +14,7 @@ from typing import Any
 import tomli_w
 
 from pipeline import recipe
-from pipeline.stage import STAGE_ORDER, StageError, stage_class
+from pipeline.stage import StageError, stage_class, stage_names
 
 
 class ConfigError(ValueError):
@@ -69,7 +69,7 @@ def _registered_sections() -> list[str]:
 def section_class(name: str):
     if "@" in name:  # a labelled step of the recipe (`[align@text]`): its stage's Config
         name = name.partition("@")[0]
-    if name in STAGE_ORDER:
+    if name in stage_names():
         try:
             return stage_class(name).Config
         except StageError:
@@ -103,7 +103,7 @@ def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
 def resolve(raw: dict) -> dict[str, dict]:
     """Defaults for every known section, overridden by `raw`; validated."""
     out: dict[str, dict] = {}
-    names = ["run"] + STAGE_ORDER + _registered_sections() + recipe.labelled_sections(raw)
+    names = ["run"] + stage_names() + _registered_sections() + recipe.labelled_sections(raw)
     for section in list(raw):
         if ":" in section:  # a user stage ("module:Class"): its own Config validates it when built
             out[section] = dict(raw[section])

@@ -34,7 +34,13 @@ def _source_tree_entry_points() -> dict[str, dict[str, str]] | None:
 def registered(group: str) -> list[tuple[str, str]]:
     """(name, "module:attr") of every entry point of `group`: the project's own (from its source tree's
     pyproject.toml when there is one, else from the installed metadata), then other distributions'. A name the
-    project registers is not overridden."""
+    project registers is not overridden. Read once per process (`registered.cache_clear()` reads again): the
+    stage registry is asked on every stage lookup, and a metadata scan costs ~15 ms."""
+    return list(_registered(group))
+
+
+@lru_cache(maxsize=None)
+def _registered(group: str) -> tuple[tuple[str, str], ...]:
     from importlib.metadata import entry_points
 
     source = _source_tree_entry_points()
@@ -43,7 +49,10 @@ def registered(group: str) -> list[tuple[str, str]]:
         if source is not None and ep.dist is not None and ep.dist.name == PROJECT:
             continue  # the source tree's list replaces the install's
         out.setdefault(ep.name, ep.value)
-    return list(out.items())
+    return tuple(out.items())
+
+
+registered.cache_clear = _registered.cache_clear  # type: ignore[attr-defined]
 
 
 def load(value: str):

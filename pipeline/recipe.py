@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from pipeline.stage import STAGE_ORDER, StageError, stage_class
+from pipeline.stage import StageError, stage_class
 
 CUSTOM_POSITION = 90  # a user's stage run outside the recipe: after every step (its folder: 90_<name>)
 
@@ -24,9 +24,20 @@ CUSTOM_POSITION = 90  # a user's stage run outside the recipe: after every step 
 _STEP = re.compile(r"^(?P<stage>[A-Za-z_][\w.]*(?::[A-Za-z_]\w*)?)(?:@(?P<label>[a-z0-9][a-z0-9_-]*))?$")
 
 
+RECIPES_GROUP = "clipcurate.recipes"  # entry point `default` (pyproject.toml): the project names its recipe there
+
+
 def default_recipe() -> list[str]:
-    """Today's order: ingest, align, metaclip, klite, dfn, emit."""
-    return list(STAGE_ORDER)
+    """The recipe a run follows when its config names none: the `default` of `clipcurate.recipes` (the
+    project's: ingest, align, metaclip, klite, dfn, emit)."""
+    from pipeline import plugins
+
+    target = dict(plugins.registered(RECIPES_GROUP)).get("default")
+    names = plugins.load(target) if target else None
+    if not names:
+        raise StageError("no default recipe is installed (entry point clipcurate.recipes: default): give the "
+                         "stages in the config, [run] stages = [...]")
+    return list(names)
 
 
 @dataclasses.dataclass(frozen=True)

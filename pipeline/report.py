@@ -9,8 +9,8 @@ are embedded as data URIs.
 from __future__ import annotations
 
 import base64
+import posixpath
 import dataclasses
-import glob
 import html
 import io
 import json
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import shards
 from pipeline.images import REF_COL, ImageStoreError, run_reader
@@ -45,27 +44,29 @@ def stage_folders(run_dir: str) -> list[tuple[str, str]]:
         steps = recipe.steps_of(recipe.default_recipe())
     out, seen = [], set()
     for step in steps:
-        d = Path(run_dir) / step.folder
-        seen.add(d.name)
-        if (d / "_manifest.json").exists():
-            out.append((step.name, str(d)))
-    for d in sorted(Path(run_dir).glob("[0-9][0-9]_*")):
-        if d.name not in seen and (d / "_manifest.json").exists():
-            stage = (shards.read_json(str(d / "_manifest.json")) or {}).get("stage", "")
+        d = shards.join(run_dir, step.folder)
+        seen.add(step.folder)
+        if shards.exists(shards.join(d, "_manifest.json")):
+            out.append((step.name, d))
+    fs, p = shards.fs_and_path(run_dir)
+    for name in sorted(posixpath.basename(x.rstrip("/")) for x in fs.glob(p.rstrip("/") + "/[0-9][0-9]_*")):
+        if name not in seen:
+            stage = (shards.read_json(shards.join(run_dir, name, "_manifest.json")) or {}).get("stage", "")
             if stage:
-                out.append((stage, str(d)))
+                out.append((stage, shards.join(run_dir, name)))
     return out
 
 
 def manifests(run_dir: str) -> list[dict]:
-    return [shards.read_json(os.path.join(folder, "_manifest.json")) for _, folder in stage_folders(run_dir)]
+    return [shards.read_json(shards.join(folder, "_manifest.json")) for _, folder in stage_folders(run_dir)]
 
 
-def histograms(run_dir: str) -> dict[str, dict]:
-    """Run every finished stage's report hook; figures land in runs/NAME/report/."""
-    if not Path(run_dir).exists():
+def histograms(run_dir: str, out_dir: str | None = None) -> dict[str, dict]:
+    """Run every finished stage's report hook; figures land in `out_dir` (a local folder: runs/NAME/report/ for
+    a local run; the hooks read the stage folders wherever they are, through fsspec)."""
+    if not shards.exists(run_dir):
         raise StageError(f"run folder {run_dir} does not exist")
-    out_dir = os.path.join(run_dir, "report")
+    out_dir = out_dir or os.path.join(run_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
     results = {}
     for name, folder in stage_folders(run_dir):
@@ -77,7 +78,7 @@ def histograms(run_dir: str) -> dict[str, dict]:
         if "@" in name:  # a repeated stage: its figures must not overwrite the other step's
             step_out = os.path.join(out_dir, name.replace("@", "-"))
             os.makedirs(step_out, exist_ok=True)
-        cfg = (shards.read_json(os.path.join(folder, "_manifest.json")) or {}).get("config", {})
+        cfg = (shards.read_json(shards.join(folder, "_manifest.json")) or {}).get("config", {})
         try:
             stage = cls(cfg)
         except TypeError:
@@ -113,13 +114,13 @@ def _sample_rows(files: list[str], reason: str | None, k: int) -> list[dict]:
     rows: list[dict] = []
     for f in files:
         try:
-            schema = pq.read_schema(f)
+            schema = shards.read_schema(f)
         except Exception:
             continue
         cols = [c for c in ("uid", "text", REF_COL, "reason") if c in schema.names]
         if REF_COL not in cols:
             return []
-        t = pq.read_table(f, columns=cols)
+        t = shards.read_shard(f, columns=cols)
         if reason is not None and "reason" in cols:
             t = t.filter(pc.equal(t.column("reason"), reason))
         rows += t.slice(0, k - len(rows)).to_pylist()
@@ -139,14 +140,21 @@ def _with_pixels(rows: list[dict], reader) -> list[bytes | None]:
         return [None] * len(rows)
 
 
+def _parts(folder: str) -> list[str]:
+    """The folder's part-*.parquet shards, local or fsspec; [] when there is no such folder."""
+    if not shards.exists(folder):
+        return []
+    return [p for p in shards.list_shards(folder) if shards.shard_name(p).startswith("part-")]
+
+
 def thumbnails(run_dir: str) -> list[dict]:
     """Per stage: a group of kept rows and one group per rejection reason, with thumbnails and captions."""
     groups = []
     reader = run_reader(run_dir)
     for name, folder in stage_folders(run_dir):
-        m = shards.read_json(os.path.join(folder, "_manifest.json")) or {}
-        kept_files = sorted(glob.glob(os.path.join(folder, "part-*.parquet")))
-        rej_files = sorted(glob.glob(os.path.join(folder, "rejected", "part-*.parquet")))
+        m = shards.read_json(shards.join(folder, "_manifest.json")) or {}
+        kept_files = _parts(folder)
+        rej_files = _parts(shards.join(folder, "rejected"))
         specs = [("kept", kept_files, None)] + [(r, rej_files, r) for r in list(m.get("reasons", {}))[:12]]
         for label, files, reason in specs:
             rows = _sample_rows(files, reason, THUMBS_PER_GROUP)
@@ -224,14 +232,15 @@ def timing_rows(ms: list[dict]) -> list[list]:
     return rows
 
 
-def _training(run_dir: str) -> dict:
-    """Training curve + zero-shot results if the trainer wrote them (metrics.jsonl / eval*.json)."""
+def _training(run_dir: str, out_dir: str) -> dict:
+    """Training curve (drawn into `out_dir`) + zero-shot results if the trainer wrote them (metrics.jsonl /
+    eval-*.json), and the ablation; read through fsspec."""
     out: dict = {}
-    train = Path(run_dir) / "train"
-    metrics = train / "metrics.jsonl"
-    if metrics.exists():
+    train = shards.join(run_dir, "train")
+    metrics = shards.join(train, "metrics.jsonl")
+    if shards.exists(metrics):
         pts = []
-        for line in metrics.read_text().splitlines():
+        for line in shards.read_bytes(metrics).decode("utf-8", "replace").splitlines():
             try:
                 d = json.loads(line)
             except json.JSONDecodeError:
@@ -250,21 +259,23 @@ def _training(run_dir: str) -> dict:
             ax.set_ylabel("contrastive loss")
             ax.set_title("training curve")
             fig.tight_layout()
-            path = Path(run_dir) / "report" / "training_curve.png"
+            path = os.path.join(out_dir, "training_curve.png")
             fig.savefig(path)
             plt.close(fig)
-            out["curve"] = str(path)
+            out["curve"] = path
     evals = {}
-    for f in sorted(train.glob("eval-*.json")) if train.exists() else []:  # eval-NAME.json (not eval_digests.json)
-        try:
-            evals[f.stem] = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            pass
+    fs, tp = shards.fs_and_path(train)
+    # eval-NAME.json (not eval_digests.json)
+    for f in sorted(fs.glob(tp.rstrip("/") + "/eval-*.json")) if fs.exists(tp) else []:
+        name = posixpath.basename(f)
+        ev = shards.read_json(shards.join(train, name))
+        if ev is not None:
+            evals[name.removesuffix(".json")] = ev
     if evals:
         out["eval"] = evals
-    ablation = Path(run_dir) / "ablation.json"
-    if ablation.exists():
-        out["ablation"] = json.loads(ablation.read_text())
+    ablation = shards.read_json(shards.join(run_dir, "ablation.json"))
+    if ablation is not None:
+        out["ablation"] = ablation
     return out
 
 
@@ -319,11 +330,25 @@ def build_report(run_dir: str) -> dict:
     ms = manifests(run_dir)
     if not ms:
         raise StageError(f"run {run_dir} has no finished stage yet: nothing to report")
+    if not shards.is_local(run_dir):  # drawn in a local folder, then copied next to the run (s3://...)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="clipcurate-report-") as tmp:
+            res = _build_report(run_dir, Path(tmp))
+            dest = shards.join(run_dir, "report")
+            fs, p = shards.fs_and_path(dest)
+            fs.put(tmp.rstrip("/") + "/", p, recursive=True)
+            return {**res, "html": shards.join(dest, "report.html"), "md": shards.join(dest, "report.md")}
     out_dir = Path(run_dir) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    hooks = histograms(run_dir)
+    return _build_report(run_dir, out_dir)
+
+
+def _build_report(run_dir: str, out_dir: Path) -> dict:
+    ms = manifests(run_dir)
+    hooks = histograms(run_dir, str(out_dir))
     thumbs = thumbnails(run_dir)
-    training = _training(run_dir)
+    training = _training(run_dir, str(out_dir))
     funnel = funnel_rows(ms)
     truth = world_truth(run_dir)
     quality = None
@@ -480,7 +505,11 @@ def render_check(html_path: str, png_path: str | None = None, browser: str | Non
 # ---- CLI -----------------------------------------------------------------------------------------
 def cmd_histograms(args) -> int:
     run_dir = shards.join(args.runs_dir, args.run)
-    results = histograms(run_dir)
+    out_dir = None
+    if not shards.is_local(run_dir):  # figures are drawn on this machine: next to the current folder
+        out_dir = os.path.abspath(f"report-{args.run}")
+        print(f"{run_dir} is not on this machine: figures go to {out_dir} (`clipcurate report` puts them in the run)")
+    results = histograms(run_dir, out_dir)
     n = 0
     for name, res in results.items():
         for title, path in res.get("figures", []):

@@ -38,7 +38,7 @@ from pipeline import codec, images, schema, shards
 from pipeline.config import ConfigError, RunConfig
 from pipeline import recipe
 from pipeline.context import ShardContext
-from pipeline.stage import STAGE_ORDER, Stage, StageError, fingerprint, get_stage, stage_class
+from pipeline.stage import Stage, StageError, fingerprint, get_stage, stage_class
 
 log = logging.getLogger("clipcurate.runner")
 
@@ -837,6 +837,11 @@ def _driver_writes(name: str, run_dir: str):
         raise StageError(f"{name}: cannot write in the run folder {run_dir}: {e}") from e
 
 
+def _download_step(steps) -> str:
+    """The recipe's downloading step, for messages ("ingest" in the default recipe)."""
+    return next((s.name for s in steps if stage_class(s.stage).downloads), "ingest")
+
+
 def run_pipeline(
     stages: Iterable[str],
     run_dir: str,
@@ -850,10 +855,9 @@ def run_pipeline(
     steps = recipe.of_config(config)
     todo = recipe.plan(list(stages), steps)
     for st in todo:
-        if st.stage == STAGE_ORDER[0]:
+        if stage_class(st.stage).downloads:  # (an unknown or missing stage fails here, before any work)
             raise StageError(f"{st.name} is not run with `run`: it downloads a URL list, use "
                              f"`clipcurate {st.stage} URLS --run NAME`")
-        stage_class(st.stage)  # fail fast on unknown or missing stages
     from pipeline import config as config_mod
 
     with _driver_writes("run", run_dir):
@@ -873,7 +877,7 @@ def run_pipeline(
                     log.info("%s reads %s, the pool this run was started on (--input)", st.name, current)
                 if current is None:
                     raise StageError(f"{st.name}: no input in run {run_dir}: ingest a URL list first "
-                                     f"(clipcurate {STAGE_ORDER[0]} URLS --run NAME), or give --input DIR")
+                                     f"(clipcurate {_download_step(steps)} URLS --run NAME), or give --input DIR")
                 _warn_skipped(st, current, steps, todo)
             with _driver_writes(st.name, run_dir):
                 res = run_stage(st, run_dir, current, config, ex, upstream_is_stage=from_stage)

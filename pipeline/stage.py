@@ -22,8 +22,9 @@ import pyarrow.compute as pc
 from pipeline import codec, shards
 from pipeline.context import ShardContext
 
-# The built-in stages, in the default recipe's order (pipeline/recipe.py; a run's own is `[run] stages`).
-STAGE_ORDER = ["ingest", "align", "metaclip", "klite", "dfn", "emit"]
+# Stages are found by name through the `clipcurate.stages` entry point (pyproject.toml: `name = "module:Class"`),
+# so the spine names none; a user's stage is given as "package.module:Class".
+STAGES_GROUP = "clipcurate.stages"
 
 
 class StageError(RuntimeError):
@@ -42,6 +43,9 @@ class Stage:
     # (pipeline/worker_init.py), so a worker's first shard does not pay for them. Only ones cheap to hold for a
     # worker's life: not torch, nor a spaCy model.
     worker_imports: ClassVar[tuple[str, ...]] = ()
+    # A stage that turns a URL list into the run's image store (ingest) runs by its own command, which downloads
+    # first; `clipcurate run` never runs it.
+    downloads: ClassVar[bool] = False
 
     @dataclasses.dataclass
     class Config:
@@ -203,8 +207,17 @@ from pipeline.hashing import uid_to_u64, uniform  # noqa: E402,F401
 
 
 # ---- registry ------------------------------------------------------------------------------------
+def stage_names() -> list[str]:
+    """The registered stages' names (`clipcurate.stages`), in registration order."""
+    from pipeline import plugins
+
+    return [name for name, _ in plugins.registered(STAGES_GROUP)]
+
+
 def stage_class(name: str) -> type[Stage]:
-    """A built-in stage by name, or a user's stage as "package.module:ClassName"."""
+    """A registered stage by name, or a user's stage as "package.module:ClassName"."""
+    from pipeline import plugins
+
     if ":" in name:
         module_name, _, cls_name = name.partition(":")
         try:
@@ -212,15 +225,21 @@ def stage_class(name: str) -> type[Stage]:
         except (ModuleNotFoundError, AttributeError) as e:
             raise StageError(f"cannot load stage '{name}': {e} (the module must be importable from the current "
                              "folder or PYTHONPATH)") from None
-    if name not in STAGE_ORDER:
-        raise StageError(f"unknown stage '{name}' (stages: {', '.join(STAGE_ORDER[1:])}; or your own as module:Class)")
+    target = dict(plugins.registered(STAGES_GROUP)).get(name)
+    if target is None:
+        runnable = [n for n in stage_names() if not _downloads(n)]
+        raise StageError(f"unknown stage '{name}' (stages: {', '.join(runnable)}; or your own as module:Class)")
+    cls = plugins.load(target)
+    if cls is None:
+        raise StageError(f"stage '{name}' is not available in this version")
+    return cls
+
+
+def _downloads(name: str) -> bool:
     try:
-        module = importlib.import_module(f"stages.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"stages.{name}":
-            raise StageError(f"stage '{name}' is not available in this version") from None
-        raise
-    return module.STAGE
+        return bool(stage_class(name).downloads)
+    except StageError:
+        return False
 
 
 def fingerprint(obj: Any) -> str:

@@ -39,10 +39,10 @@ def _import_spine() -> None:
         import pipeline.runner  # noqa: F401
         from PIL import Image
 
-        from pipeline.stage import STAGE_ORDER, stage_class
+        from pipeline.stage import stage_class, stage_names
 
         Image.preinit()
-        for name in STAGE_ORDER:  # the built-in stages' own cheap lazy imports (Stage.worker_imports)
+        for name in stage_names():  # the registered stages' own cheap lazy imports (Stage.worker_imports)
             for module in stage_class(name).worker_imports:
                 importlib.import_module(module)
     except Exception:  # noqa: BLE001 - a warm-up only: the task that needs the module reports the error

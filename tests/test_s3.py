@@ -118,3 +118,55 @@ def test_run_folder_and_image_store_on_s3_with_resume(s3, tmp_path, capsys, capl
     assert "Traceback" not in captured.err
     after = {p: _digest(s3, p) for p in s3.glob("curation/runs/w/0*/part-*.parquet") + tars}
     assert after == before
+
+    # the report, drawn here and written next to the run in the bucket: funnel, the stages' figures, thumbnails
+    assert cli_main(base + ["report", "--run", "w"]) == 0
+    html = s3.cat_file("curation/runs/w/report/report.html").decode()
+    md = s3.cat_file("curation/runs/w/report/report.md").decode()
+    assert "<h2>Funnel</h2>" in html and "## Funnel" in md and "data:image/jpeg;base64," in html
+    import re
+
+    figures = re.findall(r'src="([^"]+\.png)"', html)
+    assert len(figures) >= 3 and all(s3.exists(f"curation/runs/w/report/{f}") for f in figures)
+
+
+def test_eval_images_on_s3_give_the_same_hashes_and_fingerprint(s3, tmp_path):
+    """align's eval set (a folder of images, nested, or Parquet files) read through fsspec: the same dHashes and
+    the same fingerprint part as the local copy."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from stages.align import AlignStage
+    from stages.align.images import load_eval_hashes
+
+    local = tmp_path / "eval"
+    rng = np.random.default_rng(0)
+    for i, rel in enumerate(["a.png", "b-c/x.png", "b/y.jpg", "b/z/w.png", "notes.txt"]):
+        f = local / rel
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            f.write_text("not an image")
+            continue
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(buf, "PNG")
+        f.write_bytes(buf.getvalue())
+    s3.put(str(local), "curation/eval", recursive=True)
+    pq.write_table(pa.table({"image": [(local / "a.png").read_bytes(), b"junk"]}), tmp_path / "set.parquet")
+    s3.put(str(tmp_path / "set.parquet"), "curation/sets/set.parquet")
+
+    for here, there in ((str(local), "s3://curation/eval"), (str(tmp_path / "set.parquet"), "s3://curation/sets"),
+                        (str(tmp_path / "set.parquet"), "s3://curation/sets/set.parquet")):
+        a, bad_a = load_eval_hashes(here, 10**7)
+        b, bad_b = load_eval_hashes(there, 10**7)
+        assert sorted(a.tolist()) == sorted(b.tolist()) and bad_a == bad_b and len(a) >= 1
+    assert len(load_eval_hashes("s3://curation/eval", 10**7)[0]) == 4
+    fl = AlignStage({"eval_images": str(local)}).fingerprint_parts()["eval"]
+    fs3 = AlignStage({"eval_images": "s3://curation/eval"}).fingerprint_parts()["eval"]
+    assert fl == fs3 and [r for r, _ in fl] == ["a.png", "b/y.jpg", "b/z/w.png", "b-c/x.png", "notes.txt"]
+    # the part as it was before fsspec (pathlib's order and sizes), so a local eval set's runs are not redone
+    before = [(str(f.relative_to(local)), f.stat().st_size) for f in sorted(x for x in local.rglob("*") if x.is_file())]
+    assert fl == before

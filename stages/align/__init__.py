@@ -61,13 +61,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline import shards
 from pipeline.config import check_ranges
 from pipeline.hashing import combine64, hash64_strings, other_copy_kept, row_content_key, row_positions
 from pipeline.images import MAX_IMAGE_PIXELS
@@ -76,8 +76,8 @@ from pipeline.stage import Stage, StageError, split_by_reason
 
 from . import stats as _stats
 from .features import RowFeatures, judged_size, row_features
-from .images import (IMAGE_CHUNK, IMAGE_EXTS, IMAGE_FACTS, HammingIndex, decode_threads, dhash64, image_facts,
-                     inspect_image, load_eval_hashes)
+from .images import (IMAGE_CHUNK, IMAGE_EXTS, IMAGE_FACTS, HammingIndex, decode_threads, dhash64, eval_files,
+                     image_facts, inspect_image, load_eval_hashes)
 from .minhash import MinHasher
 from .report import funnel_report
 from .rules import (REASONS, AspectRatio, EvalNearDuplicate, ExactDuplicate, ImageManyTexts, ImageTooSmall,
@@ -187,7 +187,7 @@ class AlignStage(Stage):
         if not self.config.eval_images:
             return None
         if self._eval is None:
-            if not Path(self.config.eval_images).exists():
+            if not shards.exists(self.config.eval_images):
                 raise StageError(f"align: eval_images {self.config.eval_images} does not exist")
             hashes, bad = load_eval_hashes(self.config.eval_images, self.config.max_image_pixels)
             self._eval = HammingIndex(hashes, self.config.eval_hamming)
@@ -211,10 +211,11 @@ class AlignStage(Stage):
         parts = {"datasketch": datasketch.__version__, "wordfreq": getattr(wordfreq, "__version__", "3.1.1"),
                  "uid_copies": 1, "polars": pl.__version__,  # row_content_key JSON-encodes nested columns with polars
                  "dhash": "draft-L"}  # dHash of the image decoded straight to grey (was "RGB", then converted)
-        if self.config.eval_images and Path(self.config.eval_images).exists():
-            p = Path(self.config.eval_images)
-            files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-            parts["eval"] = [(str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size) for f in files]
+        if self.config.eval_images and shards.exists(self.config.eval_images):
+            # the eval set's files and sizes, local or fsspec: a changed set redoes the stage
+            files = eval_files(self.config.eval_images)
+            name = self.config.eval_images.rstrip("/").rsplit("/", 1)[-1]
+            parts["eval"] = [(rel or name, size) for rel, size in files]
         return parts
 
     # ---- per-row features shared by collect and apply ----

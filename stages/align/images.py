@@ -7,12 +7,12 @@ import os
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import shards
 from pipeline.hashing import content64
 from pipeline.images import open_image
 from pipeline.stage import StageError
@@ -156,21 +156,34 @@ def _image_column(table: pa.Table) -> str | None:
     return None
 
 
+def eval_files(path: str) -> list[tuple[str, int]]:
+    """(path relative to `path`, size) of every file of an eval set, local or fsspec (s3://...): a folder's files,
+    recursively, in path order, or ("", size) for a single file. [] when there is nothing at `path`."""
+    fs, p = shards.fs_and_path(path)
+    if not fs.exists(p):
+        return []
+    if not fs.isdir(p):
+        return [("", int(fs.info(p).get("size") or 0))]
+    root = p.rstrip("/") + "/"
+    found = [(f[len(root):], int(info.get("size") or 0)) for f, info in fs.find(p, detail=True).items()
+             if f.startswith(root) and info.get("type", "file") != "directory"]
+    return sorted(found, key=lambda x: x[0].split("/"))  # the order of the parts, as pathlib sorts paths
+
+
 def load_eval_hashes(path: str, max_pixels: int) -> tuple[np.ndarray, int]:
     """dHashes of an evaluation set: a folder of image files (recursive) or a Parquet file/folder with
     an image-bytes column (image/jpg/bytes, or a {bytes: ...} struct) or a uint64 `image_phash` column.
     Returns (hashes, unreadable count)."""
-    p = Path(path)
     blobs: list[bytes | None] = []
-    if p.is_dir() and not any(p.glob("*.parquet")):
-        for f in sorted(x for x in p.rglob("*") if x.suffix.lower() in IMAGE_EXTS and x.is_file()):
-            blobs.append(f.read_bytes())
-    else:
-        files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
-        import pyarrow.parquet as pq
-
-        for f in files:
-            t = pq.read_table(f)
+    files = eval_files(path)
+    fs, fp = shards.fs_and_path(path)
+    if not fs.isdir(fp):
+        parquet = [path]
+    else:  # a folder: its own Parquet files if it has any (not its subfolders'), else its images, recursively
+        parquet = [shards.join(path, rel) for rel, _ in files if "/" not in rel and rel.endswith(".parquet")]
+    if parquet:
+        for f in parquet:
+            t = shards.read_shard(f)
             if "image_phash" in t.column_names and _image_column(t) is None:
                 col = pc.drop_null(t.column("image_phash")).to_numpy().astype(_U64)
                 blobs.extend(int(x) for x in col)  # type: ignore[arg-type]
@@ -182,6 +195,10 @@ def load_eval_hashes(path: str, max_pixels: int) -> tuple[np.ndarray, int]:
             if pa.types.is_struct(col.type):
                 col = pc.struct_field(col, "bytes")
             blobs.extend(col.to_pylist())
+    else:
+        for rel, _ in files:
+            if os.path.splitext(rel)[1].lower() in IMAGE_EXTS:
+                blobs.append(shards.read_bytes(shards.join(path, rel)))
     hashes, bad = [], 0
     for b in blobs:  # one decode per eval image, once per process
         if isinstance(b, int):

@@ -50,6 +50,7 @@ log = logging.getLogger("clipcurate.ingest")
 
 class IngestStage(Stage):
     name = "ingest"
+    downloads = True  # `clipcurate ingest` (stages/ingest/cli.py) downloads, then runs this stage on the download
     requires = {"url": pa.string(), "status": pa.string()}
 
     @dataclasses.dataclass

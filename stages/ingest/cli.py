@@ -1,0 +1,109 @@
+"""`clipcurate ingest`: download a URL list with img2dataset (or take an img2dataset output folder in place) as
+the run's image store, then run the ingest stage on it. A `clipcurate.commands` entry point (pyproject.toml):
+the spine's CLI finds it without naming this package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import config as config_mod
+from pipeline import recipe, shards
+from pipeline.cli import add_config, add_exec, config_for, print_funnel, run_dir_of
+from pipeline.stage import StageError
+from stages.ingest import IngestStage, crawl_input, download_pool
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest, or use an "
+                                      "img2dataset output folder in place")
+    p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns, or an img2dataset output "
+                                 "folder (Parquet or WebDataset): used in place as the image store, no download")
+    p.add_argument("--run", required=True, help="run name: runs/NAME")
+    add_config(p)
+    p.add_argument("--serve", default=None, help="serve this folder on a loopback proxy while downloading (demo)")
+    add_exec(p)
+    p.set_defaults(fn=cmd_ingest)
+
+
+
+def _ingest_step(cfg: dict) -> "recipe.Step":
+    """The recipe's ingest step: where `clipcurate ingest` writes."""
+    step = recipe.find(recipe.of_config(cfg), "ingest")
+    if step is None:
+        raise StageError("this run's recipe ([run] stages) has no ingest step to download into")
+    return step
+
+
+def cmd_ingest(args) -> int:
+    from pipeline.runner import executor, run_stage
+
+    run_dir = run_dir_of(args)
+    cfg = config_for(args, run_dir, ["ingest"])
+    if _is_folder(args.input):
+        return _ingest_crawl(args, run_dir, cfg)
+    from pipeline.images import ImageStore
+
+    serve = args.serve
+    if serve is None:
+        world = Path(args.input).resolve().parent
+        if (world / "world.json").exists() and (world / "www").is_dir():
+            serve = str(world / "www")  # a demo world: its URLs are served from this machine
+    if serve:
+        cfg["ingest"]["serve_dir"] = str(Path(serve).resolve())
+    config_mod.save(cfg, shards.join(run_dir, "config.toml"))
+    ingest_cfg = IngestStage.Config(**cfg["ingest"])
+    stage_dir = shards.join(run_dir, _ingest_step(cfg).folder)
+    raw_dir, info = download_pool(args.input, stage_dir, ingest_cfg)
+    # the download is the run's image store: ingest's shards and every later stage's hold references into it
+    ImageStore(raw_dir, "parquet", ingest_cfg.encode_format).save(run_dir)
+    with executor(args.workers, args.scheduler) as ex:
+        res = run_stage(_ingest_step(cfg), run_dir, raw_dir, cfg, ex)
+    res.manifest["download"] = info
+    # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
+    res.manifest["urls_in"] = info["unique_urls"]
+    res.manifest["rows_in"] = info["input_rows"]
+    res.manifest["url_list"] = args.input if "://" in str(args.input) else str(Path(args.input).resolve())
+    shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
+    print(
+        f"ingest: {info['input_rows']} URL rows: {info['unique_urls']} unique URLs (each fetched once), "
+        f"{info['bad_urls']} malformed, {info.get('duplicates', 0)} repeated (url, caption) rows (kept once)"
+    )
+    print_funnel([res])
+    print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
+    _fail_if_nothing_kept(res, "no URL downloaded", "check the URLs and the network")
+    return 0
+
+
+def _fail_if_nothing_kept(res, what: str, todo: str) -> None:
+    """An ingest that kept no row is an error (exit 2), not a success with a funnel of zeros; its rows stay in
+    rejected/ with their reasons."""
+    if res.manifest["rows_out"] == 0 and res.manifest["rejected"] > 0:
+        top = next(iter(res.manifest["reasons"]), "")
+        raise StageError(f"ingest: {what} ({res.manifest['rejected']} rows rejected, most as '{top}'); "
+                         f"{todo}, reasons per row in {res.folder}/rejected/")
+
+
+def _is_folder(path: str) -> bool:
+    fs, p = shards.fs_and_path(path)
+    return fs.isdir(p)
+
+
+def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
+    """Bring your own crawl: an img2dataset output folder (Parquet or WebDataset) is the run's image store, in
+    place; ingest converts its metadata to rows with references, failures to rejected/ with img2dataset's error."""
+    from pipeline.runner import executor, run_stage
+
+    config_mod.save(cfg, shards.join(run_dir, "config.toml"))
+    stage_dir = shards.join(run_dir, _ingest_step(cfg).folder)
+    store, input_dir = crawl_input(args.input, stage_dir)
+    store.save(run_dir)
+    with executor(args.workers, args.scheduler) as ex:
+        res = run_stage(_ingest_step(cfg), run_dir, input_dir, cfg, ex)
+    res.manifest["crawl"] = {"root": store.root, "format": store.format}
+    shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
+    kind = "WebDataset" if store.format == "wds" else "Parquet"
+    print(f"ingest: img2dataset {kind} output {store.root} used in place as the image store")
+    print_funnel([res])
+    print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
+    _fail_if_nothing_kept(res, "no image of the crawl is usable", "check the crawl's status column")
+    return 0
