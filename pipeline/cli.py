@@ -204,14 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_globals(ap, top=True)
     sub = ap.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    steps = ",".join(runnable())
-    p = sub.add_parser("run", help=f"run stages on a run's previous output or --input: {steps} or your own "
+    try:  # the names only: importing every stage to ask which one downloads would slow every command's start
+        steps = ",".join(recipe.default_recipe())
+    except StageError:
+        steps = "(none installed)"
+    p = sub.add_parser("run", help="run recipe steps on a run's previous output or --input, or your own "
                                    "module:Class")
     p.add_argument("stages", nargs="?", default=None,
-                   help=f"comma list of recipe steps, run in recipe order ([run] stages; default "
+                   help=f"comma list of recipe steps, run in recipe order ([run] stages; the default recipe: "
                         f"{steps}); a repeated stage by its label (align@text); or a Stage subclass "
                         "as module:Class (importable from the current folder). Default: every step of the recipe "
-                        "but its download")
+                        "but its download, which `clipcurate ingest` runs")
     p.add_argument("--run", required=True, help="run name: runs/NAME")
     p.add_argument("--input", default=None,
                    help="folder of Parquet shards (or one .parquet file) with a text column; default: the run's "
