@@ -5,6 +5,7 @@ training set there, and a rerun resumes there (only what is missing is redone, t
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import socket
 import subprocess
@@ -170,3 +171,69 @@ def test_eval_images_on_s3_give_the_same_hashes_and_fingerprint(s3, tmp_path):
     # the part as it was before fsspec (pathlib's order and sizes), so a local eval set's runs are not redone
     before = [(str(f.relative_to(local)), f.stat().st_size) for f in sorted(x for x in local.rglob("*") if x.is_file())]
     assert fl == before
+
+
+def test_training_runs_resumes_and_evaluates_in_the_bucket(s3, tmp_path, capsys):
+    """A run whose runs dir is s3://: step checkpoints, model.pt, metrics.jsonl, train.json and the eval results
+    land in the bucket; a run stopped after step 3 resumes from its checkpoint there and ends with the weights
+    and losses of an uninterrupted local run (bit for bit on CPU). The training data stays local."""
+    import json
+
+    import s3fs
+    import torch
+
+    from demo.world import make_world
+    from tests.test_trainer import _losses
+    from trainer.config import TrainConfig
+    from trainer.train import checkpoints, train
+
+    world = tmp_path / "world"
+    make_world(world, n=300, seed=0)
+    hq = str(world / "hq.parquet")
+    settings = dict(steps=6, batch_size=16, save_every=2, keep_checkpoints=1, warmup=1, log_every=1, workers=0,
+                    device="cpu", lr=5e-4)
+    local = tmp_path / "local"
+    full = train(TrainConfig(**settings), hq, str(local), progress=False)
+
+    out = "s3://curation/runs/t/train"
+    part = train(TrainConfig(**settings), hq, out, progress=False, stop_after=3)
+    assert part["stopped"] and part["checkpoint"] == f"{out}/checkpoints/step-000003.pt"
+    assert checkpoints(out) == [(3, f"{out}/checkpoints/step-000003.pt")]  # step 2's pruned (keep_checkpoints=1)
+    assert not s3.exists("curation/runs/t/train/model.pt")
+    metrics = s3.cat_file("curation/runs/t/train/metrics.jsonl").decode()
+    assert [json.loads(line)["step"] for line in metrics.splitlines()] == [1, 2, 3]  # rewritten at the checkpoint
+
+    # resumed through the command line (a new process: nothing cached), evaluated on the demo's eval sets
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+                   + f"eval_sets = [\"{world / 'eval' / 'classification.parquet'}\"]\n")
+    s3fs.S3FileSystem.clear_instance_cache()
+    base = ["--runs-dir", "s3://curation/runs"]
+    train_args = base + ["train", "--run", "t", "--config", str(cfg), "--data", hq, "--resume"]
+    assert cli_main(train_args) == 0
+    printed = capsys.readouterr().out
+    assert f"model: {out}/model.pt" in printed and f"-> {out}/eval-classification.json" in printed
+    names = {p.rsplit("/", 1)[-1] for p in s3.ls("curation/runs/t/train")}
+    assert {"model.pt", "train.json", "metrics.jsonl", "data_digests.json", "eval-classification.json",
+            "eval_fingerprint.json", "checkpoints"} <= names
+    assert not [n for n in s3.find("curation/runs/t") if "tmp" in n.rsplit("/", 1)[-1]]  # no temporaries left
+    summary = json.loads(s3.cat_file("curation/runs/t/train/train.json"))
+    assert summary["resumed_from"] == 3 and summary["steps"] == 6 and summary["model_path"] == f"{out}/model.pt"
+    assert summary["last_loss"] == full["last_loss"]
+    remote = [(d["step"], d["loss"]) for d in map(json.loads, s3.cat_file("curation/runs/t/train/metrics.jsonl")
+                                                   .decode().splitlines())]
+    assert remote == _losses(local / "metrics.jsonl") and [s for s, _ in remote] == list(range(1, 7))
+    sa = torch.load(local / "model.pt", weights_only=True)["state_dict"]
+    sb = torch.load(io.BytesIO(s3.cat_file("curation/runs/t/train/model.pt")), weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert checkpoints(out) == [(6, f"{out}/checkpoints/step-000006.pt")]
+
+    # --resume again: nothing to train, and the recorded eval results are read back from the bucket
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert cli_main(train_args) == 0
+    printed = capsys.readouterr().out
+    assert "nothing to train" in printed and "recorded results" in printed
+    # eval by run name: the model in the bucket, results written there again
+    s3.rm("curation/runs/t/train/eval-classification.json")
+    assert cli_main(base + ["eval", "--run", "t", "--config", str(cfg)]) == 0
+    assert json.loads(s3.cat_file("curation/runs/t/train/eval-classification.json"))["checkpoint"] == f"{out}/model.pt"

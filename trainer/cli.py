@@ -24,8 +24,8 @@ def _train_config(args, section: str = "train"):
 
 
 def _default_data(run_dir: str) -> str:
-    emit = os.path.join(run_dir, "emit")
-    if not os.path.isdir(emit):
+    emit = shards.join(run_dir, "emit")
+    if not shards.exists(emit):
         raise FileNotFoundError(
             f"no training data: {emit} does not exist (run the emit stage first, or give --data PATH)"
         )
@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
 
     run_dir, _, tc = _train_config(args)
     data = args.data or tc.data or _default_data(run_dir)
-    out = os.path.join(run_dir, "train")
+    out = shards.join(run_dir, "train")
     try:
         s = train(tc, data, out, resume=args.resume)
     except (DataError, ValueError) as e:
@@ -71,7 +71,7 @@ def _eval_fingerprint(checkpoint: str, sets: list, tc, model_name: str, out_dir:
     from pipeline.stage import fingerprint
     from trainer.evaluate import eval_specs
 
-    digests = shards.DigestCache(os.path.join(out_dir, "eval_digests.json"))
+    digests = shards.DigestCache(shards.join(out_dir, "eval_digests.json"))
     files = []
     for p, klite in eval_specs(sets, tc.klite_eval):
         found = ([os.path.join(r, n) for r, _, ns in os.walk(p) for n in ns] if os.path.isdir(p) else [p])
@@ -102,25 +102,29 @@ def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_
     from trainer.evaluate import evaluate
 
     fp = _eval_fingerprint(checkpoint, paths, tc, model_name, out_dir) if out_dir and reuse else None
-    record = os.path.join(out_dir, "eval_fingerprint.json") if out_dir else None
+    record = shards.join(out_dir, "eval_fingerprint.json") if out_dir else None
     prior = shards.read_json(record) if fp else None
     if prior and prior.get("fingerprint") == fp and all(
-            os.path.exists(os.path.join(out_dir, f"eval-{n}.json")) for n in prior.get("names", [])):
+            shards.exists(shards.join(out_dir, f"eval-{n}.json")) for n in prior.get("names", [])):
         for name in prior["names"]:
-            with open(os.path.join(out_dir, f"eval-{name}.json")) as f:
-                _print_result(name, json.load(f), "   (unchanged model and eval sets: recorded results)")
+            recorded = json.loads(shards.read_bytes(shards.join(out_dir, f"eval-{name}.json")))
+            _print_result(name, recorded, "   (unchanged model and eval sets: recorded results)")
         return 0
-    if record and os.path.exists(record):
-        os.remove(record)  # vouches for the eval-*.json files only once they are written again below
+    if record and shards.exists(record):
+        shards.remove(record)  # vouches for the eval-*.json files only once they are written again below
     res = evaluate(checkpoint, paths, model_name=model_name, device=tc.device, precision=tc.precision,
                    templates=tc.templates, batch_size=tc.eval_batch_size, klite=tc.klite_eval)
     for name, r in res["results"].items():
         _print_result(name, r)
         if out_dir:
-            os.makedirs(out_dir, exist_ok=True)
-            path = os.path.join(out_dir, f"eval-{name}.json")
-            with open(path, "w") as f:
-                json.dump({"checkpoint": checkpoint, "model": res["model"], **r}, f, indent=2)
+            path = shards.join(out_dir, f"eval-{name}.json")
+            data = {"checkpoint": checkpoint, "model": res["model"], **r}
+            if shards.is_local(out_dir):
+                os.makedirs(out_dir, exist_ok=True)
+                with open(path, "w") as f:
+                    json.dump(data, f, indent=2)
+            else:  # an object store: one put of the same bytes
+                shards.write_bytes(json.dumps(data, indent=2).encode(), path)
             print(f"  -> {path}")
     if record and fp:
         shards.write_json({"fingerprint": fp, "names": list(res["results"])}, record)
@@ -139,11 +143,11 @@ def cmd_eval(args) -> int:
     tc = TrainConfig()
     if args.run:
         run_dir, _, tc = _train_config(args)
-        out_dir = os.path.join(run_dir, "train")
+        out_dir = shards.join(run_dir, "train")
     checkpoint = args.checkpoint
     if not checkpoint:
-        final = os.path.join(out_dir, "model.pt")
-        checkpoint = final if os.path.exists(final) else latest_checkpoint(out_dir)
+        final = shards.join(out_dir, "model.pt")
+        checkpoint = final if shards.exists(final) else latest_checkpoint(out_dir)
         if not checkpoint:
             print(f"clipcurate: error: no checkpoint in {out_dir} (train first)", file=sys.stderr)
             return 2
@@ -169,7 +173,7 @@ def cmd_dfn_train(args) -> int:
 
     run_dir, cfg, tc = _train_config(args)
     tc.klite_prob = 0.0  # the filtering network learns from the HQ captions as they are
-    out = os.path.join(run_dir, DFN_MODEL_DIR)
+    out = shards.join(run_dir, DFN_MODEL_DIR)
     try:
         s = train(tc, args.hq, out, resume=args.resume)
     except (DataError, ValueError) as e:
@@ -177,7 +181,8 @@ def cmd_dfn_train(args) -> int:
         return 2
     _print_summary(s)
     # record the model in the run's config, so `clipcurate run dfn --run NAME` finds it
-    cfg.setdefault("dfn", {})["checkpoint"] = os.path.abspath(s["model_path"])
+    model_path = s["model_path"]
+    cfg.setdefault("dfn", {})["checkpoint"] = os.path.abspath(model_path) if shards.is_local(model_path) else model_path
     cfg["dfn"]["model"] = tc.model
     config_mod.save(cfg, shards.join(run_dir, "config.toml"))
     print(f"filtering network: {s['model_path']} (recorded as [dfn] checkpoint in {run_dir}/config.toml)")

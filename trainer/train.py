@@ -9,6 +9,13 @@ Outputs in `out_dir` (runs/NAME/train/ or runs/NAME/dfn_model/):
   model.pt                     the final model only (what `eval` and the dfn stage load)
   metrics.jsonl                {"step", "epoch", "loss", "lr", "logit_scale", "samples_per_s", "wall_s"} lines
   train.json                   summary of the finished run
+  data_digests.json            content digests of the training files (for the run's fingerprint)
+
+`out_dir` is a local folder or an fsspec URL (s3://bucket/runs/NAME/train): checkpoints, model.pt, train.json
+and metrics.jsonl are written through pipeline.shards there (torch.save into memory, then one atomic put),
+checkpoints are listed with fs.glob and read back through memory. An object store cannot append: there
+metrics.jsonl is kept in memory and the whole file is rewritten at each checkpoint and at the end (see
+`_Metrics`). The training data (`data_path`) is read from a local path only (trainer/data.py).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import io
 import json
 import logging
 import math
@@ -23,6 +31,7 @@ import os
 import re
 import time
 
+from pipeline import shards
 from trainer.config import TrainConfig
 from trainer import data as data_mod
 from trainer import models
@@ -33,17 +42,39 @@ CKPT_RE = re.compile(r"step-(\d+)\.pt$")
 
 
 def _atomic_save(obj, path: str) -> None:
+    """torch.save to `path` atomically: locally a temporary file and os.replace; on an fsspec URL the bytes are
+    made in memory and put once (pipeline.shards.write_bytes)."""
     import torch
 
+    if not shards.is_local(path):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        shards.write_bytes(buf.getvalue(), path)
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
+def _torch_load(path: str) -> dict:
+    """A checkpoint as torch.load reads it (weights only, on the CPU), from a local path or an fsspec URL."""
+    import torch
+
+    data = path if shards.is_local(path) else io.BytesIO(shards.read_bytes(path))
+    return torch.load(data, map_location="cpu", weights_only=True)
+
+
 def checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """[(step, path)] of the step checkpoints in `out_dir` (a local folder or an fsspec URL), by step."""
+    pattern = shards.join(out_dir, "checkpoints", "step-*.pt")
+    if shards.is_local(out_dir):
+        paths = glob.glob(pattern)
+    else:
+        fs, p = shards.fs_and_path(pattern)
+        paths = [shards.join(out_dir, "checkpoints", shards.shard_name(g)) for g in fs.glob(p)]
     found = []
-    for p in glob.glob(os.path.join(out_dir, "checkpoints", "step-*.pt")):
+    for p in paths:
         m = CKPT_RE.search(p)
         if m:
             found.append((int(m.group(1)), p))
@@ -86,19 +117,16 @@ def run_fingerprint(cfg: TrainConfig, data_path: str, digests_path: str | None =
 
 def _finished(out_dir: str, cfg: TrainConfig, fp: str) -> dict | None:
     """The summary of a finished run in `out_dir` with this fingerprint and step count, else None."""
-    import torch
-
-    ck_path, summary_path = latest_checkpoint(out_dir), os.path.join(out_dir, "train.json")
-    if not ck_path or not os.path.exists(os.path.join(out_dir, "model.pt")) or not os.path.exists(summary_path):
+    ck_path, summary_path = latest_checkpoint(out_dir), shards.join(out_dir, "train.json")
+    if not ck_path or not shards.exists(shards.join(out_dir, "model.pt")) or not shards.exists(summary_path):
         return None
     try:
-        with open(summary_path) as f:
-            summary = json.load(f)
-    except (OSError, json.JSONDecodeError):
+        summary = shards.read_json(summary_path)  # None when unreadable JSON
+    except OSError:
         return None
-    if summary.get("steps") != cfg.steps:  # more steps asked: no need to load the checkpoint to know
+    if not isinstance(summary, dict) or summary.get("steps") != cfg.steps:  # more steps asked: no need to load
         return None
-    ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+    ck = _torch_load(ck_path)
     if ck.get("fingerprint") != fp or int(ck.get("step", -1)) != cfg.steps or ck.get("model_name") != cfg.model:
         return None
     return {**summary, "resumed_from": cfg.steps, "first_loss": None, "already_trained": True}
@@ -106,7 +134,14 @@ def _finished(out_dir: str, cfg: TrainConfig, fp: str) -> dict | None:
 
 def _clear_checkpoints(out_dir: str) -> None:
     for _, p in checkpoints(out_dir):
-        os.remove(p)
+        _remove(p)
+
+
+def _remove(path: str) -> None:
+    if shards.is_local(path):
+        os.remove(path)
+    else:
+        shards.remove(path)
 
 
 def _param_groups(model, weight_decay: float):
@@ -124,20 +159,69 @@ def _param_groups(model, weight_decay: float):
 
 def _truncate_metrics(path: str, step: int) -> None:
     """On resume: drop lines written after the checkpoint, so the file reads as one uninterrupted run."""
+    if not shards.is_local(path):
+        if shards.exists(path):
+            text = shards.read_bytes(path).decode("utf-8")
+            shards.write_bytes("".join(_lines_upto(text.splitlines(keepends=True), step)).encode("utf-8"), path)
+        return
     if not os.path.exists(path):
         return
-    keep = []
     with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass
+        keep = _lines_upto(f, step)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+def _lines_upto(lines, step: int) -> list[str]:
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass
+    return keep
+
+
+class _Metrics:
+    """metrics.jsonl as the loop writes it, one JSON line per logged step.
+
+    Local: appended and flushed line by line (a killed run keeps every line it logged). On an fsspec URL (an
+    object store cannot append): the file's lines are held in memory and the whole file is rewritten by
+    `save()` at each checkpoint and once more when the loop ends without an error, so a killed run loses at most the lines after its
+    last checkpoint, which a resume redoes anyway (it starts from that checkpoint, and `_truncate_metrics`
+    drops any line past it)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.local = shards.is_local(path)
+        if self.local:
+            self.file = open(path, "a")
+        else:
+            self.lines = [shards.read_bytes(path).decode("utf-8")] if shards.exists(path) else []
+
+    def write(self, rec: dict) -> None:
+        line = json.dumps(rec) + "\n"
+        if self.local:
+            self.file.write(line)
+            self.file.flush()
+        else:
+            self.lines.append(line)
+
+    def save(self) -> None:
+        if not self.local:
+            shards.write_bytes("".join(self.lines).encode("utf-8"), self.path)
+
+    def __enter__(self) -> "_Metrics":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self.local:
+            self.file.close()
+        elif exc_type is None:  # a failed run keeps the file as its last checkpoint saved it
+            self.save()
 
 
 @dataclasses.dataclass
@@ -166,15 +250,18 @@ def train(
 
     `stop_after`: end this call after that step (with a checkpoint), as a kill would; `resume=True` goes on.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    fp = run_fingerprint(cfg, data_path, os.path.join(out_dir, "data_digests.json"))
+    if shards.is_local(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+    else:
+        shards.makedirs(out_dir)
+    fp = run_fingerprint(cfg, data_path, shards.join(out_dir, "data_digests.json"))
     if resume:
         done = _finished(out_dir, cfg, fp)
         if done is not None:  # nothing to train: model.pt and train.json stay as they are (not rewritten)
             log.info("--resume: %s already holds %d steps on this data and settings: nothing to train", out_dir, cfg.steps)
             return done
     parts = _build(cfg, data_path)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    metrics_path = shards.join(out_dir, "metrics.jsonl")
     start = _resume_from_checkpoint(out_dir, cfg, fp, parts) if resume else 0
     _reset_outputs(out_dir, metrics_path, start)
     if start >= cfg.steps:
@@ -186,7 +273,7 @@ def train(
         return {"model": cfg.model, "steps": step, "resumed_from": start, "first_loss": first_loss,
                 "last_loss": last_loss, "stopped": True, "checkpoint": latest_checkpoint(out_dir)}
     final = {"model_name": cfg.model, "state_dict": parts.model.state_dict(), "step": step}
-    _atomic_save(final, os.path.join(out_dir, "model.pt"))
+    _atomic_save(final, shards.join(out_dir, "model.pt"))
     summary = {
         "model": cfg.model,
         "data": data_path,
@@ -198,10 +285,14 @@ def train(
         "device": str(parts.device),
         "precision": parts.precision,
         "seconds": round(time.perf_counter() - t_start, 2),
-        "model_path": os.path.join(out_dir, "model.pt"),
+        "model_path": shards.join(out_dir, "model.pt"),
     }
-    with open(os.path.join(out_dir, "train.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    summary_path = shards.join(out_dir, "train.json")
+    if shards.is_local(out_dir):
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=2)
+    else:
+        shards.write_bytes(json.dumps(summary, indent=2).encode(), summary_path)
     return summary
 
 
@@ -237,7 +328,7 @@ def _resume_from_checkpoint(out_dir: str, cfg: TrainConfig, fp: str, parts: _Par
     import torch
 
     ck_path = latest_checkpoint(out_dir)
-    ck = torch.load(ck_path, map_location="cpu", weights_only=True) if ck_path else None
+    ck = _torch_load(ck_path) if ck_path else None
     if ck is not None and ck.get("fingerprint", fp) != fp:
         log.warning("--resume: %s was trained on other data or settings: starting afresh", ck_path)
         ck = None
@@ -261,8 +352,8 @@ def _reset_outputs(out_dir: str, metrics_path: str, start: int) -> None:
     lines past its checkpoint (the steps it will redo)."""
     if start == 0:
         _clear_checkpoints(out_dir)
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
+        if shards.exists(metrics_path):
+            _remove(metrics_path)
     else:
         _truncate_metrics(metrics_path, start)
 
@@ -289,7 +380,7 @@ def _run_steps(cfg: TrainConfig, parts: _Parts, out_dir: str, metrics_path: str,
     t_start = time.perf_counter()
     t_last, n_since = t_start, 0
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    with open(metrics_path, "a") as mf:
+    with _Metrics(metrics_path) as mf:
         for images, tokens in loader:
             step += 1
             lr = parts.scheduler(step - 1)
@@ -310,10 +401,10 @@ def _run_steps(cfg: TrainConfig, parts: _Parts, out_dir: str, metrics_path: str,
                     "samples_per_s": round(n_since / max(now - t_last, 1e-9), 1),
                     "wall_s": round(now - t_start, 2),
                 }
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
+                mf.write(rec)
                 t_last, n_since = now, 0
             if step % max(1, cfg.save_every) == 0 or step == end:
+                mf.save()
                 _save_step(out_dir, step, sampler.epoch_of(step), cfg, parts.model, parts.optimizer, parts.scaler,
                            cfg_dict, fp)
     bar.close()
@@ -364,6 +455,6 @@ def _save_step(out_dir, step, epoch, cfg, model, optimizer, scaler, cfg_dict, fp
         "fingerprint": fp,
         "rng": torch.get_rng_state(),
     }
-    _atomic_save(state, os.path.join(out_dir, "checkpoints", f"step-{step:06d}.pt"))
+    _atomic_save(state, shards.join(out_dir, "checkpoints", f"step-{step:06d}.pt"))
     for _, old in checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
-        os.remove(old)
+        _remove(old)
