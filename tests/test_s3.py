@@ -174,9 +174,10 @@ def test_eval_images_on_s3_give_the_same_hashes_and_fingerprint(s3, tmp_path):
 
 
 def test_training_runs_resumes_and_evaluates_in_the_bucket(s3, tmp_path, capsys):
-    """A run whose runs dir is s3://: step checkpoints, model.pt, metrics.jsonl, train.json and the eval results
-    land in the bucket; a run stopped after step 3 resumes from its checkpoint there and ends with the weights
-    and losses of an uninterrupted local run (bit for bit on CPU). The training data stays local."""
+    """A run whose runs dir is s3://: the training Parquet is read from the run's emit folder in the bucket;
+    step checkpoints, model.pt, metrics.jsonl, train.json and the eval results land there; a run stopped after
+    step 3 resumes from its checkpoint there and ends with the weights and losses of an uninterrupted local run
+    on a local copy of the data (bit for bit on CPU). The eval sets stay local."""
     import json
 
     import s3fs
@@ -195,8 +196,9 @@ def test_training_runs_resumes_and_evaluates_in_the_bucket(s3, tmp_path, capsys)
     local = tmp_path / "local"
     full = train(TrainConfig(**settings), hq, str(local), progress=False)
 
+    s3.put(hq, "curation/runs/t/emit/parquet/part-00000.parquet")  # the emit folder's Parquet part
     out = "s3://curation/runs/t/train"
-    part = train(TrainConfig(**settings), hq, out, progress=False, stop_after=3)
+    part = train(TrainConfig(**settings), "s3://curation/runs/t/emit", out, progress=False, stop_after=3)
     assert part["stopped"] and part["checkpoint"] == f"{out}/checkpoints/step-000003.pt"
     assert checkpoints(out) == [(3, f"{out}/checkpoints/step-000003.pt")]  # step 2's pruned (keep_checkpoints=1)
     assert not s3.exists("curation/runs/t/train/model.pt")
@@ -209,17 +211,19 @@ def test_training_runs_resumes_and_evaluates_in_the_bucket(s3, tmp_path, capsys)
                    + f"eval_sets = [\"{world / 'eval' / 'classification.parquet'}\"]\n")
     s3fs.S3FileSystem.clear_instance_cache()
     base = ["--runs-dir", "s3://curation/runs"]
-    train_args = base + ["train", "--run", "t", "--config", str(cfg), "--data", hq, "--resume"]
+    train_args = base + ["train", "--run", "t", "--config", str(cfg), "--resume"]  # data: the run's emit folder
     assert cli_main(train_args) == 0
     printed = capsys.readouterr().out
     assert f"model: {out}/model.pt" in printed and f"-> {out}/eval-classification.json" in printed
     names = {p.rsplit("/", 1)[-1] for p in s3.ls("curation/runs/t/train")}
-    assert {"model.pt", "train.json", "metrics.jsonl", "data_digests.json", "eval-classification.json",
-            "eval_fingerprint.json", "checkpoints"} <= names
+    # (no data_digests.json: the data's digests are the bucket's ETags, nothing to remember)
+    assert {"model.pt", "train.json", "metrics.jsonl", "eval-classification.json", "eval_fingerprint.json",
+            "checkpoints"} <= names
     assert not [n for n in s3.find("curation/runs/t") if "tmp" in n.rsplit("/", 1)[-1]]  # no temporaries left
     summary = json.loads(s3.cat_file("curation/runs/t/train/train.json"))
     assert summary["resumed_from"] == 3 and summary["steps"] == 6 and summary["model_path"] == f"{out}/model.pt"
-    assert summary["last_loss"] == full["last_loss"]
+    assert summary["last_loss"] == full["last_loss"] and summary["pairs"] == full["pairs"]
+    assert summary["data"] == "s3://curation/runs/t/emit"
     remote = [(d["step"], d["loss"]) for d in map(json.loads, s3.cat_file("curation/runs/t/train/metrics.jsonl")
                                                    .decode().splitlines())]
     assert remote == _losses(local / "metrics.jsonl") and [s for s, _ in remote] == list(range(1, 7))

@@ -8,6 +8,9 @@ Sources (`open_source(path)`):
             `{key}.json`], as the emit stage writes. The tars are indexed once (member offsets), then
             read by random access, so both formats give the same map-style dataset.
   An emit folder (`runs/NAME/emit`, holding `parquet/` and `wds/`) reads its `parquet/` part.
+  Parquet may be on an fsspec URL (s3://bucket/runs/NAME/emit): the columns are read into memory once, as
+            locally. Tars are read from local paths only (random access per sample would be one ranged
+            request each on an object store): for a run in a bucket the emit folder's `parquet/` part is read.
   A run's stage folder (`runs/NAME/03_klite`): its rows hold `image_ref`, not bytes; the bytes are read from
             the run's image store through pipeline.images' reader.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import tarfile
 from typing import Iterator
 
@@ -28,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import shards
 from pipeline.hashing import uniform_of_keys
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -43,13 +48,13 @@ class ParquetSource:
     def __init__(self, files: list[str]):
         tables = []
         for f in files:
-            cols = pq.read_schema(f).names
+            cols = _read_schema(f).names
             by_ref = "image" not in cols and REF_COL in cols
             if ("image" not in cols and not by_ref) or "text" not in cols:
                 raise DataError(f"{f}: training Parquet needs `image` (or `{REF_COL}`) and `text` columns "
                                 f"(has {', '.join(cols)})")
             want = [c for c in ("uid", "image", REF_COL, "text", "text_klite") if c in cols]
-            t = pq.read_table(f, columns=want)
+            t = _read_table(f, want)
             if by_ref:  # a stage's shard of a run: its pixels are in the run's image store
                 t = t.append_column("image", _reader_for(f).read(t.column(REF_COL)))
             for c in ("uid", "text_klite"):
@@ -80,11 +85,30 @@ class ParquetSource:
         return self.images[i].as_py(), self.texts[i], self.klite[i], self.uids[i]
 
 
+def _read_schema(path: str):
+    if shards.is_local(path):
+        return pq.read_schema(path)
+    try:
+        return shards.read_schema(path)
+    except shards.ShardError as e:
+        raise DataError(str(e)) from None
+
+
+def _read_table(path: str, columns: list[str]):
+    if shards.is_local(path):
+        return pq.read_table(path, columns=columns)
+    try:
+        return shards.read_shard(path, columns)
+    except shards.ShardError as e:
+        raise DataError(str(e)) from None
+
+
 def _reader_for(path: str):
     """The image reader of the run a stage's shard belongs to (runs/NAME/NN_stage/part-*.parquet)."""
     from pipeline.images import store_of_folder
 
-    store = store_of_folder(os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path)) if shards.is_local(path) else posixpath.dirname(path)
+    store = store_of_folder(folder)
     if store is None:
         raise DataError(f"{path}: its rows name their images ({REF_COL}) but no image store is recorded for its run")
     return store.reader()
@@ -159,6 +183,8 @@ def open_source(path: str):
     """A Parquet or tar source for a file or a folder (an emit folder: its parquet/ part)."""
     if not path:
         raise DataError("no training data given")
+    if not shards.is_local(path):
+        return _open_remote(path)
     if os.path.isfile(path):
         if path.endswith(".parquet"):
             return ParquetSource([path])
@@ -175,6 +201,25 @@ def open_source(path: str):
         if tars:
             return TarSource(tars)
     raise DataError(f"{path}: no .parquet or .tar files in it (or in parquet/, wds/)")
+
+
+def _open_remote(path: str) -> ParquetSource:
+    """A Parquet file or folder (an emit folder: its parquet/ part) on an fsspec URL."""
+    fs, p = shards.fs_and_path(path)
+    if fs.isfile(p):
+        if path.endswith(".parquet"):
+            return ParquetSource([path])
+        raise DataError(f"{path}: expected a .parquet file or a folder of them (tars are read from local paths only)")
+    if not fs.isdir(p):
+        raise DataError(f"training data {path} does not exist")
+    for sub in ("", "parquet"):
+        folder = shards.join(path, sub) if sub else path
+        fs, fp = shards.fs_and_path(folder)
+        names = sorted(shards.shard_name(g) for g in fs.glob(posixpath.join(fp, "*.parquet")))
+        files = [shards.join(folder, n) for n in names if n[:1] not in "_."]
+        if files:
+            return ParquetSource(files)
+    raise DataError(f"{path}: no .parquet files in it (or in parquet/); tars are read from local paths only")
 
 
 # ---- decoding ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ Outputs in `out_dir` (runs/NAME/train/ or runs/NAME/dfn_model/):
 and metrics.jsonl are written through pipeline.shards there (torch.save into memory, then one atomic put),
 checkpoints are listed with fs.glob and read back through memory. An object store cannot append: there
 metrics.jsonl is kept in memory and the whole file is rewritten at each checkpoint and at the end (see
-`_Metrics`). The training data (`data_path`) is read from a local path only (trainer/data.py).
+`_Metrics`). `data_path` may be an fsspec URL too for Parquet (trainer/data.py; tars: local paths only).
 """
 
 from __future__ import annotations
@@ -93,12 +93,30 @@ _RESUMABLE = {"steps", "workers", "device", "log_every", "save_every", "keep_che
 
 def run_fingerprint(cfg: TrainConfig, data_path: str, digests_path: str | None = None) -> str:
     """What a checkpoint must share with a run to be resumed by it: the training settings and the data files
-    (name, size, sha256 of the content). A resumed run on other data would silently mix two runs; the same
-    bytes written again (a regenerated demo world, a copy) are the same data. Digests are remembered by size
-    and mtime in `digests_path` (pipeline.shards.DigestCache), so an unchanged file is not read twice."""
+    (name, size, sha256 of the content; on an object store, its own content hash, e.g. S3's ETag). A resumed
+    run on other data would silently mix two runs; the same bytes written again (a regenerated demo world, a
+    copy) are the same data. Digests are remembered by size and mtime in `digests_path`
+    (pipeline.shards.DigestCache), so an unchanged file is not read twice."""
     from pipeline.shards import DigestCache
 
     digests = DigestCache(digests_path)
+    files = _data_files(data_path, digests)
+    digests.save()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE}
+    blob = json.dumps({"settings": settings, "files": sorted(files)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _data_files(data_path: str, digests) -> list[tuple[str, int, str]]:
+    """(path relative to `data_path`, size, digest) of its .parquet and .tar files (or of the file itself)."""
+    if not shards.is_local(data_path):  # an fsspec URL: one listing gives the sizes and the store's digests
+        fs, root = shards.fs_and_path(data_path)
+        if fs.isfile(root):
+            return [(shards.shard_name(data_path), fs.info(root).get("size"), digests.digest(data_path))]
+        found = fs.find(root, detail=True) if fs.exists(root) else {}
+        rels = {name: name[len(root):].lstrip("/") for name in found if name.endswith((".parquet", ".tar"))}
+        return [(rel, found[name].get("size"), digests.digest(shards.join(data_path, rel), found[name]))
+                for name, rel in rels.items()]
     paths = []
     if os.path.isdir(data_path):
         for root, _, names in os.walk(data_path):
@@ -108,11 +126,7 @@ def run_fingerprint(cfg: TrainConfig, data_path: str, digests_path: str | None =
                     paths.append((os.path.relpath(p, data_path), p))
     elif os.path.exists(data_path):
         paths.append((os.path.basename(data_path), data_path))
-    files = [(rel, os.path.getsize(p), digests.digest(p)) for rel, p in paths]
-    digests.save()
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE}
-    blob = json.dumps({"settings": settings, "files": sorted(files)}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return [(rel, os.path.getsize(p), digests.digest(p)) for rel, p in paths]
 
 
 def _finished(out_dir: str, cfg: TrainConfig, fp: str) -> dict | None:
