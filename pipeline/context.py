@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from pipeline import shards
+from pipeline.hashing import hash64_strings
 
 IMAGE_COL = "image"  # image bytes in a table built in memory (the runner never puts bytes in a stage's table)
 
@@ -102,7 +102,8 @@ class ShardContext:
 
     @staticmethod
     def _row_check(table: pa.Table) -> np.ndarray:
-        return pl.from_arrow(table.column("text")).hash(seed=7).to_numpy()
+        """The texts' version-stable hash: collect and apply may run on workers with different polars."""
+        return hash64_strings(table.column("text"), "pass-1 cache")
 
     def cache_put(self, name: str, table: pa.Table, columns: dict[str, Any], key: str) -> None:
         path = self._cache_path(name)

@@ -31,16 +31,12 @@ def _source_tree_entry_points() -> dict[str, dict[str, str]] | None:
     return {group: dict(eps) for group, eps in project.get("entry-points", {}).items()}
 
 
-def registered(group: str) -> list[tuple[str, str]]:
+@lru_cache(maxsize=None)
+def registered(group: str) -> tuple[tuple[str, str], ...]:
     """(name, "module:attr") of every entry point of `group`: the project's own (from its source tree's
     pyproject.toml when there is one, else from the installed metadata), then other distributions'. A name the
     project registers is not overridden. Read once per process (`registered.cache_clear()` reads again): the
     stage registry is asked on every stage lookup, and a metadata scan costs ~15 ms."""
-    return list(_registered(group))
-
-
-@lru_cache(maxsize=None)
-def _registered(group: str) -> tuple[tuple[str, str], ...]:
     from importlib.metadata import entry_points
 
     source = _source_tree_entry_points()
@@ -50,9 +46,6 @@ def _registered(group: str) -> tuple[tuple[str, str], ...]:
             continue  # the source tree's list replaces the install's
         out.setdefault(ep.name, ep.value)
     return tuple(out.items())
-
-
-registered.cache_clear = _registered.cache_clear  # type: ignore[attr-defined]
 
 
 def load(value: str):

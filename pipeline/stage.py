@@ -227,19 +227,11 @@ def stage_class(name: str) -> type[Stage]:
                              "folder or PYTHONPATH)") from None
     target = dict(plugins.registered(STAGES_GROUP)).get(name)
     if target is None:
-        runnable = [n for n in stage_names() if not _downloads(n)]
-        raise StageError(f"unknown stage '{name}' (stages: {', '.join(runnable)}; or your own as module:Class)")
+        raise StageError(f"unknown stage '{name}' (stages: {', '.join(stage_names())}; or your own as module:Class)")
     cls = plugins.load(target)
     if cls is None:
         raise StageError(f"stage '{name}' is not available in this version")
     return cls
-
-
-def _downloads(name: str) -> bool:
-    try:
-        return bool(stage_class(name).downloads)
-    except StageError:
-        return False
 
 
 def fingerprint(obj: Any) -> str:
