@@ -42,6 +42,7 @@ class RunConfig:
 
 # Sections that are not shard stages but share the file.
 EXTRA_SECTIONS: dict[str, type] = {"run": RunConfig}
+SECTIONS_GROUP = "clipcurate.config_sections"  # entry point: other packages' sections (pipeline/plugins.py)
 
 
 def _extra_section_class(name: str):
@@ -49,21 +50,22 @@ def _extra_section_class(name: str):
     entry point (pyproject: the trainer's `[train]`), so the spine imports nothing outside itself."""
     if name in EXTRA_SECTIONS:
         return EXTRA_SECTIONS[name]
-    from importlib.metadata import entry_points
+    from pipeline import plugins
 
-    for ep in entry_points(group="clipcurate.config_sections", name=name):
-        try:
-            return ep.load()
-        except (ImportError, AttributeError):
-            return None
-    return None
+    target = dict(plugins.registered(SECTIONS_GROUP)).get(name)
+    if target is None:
+        return None
+    try:
+        return plugins.load(target)
+    except (ImportError, AttributeError):
+        return None
 
 
 def _registered_sections() -> list[str]:
     """Sections other packages of the project register (`clipcurate.config_sections`: the trainer's `[train]`)."""
-    from importlib.metadata import entry_points
+    from pipeline import plugins
 
-    return sorted({ep.name for ep in entry_points(group="clipcurate.config_sections")} - set(EXTRA_SECTIONS))
+    return sorted({name for name, _ in plugins.registered(SECTIONS_GROUP)} - set(EXTRA_SECTIONS))
 
 
 def section_class(name: str):

@@ -11,6 +11,8 @@ import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # a stage is a module (stages/emit.py) or a package (stages/align/)
 STAGES = {p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__"} | {
@@ -107,17 +109,28 @@ def test_an_install_older_than_an_entry_point_still_finds_it(monkeypatch):
     assert plugins.load("demo.cli:register").__module__ == "demo.cli"
 
 
-def test_the_spine_names_no_stage():
+FAKE_RECIPE = ["firstword"]
+
+
+def test_the_spine_names_no_stage(monkeypatch):
     """pipeline/ finds the stages and the default recipe through entry points (`clipcurate.stages`,
-    `clipcurate.recipes`): no stage module is named in its source, not even as a string to import, and the
-    registered stages are the packages in stages/."""
-    from pipeline.recipe import default_recipe
-    from pipeline.stage import stage_class, stage_names
+    `clipcurate.recipes`): no stage module is named in its source, the registered stages are the packages in
+    stages/, and with other entry points installed the spine knows those stages and that recipe only."""
+    from pipeline import plugins
+    from pipeline.recipe import RECIPES_GROUP, default_recipe
+    from pipeline.stage import STAGES_GROUP, StageError, stage_class, stage_names
+    from tests.stages_for_tests import FirstWordStage
 
     for path in sorted((ROOT / "pipeline").rglob("*.py")):
-        src = path.read_text()
-        assert not re.search(r"[\"']stages[.:]", src), path
-        assert "STAGE_ORDER" not in src, path
+        assert not re.search(r"[\"']stages[.:]", path.read_text()), path
     assert set(stage_names()) == STAGES
     assert default_recipe() == ["ingest", "align", "metaclip", "klite", "dfn", "emit"]
     assert [n for n in stage_names() if stage_class(n).downloads] == ["ingest"]
+
+    fake = {STAGES_GROUP: (("firstword", "tests.stages_for_tests:FirstWordStage"),),
+            RECIPES_GROUP: (("default", "tests.test_layout:FAKE_RECIPE"),)}
+    monkeypatch.setattr(plugins, "registered", lambda group: fake.get(group, ()))
+    assert stage_names() == ["firstword"] and stage_class("firstword") is FirstWordStage
+    assert default_recipe() == ["firstword"]
+    with pytest.raises(StageError, match="unknown stage 'align' \\(stages: firstword"):
+        stage_class("align")

@@ -216,7 +216,7 @@ def test_training_runs_resumes_and_evaluates_in_the_bucket(s3, tmp_path, capsys)
     printed = capsys.readouterr().out
     assert f"model: {out}/model.pt" in printed and f"-> {out}/eval-classification.json" in printed
     names = {p.rsplit("/", 1)[-1] for p in s3.ls("curation/runs/t/train")}
-    # (no data_digests.json: the data's digests are the bucket's ETags, nothing to remember)
+    assert "data_digests.json" not in names  # the data's digests are the bucket's ETags: nothing to remember
     assert {"model.pt", "train.json", "metrics.jsonl", "eval-classification.json", "eval_fingerprint.json",
             "checkpoints"} <= names
     assert not [n for n in s3.find("curation/runs/t") if "tmp" in n.rsplit("/", 1)[-1]]  # no temporaries left

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 from pathlib import Path
 
@@ -162,6 +161,9 @@ def test_the_tiny_resnet_trains_and_loads_back(world, tmp_path):
     assert s["steps"] == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
     model, pre, tok, name = models.load(str(tmp_path / "model.pt"), device="cpu")
     assert name == "clipcurate-tiny-rn" and type(model.visual).__name__ == "ModifiedResNet"
+    trained = torch.load(tmp_path / "checkpoints" / "step-000030.pt", weights_only=True)["state_dict"]
+    loaded = model.state_dict()
+    assert trained.keys() == loaded.keys() and all(torch.equal(trained[k], loaded[k]) for k in trained)
     with torch.no_grad():
         f = model.encode_image(torch.zeros(2, 3, 64, 64), normalize=True)
     assert f.shape == (2, 128) and torch.isfinite(f).all()

@@ -110,7 +110,7 @@ def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_
             recorded = json.loads(shards.read_bytes(shards.join(out_dir, f"eval-{name}.json")))
             _print_result(name, recorded, "   (unchanged model and eval sets: recorded results)")
         return 0
-    if record and shards.exists(record):
+    if record:
         shards.remove(record)  # vouches for the eval-*.json files only once they are written again below
     res = evaluate(checkpoint, paths, model_name=model_name, device=tc.device, precision=tc.precision,
                    templates=tc.templates, batch_size=tc.eval_batch_size, klite=tc.klite_eval)
@@ -119,12 +119,7 @@ def _run_eval(checkpoint: str, paths: list[str], tc, out_dir: str | None, model_
         if out_dir:
             path = shards.join(out_dir, f"eval-{name}.json")
             data = {"checkpoint": checkpoint, "model": res["model"], **r}
-            if shards.is_local(out_dir):
-                os.makedirs(out_dir, exist_ok=True)
-                with open(path, "w") as f:
-                    json.dump(data, f, indent=2)
-            else:  # an object store: one put of the same bytes
-                shards.write_bytes(json.dumps(data, indent=2).encode(), path)
+            shards.write_bytes(json.dumps(data, indent=2).encode(), path)  # atomic, parents made, local or not
             print(f"  -> {path}")
     if record and fp:
         shards.write_json({"fingerprint": fp, "names": list(res["results"])}, record)

@@ -57,14 +57,6 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _torch_load(path: str) -> dict:
-    """A checkpoint as torch.load reads it (weights only, on the CPU), from a local path or an fsspec URL."""
-    import torch
-
-    data = path if shards.is_local(path) else io.BytesIO(shards.read_bytes(path))
-    return torch.load(data, map_location="cpu", weights_only=True)
-
-
 def checkpoints(out_dir: str) -> list[tuple[int, str]]:
     """[(step, path)] of the step checkpoints in `out_dir` (a local folder or an fsspec URL), by step."""
     pattern = shards.join(out_dir, "checkpoints", "step-*.pt")
@@ -140,7 +132,7 @@ def _finished(out_dir: str, cfg: TrainConfig, fp: str) -> dict | None:
         return None
     if not isinstance(summary, dict) or summary.get("steps") != cfg.steps:  # more steps asked: no need to load
         return None
-    ck = _torch_load(ck_path)
+    ck = models.read_checkpoint(ck_path)
     if ck.get("fingerprint") != fp or int(ck.get("step", -1)) != cfg.steps or ck.get("model_name") != cfg.model:
         return None
     return {**summary, "resumed_from": cfg.steps, "first_loss": None, "already_trained": True}
@@ -148,14 +140,7 @@ def _finished(out_dir: str, cfg: TrainConfig, fp: str) -> dict | None:
 
 def _clear_checkpoints(out_dir: str) -> None:
     for _, p in checkpoints(out_dir):
-        _remove(p)
-
-
-def _remove(path: str) -> None:
-    if shards.is_local(path):
-        os.remove(path)
-    else:
-        shards.remove(path)
+        shards.remove(p)
 
 
 def _param_groups(model, weight_decay: float):
@@ -264,10 +249,7 @@ def train(
 
     `stop_after`: end this call after that step (with a checkpoint), as a kill would; `resume=True` goes on.
     """
-    if shards.is_local(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-    else:
-        shards.makedirs(out_dir)
+    shards.makedirs(out_dir)
     fp = run_fingerprint(cfg, data_path, shards.join(out_dir, "data_digests.json"))
     if resume:
         done = _finished(out_dir, cfg, fp)
@@ -301,12 +283,7 @@ def train(
         "seconds": round(time.perf_counter() - t_start, 2),
         "model_path": shards.join(out_dir, "model.pt"),
     }
-    summary_path = shards.join(out_dir, "train.json")
-    if shards.is_local(out_dir):
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=2)
-    else:
-        shards.write_bytes(json.dumps(summary, indent=2).encode(), summary_path)
+    shards.write_bytes(json.dumps(summary, indent=2).encode(), shards.join(out_dir, "train.json"))
     return summary
 
 
@@ -342,7 +319,7 @@ def _resume_from_checkpoint(out_dir: str, cfg: TrainConfig, fp: str, parts: _Par
     import torch
 
     ck_path = latest_checkpoint(out_dir)
-    ck = _torch_load(ck_path) if ck_path else None
+    ck = models.read_checkpoint(ck_path) if ck_path else None
     if ck is not None and ck.get("fingerprint", fp) != fp:
         log.warning("--resume: %s was trained on other data or settings: starting afresh", ck_path)
         ck = None
@@ -366,8 +343,7 @@ def _reset_outputs(out_dir: str, metrics_path: str, start: int) -> None:
     lines past its checkpoint (the steps it will redo)."""
     if start == 0:
         _clear_checkpoints(out_dir)
-        if shards.exists(metrics_path):
-            _remove(metrics_path)
+        shards.remove(metrics_path)
     else:
         _truncate_metrics(metrics_path, start)
 
@@ -471,4 +447,4 @@ def _save_step(out_dir, step, epoch, cfg, model, optimizer, scaler, cfg_dict, fp
     }
     _atomic_save(state, shards.join(out_dir, "checkpoints", f"step-{step:06d}.pt"))
     for _, old in checkpoints(out_dir)[: -max(1, cfg.keep_checkpoints)]:
-        _remove(old)
+        shards.remove(old)

@@ -24,7 +24,6 @@ img2dataset output folder in place (`crawl_input`), and `serve.py` is the loopba
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import numpy as np
 import polars as pl
@@ -37,15 +36,12 @@ from pipeline.config import check_ranges
 from pipeline.images import REF_COL
 from pipeline.context import ShardContext
 from pipeline.stage import Stage
-from stages.ingest.crawl import crawl_input, crawl_store, index_webdataset
+from stages.ingest.crawl import crawl_input
 from stages.ingest.download import download_pool, run_img2dataset
-from stages.ingest.urls import BAD_TEXT_COL, CAPTIONS_COL, DUPLICATE, VALID_URL, group_by_url, read_url_list
+from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list
 
-__all__ = ["IngestStage", "STAGE", "CopyStats", "CAPTIONS_COL", "DUPLICATE", "VALID_URL", "BAD_TEXT_COL",
-           "read_url_list", "group_by_url", "download_pool", "run_img2dataset", "crawl_store", "index_webdataset",
-           "crawl_input"]
-
-log = logging.getLogger("clipcurate.ingest")
+__all__ = ["IngestStage", "STAGE", "CopyStats", "CAPTIONS_COL", "read_url_list", "group_by_url", "download_pool",
+           "run_img2dataset", "crawl_input"]
 
 
 class IngestStage(Stage):

@@ -58,10 +58,10 @@ from pipeline.context import ShardContext
 from pipeline.stage import Stage
 
 from .report import concept_report
-from .tagger import NOUN_TAGS, TAGGER_MODELS, cased_tokens, load_tagger, tagger_id
+from .tagger import NOUN_TAGS, cased_tokens, load_tagger, tagger_id
 from .wordnet import STOP_WORDS, TOKEN_RE, as_series, build_lookup, normalise, signature
 
-__all__ = ["KLiteStage", "STAGE", "NOUN_TAGS", "STOP_WORDS", "TAGGER_MODELS", "TOKEN_RE", "load_tagger", "tagger_id"]
+__all__ = ["KLiteStage", "STAGE", "NOUN_TAGS", "STOP_WORDS", "load_tagger", "tagger_id"]
 
 
 class KLiteStage(Stage):

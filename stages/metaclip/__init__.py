@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from typing import Any
 
 import numpy as np
@@ -57,14 +56,13 @@ from pipeline.context import ShardContext
 from pipeline.stage import Stage, StageError, split_by_reason
 
 from . import balance, stats as _stats, target as _target
-from .balance import (REASONS, RULES, Facts, entry_probs, judge, p_to_t, t_to_p, thresholds)
-from .matcher import DEFAULT_MATCHER, MATCHERS, Matcher, entry_lists, spacing
+from .balance import Facts, entry_probs, judge, p_to_t, t_to_p, thresholds
+from .matcher import DEFAULT_MATCHER, MATCHERS, Matcher, spacing
 from .report import entry_report
 
-__all__ = ["MetaClipStage", "STAGE", "OUT_COL", "REASONS", "RULES", "MATCHERS", "DEFAULT_MATCHER", "Matcher",
-           "spacing", "entry_lists", "entry_probs", "p_to_t", "t_to_p", "thresholds", "Facts", "judge"]
-
-log = logging.getLogger("clipcurate.metaclip")
+# what other code imports from the package (tests, bench): the stage, its column, the matcher, MetaCLIP's formulas
+__all__ = ["MetaClipStage", "STAGE", "OUT_COL", "MATCHERS", "DEFAULT_MATCHER", "Matcher", "spacing", "entry_probs",
+           "p_to_t", "t_to_p"]
 
 OUT_COL = "metaclip_entries"
 

@@ -15,9 +15,8 @@ import dataclasses
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline.hashing import row_content_key
+from pipeline.hashing import row_content_key, uid_to_u64, uniform_of_keys
 from pipeline.stage import StageError, first_reason, uniform
 
 
@@ -92,7 +91,7 @@ def match_probs(ids: np.ndarray, row_lang: np.ndarray | None, langs: dict[str, n
 
 def sampled(uids: pa.ChunkedArray, row: np.ndarray, ids: np.ndarray, p: np.ndarray, seed: int) -> np.ndarray:
     """Per row: whether any of its matches drew u_e = uniform(uid, seed, salt=e) < p_e."""
-    u = uniform(pl.from_arrow(pc.take(uids, pa.array(row))), seed, salt=ids)
+    u = uniform_of_keys(uid_to_u64(pl.from_arrow(uids))[row], seed, salt=ids)  # each uid parsed once, not per match
     return np.bincount(row, weights=(u < p), minlength=len(uids)) > 0
 
 
