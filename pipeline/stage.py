@@ -226,12 +226,21 @@ def stage_class(name: str) -> type[Stage]:
             raise StageError(f"cannot load stage '{name}': {e} (the module must be importable from the current "
                              "folder or PYTHONPATH)") from None
     target = dict(plugins.registered(STAGES_GROUP)).get(name)
-    if target is None:
-        raise StageError(f"unknown stage '{name}' (stages: {', '.join(stage_names())}; or your own as module:Class)")
+    if target is None:  # the stages a recipe step or `run` can name: not the one that downloads (its own command)
+        offered = [n for n in stage_names() if not _downloads(n)]
+        raise StageError(f"unknown stage '{name}' (stages: {', '.join(offered)}; or your own as module:Class)")
     cls = plugins.load(target)
     if cls is None:
         raise StageError(f"stage '{name}' is not available in this version")
     return cls
+
+
+def _downloads(name: str) -> bool:
+    """Whether a registered stage downloads (imports it: only for the error above)."""
+    try:
+        return bool(stage_class(name).downloads)
+    except StageError:
+        return False
 
 
 def fingerprint(obj: Any) -> str:
