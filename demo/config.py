@@ -8,12 +8,34 @@ from pathlib import Path
 
 from demo.composition import NOISE_MODES
 
+# The two recipes besides the default (stages/recipes/*.toml say what each is for; tests check these agree).
+TEXT_FIRST = ["align@text", "metaclip", "klite", "ingest", "align", "dfn", "emit"]
+TEXT_RULES = ["image_many_texts", "text_many_images", "too_few_words", "too_many_words", "rare_token",
+              "exact_duplicate", "near_duplicate", "language"]
+IMAGE_RULES = ["image_unreadable", "image_too_small", "aspect_ratio", "image_many_texts", "text_many_images",
+               "exact_duplicate", "near_duplicate", "eval_near_duplicate"]
+BALANCE_LAST = ["ingest", "align", "dfn", "metaclip", "emit"]
+BALANCE_LAST_MIN_SCORE = 0.0
+BALANCE_LAST_WHY = "the demo's tiny filtering network: TODO measured share above"
 
-def demo_config(n: int, eval_path: Path, noise: str = "default") -> str:
+
+RECIPES = ("default", "text-first", "balance-last")  # stages/recipes/<name>.toml: what each is and why
+
+
+def config_file(recipe: str = "default") -> str:
+    """The world's config file for a recipe: config.toml (the default recipe), config-<recipe>.toml."""
+    return "config.toml" if recipe == "default" else f"config-{recipe}.toml"
+
+
+def demo_config(n: int, eval_path: Path, noise: str = "default", recipe: str = "default") -> str:
     """The pipeline config for a pool of n rows: web-scale thresholds scaled down (DESIGN.md, "Small pools").
-    A web world (`noise="web"`) differs in one line: dfn keeps the papers' share, not 0.8."""
+    A web world (`noise="web"`) differs in one line: dfn keeps the papers' share, not 0.8. `recipe`: the
+    default recipe's config, or another recipe's (stages/recipes/): the same scaled values, with that recipe's
+    stage list and switches."""
     if noise not in NOISE_MODES:
         raise ValueError(f"noise must be one of {', '.join(NOISE_MODES)} (got {noise!r})")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)} (got {recipe!r})")
     t = max(10, n // 100)
     shard = max(100, math.ceil(n / 6 / 100) * 100)
 
@@ -24,11 +46,26 @@ def demo_config(n: int, eval_path: Path, noise: str = "default") -> str:
                 if noise == "default" else
                 "keep_fraction = 0.3   # a web pool is mostly weak or mismatched pairs even after align: DataComp's "
                 "CLIP-score baseline keeps 30%")
-    return f"""# Demo config, written by `clipcurate demo-world` for a pool of {n} URL rows.
+    run, align_text, align_rules, dfn_extra, metaclip_extra = "", "", "", "", ""
+    if recipe == "text-first":
+        run = f"stages = {json.dumps(TEXT_FIRST)}\n"
+        align_text = f"""
+["align@text"]   # ALIGN's text rules on the URL list, the url standing in for the image (stages/recipes)
+max_texts_per_image = 20
+max_images_per_text = 10
+rules = {json.dumps(TEXT_RULES)}
+"""
+        align_rules = f"rules = {json.dumps(IMAGE_RULES)}   # after the download: image rules only\n"
+    elif recipe == "balance-last":
+        run = f"stages = {json.dumps(BALANCE_LAST)}\n"
+        dfn_extra = "score_only = true   # metaclip cuts on dfn_score as it balances\n"
+        metaclip_extra = f"score_col = \"dfn_score\"\nmin_score = {BALANCE_LAST_MIN_SCORE}   # {BALANCE_LAST_WHY}\n"
+    which = "" if recipe == "default" else f", {recipe} recipe (stages/recipes/{recipe}.toml)"
+    return f"""# Demo config, written by `clipcurate demo-world` for a pool of {n} URL rows{which}.
 # The papers' thresholds assume web-scale pools; here they are scaled to the pool (DESIGN.md, "Small pools").
 [run]
 seed = 0
-
+{run}
 [ingest]
 shard_size = {shard}   # {math.ceil(n / shard)} shards, so the stages have several to spread over workers
 processes = 2
@@ -38,13 +75,13 @@ threads = 16
 max_texts_per_image = 20   # ALIGN: 1,000 at 1.8B pairs
 max_images_per_text = 10   # ALIGN's value works here too: boilerplate repeats far more often
 eval_images = {q(eval_path)}
-
+{align_rules}{align_text}
 [metaclip]
 t = {t}   # MetaCLIP: 20,000 at 400M pairs; here n/100, about the 25th percentile of the demo's entry counts
-
+{metaclip_extra}
 [dfn]
 {dfn_keep}
-
+{dfn_extra}
 [emit]
 samples_per_shard = 1000
 

@@ -14,6 +14,8 @@ What it writes (`make_world(out)`; `clipcurate demo-world OUT`):
   eval/retrieval.parquet       held-out images with two human-style captions each (retrieval)
   hq.parquet                   a small clean, high-quality set in the row schema (to train a DFN)
   config.toml                  the pipeline config scaled to this pool size (DESIGN.md, "Small pools")
+  config-text-first.toml       the same, for the text-first recipe (stages/recipes/text-first.toml)
+  config-balance-last.toml     the same, for the balance-last recipe (stages/recipes/balance-last.toml)
   world.json                   n, seed, host, counts per kind, class names
 
 Images are drawn with Pillow: shapes (circle, square, triangle, star, ring, cross, ...) in named colours,
@@ -74,7 +76,7 @@ from demo.builder import Builder
 from demo.captions import BOILERPLATE
 from demo.composition import (KINDS, MIN_N, NOISE_MODES, SHARES, WEB_MIN_N, WEB_ONLY_KINDS, WEB_SHARES,
                               WEB_ZIPF, kind_counts)
-from demo.config import demo_config
+from demo.config import RECIPES, config_file, demo_config
 from demo.draw import COLOURS, SHAPES, zipf_weights
 from demo.sets import RETRIEVAL_IMAGES
 from pipeline.schema import compute_uid
@@ -109,10 +111,17 @@ def _generator_key(n: int, seed: int, noise: str = "default") -> dict:
 
 
 def _file_digests(out: Path) -> dict[str, str]:
-    """sha256 of every file of the world (world.json, the record itself, and config.toml, which depends on where
-    the world is, aside)."""
+    """sha256 of every file of the world (world.json, the record itself, and the config files, which depend on
+    where the world is, aside)."""
+    aside = {"world.json", *(config_file(r) for r in RECIPES)}
     return {str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(out.rglob("*")) if f.is_file() and str(f.relative_to(out)) not in ("world.json", "config.toml")}
+            for f in sorted(out.rglob("*")) if f.is_file() and str(f.relative_to(out)) not in aside}
+
+
+def _write_configs(out: Path, rows: int, noise: str) -> None:
+    """config.toml (the default recipe) and config-<recipe>.toml for the other recipes (stages/recipes/)."""
+    for r in RECIPES:
+        (out / config_file(r)).write_text(demo_config(rows, (out / "eval" / "classification.parquet").resolve(), noise, r))
 
 
 def _up_to_date(out: Path, key: dict) -> dict | None:
@@ -124,13 +133,14 @@ def _up_to_date(out: Path, key: dict) -> dict | None:
         return None
     if not isinstance(summary, dict) or summary.get("generator") != key or not summary.get("files"):
         return None
-    try:
-        config = (out / "config.toml").read_text()
-    except OSError:
-        return None
-    if config != demo_config(int(summary.get("rows", -1)), (out / "eval" / "classification.parquet").resolve(),
-                             key["noise"]):
-        return None
+    for r in RECIPES:
+        try:
+            config = (out / config_file(r)).read_text()
+        except OSError:
+            return None
+        if config != demo_config(int(summary.get("rows", -1)), (out / "eval" / "classification.parquet").resolve(),
+                                 key["noise"], r):
+            return None
     return summary if _file_digests(out) == summary["files"] else None
 
 
@@ -178,8 +188,7 @@ def make_world(out: str | Path, n: int = 3000, seed: int = 0, noise: str = "defa
     pq.write_table(truth.select(["url", "caption"]), out / "urls.parquet")
     pq.write_table(truth.select(["url", "caption", "uid", "kind", "shape", "colour", "count", "eval_image_id",
                                  "dup_url", "dup_group"]), out / "truth.parquet")
-    (out / "config.toml").write_text(demo_config(truth.num_rows, (out / "eval" / "classification.parquet").resolve(),
-                                                 noise))
+    _write_configs(out, truth.num_rows, noise)
     summary = _summary(n, seed, noise, truth, b, len(eval_images))
     summary["generator"], summary["files"] = key, _file_digests(out)
     (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")

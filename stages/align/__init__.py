@@ -68,7 +68,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline import shards
-from pipeline.config import check_ranges
+from pipeline.config import ConfigError, check_ranges
 from pipeline.hashing import combine64, hash64_strings, other_copy_kept, row_content_key, row_positions
 from pipeline.images import MAX_IMAGE_PIXELS
 from pipeline.context import ShardContext
@@ -133,6 +133,11 @@ class AlignStage(Stage):
         max_image_pixels: int = MAX_IMAGE_PIXELS  # Pillow's decompression-bomb limit (pipeline.images)
         url_as_image: bool = True  # text-only pools: the url stands in for the image in pool counts
         decode_threads: int = 0  # threads that hash and decode a shard's images; 0 = one per core
+        # the rules this step runs, by name (REASONS), in REASONS' order whatever the order given; [] = every rule.
+        # A text-first recipe runs the text rules on the URL list (`align@text`) and, after the download, the
+        # image rules and the content-keyed counts and duplicates: running the pool-relative text rules
+        # (rare_token) again on the survivors would judge them against a smaller pool.
+        rules: list = dataclasses.field(default_factory=list)
 
         def __post_init__(self):
             check_ranges("align", self, min_side=(0, None), max_aspect=(1, None), max_texts_per_image=(1, None),
@@ -140,6 +145,10 @@ class AlignStage(Stage):
                          min_token_count=(0, None), near_dup_threshold=(0, 1), num_perm=(2, None),
                          shingle_size=(1, None), eval_hamming=(0, 64), max_image_pixels=(1, None),
                          decode_threads=(0, None))
+            unknown = [r for r in self.rules if r not in REASONS]
+            if unknown or not all(isinstance(r, str) for r in self.rules):
+                raise ConfigError(f"config [align] rules: unknown rule {unknown[0] if unknown else self.rules!r} "
+                                  f"(the rules: {', '.join(REASONS)})")
 
     speed_keys = frozenset({"decode_threads"})
 
@@ -159,6 +168,12 @@ class AlignStage(Stage):
 
     # ---- the rules, in the order a rejected row names the first one it breaks ----
     def rules(self) -> list[Rule]:
+        """Every rule, in order; those `rules` leaves out are not in the list (their rows are never judged by
+        them, and the manifest does not name them as skipped)."""
+        chosen = set(self.config.rules or REASONS)
+        return [r for r in self._all_rules() if r.name in chosen]
+
+    def _all_rules(self) -> list[Rule]:
         c = self.config
         return [
             ImageUnreadable(),
