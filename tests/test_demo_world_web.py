@@ -101,6 +101,7 @@ def test_default_world_is_byte_for_byte_what_it_was(default_world):
     assert all(summary["counts"][k] == 0 for k in WEB_ONLY_KINDS)
     got = _digest(out)
     got.pop("world.json"), got.pop("config.toml")
+    got.pop("config-text-first.toml"), got.pop("config-balance-last.toml")  # the other recipes' configs
     assert len(got) == DEFAULT_300_FILES and got == summary["files"]
     if (PIL.__version__, pa.__version__) != (RECORDED_WITH["pillow"], RECORDED_WITH["pyarrow"]):
         pytest.skip(f"digests recorded with Pillow {RECORDED_WITH['pillow']}, pyarrow {RECORDED_WITH['pyarrow']}")
@@ -186,7 +187,8 @@ def test_web_world_is_deterministic_and_seeded(web_world, tmp_path):
     out, summary = web_world
     again = make_world(tmp_path / "again", n=WEB_N, seed=SEED, noise="web")
     a, b = _digest(out), _digest(tmp_path / "again")
-    assert a.pop("config.toml") and b.pop("config.toml")  # holds the world's absolute eval path
+    for name in ("config.toml", "config-text-first.toml", "config-balance-last.toml"):
+        assert a.pop(name) and b.pop(name)  # each holds the world's absolute eval path
     assert a.pop("world.json") and b.pop("world.json")
     assert a == b and again["files"] == summary["files"] and again["counts"] == summary["counts"]
     # a second call on the same folder leaves it untouched; asked for a default world, it would rewrite it
