@@ -324,9 +324,157 @@ def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def build_report(run_dir: str) -> dict:
+# ---- recipes compared ----------------------------------------------------------------------------
+# The download step is found by what its manifest records, not by its name: the spine names no stage.
+DOWNLOADED_KEY = "urls_downloaded"  # unique URLs handed to the downloader
+DOWNLOAD_KEY = "download"  # the downloader's stats: {"unique_urls", "seconds", ...}
+
+
+def _step_seconds(m: dict) -> float:
+    return sum(v for k, v in (m.get("timings") or {}).items() if k.endswith("_s") and isinstance(v, (int, float)))
+
+
+def _urls_downloaded(m: dict) -> int | None:
+    if isinstance(m.get(DOWNLOADED_KEY), int):
+        return m[DOWNLOADED_KEY]
+    d = m.get(DOWNLOAD_KEY)
+    return d.get("unique_urls") if isinstance(d, dict) and isinstance(d.get("unique_urls"), int) else None
+
+
+def folder_bytes(folder: str) -> int:
+    """Bytes of every file under `folder` (local or fsspec); 0 when there is no such folder."""
+    fs, p = shards.fs_and_path(folder)
+    if not fs.exists(p):
+        return 0
+    return int(sum(info.get("size") or 0 for info in fs.find(p, detail=True).values()))
+
+
+def _inside(path: str, run_dir: str) -> bool:
+    from pipeline.images import normalised
+
+    a, b = normalised(path), normalised(run_dir)
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
+def _first_source(steps: list[tuple[str, str]]) -> str | None:
+    """What the run's first step read (the URL list it crawled or its input), spelled one way."""
+    if not steps:
+        return None
+    m = shards.read_json(shards.join(steps[0][1], "_manifest.json")) or {}
+    src = m.get("url_list") or m.get("input")
+    if not src:
+        return None
+    return str(src).rstrip("/") if "://" in str(src) else os.path.normpath(os.path.abspath(str(src)))
+
+
+def recipe_summary(run_dir: str) -> dict:
+    """What a run's recipe cost and gave, from its manifests: its steps, the URLs it downloaded, the bytes of
+    its image store, the rows its last step kept (and their uids), the recorded stage time. The final set is the
+    recipe's last step's kept shards when that step has finished, else the last finished step's (`final_step`
+    says which, `finished` whether it is the recipe's last)."""
+    from pipeline import config as config_mod
+    from pipeline import recipe
+    from pipeline.images import ImageStore
+
+    steps = stage_folders(run_dir)
+    try:
+        planned = [s.name for s in recipe.of_config(config_mod.saved_config(run_dir) or config_mod.resolve({}))]
+    except (StageError, ValueError):
+        planned = [n for n, _ in steps]
+    ms = [(n, shards.read_json(shards.join(f, "_manifest.json")) or {}) for n, f in steps]
+    downloaded = [d for d in (_urls_downloaded(m) for _, m in ms) if d is not None]
+    download_s = sum(float((m.get(DOWNLOAD_KEY) or {}).get("seconds") or 0) for _, m in ms
+                     if isinstance(m.get(DOWNLOAD_KEY), dict))
+    store = ImageStore.load(run_dir)
+    out = {
+        "run": posixpath.basename(str(run_dir).rstrip("/")),
+        "recipe": planned,
+        "finished": [n for n, _ in steps],
+        "urls_downloaded": sum(downloaded) if downloaded else None,
+        "store_root": store.root if store else None,
+        "store_bytes": folder_bytes(store.root) if store else None,
+        "store_in_run": bool(store) and _inside(store.root, run_dir),
+        "stage_seconds": round(sum(_step_seconds(m) for _, m in ms), 3),
+        "download_seconds": round(download_s, 3),
+        "source": _first_source(steps),
+    }
+    out["seconds"] = round(out["stage_seconds"] + out["download_seconds"], 3)
+    if steps:
+        name, folder = steps[-1]
+        uids: list[str] = []
+        for f in _parts(folder):
+            if "uid" in shards.read_schema(f).names:
+                uids += shards.read_shard(f, columns=["uid"]).column("uid").to_pylist()
+        out.update(final_step=name, rows_out=ms[-1][1].get("rows_out"), uids=set(uids),
+                   complete=bool(planned) and name == planned[-1])
+    else:
+        out.update(final_step=None, rows_out=None, uids=set(), complete=False)
+    return out
+
+
+def _mib(n: int | None) -> str:
+    return "" if n is None else f"{n / 2**20:,.1f}"
+
+
+def compare_section(run_dir: str, other_dir: str, other: str) -> dict:
+    """The "Recipes compared" section: this run and `other` side by side (recipe, URLs downloaded, image store
+    bytes, emitted rows, recorded time) and their final sets by uid. A missing other run is one line, not an
+    error."""
+    title = "Recipes compared"
+    if not shards.exists(other_dir) or not stage_folders(other_dir):
+        what = "does not exist" if not shards.exists(other_dir) else "has no finished step yet"
+        line = f"run {other} ({other_dir}) {what}: nothing to compare with."
+        return _section(title, text=line, compare={"missing": line})
+    a, b = recipe_summary(run_dir), recipe_summary(other_dir)
+    header = ["run", "recipe", "URLs downloaded", "image store bytes", "image store MiB", "final step",
+              "rows emitted", "stage time s", "of which download s"]
+    rows = []
+    for s in (a, b):
+        store = s["store_bytes"]
+        if store is not None and not s["store_in_run"]:
+            store_note = " (in place: not written by this run)"
+        else:
+            store_note = ""
+        rows.append([s["run"], " → ".join(s["recipe"]),
+                     "" if s["urls_downloaded"] is None else s["urls_downloaded"],
+                     "" if store is None else store, _mib(store) + store_note,
+                     (s["final_step"] or "") + ("" if s["complete"] else " (recipe not finished)"),
+                     "" if s["rows_out"] is None else s["rows_out"], s["seconds"], s["download_seconds"]])
+    both, only_a, only_b = a["uids"] & b["uids"], a["uids"] - b["uids"], b["uids"] - a["uids"]
+    union = len(a["uids"] | b["uids"])
+
+    def share(n: int, of: int) -> str:
+        return f"{n / of:.1%}" if of else ""
+
+    sets = [["in both", len(both), share(len(both), len(a["uids"])), share(len(both), len(b["uids"]))],
+            [f"only in {a['run']}", len(only_a), share(len(only_a), len(a["uids"])), ""],
+            [f"only in {b['run']}", len(only_b), "", share(len(only_b), len(b["uids"]))]]
+    notes = ["stage time: the recorded stage time, the sum of every finished step's manifest timings plus the "
+             "download's seconds; not a stopwatch (process starts, imports and commands outside the recipe, "
+             "such as training, are not in it).",
+             "image store bytes: the size of the run's image store folder (image_store.json); rows emitted: the "
+             "last finished step's kept rows; the final sets compare the uids of those rows.",
+             f"overlap (Jaccard): {share(len(both), union) or 'n/a'} of the {union} uids either run kept."]
+    for s in (a, b):
+        if not s["complete"]:
+            notes.append(f"{s['run']}: its recipe's last step ({s['recipe'][-1] if s['recipe'] else '?'}) has not "
+                         f"finished; its final set is {s['final_step'] or 'empty'}'s output.")
+    if a["source"] and b["source"] and a["source"] != b["source"]:
+        notes.append(f"the runs read different inputs ({a['source']} and {b['source']}): their sets need not "
+                     "overlap.")
+    data = {k: {x: y for x, y in s.items() if x != "uids"} | {"uids": len(s["uids"])} for k, s in
+            (("this", a), ("other", b))}
+    data["sets"] = {"both": len(both), "only_this": len(only_a), "only_other": len(only_b), "union": union}
+    return _section(title, text=f"This run ({a['run']}) against {b['run']}.", notes=notes,
+                    tables=[Table("", header, rows),
+                            Table("Final sets, by uid", ["rows", "count", f"share of {a['run']}",
+                                                         f"share of {b['run']}"], sets)],
+                    compare=data)
+
+
+def build_report(run_dir: str, compare: str | None = None) -> dict:
     """Write runs/NAME/report/report.md and report.html, both from the same sections. Returns what went in (for
-    tests and the CLI)."""
+    tests and the CLI). `compare`: another run's folder, compared in a "Recipes compared" section."""
     ms = manifests(run_dir)
     if not ms:
         raise StageError(f"run {run_dir} has no finished stage yet: nothing to report")
@@ -334,17 +482,17 @@ def build_report(run_dir: str) -> dict:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="clipcurate-report-") as tmp:
-            res = _build_report(run_dir, Path(tmp))
+            res = _build_report(run_dir, Path(tmp), compare)
             dest = shards.join(run_dir, "report")
             fs, p = shards.fs_and_path(dest)
             fs.put(tmp.rstrip("/") + "/", p, recursive=True)
             return {**res, "html": shards.join(dest, "report.html"), "md": shards.join(dest, "report.md")}
     out_dir = Path(run_dir) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _build_report(run_dir, out_dir)
+    return _build_report(run_dir, out_dir, compare)
 
 
-def _build_report(run_dir: str, out_dir: Path) -> dict:
+def _build_report(run_dir: str, out_dir: Path, compare: str | None = None) -> dict:
     ms = manifests(run_dir)
     hooks = histograms(run_dir, str(out_dir))
     thumbs = thumbnails(run_dir)
@@ -358,11 +506,16 @@ def _build_report(run_dir: str, out_dir: Path) -> dict:
         quality = filter_quality(run_dir, truth, stage_folders(run_dir))
         shards.write_json(quality, str(out_dir / "filter_quality.json"))
     sections = _sections(ms, funnel, truth, quality, hooks, training, thumbs, out_dir)
+    compared = None
+    if compare is not None:  # after the funnel: what this recipe cost and kept against the other's
+        cs = compare_section(run_dir, compare, posixpath.basename(str(compare).rstrip("/")))
+        compared = cs["compare"]
+        sections.insert(1, cs)
     run = Path(run_dir).name
     (out_dir / "report.md").write_text(render_markdown(run, sections))
     (out_dir / "report.html").write_text(render_html(run, sections))
     return {"manifests": ms, "funnel": funnel, "hooks": hooks, "thumb_groups": len(thumbs), "training": training,
-            "filter_quality": quality, "sections": sections,
+            "filter_quality": quality, "sections": sections, "compare": compared,
             "html": str(out_dir / "report.html"), "md": str(out_dir / "report.md")}
 
 
@@ -523,7 +676,8 @@ def cmd_histograms(args) -> int:
 
 
 def cmd_report(args) -> int:
-    res = build_report(shards.join(args.runs_dir, args.run))
+    compare = shards.join(args.runs_dir, args.compare) if args.compare else None
+    res = build_report(shards.join(args.runs_dir, args.run), compare)
     # the run in a few lines: what went in, what each stage kept, how the trained model did
     print("funnel:")
     for m in res["manifests"]:
@@ -532,8 +686,24 @@ def cmd_report(args) -> int:
     for name, ev in res["training"].get("eval", {}).items():
         figures = {k: v for k, v in ev.items() if isinstance(v, float)}
         print(f"  {name}: " + "  ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+    if res.get("compare"):
+        _print_compare(res["compare"])
     print(f"report: {res['html']}  (and {res['md']})")
     return 0
+
+
+def _print_compare(c: dict) -> None:
+    if "missing" in c:
+        print(f"recipes compared: {c['missing']}")
+        return
+    print("recipes compared:")
+    for s in (c["this"], c["other"]):
+        urls = "-" if s["urls_downloaded"] is None else s["urls_downloaded"]
+        print(f"  {s['run']:>16}: {urls} URLs downloaded, image store {_mib(s['store_bytes']) or '-'} MiB, "
+              f"{s['rows_out']} rows emitted, {s['seconds']:.1f} s recorded   ({' -> '.join(s['recipe'])})")
+    sets = c["sets"]
+    print(f"  final sets: {sets['both']} in both, {sets['only_this']} only in {c['this']['run']}, "
+          f"{sets['only_other']} only in {c['other']['run']}")
 
 
 def cmd_render_check(args) -> int:
@@ -560,4 +730,7 @@ def register(sub) -> None:
     p.set_defaults(fn=cmd_histograms)
     p = sub.add_parser("report", help="write runs/NAME/report/report.html and report.md")
     p.add_argument("--run", required=True)
+    p.add_argument("--compare", default=None, metavar="OTHER",
+                   help="another run (RUNS_DIR/OTHER) to compare recipes with: URLs downloaded, image store bytes, "
+                        "rows emitted, recorded time, and the two final sets by uid")
     p.set_defaults(fn=cmd_report)
