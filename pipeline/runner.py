@@ -521,8 +521,8 @@ def _input_identity(path: str, upstream_dir: str | None, digests: shards.DigestC
         done = shards.read_json(shards.join(upstream_dir, "_done", shards.shard_name(path) + ".json"))
         if done and "fingerprint" in done:
             return {"name": shards.shard_name(path), "upstream": done["fingerprint"]}
-    if run_dir and str(path).startswith(str(run_dir).rstrip("/") + "/"):
-        return shards.file_identity(path)
+    if run_dir and images.normalised(str(path)).startswith(images.normalised(str(run_dir)).rstrip("/") + "/"):
+        return shards.file_identity(path)  # (paths compared absolute: a run's --input may be named either way)
     return shards.file_content_identity(path, digests)
 
 
@@ -868,7 +868,10 @@ def run_pipeline(
     results = []
     with executor(workers, scheduler) as ex:
         current, from_stage = input_dir, False
+        last: recipe.Step | None = None
         for st in todo:
+            if last is not None and _download_between(last, st, steps):
+                current = None  # it reads the download (`clipcurate ingest` ran it), not the step before it
             if current is None:
                 current = previous_stage_dir(run_dir, st, steps)
                 from_stage = True
@@ -878,9 +881,39 @@ def run_pipeline(
                 if current is None:
                     raise StageError(f"{st.name}: no input in run {run_dir}: ingest a URL list first "
                                      f"(clipcurate {_download_step(steps)} URLS --run NAME), or give --input DIR")
+                _check_download_current(st, current, steps, run_dir)
                 _warn_skipped(st, current, steps, todo)
             with _driver_writes(st.name, run_dir):
                 res = run_stage(st, run_dir, current, config, ex, upstream_is_stage=from_stage)
             results.append(res)
-            current, from_stage = res.folder, True
+            current, from_stage, last = res.folder, True, st
     return results
+
+
+def _download_between(a: "recipe.Step", b: "recipe.Step", steps: list) -> bool:
+    """A downloading step sits between recipe steps a and b (text-first: klite, ingest, align)."""
+    return any(a.position < s.position < b.position and stage_class(s.stage).downloads for s in steps)
+
+
+UPSTREAM_KEY = "upstream"  # a step's manifest: {"folder", "fingerprint"} of the step output it was made from
+
+
+def _check_download_current(step: "recipe.Step", upstream_dir: str, steps: list, run_dir: str) -> None:
+    """A step after the download reads it: refuse a download that is missing, or that was made from an older output
+    of the steps before it (their config changed since: download again first)."""
+    folder = shards.shard_name(upstream_dir)
+    at = next((p.position for p in steps if p.folder == folder), None)
+    # a pool given with --input stands in for a download that comes first (the default recipe); a download after
+    # curation steps (text-first) cannot be stood in for
+    skipped = [s for s in steps if s.position < step.position and stage_class(s.stage).downloads
+               and (s.position > at if at is not None else s.position > 0)]
+    if skipped:
+        raise StageError(f"{step.name}: {skipped[0].name} has not run in this run: it downloads what the steps before "
+                         f"it kept (clipcurate {skipped[0].stage} URLS --run NAME), then run {step.name}")
+    made_from = (shards.read_json(shards.join(upstream_dir, "_manifest.json")) or {}).get(UPSTREAM_KEY)
+    if made_from:
+        now = shards.read_json(shards.join(run_dir, made_from["folder"], "_manifest.json")) or {}
+        if now.get("fingerprint") != made_from.get("fingerprint"):
+            raise StageError(f"{step.name}: {folder} was downloaded from an older output of {made_from['folder']} "
+                             f"(its config or input changed since): download again (clipcurate ingest --run NAME), "
+                             f"then run {step.name}")

@@ -37,6 +37,7 @@ from pipeline.images import REF_COL
 from pipeline.context import ShardContext
 from pipeline.stage import Stage
 from stages.ingest.crawl import crawl_input
+from stages.ingest.curated import CARRY_COL, carried_columns, carry_record
 from stages.ingest.download import download_pool, run_img2dataset
 from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list
 
@@ -75,7 +76,11 @@ class IngestStage(Stage):
         return kept.num_rows + rejected.num_rows
 
     def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
-        return {"unique_uids": 1}  # a repeated (url, caption) of a crawl is rejected as `duplicate`
+        parts = {"unique_uids": 1}  # a repeated (url, caption) of a crawl is rejected as `duplicate`
+        carry = carry_record(ctx.stage_dir) if ctx is not None and ctx.stage_dir else None
+        if carry:  # a run's curated output was downloaded: its rows' columns are joined back (curated.py)
+            parts["carry"] = carry["digest"]
+        return parts
 
     # ---- one row per uid: a crawl used in place may list the same (url, caption) twice -------------------
     # (a URL list is deduplicated before the download, `group_by_url`). Pool-wide and shuffled like align's
@@ -119,15 +124,20 @@ class IngestStage(Stage):
     def apply(self, table: pa.Table, stats, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
         """img2dataset rows -> one row per caption; failures to `rejected` with img2dataset's reason; a repeat
         of a uid (a crawl listing the same url and caption twice) to `rejected` as `duplicate`."""
+        ctx = ctx or self.detached()
         kept, rejected = self._convert(table)
         if stats is not None and kept.num_rows:
-            extra = stats.extra_copies(*self._copy_keys(kept, ctx or self.detached()))
+            extra = stats.extra_copies(*self._copy_keys(kept, ctx))  # on the rows as collect saw them
             if extra.any():
                 mask = pa.array(extra)
                 dup = kept.filter(mask).append_column(
                     "reason", pa.array([f"{DUPLICATE}: same url and caption as another row"] * int(extra.sum()), pa.string()))
                 kept = kept.filter(pc.invert(mask))
                 rejected = pa.concat_tables([rejected, dup.cast(rejected.schema)])
+        if CARRY_COL in table.column_names:  # a run's curated output: each row gets back what it had
+            names = [n for n in pc.unique(table.column(CARRY_COL)).to_pylist() if n]
+            kept = carried_columns(kept, names, ctx.stage_dir)
+            rejected = carried_columns(rejected, names, ctx.stage_dir)
         return kept, rejected
 
     def _convert(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:

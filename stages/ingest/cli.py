@@ -11,19 +11,26 @@ from pipeline import recipe, shards
 from pipeline.cli import add_config, add_exec, config_for, print_funnel, run_dir_of
 from pipeline.stage import StageError
 from stages.ingest import IngestStage, crawl_input, download_pool
+from stages.ingest.curated import is_curated_folder, url_list_rows
 
 
 def register(sub) -> None:
-    p = sub.add_parser("ingest", help="download a URL list with img2dataset into runs/NAME/00_ingest, or use an "
-                                      "img2dataset output folder in place")
-    p.add_argument("input", help="Parquet/CSV/TSV(.gz) with url and caption columns, or an img2dataset output "
-                                 "folder (Parquet or WebDataset): used in place as the image store, no download")
+    p = sub.add_parser("ingest", help="download a URL list with img2dataset into the run's ingest folder, or use an "
+                                      "img2dataset output folder in place; a recipe with steps before ingest "
+                                      "(text-first) runs them on the URL list first and downloads only what they keep")
+    p.add_argument("input", nargs="?", default=None,
+                   help="Parquet/CSV/TSV(.gz) with url and caption columns; or an img2dataset output folder (Parquet "
+                        "or WebDataset): used in place as the image store, no download; or a run's curated output "
+                        "(a folder of row shards with url and text): its URLs are downloaded, its columns kept. "
+                        "Omitted: the pool this run was started on (a recipe with steps before ingest)")
     p.add_argument("--run", required=True, help="run name: runs/NAME")
     add_config(p)
     p.add_argument("--serve", default=None, help="serve this folder on a loopback proxy while downloading (demo)")
     add_exec(p)
     p.set_defaults(fn=cmd_ingest)
 
+
+URL_LIST_DIR = "url_list"  # runs/NAME/url_list: the URL list as rows, for the steps before the download
 
 
 def _ingest_step(cfg: dict) -> "recipe.Step":
@@ -35,16 +42,24 @@ def _ingest_step(cfg: dict) -> "recipe.Step":
 
 
 def cmd_ingest(args) -> int:
-    from pipeline.runner import executor, run_stage
+    from pipeline.runner import UPSTREAM_KEY, executor, run_stage
 
     run_dir = run_dir_of(args)
     cfg = config_for(args, run_dir, ["ingest"])
-    if _is_folder(args.input):
+    steps = recipe.of_config(cfg)
+    step = _ingest_step(cfg)
+    before = [s for s in steps if s.position < step.position]
+    if args.input is None and not before:
+        raise StageError("ingest: give the URL list (or an img2dataset output folder): clipcurate ingest URLS --run NAME")
+    if args.input is not None and _is_folder(args.input) and not is_curated_folder(args.input):
+        if before:
+            raise StageError(f"ingest: this run's recipe runs {', '.join(s.name for s in before)} before the download: "
+                             f"give a URL list or a folder of row shards, not an img2dataset output")
         return _ingest_crawl(args, run_dir, cfg)
     from pipeline.images import ImageStore
 
     serve = args.serve
-    if serve is None:
+    if serve is None and args.input is not None:
         world = Path(args.input).resolve().parent
         if (world / "world.json").exists() and (world / "www").is_dir():
             serve = str(world / "www")  # a demo world: its URLs are served from this machine
@@ -52,26 +67,61 @@ def cmd_ingest(args) -> int:
         cfg["ingest"]["serve_dir"] = str(Path(serve).resolve())
     config_mod.save(cfg, shards.join(run_dir, "config.toml"))
     ingest_cfg = IngestStage.Config(**cfg["ingest"])
-    stage_dir = shards.join(run_dir, _ingest_step(cfg).folder)
-    raw_dir, info = download_pool(args.input, stage_dir, ingest_cfg)
+    stage_dir = shards.join(run_dir, step.folder)
+    source, upstream = args.input, None
+    if before:  # text-first: curate the URL list, then download what the steps before ingest kept
+        source, upstream = _curate_before_download(args, run_dir, cfg, steps, step, before, ingest_cfg)
+    raw_dir, info = download_pool(source, stage_dir, ingest_cfg)
     # the download is the run's image store: ingest's shards and every later stage's hold references into it
     ImageStore(raw_dir, "parquet", ingest_cfg.encode_format).save(run_dir)
     with executor(args.workers, args.scheduler) as ex:
-        res = run_stage(_ingest_step(cfg), run_dir, raw_dir, cfg, ex)
+        res = run_stage(step, run_dir, raw_dir, cfg, ex)
     res.manifest["download"] = info
     # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
     res.manifest["urls_in"] = info["unique_urls"]
+    res.manifest["urls_downloaded"] = info["unique_urls"]  # what the report compares between recipes
     res.manifest["rows_in"] = info["input_rows"]
-    res.manifest["url_list"] = args.input if "://" in str(args.input) else str(Path(args.input).resolve())
+    res.manifest["url_list"] = source if "://" in str(source) else str(Path(source).resolve())
+    if upstream is not None:
+        res.manifest[UPSTREAM_KEY] = upstream
     shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
+    what = "curated rows" if "curated" in info else "URL rows"
     print(
-        f"ingest: {info['input_rows']} URL rows: {info['unique_urls']} unique URLs (each fetched once), "
+        f"ingest: {info['input_rows']} {what}: {info['unique_urls']} unique URLs (each fetched once), "
         f"{info['bad_urls']} malformed, {info.get('duplicates', 0)} repeated (url, caption) rows (kept once)"
     )
     print_funnel([res])
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
+    after = [s.name for s in steps if s.position > step.position]
+    if before and after:
+        print(f"next: clipcurate run --run {Path(run_dir).name}   ({', '.join(after)})")
     _fail_if_nothing_kept(res, "no URL downloaded", "check the URLs and the network")
     return 0
+
+
+def _curate_before_download(args, run_dir: str, cfg: dict, steps: list, step, before: list, ingest_cfg) -> tuple:
+    """Run the recipe's steps before ingest on the URL list (written as rows under runs/NAME/url_list) or on a
+    folder of row shards, or, given no input, on the pool the run was started on; returns (the folder whose
+    rows to download: the last of those steps' output, {"folder", "fingerprint"} of that step)."""
+    from pipeline.runner import previous_stage_dir, run_pipeline
+
+    input_dir = None
+    if args.input is not None and _is_folder(args.input):
+        input_dir = args.input
+    elif args.input is not None:
+        input_dir = shards.join(run_dir, URL_LIST_DIR)
+        got = url_list_rows(args.input, input_dir, ingest_cfg.url_col, ingest_cfg.caption_col, ingest_cfg.shard_size)
+        print(f"url list: {got['rows']} rows: {got['kept']} to curate before the download, {got['rejected']} set "
+              f"aside {got['reasons'] or ''} ({input_dir}/rejected/)")
+    results = run_pipeline([s.name for s in before], run_dir, cfg, input_dir=input_dir, workers=args.workers,
+                           scheduler=args.scheduler)
+    print_funnel(results)
+    source = previous_stage_dir(run_dir, step, steps)
+    if source is None:
+        raise StageError(f"ingest: {before[-1].name} has no output in this run: give the URL list "
+                         "(clipcurate ingest URLS --run NAME)")
+    fp = (shards.read_json(shards.join(source, "_manifest.json")) or {}).get("fingerprint")
+    return source, {"folder": shards.shard_name(source), "fingerprint": fp}
 
 
 def _fail_if_nothing_kept(res, what: str, todo: str) -> None:

@@ -87,13 +87,31 @@ def _content_digest(path: str) -> str:
 
 
 def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> tuple[str, dict]:
-    """Group the list, run img2dataset into `<stage>/_img2dataset`. Skipped when already complete."""
-    df = read_url_list(input_path, cfg.url_col, cfg.caption_col)
-    grouped, bad = group_by_url(df)
+    """Group the list, run img2dataset into `<stage>/_img2dataset`. Skipped when already complete.
+
+    `input_path`: a URL list file, or a run's curated output (a folder of row shards: `curated.py`), whose
+    rows' columns are set aside in `<stage>/_carry/` for the ingest stage to join back."""
+    from stages.ingest.curated import CARRY_COL, group_curated, is_curated_folder
+
+    list_path = os.path.join(stage_dir, "_urls.parquet")
+    extra_cols = [CAPTIONS_COL]
+    if is_curated_folder(str(input_path)):
+        shards.makedirs(stage_dir)
+        grouped, bad, curated = group_curated(str(input_path), stage_dir, cfg.shard_size)
+        input_rows = curated["curated_rows"]
+        extra_cols.append(CARRY_COL)
+        # the download depends on the URLs and captions only: what else the rows carry is joined after it
+        shards.write_shard(grouped.to_arrow(), list_path)
+        identity = {"urls": _content_digest(list_path)}
+    else:
+        df = read_url_list(input_path, cfg.url_col, cfg.caption_col)
+        grouped, bad = group_by_url(df)
+        input_rows, curated = df.height, None
+        identity = _content_digest(str(input_path))
     raw_dir = os.path.join(stage_dir, "_img2dataset")
     fp = fingerprint(
         {
-            "input": _content_digest(str(input_path)),
+            "input": identity,
             "grouping": 2,  # 2: one row per distinct (url, caption), repeats rejected
             "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
         }
@@ -101,8 +119,10 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     marker = os.path.join(raw_dir, "_clipcurate_done.json")
     prior = shards.read_json(marker)
     n_dup = int((bad["status"] == DUPLICATE).sum())
-    info = {"input_rows": df.height, "unique_urls": grouped.height, "bad_urls": bad.height - n_dup,
+    info = {"input_rows": input_rows, "unique_urls": grouped.height, "bad_urls": bad.height - n_dup,
             "duplicates": n_dup}
+    if curated is not None:
+        info["curated"] = curated
     if prior and prior.get("fingerprint") == fp:
         log.info("ingest: download already complete (%s), reusing", raw_dir)
         info.update(prior.get("img2dataset", {}))
@@ -112,20 +132,20 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     shards.makedirs(stage_dir)
     if grouped.height == 0 and bad.height == 0:
         raise StageError(f"ingest: URL list {input_path} has no rows")
-    list_path = os.path.join(stage_dir, "_urls.parquet")
-    grouped.write_parquet(list_path)
-    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d repeated (url, caption) rows", df.height,
+    if curated is None:
+        grouped.write_parquet(list_path)
+    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d repeated (url, caption) rows", input_rows,
              grouped.height, info["bad_urls"], n_dup)
     t0 = time.perf_counter()
-    totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=[CAPTIONS_COL]) if grouped.height else {}
+    totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=extra_cols) if grouped.height else {}
     totals["seconds"] = round(time.perf_counter() - t0, 3)
     if bad.height:
         # malformed URLs, rows that are not UTF-8 and repeated rows never reach img2dataset; they travel as an extra
         # "failed" shard so no row is lost
         shards.makedirs(raw_dir)
-        bad.select("url", "caption", "status", "error_message").write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
+        cols = ["url", "caption", "status", "error_message"] + [c for c in (CARRY_COL,) if c in bad.columns]
+        bad.select(cols).write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
     info["img2dataset"] = totals
     shards.write_json({"fingerprint": fp, "img2dataset": totals}, marker)
     info.update(totals)
     return raw_dir, info
-
