@@ -166,9 +166,8 @@ def main() -> int:
 
         url_rows = pl.read_parquet(world / "urls.parquet").height
         log(f"training the filtering network once ({args.dfn_steps or 'the world config''s'} steps) ...")
-        shutil.rmtree(rn.runs / "_dfn", ignore_errors=True)
         dfn_s = rn.cli("dfn-train", "--run", "_dfn", "--hq", str(world / "hq.parquet"), "--config",
-                       str(world / "config.toml"), *rn.dfn_steps_args)
+                       str(world / "config.toml"), "--resume", *rn.dfn_steps_args)  # --keep: trained once
         dfn_model = rn.runs / "_dfn" / "dfn_model"
         dfn_summary = json.loads((dfn_model / "train.json").read_text())
         log(f"filtering network: {dfn_s['seconds']:.1f} s")
@@ -183,7 +182,6 @@ def main() -> int:
                 res, u = run_recipe(rn, world, recipe, f"{recipe}-r{r}", dfn_model)
                 row["recipes"][recipe] = res
                 uids[(r, recipe)] = u
-                shutil.rmtree(rn.runs / f"{recipe}-r{r}" / "00_ingest", ignore_errors=True)  # disk: measured
             if "default" in recipes:
                 for recipe in recipes:
                     row["recipes"][recipe]["overlap_with_default"] = overlap(uids[(r, recipe)], uids[(r, "default")])

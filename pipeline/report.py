@@ -334,6 +334,13 @@ def _step_seconds(m: dict) -> float:
     return sum(v for k, v in (m.get("timings") or {}).items() if k.endswith("_s") and isinstance(v, (int, float)))
 
 
+def _time_lost(m: dict) -> bool:
+    """A step whose manifest was last written by a run that found every shard and its statistics up to date:
+    the runner records that run's timings (nothing done: apply 0 s), not the time the step took when it ran."""
+    t = m.get("timings") or {}
+    return bool(m.get("rows_in")) and t.get("apply_s") == 0.0 and "collect_s" not in t and "finalize_s" not in t
+
+
 def _urls_downloaded(m: dict) -> int | None:
     if isinstance(m.get(DOWNLOADED_KEY), int):
         return m[DOWNLOADED_KEY]
@@ -354,17 +361,6 @@ def _inside(path: str, run_dir: str) -> bool:
 
     a, b = normalised(path), normalised(run_dir)
     return a == b or a.startswith(b.rstrip("/") + "/")
-
-
-def _first_source(steps: list[tuple[str, str]]) -> str | None:
-    """What the run's first step read (the URL list it crawled or its input), spelled one way."""
-    if not steps:
-        return None
-    m = shards.read_json(shards.join(steps[0][1], "_manifest.json")) or {}
-    src = m.get("url_list") or m.get("input")
-    if not src:
-        return None
-    return str(src).rstrip("/") if "://" in str(src) else os.path.normpath(os.path.abspath(str(src)))
 
 
 def recipe_summary(run_dir: str) -> dict:
@@ -396,7 +392,7 @@ def recipe_summary(run_dir: str) -> dict:
         "store_in_run": bool(store) and _inside(store.root, run_dir),
         "stage_seconds": round(sum(_step_seconds(m) for _, m in ms), 3),
         "download_seconds": round(download_s, 3),
-        "source": _first_source(steps),
+        "untimed": [n for n, m in ms if _time_lost(m)],
     }
     out["seconds"] = round(out["stage_seconds"] + out["download_seconds"], 3)
     if steps:
@@ -456,12 +452,14 @@ def compare_section(run_dir: str, other_dir: str, other: str) -> dict:
              "last finished step's kept rows; the final sets compare the uids of those rows.",
              f"overlap (Jaccard): {share(len(both), union) or 'n/a'} of the {union} uids either run kept."]
     for s in (a, b):
+        if s["untimed"]:
+            notes.append(f"{s['run']}: {', '.join(s['untimed'])} last ran as a resume that found them up to date "
+                         "(0 s recorded): the time they took when they did the work is not in its stage time.")
         if not s["complete"]:
             notes.append(f"{s['run']}: its recipe's last step ({s['recipe'][-1] if s['recipe'] else '?'}) has not "
                          f"finished; its final set is {s['final_step'] or 'empty'}'s output.")
-    if a["source"] and b["source"] and a["source"] != b["source"]:
-        notes.append(f"the runs read different inputs ({a['source']} and {b['source']}): their sets need not "
-                     "overlap.")
+    if a["uids"] and b["uids"] and not both:
+        notes.append("the two final sets share no row: did both runs read the same URL list?")
     data = {k: {x: y for x, y in s.items() if x != "uids"} | {"uids": len(s["uids"])} for k, s in
             (("this", a), ("other", b))}
     data["sets"] = {"both": len(both), "only_this": len(only_a), "only_other": len(only_b), "union": union}

@@ -79,9 +79,9 @@ def test_two_recipes_compared_by_the_numbers_and_by_uid(tmp_path, capsys):
     assert sets_t.rows[0][2:] == [f"{both / len(ua):.1%}", f"{both / len(ub):.1%}"]
     assert out["compare"]["sets"] == {"both": both, "only_this": only_a, "only_other": only_b,
                                       "union": len(ua | ub)}
-    # the note says what the time is; the runs read the same pool, so no note about different inputs
+    # the note says what the time is; the sets overlap, so no note asks whether the runs read the same list
     assert any("recorded stage time" in n and "not a stopwatch" in n for n in sec["notes"])
-    assert not any("different inputs" in n for n in sec["notes"])
+    assert not any("share no row" in n or "last ran as a resume" in n for n in sec["notes"])
     # in both renderings, and in the command's lines
     md, html = open(out["md"]).read(), open(out["html"]).read()
     assert "## Recipes compared" in md and f"| a | {recipe} | 123 | 1234 |" in md
@@ -89,7 +89,7 @@ def test_two_recipes_compared_by_the_numbers_and_by_uid(tmp_path, capsys):
     assert f"final sets: {both} in both, {only_a} only in a, {only_b} only in b" in printed
 
 
-def test_an_unfinished_recipe_and_another_input_are_said(tmp_path):
+def test_an_unfinished_recipe_and_sets_with_nothing_in_common_are_said(tmp_path):
     pool, other_pool = tmp_path / "pool", tmp_path / "pool2"
     make_pool(300, 2, pool)
     make_pool(300, 2, other_pool, seed=1)
@@ -99,13 +99,17 @@ def test_an_unfinished_recipe_and_another_input_are_said(tmp_path):
     cfg.write_text(f'[run]\nstages = ["{FW}@first", "align", "{FW}"]\n')
     assert cli_main(["--runs-dir", str(runs), "run", f"{FW}@first", "--run", "b", "--input", str(other_pool),
                      "--config", str(cfg), "--workers", "0"]) == 0
+    # a rerun of a finished run finds every step up to date and records 0 s for each: the report says so
+    assert cli_main(["--runs-dir", str(runs), "run", "--run", "a", "--workers", "0"]) == 0
     out = build_report(str(runs / "a"), str(runs / "b"))
     [sec] = [s for s in out["sections"] if s["title"] == "Recipes compared"]
+    assert any(n.startswith(f"a: {FW}@first, align, {FW} last ran as a resume that found them up to date")
+               for n in sec["notes"])
     row_b = sec["tables"][0].rows[1]
     assert row_b[5] == f"{FW}@first (recipe not finished)"
     assert row_b[6] == _manifest(runs / "b", "00_firstword-first")["rows_out"]
     assert any(n.startswith(f"b: its recipe's last step ({FW}) has not finished") for n in sec["notes"])
-    assert any("different inputs" in n for n in sec["notes"])
+    assert any("share no row: did both runs read the same URL list?" in n for n in sec["notes"])
 
 
 def test_a_missing_other_run_is_one_line_not_an_error(tmp_path, capsys):
