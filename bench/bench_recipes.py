@@ -204,6 +204,8 @@ def main() -> int:
                 "urls_downloaded": first["urls_downloaded"],
                 "image_store_bytes": first["image_store_bytes"],
                 "emit_output_bytes": first["emit_output_bytes"],
+                "image_store_bytes_per_round": [x["recipes"][recipe]["image_store_bytes"] for x in rounds],
+                "emit_output_bytes_per_round": [x["recipes"][recipe]["emit_output_bytes"] for x in rounds],
                 "rows_emitted": first["rows_emitted"],
                 "same_uids_every_round": same,
                 "seconds_total_median": med(recipe, lambda x: x["seconds_total"]),
@@ -246,7 +248,12 @@ def main() -> int:
                 "the default's of the same round (seconds_total_over_default): this shared 2-core VM's speed "
                 "drifts, and another user's jobs ran on it during the bench (load1 per command).",
                 "image_store_bytes: the run's image store folder (img2dataset's output: images, its metadata "
-                "and stats); emit_output_bytes: emit's output folder (Parquet and WebDataset shards, index).",
+                "and stats); emit_output_bytes: emit's output folder (Parquet and WebDataset shards, index). The "
+                "summary gives round 0's bytes; a store's bytes may differ by a little between rounds (img2dataset's "
+                "shards and stats are not byte-identical from one download to the next).",
+                "text-first's recorded_stage_seconds lacks its steps before the download: `run` finds them up to "
+                "date and the runner rewrites their manifests with 0 s (the report says so); the stopwatch has "
+                "them.",
             ],
             "filtering_network": {"seconds": dfn_s["seconds"], "steps": dfn_summary.get("steps"),
                                   "model": dfn_summary.get("model")},
