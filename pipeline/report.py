@@ -281,12 +281,13 @@ def _training(run_dir: str, out_dir: str) -> dict:
 
 def world_truth(run_dir: str) -> str | None:
     """The labelled truth of the world the run crawled: `truth.parquet` next to the URL list it ingested
-    (ingest's manifest `url_list`; the demo world writes one) or its first step's input, if there is one."""
+    (a download step's manifest `url_list`; the demo world writes one) or its first step's input, if there is one."""
     steps = stage_folders(run_dir)
     if not steps:
         return None
-    m = shards.read_json(os.path.join(steps[0][1], "_manifest.json")) or {}
-    src = m.get("url_list") or m.get("input")
+    manifests = [shards.read_json(os.path.join(folder, "_manifest.json")) or {} for _, folder in steps]
+    # the download may come after curation steps (text-first): its manifest names the list the run started from
+    src = next((m["url_list"] for m in manifests if m.get("url_list")), None) or manifests[0].get("input")
     if not src or "://" in str(src):
         return None
     p = Path(src)

@@ -146,6 +146,11 @@ class IngestStage(Stage):
         The rows come without their image bytes: the img2dataset output is the run's image store, and the
         runner hands each row its reference (`image_ref`, pipeline/images.py)."""
         df = pl.from_arrow(table)
+        if "key" in df.columns:
+            # img2dataset writes a shard's samples as its threads finish them: in its `key` order (the URL list's)
+            # a shard's rows are the same whatever the download's timing (their image_ref still says where
+            # the bytes landed)
+            df = df.sort("key", nulls_last=True, maintain_order=True)
         if CAPTIONS_COL in df.columns:
             captions = pl.col(CAPTIONS_COL).str.json_decode(pl.Struct({"c": pl.List(pl.String)})).struct.field("c")
         else:

@@ -68,9 +68,9 @@ def cmd_ingest(args) -> int:
     config_mod.save(cfg, shards.join(run_dir, "config.toml"))
     ingest_cfg = IngestStage.Config(**cfg["ingest"])
     stage_dir = shards.join(run_dir, step.folder)
-    source, upstream = args.input, None
+    source, upstream, url_list = args.input, None, args.input
     if before:  # text-first: curate the URL list, then download what the steps before ingest kept
-        source, upstream = _curate_before_download(args, run_dir, cfg, steps, step, before, ingest_cfg)
+        source, upstream, url_list = _curate_before_download(args, run_dir, cfg, steps, step, before, ingest_cfg)
     raw_dir, info = download_pool(source, stage_dir, ingest_cfg)
     # the download is the run's image store: ingest's shards and every later stage's hold references into it
     ImageStore(raw_dir, "parquet", ingest_cfg.encode_format).save(run_dir)
@@ -81,7 +81,10 @@ def cmd_ingest(args) -> int:
     res.manifest["urls_in"] = info["unique_urls"]
     res.manifest["urls_downloaded"] = info["unique_urls"]  # what the report compares between recipes
     res.manifest["rows_in"] = info["input_rows"]
-    res.manifest["url_list"] = source if "://" in str(source) else str(Path(source).resolve())
+    # the list the run started from (the report's truth check finds a demo world by it), not the curated rows
+    res.manifest["url_list"] = url_list if "://" in str(url_list) else str(Path(url_list).resolve())
+    if source != url_list:
+        res.manifest["downloaded_from"] = str(source)
     if upstream is not None:
         res.manifest[UPSTREAM_KEY] = upstream
     shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
@@ -102,10 +105,11 @@ def cmd_ingest(args) -> int:
 def _curate_before_download(args, run_dir: str, cfg: dict, steps: list, step, before: list, ingest_cfg) -> tuple:
     """Run the recipe's steps before ingest on the URL list (written as rows under runs/NAME/url_list) or on a
     folder of row shards, or, given no input, on the pool the run was started on; returns (the folder whose
-    rows to download: the last of those steps' output, {"folder", "fingerprint"} of that step)."""
+    rows to download: the last of those steps' output, {"folder", "fingerprint"} of that step, the URL list or
+    folder the run started from)."""
     from pipeline.runner import previous_stage_dir, run_pipeline
 
-    input_dir = None
+    input_dir, started_from = None, args.input
     if args.input is not None and _is_folder(args.input):
         input_dir = args.input
     elif args.input is not None:
@@ -113,6 +117,9 @@ def _curate_before_download(args, run_dir: str, cfg: dict, steps: list, step, be
         got = url_list_rows(args.input, input_dir, ingest_cfg.url_col, ingest_cfg.caption_col, ingest_cfg.shard_size)
         print(f"url list: {got['rows']} rows: {got['kept']} to curate before the download, {got['rejected']} set "
               f"aside {got['reasons'] or ''} ({input_dir}/rejected/)")
+    if started_from is None:
+        started_from = ((shards.read_json(shards.join(run_dir, URL_LIST_DIR, "_url_list.json")) or {}).get("source")
+                        or shards.join(run_dir, URL_LIST_DIR))
     results = run_pipeline([s.name for s in before], run_dir, cfg, input_dir=input_dir, workers=args.workers,
                            scheduler=args.scheduler)
     print_funnel(results)
@@ -121,7 +128,7 @@ def _curate_before_download(args, run_dir: str, cfg: dict, steps: list, step, be
         raise StageError(f"ingest: {before[-1].name} has no output in this run: give the URL list "
                          "(clipcurate ingest URLS --run NAME)")
     fp = (shards.read_json(shards.join(source, "_manifest.json")) or {}).get("fingerprint")
-    return source, {"folder": shards.shard_name(source), "fingerprint": fp}
+    return source, {"folder": shards.shard_name(source), "fingerprint": fp}, started_from
 
 
 def _fail_if_nothing_kept(res, what: str, todo: str) -> None:

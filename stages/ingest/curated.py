@@ -18,6 +18,7 @@ includes the carry's digest.
 from __future__ import annotations
 
 import logging
+import os
 
 import polars as pl
 import pyarrow as pa
@@ -73,7 +74,8 @@ def url_list_rows(path: str, out_dir: str, url_col: str, caption_col: str, shard
         for r, n in bad.group_by("status").len().iter_rows():
             reasons[r] = n
     summary = {"rows": df.height, "kept": rows.num_rows, "rejected": bad.height, "reasons": reasons}
-    shards.write_json({"digest": digest, "shard_size": shard_size, "summary": summary}, marker)
+    source = str(path) if "://" in str(path) else os.path.abspath(str(path))
+    shards.write_json({"digest": digest, "shard_size": shard_size, "summary": summary, "source": source}, marker)
     return summary
 
 
