@@ -364,6 +364,15 @@ def _inside(path: str, run_dir: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/")
 
 
+def _started_from(ms: list[dict]) -> str | None:
+    """The URL list (or input) the run started from, as world_truth finds it: a download step's `url_list`, else
+    the first step's input; one spelling of a local path."""
+    src = next((m["url_list"] for m in ms if m.get("url_list")), None) or (ms[0].get("input") if ms else None)
+    if not src:
+        return None
+    return str(src).rstrip("/") if "://" in str(src) else os.path.normpath(os.path.abspath(str(src)))
+
+
 def recipe_summary(run_dir: str) -> dict:
     """What a run's recipe cost and gave, from its manifests: its steps, the URLs it downloaded, the bytes of
     its image store, the rows its last step kept (and their uids), the recorded stage time. The final set is the
@@ -394,6 +403,7 @@ def recipe_summary(run_dir: str) -> dict:
         "stage_seconds": round(sum(_step_seconds(m) for _, m in ms), 3),
         "download_seconds": round(download_s, 3),
         "untimed": [n for n, m in ms if _time_lost(m)],
+        "started_from": _started_from([m for _, m in ms]),
     }
     out["seconds"] = round(out["stage_seconds"] + out["download_seconds"], 3)
     if steps:
@@ -459,7 +469,10 @@ def compare_section(run_dir: str, other_dir: str, other: str) -> dict:
         if not s["complete"]:
             notes.append(f"{s['run']}: its recipe's last step ({s['recipe'][-1] if s['recipe'] else '?'}) has not "
                          f"finished; its final set is {s['final_step'] or 'empty'}'s output.")
-    if a["uids"] and b["uids"] and not both:
+    if a["started_from"] and b["started_from"] and a["started_from"] != b["started_from"]:
+        notes.append(f"the runs started from different inputs ({a['started_from']}, {b['started_from']}): "
+                     "their final sets need not overlap.")
+    elif a["uids"] and b["uids"] and not both:
         notes.append("the two final sets share no row: did both runs read the same URL list?")
     data = {k: {x: y for x, y in s.items() if x != "uids"} | {"uids": len(s["uids"])} for k, s in
             (("this", a), ("other", b))}

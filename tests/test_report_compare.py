@@ -81,7 +81,8 @@ def test_two_recipes_compared_by_the_numbers_and_by_uid(tmp_path, capsys):
                                       "union": len(ua | ub)}
     # the note says what the time is; the sets overlap, so no note asks whether the runs read the same list
     assert any("recorded stage time" in n and "not a stopwatch" in n for n in sec["notes"])
-    assert not any("share no row" in n or "last ran as a resume" in n for n in sec["notes"])
+    assert not any("share no row" in n or "different inputs" in n or "last ran as a resume" in n
+                   for n in sec["notes"])
     # in both renderings, and in the command's lines
     md, html = open(out["md"]).read(), open(out["html"]).read()
     assert "## Recipes compared" in md and f"| a | {recipe} | 123 | 1234 |" in md
@@ -109,6 +110,12 @@ def test_an_unfinished_recipe_and_sets_with_nothing_in_common_are_said(tmp_path)
     assert row_b[5] == f"{FW}@first (recipe not finished)"
     assert row_b[6] == _manifest(runs / "b", "00_firstword-first")["rows_out"]
     assert any(n.startswith(f"b: its recipe's last step ({FW}) has not finished") for n in sec["notes"])
+    assert any(n.startswith(f"the runs started from different inputs ({pool}, {other_pool})") for n in sec["notes"])
+    # a download step's url_list is where a run started, whichever step downloads
+    _patch(runs / "b", "00_firstword-first", url_list=str(pool))
+    out = build_report(str(runs / "a"), str(runs / "b"))
+    [sec] = [s for s in out["sections"] if s["title"] == "Recipes compared"]
+    assert not any("different inputs" in n for n in sec["notes"])
     assert any("share no row: did both runs read the same URL list?" in n for n in sec["notes"])
 
 
