@@ -615,8 +615,10 @@ def run_stage(
     # it no longer does: removed now, so that a kill below cannot leave a folder of mixed old and new
     # shards that the report, or a later stage run alone, would take for a finished stage.
     manifest_path = shards.join(r.stage_dir, "_manifest.json")
-    if (shards.read_json(manifest_path) or {}).get("fingerprint") != r.fp:
+    before = shards.read_json(manifest_path) or {}
+    if before.get("fingerprint") != r.fp:
         shards.remove(manifest_path)
+        before = {}
     log.debug("%s: %d shards from %s (fingerprint %s, %s)", r.name, len(r.inputs), input_dir, r.fp, ex.name)
     timings: dict[str, float] = {}
     todo, summaries = _shards_to_do(r, ex)
@@ -634,6 +636,8 @@ def run_stage(
     final = _finalize(r, per_shard, ex)
     if final is not None:
         timings["finalize_s"] = round(time.perf_counter() - t0, 3)
+    if not todo and not timings.get("collect_s") and before.get("timings"):
+        timings = before["timings"]  # nothing redone: the time the step took is the time recorded when it ran
     manifest = build_manifest(r.name, r.fp, r.stage_cfg, input_dir, per_shard, timings)
     if final is not None:
         manifest["finalize"] = final

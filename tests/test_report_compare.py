@@ -100,8 +100,14 @@ def test_an_unfinished_recipe_and_sets_with_nothing_in_common_are_said(tmp_path)
     cfg.write_text(f'[run]\nstages = ["{FW}@first", "align", "{FW}"]\n')
     assert cli_main(["--runs-dir", str(runs), "run", f"{FW}@first", "--run", "b", "--input", str(other_pool),
                      "--config", str(cfg), "--workers", "0"]) == 0
-    # a rerun of a finished run finds every step up to date and records 0 s for each: the report says so
+    # a rerun of a finished run finds every step up to date and keeps the time each took when it ran
+    folders = ["00_firstword-first", "01_align", "02_firstword"]
+    ran = {d: _manifest(runs / "a", d)["timings"] for d in folders}
     assert cli_main(["--runs-dir", str(runs), "run", "--run", "a", "--workers", "0"]) == 0
+    assert {d: _manifest(runs / "a", d)["timings"] for d in folders} == ran
+    # a manifest that an older version rewrote on such a rerun records 0 s: the report says so
+    for d in folders:
+        _patch(runs / "a", d, timings={"apply_s": 0.0})
     out = build_report(str(runs / "a"), str(runs / "b"))
     [sec] = [s for s in out["sections"] if s["title"] == "Recipes compared"]
     assert any(n.startswith(f"a: {FW}@first, align, {FW} last ran as a resume that found them up to date")
