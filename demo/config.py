@@ -15,8 +15,9 @@ TEXT_RULES = ["image_many_texts", "text_many_images", "too_few_words", "too_many
 IMAGE_RULES = ["image_unreadable", "image_too_small", "aspect_ratio", "image_many_texts", "text_many_images",
                "exact_duplicate", "near_duplicate", "eval_near_duplicate"]
 BALANCE_LAST = ["ingest", "align", "dfn", "metaclip", "emit"]
-BALANCE_LAST_MIN_SCORE = 0.0
-BALANCE_LAST_WHY = "the demo's tiny filtering network: TODO measured share above"
+BALANCE_LAST_MIN_SCORE = 0.63
+BALANCE_LAST_WHY = ("the demo's filtering network (dfn-train, 300 steps) on a 3000-row world: 79.7% of the 2095 pairs "
+                    "align keeps score >= 0.63, about the default recipe's dfn share (keep_fraction 0.8)")
 
 
 RECIPES = ("default", "text-first", "balance-last")  # stages/recipes/<name>.toml: what each is and why
