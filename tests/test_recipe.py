@@ -175,3 +175,25 @@ def test_a_users_stage_in_the_saved_recipe_is_found_when_a_config_changes(tmp_pa
     __import__("sys").modules.pop("mystage_rc", None)
     seed = _write(tmp_path / "seed.toml", "[run]\nseed = 1\n")
     assert cli_main(base + ["run", "align", "--run", "r", "--config", seed, "--workers", "0"]) == 0
+
+
+@pytest.mark.parametrize("name", ["text-first", "balance-last"])
+def test_the_shipped_recipes_are_valid_configs_and_the_demo_world_writes_the_same_recipe(name, tmp_path):
+    """stages/recipes/<name>.toml resolves as a config, and a demo world's config-<name>.toml has the same steps
+    and the same switches (rules, score_only, score_col), only with the world's scaled thresholds."""
+    import tomllib
+    from pathlib import Path
+
+    from demo.config import demo_config
+
+    shipped = tomllib.loads((Path(__file__).resolve().parents[1] / "stages" / "recipes" / f"{name}.toml").read_text())
+    cfg = config_mod.resolve(shipped)
+    demo = config_mod.resolve(tomllib.loads(demo_config(3000, tmp_path / "eval.parquet", "default", name)))
+    assert cfg["run"]["stages"] == demo["run"]["stages"] == shipped["run"]["stages"]
+    for section, keys in shipped.items():
+        for key in keys:
+            if key in ("min_score",):  # a score depends on the scoring model: the demo measures its own
+                continue
+            assert demo[section][key] == cfg[section][key], (section, key)
+    steps = recipe.steps_of(cfg["run"]["stages"])
+    assert sum(1 for s in steps if s.stage == "ingest") == 1
