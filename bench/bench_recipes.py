@@ -246,14 +246,11 @@ def main() -> int:
                 "recipe. dfn-train --resume then finds it finished: its stopwatch is the command's start and check.",
                 "paired rounds, recipes interleaved (the order rotates each round); compare a recipe's time with "
                 "the default's of the same round (seconds_total_over_default): this shared 2-core VM's speed "
-                "drifts, and another user's jobs ran on it during the bench (load1 per command).",
+                "drifts (load1 is recorded per command).",
                 "image_store_bytes: the run's image store folder (img2dataset's output: images, its metadata "
                 "and stats); emit_output_bytes: emit's output folder (Parquet and WebDataset shards, index). The "
                 "summary gives round 0's bytes; a store's bytes may differ by a little between rounds (img2dataset's "
                 "shards and stats are not byte-identical from one download to the next).",
-                "text-first's recorded_stage_seconds lacks its steps before the download: `run` finds them up to "
-                "date and the runner rewrites their manifests with 0 s (the report says so); the stopwatch has "
-                "them.",
             ],
             "filtering_network": {"seconds": dfn_s["seconds"], "steps": dfn_summary.get("steps"),
                                   "model": dfn_summary.get("model")},
