@@ -101,6 +101,12 @@ def normalised(path: str) -> str:
     return str(path).rstrip("/") if _is_url(path) else os.path.normpath(os.path.abspath(str(path)))
 
 
+def within(path: str, folder: str) -> bool:
+    """`path` is `folder` or under it, whichever way either is spelt (relative, absolute, trailing slash)."""
+    a, b = normalised(path), normalised(folder)
+    return a == b or a.startswith(b.rstrip("/") + "/")
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageStore:
     """Where a run's image bytes live: `root` (absolute path or fsspec URI), `format` ("parquet" | "wds") and,

@@ -285,9 +285,7 @@ def world_truth(run_dir: str) -> str | None:
     steps = stage_folders(run_dir)
     if not steps:
         return None
-    manifests = [shards.read_json(os.path.join(folder, "_manifest.json")) or {} for _, folder in steps]
-    # the download may come after curation steps (text-first): its manifest names the list the run started from
-    src = next((m["url_list"] for m in manifests if m.get("url_list")), None) or manifests[0].get("input")
+    src = started_from([shards.read_json(os.path.join(folder, "_manifest.json")) or {} for _, folder in steps])
     if not src or "://" in str(src):
         return None
     p = Path(src)
@@ -335,13 +333,6 @@ def _step_seconds(m: dict) -> float:
     return sum(v for k, v in (m.get("timings") or {}).items() if k.endswith("_s") and isinstance(v, (int, float)))
 
 
-def _time_lost(m: dict) -> bool:
-    """A step whose manifest was last written by a run that found every shard and its statistics up to date:
-    the runner records that run's timings (nothing done: apply 0 s), not the time the step took when it ran."""
-    t = m.get("timings") or {}
-    return bool(m.get("rows_in")) and t.get("apply_s") == 0.0 and "collect_s" not in t and "finalize_s" not in t
-
-
 def _urls_downloaded(m: dict) -> int | None:
     if isinstance(m.get(DOWNLOADED_KEY), int):
         return m[DOWNLOADED_KEY]
@@ -357,16 +348,10 @@ def folder_bytes(folder: str) -> int:
     return int(sum(info.get("size") or 0 for info in fs.find(p, detail=True).values()))
 
 
-def _inside(path: str, run_dir: str) -> bool:
-    from pipeline.images import normalised
-
-    a, b = normalised(path), normalised(run_dir)
-    return a == b or a.startswith(b.rstrip("/") + "/")
-
-
-def _started_from(ms: list[dict]) -> str | None:
-    """The URL list (or input) the run started from, as world_truth finds it: a download step's `url_list`, else
-    the first step's input; one spelling of a local path."""
+def started_from(ms: list[dict]) -> str | None:
+    """The URL list (or input) a run started from, given its steps' manifests in recipe order: a download step's
+    `url_list` (the download may come after curation steps, text-first), else the first step's input; one spelling
+    of a local path."""
     src = next((m["url_list"] for m in ms if m.get("url_list")), None) or (ms[0].get("input") if ms else None)
     if not src:
         return None
@@ -380,7 +365,7 @@ def recipe_summary(run_dir: str) -> dict:
     says which, `finished` whether it is the recipe's last)."""
     from pipeline import config as config_mod
     from pipeline import recipe
-    from pipeline.images import ImageStore
+    from pipeline.images import ImageStore, within
 
     steps = stage_folders(run_dir)
     try:
@@ -399,11 +384,10 @@ def recipe_summary(run_dir: str) -> dict:
         "urls_downloaded": sum(downloaded) if downloaded else None,
         "store_root": store.root if store else None,
         "store_bytes": folder_bytes(store.root) if store else None,
-        "store_in_run": bool(store) and _inside(store.root, run_dir),
+        "store_in_run": bool(store) and within(store.root, run_dir),
         "stage_seconds": round(sum(_step_seconds(m) for _, m in ms), 3),
         "download_seconds": round(download_s, 3),
-        "untimed": [n for n, m in ms if _time_lost(m)],
-        "started_from": _started_from([m for _, m in ms]),
+        "started_from": started_from([m for _, m in ms]),
     }
     out["seconds"] = round(out["stage_seconds"] + out["download_seconds"], 3)
     if steps:
@@ -463,9 +447,6 @@ def compare_section(run_dir: str, other_dir: str, other: str) -> dict:
              "last finished step's kept rows; the final sets compare the uids of those rows.",
              f"overlap (Jaccard): {share(len(both), union) or 'n/a'} of the {union} uids either run kept."]
     for s in (a, b):
-        if s["untimed"]:
-            notes.append(f"{s['run']}: {', '.join(s['untimed'])} last ran as a resume that found them up to date "
-                         "(0 s recorded): the time they took when they did the work is not in its stage time.")
         if not s["complete"]:
             notes.append(f"{s['run']}: its recipe's last step ({s['recipe'][-1] if s['recipe'] else '?'}) has not "
                          f"finished; its final set is {s['final_step'] or 'empty'}'s output.")

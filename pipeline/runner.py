@@ -521,8 +521,8 @@ def _input_identity(path: str, upstream_dir: str | None, digests: shards.DigestC
         done = shards.read_json(shards.join(upstream_dir, "_done", shards.shard_name(path) + ".json"))
         if done and "fingerprint" in done:
             return {"name": shards.shard_name(path), "upstream": done["fingerprint"]}
-    if run_dir and images.normalised(str(path)).startswith(images.normalised(str(run_dir)).rstrip("/") + "/"):
-        return shards.file_identity(path)  # (paths compared absolute: a run's --input may be named either way)
+    if run_dir and images.within(str(path), str(run_dir)):  # (a run's --input may be named either way)
+        return shards.file_identity(path)
     return shards.file_content_identity(path, digests)
 
 
@@ -919,5 +919,5 @@ def _check_download_current(step: "recipe.Step", upstream_dir: str, steps: list,
         now = shards.read_json(shards.join(run_dir, made_from["folder"], "_manifest.json")) or {}
         if now.get("fingerprint") != made_from.get("fingerprint"):
             raise StageError(f"{step.name}: {folder} was downloaded from an older output of {made_from['folder']} "
-                             f"(its config or input changed since): download again (clipcurate ingest --run NAME), "
-                             f"then run {step.name}")
+                             f"(its config or input changed since): download again (clipcurate "
+                             f"{_download_step(steps)} --run NAME), then run {step.name}")

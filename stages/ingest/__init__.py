@@ -37,7 +37,7 @@ from pipeline.images import REF_COL
 from pipeline.context import ShardContext
 from pipeline.stage import Stage
 from stages.ingest.crawl import crawl_input
-from stages.ingest.curated import CARRY_COL, carried_columns, carry_record
+from stages.ingest.curated import CARRY_COL, carried_columns, carry_record, read_carry
 from stages.ingest.download import download_pool, run_img2dataset
 from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list
 
@@ -135,9 +135,8 @@ class IngestStage(Stage):
                 kept = kept.filter(pc.invert(mask))
                 rejected = pa.concat_tables([rejected, dup.cast(rejected.schema)])
         if CARRY_COL in table.column_names:  # a run's curated output: each row gets back what it had
-            names = [n for n in pc.unique(table.column(CARRY_COL)).to_pylist() if n]
-            kept = carried_columns(kept, names, ctx.stage_dir)
-            rejected = carried_columns(rejected, names, ctx.stage_dir)
+            carry = read_carry(pc.unique(table.column(CARRY_COL)).to_pylist(), ctx.stage_dir)
+            kept, rejected = carried_columns(kept, carry), carried_columns(rejected, carry)
         return kept, rejected
 
     def _convert(self, table: pa.Table) -> tuple[pa.Table, pa.Table]:

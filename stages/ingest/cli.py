@@ -78,7 +78,6 @@ def cmd_ingest(args) -> int:
         res = run_stage(step, run_dir, raw_dir, cfg, ex)
     res.manifest["download"] = info
     # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
-    res.manifest["urls_in"] = info["unique_urls"]
     res.manifest["urls_downloaded"] = info["unique_urls"]  # what the report compares between recipes
     res.manifest["rows_in"] = info["input_rows"]
     # the list the run started from (the report's truth check finds a demo world by it), not the curated rows

@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import images, schema, shards
-from pipeline.stage import StageError
-from stages.ingest.urls import BAD_TEXT_COL, CAPTIONS_COL, group_by_url, read_url_list
+from pipeline.stage import StageError, fingerprint
+from stages.ingest.urls import CAPTIONS_COL, group_by_url, read_url_list, split_rows
 
 log = logging.getLogger("clipcurate.ingest")
 
@@ -49,15 +50,10 @@ def url_list_rows(path: str, out_dir: str, url_col: str, caption_col: str, shard
     if prior and prior.get("digest") == digest and prior.get("shard_size") == shard_size:
         return prior["summary"]
     df = read_url_list(path, url_col, caption_col)
-    grouped, bad = group_by_url(df)
-    if grouped.height == 0 and bad.height == 0:
+    good, bad = split_rows(df)  # the rows ingest would download, one per distinct (url, caption)
+    if good.height == 0 and bad.height == 0:
         raise StageError(f"ingest: URL list {path} has no rows")
-    # the rows group_by_url kept, one per distinct (url, caption), in list order
-    flag = df[BAD_TEXT_COL] if BAD_TEXT_COL in df.columns else pl.Series([False] * df.height)
-    good = (df.with_columns(pl.col("caption").fill_null(""), pl.col("url").str.strip_chars(), flag.alias("_bad"))
-            .filter(~pl.col("_bad").fill_null(True) & pl.col("url").is_in(grouped["url"].implode()))
-            .filter(pl.struct("url", "caption").is_first_distinct())
-            .select("url", text="caption"))
+    good = good.select("url", text="caption")
     if shards.exists(out_dir):
         shards.remove(out_dir)
     shards.makedirs(out_dir)
@@ -111,9 +107,8 @@ def group_curated(folder: str, stage_dir: str, shard_size: int) -> tuple[pl.Data
     df = pl.from_arrow(rows.select(["url", "text"])).select(pl.col("url").cast(pl.String),
                                                            caption=pl.col("text").cast(pl.String))
     grouped, bad = group_by_url(df)
-    chunk = grouped.select("url", (pl.int_range(pl.len()) // shard_size).cast(pl.Int64).alias("_chunk"))
-    grouped = grouped.join(chunk, on="url", how="left", maintain_order="left").with_columns(
-        pl.format("{}", pl.col("_chunk").cast(pl.String).str.zfill(5)).alias(CARRY_COL)).drop("_chunk")
+    # the img2dataset shard a URL lands in: its position in the grouped list // shard_size
+    grouped = grouped.with_columns((pl.int_range(pl.len()) // shard_size).cast(pl.String).str.zfill(5).alias(CARRY_COL))
     bad = bad.with_columns(pl.lit(INVALID).alias(CARRY_COL))
 
     # the carry: each row whole, keyed by the uid ingest will give it (url as img2dataset gets it, stripped)
@@ -126,15 +121,16 @@ def group_curated(folder: str, stage_dir: str, shard_size: int) -> tuple[pl.Data
     if shards.exists(carry_dir):
         shards.remove(carry_dir)
     shards.makedirs(carry_dir)
+    # one pass: rows ordered by carry file (a stable sort keeps their order within one), each file a slice
     names = where.to_arrow()
+    order = pc.sort_indices(names)
+    carried, names = carried.take(order), names.take(order).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(names) else np.zeros(0, np.int64)
     digests = []
-    for name in sorted(set(where.to_list())):
-        part = carried.filter(pc.equal(names, name))
-        path = shards.join(carry_dir, f"{name}.parquet")
-        shards.write_shard(part, path)
-        digests.append((name, shards.content_digest(path)))
-    from pipeline.stage import fingerprint
-
+    for start, end in zip(starts, np.r_[starts[1:], len(names)]):
+        path = shards.join(carry_dir, f"{names[start]}.parquet")
+        shards.write_shard(carried.slice(start, end - start), path)
+        digests.append((str(names[start]), shards.content_digest(path)))
     shards.write_json({"digest": fingerprint(digests), "files": len(digests),
                        "columns": [c for c in carried.column_names if c != "uid"]},
                       shards.join(carry_dir, CARRY_RECORD))
@@ -146,14 +142,18 @@ def carry_record(stage_dir: str) -> dict | None:
     return shards.read_json(shards.join(stage_dir, CARRY_DIR, CARRY_RECORD))
 
 
-def carried_columns(table: pa.Table, carry_names: list[str], stage_dir: str) -> pa.Table:
-    """`table` (rows with uid) with the columns its rows had before the download, from the carry files named.
-    A row with no carried row (none should be) gets nulls."""
+def read_carry(carry_names: list[str], stage_dir: str) -> pa.Table | None:
+    """The carried rows of the carry files named (one img2dataset shard's: usually one file)."""
     parts = [shards.read_shard(shards.join(stage_dir, CARRY_DIR, f"{n}.parquet"))
              for n in sorted(set(carry_names)) if n]
-    if not parts:
+    return pa.concat_tables(parts, promote_options="permissive") if parts else None
+
+
+def carried_columns(table: pa.Table, carry: pa.Table | None) -> pa.Table:
+    """`table` (rows with uid) with the columns its rows had before the download (`read_carry`). A row with no
+    carried row (none should be) gets nulls."""
+    if carry is None:
         return table
-    carry = pa.concat_tables(parts, promote_options="permissive")
     extra = [c for c in carry.column_names if c != "uid" and c not in table.column_names]
     if not extra:
         return table
@@ -165,5 +165,6 @@ def carried_columns(table: pa.Table, carry_names: list[str], stage_dir: str) -> 
     return table
 
 
-__all__ = ["CARRY_COL", "url_list_rows", "is_curated_folder", "group_curated", "carried_columns", "carry_record",
+__all__ = ["CARRY_COL", "url_list_rows", "is_curated_folder", "group_curated", "read_carry", "carried_columns",
+           "carry_record",
            "CAPTIONS_COL"]

@@ -152,6 +152,24 @@ def _read_parquet_list(p: str) -> pl.DataFrame:
 def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(to_download, rejected): unique valid URLs in first-seen order with their distinct captions as JSON;
     rejected: malformed URLs, rows that are not UTF-8, and repeats of an earlier (url, caption) row."""
+    good, bad = split_rows(df)
+    grouped = (
+        good.with_row_index("_order")
+        .group_by("url", maintain_order=True)
+        .agg(pl.col("caption"), pl.col("_order").min())
+        .sort("_order")
+        .select(
+            "url",
+            pl.col("caption").list.first().alias("caption"),
+            pl.struct(pl.col("caption").alias("c")).struct.json_encode().alias(CAPTIONS_COL),
+        )
+    )
+    return grouped, bad
+
+
+def split_rows(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(good, rejected): the list's rows with a valid URL and UTF-8 text, one per distinct (url, caption), in
+    list order (url stripped, caption null as ""); rejected: the others, with `status` and `error_message`."""
     if BAD_TEXT_COL not in df.columns:
         df = df.with_columns(pl.lit(False).alias(BAD_TEXT_COL))
     df = df.with_columns(pl.col("caption").fill_null(""), pl.col("url").str.strip_chars())
@@ -169,17 +187,5 @@ def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     dups = good.filter(~first).with_columns(
         status=pl.lit(DUPLICATE), error_message=pl.lit("same url and caption as an earlier row"))
     bad = pl.concat([bad, dups.select(bad.columns)]) if dups.height else bad
-    good = good.filter(first)
-    grouped = (
-        good.with_row_index("_order")
-        .group_by("url", maintain_order=True)
-        .agg(pl.col("caption"), pl.col("_order").min())
-        .sort("_order")
-        .select(
-            "url",
-            pl.col("caption").list.first().alias("caption"),
-            pl.struct(pl.col("caption").alias("c")).struct.json_encode().alias(CAPTIONS_COL),
-        )
-    )
-    return grouped, bad
+    return good.filter(first), bad
 
