@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from demo.composition import NOISE_MODES
+from stages.ingest.serve import DEMO_HOST
 
 # The two recipes besides the default (stages/recipes/*.toml say what each is for; tests check these agree).
 TEXT_FIRST = ["align@text", "metaclip", "klite", "ingest", "align", "dfn", "emit"]
@@ -71,6 +72,7 @@ seed = 0
 shard_size = {shard}   # {math.ceil(n / shard)} shards, so the stages have several to spread over workers
 processes = 2
 threads = 16
+allow_private_hosts = ["{DEMO_HOST}:80"]   # the world is served on loopback: the one internal server to fetch from
 
 [align]
 max_texts_per_image = 20   # ALIGN: 1,000 at 1.8B pairs

@@ -87,7 +87,13 @@ def load_entries(path: str | os.PathLike) -> list[str]:
     p = Path(path)
     if not p.exists():
         raise ConceptListError(f"concept list {path} does not exist")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConceptListError(f"concept list {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                               f"{e.start}): save it as UTF-8") from None
+    except OSError as e:  # a folder, no permission
+        raise ConceptListError(f"concept list {path} cannot be read: {e.strerror or e}") from None
     if p.suffix.lower() == ".json" or text.lstrip().startswith("["):
         try:
             raw = json.loads(text)

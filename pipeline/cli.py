@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
+import shlex
 import sys
 
 from pipeline import config as config_mod
@@ -20,10 +23,52 @@ COMMANDS = "clipcurate.commands"  # entry-point group of the commands that live 
 # Errors that are the user's input, not our bug: shown as one line.
 def _user_errors():
     from pipeline.config import ConfigError
+    from pipeline.runlock import RunLockError
     from pipeline.schema import SchemaError
     from pipeline.shards import ShardError
 
-    return (ConfigError, SchemaError, ShardError, StageError, FileNotFoundError)
+    return (ConfigError, SchemaError, ShardError, StageError, FileNotFoundError, RunLockError)
+
+
+# ---- run names -----------------------------------------------------------------------------------
+# A run name becomes a folder, RUNS_DIR/NAME: one path component, so that no name reaches outside RUNS_DIR
+# (`../x`, `/abs`, `a/b`) or names RUNS_DIR itself (`.`, empty) or its parent (`..`).
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+RUN_NAME_OPTIONS = (("run", "--run"), ("compare", "--compare"))  # the arguments that hold a run name
+
+
+def check_run_name(name: str, option: str = "--run") -> str:
+    """`name` when it is a run name; else a one-line ConfigError (before anything is created)."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise config_mod.ConfigError(
+            f"{option} {name!r} is not a run name: give one folder name of letters, digits, '.', '_' or '-' "
+            "(not '.' or '..'); the run lives in RUNS_DIR/NAME (--runs-dir sets RUNS_DIR)")
+    return name
+
+
+def check_run_args(args) -> None:
+    """Every run name on the command line, and --runs-dir when one is used: one line, exit 2, nothing made."""
+    named = False
+    for attr, option in RUN_NAME_OPTIONS:
+        value = getattr(args, attr, None)
+        if value is not None:
+            check_run_name(value, option)
+            named = True
+    if named:
+        _check_runs_dir(args.runs_dir)
+
+
+def _check_runs_dir(runs_dir: str) -> None:
+    """A local --runs-dir that is (or lies under) a file cannot hold runs: say so, rather than a traceback from
+    the first write under it."""
+    if not shards.is_local(runs_dir):
+        return
+    d = os.path.abspath(runs_dir[len("file://"):] if runs_dir.startswith("file://") else runs_dir)
+    while not os.path.lexists(d) and os.path.dirname(d) != d:
+        d = os.path.dirname(d)
+    if os.path.lexists(d) and not os.path.isdir(d):
+        what = "is a file" if os.path.abspath(runs_dir) == d else f"is under {d}, which is a file"
+        raise config_mod.ConfigError(f"--runs-dir {runs_dir} {what}, not a folder: runs go in RUNS_DIR/NAME")
 
 
 def run_dir_of(args) -> str:
@@ -91,7 +136,7 @@ def _run_stages(run_dir: str, running: list[str], cfg: dict) -> list[str]:
     config change may redo."""
     steps = recipe.of_config(cfg)
     have = [s.name for s in steps
-            if s.name in running or s.stage in running or shards.exists(shards.join(run_dir, s.folder))]
+            if s.name in running or s.stage in running or recipe.output_exists(run_dir, s)]
     have += [s for s in running if s not in have and recipe.find(steps, s) is None]
     if shards.exists(shards.join(run_dir, "train")):
         have.append("train")
@@ -111,7 +156,8 @@ def cmd_run(args) -> int:
         if not names:
             raise StageError(f"no stages given (e.g. {','.join(runnable()[:2])})")
         cfg = config_for(args, run_dir, names)
-    results = run_pipeline(names, run_dir, cfg, input_dir=args.input, workers=args.workers, scheduler=args.scheduler)
+    results = run_pipeline(names, run_dir, cfg, input_dir=args.input, workers=args.workers, scheduler=args.scheduler,
+                           verify=args.verify)
     print_funnel(results)
     _print_outputs(results)
     return 0
@@ -161,6 +207,12 @@ def _workers(value: str) -> int:
 def add_exec(p) -> None:
     p.add_argument("--workers", type=_workers, default=None, help="Dask workers (default: cores); 0 = in-process")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+
+
+def add_verify(p) -> None:
+    p.add_argument("--verify", action="store_true",
+                   help="before trusting a finished shard, check the XXH3 digest of every file it wrote, not only "
+                        "its size (reads them all); a shard that fails is redone")
 
 
 def add_config(p) -> None:
@@ -221,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "previous stage output")
     add_config(p)
     add_exec(p)
-    p.set_defaults(fn=cmd_run)
+    add_verify(p)
+    p.set_defaults(fn=cmd_run, writes_run=True)  # main takes the run's lock (pipeline/runlock.py)
 
     for extra in _extra_commands():
         extra(sub)
@@ -263,13 +316,35 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _remove_if_only_config(run_dir: str) -> None:
-    """A command that failed on a run it created leaves nothing behind (not an empty run with a config)."""
+    """A command that failed on a run it created leaves nothing behind (not an empty run with a config). The
+    run's lock file is its lock's to remove (with the folder it made, once empty)."""
+    from pipeline.runlock import LOCK_NAME
+
     try:
         fs, p = shards.fs_and_path(run_dir)
-        if fs.exists(p) and {shards.shard_name(x) for x in fs.ls(p)} <= {"config.toml"}:
-            fs.rm(p, recursive=True)
+        names = {shards.shard_name(x) for x in fs.ls(p)} if fs.exists(p) else None
+        if names is not None and names <= {"config.toml", LOCK_NAME}:
+            if LOCK_NAME not in names:
+                fs.rm(p, recursive=True)
+            elif "config.toml" in names:
+                fs.rm(shards.join(p, "config.toml"))
     except OSError:
         pass
+
+
+def _run_lock(args, run_dir: str | None, argv: list[str] | None):
+    """The run's lock (pipeline/runlock.py), held while a command that writes the run runs: its parser sets
+    `writes_run` (True, or a function of the arguments). Taken here, once, not in each command; a command that
+    runs another's code in-process re-enters it. A null context for a command that does not write a run."""
+    from pipeline.runlock import RunLock
+
+    writes = getattr(args, "writes_run", False)
+    if callable(writes):
+        writes = writes(args)
+    if not writes or run_dir is None:
+        return contextlib.nullcontext()
+    words = sys.argv[1:] if argv is None else argv
+    return RunLock(run_dir, command=" ".join(["clipcurate", *(shlex.quote(str(w)) for w in words)]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,13 +354,18 @@ def main(argv: list[str] | None = None) -> int:
         subs = dict(_subparsers(parser))
         (subs.get(getattr(args, "command", ""), parser)).error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
-    run_dir = run_dir_of(args) if getattr(args, "run", None) else None
-    created = run_dir is not None and not shards.exists(run_dir)
     try:
-        return int(args.fn(args) or 0)
+        check_run_args(args)  # a run name that is not one folder name: one line, before anything is made
+        run_dir = run_dir_of(args) if getattr(args, "run", None) is not None else None
+        created = run_dir is not None and not shards.exists(run_dir)
+        with _run_lock(args, run_dir, argv):  # one writer per run: a second one stops here, in one line
+            try:
+                return int(args.fn(args) or 0)
+            except _user_errors():
+                if created:
+                    _remove_if_only_config(run_dir)
+                raise
     except _user_errors() as e:
-        if created:
-            _remove_if_only_config(run_dir)
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ back to the default. The resolved config (defaults + file) is saved in the run a
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,14 @@ class RunConfig:
     # partitions, each merged by one task: a task's memory follows this many shards, not the pool. Results
     # do not depend on it; lower it when a merge task runs out of memory, raise it for fewer, larger tasks.
     stats_shards_per_partition: int = 8
+    # Rows whose text is longer than this (UTF-8 bytes) are set aside by the shard reader as `text_too_long`,
+    # before any stage's rules see them: one 10 MB caption must not cost a worker gigabytes in a tokeniser.
+    # ALIGN keeps captions of at most 20 words; web captions over 4 KB are pasted pages, not captions.
+    max_text_bytes: int = 4096
     speed_keys = frozenset({"stats_shards_per_partition"})  # change how fast, not what (as Stage.speed_keys)
 
     def __post_init__(self):
-        check_ranges("run", self, stats_shards_per_partition=(1, None))
+        check_ranges("run", self, stats_shards_per_partition=(1, None), max_text_bytes=(1, None))
         try:
             recipe.steps_of(self.stages, load_user_stages=False)
         except StageError as e:
@@ -79,7 +84,20 @@ def section_class(name: str):
     return _extra_section_class(name)
 
 
+def _not_finite(value: Any) -> float | None:
+    """The first float in `value` (a number, or one inside a list or table) that is nan or infinite."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((bad for v in items if (bad := _not_finite(v)) is not None), None)
+
+
 def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
+    # TOML has nan and inf; no setting means them: every comparison with nan is false, so a rule given
+    # `max_aspect = nan` would quietly be off. Refused for every key, typed or not (a None default too).
+    bad = _not_finite(value)
+    if bad is not None:
+        raise ConfigError(f"config [{section}] {key} = {value!r}: {bad!r} is not a finite number")
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -108,7 +126,7 @@ def resolve(raw: dict) -> dict[str, dict]:
     names = ["run"] + stage_names() + _registered_sections() + recipe.labelled_sections(raw)
     for section in list(raw):
         if ":" in section:  # a user stage ("module:Class"): its own Config validates it when built
-            out[section] = dict(raw[section])
+            out[section] = {k: _check_value(section, k, v, None) for k, v in dict(raw[section]).items()}
             continue
         if section not in names:
             raise ConfigError(f"config: unknown section [{section}] (known: {', '.join(names)})")

@@ -31,6 +31,7 @@ class ShardContext:
     shard: str = ""  # the output shard's name ("" outside a shard: finalize, fingerprints)
     images: Any = None  # the run's ImageReader, given only to a stage that declares `needs_pixels`
     needs_pixels: bool = False
+    verify: bool = False  # `--verify`: a stage that trusts its own earlier outputs (emit's) checks their digests
     notes: list[str] = dataclasses.field(default_factory=list)  # the sink: the runner puts them in the manifest
 
     @classmethod

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from pipeline.stage import StageError, stage_class
+from pipeline import shards
+from pipeline.stage import StageError, stage_class, stage_names
 
 CUSTOM_POSITION = 90  # a user's stage run outside the recipe: after every step (its folder: 90_<name>)
 
@@ -65,15 +66,21 @@ def parse_step(text: str, position: int) -> Step:
     return Step(m["stage"], m["label"] or "", position)
 
 
-def steps_of(names: list[str], load_user_stages: bool = True) -> list[Step]:
-    """The recipe's steps, checked: known stages, each step once (a repeated stage needs a label). A user's
-    `module:Class` is imported only with `load_user_stages` (the CLI first puts the current folder on the path)."""
+def steps_of(names: list[str], load_user_stages: bool = False) -> list[Step]:
+    """The recipe's steps, checked: known stages, each step once (a repeated stage needs a label).
+
+    Nothing is imported: a stage name is checked against the registry's names, and a user's `module:Class` only
+    for its form. Importing a module runs its code, so a step's module is imported only where its class is
+    needed: when the step runs, when a later step reads its output (its folder is named by its class), when the
+    report draws it. A step the command does not run is not imported (`load_user_stages` imports every user step
+    now: the CLI first puts the current folder on the path)."""
     if not isinstance(names, list) or not names:
         raise StageError("config [run] stages: give a list of stage names, e.g. [\"align\", \"metaclip\"]")
     steps = [parse_step(n, i) for i, n in enumerate(names)]
+    registered = set(stage_names())
     seen: set[str] = set()
     for s in steps:
-        if load_user_stages or ":" not in s.stage:
+        if (load_user_stages and ":" in s.stage) or (":" not in s.stage and s.stage not in registered):
             stage_class(s.stage)  # unknown stage: one line naming the known ones
         if s.name in seen:
             raise StageError(f"config [run] stages: '{s.name}' appears twice; give one of them a label, "
@@ -83,8 +90,23 @@ def steps_of(names: list[str], load_user_stages: bool = True) -> list[Step]:
 
 
 def of_config(config: dict) -> list[Step]:
-    """The steps of the recipe `config` names (the default recipe when it names none)."""
+    """The steps of the recipe `config` names (the default recipe when it names none); none of them imported."""
     return steps_of(list((config.get("run") or {}).get("stages") or default_recipe()))
+
+
+def downloads(step: Step) -> bool:
+    """Whether a step is the recipe's download, without importing a user's step: only a registered stage can be
+    (`clipcurate ingest` runs the recipe's registered download step; `run` runs none), so a module:Class is not."""
+    return ":" not in step.stage and bool(stage_class(step.stage).downloads)
+
+
+def output_exists(run_dir: str, step: Step) -> bool:
+    """Whether `step` has a folder in the run, without importing a user's step that is not run: its folder is
+    named by its class's `name`, so for a `module:Class` step any folder at its position counts."""
+    if ":" not in step.stage:
+        return shards.exists(shards.join(run_dir, step.folder))
+    fs, p = shards.fs_and_path(run_dir)
+    return bool(fs.glob(p.rstrip("/") + f"/{step.position:02d}_*"))
 
 
 def labelled_sections(config_or_raw: dict) -> list[str]:

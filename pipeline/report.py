@@ -655,7 +655,12 @@ def cmd_histograms(args) -> int:
     if not shards.is_local(run_dir):  # figures are drawn on this machine: next to the current folder
         out_dir = os.path.abspath(f"report-{args.run}")
         print(f"{run_dir} is not on this machine: figures go to {out_dir} (`clipcurate report` puts them in the run)")
-    results = histograms(run_dir, out_dir)
+    try:
+        results = histograms(run_dir, out_dir)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _unwritable(run_dir, e) from None
     n = 0
     for name, res in results.items():
         for title, path in res.get("figures", []):
@@ -668,9 +673,22 @@ def cmd_histograms(args) -> int:
     return 0
 
 
+def _unwritable(run_dir: str, e: OSError) -> StageError:
+    """A report folder that cannot be written (a read-only run folder, `report` made a file): one line."""
+    where = e.filename or shards.join(run_dir, "report")
+    return StageError(f"cannot write the report in {where} ({e.strerror or e}): the run folder {run_dir} must be "
+                      "writable, with report/ a folder")
+
+
 def cmd_report(args) -> int:
     compare = shards.join(args.runs_dir, args.compare) if args.compare else None
-    res = build_report(shards.join(args.runs_dir, args.run), compare)
+    run_dir = shards.join(args.runs_dir, args.run)
+    try:
+        res = build_report(run_dir, compare)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise _unwritable(run_dir, e) from None
     # the run in a few lines: what went in, what each stage kept, how the trained model did
     print("funnel:")
     for m in res["manifests"]:
@@ -717,13 +735,14 @@ def register(sub) -> None:
     p = sub.add_parser("render-check", help="open report.html in headless Chromium: broken images? + a PNG screenshot")
     p.add_argument("--run", required=True)
     p.add_argument("--png", default=None, help="screenshot path (default runs/NAME/report/report.png)")
-    p.set_defaults(fn=cmd_render_check)
+    p.set_defaults(fn=cmd_render_check, writes_run=True)  # report/report.png: main takes the run's lock
     p = sub.add_parser("histograms", help="draw each stage's histograms (PNG) and tables into runs/NAME/report/")
     p.add_argument("--run", required=True)
-    p.set_defaults(fn=cmd_histograms)
+    # it writes runs/NAME/report/ for a local run (a remote run's figures go to the current folder)
+    p.set_defaults(fn=cmd_histograms, writes_run=lambda a: shards.is_local(a.runs_dir))
     p = sub.add_parser("report", help="write runs/NAME/report/report.html and report.md")
     p.add_argument("--run", required=True)
     p.add_argument("--compare", default=None, metavar="OTHER",
                    help="another run (RUNS_DIR/OTHER) to compare recipes with: URLs downloaded, image store bytes, "
                         "rows emitted, recorded time, and the two final sets by uid")
-    p.set_defaults(fn=cmd_report)
+    p.set_defaults(fn=cmd_report, writes_run=True)

@@ -12,8 +12,12 @@ download, a crawl, a pool given with --input, recorded in `runs/NAME/image_store
 column naming each row's image instead; a stage that declares `needs_pixels` gets the run's image reader in its
 context and reads the bytes by reference.
 
-Resume: a shard is skipped when its done-marker carries the stage fingerprint (stage config + inputs);
-stats are reused when `_stats.json` carries it. A kill at any moment leaves either a complete shard with
+Resume: a shard is skipped when its done-marker carries the stage fingerprint (stage config + inputs) and every
+file the marker records (size and XXH3, hashed as written) is still there at its size, and with `--verify` still
+hashes to its digest; otherwise it is redone, in one line that names the file. Stats are reused when
+`_stats.json` carries the fingerprint and its files pass the same check. A step never reads an earlier step's
+output that fails it: the earlier step, run in the same command, redoes the shard first; not run, the later
+step refuses in one line (`_check_upstream_outputs`). A kill at any moment leaves either a complete shard with
 its marker, or no marker (the shard is redone, overwriting by name), so a rerun never loses or
 duplicates a row. Partials are reduced in shard order with a fixed fan-in, so the merge tree (and any
 float sum inside it) is the same for any worker count.
@@ -255,10 +259,13 @@ def executor(workers: int | None, scheduler: str | None = None):
 
 
 # ---- tasks (top-level functions: they travel to Dask workers) --------------------------------
-def _read_checked(stage, path: str, store: "images.ImageStore | None" = None) -> pa.Table:
+def _read_checked(stage, path: str, store: "images.ImageStore | None" = None,
+                  max_text_bytes: int = schema.MAX_TEXT_BYTES) -> pa.Table:
     """The shard's metadata, checked: every column but the image bytes, which no stage reads from a shard.
     A shard of the image store itself (ingest's download, a crawl or a pool given with --input) gets an
-    `image_ref` naming each of its rows instead."""
+    `image_ref` naming each of its rows instead. Rows no stage may see are flagged for `_set_aside_bad_rows`
+    (`schema.ROW_ERROR_COL`): text that is not UTF-8, a uid that is not 32 lowercase hex characters, text over
+    `[run] max_text_bytes` (cut to that here: nothing after the reader holds a 10 MB caption)."""
     table, had_bytes = _read_metadata(path)
     in_store = store is not None and store.format == "parquet" and store.holds(_parent(path))
     if had_bytes and not in_store:  # its bytes would be dropped and nothing would name them: refuse
@@ -268,10 +275,15 @@ def _read_checked(stage, path: str, store: "images.ImageStore | None" = None) ->
         if images.REF_COL in table.column_names:
             table = table.drop_columns([images.REF_COL])
         table = table.append_column(images.REF_COL, images.parquet_refs(shards.shard_name(path), table.num_rows))
-    if "text" in stage.requires and "text" in table.column_names:
+    if "text" in stage.requires:  # first: a pool without text lacks its uid too, but text is what to fix
         table = schema.check_columns(table, {"text": pa.string()}, shards.shard_name(path), stage.name)
-        table = schema.ensure_uid(table)
-    return schema.check_columns(table, stage.requires, shards.shard_name(path), stage.name)
+        table = schema.ensure_uid(table)  # a uid computed here is always valid; the pool's own are checked below
+    table = schema.check_columns(table, stage.requires, shards.shard_name(path), stage.name)
+    table, cut = schema.flag_row_limits(table, max_text_bytes, uid="uid" in stage.requires,
+                                        text="text" in stage.requires)
+    if cut:  # the long values were only in the tables just dropped
+        schema.release_cut_memory()
+    return table
 
 
 def _read_metadata(path: str) -> tuple[pa.Table, bool]:
@@ -284,25 +296,26 @@ def _read_metadata(path: str) -> tuple[pa.Table, bool]:
     return shards.read_shard(path, columns=keep), True
 
 
-def _context(stage, stage_dir: str, shard: str) -> ShardContext:
+def _context(stage, stage_dir: str, shard: str, verify: bool = False) -> ShardContext:
     """What a stage's hooks get besides the table: run and stage folders, the shard, a notes sink, and, for a
     stage that declares `needs_pixels`, the run's image reader (the others never get one)."""
     run_dir = _parent(stage_dir)
     reader = images.run_reader(run_dir) if stage.needs_pixels else None
     return ShardContext(stage=stage.name, run_dir=run_dir, stage_dir=stage_dir, shard=shard, images=reader,
-                        needs_pixels=stage.needs_pixels)
+                        needs_pixels=stage.needs_pixels, verify=verify)
 
 
-def finalize_item_task(name: str, config: dict, seed: int, stage_dir: str, item) -> Any:
+def finalize_item_task(name: str, config: dict, seed: int, stage_dir: str, verify: bool, item) -> Any:
     """One unit of a stage's work after apply (Stage.finalize_items), on a worker."""
     with _naming_shard(name, "finalize", where=f"item {str(item)[:80]}"):
         stage = get_stage(name, config, seed)
-        return stage.finalize_item(item, _context(stage, stage_dir, ""))
+        return stage.finalize_item(item, _context(stage, stage_dir, "", verify))
 
 
 def _set_aside_bad_rows(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-    """(rows a stage may see, rows the reader marked unusable with their reason) -- non-UTF-8 text
-    (`schema.ROW_ERROR_COL`): collect never counts them, apply's rejected gets them with that reason."""
+    """(rows a stage may see, rows the reader marked unusable with their reason: `schema.ROW_ERROR_COL`,
+    invalid_utf8, invalid_uid, text_too_long): collect never counts them, apply's rejected gets them with that
+    reason. Filters only: no Python object per row (a too-long text was already cut by the reader)."""
     if schema.ROW_ERROR_COL not in table.column_names:
         return table, None
     err = table.column(schema.ROW_ERROR_COL)
@@ -311,6 +324,15 @@ def _set_aside_bad_rows(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
     bad = table.filter(pc.invert(ok))
     bad = bad.drop_columns([schema.ROW_ERROR_COL]).append_column("reason", bad.column(schema.ROW_ERROR_COL))
     return good, bad
+
+
+def _set_aside_notes(stage: str, bad: pa.Table, max_text_bytes: int) -> list[str]:
+    """A line for the manifest per reason the reader set rows aside for (`schema.ROW_ERROR_NOTES`)."""
+    out = []
+    for reason in pc.unique(bad.column("reason")).to_pylist():
+        what = schema.ROW_ERROR_NOTES.get(reason, "rows the reader could not use are rejected")
+        out.append(f"{stage}: {what.format(max_text_bytes=max_text_bytes)} ({reason})")
+    return sorted(out)
 
 
 class ShardFailed(StageError):
@@ -337,16 +359,18 @@ def _naming_shard(name: str, step: str, path: str = "", where: str | None = None
         raise ShardFailed(f"{name} {step}: {where}: {type(e).__name__}: {msg}") from e
 
 
-def collect_task(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
+def collect_task(name: str, config: dict, seed: int, path: str, stage_dir: str,
+                 max_text_bytes: int = schema.MAX_TEXT_BYTES) -> Any:
     with _naming_shard(name, "collect", path):
-        return _collect(name, config, seed, path, stage_dir)
+        return _collect(name, config, seed, path, stage_dir, max_text_bytes)
 
 
-def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str) -> Any:
+def _collect(name: str, config: dict, seed: int, path: str, stage_dir: str,
+             max_text_bytes: int = schema.MAX_TEXT_BYTES) -> Any:
     stage = get_stage(name, config, seed)
     # the same context apply gets: stages that find run resources (dfn's default model) need it in pass 1 too
     ctx = _context(stage, stage_dir, stage.output_name(shards.shard_name(path)))
-    good, _ = _set_aside_bad_rows(_read_checked(stage, path, images.ImageStore.load(ctx.run_dir)))
+    good, _ = _set_aside_bad_rows(_read_checked(stage, path, images.ImageStore.load(ctx.run_dir), max_text_bytes))
     return stage.collect(good, ctx)
 
 
@@ -366,12 +390,13 @@ def _answers_path(stage_dir: str, k: int) -> str:
     return shards.join(stage_dir, "_shuffle", "answers", f"p{k:04d}.bundle")
 
 
-def collect_split_task(name: str, config: dict, seed: int, path: str, stage_dir: str, partitions: int) -> str:
+def collect_split_task(name: str, config: dict, seed: int, path: str, stage_dir: str, partitions: int,
+                       max_text_bytes: int = schema.MAX_TEXT_BYTES) -> str:
     """collect, then write the partial cut into `partitions` pieces (one bundle per shard). Returns only the
     shard's name: partials never travel through the scheduler nor wait in worker memory."""
     with _naming_shard(name, "collect", path):
         stage = get_stage(name, config, seed)
-        partial = _collect(name, config, seed, path, stage_dir)
+        partial = _collect(name, config, seed, path, stage_dir, max_text_bytes)
         pieces = stage.split(partial, partitions)
         del partial
         out = stage.output_name(shards.shard_name(path))
@@ -380,20 +405,22 @@ def collect_split_task(name: str, config: dict, seed: int, path: str, stage_dir:
         return out
 
 
-def merge_partition_task(name: str, config: dict, seed: int, k: int, stage_dir: str, shard_names: list[str]) -> list[int]:
+def merge_partition_task(name: str, config: dict, seed: int, k: int, stage_dir: str,
+                         shard_names: list[str]) -> tuple[list[int], dict]:
     """Merge partition k of every shard, save it as stats/pNNNN, and write each shard's answer from it.
-    Returns the answers' sizes in bytes, in shard order."""
+    Returns the answers' sizes in bytes, in shard order, and the records of the statistics files it saved."""
     with _naming_shard(name, "merge", where=f"statistics partition {k}"):
         stage = get_stage(name, config, seed)
         pieces = [codec.decode(shards.read_bundle_item(_pieces_path(stage_dir, s), str(k))) for s in shard_names]
         merged = stage.merge(pieces)
-        stage.save_stats(merged, shards.join(stage_dir, "stats", f"p{k:04d}"))
+        with shards.recording_writes() as wrote:
+            stage.save_stats(merged, shards.join(stage_dir, "stats", f"p{k:04d}"))
         answers = {}
         for i, s in enumerate(shard_names):
             answers[s] = codec.encode(stage.answer(merged, pieces[i]))
             pieces[i] = None  # freed as we go
         shards.write_bundle(answers, _answers_path(stage_dir, k))
-        return [len(answers[s]) for s in shard_names]
+        return [len(answers[s]) for s in shard_names], shards.records_under(stage_dir, wrote)
 
 
 def _answers_ready(stage_dir: str, partitions: int) -> bool:
@@ -426,24 +453,27 @@ def _stats_for(stage, stage_dir: str, fp: str, shard: str = "", partitions: int 
     return _STATS_CACHE[key]
 
 
-def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str, partitions: int = 0) -> dict:
+def apply_task(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str, partitions: int = 0,
+               max_text_bytes: int = schema.MAX_TEXT_BYTES) -> dict:
     with _naming_shard(name, "apply", path):
-        return _apply(name, config, seed, path, stage_dir, fp, partitions)
+        return _apply(name, config, seed, path, stage_dir, fp, partitions, max_text_bytes)
 
 
-def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str, partitions: int = 0) -> dict:
+def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: str, partitions: int = 0,
+           max_text_bytes: int = schema.MAX_TEXT_BYTES) -> dict:
     t0 = time.perf_counter()
     stage = get_stage(name, config, seed)
     out_name = stage.output_name(shards.shard_name(path))
     ctx = _context(stage, stage_dir, out_name)
-    table = _read_checked(stage, path, images.ImageStore.load(ctx.run_dir))
+    table = _read_checked(stage, path, images.ImageStore.load(ctx.run_dir), max_text_bytes)
     good, bad = _set_aside_bad_rows(table)
     kept, rejected = stage.apply(good, _stats_for(stage, stage_dir, fp, out_name, partitions), ctx)
     if bad is not None and bad.num_rows:
-        ctx.note(f"{stage.name}: rows whose text is not valid UTF-8 are rejected ({bad.column('reason')[0]})")
+        for line in _set_aside_notes(stage.name, bad, max_text_bytes):
+            ctx.note(line)
         rejected = pa.concat_tables([rejected, bad], promote_options="default")
-    shards.write_shard(kept, shards.join(stage_dir, out_name))
-    shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))
+    files = {out_name: shards.write_shard(kept, shards.join(stage_dir, out_name)),
+             f"rejected/{out_name}": shards.write_shard(rejected, shards.join(stage_dir, "rejected", out_name))}
     reasons = Counter()
     if rejected.num_rows:
         vc = pc.value_counts(rejected.column("reason").combine_chunks())
@@ -459,7 +489,8 @@ def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: st
         "notes": list(ctx.notes),
         "fingerprint": fp,
     }
-    shards.write_json(summary, shards.join(stage_dir, "_done", out_name + ".json"))
+    # the marker vouches for exactly these bytes: a resume trusts the shard only while they are still there
+    shards.write_json({**summary, FILES_KEY: files}, shards.join(stage_dir, "_done", out_name + ".json"))
     return summary
 
 
@@ -594,6 +625,8 @@ class _StepRun:
     input_dir: str
     inputs: list
     fp: str = ""
+    verify: bool = False  # `--verify`: a resume checks the digests of what done shards wrote, not only sizes
+    max_text_bytes: int = schema.MAX_TEXT_BYTES  # [run]: the shard reader's limit, given to every task
 
 
 def run_stage(
@@ -603,13 +636,14 @@ def run_stage(
     config: dict[str, dict],
     ex,
     upstream_is_stage: bool = False,
+    verify: bool = False,
 ) -> StageResult:
     """One step of the recipe over every shard of `input_dir`. Its tasks build the stage by its stage name
     (`step.stage`); its config section, folder, fingerprint and manifest use the step's name (`align@text`).
 
     Fingerprint -> shards to do (resume) -> pass 1, pool-wide statistics (`collect`, `merge`; reused when up to
     date) -> pass 2, `apply` per shard to do -> stale outputs removed -> `finalize` -> manifest."""
-    r = _step_run(name, run_dir, input_dir, config, upstream_is_stage)
+    r = _step_run(name, run_dir, input_dir, config, upstream_is_stage, verify)
     _clean_temporaries(r.stage_dir)
     # A manifest vouches for the whole folder. Once a run with another fingerprint starts rewriting shards
     # it no longer does: removed now, so that a kill below cannot leave a folder of mixed old and new
@@ -625,7 +659,7 @@ def run_stage(
     partitions, answer_bytes = _pass_one(r, config, todo, ex, timings)
 
     t0 = time.perf_counter()
-    items = [(r.stage, r.stage_cfg, r.seed, p, r.stage_dir, r.fp, partitions) for p in todo]
+    items = [(r.stage, r.stage_cfg, r.seed, p, r.stage_dir, r.fp, partitions, r.max_text_bytes) for p in todo]
     for _, summary in ex.map(apply_task, items, f"{r.name} apply"):
         summaries[summary["shard"]] = summary
     timings["apply_s"] = round(time.perf_counter() - t0, 3)
@@ -654,7 +688,8 @@ def run_stage(
     return StageResult(r.name, r.stage_dir, manifest)
 
 
-def _step_run(name, run_dir: str, input_dir: str, config: dict, upstream_is_stage: bool) -> _StepRun:
+def _step_run(name, run_dir: str, input_dir: str, config: dict, upstream_is_stage: bool,
+              verify: bool = False) -> _StepRun:
     """The step, its inputs and its fingerprint: config (less speed keys), seed, the stage's own parts, and
     the identity of every input shard."""
     step = step_of(name, config)
@@ -668,34 +703,66 @@ def _step_run(name, run_dir: str, input_dir: str, config: dict, upstream_is_stag
         raise StageError(f"{step.name}: no Parquet shards in {input_dir}")
     digests = shards.DigestCache(shards.join(run_dir, DIGESTS_FILE))
     probe_ctx = ShardContext(stage=probe.name, run_dir=run_dir, stage_dir=stage_dir)  # parts may name run resources
+    # the reader's limit decides which rows a stage that reads text sees: part of what its output is made from
+    max_text_bytes = int(config.get("run", {}).get("max_text_bytes", schema.MAX_TEXT_BYTES))
+    limits = {"max_text_bytes": max_text_bytes} if "text" in cls.requires else {}
     fp = fingerprint(
         {
             "stage": step.name,
             "config": {k: v for k, v in stage_cfg.items() if k not in cls.speed_keys},
             "seed": seed,
+            **limits,
             "parts": probe.fingerprint_parts(probe_ctx),
             "inputs": [_input_identity(p, input_dir if upstream_is_stage else None, digests, run_dir) for p in inputs],
         }
     )
     digests.save()
-    return _StepRun(step.name, step.stage, cls, probe, seed, stage_cfg, run_dir, stage_dir, input_dir, inputs, fp)
+    return _StepRun(step.name, step.stage, cls, probe, seed, stage_cfg, run_dir, stage_dir, input_dir, inputs, fp,
+                    verify, max_text_bytes)
+
+
+FILES_KEY = "files"  # a done-marker's {path relative to the stage folder: {"size", "xxh3"}} of what its task wrote
+# A marker written before markers recorded their files (no FILES_KEY). Such a shard is redone, not trusted: its
+# marker says only that a file of that name once existed, which is exactly what let a truncated shard be trusted
+# for ever. Redoing is cheap and happens once (a rerun is byte-identical, so later stages' inputs, which name the
+# upstream fingerprint, not its bytes, are not redone with it); trusting would leave every existing run unchecked.
+UNRECORDED = "its done-marker records no sizes or digests (written by an older clipcurate)"
+
+
+def outputs_mismatch(stage_dir: str, out: str, done: dict, verify: bool = False) -> str | None:
+    """Why a done shard's outputs are no longer the files its marker vouches for (None: they are). Every
+    recorded file must exist with its recorded size; with `verify`, also hash to its recorded XXH3 digest.
+    UNRECORDED for a marker of an older version. The reason names the file and what differs, for one line."""
+    files = done.get(FILES_KEY)
+    if not isinstance(files, dict):
+        return UNRECORDED
+    if not {out, f"rejected/{out}"} <= files.keys():
+        return "its done-marker does not list the shard's files"
+    return shards.records_mismatch(stage_dir, files, digest=verify)
 
 
 def _shards_to_do(r: _StepRun, ex) -> tuple[list[str], dict[str, dict]]:
     """(input shards to apply, summaries of those already done under this fingerprint: the resume)."""
-    todo, summaries = [], {}
+    todo, summaries, unrecorded = [], {}, 0
     for p in r.inputs:
         out = r.probe.output_name(shards.shard_name(p))
         done = shards.read_json(shards.join(r.stage_dir, "_done", out + ".json"))
-        if (
-            done
-            and done.get("fingerprint") == r.fp
-            and shards.exists(shards.join(r.stage_dir, out))
-            and shards.exists(shards.join(r.stage_dir, "rejected", out))
-        ):
-            summaries[out] = done
-        else:
+        if not done or done.get("fingerprint") != r.fp:
             todo.append(p)
+            continue
+        why = outputs_mismatch(r.stage_dir, out, done, r.verify)
+        if why is None:
+            summaries[out] = {k: v for k, v in done.items() if k != FILES_KEY}
+            continue
+        todo.append(p)
+        if why is UNRECORDED:
+            unrecorded += 1
+        else:
+            log.warning("%s: shard %s: %s: redoing it", r.name, out, why)
+    if unrecorded:
+        log.warning("%s: %d shards were marked done by an older clipcurate, which recorded no sizes or digests of "
+                    "what they wrote: redoing them, once, so that every later resume can check them", r.name,
+                    unrecorded)
     if not todo:
         log.info("%s: %d shards up to date, skipped", r.name, len(r.inputs))
     else:
@@ -716,21 +783,36 @@ def _pass_one(r: _StepRun, config: dict, todo: list[str], ex, timings: dict) -> 
     # a shuffled stage's per-shard answers are removed once every shard is applied: needed again only
     # when some shard is to do
     if prior.get("fingerprint") == r.fp and (not shuffled or not todo or _answers_ready(r.stage_dir, partitions)):
-        log.info("%s: statistics up to date, reusing", r.name)
-        return partitions, None
+        why = _stats_mismatch(r.stage_dir, prior, r.verify)
+        if why is None:
+            log.info("%s: statistics up to date, reusing", r.name)
+            return partitions, None
+        log.warning("%s: statistics: %s: recomputing them", r.name, why)
     shards.remove(marker)  # stale stats must never be trusted if we die below
     # ... nor left lying around: the report and a reader of the folder would take them as this run's
     shards.remove(shards.join(r.stage_dir, "stats"))
     shards.remove(shards.join(r.stage_dir, "_shuffle"))
-    answer_bytes = None
+    answer_bytes, files = None, {}
     if shuffled:
         per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
         partitions = stats_partitions(len(r.inputs), per)
-        answer_bytes = _shuffled_stats(r.stage, r.stage_cfg, r.seed, r.inputs, r.stage_dir, ex, timings, partitions)
+        answer_bytes = _shuffled_stats(r.stage, r.stage_cfg, r.seed, r.inputs, r.stage_dir, ex, timings, partitions,
+                                       r.max_text_bytes, files=files)
     else:
-        _reduced_stats(r.probe, r.stage, r.stage_cfg, r.seed, r.inputs, r.stage_dir, ex, timings)
-    shards.write_json({"fingerprint": r.fp, "partitions": partitions}, marker)
+        _reduced_stats(r.probe, r.stage, r.stage_cfg, r.seed, r.inputs, r.stage_dir, ex, timings, r.max_text_bytes,
+                       files=files)
+    # like a shard's marker, `_stats.json` vouches for the bytes saved (hashed as written), checked before reuse
+    shards.write_json({"fingerprint": r.fp, "partitions": partitions, FILES_KEY: files}, marker)
     return partitions, answer_bytes
+
+
+def _stats_mismatch(stage_dir: str, prior: dict, verify: bool) -> str | None:
+    """Why saved statistics are no longer what `_stats.json` vouches for (None: they are), as for a shard: every
+    file it records, sizes (digests with `verify`). Statistics saved by an older version, which recorded none,
+    are recomputed once (see UNRECORDED)."""
+    if not isinstance(prior.get(FILES_KEY), dict):
+        return "saved by an older clipcurate, which recorded no sizes or digests"
+    return shards.records_mismatch(stage_dir, prior[FILES_KEY], digest=verify)
 
 
 def _after_apply(r: _StepRun) -> None:
@@ -759,17 +841,18 @@ def _finalize(r: _StepRun, per_shard: list[dict], ex) -> dict | None:
     inst = get_stage(r.stage, r.stage_cfg, r.seed)
     items = inst.finalize_items(r.stage_dir, r.run_dir, per_shard)
     done = [None] * len(items)
-    work = [(r.stage, r.stage_cfg, r.seed, r.stage_dir, item) for item in items]
+    work = [(r.stage, r.stage_cfg, r.seed, r.stage_dir, r.verify, item) for item in items]
     for i, result in ex.map(finalize_item_task, work, f"{r.name} finalize"):
         done[i] = result
     return inst.finalize(r.stage_dir, r.run_dir, per_shard, done if items else None)
 
 
-def _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings) -> None:
+def _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings,
+                   max_text_bytes: int = schema.MAX_TEXT_BYTES, files: dict | None = None) -> None:
     """Statistics bounded by something other than the pool (metaclip: entries; klite: lemmas): partials
-    tree-reduced with `merge`, saved by the driver."""
+    tree-reduced with `merge`, saved by the driver; `files` gets the records of the files saved."""
     t0 = time.perf_counter()
-    items = [(name, stage_cfg, seed, p, stage_dir) for p in inputs]
+    items = [(name, stage_cfg, seed, p, stage_dir, max_text_bytes) for p in inputs]
     partials = ex.collect_values(collect_task, items, f"{name} collect")
     timings["collect_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
@@ -780,17 +863,23 @@ def _reduced_stats(probe, name, stage_cfg, seed, inputs, stage_dir, ex, timings)
     del partials
     stats_dir = shards.join(stage_dir, "stats")
     shards.remove(stats_dir)
-    probe.save_stats(stats, stats_dir)
+    with shards.recording_writes() as wrote:
+        probe.save_stats(stats, stats_dir)
+    if files is not None:
+        files.update(shards.records_under(stage_dir, wrote))
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
 
 
-def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions: int) -> dict:
+def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, partitions: int,
+                    max_text_bytes: int = schema.MAX_TEXT_BYTES, files: dict | None = None) -> dict:
     """Statistics that grow with the pool (Stage.split): collect writes each shard's partial cut into
     partitions; one task per partition merges it, saves it as stats/pNNNN and writes every shard's answer.
     No task ever holds more than one partition of the pool; the driver holds none. Returns the size of
-    the answers one shard reads in apply (bytes: max and mean over shards)."""
+    the answers one shard reads in apply (bytes: max and mean over shards); `files` gets the records of the
+    statistics files saved (for `_stats.json`)."""
+    files = {} if files is None else files
     t0 = time.perf_counter()
-    items = [(name, stage_cfg, seed, p, stage_dir, partitions) for p in inputs]
+    items = [(name, stage_cfg, seed, p, stage_dir, partitions, max_text_bytes) for p in inputs]
     names = [None] * len(items)
     for i, out in ex.map(collect_split_task, items, f"{name} collect"):
         names[i] = out
@@ -798,8 +887,9 @@ def _shuffled_stats(name, stage_cfg, seed, inputs, stage_dir, ex, timings, parti
     t0 = time.perf_counter()
     items = [(name, stage_cfg, seed, k, stage_dir, names) for k in range(partitions)]
     per_shard = [0] * len(names)  # what each shard's apply will read, over all partitions
-    for _, sizes in ex.map(merge_partition_task, items, f"{name} merge ({partitions} partitions)"):
+    for _, (sizes, saved) in ex.map(merge_partition_task, items, f"{name} merge ({partitions} partitions)"):
         per_shard = [a + b for a, b in zip(per_shard, sizes)]
+        files.update(saved)
     shards.remove(shards.join(stage_dir, "_shuffle", "pieces"))
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
     log.info("%s: statistics in %d partitions; answers per shard: max %.1f MiB, mean %.1f MiB", name, partitions,
@@ -843,7 +933,7 @@ def _driver_writes(name: str, run_dir: str):
 
 def _download_step(steps) -> str:
     """The recipe's downloading step, for messages ("ingest" in the default recipe)."""
-    return next((s.name for s in steps if stage_class(s.stage).downloads), "ingest")
+    return next((s.name for s in steps if recipe.downloads(s)), "ingest")
 
 
 def run_pipeline(
@@ -853,9 +943,11 @@ def run_pipeline(
     input_dir: str | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    verify: bool = False,
 ) -> list[StageResult]:
     """Run the recipe steps `stages` names, in recipe order ([run] stages); each reads the output of the
-    nearest earlier step that has run (or `input_dir` first)."""
+    nearest earlier step that has run (or `input_dir` first). Done shards are trusted while the files their
+    markers record keep their sizes (and, with `verify`, their XXH3 digests); the others are redone."""
     steps = recipe.of_config(config)
     todo = recipe.plan(list(stages), steps)
     for st in todo:
@@ -886,17 +978,52 @@ def run_pipeline(
                     raise StageError(f"{st.name}: no input in run {run_dir}: ingest a URL list first "
                                      f"(clipcurate {_download_step(steps)} URLS --run NAME), or give --input DIR")
                 _check_download_current(st, current, steps, run_dir)
+                if from_stage:
+                    _check_upstream_outputs(st, current, steps, run_dir, verify)
                 _warn_skipped(st, current, steps, todo)
             with _driver_writes(st.name, run_dir):
-                res = run_stage(st, run_dir, current, config, ex, upstream_is_stage=from_stage)
+                res = run_stage(st, run_dir, current, config, ex, upstream_is_stage=from_stage, verify=verify)
             results.append(res)
             current, from_stage, last = res.folder, True, st
     return results
 
 
+def _check_upstream_outputs(step: "recipe.Step", upstream_dir: str, steps: list, run_dir: str, verify: bool) -> None:
+    """A step about to read the output of an earlier step that this command does not run: refuse, in one line,
+    when a shard there is no longer what its marker vouches for (sizes; digests with `verify`), so that no step
+    ever reads a truncated or corrupt output.
+
+    Refused, not redone here: redoing means running a step the user did not ask for (a download, a model, a
+    user's module:Class), with its own input and statistics checks; the command that does exactly that is one
+    line, and is named in the error. Nothing has been written when this refuses. A shard whose marker predates
+    recorded sizes (UNRECORDED) is not refused for that: the earlier step redoes it the next time it runs."""
+    folder = shards.shard_name(upstream_dir)
+    prev = next((s for s in steps if s.folder == folder), None)
+    # the shards its manifest counts (a kept shard deleted outright is not listed, and its rows would just be
+    # missing downstream), and any other shard in the folder
+    made = [s.get("shard") for s in (shards.read_json(shards.join(upstream_dir, "_manifest.json")) or {})
+            .get("shards", []) if isinstance(s, dict)]
+    names = sorted({n for n in made if isinstance(n, str)}
+                   | {shards.shard_name(p) for p in shards.list_shards(upstream_dir)})
+    for out in names:
+        done = shards.read_json(shards.join(upstream_dir, "_done", out + ".json"))
+        if not isinstance(done, dict):  # a folder not made by the runner (no markers): nothing vouches, nothing to check
+            continue
+        why = outputs_mismatch(upstream_dir, out, done, verify)
+        if why is None or why is UNRECORDED:
+            continue
+        name = prev.name if prev is not None else folder
+        if prev is not None and stage_class(prev.stage).downloads:
+            redo = f"rerun `clipcurate {prev.stage} ... --run {shards.shard_name(run_dir)}` (it redoes that shard)"
+        else:
+            redo = (f"run {name} again first, which redoes that shard: clipcurate run {name},{step.name} "
+                    f"--run {shards.shard_name(run_dir)}")
+        raise StageError(f"{step.name}: shard {out} of {name} ({folder}) failed its check: {why}; {redo}")
+
+
 def _download_between(a: "recipe.Step", b: "recipe.Step", steps: list) -> bool:
     """A downloading step sits between recipe steps a and b (text-first: klite, ingest, align)."""
-    return any(a.position < s.position < b.position and stage_class(s.stage).downloads for s in steps)
+    return any(a.position < s.position < b.position and recipe.downloads(s) for s in steps)
 
 
 UPSTREAM_KEY = "upstream"  # a step's manifest: {"folder", "fingerprint"} of the step output it was made from
@@ -906,10 +1033,10 @@ def _check_download_current(step: "recipe.Step", upstream_dir: str, steps: list,
     """A step after the download reads it: refuse a download that is missing, or that was made from an older output
     of the steps before it (their config changed since: download again first)."""
     folder = shards.shard_name(upstream_dir)
-    at = next((p.position for p in steps if p.folder == folder), None)
+    at = next((p.position for p in steps if p.position < step.position and p.folder == folder), None)
     # a pool given with --input stands in for a download that comes first (the default recipe); a download after
     # curation steps (text-first) cannot be stood in for
-    skipped = [s for s in steps if s.position < step.position and stage_class(s.stage).downloads
+    skipped = [s for s in steps if s.position < step.position and recipe.downloads(s)
                and (s.position > at if at is not None else s.position > 0)]
     if skipped:
         raise StageError(f"{step.name}: {skipped[0].name} has not run in this run: it downloads what the steps before "

@@ -85,7 +85,8 @@ class Stage:
 
     def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> Any:
         """Small per-shard statistics for pool-wide rules (pass 1). Default: none. The runner has set aside
-        the rows its reader marked unusable (non-UTF-8 text): collect never sees them."""
+        the rows its reader marked unusable (text that is not UTF-8, a uid that is not 32 lowercase hex
+        characters, text over `[run] max_text_bytes`): collect never sees them, nor does apply."""
         return None
 
     def merge(self, partials: list) -> Any:
@@ -218,11 +219,11 @@ def stage_class(name: str) -> type[Stage]:
     """A registered stage by name, or a user's stage as "package.module:ClassName"."""
     from pipeline import plugins
 
-    if ":" in name:
+    if ":" in name:  # importing the module runs its code: only a step that runs (or is read) gets here
         module_name, _, cls_name = name.partition(":")
         try:
-            return getattr(importlib.import_module(module_name), cls_name)
-        except (ModuleNotFoundError, AttributeError) as e:
+            return _a_stage(name, getattr(importlib.import_module(module_name), cls_name))
+        except (ImportError, AttributeError) as e:  # (a missing dependency of the module too)
             raise StageError(f"cannot load stage '{name}': {e} (the module must be importable from the current "
                              "folder or PYTHONPATH)") from None
     target = dict(plugins.registered(STAGES_GROUP)).get(name)
@@ -232,7 +233,17 @@ def stage_class(name: str) -> type[Stage]:
     cls = plugins.load(target)
     if cls is None:
         raise StageError(f"stage '{name}' is not available in this version")
-    return cls
+    return _a_stage(name, cls)
+
+
+def _a_stage(name: str, obj: Any) -> type[Stage]:
+    """`obj` when it is a Stage subclass; else one line naming it (`os:system` names a function, not a stage)."""
+    if isinstance(obj, type) and issubclass(obj, Stage) and obj is not Stage:
+        return obj
+    what = (f"class {obj.__name__}" if isinstance(obj, type) else "function" if callable(obj)
+            else type(obj).__name__)
+    raise StageError(f"'{name}' is not a stage: it names a {what}, not a subclass of pipeline.stage.Stage "
+                     "(a step is a stage name, or module:Class of your own Stage subclass)")
 
 
 def _downloads(name: str) -> bool:

@@ -5,7 +5,10 @@ Score     `dfn_score` (float32) = cosine of the image and text embeddings of the
           (`checkpoint`, `model`), or one our trainer trained on a high-quality set
           (`clipcurate dfn-train --hq HQ.parquet --run NAME`, the DFN recipe: a small CLIP trained on clean
           data filters better than a strong one trained on noise). It writes runs/NAME/dfn_model/model.pt
-          and records that path as `[dfn] checkpoint` in the run's config.toml.
+          and records that path as `[dfn] checkpoint` in the run's config.toml. Or a public filtering
+          network, loaded by open_clip from Hugging Face's cache (trainer/models.py load_pretrained):
+          `model = "hf-hub:apple/DFN-public"`, or `model = "ViT-L-14"` + `pretrained = "openai"` (a tag, or a
+          weights file); `clipcurate fetch-model` puts it in the cache (a run never downloads).
 Keep      with `threshold` unset: the top `keep_fraction` of the scored pairs of the whole pool. `collect`
           returns a histogram of the shard's scores over [-1, 1] in `bins` bins (20,001: width 1e-4),
           `merge` sums them, and the cut is found in the pool histogram: every bin above the boundary bin
@@ -17,7 +20,8 @@ Pixels    rows carry a reference to their image (`image_ref`); the bytes are rea
           (pipeline/images.py), a store file at a time, only to score.
 Reasons   `no_image` (no image bytes: score null), `bad_image` (bytes that do not decode: score null),
           `dfn_low_score` (score below the cut; the score is kept in the rejected shard); and, as in every
-          stage, `invalid_utf8` (text bytes that are not UTF-8, set aside before scoring). A decompression bomb
+          stage, set aside before scoring: `invalid_utf8` (text bytes that are not UTF-8), `invalid_uid`,
+          `text_too_long` (over `[run] max_text_bytes`: never tokenised). A decompression bomb
           (over Pillow's 89,478,485-pixel limit, checked from the header: `pipeline.images.open_image`) is a
           `bad_image`.
 Cost      scoring is the expensive part, so `collect` stores each shard's scores in a cache
@@ -41,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import check_ranges
+from pipeline.config import ConfigError, check_ranges
 from pipeline import shards
 from pipeline.images import REF_COL
 from pipeline.schema import SchemaError
@@ -51,6 +55,9 @@ from pipeline.stage import Stage, StageError, split_by_reason, uniform
 from trainer.config import DFN_MODEL_DIR  # runs/NAME/dfn_model/model.pt: where dfn-train writes
 
 log = logging.getLogger("clipcurate.dfn")
+
+PUBLIC_NETWORK_HINT = ('[dfn] model = "hf-hub:apple/DFN-public" (after `clipcurate fetch-model hf-hub:apple/DFN-public`; '
+                       'README "Scoring with a public filtering network")')
 
 
 def score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
@@ -83,7 +90,9 @@ class DfnStage(Stage):
     @dataclasses.dataclass
     class Config:
         checkpoint: str = ""  # open_clip checkpoint; "" = the run's dfn_model/model.pt (see dfn-train)
-        model: str = ""  # open_clip model name; "" = the one recorded in the checkpoint (else clipcurate-tiny)
+        model: str = ""  # open_clip model name; "" = the one recorded in the checkpoint (else clipcurate-tiny);
+        #                  "hf-hub:ORG/NAME": a pretrained network from the Hugging Face cache (no checkpoint)
+        pretrained: str = ""  # with `model` and no checkpoint: an open_clip tag ("openai") or a weights file
         keep_fraction: float = 0.3  # top share of the scored pool kept (DFN, DataComp: 0.1-0.3)
         threshold: float | None = None  # set: keep dfn_score >= threshold instead of a fraction
         bins: int = 20001  # histogram resolution over [-1, 1] (20,001 bins: 1e-4 wide)
@@ -98,11 +107,26 @@ class DfnStage(Stage):
         def __post_init__(self):
             check_ranges("dfn", self, keep_fraction=(0, 1), threshold=(-1, 1), bins=(2, None), batch_size=(1, None),
                          num_workers=(-1, None))
+            hub = self.model.startswith("hf-hub:")
+            if self.checkpoint and (self.pretrained or hub):
+                raise ConfigError(f"config [dfn]: checkpoint = {self.checkpoint!r} and a pretrained network ("
+                                  f"{'pretrained = ' + repr(self.pretrained) if self.pretrained else 'model = ' + repr(self.model)}"
+                                  "): give one (clear checkpoint to score with the pretrained network)")
+            if self.pretrained and not self.model:
+                raise ConfigError(f"config [dfn] pretrained = {self.pretrained!r} needs model = the open_clip model "
+                                  "it belongs to (e.g. model = \"ViT-L-14\", pretrained = \"openai\")")
+            if self.pretrained and hub:
+                raise ConfigError(f"config [dfn] model = {self.model!r} names its own weights: leave pretrained empty")
+
+        def pretrained_network(self) -> bool:
+            """A public network from the Hugging Face cache, not a checkpoint."""
+            return not self.checkpoint and bool(self.pretrained or self.model.startswith("hf-hub:"))
 
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)
         self.scorer = None
         self._scorer_path = ""  # the checkpoint `scorer` was loaded from: the default one is per run
+        self._model_digest = ""  # what identifies its weights in the score cache's key
         self._digests: dict[str, str] = {}
         self._mem_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -115,10 +139,20 @@ class DfnStage(Stage):
             return shards.join(run_dir, DFN_MODEL_DIR, "model.pt")
         raise StageError(
             "dfn: no filtering network: set [dfn] checkpoint = PATH (any open_clip checkpoint, with [dfn] model), "
-            "or train one first with `clipcurate dfn-train --hq HQ.parquet --run NAME`"
+            "or train one first with `clipcurate dfn-train --hq HQ.parquet --run NAME`, or score with a public "
+            f"one: {PUBLIC_NETWORK_HINT}"
         )
 
     def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
+        if self.config.pretrained_network():  # the weights in the cache (None: not fetched yet)
+            from trainer.models import pretrained_digest
+
+            c = self.config
+            try:
+                digest = pretrained_digest(c.model, c.pretrained)
+            except ConfigError as e:
+                raise StageError(f"dfn: {e}") from None
+            return {"model": c.model, "pretrained": c.pretrained, **({"weights_xxh3": digest} if digest else {})}
         try:
             path = self.checkpoint_path(ctx)
         except StageError:
@@ -135,31 +169,34 @@ class DfnStage(Stage):
         return self._digests[path]
 
     def setup(self) -> None:
-        if self.config.checkpoint:  # else the path is known only once the runner tells us the run
+        if self.config.checkpoint or self.config.pretrained_network():  # else known once the runner names the run
             self._load(self.detached())
 
     def _load(self, ctx: ShardContext) -> None:
-        path = self.checkpoint_path(ctx)
+        c = self.config
+        pretrained = c.pretrained_network()
+        path = f"{c.model} ({c.pretrained})" if pretrained else self.checkpoint_path(ctx)
         if self.scorer is not None and path == self._scorer_path:
             return
-        if not shards.exists(path):
+        if not pretrained and not shards.exists(path):
             raise StageError(
                 f"dfn: checkpoint {path} does not exist: train one with `clipcurate dfn-train --hq HQ.parquet "
-                f"--run NAME`, or set [dfn] checkpoint"
+                f"--run NAME`, or set [dfn] checkpoint, or score with a public network: {PUBLIC_NETWORK_HINT}"
             )
         from trainer.models import pick_device
         from trainer.score import Scorer
 
-        c = self.config
         workers = c.num_workers
         if workers < 0:
             workers = 4 if pick_device(c.device).type == "cuda" else 0
         try:
-            self.scorer = Scorer(path, c.model, c.device, c.precision, c.batch_size, workers)
-        except ValueError as e:
+            self.scorer = Scorer("" if pretrained else path, c.model, c.device, c.precision, c.batch_size, workers,
+                                 pretrained=c.pretrained)
+        except ValueError as e:  # ConfigError too: a model missing from the cache names `clipcurate fetch-model`
             raise StageError(f"dfn: {e}") from None
         self._scorer_path = path
-        self._file_digest(path)
+        # the score cache's key: a pretrained network's identity (its weights' digest and preprocessing)
+        self._model_digest = self.scorer.identity.id if pretrained else self._file_digest(path)
         log.info("dfn: %s (%s) on %s, %s", path, self.scorer.model_name, self.scorer.device, self.scorer.precision)
 
     # ---- scores ----------------------------------------------------------------------------------
@@ -168,7 +205,7 @@ class DfnStage(Stage):
         identity (size, mtime) of the store files referenced, so a cache hit reads no pixels at all; or the
         bytes themselves for a table that holds them."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"{self._file_digest(self._scorer_path)}|{self.scorer.precision}|{self.scorer.device.type}|{self.scorer.model_name}".encode())
+        h.update(f"{self._model_digest}|{self.scorer.precision}|{self.scorer.device.type}|{self.scorer.model_name}".encode())
         h.update("\0".join(u or "" for u in table.column("uid").to_pylist()).encode())
         if REF_COL in table.column_names:  # a text-only shard has neither: score_rows says so
             refs = table.column(REF_COL)

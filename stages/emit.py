@@ -14,8 +14,10 @@ sorted array of 128-bit uids, so a curated subset can be re-materialised from th
 
 Resume: each output shard's marker (`emit/_done/part-NNNNN.json`) records a digest of its rows (uids and
 references), the store and the config; a rerun rewrites only shards whose digest changed. Same rows, same
-bytes (fixed tar member times, deterministic Parquet). Rows are never dropped here, except rows whose text is
-not UTF-8 (`invalid_utf8`, as in every stage: `pipeline.stage.Stage`).
+bytes (fixed tar member times, deterministic Parquet). Rows are never dropped here, except the rows every stage's
+reader sets aside (`invalid_utf8`, `invalid_uid`, `text_too_long`: `pipeline.runner._read_checked`). Member names
+are `<uid>.<ext>` only: a uid is 32 lowercase hex characters (checked again here: any other is an error, never a
+name), `image_ext` one of IMAGE_EXTS, `formats` of FORMATS (config errors otherwise).
 """
 
 from __future__ import annotations
@@ -24,19 +26,24 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline.config import check_ranges
-from pipeline import shards
+from pipeline.config import ConfigError, check_ranges
+from pipeline import schema, shards
 from pipeline.images import REF_COL
 from pipeline.context import ShardContext
-from pipeline.stage import Stage
+from pipeline.stage import Stage, StageError
 
 TAR_MTIME = 0.0  # fixed member times: the same rows give byte-identical tars
 IMAGE_COL = "image"
+
+log = logging.getLogger("clipcurate.emit")
+UNRECORDED = "its marker records no sizes or digests (written by an older clipcurate)"
 
 
 def _json_safe(v):
@@ -45,6 +52,36 @@ def _json_safe(v):
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+FORMATS = ("parquet", "wds")
+# The image member's extension: one a WebDataset reader decodes as an image (open_clip_train's `jpg;png;jpeg;webp`).
+# It is part of every member name, so it is one of these, never a path.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def _check_choices(config) -> None:
+    """`formats` and `image_ext` name things this stage writes: a typo (`formats = ["zip"]`) would otherwise
+    exit 0 with no training set, and `image_ext = "../../x"` would become part of tar member names."""
+    formats = config.formats if isinstance(config.formats, (list, tuple)) else [config.formats]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(f"config [emit] formats = {list(formats)!r}: "
+                          f"{'unknown format ' + repr(unknown[0]) if unknown else 'empty'}; give one or both of "
+                          f"{', '.join(FORMATS)}")
+    if config.image_ext not in IMAGE_EXTS:
+        raise ConfigError(f"config [emit] image_ext = {config.image_ext!r}: give one of {', '.join(IMAGE_EXTS)}")
+
+
+def _check_uids(uids, where: str) -> None:
+    """Every uid names tar members and is read as a 128-bit number: 32 lowercase hex characters. The runner's
+    reader rejects any other (`invalid_uid`) before a stage sees it, so one here means a stage folder written by
+    something else: an error, never a member name."""
+    ok = schema.valid_uids(uids)
+    if not pc.all(ok, min_count=0).as_py():  # (an empty shard: all, not null)
+        bad = pc.filter(uids, pc.invert(ok))[0].as_py()
+        raise StageError(f"emit: {where}: uid {str(bad)[:80]!r} is not 32 lowercase hex characters; such rows belong "
+                         "in rejected/ as invalid_uid: rerun the stages before emit")
 
 
 def out_name(j: int) -> str:
@@ -66,6 +103,7 @@ class EmitStage(Stage):
 
         def __post_init__(self):
             check_ranges("emit", self, samples_per_shard=(1, None))
+            _check_choices(self)
 
     def out_dir(self, run_dir: str) -> str:
         return self.config.out or shards.join(run_dir, "emit")
@@ -101,13 +139,15 @@ class EmitStage(Stage):
                 tables[shard] = shards.read_shard(shards.join(ctx.stage_dir, shard))
         piece = pa.concat_tables([tables[shard].slice(start, n) for shard, start, n in item["slices"]],
                                  promote_options="default").combine_chunks()
-        written = self._write_piece(piece, self.out_dir(ctx.run_dir), item["name"], ctx)
-        return {"name": item["name"], "rows": piece.num_rows, "written": written, "columns": _emitted_columns(piece)}
+        written, redone = self._write_piece(piece, self.out_dir(ctx.run_dir), item["name"], ctx)
+        return {"name": item["name"], "rows": piece.num_rows, "written": written, "columns": _emitted_columns(piece),
+                "redone": redone}
 
     def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict], done: list | None = None) -> dict:
         out = self.out_dir(run_dir)
         k = max(1, int(self.config.samples_per_shard))
         done = done or []
+        _say_redone(done)
         sizes = {d["name"] + ".tar": d["rows"] for d in done}
         self._remove_stale(out, {d["name"] for d in done})
         files = [shards.join(stage_dir, s["shard"]) for s in summaries]
@@ -138,22 +178,37 @@ class EmitStage(Stage):
         h.update(sink.getvalue())
         return h.hexdigest()
 
-    def _write_piece(self, piece: pa.Table, out: str, name: str, ctx: ShardContext) -> int:
-        """Write one output shard in every format, unless its marker says it is already there. Returns 1 if written."""
+    def _write_piece(self, piece: pa.Table, out: str, name: str, ctx: ShardContext) -> tuple[int, str | None]:
+        """Write one output shard in every format, unless its marker says it is already there: same rows, and each
+        file still of the size it was written at (and of its XXH3 digest with `--verify`, ctx.verify). Returns
+        (1 if written, why a shard that was there was redone: a file that failed that check)."""
         digest = self._piece_digest(piece, ctx)
         marker = shards.join(out, "_done", name + ".json")
-        targets = {"parquet": shards.join(out, "parquet", name + ".parquet"), "wds": shards.join(out, "wds", name + ".tar")}
+        targets = {"parquet": f"parquet/{name}.parquet", "wds": f"wds/{name}.tar"}
         wanted = [targets[f] for f in ("parquet", "wds") if f in self.config.formats]
-        if (shards.read_json(marker) or {}).get("digest") == digest and all(shards.exists(p) for p in wanted):
-            return 0
+        done = shards.read_json(marker) or {}
+        redone = None
+        if done.get("digest") == digest:
+            files = done.get("files")
+            if not isinstance(files, dict):  # an older marker: sizes unknown, rewritten once (runner.UNRECORDED)
+                redone = UNRECORDED
+            else:
+                for rel in wanted:
+                    why = shards.file_mismatch(shards.join(out, rel), files.get(rel), digest=ctx.verify)
+                    if why is not None:
+                        redone = f"{rel} {why}"
+                        break
+                else:
+                    return 0, None
         shards.remove(marker)
         full = self._materialise(piece, ctx)
+        files = {}
         if "parquet" in self.config.formats:
-            shards.write_shard(full, targets["parquet"])
+            files[targets["parquet"]] = shards.write_shard(full, shards.join(out, targets["parquet"]))
         if "wds" in self.config.formats:
-            shards.write_bytes(self._tar(full), targets["wds"])
-        shards.write_json({"digest": digest, "rows": piece.num_rows}, marker)
-        return 1
+            files[targets["wds"]] = shards.write_bytes(self._tar(full), shards.join(out, targets["wds"]))
+        shards.write_json({"digest": digest, "rows": piece.num_rows, "files": files}, marker)
+        return 1, redone
 
     def _materialise(self, piece: pa.Table, ctx: ShardContext) -> pa.Table:
         """The rows with their image bytes (`image`, read by reference) in place of the reference."""
@@ -180,6 +235,7 @@ class EmitStage(Stage):
         """One WebDataset tar: {uid}.jpg (bytes as stored), {uid}.txt, {uid}.json (every other column)."""
         import webdataset as wds
 
+        _check_uids(table.column("uid"), "tar members")
         meta_cols = [c for c in table.column_names if c != IMAGE_COL]
         rows = table.select(meta_cols).to_pylist()
         images = table.column(IMAGE_COL).to_pylist() if IMAGE_COL in table.column_names else [None] * table.num_rows
@@ -196,6 +252,18 @@ class EmitStage(Stage):
                 sample["json"] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
                 w.write(sample)
         return buf.getvalue()
+
+
+def _say_redone(done: list[dict]) -> None:
+    """Output shards that were there but failed their check, one line each (on the driver: a worker's log never
+    reaches the user's terminal); those an older version marked, in one line together."""
+    old = [d["name"] for d in done if d.get("redone") == UNRECORDED]
+    for d in done:
+        if d.get("redone") and d["redone"] != UNRECORDED:
+            log.warning("emit: output shard %s: %s: rewritten", d["name"], d["redone"])
+    if old:
+        log.warning("emit: %d output shards were marked by an older clipcurate, which recorded no sizes or digests: "
+                    "rewritten, once, so that every later resume can check them", len(old))
 
 
 def _emitted_columns(piece: pa.Table) -> list[str]:
@@ -216,12 +284,15 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 def _uids_to_u128(uids: pa.ChunkedArray) -> np.ndarray:
-    """Sorted structured array (hi, lo) of 128-bit uids, as DataComp stores subset lists."""
+    """Sorted structured array (hi, lo) of 128-bit uids, as DataComp stores subset lists. Each uid's own value:
+    one that is not 32 lowercase hex characters is an error (it used to become zeros)."""
     import polars as pl
 
-    s = pl.Series(uids.combine_chunks() if uids.num_chunks else pa.array([], pa.string()))
-    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False).fill_null(0).to_numpy()
-    lo = s.str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=False).fill_null(0).to_numpy()
+    uids = uids.combine_chunks() if uids.num_chunks else pa.array([], pa.string())
+    _check_uids(uids, "uids.npy")
+    s = pl.Series(uids)
+    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=True).to_numpy()
+    lo = s.str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=True).to_numpy()
     arr = np.empty(len(s), dtype=[("hi", "<u8"), ("lo", "<u8")])
     arr["hi"], arr["lo"] = hi, lo
     arr.sort(order=["hi", "lo"])

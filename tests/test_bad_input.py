@@ -59,7 +59,7 @@ BOMB_WARN = png_header_bomb(10_000, 10_000)  # 1e8 px: over Pillow's limit, unde
 BOMB_ERR = png_header_bomb(20_000, 10_000)  # 2e8 px: over 2x (Pillow raises)
 GOOD = [png(i) for i in range(6)]
 TRUNCATED = GOOD[0][: len(GOOD[0]) // 3]
-BIG_CAPTION = ("a dog runs " * 100_000)[:1_000_000]  # 1 MB, matches the entry "dog"
+BIG_CAPTION = ("a dog runs " * 100_000)[:1_000_000]  # 1 MB, matches the entry "dog": over [run] max_text_bytes
 NOT_UTF8 = b"a photo of a dog \xff\xfe caf\xe9"
 
 # row label -> (text: str | bytes | None, image: bytes | None)
@@ -262,14 +262,15 @@ def test_empty_shards_pass_through_every_stage(tmp_path, env):
 # ---- per-row problems: a reason, never a failed run --------------------------------------------------
 EXPECT = {
     # stage -> label -> reason (None = kept); labels not listed: kept
-    "align": {"empty_caption": "too_few_words", "null_caption": "too_few_words", "big_caption": "too_many_words",
+    "align": {"empty_caption": "too_few_words", "null_caption": "too_few_words", "big_caption": "text_too_long",
               "not_utf8": "invalid_utf8", **{k: "image_unreadable" for k in
               ("null_image", "zero_byte_image", "truncated_image", "bomb_1x", "bomb_2x", "garbage_image")}},
-    "metaclip": {"empty_caption": "no_entry", "null_caption": "no_entry", "not_utf8": "invalid_utf8"},
-    "klite": {"not_utf8": "invalid_utf8"},
-    "dfn": {"not_utf8": "invalid_utf8", "null_image": "no_image",
+    "metaclip": {"empty_caption": "no_entry", "null_caption": "no_entry", "not_utf8": "invalid_utf8",
+                 "big_caption": "text_too_long"},
+    "klite": {"not_utf8": "invalid_utf8", "big_caption": "text_too_long"},
+    "dfn": {"not_utf8": "invalid_utf8", "big_caption": "text_too_long", "null_image": "no_image",
             **{k: "bad_image" for k in ("zero_byte_image", "truncated_image", "bomb_1x", "bomb_2x", "garbage_image")}},
-    "emit": {"not_utf8": "invalid_utf8"},
+    "emit": {"not_utf8": "invalid_utf8", "big_caption": "text_too_long"},
 }
 
 
@@ -303,11 +304,10 @@ def test_bad_rows_get_a_reason_and_every_other_row_goes_through(tmp_path, env, b
     bad = rej.filter(pa.compute.equal(rej.column("uid"), uid_of["not_utf8"]))
     assert bad.column("text").to_pylist() == [NOT_UTF8.decode("utf-8", "replace")]
     assert any("not valid UTF-8" in n for n in m["notes"])
-    if stage == "klite":
-        kept = pa.concat_tables([pq.read_table(p) for p in sorted(Path(res.folder).glob("part-*.parquet"))])
-        big = kept.filter(pa.compute.equal(kept.column("uid"), uid_of["big_caption"]))
-        assert big.column("text").to_pylist() == [BIG_CAPTION]  # never modified
-        assert big.column("text_klite")[0].as_py().startswith(BIG_CAPTION)
+    # the 1 MB caption was set aside by the reader, its text cut to [run] max_text_bytes (the input keeps it whole)
+    big = rej.filter(pa.compute.equal(rej.column("uid"), uid_of["big_caption"]))
+    assert big.column("text").to_pylist() == [BIG_CAPTION[:4096]]
+    assert any("max_text_bytes = 4096 bytes" in n for n in m["notes"])
     if stage == "emit":
         _check_emitted(tmp_path / "run" / "emit", uid_of)
 
@@ -318,9 +318,8 @@ def _check_emitted(emit: Path, uid_of: dict[str, str]) -> None:
         with tarfile.open(tar) as tf:
             for m in tf.getmembers():
                 members[m.name] = tf.extractfile(m).read()
-    kept = {k: u for k, u in uid_of.items() if k != "not_utf8"}
+    kept = {k: u for k, u in uid_of.items() if k not in ("not_utf8", "big_caption")}
     assert {n.split(".")[0] for n in members} == set(kept.values())
-    assert members[f"{uid_of['big_caption']}.txt"].decode() == BIG_CAPTION
     assert members[f"{uid_of['empty_caption']}.txt"] == members[f"{uid_of['null_caption']}.txt"] == b""
     assert f"{uid_of['null_image']}.jpg" not in members  # no image bytes: no image member
     assert members[f"{uid_of['zero_byte_image']}.jpg"] == b""  # bytes as stored
@@ -402,10 +401,10 @@ def test_trainer_reader_skips_null_images_and_never_crashes_on_broken_ones(tmp_p
 
 # ---- URL lists --------------------------------------------------------------------------------------------
 BAD_URLS = [
-    ("ftp://example.invalid/a.jpg", "an ftp url", "invalid_url"),
-    ("file:///etc/passwd", "a local file", "invalid_url"),
-    ("javascript:alert(1)", "a script", "invalid_url"),
-    ("data:image/png;base64,iVBORw0KGgo=", "a data url", "invalid_url"),
+    ("ftp://example.invalid/a.jpg", "an ftp url", "blocked_scheme"),  # the egress policy: http(s) only
+    ("file:///etc/passwd", "a local file", "blocked_scheme"),
+    ("javascript:alert(1)", "a script", "blocked_scheme"),
+    ("data:image/png;base64,iVBORw0KGgo=", "a data url", "blocked_scheme"),
     ("http://", "no host", "invalid_url"),
     ("http://exa mple.invalid/x.jpg", "a space in the host", "invalid_url"),
     ("//example.invalid/x.jpg", "no scheme", "invalid_url"),

@@ -220,7 +220,7 @@ def test_ingest_where_every_download_failed_is_an_error(tmp_path, capsys):
     # port 9 on loopback: nothing listens, every download fails at once (no traffic leaves the machine)
     urls.write_text("url,caption\n" + "".join(f"http://127.0.0.1:9/{i}.jpg,a picture {i}\n" for i in range(5)))
     cfg = tmp_path / "c.toml"
-    cfg.write_text("[ingest]\nprocesses = 1\nthreads = 2\ntimeout = 2\n")
+    cfg.write_text('[ingest]\nprocesses = 1\nthreads = 2\ntimeout = 2\nallow_private_hosts = ["127.0.0.1:9"]\n')
     code = cli_main(["--runs-dir", str(tmp_path / "runs"), "ingest", str(urls), "--run", "r", "--config", str(cfg),
                      "--workers", "0"])
     captured = capsys.readouterr()

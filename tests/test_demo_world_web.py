@@ -51,6 +51,7 @@ seed = 0
 shard_size = 100   # 3 shards, so the stages have several to spread over workers
 processes = 2
 threads = 16
+allow_private_hosts = ["demo.clipcurate.invalid:80"]   # the world is served on loopback: the one internal server to fetch from
 
 [align]
 max_texts_per_image = 20   # ALIGN: 1,000 at 1.8B pairs

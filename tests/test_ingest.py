@@ -100,7 +100,8 @@ def test_conversion_one_row_per_caption_and_reasons():
 
 # ---- a real download through img2dataset and the loopback proxy --------------------------------
 def _make_site(root: Path) -> tuple[list[tuple[str, str]], dict]:
-    """A tiny crawl: 12 good images (one URL listed 3 times), 3 404s, 2 non-images, 2 malformed URLs."""
+    """A tiny crawl: 12 good images (one URL listed 3 times), 3 404s, 2 non-images, a malformed URL and one of
+    another scheme."""
     www = root / "www"
     (www / "img").mkdir(parents=True)
     rows = []
@@ -116,8 +117,8 @@ def _make_site(root: Path) -> tuple[list[tuple[str, str]], dict]:
     rows += [("javascript:alert(1)", "script"), ("http:/broken", "broken")]
     # the same (url, caption) again: the same uid; kept once, the repeats rejected as `duplicate`
     rows += [(f"{HOST}/img/1.png", "picture number 1")] * 2 + [(f"{HOST}/img/missing0.jpg", "gone 0")]
-    expect = {"good_urls": 12, "good_rows": 14, "http_404": 3, "not_image": 2, "invalid": 2, "repeats": 3,
-              "rows": len(rows)}
+    expect = {"good_urls": 12, "good_rows": 14, "http_404": 3, "not_image": 2, "invalid": 1, "blocked_scheme": 1,
+              "repeats": 3, "rows": len(rows)}
     return rows, expect
 
 
@@ -128,7 +129,7 @@ def ingested(tmp_path_factory):
     rows, expect = _make_site(root)
     pl.DataFrame(rows, schema=["url", "caption"], orient="row").write_parquet(root / "urls.parquet")
     cfg = root / "c.toml"
-    cfg.write_text("[ingest]\nprocesses = 1\nthreads = 8\nshard_size = 8\n")
+    cfg.write_text('[ingest]\nprocesses = 1\nthreads = 8\nshard_size = 8\nallow_private_hosts = ["demo.clipcurate.invalid:80"]\n')
     runs = root / "runs"
     out, records = io.StringIO(), []
     handler = logging.Handler()
@@ -177,9 +178,11 @@ def test_ingest_rejects_404_and_non_images_with_reasons(ingested):
     nimg = sum(v for k, v in reasons.items() if k.startswith("failed_to_resize"))
     assert n404 == expect["http_404"] and nimg == expect["not_image"]
     assert reasons.get("invalid_url: not an http(s) URL") == expect["invalid"]
+    assert reasons.get("blocked_scheme") == expect["blocked_scheme"]  # javascript: (the egress policy)
     assert reasons.get("duplicate: same url and caption as an earlier row") == expect["repeats"]
     assert m["rows_out"] + m["rejected"] == m["rows_in"] == expect["rows"] == (
-        expect["good_rows"] + expect["http_404"] + expect["not_image"] + expect["invalid"] + expect["repeats"])
+        expect["good_rows"] + expect["http_404"] + expect["not_image"] + expect["invalid"] + expect["blocked_scheme"]
+        + expect["repeats"])
     assert m["download"]["unique_urls"] == expect["good_urls"] + expect["http_404"] + expect["not_image"]
 
 

@@ -474,7 +474,7 @@ def test_cli_errors_are_one_line(world, tmp_path, capsys):
     assert main(["--runs-dir", runs, "eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", world["retrieval"]]) == 2
     assert main(["--runs-dir", runs, "eval", "--checkpoint", world["hq"], "--data", world["hq"]]) == 2
     err = capsys.readouterr().err
-    assert "does not exist" in err and "cannot be read" in err
+    assert "does not exist" in err and "is not a PyTorch checkpoint" in err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -325,5 +325,5 @@ def register(sub) -> None:
     p.add_argument("--truth", default=None,
                    help="the world's labels (truth.parquet: uid, kind) for the oracle variant (default: the demo "
                         "world's, next to the run's URL list)")
-    p.set_defaults(fn=cmd_ablate)
+    p.set_defaults(fn=cmd_ablate, writes_run=True)  # pipeline/cli.py main takes the run's lock
 

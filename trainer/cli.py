@@ -1,4 +1,4 @@
-"""`clipcurate train | eval | dfn-train` (registered under the `clipcurate.commands` entry point, pyproject.toml)."""
+"""`clipcurate train | eval | dfn-train | fetch-model` (registered under the `clipcurate.commands` entry point, pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -184,6 +184,37 @@ def cmd_dfn_train(args) -> int:
     return 0
 
 
+def cmd_fetch_model(args) -> int:
+    """Put a pretrained network in Hugging Face's cache ahead of a run, through the egress policy (trainer/hub.py):
+    a run itself never downloads."""
+    from pipeline import egress
+    from trainer import hub, models
+
+    models.register_configs()
+    source = hub.plan(args.name, args.pretrained or "")
+    if source.kind == "none":
+        import open_clip
+
+        tags = open_clip.list_pretrained_tags_by_model(args.name)
+        raise config_mod.ConfigError(f"fetch-model {args.name}: no weights named: give --pretrained TAG (its tags: "
+                                     f"{', '.join(tags) or 'none'}), or an hf-hub:ORG/NAME model")
+    if source.kind == "file":
+        print(f"{source.pretrained} is a local weights file: nothing to fetch")
+        return 0
+    try:
+        policy = egress.EgressPolicy(frozenset(args.allow_private_host or ()))
+    except ValueError as e:
+        raise config_mod.ConfigError(f"fetch-model --allow-private-host: {e}") from None
+    paths, downloaded = hub.fetch(source, policy)
+    weights = paths[-1]
+    print(f"{'fetched' if downloaded else 'already in the cache:'} {source.name}"
+          f"{' (' + source.pretrained + ')' if source.pretrained else ''} -> {os.path.dirname(weights)} "
+          f"({os.path.getsize(weights) / 1e6:,.1f} MB, weights xxh3 {models.weights_digest([weights])})")
+    use = f'model = "{source.name}"' + (f', pretrained = "{source.pretrained}"' if source.pretrained else "")
+    print(f"score with it: [dfn] {use}")
+    return 0
+
+
 def _add_train_flags(p) -> None:
     p.add_argument("--run", required=True, help="run name: its folder is RUNS_DIR/NAME")
     p.add_argument("--config", default=None, help="TOML file laid over the run's saved config ([train] section)")
@@ -200,7 +231,7 @@ def register(sub) -> None:
     _add_train_flags(p)
     p.add_argument("--data", default=None, help="Parquet file/folder or WebDataset tars (default: runs/NAME/emit)")
     p.add_argument("--no-eval", action="store_true", help="skip [train] eval_sets after training")
-    p.set_defaults(fn=cmd_train)
+    p.set_defaults(fn=cmd_train, writes_run=True)  # pipeline/cli.py main takes the run's lock
 
     p = sub.add_parser("eval", help="zero-shot classification / retrieval of a checkpoint on Parquet eval sets")
     p.add_argument("--checkpoint", default=None, help="model file (default with --run: runs/NAME/train/model.pt)")
@@ -213,10 +244,20 @@ def register(sub) -> None:
     p.add_argument("--klite", action="store_true",
                    help="classification sets also with K-LITE knowledge prompts (template ; class , WordNet gloss); "
                         "both results are reported")
-    p.set_defaults(fn=cmd_eval)
+    # with --run and no --out it writes eval-*.json into runs/NAME/train: a writer of the run, which main locks;
+    # an eval of a --checkpoint, or with --out, writes no run
+    p.set_defaults(fn=cmd_eval, writes_run=lambda a: bool(a.run) and not a.out)
 
     p = sub.add_parser("dfn-train", help="train the data filtering network on a high-quality set (runs/NAME/dfn_model)")
     _add_train_flags(p)
     p.add_argument("--hq", required=True, help="high-quality pairs: Parquet with image + text")
-    p.set_defaults(fn=cmd_dfn_train)
+    p.set_defaults(fn=cmd_dfn_train, writes_run=True)
+
+    p = sub.add_parser("fetch-model", help="download a pretrained open_clip network into the Hugging Face cache "
+                                           "(HF_HOME) ahead of a run, through the egress policy")
+    p.add_argument("name", help="open_clip model name (ViT-L-14, ...) or hf-hub:ORG/NAME (e.g. hf-hub:apple/DFN-public)")
+    p.add_argument("--pretrained", default=None, help="open_clip tag of the model (openai, datacomp_xl_s13b_b90k, ...)")
+    p.add_argument("--allow-private-host", action="append", default=None, metavar="HOST:PORT",
+                   help="a private hub mirror (HF_ENDPOINT) the egress policy may reach; repeatable")
+    p.set_defaults(fn=cmd_fetch_model)
 

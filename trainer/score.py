@@ -88,17 +88,33 @@ class _PairsForScoring:
 
 
 class Scorer:
-    """Loads a checkpoint once; `score(images, texts)` -> float32 cosines (NaN: no / bad image)."""
+    """Loads a model once; `score(images, texts)` -> float32 cosines (NaN: no / bad image). The model: a checkpoint
+    (ours, or any open_clip one with `model_name`), or with `checkpoint` empty a pretrained open_clip network
+    from Hugging Face's cache (`model_name` + `pretrained`: models.load_pretrained)."""
 
     def __init__(self, checkpoint: str, model_name: str = "", device: str = "auto", precision: str = "auto",
-                 batch_size: int = 256, num_workers: int = 0):
+                 batch_size: int = 256, num_workers: int = 0, pretrained: str = ""):
         self.device = models.pick_device(device)
         self.precision = models.pick_precision(precision, self.device)
-        self.model, self.preprocess, self.tokenizer, self.model_name = models.load(checkpoint, model_name, self.device)
+        self.checkpoint = checkpoint
+        self._identity = None
+        if checkpoint:
+            self.model, self.preprocess, self.tokenizer, self.model_name = models.load(checkpoint, model_name, self.device)
+        else:
+            self.model, self.preprocess, self.tokenizer, self._identity = models.load_pretrained(
+                model_name, pretrained, self.device)
+            self.model_name = model_name
         self.size = models.image_size(self.model)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.fast = FastEvalTransform.from_compose(self.preprocess)
+
+    @property
+    def identity(self) -> "models.ModelIdentity":
+        """The model's identity (a checkpoint's is digested on first use)."""
+        if self._identity is None:
+            self._identity = models.checkpoint_identity(self.checkpoint, self.model_name, self.model)
+        return self._identity
 
     def forward(self, x, tokens):
         """Cosine per pair for a ready batch (the bare model cost the benchmark compares against)."""

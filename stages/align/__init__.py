@@ -28,6 +28,8 @@ Rules, in the order a rejected row names the first one it breaks (`REASONS`):
   language             (off unless `language` is set) py3langid says another language
   invalid_utf8         (every stage, before its rules: `pipeline.stage.Stage`) uid/url/text bytes that are not
                        UTF-8; the row is set aside before collect, so pool counts never see it
+  invalid_uid          (every stage, the same way) a uid that is not 32 lowercase hex characters
+  text_too_long        (every stage, the same way) text over `[run] max_text_bytes` UTF-8 bytes
 
 Pool-wide facts come from `collect` (per shard) and `merge` (associative sums/mins over 64-bit keys):
 token counts; one row per distinct (image, text) pair (its smallest uid and row count), from which

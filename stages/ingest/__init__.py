@@ -10,10 +10,14 @@ caption (same image bytes, distinct uids since uid hashes url + text). A row rep
 would repeat its uid: it is rejected as `duplicate: same url and caption as an earlier row`, so ingest keeps one
 row per distinct (url, caption) and every uid once.
 
-Rejected rows (`reason`): img2dataset's status and error ("failed_to_download: HTTP Error 404: ..."), and two
-of ours for rows that never reach img2dataset: `invalid_url: not an http(s) URL` (malformed, empty, or another
-scheme: ftp:, file:, data:, javascript: ...) and `invalid_utf8: url or caption is not valid UTF-8` (a CSV/TSV or
-Parquet list with a few rows in another encoding; their text is kept lossy-decoded, U+FFFD for bad bytes).
+Rejected rows (`reason`): img2dataset's status and error ("failed_to_download: HTTP Error 404: ..."), and
+ours for rows that never reach img2dataset: `invalid_url: not an http(s) URL` (malformed or empty) and
+`invalid_utf8: url or caption is not valid UTF-8` (a CSV/TSV or Parquet list with a few rows in another encoding;
+their text is kept lossy-decoded, U+FFFD for bad bytes). The egress policy (pipeline/egress.py) gives
+`blocked_scheme` (ftp:, file:, data:, javascript: ...), `blocked_userinfo` (user@host), `blocked_address` (a
+loopback, private, link-local... address, literal or resolved, outside `[ingest] allow_private_hosts`) and
+`blocked_redirect` (more than 5 redirects): before the download where the URL alone says so, else from the
+fetch in img2dataset's worker (guard.py).
 
 The package: this module is the stage (`IngestStage`, and `CopyStats`, its statistics); `urls.py` reads and
 groups the URL list, `download.py` runs img2dataset (`download_pool`, `run_img2dataset`), `crawl.py` uses an
@@ -30,9 +34,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema, shards
+from pipeline import egress, schema, shards
 from pipeline.codec import data_record
-from pipeline.config import check_ranges
+from pipeline.config import ConfigError, check_ranges
 from pipeline.images import REF_COL
 from pipeline.context import ShardContext
 from pipeline.stage import Stage
@@ -62,11 +66,24 @@ class IngestStage(Stage):
         shard_size: int = 10000  # samples per img2dataset shard (= our shard)
         timeout: int = 10
         retries: int = 0
-        serve_dir: str = ""  # a demo world's www/ served by a loopback proxy during the download
+        serve_dir: str = ""  # a demo world's www/, served on loopback as its host during the download
+        # exact "host:port" pairs exempt from the egress policy's address rule (pipeline/egress.py): a loopback
+        # or LAN server you mean to download from. Nothing else is exempt, and only from that rule.
+        allow_private_hosts: list = dataclasses.field(default_factory=list)
 
         def __post_init__(self):
             check_ranges("ingest", self, image_size=(1, None), processes=(0, None), threads=(1, None),
                          shard_size=(1, None), timeout=(1, None), retries=(0, None))
+            for entry in self.allow_private_hosts:
+                try:
+                    egress.parse_host_port(entry)
+                except ValueError as e:
+                    raise ConfigError(f"config [ingest] allow_private_hosts: {e}") from None
+
+        def egress_policy(self, pinned: dict | None = None) -> egress.EgressPolicy:
+            """The policy every fetch of this ingest obeys; `pinned`: "host:port" -> (ip, port), as the demo's
+            loopback server is reached (download.py)."""
+            return egress.EgressPolicy(frozenset(self.allow_private_hosts), pinned=pinned or {})
 
     def output_name(self, input_name: str) -> str:
         return f"part-{input_name}" if not input_name.startswith("part-") else input_name
@@ -145,6 +162,9 @@ class IngestStage(Stage):
         The rows come without their image bytes: the img2dataset output is the run's image store, and the
         runner hands each row its reference (`image_ref`, pipeline/images.py)."""
         df = pl.from_arrow(table)
+        # img2dataset's optional columns (a crawl used in place may lack them: no captions, no error text)
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in ("caption", "error_message")
+                             if c not in df.columns)
         if "key" in df.columns:
             # img2dataset writes a shard's samples as its threads finish them: in its `key` order (the URL list's)
             # a shard's rows are the same whatever the download's timing (their image_ref still says where
@@ -157,6 +177,12 @@ class IngestStage(Stage):
         def int_col(name):
             return (pl.col(name) if name in df.columns else pl.lit(None)).cast(pl.Int32)
         ok = pl.col("status") == "success"
+        # the egress policy's refusals: one reason each (no address in it), from a row set aside before the
+        # download (status) or a fetch img2dataset's worker was refused (error "blocked_address: ...", guard.py)
+        blocked = pl.coalesce(
+            pl.when(pl.col("status").is_in(egress.REASONS)).then(pl.col("status")),
+            pl.col("error_message").cast(pl.String).str.extract(BLOCKED_ERROR, 1) if "error_message" in df.columns
+            else pl.lit(None, dtype=pl.String))
         ref = pl.col(REF_COL) if REF_COL in df.columns else pl.lit(None, dtype=pl.String)
         df = df.with_columns(
             text=captions,
@@ -167,6 +193,8 @@ class IngestStage(Stage):
             orig_height=int_col("original_height"),
             reason=pl.when(ok)
             .then(pl.lit(None, dtype=pl.String))
+            .when(blocked.is_not_null())
+            .then(blocked)
             .otherwise(
                 pl.col("status").fill_null("unknown")
                 + pl.lit(": ")
@@ -186,6 +214,7 @@ class IngestStage(Stage):
 
 
 STAGE = IngestStage
+BLOCKED_ERROR = r"^(" + "|".join(egress.REASONS) + r"): "  # str(egress.Blocked) as img2dataset records it
 
 
 _MAX = np.iinfo(np.uint64).max

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline import recipe, shards
-from pipeline.cli import add_config, add_exec, config_for, print_funnel, run_dir_of
+from pipeline.cli import add_config, add_exec, add_verify, config_for, print_funnel, run_dir_of
 from pipeline.stage import StageError
 from stages.ingest import IngestStage, crawl_input, download_pool
 from stages.ingest.curated import is_curated_folder, url_list_rows
@@ -25,9 +25,12 @@ def register(sub) -> None:
                         "Omitted: the pool this run was started on (a recipe with steps before ingest)")
     p.add_argument("--run", required=True, help="run name: runs/NAME")
     add_config(p)
-    p.add_argument("--serve", default=None, help="serve this folder on a loopback proxy while downloading (demo)")
+    p.add_argument("--serve", default=None, help="serve this folder on loopback as the demo host while downloading "
+                                                 "(demo); fetched only if [ingest] allow_private_hosts lists "
+                                                 "demo.clipcurate.invalid:80")
     add_exec(p)
-    p.set_defaults(fn=cmd_ingest)
+    add_verify(p)
+    p.set_defaults(fn=cmd_ingest, writes_run=True)  # pipeline/cli.py main takes the run's lock
 
 
 URL_LIST_DIR = "url_list"  # runs/NAME/url_list: the URL list as rows, for the steps before the download
@@ -75,7 +78,7 @@ def cmd_ingest(args) -> int:
     # the download is the run's image store: ingest's shards and every later stage's hold references into it
     ImageStore(raw_dir, "parquet", ingest_cfg.encode_format).save(run_dir)
     with executor(args.workers, args.scheduler) as ex:
-        res = run_stage(step, run_dir, raw_dir, cfg, ex)
+        res = run_stage(step, run_dir, raw_dir, cfg, ex, verify=args.verify)
     res.manifest["download"] = info
     # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
     res.manifest["urls_downloaded"] = info["unique_urls"]  # what the report compares between recipes
@@ -90,7 +93,9 @@ def cmd_ingest(args) -> int:
     what = "curated rows" if "curated" in info else "URL rows"
     print(
         f"ingest: {info['input_rows']} {what}: {info['unique_urls']} unique URLs (each fetched once), "
-        f"{info['bad_urls']} malformed, {info.get('duplicates', 0)} repeated (url, caption) rows (kept once)"
+        f"{info['bad_urls']} malformed, "
+        + (f"{info['blocked_urls']} refused by the egress policy, " if info.get("blocked_urls") else "")
+        + f"{info.get('duplicates', 0)} repeated (url, caption) rows (kept once)"
     )
     print_funnel([res])
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
@@ -113,14 +118,15 @@ def _curate_before_download(args, run_dir: str, cfg: dict, steps: list, step, be
         input_dir = args.input
     elif args.input is not None:
         input_dir = shards.join(run_dir, URL_LIST_DIR)
-        got = url_list_rows(args.input, input_dir, ingest_cfg.url_col, ingest_cfg.caption_col, ingest_cfg.shard_size)
+        got = url_list_rows(args.input, input_dir, ingest_cfg.url_col, ingest_cfg.caption_col, ingest_cfg.shard_size,
+                            ingest_cfg.egress_policy())
         print(f"url list: {got['rows']} rows: {got['kept']} to curate before the download, {got['rejected']} set "
               f"aside {got['reasons'] or ''} ({input_dir}/rejected/)")
     if started_from is None:
         started_from = ((shards.read_json(shards.join(run_dir, URL_LIST_DIR, "_url_list.json")) or {}).get("source")
                         or shards.join(run_dir, URL_LIST_DIR))
     results = run_pipeline([s.name for s in before], run_dir, cfg, input_dir=input_dir, workers=args.workers,
-                           scheduler=args.scheduler)
+                           scheduler=args.scheduler, verify=args.verify)
     print_funnel(results)
     source = previous_stage_dir(run_dir, step, steps)
     if source is None:
@@ -154,7 +160,7 @@ def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
     store, input_dir = crawl_input(args.input, stage_dir)
     store.save(run_dir)
     with executor(args.workers, args.scheduler) as ex:
-        res = run_stage(_ingest_step(cfg), run_dir, input_dir, cfg, ex)
+        res = run_stage(_ingest_step(cfg), run_dir, input_dir, cfg, ex, verify=args.verify)
     res.manifest["crawl"] = {"root": store.root, "format": store.format}
     shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
     kind = "WebDataset" if store.format == "wds" else "Parquet"

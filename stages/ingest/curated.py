@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from pipeline import images, schema, shards
 from pipeline.stage import StageError, fingerprint
-from stages.ingest.urls import CAPTIONS_COL, group_by_url, read_url_list, split_rows
+from stages.ingest.urls import CAPTIONS_COL, group_by_url, read_url_list, reason_expr, split_rows
 
 log = logging.getLogger("clipcurate.ingest")
 
@@ -40,17 +40,20 @@ OWN_COLUMNS = ("uid", "url", "text", images.REF_COL, "width", "height", "orig_wi
 
 
 # ---- the URL list as rows, for steps that run before the download --------------------------------------
-def url_list_rows(path: str, out_dir: str, url_col: str, caption_col: str, shard_size: int) -> dict:
+def url_list_rows(path: str, out_dir: str, url_col: str, caption_col: str, shard_size: int, policy=None) -> dict:
     """Write the URL list as row shards (uid, url, text) under `out_dir`, `shard_size` rows each, and its
     malformed, not-UTF-8 and repeated rows under `out_dir/rejected/` with ingest's reasons. Skipped when the list's
-    content is what the folder was written from. Returns {"rows", "kept", "rejected", "reasons"}."""
+    content is what the folder was written from. Returns {"rows", "kept", "rejected", "reasons"}. `policy`: the
+    egress policy (pipeline/egress.py) that sets aside URLs refused without a request."""
     digest = shards.content_digest(str(path))
     marker = shards.join(out_dir, "_url_list.json")
     prior = shards.read_json(marker)
-    if prior and prior.get("digest") == digest and prior.get("shard_size") == shard_size:
+    allowed = sorted(policy.allow_private_hosts) if policy is not None else []
+    if prior and prior.get("digest") == digest and prior.get("shard_size") == shard_size \
+            and prior.get("allow_private_hosts", []) == allowed:
         return prior["summary"]
     df = read_url_list(path, url_col, caption_col)
-    good, bad = split_rows(df)  # the rows ingest would download, one per distinct (url, caption)
+    good, bad = split_rows(df, policy)  # the rows ingest would download, one per distinct (url, caption)
     if good.height == 0 and bad.height == 0:
         raise StageError(f"ingest: URL list {path} has no rows")
     good = good.select("url", text="caption")
@@ -64,14 +67,15 @@ def url_list_rows(path: str, out_dir: str, url_col: str, caption_col: str, shard
         shards.write_shard(rows.slice(start, shard_size), shards.join(out_dir, f"part-{k:05d}.parquet"))
     reasons: dict[str, int] = {}
     if bad.height:
-        rej = bad.select("url", text="caption", reason=pl.col("status") + ": " + pl.col("error_message")).to_arrow()
+        rej = bad.select("url", text="caption", reason=reason_expr()).to_arrow()
         rej = rej.add_column(0, "uid", schema.compute_uid(rej.column("url"), rej.column("text")))
         shards.write_shard(rej, shards.join(out_dir, "rejected", "part-00000.parquet"))
         for r, n in bad.group_by("status").len().iter_rows():
             reasons[r] = n
     summary = {"rows": df.height, "kept": rows.num_rows, "rejected": bad.height, "reasons": reasons}
     source = str(path) if "://" in str(path) else os.path.abspath(str(path))
-    shards.write_json({"digest": digest, "shard_size": shard_size, "summary": summary, "source": source}, marker)
+    shards.write_json({"digest": digest, "shard_size": shard_size, "summary": summary, "source": source,
+                       "allow_private_hosts": allowed}, marker)
     return summary
 
 
@@ -97,7 +101,7 @@ def _read_rows(folder: str) -> pa.Table:
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def group_curated(folder: str, stage_dir: str, shard_size: int) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+def group_curated(folder: str, stage_dir: str, shard_size: int, policy=None) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """(grouped URL list with `CARRY_COL`, rejected list rows with `CARRY_COL`, info) for a curated folder; every
     row's columns written to `<stage>/_carry/` by the img2dataset shard its URL will land in."""
     rows = _read_rows(folder)
@@ -106,7 +110,7 @@ def group_curated(folder: str, stage_dir: str, shard_size: int) -> tuple[pl.Data
         raise StageError(f"ingest: {folder} has no column {', '.join(missing)}: not a run's curated output")
     df = pl.from_arrow(rows.select(["url", "text"])).select(pl.col("url").cast(pl.String),
                                                            caption=pl.col("text").cast(pl.String))
-    grouped, bad = group_by_url(df)
+    grouped, bad = group_by_url(df, policy)
     # the img2dataset shard a URL lands in: its position in the grouped list // shard_size
     grouped = grouped.with_columns((pl.int_range(pl.len()) // shard_size).cast(pl.String).str.zfill(5).alias(CARRY_COL))
     bad = bad.with_columns(pl.lit(INVALID).alias(CARRY_COL))

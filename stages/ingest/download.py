@@ -1,6 +1,7 @@
-"""Downloading: the grouped URL list through img2dataset (untouched, in this process; it forks its own workers)
-into `<stage>/_img2dataset`, skipped when a download of the same list and config is complete. A demo world's
-`www/` is served on loopback meanwhile (`serve.py`) when `[ingest] serve_dir` names it."""
+"""Downloading: the grouped URL list through img2dataset (its own code, in this process; it spawns its own
+workers; every fetch under the egress policy, guard.py) into `<stage>/_img2dataset`, skipped when a download of
+the same list and config is complete. A demo world's `www/` is served on loopback meanwhile (`serve.py`) when
+`[ingest] serve_dir` names it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import json
 import logging
 import os
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
-from pipeline import shards
+from pipeline import egress, shards
 from pipeline.stage import StageError, fingerprint
 from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list
 
@@ -22,55 +23,56 @@ if TYPE_CHECKING:
 log = logging.getLogger("clipcurate.ingest")
 
 
-@contextmanager
-def _env(overrides: dict[str, str]):
-    old = {k: os.environ.get(k) for k in overrides}
-    os.environ.update(overrides)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def img2dataset_args(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None,
+                     output_format: str = "parquet") -> dict:
+    """The keyword arguments ingest calls `img2dataset.download` with (the egress bench reuses them)."""
+    return dict(
+        url_list=url_parquet,
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        save_additional_columns=additional_columns,
+        output_folder=out_dir,
+        output_format=output_format,
+        resize_mode=cfg.resize_mode,
+        image_size=cfg.image_size,
+        encode_format=cfg.encode_format,
+        processes_count=cfg.processes or (os.cpu_count() or 1),
+        thread_count=cfg.threads,
+        number_sample_per_shard=cfg.shard_size,
+        timeout=cfg.timeout,
+        retries=cfg.retries,
+        enable_wandb=False,
+        distributor="multiprocessing",
+        incremental_mode="incremental",
+    )
 
 
 def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None,
                     output_format: str = "parquet") -> dict:
-    """Call img2dataset (in this process; it forks its own workers). Returns its summed stats."""
+    """Call img2dataset (in this process; it spawns its own workers), every fetch under the egress policy
+    (`[ingest] allow_private_hosts`; guard.py says how its workers are made to obey it). Returns its summed
+    stats. A demo world's `www/` (`serve_dir`) is served on loopback meanwhile, its host pinned there: whether
+    that loopback server may be fetched from is still allow_private_hosts' say."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     from img2dataset import download
 
-    processes = cfg.processes or (os.cpu_count() or 1)
-    with ExitStack() as stack:
-        if cfg.serve_dir:
-            from stages.ingest.serve import proxy_env, serve_world
+    from stages.ingest.guard import guarded_downloads
 
-            proxy = stack.enter_context(serve_world(cfg.serve_dir))
-            stack.enter_context(_env(proxy_env(proxy)))
-            log.info("serving %s through a loopback proxy at %s", cfg.serve_dir, proxy)
-        download(
-            url_list=url_parquet,
-            input_format="parquet",
-            url_col="url",
-            caption_col="caption",
-            save_additional_columns=additional_columns,
-            output_folder=out_dir,
-            output_format=output_format,
-            resize_mode=cfg.resize_mode,
-            image_size=cfg.image_size,
-            encode_format=cfg.encode_format,
-            processes_count=processes,
-            thread_count=cfg.threads,
-            number_sample_per_shard=cfg.shard_size,
-            timeout=cfg.timeout,
-            retries=cfg.retries,
-            enable_wandb=False,
-            distributor="multiprocessing",
-            incremental_mode="incremental",
-        )
+    with ExitStack() as stack:
+        pinned = {}
+        if cfg.serve_dir:
+            from stages.ingest.serve import DEMO_HOST, serve_world
+
+            server = stack.enter_context(serve_world(cfg.serve_dir))
+            pinned = {f"{DEMO_HOST}:80": ("127.0.0.1", int(server.rsplit(":", 1)[1]))}
+            log.info("serving %s as %s on %s", cfg.serve_dir, DEMO_HOST, server)
+        built = stack.enter_context(guarded_downloads(cfg.egress_policy(pinned)))
+        download(**img2dataset_args(url_parquet, out_dir, cfg, additional_columns, output_format))
+        if not built:
+            raise StageError("ingest: img2dataset did not build its downloader through clipcurate's egress guard "
+                             "(stages/ingest/guard.py): is img2dataset the pinned version?")
     totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     fs, root = shards.fs_and_path(out_dir)
     for f in sorted(fs.glob(f"{root.rstrip('/')}/*_stats.json")):  # out_dir may be s3://...
@@ -97,7 +99,7 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     extra_cols = [CAPTIONS_COL]
     if is_curated_folder(str(input_path)):
         shards.makedirs(stage_dir)
-        grouped, bad, curated = group_curated(str(input_path), stage_dir, cfg.shard_size)
+        grouped, bad, curated = group_curated(str(input_path), stage_dir, cfg.shard_size, cfg.egress_policy())
         input_rows = curated["curated_rows"]
         extra_cols.append(CARRY_COL)
         # the download depends on the URLs and captions only: what else the rows carry is joined after it
@@ -105,7 +107,7 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
         identity = {"urls": _content_digest(list_path)}
     else:
         df = read_url_list(input_path, cfg.url_col, cfg.caption_col)
-        grouped, bad = group_by_url(df)
+        grouped, bad = group_by_url(df, cfg.egress_policy())
         input_rows, curated = df.height, None
         identity = _content_digest(str(input_path))
     raw_dir = os.path.join(stage_dir, "_img2dataset")
@@ -113,14 +115,16 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
         {
             "input": identity,
             "grouping": 2,  # 2: one row per distinct (url, caption), repeats rejected
+            "egress": 1,  # every fetch under the egress policy: a download made before it is not reused
             "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
         }
     )
     marker = os.path.join(raw_dir, "_clipcurate_done.json")
     prior = shards.read_json(marker)
     n_dup = int((bad["status"] == DUPLICATE).sum())
-    info = {"input_rows": input_rows, "unique_urls": grouped.height, "bad_urls": bad.height - n_dup,
-            "duplicates": n_dup}
+    n_blocked = int(bad["status"].is_in(egress.REASONS).sum())  # refused by the egress policy, no request made
+    info = {"input_rows": input_rows, "unique_urls": grouped.height, "bad_urls": bad.height - n_dup - n_blocked,
+            "blocked_urls": n_blocked, "duplicates": n_dup}
     if curated is not None:
         info["curated"] = curated
     if prior and prior.get("fingerprint") == fp:
@@ -134,8 +138,8 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
         raise StageError(f"ingest: URL list {input_path} has no rows")
     if curated is None:
         grouped.write_parquet(list_path)
-    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d repeated (url, caption) rows", input_rows,
-             grouped.height, info["bad_urls"], n_dup)
+    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d refused by the egress policy, %d repeated "
+             "(url, caption) rows", input_rows, grouped.height, info["bad_urls"], n_blocked, n_dup)
     t0 = time.perf_counter()
     totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=extra_cols) if grouped.height else {}
     totals["seconds"] = round(time.perf_counter() - t0, 3)

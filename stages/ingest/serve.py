@@ -1,14 +1,19 @@
 """A loopback web server for the demo world, so that ingest crawls it exactly as it would crawl the web.
 
 The demo's URLs name a host that does not resolve (`demo.clipcurate.invalid`, RFC 6761 reserves `.invalid`).
-Instead of rewriting them to 127.0.0.1 (which would make the URL list differ from what a user ships), we
-run a small HTTP *proxy* on 127.0.0.1 and point `http_proxy` at it: img2dataset fetches with urllib, which
-honours the variable, sends the absolute URL to the proxy, and the proxy answers from the world's `www/`
-folder. Unknown hosts get 403 (nothing leaves the machine), missing files 404.
+Instead of rewriting them to 127.0.0.1 (which would make the URL list differ from what a user ships), the server
+runs on 127.0.0.1 and ingest's egress policy pins the host there (`EgressPolicy.pinned`, like `curl --resolve`;
+stages/ingest/download.py): the request is an ordinary one, `GET /img/x.jpg` with `Host: demo.clipcurate.invalid`,
+answered from the world's `www/` folder. Loopback is an internal address: the policy fetches from it only because
+the demo's config lists `demo.clipcurate.invalid:80` in `[ingest] allow_private_hosts`. Unknown hosts get 403,
+missing files 404.
 
-    with serve_world("world/www") as proxy:
-        os.environ.update(proxy_env(proxy))
-        ...download...
+The server also answers proxy requests (an absolute URL in the request line): `proxy_env` points urllib's stock
+opener there, which the benchmarks use to time img2dataset unmodified. The pipeline never uses a proxy.
+
+    with serve_world("world/www") as server:   # "http://127.0.0.1:PORT"
+        ...download with EgressPolicy(allow_private_hosts={"demo.clipcurate.invalid:80"},
+                                      pinned={"demo.clipcurate.invalid:80": ("127.0.0.1", PORT)})...
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def _handler(root: Path, hosts: frozenset[str]):
 
 @contextmanager
 def serve_world(www_dir: str | os.PathLike, hosts: tuple[str, ...] = (DEMO_HOST,)):
-    """Serve `www_dir` as the given host(s) through a proxy on 127.0.0.1 (free port); yields the proxy URL."""
+    """Serve `www_dir` as the given host(s) on 127.0.0.1 (free port); yields the server's URL."""
     root = Path(www_dir).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"{www_dir}: not a folder to serve (expected a demo world's www/)")
@@ -85,7 +90,7 @@ def serve_world(www_dir: str | os.PathLike, hosts: tuple[str, ...] = (DEMO_HOST,
     thread = threading.Thread(target=server.serve_forever, name="clipcurate-serve", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    log.info("serving %s as %s via proxy %s", root, ", ".join(hosts), url)
+    log.info("serving %s as %s at %s", root, ", ".join(hosts), url)
     try:
         yield url
     finally:
@@ -95,7 +100,8 @@ def serve_world(www_dir: str | os.PathLike, hosts: tuple[str, ...] = (DEMO_HOST,
 
 
 def proxy_env(proxy_url: str) -> dict[str, str]:
-    """Environment that sends http(s) fetches through the proxy (urllib and requests read these)."""
+    """Environment that sends stock urllib's http(s) fetches to the server as a proxy: for benchmarks of
+    img2dataset unmodified only (the egress policy ignores proxies, pipeline/egress.py)."""
     return {
         "http_proxy": proxy_url,
         "HTTP_PROXY": proxy_url,

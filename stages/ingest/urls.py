@@ -1,15 +1,17 @@
 """Reading the URL list (Parquet, CSV, TSV, gzipped or not) and grouping it by URL before the download: one
-img2dataset row per unique valid URL with its distinct captions as JSON; malformed URLs, rows that are not
-UTF-8 and repeated (url, caption) rows set aside as rejected rows with their reason."""
+img2dataset row per unique valid URL with its distinct captions as JSON; malformed URLs, URLs the egress policy
+refuses without a request (pipeline/egress.py: another scheme, user@host, a literal internal address), rows that
+are not UTF-8 and repeated (url, caption) rows set aside as rejected rows with their reason."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.error import URLError
 
 import polars as pl
 import pyarrow as pa
 
-from pipeline import schema
+from pipeline import egress, schema
 from pipeline.stage import StageError
 
 CAPTIONS_COL = "clipcurate_captions"
@@ -149,10 +151,11 @@ def _read_parquet_list(p: str) -> pl.DataFrame:
     return pl.from_arrow(table)
 
 
-def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def group_by_url(df: pl.DataFrame, policy: egress.EgressPolicy | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(to_download, rejected): unique valid URLs in first-seen order with their distinct captions as JSON;
-    rejected: malformed URLs, rows that are not UTF-8, and repeats of an earlier (url, caption) row."""
-    good, bad = split_rows(df)
+    rejected: malformed URLs, URLs the egress policy refuses outright, rows that are not UTF-8, and repeats of an
+    earlier (url, caption) row."""
+    good, bad = split_rows(df, policy)
     grouped = (
         good.with_row_index("_order")
         .group_by("url", maintain_order=True)
@@ -167,20 +170,24 @@ def group_by_url(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return grouped, bad
 
 
-def split_rows(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def split_rows(df: pl.DataFrame, policy: egress.EgressPolicy | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(good, rejected): the list's rows with a valid URL and UTF-8 text, one per distinct (url, caption), in
-    list order (url stripped, caption null as ""); rejected: the others, with `status` and `error_message`."""
+    list order (url stripped, caption null as ""); rejected: the others, with `status` and `error_message`
+    (`reason_expr` makes their reason). `policy`: the egress policy (its allow_private_hosts), default none."""
     if BAD_TEXT_COL not in df.columns:
         df = df.with_columns(pl.lit(False).alias(BAD_TEXT_COL))
     df = df.with_columns(pl.col("caption").fill_null(""), pl.col("url").str.strip_chars())
-    url_ok = pl.col("url").is_not_null() & pl.col("url").str.contains(VALID_URL)
+    blocked, why = egress_refusals(df["url"], policy or egress.DEFAULT_POLICY)
+    df = df.with_columns(blocked.alias(_BLOCKED), why.alias(_WHY))
+    url_ok = pl.col("url").is_not_null() & pl.col("url").str.contains(VALID_URL) & pl.col(_BLOCKED).is_null()
     is_bad = pl.col(BAD_TEXT_COL) | ~url_ok
     bad = df.filter(is_bad.fill_null(True)).with_columns(
-        status=pl.when(pl.col(BAD_TEXT_COL)).then(pl.lit("invalid_utf8")).otherwise(pl.lit("invalid_url")),
+        status=pl.when(pl.col(BAD_TEXT_COL)).then(pl.lit("invalid_utf8"))
+        .when(pl.col(_BLOCKED).is_not_null()).then(pl.col(_BLOCKED)).otherwise(pl.lit("invalid_url")),
         error_message=pl.when(pl.col(BAD_TEXT_COL)).then(pl.lit("url or caption is not valid UTF-8"))
-        .otherwise(pl.lit("not an http(s) URL")),
-    ).drop(BAD_TEXT_COL)
-    good = df.filter(~is_bad.fill_null(True)).drop(BAD_TEXT_COL)
+        .when(pl.col(_BLOCKED).is_not_null()).then(pl.col(_WHY)).otherwise(pl.lit("not an http(s) URL")),
+    ).drop(BAD_TEXT_COL, _BLOCKED, _WHY)
+    good = df.filter(~is_bad.fill_null(True)).drop(BAD_TEXT_COL, _BLOCKED, _WHY)
     # one row per distinct (url, caption): a repeated pair would be the same uid twice; later copies are
     # rejected rows (`duplicate`), so that rows in = kept + rejected still holds
     first = pl.struct("url", "caption").is_first_distinct()
@@ -189,3 +196,40 @@ def split_rows(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     bad = pl.concat([bad, dups.select(bad.columns)]) if dups.height else bad
     return good.filter(first), bad
 
+
+
+# ---- the egress policy before any request ------------------------------------------------------------------
+_BLOCKED, _WHY = "_blocked", "_blocked_why"
+_SCHEME = r"^([A-Za-z][A-Za-z0-9+.\-]+):"  # two letters at least: `c:\x` is a malformed URL, not a scheme
+# an http(s) URL worth a closer look: userinfo, an IPv6 literal, a host of digits/hex/dots (2130706433, 0x7f.1,
+# 10.0.0.1), a localhost name. Every other URL is the web's ordinary kind and is checked when it is resolved.
+_SUSPECT = (r"(?i)^https?://(?:[^/?#]*@|\[|[0-9a-fx.]+(?::\d*)?(?:[/?#]|$)"
+            r"|(?:[^/?#@]*\.)?localhost\.?(?::\d*)?(?:[/?#]|$))")
+
+
+def egress_refusals(urls: pl.Series, policy: egress.EgressPolicy) -> tuple[pl.Series, pl.Series]:
+    """(reason, message) per URL that the egress policy refuses without any request (another scheme, user@host,
+    a literal internal address: `egress.check_url`), null elsewhere. The regexes pick the few URLs that need a
+    look; only their distinct values go through Python."""
+    scheme = urls.str.extract(_SCHEME, 1).str.to_lowercase()
+    look = ((scheme.is_not_null() & ~scheme.is_in(egress.SCHEMES)) | urls.str.contains(_SUSPECT)).fill_null(False)
+    reasons, messages = {}, {}
+    for url in urls.filter(look).unique().to_list():
+        try:
+            egress.check_url(url, policy)
+        except egress.Blocked as e:
+            reasons[url], messages[url] = e.reason, e.msg
+        except URLError:
+            pass  # malformed: VALID_URL's call (invalid_url)
+    if not reasons:
+        none = pl.Series([None] * urls.len(), dtype=pl.String)
+        return none, none
+    return (urls.replace_strict(reasons, default=None, return_dtype=pl.String),
+            urls.replace_strict(messages, default=None, return_dtype=pl.String))
+
+
+def reason_expr() -> pl.Expr:
+    """A set-aside row's `reason`: "status: error_message", or the bare status for the egress policy's refusals
+    (`blocked_address`, `blocked_scheme`, ...: one reason each, whatever the address)."""
+    return (pl.when(pl.col("status").is_in(egress.REASONS)).then(pl.col("status"))
+            .otherwise(pl.col("status") + ": " + pl.col("error_message")))

@@ -16,7 +16,9 @@ Per caption:
               "{caption} ; {lemma} , {gloss}" (caption unchanged when no candidate), and with
               `hypernyms = true` `klite_hypernyms`: the first-hypernym chain of that synset up to
               "entity" (first lemma name of each synset; the concept itself not repeated).
-No row is ever dropped, except rows whose text is not UTF-8 (`invalid_utf8`, as in every stage).
+No row is ever dropped, except the rows every stage's reader sets aside: text that is not UTF-8 (`invalid_utf8`),
+a uid that is not 32 lowercase hex characters (`invalid_uid`), text over `[run] max_text_bytes` (`text_too_long`:
+never tagged, so one 10 MB caption cannot cost gigabytes in the tagger).
 
 Part of speech (`pos_tagger`, `tagger`). Morphy cannot tell a noun from the same word used as a verb,
 adjective or adverb ("running fast" would get *fast* = "abstaining from food"), so the caption's tokens are

@@ -13,6 +13,8 @@ keeps or rejects each pair. A row is rejected for the first rule it breaks, in t
                        tail entries (count < t) keep every text and head entries about t, which flattens the
                        kept set's concept distribution
   invalid_utf8         (every stage, before its rules: the runner sets these rows aside) text bytes that are not UTF-8
+  invalid_uid          (the same) a uid that is not 32 lowercase hex characters
+  text_too_long        (the same) text over `[run] max_text_bytes` UTF-8 bytes: never matched nor counted
 
 Every draw is uniform(uid, seed, salt): u_e with salt = the entry id for balanced_out, "metaclip-one-text" for the
 image's choice, "metaclip-target-sample" for the solver's sample; the outcome never depends on shards or workers.
