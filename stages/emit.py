@@ -215,6 +215,14 @@ class EmitStage(Stage):
         if REF_COL not in piece.column_names:
             return piece
         blobs = ctx.pixels(piece)
+        # the reader gives no bytes where a reference no longer names what it named (a tar rewritten or cut after
+        # the stages before emit read it): a sample without its image must not enter the training set unnoticed
+        lost = pc.and_(pc.is_valid(piece.column(REF_COL)), pc.is_null(blobs))
+        if pc.any(lost).as_py():
+            first = pc.filter(piece.column("uid"), lost)[0].as_py()
+            raise StageError(f"emit: {pc.sum(lost).as_py()} kept rows' images can no longer be read from the image "
+                             f"store (first: uid {first}): it changed after the stages before emit read it; rerun "
+                             "them (clipcurate run --run NAME redoes what changed) or restore the store")
         return piece.drop_columns([REF_COL]).append_column(IMAGE_COL, blobs)
 
     def _remove_stale(self, out: str, names: set[str]) -> None:

@@ -1647,6 +1647,23 @@ def test_item7_a_tar_rewritten_after_ingest_gives_no_bytes_rather_than_another_s
     _assert_pairs_intact(run, kept, samples)
 
 
+
+def test_item7_emit_refuses_rows_whose_tar_was_rewritten_after_the_stages_before_it(tmp_path, capsys):
+    """The reader gives no bytes for a reference that no longer names its member; emit, the resharder, must then
+    stop in one line rather than write samples without their images into the training set."""
+    samples = [_sample(i, pad=True) for i in range(6)]
+    crawl = _write_crawl(tmp_path / "crawl", samples)
+    code, run = _ingest(tmp_path, crawl)
+    assert code == 0
+    (crawl / "00000.tar").write_bytes(_tar_bytes(_members(samples[::-1])))
+    capsys.readouterr()
+    code = cli_main(["--runs-dir", str(tmp_path / "runs"), "run", "emit", "--run", "r", "--workers", "0",
+                     "--input", str(run / "00_ingest")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "images can no longer be read from the image store" in err
+    assert not list((run / "emit").glob("wds/*.tar"))
+
 # ---- a crawl without img2dataset's optional columns --------------------------------------------------------
 def test_item8_a_webdataset_crawl_without_error_message_or_sizes_is_ingested(tmp_path):
     samples = [_sample(i) for i in range(4)]
