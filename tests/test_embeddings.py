@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from tests.s3_server import moto_s3
 from pipeline import embeddings as emb
 from pipeline.embeddings import EmbeddingError, EmbeddingStore, cosine
 from pipeline.shards import ShardError
@@ -365,48 +363,13 @@ def test_uid_keys_round_trip_and_order():
 
 # ---- on an S3 API (moto on loopback) -----------------------------------------------------------------------
 
-MOTO = Path(sys.executable).with_name("moto_server")
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A fresh moto server on 127.0.0.1; fsspec's s3 settings point there (as tests/test_s3.py does)."""
-    pytest.importorskip("s3fs")
-    if not MOTO.exists():
-        pytest.skip("moto_server is not installed")
-    import subprocess
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
-        mp.setenv(k, v)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-        fs.mkdir("vectors")
+    """A fresh moto server on 127.0.0.1; fsspec's s3 settings point there (tests/s3_server.py)."""
+    with moto_s3(tmp_path_factory.mktemp("moto"), "vectors") as fs:
         yield fs
-    finally:
-        mp.undo()
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_round_trip_on_s3(s3):

@@ -35,10 +35,10 @@ from PIL import Image
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from tests.s3_server import moto_s3
 from pipeline import config as config_mod
 from pipeline import shards
 from pipeline.cli import main as cli_main
@@ -898,43 +898,10 @@ S3_HOLDER_LEASE = 1.5  # seconds: the helper's lease, renewed every 0.5 s while 
 
 
 @pytest.fixture()
-def s3(tmp_path, monkeypatch):
-    """A moto S3 server on 127.0.0.1 (as tests/test_s3.py), the AWS settings pointing at it (inherited by
-    subprocesses), and a bucket."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto")
-    moto = Path(sys.executable).with_name("moto_server")
-    if not moto.exists():
-        pytest.skip("moto_server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = open(tmp_path / "moto.log", "w")
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(k, v)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-        fs.mkdir("locks")
+def s3(tmp_path):
+    """A fresh moto server on 127.0.0.1 for each lease test (tests/s3_server.py)."""
+    with moto_s3(tmp_path, "locks") as fs:
         yield fs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_item3_lease_on_s3_refuses_a_second_holder_and_takes_over_an_expired_one(s3, tmp_path, capsys):

@@ -6,56 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import io
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
+from tests.s3_server import moto_s3
 from pipeline.cli import main as cli_main  # noqa: E402
 
-MOTO = Path(sys.executable).with_name("moto_server")
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """The endpoint of a fresh moto server; the AWS and fsspec settings point there (Dask workers inherit them)."""
-    if not MOTO.exists():
-        pytest.skip("moto_server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
-        mp.setenv(k, v)
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        import s3fs
-
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
-        fs.mkdir("curation")
+    """A fresh moto server on loopback; the AWS and fsspec settings point there (Dask workers inherit them)."""
+    with moto_s3(tmp_path_factory.mktemp("moto"), "curation") as fs:
         yield fs
-    finally:
-        mp.undo()
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def _digest(fs, path: str) -> str:
