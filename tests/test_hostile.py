@@ -186,7 +186,7 @@ GLOBAL = ["8.8.8.8", "93.184.216.34", "100.63.255.255", "100.128.0.0", "172.32.0
           "::ffff:8.8.8.8", "2002:808:808::1", "64:ff9b::808:808"]
 
 
-def test_1_egress_address_rule_refuses_every_internal_range():
+def test_item1_egress_address_rule_refuses_every_internal_range():
     from pipeline import egress
 
     for ip in REFUSED:
@@ -196,7 +196,7 @@ def test_1_egress_address_rule_refuses_every_internal_range():
         assert egress.refusal(ip) is None, ip
 
 
-def test_1_egress_names_resolving_inward_are_refused_before_connecting(loopback_only):
+def test_item1_egress_names_resolving_inward_are_refused_before_connecting(loopback_only):
     from pipeline import egress
 
     dns = _StubResolver({
@@ -212,7 +212,7 @@ def test_1_egress_names_resolving_inward_are_refused_before_connecting(loopback_
     assert set(dns.asked) == set(dns.table)
 
 
-def test_1_egress_literal_addresses_are_refused_before_any_byte(loopback_only):
+def test_item1_egress_literal_addresses_are_refused_before_any_byte(loopback_only):
     from pipeline import egress
     from stages.ingest.urls import group_by_url
 
@@ -232,7 +232,7 @@ def test_1_egress_literal_addresses_are_refused_before_any_byte(loopback_only):
         assert srv.connections == 0 and not dns.asked
 
 
-def test_1_egress_other_schemes_and_userinfo_are_refused(loopback_only):
+def test_item1_egress_other_schemes_and_userinfo_are_refused(loopback_only):
     from pipeline import egress
     from stages.ingest.urls import group_by_url
 
@@ -251,7 +251,7 @@ def test_1_egress_other_schemes_and_userinfo_are_refused(loopback_only):
         assert bad["status"].to_list() == ["blocked_scheme", "blocked_userinfo", "invalid_url"]
 
 
-def test_1_egress_redirects_are_checked_hop_by_hop(loopback_only):
+def test_item1_egress_redirects_are_checked_hop_by_hop(loopback_only):
     from pipeline import egress
 
     with _two_servers() as (allowed, other):
@@ -269,7 +269,7 @@ def test_1_egress_redirects_are_checked_hop_by_hop(loopback_only):
         assert [p for p, _ in allowed.requests].count("/hop/0") == 1  # the 6-hop chain stopped before its end
 
 
-def test_1_egress_connects_to_the_checked_address_and_ignores_proxies(loopback_only, monkeypatch):
+def test_item1_egress_connects_to_the_checked_address_and_ignores_proxies(loopback_only, monkeypatch):
     from pipeline import egress
 
     with _two_servers() as (allowed, other):
@@ -297,7 +297,7 @@ def test_1_egress_connects_to_the_checked_address_and_ignores_proxies(loopback_o
         assert dns.asked == ["images.test", "images.test"] and other.connections == 0
 
 
-def test_1_egress_allow_private_hosts_is_validated():
+def test_item1_egress_allow_private_hosts_is_validated():
     from pipeline import config
     from pipeline.config import ConfigError
     from stages.ingest import IngestStage
@@ -315,7 +315,7 @@ def test_1_egress_allow_private_hosts_is_validated():
         config.resolve({"ingest": {"allow_private_hosts": "127.0.0.1:80"}})  # a list, not a string
 
 
-def test_1_egress_img2dataset_workers_obey_the_policy(tmp_path, capsys):
+def test_item1_egress_img2dataset_workers_obey_the_policy(tmp_path, capsys):
     """One ingest through img2dataset: its spawned workers must fetch through the guarded opener. A redirect from
     the allowed server to the other port is only refused there: were the hook not called, stock urllib would
     follow it (and an ftp: one) to the other server."""
@@ -1153,7 +1153,7 @@ def _lines(caplog, needle: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if needle in r.getMessage()]
 
 
-def test_outputs_verified_truncated_shard_of_a_finished_step_is_redone_byte_identical(tmp_path, caplog):
+def test_item6_truncated_shard_of_a_finished_step_is_redone_byte_identical(tmp_path, caplog):
     common, run, before = _finished(tmp_path)
     b_times = _mtimes(run / B)
     target = run / A / SHARD
@@ -1177,7 +1177,7 @@ def test_outputs_verified_truncated_shard_of_a_finished_step_is_redone_byte_iden
     assert _digests(run) == before
 
 
-def test_outputs_verified_flipped_byte_is_trusted_on_sizes_and_redone_with_verify(tmp_path, caplog):
+def test_item6_flipped_byte_is_trusted_on_sizes_and_redone_with_verify(tmp_path, caplog):
     common, run, before = _finished(tmp_path)
     target = run / A / SHARD
     _flip_a_byte(target)
@@ -1195,7 +1195,7 @@ def test_outputs_verified_flipped_byte_is_trusted_on_sizes_and_redone_with_verif
     assert _digests(run) == before
 
 
-def test_outputs_verified_later_step_never_reads_a_failed_output(tmp_path, caplog, capsys):
+def test_item6_later_step_never_reads_a_failed_output(tmp_path, caplog, capsys):
     common, run, before = _finished(tmp_path)
     b_times = _mtimes(run / B)
     read = []
@@ -1239,7 +1239,7 @@ def test_outputs_verified_later_step_never_reads_a_failed_output(tmp_path, caplo
     assert _digests(run) == before
 
 
-def test_outputs_verified_saved_statistics_are_checked_before_reuse(tmp_path, caplog):
+def test_item6_saved_statistics_are_checked_before_reuse(tmp_path, caplog):
     common, run, before = _finished(tmp_path)
     stats = next(p for p in (run / A / "stats").rglob("*") if p.is_file())
     with open(stats, "r+b") as f:
@@ -1252,7 +1252,7 @@ def test_outputs_verified_saved_statistics_are_checked_before_reuse(tmp_path, ca
     assert _digests(run) == before
 
 
-def test_outputs_verified_marker_of_an_older_version_is_redone_once(tmp_path, caplog):
+def test_item6_marker_of_an_older_version_is_redone_once(tmp_path, caplog):
     common, run, before = _finished(tmp_path)
     for marker in (run / A / "_done").glob("*.json"):
         done = json.loads(marker.read_text())
@@ -1285,7 +1285,7 @@ def _image_pool(folder: Path) -> None:
                        str(folder / "part-00000.parquet"))
 
 
-def test_outputs_verified_emitted_training_set_is_checked_before_reuse(tmp_path, caplog):
+def test_item6_emitted_training_set_is_checked_before_reuse(tmp_path, caplog):
     _image_pool(tmp_path / "in")
     cfg = tmp_path / "cfg.toml"
     cfg.write_text("[emit]\nsamples_per_shard = 4\n")
@@ -1316,7 +1316,7 @@ def test_outputs_verified_emitted_training_set_is_checked_before_reuse(tmp_path,
     assert {p: p.read_bytes() for p in files} == before
 
 
-def test_outputs_verified_flag_on_run_and_ingest():
+def test_item6_flag_on_run_and_ingest():
     from pipeline.cli import build_parser
 
     p = build_parser()
@@ -1325,7 +1325,7 @@ def test_outputs_verified_flag_on_run_and_ingest():
     assert p.parse_args(["ingest", "urls.parquet", "--run", "r", "--verify"]).verify is True
 
 
-def test_outputs_verified_file_records_are_hashed_as_written(tmp_path):
+def test_item6_file_records_are_hashed_as_written(tmp_path):
     """The record a write returns is the file's own (size, XXH3-128 of its bytes), streamed in blocks."""
     import xxhash
 
@@ -1343,7 +1343,7 @@ def test_outputs_verified_file_records_are_hashed_as_written(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["../../../etc/passwd", "/etc/passwd", "rejected/../../x"])
-def test_outputs_verified_marker_cannot_point_outside_its_folder(tmp_path, caplog, bad):
+def test_item6_marker_cannot_point_outside_its_folder(tmp_path, caplog, bad):
     common, run, before = _finished(tmp_path)
     marker = run / A / "_done" / f"{SHARD}.json"
     done = json.loads(marker.read_text())
