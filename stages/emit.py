@@ -215,9 +215,11 @@ class EmitStage(Stage):
         if REF_COL not in piece.column_names:
             return piece
         blobs = ctx.pixels(piece)
-        # the reader gives no bytes where a reference no longer names what it named (a tar rewritten or cut after
-        # the stages before emit read it): a sample without its image must not enter the training set unnoticed
-        lost = pc.and_(pc.is_valid(piece.column(REF_COL)), pc.is_null(blobs))
+        # the reader gives no bytes where a tar member's reference ("FILE#OFFSET:SIZE[:CRC]") no longer names what
+        # it named (a tar rewritten or cut after the stages before emit read it): a sample without its image must
+        # not enter the training set unnoticed. A Parquet store's row ("FILE#ROW") may hold no image: emitted as is.
+        tar_ref = pc.fill_null(pc.match_substring_regex(piece.column(REF_COL), r"#[0-9]+:[0-9]+(:[0-9]+)?$"), False)
+        lost = pc.and_(tar_ref, pc.is_null(blobs))
         if pc.any(lost).as_py():
             first = pc.filter(piece.column("uid"), lost)[0].as_py()
             raise StageError(f"emit: {pc.sum(lost).as_py()} kept rows' images can no longer be read from the image "
