@@ -15,6 +15,7 @@ import html
 import io
 import json
 import logging
+import contextlib
 import os
 from pathlib import Path
 
@@ -655,12 +656,8 @@ def cmd_histograms(args) -> int:
     if not shards.is_local(run_dir):  # figures are drawn on this machine: next to the current folder
         out_dir = os.path.abspath(f"report-{args.run}")
         print(f"{run_dir} is not on this machine: figures go to {out_dir} (`clipcurate report` puts them in the run)")
-    try:
+    with _writing_report(run_dir):
         results = histograms(run_dir, out_dir)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise _unwritable(run_dir, e) from None
     n = 0
     for name, res in results.items():
         for title, path in res.get("figures", []):
@@ -673,22 +670,25 @@ def cmd_histograms(args) -> int:
     return 0
 
 
-def _unwritable(run_dir: str, e: OSError) -> StageError:
-    """A report folder that cannot be written (a read-only run folder, `report` made a file): one line."""
-    where = e.filename or shards.join(run_dir, "report")
-    return StageError(f"cannot write the report in {where} ({e.strerror or e}): the run folder {run_dir} must be "
-                      "writable, with report/ a folder")
+@contextlib.contextmanager
+def _writing_report(run_dir: str):
+    """A report folder that cannot be written (a read-only run folder, `report` made a file): one line. A missing
+    file stays what it is (the CLI says it in one line already)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        where = e.filename or shards.join(run_dir, "report")
+        raise StageError(f"cannot write the report in {where} ({e.strerror or e}): the run folder {run_dir} must be "
+                         "writable, with report/ a folder") from None
 
 
 def cmd_report(args) -> int:
     compare = shards.join(args.runs_dir, args.compare) if args.compare else None
     run_dir = shards.join(args.runs_dir, args.run)
-    try:
+    with _writing_report(run_dir):
         res = build_report(run_dir, compare)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise _unwritable(run_dir, e) from None
     # the run in a few lines: what went in, what each stage kept, how the trained model did
     print("funnel:")
     for m in res["manifests"]:
