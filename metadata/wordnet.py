@@ -51,13 +51,20 @@ def cache_root() -> Path:
     return Path(base)
 
 
-def prepare_nltk_data(root: Path | None = None) -> Path:
-    """Build (once) nltk_data/corpora/wordnet from the Debian files. Returns the nltk_data folder."""
+def not_installed() -> str | None:
+    """Why WordNet cannot be read (one line naming the command that installs it), or None: its files are there.
+    Looks only (the preflight's check): nothing is copied or loaded."""
     missing = [f for f in _NEEDED if not (WORDNET_SRC / f).exists()]
     if missing:
-        raise WordNetMissing(
-            f"WordNet is not installed ({WORDNET_SRC}/{missing[0]} missing): run '{INSTALL_HINT}'"
-        )
+        return f"WordNet is not installed ({WORDNET_SRC}/{missing[0]} missing): run '{INSTALL_HINT}'"
+    return None
+
+
+def prepare_nltk_data(root: Path | None = None) -> Path:
+    """Build (once) nltk_data/corpora/wordnet from the Debian files. Returns the nltk_data folder."""
+    why = not_installed()
+    if why:
+        raise WordNetMissing(why)
     root = root or cache_root() / "nltk_data"
     dest = root / "corpora" / "wordnet"
     stamp = dest / ".complete"

@@ -163,6 +163,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """`clipcurate check --run NAME`: the preflight of every step of the run's recipe (its saved config with
+    --config over it; a run that does not exist yet: the defaults with --config), one line per step, `ok` or
+    each problem; exit 2 when any. Writes nothing: no lock, no run folder, no config."""
+    from pipeline import preflight
+
+    run_dir = run_dir_of(args)
+    _import_from_cwd()  # a user's module:Class step, as `run` finds it
+    if args.fresh_config and not args.config:
+        raise config_mod.ConfigError("--fresh-config needs --config FILE (the settings to start afresh from)")
+    cfg = config_mod.for_run(run_dir, args.config, fresh=args.fresh_config)
+    results = preflight.check(recipe.of_config(cfg), run_dir, cfg, input_dir=args.input)
+    for extra in args.extra_checks:
+        results += extra(args, run_dir, cfg)
+    bad = 0
+    for label, problems in results:
+        for problem in problems or ["ok"]:
+            print(f"{label}: {problem}")
+        bad += len(problems)
+    if bad:
+        print(f"clipcurate: error: check: {bad} problem{'s' if bad > 1 else ''} (above): the run would be refused "
+              "until they are fixed", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _import_from_cwd() -> None:
     """`module:Class` stages are found from the current folder, as `python -m` finds modules, here and in the
     Dask workers this command starts (they inherit PYTHONPATH)."""
@@ -276,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify(p)
     p.set_defaults(fn=cmd_run, writes_run=True)  # main takes the run's lock (pipeline/runlock.py)
 
+    p = sub.add_parser("check", help="the preflight alone: what every step of the run's recipe needs (network, "
+                                     "concept list, WordNet, eval sets, image store, a writable runs folder); "
+                                     "writes nothing")
+    p.add_argument("--run", required=True, help="run name: RUNS_DIR/NAME (it need not exist yet)")
+    p.add_argument("--input", default=None, help="the folder of Parquet shards `run --input` would be given")
+    add_config(p)
+    # no lock, no run folder: it writes nothing. Other packages add what their own commands need
+    # (`extra_checks`: functions (args, run_dir, config) -> [(label, [problems])]; the trainer's --hq)
+    p.set_defaults(fn=cmd_check, extra_checks=())
+
     for extra in _extra_commands():
         extra(sub)
     for _, p in _subparsers(ap):
@@ -366,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
                     _remove_if_only_config(run_dir)
                 raise
     except _user_errors() as e:
-        print(f"clipcurate: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:  # one line per problem (the preflight's needs), each prefixed
+            print(f"clipcurate: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("clipcurate: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -33,6 +33,9 @@ class ShardContext:
     needs_pixels: bool = False
     verify: bool = False  # `--verify`: a stage that trusts its own earlier outputs (emit's) checks their digests
     notes: list[str] = dataclasses.field(default_factory=list)  # the sink: the runner puts them in the manifest
+    # files a hook wrote in the run folder outside its stage folder (the embedding store): {path relative to the
+    # run folder: {"size", "xxh3"}}; the runner's done-marker vouches for them as for the shard's own files
+    outputs: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def detached(cls, stage) -> "ShardContext":
@@ -42,6 +45,16 @@ class ShardContext:
         """A line for the shard's manifest and the funnel (each distinct line once)."""
         if message not in self.notes:
             self.notes.append(message)
+
+    def wrote(self, path: str, record: dict) -> None:
+        """Record a file written in the run folder (outside the stage folder) for this shard's done-marker: a
+        resume redoes the shard when the file is gone or changed."""
+        if not self.run_dir or not record:
+            return
+        root = self.run_dir.rstrip("/") + "/"
+        if not path.startswith(root):
+            raise ValueError(f"{self.stage}: {path} is not in the run folder {self.run_dir}")
+        self.outputs[path[len(root):]] = dict(record)
 
     # ---- pixels ----------------------------------------------------------------------------------
     def pixels(self, table: pa.Table) -> pa.Array | None:

@@ -68,6 +68,7 @@ class Lookup(NamedTuple):
     vectors: np.ndarray
     found: np.ndarray
     listed: np.ndarray
+    source: np.ndarray | None = None  # uint64 per asked uid: what the vector was computed from (0: not recorded)
 
 
 # ---- names ------------------------------------------------------------------------------------------------
@@ -294,10 +295,14 @@ class EmbeddingStore:
                 out.append(base[: -len(tail)])
         return sorted(out)
 
-    def write(self, shard: str, kind: str, uids: Any, vectors: np.ndarray, valid: np.ndarray | None = None) -> dict:
+    def write(self, shard: str, kind: str, uids: Any, vectors: np.ndarray, valid: np.ndarray | None = None,
+              source: np.ndarray | None = None) -> dict:
         """Store the `kind` vectors of `shard`'s rows (replacing that file): `uids` 32-hex, unique; `vectors`
-        [n, dims] float (L2-normalised here, in float32); `valid` False where a row has no vector (its values
-        are ignored). Atomic; returns the file's {"size", "xxh3"} record for the caller's `_done` marker."""
+        [n, dims] float (L2-normalised here, in float32; float16 vectors are taken as this store's own, already
+        normalised, and kept bit for bit); `valid` False where a row has no vector (its values are ignored);
+        `source` an optional uint64 per row naming what the vector was computed from (a hash of the text, of the
+        image reference), so a reader can tell a vector of other input from a current one. Atomic; returns the
+        file's {"size", "xxh3"} record for the caller's `_done` marker."""
         path = self.path(shard, kind)
         keys = uid_keys(uids)
         vectors = np.asarray(vectors)
@@ -314,8 +319,16 @@ class EmbeddingStore:
         if len(dup):
             raise EmbeddingError(f"embeddings: {shard_stem(shard)}: uid {keys_to_hex(keys[dup[0]:dup[0] + 1])[0]} "
                                  "appears twice")
-        half = _normalised_f16(vectors, order, valid, keys, shard)
-        batch = _file_batch(keys, half, valid, self.dims, kind, self.model_id)
+        if source is not None:
+            source = np.asarray(source, dtype=np.uint64).reshape(-1)
+            if len(source) != len(keys):
+                raise EmbeddingError(f"embeddings: {shard_stem(shard)}: {len(source)} sources for {len(keys)} uids")
+            source = source[order]
+        if vectors.dtype == np.float16:  # already stored once: re-normalising would move the last bit
+            half = np.where(valid[:, None], vectors[order], np.float16(0))
+        else:
+            half = _normalised_f16(vectors, order, valid, keys, shard)
+        batch = _file_batch(keys, half, valid, self.dims, kind, self.model_id, source)
         sink = pa.BufferOutputStream()
         with ipc.new_file(sink, batch.schema) as writer:
             writer.write_batch(batch)  # one batch, also when empty: a reader finds exactly one
@@ -368,6 +381,14 @@ class EmbeddingStore:
         got = self.lookup(shard, kind, uids)
         return got.vectors, got.found
 
+    def entries(self, shard: str, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Everything `shard`'s `kind` file holds: (16-byte keys sorted, float16 vectors [rows, dims], valid,
+        source uint64 or None), e.g. to add rows to it without losing the ones it has. Empty when it is missing."""
+        if not self.has(shard, kind):
+            return np.empty(0, "S16"), np.zeros((0, self.dims or 0), np.float16), np.zeros(0, bool), None
+        f = self._load(shard_stem(shard), check_kind(kind))
+        return f.keys, f.matrix, f.valid, f.source
+
     def uid_index(self, kind: str) -> pa.Table:
         """The cross-shard index of `kind` vectors: (uid fixed_size_binary(16), file int32 (a position in
         `files(kind)`), row int32), one row per distinct uid, sorted by uid; a uid in several files points at one
@@ -400,6 +421,7 @@ class EmbeddingStore:
         file_of, row_of, listed = index.find(keys)
         vectors = np.zeros((len(keys), self.dims), np.float16)
         found = np.zeros(len(keys), bool)
+        source = np.zeros(len(keys), np.uint64)
         hits = np.flatnonzero(listed)
         hits = hits[np.argsort(file_of[hits], kind="stable")]  # grouped by file: one pass, one read per file
         files, starts = np.unique(file_of[hits], return_index=True)
@@ -408,11 +430,23 @@ class EmbeddingStore:
             rows = row_of[ask]
             vectors[ask] = f.matrix[rows]
             found[ask] = f.valid[rows]
+            if f.source is not None:
+                source[ask] = f.source[rows]
         vectors[~found] = 0
-        return Lookup(vectors, found, listed)
+        return Lookup(vectors, found, listed, source)
 
 
 # ---- dot products -------------------------------------------------------------------------------------------
+
+def as_stored(vectors: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """Vectors exactly as the store would hold them (L2-normalised in float32, then float16; zeros where not
+    valid), without a store: a score computed from these equals one computed from stored vectors, bit for bit."""
+    vectors = np.asarray(vectors)
+    n = len(vectors)
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, dtype=bool).reshape(-1)
+    keys = np.zeros(n, "S16")
+    return _normalised_f16(vectors, np.arange(n), valid, keys, "memory")
+
 
 def cosine(image_vecs: np.ndarray, text_vecs: np.ndarray) -> np.ndarray:
     """Row-wise cosine of two [n, dims] arrays, in float32 (float16 products summed in float16 lose digits).
@@ -463,8 +497,9 @@ def _normalised_f16(vectors: np.ndarray, order: np.ndarray, valid: np.ndarray, k
 
 
 def _file_batch(keys: np.ndarray, half: np.ndarray, valid: np.ndarray, dims: int, kind: str,
-                model_id: str) -> pa.RecordBatch:
-    """The file's one record batch: sorted 16-byte uids, the validity mask and the float16 matrix."""
+                model_id: str, source: np.ndarray | None = None) -> pa.RecordBatch:
+    """The file's one record batch: sorted 16-byte uids, the validity mask, the float16 matrix, and (when given)
+    each row's source hash."""
     n = len(keys)
     uid = pa.Array.from_buffers(pa.binary(UID_BYTES), n, [None, _buffer(keys)])
     values = pa.Array.from_buffers(pa.float16(), n * dims, [None, _buffer(half)])
@@ -473,8 +508,11 @@ def _file_batch(keys: np.ndarray, half: np.ndarray, valid: np.ndarray, dims: int
             b"model_id": model_id.encode()}
     fields = [pa.field("uid", pa.binary(UID_BYTES), nullable=False), pa.field("valid", pa.bool_(), nullable=False),
               pa.field("vector", pa.list_(pa.float16(), dims), nullable=False)]
-    return pa.RecordBatch.from_arrays([uid, pa.array(valid, pa.bool_()), vector],
-                                      schema=pa.schema(fields, metadata=meta))
+    arrays = [uid, pa.array(valid, pa.bool_()), vector]
+    if source is not None:
+        fields.append(pa.field("source", pa.uint64(), nullable=False))
+        arrays.append(pa.array(source, pa.uint64()))
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields, metadata=meta))
 
 
 def _buffer(a: np.ndarray) -> pa.Buffer:
@@ -496,6 +534,7 @@ class _File:
     matrix: np.ndarray | None   # float16 [rows, dims] (a view of the mapped file when local)
     valid: np.ndarray           # bool [rows]
     dims: int
+    source: np.ndarray | None = None  # uint64 [rows], or None when the file records none
 
     @classmethod
     def from_batch(cls, batch: pa.RecordBatch, name: str, kind: str, dims: int, vectors: bool) -> "_File":
@@ -516,8 +555,14 @@ class _File:
         if flags.null_count:
             raise EmbeddingError(f"embeddings: {name}: a validity flag is null")
         valid = flags.to_numpy(zero_copy_only=False)
+        source = None
+        if "source" in batch.schema.names:
+            col = batch.column(batch.schema.get_field_index("source"))
+            if col.type != pa.uint64() or col.null_count:
+                raise EmbeddingError(f"embeddings: {name}: its source column is not uint64 without nulls")
+            source = col.to_numpy(zero_copy_only=False)
         if not vectors:
-            return cls(keys, None, valid, dims)
+            return cls(keys, None, valid, dims, source)
         col = batch.column(batch.schema.get_field_index("vector"))
         if col.type != pa.list_(pa.float16(), dims):
             raise EmbeddingError(f"embeddings: {name}: vectors are {col.type}, the manifest says {dims} x {DTYPE}")
@@ -525,7 +570,7 @@ class _File:
         if child.offset != 0 or col.offset != 0 or child.null_count or col.null_count:
             raise EmbeddingError(f"embeddings: {name}: its vector column is not one dense float16 matrix")
         matrix = np.frombuffer(child.buffers()[1], np.float16, count=n * dims).reshape(n, dims)
-        return cls(keys, matrix, valid, dims)
+        return cls(keys, matrix, valid, dims, source)
 
     def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(row, listed) for each asked key: np.searchsorted on the sorted keys."""
@@ -539,7 +584,10 @@ class _File:
         vectors = np.zeros((len(pos), self.dims), np.float16)
         if found.any():
             vectors[found] = self.matrix[pos[found]]
-        return Lookup(vectors, found, listed)
+        source = np.zeros(len(pos), np.uint64)
+        if self.source is not None and len(self.keys):
+            source[listed] = self.source[pos[listed]]
+        return Lookup(vectors, found, listed, source)
 
 
 @dataclasses.dataclass

@@ -490,7 +490,8 @@ def _apply(name: str, config: dict, seed: int, path: str, stage_dir: str, fp: st
         "fingerprint": fp,
     }
     # the marker vouches for exactly these bytes: a resume trusts the shard only while they are still there
-    shards.write_json({**summary, FILES_KEY: files}, shards.join(stage_dir, "_done", out_name + ".json"))
+    run_files = {RUN_FILES_KEY: dict(ctx.outputs)} if ctx.outputs else {}
+    shards.write_json({**summary, FILES_KEY: files, **run_files}, shards.join(stage_dir, "_done", out_name + ".json"))
     return summary
 
 
@@ -695,7 +696,7 @@ def _step_run(name, run_dir: str, input_dir: str, config: dict, upstream_is_stag
     step = step_of(name, config)
     cls = stage_class(step.stage)
     seed = int(config.get("run", {}).get("seed", 0))
-    stage_cfg = config.get(step.name, {})
+    stage_cfg = cls.step_config(config.get(step.name, {}), config)
     probe = cls(stage_cfg, seed)
     stage_dir = shards.join(run_dir, step.folder)
     inputs = shards.list_shards(input_dir)
@@ -722,6 +723,7 @@ def _step_run(name, run_dir: str, input_dir: str, config: dict, upstream_is_stag
 
 
 FILES_KEY = "files"  # a done-marker's {path relative to the stage folder: {"size", "xxh3"}} of what its task wrote
+RUN_FILES_KEY = "run_files"  # the same for files written in the run folder outside the stage's (ShardContext.wrote)
 # A marker written before markers recorded their files (no FILES_KEY). Such a shard is redone, not trusted: its
 # marker says only that a file of that name once existed, which is exactly what let a truncated shard be trusted
 # for ever. Redoing is cheap and happens once (a rerun is byte-identical, so later stages' inputs, which name the
@@ -738,7 +740,10 @@ def outputs_mismatch(stage_dir: str, out: str, done: dict, verify: bool = False)
         return UNRECORDED
     if not {out, f"rejected/{out}"} <= files.keys():
         return "its done-marker does not list the shard's files"
-    return shards.records_mismatch(stage_dir, files, digest=verify)
+    why = shards.records_mismatch(stage_dir, files, digest=verify)
+    if why is None and RUN_FILES_KEY in done:
+        why = shards.records_mismatch(_parent(stage_dir), done[RUN_FILES_KEY], digest=verify)
+    return why
 
 
 def _shards_to_do(r: _StepRun, ex) -> tuple[list[str], dict[str, dict]]:
@@ -752,7 +757,7 @@ def _shards_to_do(r: _StepRun, ex) -> tuple[list[str], dict[str, dict]]:
             continue
         why = outputs_mismatch(r.stage_dir, out, done, r.verify)
         if why is None:
-            summaries[out] = {k: v for k, v in done.items() if k != FILES_KEY}
+            summaries[out] = {k: v for k, v in done.items() if k not in (FILES_KEY, RUN_FILES_KEY)}
             continue
         todo.append(p)
         if why is UNRECORDED:
@@ -947,7 +952,9 @@ def run_pipeline(
 ) -> list[StageResult]:
     """Run the recipe steps `stages` names, in recipe order ([run] stages); each reads the output of the
     nearest earlier step that has run (or `input_dir` first). Done shards are trusted while the files their
-    markers record keep their sizes (and, with `verify`, their XXH3 digests); the others are redone."""
+    markers record keep their sizes (and, with `verify`, their XXH3 digests); the others are redone.
+    First the preflight (pipeline/preflight.py): a need any step lacks refuses the command before anything,
+    the config included, is written."""
     steps = recipe.of_config(config)
     todo = recipe.plan(list(stages), steps)
     for st in todo:
@@ -955,7 +962,9 @@ def run_pipeline(
             raise StageError(f"{st.name} is not run with `run`: it downloads a URL list, use "
                              f"`clipcurate {st.stage} URLS --run NAME`")
     from pipeline import config as config_mod
+    from pipeline import preflight
 
+    preflight.require(todo, run_dir, config, input_dir=input_dir)
     with _driver_writes("run", run_dir):
         config_mod.save(config, shards.join(run_dir, "config.toml"))
         if input_dir is not None:

@@ -3,7 +3,9 @@
 A stage is a class in `stages/<name>.py` exposed as `STAGE`. The runner knows stages only through this
 contract: `collect(table, ctx)` (optional, per shard) -> `merge` (pool-wide, associative) -> `apply(table,
 stats, ctx)` (per shard). `ctx` is the runner's frozen per-shard context (pipeline/context.py): folders, the
-shard's name, the image reader, the notes sink and the pass-1 cache. An instance holds its config and what
+shard's name, the image reader, the notes sink and the pass-1 cache. Before a command writes anything in a run,
+`preflight(ctx)` says what the step lacks (a model, a concept list, an eval set), one line per need with its
+fix: a missing need refuses the command with nothing done (pipeline/preflight.py). An instance holds its config and what
 `setup` loaded, never per-call state: instances are cached per process and may serve several threads.
 """
 
@@ -39,6 +41,10 @@ class Stage:
     # The runner never puts image bytes in a stage's table: rows carry `image_ref` (pipeline.images), and a
     # stage that needs pixels reads them with `pixels(table)` through the run's image reader (context).
     needs_pixels: ClassVar[bool] = False
+    # A stage that declares `needs_pixels` and also runs on a text-only pool (a URL list: no image store), its
+    # image rules skipped with a notice (align) or its rows passed on without images (emit). The preflight asks
+    # an image store only of a stage that needs pixels and is not this (dfn: it scores images).
+    pixels_optional: ClassVar[bool] = False
     # Libraries the stage imports lazily that a Dask worker of ours imports in the background as it starts
     # (pipeline/worker_init.py), so a worker's first shard does not pay for them. Only ones cheap to hold for a
     # worker's life: not torch, nor a spaCy model.
@@ -64,10 +70,27 @@ class Stage:
     def setup(self) -> None:
         """Load heavy resources (automata, WordNet, models). Called once per process, lazily."""
 
+    def preflight(self, ctx: ShardContext) -> list[str]:
+        """What this step lacks to run, asked before a command writes anything in the run (pipeline/preflight.py):
+        one line per missing need, saying what is missing and the exact fix (the command to run, the setting to
+        change), without the stage's name (the runner prefixes the step's). Cheap: look, never load (no model,
+        no WordNet reader, no automaton), so that a run refused for a missing network is refused at once and
+        before any step folder exists. `ctx`: the stage folder's context (run and stage folders, no shard), as
+        `fingerprint_parts` gets. The spine checks what it can itself (a writable runs folder, an image store for
+        a stage that needs pixels). Default: nothing missing."""
+        return []
+
     def rows_in(self, table, kept, rejected) -> int:
         """The shard's rows in, for the funnel, which must read rows in = kept + rejected. Default: the rows
         read; a stage whose input row stands for several (ingest: a URL with its captions) counts those."""
         return table.num_rows
+
+    @classmethod
+    def step_config(cls, section: dict, run_config: dict) -> dict:
+        """The config a step of this stage runs with: its own section, which a stage may complete from the run's
+        other sections (embed's empty network keys mean [dfn]'s, so one section names the model of both). The
+        runner and the preflight call it; the completed values are part of the step's fingerprint."""
+        return section
 
     def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
         """What, besides config and inputs, changes this stage's output (e.g. a concept list's sha256). `ctx`:

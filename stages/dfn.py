@@ -24,11 +24,13 @@ Reasons   `no_image` (no image bytes: score null), `bad_image` (bytes that do no
           `text_too_long` (over `[run] max_text_bytes`: never tokenised). A decompression bomb
           (over Pillow's 89,478,485-pixel limit, checked from the header: `pipeline.images.open_image`) is a
           `bad_image`.
-Cost      scoring is the expensive part, so `collect` stores each shard's scores in a cache
-          (`$CLIPCURATE_CACHE/dfn_scores/`, keyed by the model file's digest, precision and a hash of the
-          shard's uids and image references with the referenced store files' size and mtime) and `apply` reads them back instead of scoring twice. A cache miss
-          (another machine of a Dask cluster, `cache = false`) rescoring gives the same numbers on the same
-          device type.
+Cost      the model runs once per row: the score is the cosine of the row's image and text vectors in the run's
+          embedding store (runs/NAME/embeddings/<model-id>/, pipeline/embeddings.py), found by uid. A step
+          `embed` earlier in the recipe fills it; without one, dfn's collect embeds what the store lacks and
+          stores it (trainer/embed.py), and apply, a rerun with a new `keep_fraction` or `threshold`, or a later
+          rule reads the vectors back: no second forward pass. A vector is reused only if it was computed from
+          the same text / image reference; scores are cosines of the vectors as stored (float16), so a cut from
+          stored vectors keeps exactly the rows of the pass that stored them.
 Inference batched through a DataLoader that decodes images in `num_workers` worker processes, on CUDA when
           present (bf16/fp16 autocast, pinned memory), CPU otherwise; the model is loaded once per process.
 """
@@ -36,7 +38,6 @@ Inference batched through a DataLoader that decodes images in `num_workers` work
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 from typing import Any
@@ -46,13 +47,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, check_ranges
-from pipeline import shards
+from pipeline import embeddings, shards
 from pipeline.images import REF_COL
 from pipeline.schema import SchemaError
 from pipeline.context import ShardContext
 from pipeline.stage import Stage, StageError, split_by_reason, uniform
 
-from trainer.config import DFN_MODEL_DIR  # runs/NAME/dfn_model/model.pt: where dfn-train writes
+from trainer.config import DFN_MODEL_DIR  # noqa: F401  runs/NAME/dfn_model/model.pt: where dfn-train writes
 
 log = logging.getLogger("clipcurate.dfn")
 
@@ -100,7 +101,7 @@ class DfnStage(Stage):
         device: str = "auto"  # auto = cuda when present, else cpu
         precision: str = "auto"  # auto = bf16/fp16 autocast on GPU, fp32 on CPU
         num_workers: int = -1  # DataLoader decode workers; -1 = 0 on CPU (the model uses the cores), 4 on GPU
-        cache: bool = True  # keep collect's scores for apply (no second scoring pass)
+        cache: bool = True  # no effect since the embedding store keeps the vectors (kept: older configs name it)
         score_only: bool = False  # only add dfn_score (no quality cut): for a later stage that cuts (metaclip's
         #                           min_score) so the cut and the concept balance apply together
 
@@ -125,18 +126,20 @@ class DfnStage(Stage):
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)
         self.scorer = None
-        self._scorer_path = ""  # the checkpoint `scorer` was loaded from: the default one is per run
-        self._model_digest = ""  # what identifies its weights in the score cache's key
+        self._scorer_key: tuple = ()  # the network `scorer` was loaded for: the default checkpoint is per run
         self._digests: dict[str, str] = {}
-        self._mem_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # ---- model -----------------------------------------------------------------------------------
+    def network(self):
+        from trainer.embed import Network
+
+        c = self.config
+        return Network(c.model, c.pretrained, c.checkpoint)
+
     def checkpoint_path(self, ctx: ShardContext | None = None) -> str:
-        if self.config.checkpoint:
-            return self.config.checkpoint
-        run_dir = ctx.run_dir if ctx is not None else ""
-        if run_dir:
-            return shards.join(run_dir, DFN_MODEL_DIR, "model.pt")
+        path = self.network().checkpoint_path(ctx.run_dir if ctx is not None else "")
+        if path or self.config.pretrained_network():
+            return path
         raise StageError(
             "dfn: no filtering network: set [dfn] checkpoint = PATH (any open_clip checkpoint, with [dfn] model), "
             "or train one first with `clipcurate dfn-train --hq HQ.parquet --run NAME`, or score with a public "
@@ -144,22 +147,29 @@ class DfnStage(Stage):
         )
 
     def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
-        if self.config.pretrained_network():  # the weights in the cache (None: not fetched yet)
-            from trainer.models import pretrained_digest
-
-            c = self.config
-            try:
-                digest = pretrained_digest(c.model, c.pretrained)
-            except ConfigError as e:
-                raise StageError(f"dfn: {e}") from None
-            return {"model": c.model, "pretrained": c.pretrained, **({"weights_xxh3": digest} if digest else {})}
         try:
-            path = self.checkpoint_path(ctx)
-        except StageError:
-            return {}
-        if not shards.exists(path):
-            return {"checkpoint": path}
-        return {"checkpoint_sha256": self._file_digest(path)}
+            return self.network().fingerprint(ctx.run_dir if ctx is not None else "", self._file_digest)
+        except ConfigError as e:
+            raise StageError(f"dfn: {e}") from None
+
+    def preflight(self, ctx: ShardContext) -> list[str]:
+        """The filtering network, resolvable offline (trainer.models.network_problem: looked for, not loaded): a
+        checkpoint that exists (by default the run's dfn_model/model.pt, which dfn-train writes), or a pretrained
+        network whose files Hugging Face's cache holds (else the line names `clipcurate fetch-model ...`)."""
+        from trainer.models import network_problem
+
+        c = self.config
+        if c.pretrained_network():
+            why = network_problem(c.model, c.pretrained, "")
+        else:
+            try:
+                path = self.checkpoint_path(ctx)
+            except StageError as e:
+                return [str(e).removeprefix("dfn: ")]
+            why = network_problem(c.model, "", path, fix=(
+                f"train one with `clipcurate dfn-train --hq HQ.parquet --run {shards.shard_name(ctx.run_dir) or 'NAME'}`, "
+                f"or set [dfn] checkpoint, or score with a public network: {PUBLIC_NETWORK_HINT}"))
+        return [why] if why else []
 
     def _file_digest(self, path: str) -> str:
         if path not in self._digests:
@@ -174,91 +184,50 @@ class DfnStage(Stage):
 
     def _load(self, ctx: ShardContext) -> None:
         c = self.config
+        net = self.network()
         pretrained = c.pretrained_network()
-        path = f"{c.model} ({c.pretrained})" if pretrained else self.checkpoint_path(ctx)
-        if self.scorer is not None and path == self._scorer_path:
+        path = net.describe() if pretrained else self.checkpoint_path(ctx)
+        key = (net, path)
+        if self.scorer is not None and key == self._scorer_key:
             return
         if not pretrained and not shards.exists(path):
             raise StageError(
                 f"dfn: checkpoint {path} does not exist: train one with `clipcurate dfn-train --hq HQ.parquet "
                 f"--run NAME`, or set [dfn] checkpoint, or score with a public network: {PUBLIC_NETWORK_HINT}"
             )
-        from trainer.models import pick_device
-        from trainer.score import Scorer
-
-        workers = c.num_workers
-        if workers < 0:
-            workers = 4 if pick_device(c.device).type == "cuda" else 0
-        try:
-            self.scorer = Scorer("" if pretrained else path, c.model, c.device, c.precision, c.batch_size, workers,
-                                 pretrained=c.pretrained)
-        except ValueError as e:  # ConfigError too: a model missing from the cache names `clipcurate fetch-model`
+        try:  # ConfigError too: a model missing from the cache names `clipcurate fetch-model`
+            self.scorer = net.scorer(ctx.run_dir, c.device, c.precision, c.batch_size, c.num_workers)
+        except ValueError as e:
             raise StageError(f"dfn: {e}") from None
-        self._scorer_path = path
-        # the score cache's key: a pretrained network's identity (its weights' digest and preprocessing)
-        self._model_digest = self.scorer.identity.id if pretrained else self._file_digest(path)
+        self._scorer_key = key
         log.info("dfn: %s (%s) on %s, %s", path, self.scorer.model_name, self.scorer.device, self.scorer.precision)
 
     # ---- scores ----------------------------------------------------------------------------------
-    def _cache_key(self, table: pa.Table, ctx: ShardContext) -> str:
-        """Model, precision, device, and per row its uid and what names its image: the reference plus the
-        identity (size, mtime) of the store files referenced, so a cache hit reads no pixels at all; or the
-        bytes themselves for a table that holds them."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"{self._model_digest}|{self.scorer.precision}|{self.scorer.device.type}|{self.scorer.model_name}".encode())
-        h.update("\0".join(u or "" for u in table.column("uid").to_pylist()).encode())
-        if REF_COL in table.column_names:  # a text-only shard has neither: score_rows says so
-            refs = table.column(REF_COL)
-            h.update(b"refs\0" + "\0".join(r or "" for r in refs.to_pylist()).encode())
-            reader = ctx.images
-            if reader is not None and refs.null_count < len(refs):
-                h.update(reader.identity(refs).encode())
-            return h.hexdigest()
-        blobs = ctx.pixels(table)
-        for img in blobs.to_pylist() if blobs is not None else [None] * table.num_rows:
-            h.update(len(img).to_bytes(8, "little") if img is not None else b"\xff" * 8)
-            if img is not None:
-                h.update(img)
-        return h.hexdigest()
-
-    def _cache_path(self, key: str) -> str:
-        from metadata.wordnet import cache_root
-
-        return str(cache_root() / "dfn_scores" / f"{key}.npz")
-
     def score_rows(self, table: pa.Table, ctx: ShardContext | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(float32 cosine per row, NaN where the image is missing or undecodable; whether the row has image
-        bytes). The pixels are read through the run's image reader, once per shard: collect scores, apply
-        finds the scores in the cache."""
+        """(float32 cosine per row, NaN where the image is missing or undecodable; whether the row names image
+        bytes). The cosine of the rows' stored vectors (the run's embedding store, under this network's identity):
+        what the store lacks is embedded now and stored (trainer/embed.py), so collect embeds and apply, or any
+        later cut, only reads. Without a run folder (a detached call) nothing is stored; the vectors are still
+        rounded as stored, so the score is the same either way."""
+        from trainer.embed import shard_vectors
+
         ctx = ctx or self.detached()
         self._load(ctx)
-        key = self._cache_key(table, ctx) if self.config.cache else None
-        if key is not None:
-            if key in self._mem_cache:
-                return self._mem_cache[key]
-            path = self._cache_path(key)
-            if os.path.exists(path):
-                try:
-                    with np.load(path) as z:
-                        s, has = z["scores"], z["has_image"]
-                    if s.shape == has.shape == (table.num_rows,):
-                        return s, has
-                except (OSError, ValueError, KeyError):
-                    pass
-        blobs = ctx.pixels(table)
-        if blobs is None:
+        if REF_COL not in table.column_names and ctx.pixels(table.slice(0, 0)) is None:
             raise SchemaError(f"shard {ctx.shard}: missing column 'image' (or '{REF_COL}'), "
                               "required by dfn: it scores image-text pairs")
-        has = pc.is_valid(blobs).to_numpy(zero_copy_only=False)
-        s = self.scorer.score(blobs.to_pylist(), table.column("text").to_pylist())
-        if key is not None:
-            path = self._cache_path(key)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                np.savez(f, scores=s, has_image=has)
-            os.replace(tmp, path)
-            self._mem_cache = {key: (s, has)}  # one shard: collect then apply in the same process
+        store = embeddings.EmbeddingStore(ctx.run_dir, self.scorer.identity) if ctx.run_dir else None
+        image = shard_vectors(self.scorer, store, table, ctx, "image")
+        text = shard_vectors(self.scorer, store, table, ctx, "text")
+        s = np.full(table.num_rows, np.nan, np.float32)
+        both = image.found & text.found
+        if both.any():
+            s[both] = embeddings.cosine(image.vectors[both], text.vectors[both])
+        has = image.present
+        if store is not None:
+            computed = image.computed + text.computed
+            ctx.note(f"dfn: embedded now and stored in embeddings/{store.model_id}/" if computed else
+                     f"dfn: scored from stored vectors (embeddings/{store.model_id}/, no model pass)")
         return s, has
 
     def scores(self, table: pa.Table, ctx: ShardContext | None = None) -> np.ndarray:
@@ -316,54 +285,134 @@ class DfnStage(Stage):
 
     # ---- report ----------------------------------------------------------------------------------
     def report(self, stage_dir: str, out_dir: str) -> dict:
-        """Histogram of dfn_score, kept vs dropped (dfn_low_score), and the cut."""
-
-        def scores_in(folder: str, reason: str | None) -> np.ndarray:
-            vals = []
-            for p in shards.list_shards(folder) if shards.exists(folder) else []:
-                cols = ["dfn_score"] + (["reason"] if reason else [])
-                t = shards.read_shard(p, columns=cols)
-                if reason:
-                    t = t.filter(pc.equal(t.column("reason"), reason))
-                vals.append(t.column("dfn_score").to_numpy(zero_copy_only=False))
-            v = np.concatenate(vals).astype(np.float64) if vals else np.zeros(0)
-            return v[np.isfinite(v)]
-
-        kept = scores_in(stage_dir, None)
-        dropped = scores_in(shards.join(stage_dir, "rejected"), "dfn_low_score")
+        """Histogram of dfn_score, kept vs dropped (dfn_low_score), and the keep rule. Where no threshold was set
+        (keep_fraction alone, or score_only, where nothing is cut and metaclip's min_score is chosen from this),
+        also the share of the scored pool that candidate thresholds keep, counted from the scores, beside what
+        DFN and DataComp keep: a threshold the user can copy. A folder with no scored row (or no cut.json) gets
+        its tables and no figure."""
+        kept = _scores_in(stage_dir, None)
+        dropped = _scores_in(shards.join(stage_dir, "rejected"), "dfn_low_score")
         cut = shards.read_json(shards.join(stage_dir, "stats", "cut.json")) or {}
-        total = len(kept) + len(dropped)
+        mode = cut.get("mode") or ("threshold" if self.config.threshold is not None else "fraction")
+        score_only = self.config.score_only or _nothing_cut(cut, len(kept), len(dropped))
+        keep_fraction = cut.get("keep_fraction", self.config.keep_fraction)
+        threshold = cut.get("threshold") if isinstance(cut.get("threshold"), (int, float)) else None
+        pool = np.concatenate([kept, dropped])
+        total = len(pool)
         from pipeline.report import Table
 
         table = Table("dfn keep rule", ["scored", "kept", "dropped (dfn_low_score)", "kept share", "threshold", "mode"],
                       [[total, len(kept), len(dropped), f"{100.0 * len(kept) / total if total else 0:.2f}%",
-                        f"{cut.get('threshold', float('nan')):.4f}", cut.get("mode", "")]])
+                        "" if threshold is None or score_only else f"{threshold:.4f}",
+                        "score_only (nothing cut)" if score_only else mode]])
+        tables, marks = [table], {}
+        if score_only or mode == "fraction":  # no threshold was chosen: offer some, from this pool
+            cands = _candidate_table(pool, None if score_only else keep_fraction)
+            tables += [cands] if cands is not None else []
+            from pipeline.score_cuts import finite_sorted, threshold_for_share
+
+            asc = finite_sorted(pool)
+            marks = {p: t for p in CANDIDATE_SHARES if (t := threshold_for_share(asc, p)) is not None}
         figures = []
         if total:
-            import matplotlib
+            png = _histogram(os.path.join(out_dir, "dfn_scores.png"), kept, dropped,
+                             None if score_only else threshold, marks, score_only)
+            figures.append(("dfn score histogram (" + ("score_only: nothing cut" if score_only else "kept vs dropped")
+                            + ")", png))
+        return {"figures": figures, "tables": tables}
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
 
-            os.makedirs(out_dir, exist_ok=True)
-            both = np.concatenate([kept, dropped])
-            lo, hi = float(both.min()), float(both.max())
-            edges = np.linspace(lo, hi if hi > lo else lo + 1e-3, 61)
-            fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=100)
-            ax.hist(dropped, bins=edges, color="#c44e52", alpha=0.8, label=f"dropped ({len(dropped)})")
-            ax.hist(kept, bins=edges, color="#4c72b0", alpha=0.8, label=f"kept ({len(kept)})")
-            if "threshold" in cut:
-                ax.axvline(cut["threshold"], color="k", lw=1, ls="--", label=f"cut {cut['threshold']:.4f}")
-            ax.set_xlabel("dfn_score (image-text cosine)")
-            ax.set_ylabel("pairs")
-            ax.set_title("dfn: score histogram, kept vs dropped")
-            ax.legend(fontsize=8)
-            fig.tight_layout()
-            png = os.path.join(out_dir, "dfn_scores.png")
-            fig.savefig(png)
-            plt.close(fig)
-            figures.append(("dfn score histogram (kept vs dropped)", png))
-        return {"figures": figures, "tables": [table]}
+# ---- report helpers: what the field keeps, the candidate thresholds, the figure ---------------------------
+# the shares a user is offered a threshold for: DFN's range, DataComp's baseline, and half the pool
+CANDIDATE_SHARES = {0.1: "top 10%: DFN keeps 10–30% of a raw web pool (arXiv 2309.17425)",
+                    0.2: "top 20%: within DFN's 10–30%",
+                    0.3: "top 30%: what DataComp's CLIP-score baseline keeps (OpenAI ViT-L/14; arXiv 2304.14108)",
+                    0.5: "top 50%"}
+# round cosines a CLIP score is often cut at (LAION-400M cut OpenAI ViT-B/32 cosines at 0.3, LAION-5B's
+# English pairs at 0.28), offered where they fall in the pool's range; a grid of round values is added to them
+ROUND_COSINES = (0.20, 0.25, 0.28, 0.30)
+CANDIDATES_TITLE = ("candidate thresholds for [dfn] threshold or [metaclip] min_score (DFN keeps 10–30% of a raw "
+                    "web pool; DataComp's CLIP-score baseline keeps the top 30%)")
+
+
+def _scores_in(folder: str, reason: str | None) -> np.ndarray:
+    """The finite dfn_score values (float64) of a folder's shards, of the rows with `reason` when given; shards
+    without the column (or without `reason`) hold none. [] for a folder that does not exist."""
+    vals = []
+    for p in shards.list_shards(folder) if shards.exists(folder) else []:
+        names = shards.read_schema(p).names
+        if "dfn_score" not in names or (reason and "reason" not in names):
+            continue
+        t = shards.read_shard(p, columns=["dfn_score"] + (["reason"] if reason else []))
+        if reason:
+            t = t.filter(pc.equal(t.column("reason"), reason))
+        vals.append(pc.cast(t.column("dfn_score"), pa.float64()).to_numpy(zero_copy_only=False))
+    v = np.concatenate(vals) if vals else np.zeros(0)
+    return v[np.isfinite(v)]
+
+
+def _nothing_cut(cut: dict, kept: int, dropped: int) -> bool:
+    """A fraction cut that wanted fewer rows than were kept, with none dropped: score_only output (read from the
+    data, for a stage built without the run's config)."""
+    wanted = cut.get("wanted")
+    return cut.get("mode") == "fraction" and dropped == 0 and isinstance(wanted, int) and wanted < kept
+
+
+def _candidate_table(pool: np.ndarray, keep_fraction: float | None):
+    """The share of the scored pool that each candidate threshold keeps (pipeline/score_cuts.py), with what DFN
+    and DataComp keep; None when nothing is scored."""
+    from pipeline.report import Table
+    from pipeline.score_cuts import candidates, finite_sorted, round_values
+
+    shares = dict(CANDIDATE_SHARES)
+    if keep_fraction is not None and 0 < keep_fraction < 1:
+        shares[keep_fraction] = (f"{shares[keep_fraction]}; this run's keep_fraction" if keep_fraction in shares
+                                 else f"top {100 * keep_fraction:g}%: this run's keep_fraction")
+    rounds = {v: "round value" for v in round_values(finite_sorted(pool), ROUND_COSINES)}
+    rows = [[c.printed(), c.kept, f"{100 * c.share:.2f}%", "; ".join(c.notes)] for c in candidates(pool, shares, rounds)]
+    if not rows:
+        return None
+    return Table(CANDIDATES_TITLE, ["threshold (this network's dfn_score)", "pairs kept (score >= threshold)",
+                                    "share of scored pool", "note"], rows)
+
+
+def _histogram(png: str, kept: np.ndarray, dropped: np.ndarray, cut_at: float | None, marks: dict[float, float],
+               score_only: bool) -> str:
+    """dfn_score histogram: kept vs dropped (all scored rows under score_only), the cut (dashed), the thresholds
+    that keep the shares in `marks` ({share: threshold}, dotted) and DFN's 10–30% band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
+    both = np.concatenate([kept, dropped])
+    lo, hi = float(both.min()), float(both.max())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1e-3, 61)
+    fig, ax = plt.subplots(figsize=(6.5, 3.4), dpi=100)
+    if 0.1 in marks and 0.3 in marks:
+        ax.axvspan(marks[0.3], max(marks[0.1], marks[0.3]), color="#dd8452", alpha=0.2, zorder=3, lw=0,
+                   label="top 10–30% (DFN; DataComp: 30%)")
+    if score_only:
+        ax.hist(kept, bins=edges, color="#4c72b0", alpha=0.8, label=f"scored ({len(kept)}; score_only: none cut)")
+    else:
+        ax.hist(dropped, bins=edges, color="#c44e52", alpha=0.8, label=f"dropped ({len(dropped)})")
+        ax.hist(kept, bins=edges, color="#4c72b0", alpha=0.8, label=f"kept ({len(kept)})")
+    for share, t in sorted(marks.items()):
+        ax.axvline(t, color="0.4", lw=0.8, ls=":")
+        ax.annotate(f"top {100 * share:g}% ", (t, 1.0), xycoords=("data", "axes fraction"), fontsize=7,
+                    rotation=90, ha="right", va="top", color="0.2", zorder=4,
+                    bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7})
+    if cut_at is not None:
+        ax.axvline(cut_at, color="k", lw=1, ls="--", label=f"cut {cut_at:.4f}")
+    ax.set_xlabel("dfn_score (image-text cosine)")
+    ax.set_ylabel("pairs")
+    ax.set_title("dfn: score histogram" + (" (score_only)" if score_only else ", kept vs dropped"))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return png
 
 
 STAGE = DfnStage

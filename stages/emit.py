@@ -92,6 +92,7 @@ class EmitStage(Stage):
     name = "emit"
     requires = {"uid": pa.string(), "text": pa.string()}
     needs_pixels = True  # in finalize: the resharder reads the kept rows' bytes
+    pixels_optional = True  # a text-only pool's rows are emitted without images (no image store asked for)
 
     @dataclasses.dataclass
     class Config:
@@ -107,6 +108,14 @@ class EmitStage(Stage):
 
     def out_dir(self, run_dir: str) -> str:
         return self.config.out or shards.join(run_dir, "emit")
+
+    def preflight(self, ctx: ShardContext) -> list[str]:
+        """Beyond the image store (the spine's check; none needed for a text-only pool): a training-set folder
+        outside the run (`out`) that can be written (inside the run, the runs folder's check covers it)."""
+        from pipeline.preflight import unwritable
+
+        why = unwritable(self.config.out) if self.config.out else None
+        return [f"[emit] out = {self.config.out!r}: {why}: give a folder that can be written"] if why else []
 
     def apply(self, table: pa.Table, stats, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
         """Every row passes: the stage folder is the light table of the emitted set, in order."""

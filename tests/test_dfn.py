@@ -178,11 +178,9 @@ def test_dfn_trained_on_clean_pairs_scores_mismatched_captions_lower(world, dfn_
     reasons = [x for _, r in outs for x in r.column("reason").to_pylist()]
     assert reasons.count("dfn_low_score") == scored - kept
     assert reasons.count("no_image") == 1 and reasons.count("bad_image") == 1
-    # apply read collect's scores back from the cache: a fresh stage (new process) gets the same numbers
-    cache = Path(os.environ["CLIPCURATE_CACHE"]) / "dfn_scores"
-    assert len(list(cache.glob("*.npz"))) >= len(tables)
-    fresh = DfnStage({"checkpoint": dfn_model, "cache": False, "batch_size": 64})
-    np.testing.assert_allclose(fresh.scores(tables[0]), stage.scores(tables[0]), atol=1e-6)
+    # a fresh stage (a new process) scores the same rows to the same bits: vectors are rounded as stored
+    fresh = DfnStage({"checkpoint": dfn_model, "batch_size": 32})
+    np.testing.assert_array_equal(fresh.scores(tables[0]), stage.scores(tables[0]))
 
 
 def test_dfn_through_the_runner_with_report_and_fingerprint(world, dfn_model, tmp_path):

@@ -237,32 +237,16 @@ def test_sigkill_of_the_whole_run_in_metaclips_apply_then_rerun_is_byte_identica
 @pytest.fixture(scope="module")
 def again(bl, demo_ingested, tmp_path_factory):
     """Run `bl-again`: the recipe once more from nothing in another run folder (same ingest, same filtering
-    network), with an empty dfn score cache so that dfn scores every image again instead of reading `bl`'s
-    scores ($CLIPCURATE_CACHE: the other caches, WordNet's concept list among them, are linked in)."""
-    from metadata.wordnet import cache_root
-
+    network). The embedding store is the run's own, so dfn embeds every image again instead of reading `bl`'s."""
     world, runs, cfg = bl
     _, shared, base = demo_ingested
     run = _seed_run(shared, base, runs, "bl-again")
     cfg2 = _same_network(cfg, runs, runs.parent / "balance-last-same-network.toml")
-    cache = tmp_path_factory.mktemp("bl-cache")
-    real = cache_root()
-    for p in real.iterdir() if real.exists() else []:
-        if p.name != "dfn_scores":
-            (cache / p.name).symlink_to(p.resolve())
-    old = os.environ.get("CLIPCURATE_CACHE")
-    os.environ["CLIPCURATE_CACHE"] = str(cache)
     t0 = time.perf_counter()
-    try:
-        assert cli_main(["--runs-dir", str(runs), "run", "--run", "bl-again", "--config", str(cfg2),
-                         "--workers", "0"]) == 0
-    finally:
-        if old is None:
-            os.environ.pop("CLIPCURATE_CACHE")
-        else:
-            os.environ["CLIPCURATE_CACHE"] = old
+    assert cli_main(["--runs-dir", str(runs), "run", "--run", "bl-again", "--config", str(cfg2),
+                     "--workers", "0"]) == 0
     TIMES["again"] = time.perf_counter() - t0
-    assert list((cache / "dfn_scores").glob("*.npz")), "dfn scored again"
+    assert list(run.glob("embeddings/*/*.image.arrow")), "dfn embedded again"
     return run
 
 

@@ -167,6 +167,10 @@ def cmd_dfn_train(args) -> int:
     from trainer.train import train
 
     run_dir, cfg, tc = _train_config(args)
+    why = hq_problem(args.hq)  # the preflight: before anything is written
+    if why:
+        print(f"clipcurate: error: dfn-train: {why}", file=sys.stderr)
+        return 2
     tc.klite_prob = 0.0  # the filtering network learns from the HQ captions as they are
     out = shards.join(run_dir, DFN_MODEL_DIR)
     try:
@@ -182,6 +186,23 @@ def cmd_dfn_train(args) -> int:
     config_mod.save(cfg, shards.join(run_dir, "config.toml"))
     print(f"filtering network: {s['model_path']} (recorded as [dfn] checkpoint in {run_dir}/config.toml)")
     return 0
+
+
+def hq_problem(path: str) -> str | None:
+    """Why dfn-train could not read its high-quality set (one line with the fix), from names and Parquet footers
+    only (trainer.data.source_problem); None when it looks readable."""
+    from trainer.data import source_problem
+
+    why = source_problem(path)
+    if why is None:
+        return None
+    return (f"HQ set: {why}; give --hq the high-quality pairs: a Parquet file or folder with `image` (bytes) and "
+            "`text` columns, or WebDataset tars (a demo world writes hq.parquet)")
+
+
+def _check_dfn_train(args, run_dir: str, cfg: dict) -> list:
+    """`clipcurate check --hq HQ`: what dfn-train needs, as a line of the check."""
+    return [] if args.hq is None else [("dfn-train", [p for p in [hq_problem(args.hq)] if p])]
 
 
 def cmd_fetch_model(args) -> int:
@@ -260,4 +281,9 @@ def register(sub) -> None:
     p.add_argument("--allow-private-host", action="append", default=None, metavar="HOST:PORT",
                    help="a private hub mirror (HF_ENDPOINT) the egress policy may reach; repeatable")
     p.set_defaults(fn=cmd_fetch_model)
+
+    check = sub.choices.get("check")  # the spine's preflight command: what dfn-train needs too, when asked
+    if check is not None:
+        check.add_argument("--hq", default=None, help="also check what `dfn-train --hq HQ` needs (the HQ set)")
+        check.set_defaults(extra_checks=(*check.get_default("extra_checks"), _check_dfn_train))
 

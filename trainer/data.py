@@ -181,15 +181,22 @@ def _files(path: str, ext: str) -> list[str]:
 
 def open_source(path: str):
     """A Parquet or tar source for a file or a folder (an emit folder: its parquet/ part)."""
+    kind, files = locate(path)
+    return ParquetSource(files) if kind == "parquet" else TarSource(files)
+
+
+def locate(path: str) -> tuple[str, list[str]]:
+    """("parquet" | "tar", the files) `open_source(path)` reads: a file, or a folder's own files, else its
+    parquet/ (then wds/) part; a one-line DataError when there are none. Names only: no file is opened."""
     if not path:
         raise DataError("no training data given")
     if not shards.is_local(path):
-        return _open_remote(path)
+        return "parquet", _locate_remote(path)
     if os.path.isfile(path):
         if path.endswith(".parquet"):
-            return ParquetSource([path])
+            return "parquet", [path]
         if path.endswith(".tar"):
-            return TarSource([path])
+            return "tar", [path]
         raise DataError(f"{path}: expected a .parquet or .tar file, or a folder of them")
     if not os.path.isdir(path):
         raise DataError(f"training data {path} does not exist")
@@ -197,18 +204,18 @@ def open_source(path: str):
         folder = os.path.join(path, sub) if sub else path
         pqs, tars = _files(folder, "parquet"), _files(folder, "tar")
         if pqs:
-            return ParquetSource(pqs)
+            return "parquet", pqs
         if tars:
-            return TarSource(tars)
+            return "tar", tars
     raise DataError(f"{path}: no .parquet or .tar files in it (or in parquet/, wds/)")
 
 
-def _open_remote(path: str) -> ParquetSource:
-    """A Parquet file or folder (an emit folder: its parquet/ part) on an fsspec URL."""
+def _locate_remote(path: str) -> list[str]:
+    """The Parquet files of a file or folder (an emit folder: its parquet/ part) on an fsspec URL."""
     fs, p = shards.fs_and_path(path)
     if fs.isfile(p):
         if path.endswith(".parquet"):
-            return ParquetSource([path])
+            return [path]
         raise DataError(f"{path}: expected a .parquet file or a folder of them (tars are read from local paths only)")
     if not fs.isdir(p):
         raise DataError(f"training data {path} does not exist")
@@ -218,8 +225,32 @@ def _open_remote(path: str) -> ParquetSource:
         names = sorted(shards.shard_name(g) for g in fs.glob(posixpath.join(fp, "*.parquet")))
         files = [shards.join(folder, n) for n in names if n[:1] not in "_."]
         if files:
-            return ParquetSource(files)
+            return files
     raise DataError(f"{path}: no .parquet files in it (or in parquet/); tars are read from local paths only")
+
+
+def source_problem(path: str) -> str | None:
+    """Why `open_source(path)` would refuse a training set, judged from its file names and Parquet footers (the
+    set may be gigabytes: nothing else is read), in one line; None when it looks readable. dfn-train's preflight
+    of --hq, before anything is written."""
+    try:
+        kind, files = locate(path)
+        for f in files:
+            if kind == "tar":
+                if shards.is_local(f) and not os.access(f, os.R_OK):
+                    return f"{f} cannot be read (permission denied)"
+                continue
+            cols = _read_schema(f).names
+            if ("image" not in cols and REF_COL not in cols) or "text" not in cols:
+                return (f"{f}: training Parquet needs `image` (or `{REF_COL}`) and `text` columns "
+                        f"(has {', '.join(cols)})")
+            if "image" not in cols:
+                _reader_for(f)  # references need their run's image store
+    except DataError as e:
+        return str(e)
+    except (OSError, pa.ArrowException) as e:
+        return f"{path} cannot be read: {' '.join(str(e).split())[:200]}"
+    return None
 
 
 # ---- decoding ------------------------------------------------------------------------------------

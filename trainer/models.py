@@ -393,6 +393,68 @@ def pretrained_digest(name: str, pretrained: str = "") -> str | None:
     return None if files is None else (weights_digest(files[-1:]) if files else "")
 
 
+# What to do about a checkpoint that is not there, as network_problem says it by default (dfn says it its own way)
+CHECKPOINT_FIX = ("train one with `clipcurate dfn-train --hq HQ.parquet --run NAME`, or score with a public network: "
+                  'model = "hf-hub:apple/DFN-public" (after `clipcurate fetch-model hf-hub:apple/DFN-public`)')
+
+
+def network_problem(model: str, pretrained: str, checkpoint_path: str, fix: str = CHECKPOINT_FIX) -> str | None:
+    """Why a network cannot be loaded offline, in one line with its fix; None when, as far as looking can tell,
+    it will load. The preflight's check (pipeline/preflight.py) for every stage that loads a network (dfn,
+    embed): it looks, never loads. `checkpoint_path` set: that checkpoint (our `.pt` or an open_clip one) must
+    exist and start as torch.save writes (`fix` says what to do when it does not exist). Else `model` +
+    `pretrained` name a pretrained network (hub.plan: a known model, an existing tag or weights file) whose
+    files Hugging Face's cache must hold (the line names `clipcurate fetch-model ...`); open_clip is imported
+    for its model list, nothing is loaded or digested."""
+    if checkpoint_path:
+        return checkpoint_problem(checkpoint_path, fix)
+    from trainer import hub
+
+    try:
+        source = hub_source(model) if not pretrained else None
+        if source is None:
+            register_configs()
+            source = hub.plan(model, pretrained)
+    except ConfigError as e:
+        return str(e)
+    if hub.cached_files(source) is None:
+        return str(hub.missing_error(source))
+    return None
+
+
+def hub_source(model: str):
+    """hub.plan's Source for a well-formed `hf-hub:ORG/NAME`, without importing open_clip (8-12 s with torch on
+    2 loaded cores; the preflight of `clipcurate check` would be mostly that): open_clip's hub layout, its config
+    and the weights as open_clip 3.3 looks for them, .safetensors first (tests/test_preflight.py checks this equals
+    hub.plan's). None for any other name (hub.plan decides, and says what is wrong)."""
+    from trainer import hub
+
+    repo = model[len(hub.HUB_PREFIX):] if model.startswith(hub.HUB_PREFIX) else ""
+    if not hub.REPO_ID.fullmatch(repo):
+        return None
+    return hub.Source(model, "", "hf-hub", repo, ((hub.CONFIG_FILE,), ("open_clip_model.safetensors", hub.WEIGHTS_FILE)))
+
+
+def checkpoint_problem(path: str, fix: str = CHECKPOINT_FIX) -> str | None:
+    """A checkpoint that is missing, unreadable, or not a torch.save file (its first bytes), in the words
+    read_checkpoint would use; None when it looks like one. Does not import torch."""
+    from pipeline import shards
+
+    if not shards.exists(path):
+        return f"checkpoint {path} does not exist: {fix}"
+    if not shards.is_local(path):
+        return None  # its bytes are read when it is loaded
+    what = "give a .pt written by `clipcurate dfn-train` or `clipcurate train`, or an open_clip checkpoint"
+    try:
+        head = _file_head(path, 4)
+    except OSError as e:  # a folder, no permission
+        return f"checkpoint {path} cannot be read: {e.strerror or e}; {what}"
+    if not head.startswith(TORCH_SAVE_MAGIC):
+        return (f"checkpoint {path} is not a PyTorch checkpoint (torch.save writes a zip archive; this file starts "
+                f"with {head!r}); {what}")
+    return None
+
+
 def file_digest(path: str) -> str:
     """sha256 of a file (checkpoints are tens of MB: well under a second), for fingerprints and caches; local
     paths and fsspec URIs."""

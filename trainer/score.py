@@ -1,8 +1,10 @@
-"""Batched image-text cosine under a CLIP model: what the dfn stage (and its benchmark) calls.
+"""A CLIP model's image and text embeddings, batched: what the embed and dfn stages (and their benchmarks) call.
 
-A DataLoader decodes images and tokenises texts (in worker processes when `num_workers` > 0, with pinned
-memory on CUDA); the model runs under inference mode, with bf16/fp16 autocast on a GPU. Rows whose image
-is missing or cannot be decoded get NaN (the stage turns NaN into a null score).
+`Scorer.encode_images` reads, decodes and preprocesses images in DataLoader worker processes when `num_workers`
+> 0 (each worker reads its own chunks of rows through the run's image reader, so the main process only runs the
+model), with pinned memory on CUDA; `encode_texts` tokenises in batches. The model runs under inference mode,
+with bf16/fp16 autocast on a GPU. A row whose image is missing or cannot be decoded has no vector (ok False).
+`score` is the bare cosine loop the benchmarks compare against.
 """
 
 from __future__ import annotations
@@ -87,6 +89,58 @@ class _PairsForScoring:
         return x, self.tokenizer([self.texts[i] or ""])[0], ok
 
 
+class _ImageChunks:
+    """Chunks of rows, each read (`read(lo, hi)` -> bytes or None per row), decoded and preprocessed in the
+    DataLoader worker that owns it (chunk k goes to worker k mod workers): the main process runs only the model.
+    Yields (row positions with an image, images, decoded ok) per chunk; rows without bytes are not sent to the model."""
+
+    def __init__(self, read, n: int, chunk: int, preprocess, size: int, fast):
+        self.read, self.n, self.chunk = read, int(n), max(1, int(chunk))
+        self.preprocess, self.size, self.fast = preprocess, size, fast
+
+    def __iter__(self):
+        import torch
+
+        info = torch.utils.data.get_worker_info()
+        me, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k, lo in enumerate(range(0, self.n, self.chunk)):
+            if k % workers != me:
+                continue
+            blobs = self.read(lo, min(self.n, lo + self.chunk))
+            at, xs, oks = [], [], []
+            for j, b in enumerate(blobs):
+                if b is None:
+                    continue
+                x, ok = self._one(b)
+                at.append(lo + j)
+                xs.append(x)
+                oks.append(ok)
+            if at:
+                yield torch.as_tensor(np.asarray(at, np.int64)), torch.stack(xs), torch.as_tensor(oks)
+
+    def _one(self, data: bytes):
+        import torch
+
+        try:
+            img = decode_image(data, self.size)
+            return (torch.from_numpy(self.fast(img).copy()) if self.fast else self.preprocess(img)), True
+        except Exception:  # truncated or not an image: no vector, never a crash
+            return (torch.zeros(self.fast.crop[0], self.fast.crop[1], 3, dtype=torch.uint8) if self.fast
+                    else torch.zeros(3, self.size, self.size)), False
+
+
+def _dataset(chunks):
+    """`chunks` (an iterable of ready batches) as a torch IterableDataset; torch is imported lazily, so the class
+    is made here. DataLoader workers are forked: the dataset is not pickled."""
+    import torch
+
+    class _Dataset(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(chunks)
+
+    return _Dataset()
+
+
 class Scorer:
     """Loads a model once; `score(images, texts)` -> float32 cosines (NaN: no / bad image). The model: a checkpoint
     (ours, or any open_clip one with `model_name`), or with `checkpoint` empty a pretrained open_clip network
@@ -115,6 +169,56 @@ class Scorer:
         if self._identity is None:
             self._identity = models.checkpoint_identity(self.checkpoint, self.model_name, self.model)
         return self._identity
+
+    @property
+    def dims(self) -> int:
+        """Width of the model's embeddings."""
+        import torch
+
+        with torch.inference_mode():
+            return int(self.model.encode_text(self.tokenizer([""]).to(self.device)).shape[-1])
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised float32 text embeddings [n, dims], `batch_size` texts at a time (tokenised in this
+        process: tokenising costs a fraction of a text forward pass)."""
+        import torch
+
+        parts = []
+        with torch.inference_mode(), models.autocast(self.device, self.precision), heap_for_tensors():
+            for lo in range(0, len(texts), self.batch_size):
+                tok = self.tokenizer([t or "" for t in texts[lo:lo + self.batch_size]]).to(self.device)
+                parts.append(self.model.encode_text(tok, normalize=True).float().cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, self.dims), np.float32)
+
+    def encode_images(self, read, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(L2-normalised float32 image embeddings [n, dims], ok [n] (decoded), present [n] (had bytes)) for rows
+        0..n-1 whose bytes `read(lo, hi)` returns (a list: bytes, or None for a row without an image). Chunks of `batch_size` rows are read and
+        decoded in `num_workers` DataLoader workers (0: here), moved through pinned memory on CUDA."""
+        import torch
+
+        dims = self.dims
+        out = np.zeros((n, dims), np.float32)
+        ok = np.zeros(n, bool)
+        present = np.zeros(n, bool)
+        if n == 0:
+            return out, ok, present
+        data = _ImageChunks(read, n, self.batch_size, self.preprocess, self.size, self.fast)
+        cuda = self.device.type == "cuda"
+        workers = min(self.num_workers, -(-n // self.batch_size))
+        loader = torch.utils.data.DataLoader(_dataset(data), batch_size=None,
+                                             num_workers=workers, pin_memory=cuda,
+                                             prefetch_factor=2 if workers else None)
+        with torch.inference_mode(), models.autocast(self.device, self.precision), heap_for_tensors():
+            for at, x, good in loader:
+                x = x.to(self.device, non_blocking=cuda)
+                if self.fast is not None:
+                    x = self.fast.normalize(x)
+                at = at.numpy()
+                out[at] = self.model.encode_image(x, normalize=True).float().cpu().numpy()
+                ok[at] = good.numpy().astype(bool)
+                present[at] = True
+        out[~ok] = 0
+        return out, ok, present
 
     def forward(self, x, tokens):
         """Cosine per pair for a ready batch (the bare model cost the benchmark compares against)."""

@@ -104,6 +104,7 @@ class AlignStage(Stage):
     """ALIGN / DataComp-basic filtering with exact and near-duplicate removal and eval decontamination."""
 
     needs_pixels = True
+    pixels_optional = True  # a text-only pool (a URL list): the text rules run, the image rules are skipped
     name = "align"
     worker_imports = ("datasketch",)  # MinHash permutations and LSH parameters: 0.28 s to import (scipy)
     requires = {"uid": pa.string(), "text": pa.string()}
@@ -220,6 +221,24 @@ class AlignStage(Stage):
                     "align: language = "
                     f"{self.config.language!r} needs the py3langid package (pip install py3langid==0.3.0)"
                 ) from None
+
+    def preflight(self, ctx: ShardContext) -> list[str]:
+        """The eval set `eval_images` names (it is read whenever set: its hashes build the eval rule), and
+        py3langid when the language rule is on: looked for, nothing decoded or loaded."""
+        import importlib.util
+
+        c, out = self.config, []
+        if c.eval_images:
+            what = ("does not exist" if not shards.exists(c.eval_images)
+                    else "is empty" if not eval_files(c.eval_images) else None)
+            if what:
+                out.append(f"eval set {c.eval_images} ([align] eval_images) {what}: give a folder of images or a "
+                           "Parquet file/folder with image bytes or image_phash (a demo world writes eval/), or set "
+                           "eval_images = \"\" to run without eval decontamination")
+        if c.language and importlib.util.find_spec("py3langid") is None:  # as setup asks
+            out.append(f"language = {c.language!r} needs the py3langid package: pip install py3langid==0.3.0, or set "
+                       "[align] language = \"\"")
+        return out
 
     def fingerprint_parts(self, ctx=None) -> dict:
         import datasketch

@@ -54,6 +54,7 @@ def cmd_ingest(args) -> int:
     before = [s for s in steps if s.position < step.position]
     if args.input is None and not before:
         raise StageError("ingest: give the URL list (or an img2dataset output folder): clipcurate ingest URLS --run NAME")
+    _preflight(args, run_dir, cfg, before + [step])
     if args.input is not None and _is_folder(args.input) and not is_curated_folder(args.input):
         if before:
             raise StageError(f"ingest: this run's recipe runs {', '.join(s.name for s in before)} before the download: "
@@ -104,6 +105,22 @@ def cmd_ingest(args) -> int:
         print(f"next: clipcurate run --run {Path(run_dir).name}   ({', '.join(after)})")
     _fail_if_nothing_kept(res, "no URL downloaded", "check the URLs and the network")
     return 0
+
+
+def _preflight(args, run_dir: str, cfg: dict, steps: list) -> None:
+    """The preflight of what this command runs (the download and the recipe's steps before it, text-first), and
+    its input, before anything is written (pipeline/preflight.py). The steps after the download are checked by
+    the `run` that runs them: the default recipe's dfn needs a network that dfn-train, run after ingest, makes."""
+    from pipeline import preflight
+
+    missing = None
+    if args.input is not None and shards.is_local(args.input) and not Path(args.input).exists():
+        missing = f"{args.input} does not exist: give a URL list (Parquet/CSV/TSV with url and caption columns) or an " \
+                  "img2dataset output folder"
+    # the steps before the download read a folder of row shards given as input (its images, if a step needs them)
+    rows = args.input if len(steps) > 1 and args.input is not None and not missing and _is_folder(args.input) \
+        and is_curated_folder(args.input) else None
+    preflight.require(steps, run_dir, cfg, input_dir=rows, extra=[("ingest", missing)])
 
 
 def _curate_before_download(args, run_dir: str, cfg: dict, steps: list, step, before: list, ingest_cfg) -> tuple:

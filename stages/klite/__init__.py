@@ -102,6 +102,17 @@ class KLiteStage(Stage):
         tagger = tagger_id(self.config.pos_tagger)
         return {"tables": signature(), "tagger": tagger}
 
+    def preflight(self, ctx: ShardContext) -> list[str]:
+        """WordNet's files (its glosses are the knowledge), and the spaCy tagger when `pos_tagger = "spacy"`
+        requires it: looked for, not loaded (klite has no concept list of its own: its lemmas are WordNet's)."""
+        from metadata.wordnet import not_installed
+
+        out = [p for p in [not_installed()] if p]
+        if self.config.pos_tagger == "spacy" and tagger_id("spacy") == "missing":
+            out.append('pos_tagger = "spacy" but no spaCy English model is installed: run `make setup` (it installs '
+                       'the one requirements-tagger.lock pins), or set [klite] pos_tagger = "auto" or "none"')
+        return out
+
     # -- candidates -------------------------------------------------------------------------------------
     def candidates(self, texts) -> pl.DataFrame:
         """(row, lemma_id) for every candidate of every caption, one row per distinct pair."""

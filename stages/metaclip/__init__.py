@@ -130,6 +130,23 @@ class MetaClipStage(Stage):
         """The list's identity: in the fingerprint, and the key of the pass-1 match cache."""
         return concepts.entries_sha256(self.entries)
 
+    def preflight(self, ctx: ShardContext) -> list[str]:
+        """The concept list: a file that exists and reads as one (UTF-8, one entry a line, or a JSON list), read
+        as the fingerprint will read it anyway (well under a second for MetaCLIP's 500k entries); or, for the
+        WordNet list (`entries` empty), WordNet's files, looked for (the list is built at the first run)."""
+        from metadata.wordnet import not_installed
+
+        spec = self.config.entries
+        if spec in ("", "wordnet"):
+            why = not_installed()
+            return [f"{why} (the concept list is WordNet's: [metaclip] entries is empty)"] if why else []
+        try:
+            concepts.load_entries(spec)
+        except concepts.ConceptListError as e:
+            return [f"{e}: set [metaclip] entries to a concept list (one entry a line, or MetaCLIP's metadata.json), "
+                    "or leave it empty for WordNet's (`clipcurate metadata wordnet OUT` writes it)"]
+        return []
+
     def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
         parts = {"entries_sha256": self.entries_sha256}
         if self.config.one_text_per_image:  # image_choice.parquet's keys were polars' hash before: not reused

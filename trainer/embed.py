@@ -1,0 +1,202 @@
+"""A shard's embeddings under a model, computed once: found in the run's embedding store, or computed and stored.
+
+The embed and dfn stages both call `shard_vectors` (a stage never imports another): embed to fill the store,
+dfn to score from it, computing only what the store lacks. A vector is reused only when the store holds it for
+the row's uid *and* it was computed from the same input: each stored row records a 64-bit hash of its source
+(the text for text vectors; the image reference, which names the store file and, for tar members, offset, size
+and CRC, for image vectors), so a caption or image that changed behind a uid is embedded again, never scored
+with another input's vector.
+
+Scores are always computed from vectors as stored (L2-normalised in float32, then float16:
+pipeline.embeddings.as_stored), also when no store is at hand: a score read from the store equals the score of
+the pass that wrote it, bit for bit, so a cut made from stored vectors keeps exactly the rows of a direct one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import embeddings
+from pipeline.hashing import hash64_strings
+from pipeline.images import REF_COL
+
+log = logging.getLogger("clipcurate.embed")
+
+KINDS = ("text", "image")
+
+
+class ShardVectors(NamedTuple):
+    """One kind of vector for a shard's rows, in row order: float16 as stored (zeros where not `found`), `found`
+    (the row has a vector: for images, bytes that decoded), `present` (the row has an input: for images, bytes,
+    decodable or not), how many rows were computed now (the rest came from the store), and the store file's
+    {"size", "xxh3"} record when this call wrote it (None: nothing written)."""
+
+    vectors: np.ndarray
+    found: np.ndarray
+    present: np.ndarray
+    computed: int
+    record: dict | None
+
+
+def sources(table: pa.Table, kind: str) -> np.ndarray | None:
+    """What each row's `kind` vector is computed from, hashed: the text, or the image reference (None: the rows
+    carry no reference, e.g. a table built in memory with its bytes; such vectors are not stored)."""
+    if kind == "text":
+        return hash64_strings(table.column("text"), "embed:text")
+    if REF_COL not in table.column_names:
+        return None
+    return hash64_strings(table.column(REF_COL), "embed:image")
+
+
+def shard_vectors(scorer, store: embeddings.EmbeddingStore | None, table: pa.Table, ctx, kind: str) -> ShardVectors:
+    """`kind` vectors of `table`'s rows: from the store where it holds them (this shard's file first, then any
+    file, for rows resharded since), the rest computed with `scorer` and added to this shard's file (rows it
+    already held for other uids are kept). Without a store (`store` None) every row is computed."""
+    n = table.num_rows
+    src = sources(table, kind)
+    storable = store is not None and src is not None and bool(ctx.shard)
+    vectors = np.zeros((n, scorer_dims(scorer, store)), np.float16)
+    found = np.zeros(n, bool)
+    # the store answered for the row: with a vector, or with "bytes that do not decode". A row without bytes is
+    # never stored (reading it again costs nothing), so "listed" always means the row had an input.
+    have = np.zeros(n, bool)
+    uids = table.column("uid")
+    if storable and n:
+        _from_store(store, ctx.shard, kind, uids, src, vectors, found, have)
+    todo = np.flatnonzero(~have)
+    if len(todo) == 0:
+        return ShardVectors(vectors, found, have, 0, None)
+    t0 = time.perf_counter()
+    part = table.take(pa.array(todo))
+    if kind == "text":
+        raw = scorer.encode_texts(part.column("text").to_pylist())
+        ok = present = np.ones(len(todo), bool)
+    else:
+        raw, ok, present = _encode_images(scorer, part, ctx)
+    vectors[todo] = embeddings.as_stored(raw, ok)
+    found[todo] = ok
+    have[todo] = present
+    log.info("embed: %s %d %s vectors in %.1fs (%d from the store)", ctx.shard or "table", len(todo), kind,
+             time.perf_counter() - t0, n - len(todo))
+    record = None
+    if storable:
+        keep = np.flatnonzero(have)
+        record = _add_to_store(store, ctx.shard, kind, uids.take(pa.array(keep)), vectors[keep], found[keep],
+                               src[keep])
+    return ShardVectors(vectors, found, have, len(todo), record)
+
+
+def scorer_dims(scorer, store) -> int:
+    if store is not None and store.dims:
+        return store.dims
+    return scorer.dims
+
+
+def _from_store(store, shard: str, kind: str, uids, src: np.ndarray, vectors, found, have) -> None:
+    """Fill in what the store holds for these rows, when it was computed from the same source."""
+    if store.has(shard, kind):
+        got = store.lookup(shard, kind, uids)
+        hit = got.listed & (got.source == src)
+        vectors[hit], found[hit], have[hit] = got.vectors[hit], got.found[hit], True
+    rest = np.flatnonzero(~have)
+    if len(rest) and any(stem != embeddings.shard_stem(shard) for stem in store.files(kind)):
+        got = store.lookup_any(uids.take(pa.array(rest)), kind)
+        hit = got.listed & (got.source == src[rest])
+        at = rest[hit]
+        vectors[at], found[at], have[at] = got.vectors[hit], got.found[hit], True
+
+
+def _encode_images(scorer, part: pa.Table, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image vectors of `part`'s rows: chunks of rows read through the run's image reader (in the scorer's
+    DataLoader workers when it has some), decoded, embedded. Rows without bytes have no vector."""
+    cols = [c for c in ("uid", REF_COL, "image") if c in part.column_names]
+    slim = part.select(cols)
+
+    def read(lo: int, hi: int) -> list:
+        blobs = ctx.pixels(slim.slice(lo, hi - lo))
+        return [None] * (hi - lo) if blobs is None else blobs.to_pylist()
+
+    return scorer.encode_images(read, slim.num_rows)
+
+
+def _add_to_store(store, shard: str, kind: str, uids, vectors, found, src) -> dict:
+    """This shard's file with these rows, plus the rows it already held for uids not in this table."""
+    uids = uids.combine_chunks() if isinstance(uids, pa.ChunkedArray) else uids
+    keys = embeddings.uid_keys(uids)
+    _, first = np.unique(keys, return_index=True)  # a pool may repeat a uid: its first row speaks for it
+    if len(first) < len(keys):
+        first = np.sort(first)
+        uids, keys = uids.take(pa.array(first)), keys[first]
+        vectors, found, src = vectors[first], found[first], src[first]
+    old_keys, old_vec, old_valid, old_src = store.entries(shard, kind)
+    keep = ~np.isin(old_keys, keys) if len(old_keys) else np.zeros(0, bool)
+    if keep.any():
+        all_uids = pa.concat_arrays([embeddings.keys_to_hex(old_keys[keep]), uids.cast(pa.string())])
+        vectors = np.concatenate([old_vec[keep], vectors])
+        found = np.concatenate([old_valid[keep], found])
+        src = np.concatenate([old_src[keep] if old_src is not None else np.zeros(int(keep.sum()), np.uint64), src])
+        uids = all_uids
+    return store.write(shard, kind, uids, vectors, found, src)
+
+
+# ---- which network ------------------------------------------------------------------------------------------
+
+class Network(NamedTuple):
+    """A filtering / embedding network as a config names it: an open_clip checkpoint (ours from dfn-train, or any
+    open_clip one with `model`), or a pretrained network from Hugging Face's cache (`model` = an open_clip name or
+    hf-hub:ORG/NAME, `pretrained` = a tag or weights file). All empty: the run's own dfn-train network."""
+
+    model: str = ""
+    pretrained: str = ""
+    checkpoint: str = ""
+
+    def pretrained_network(self) -> bool:
+        return not self.checkpoint and bool(self.pretrained or self.model.startswith("hf-hub:"))
+
+    def checkpoint_path(self, run_dir: str) -> str:
+        """The checkpoint scored with ("" when there is none to name: no run folder and none configured)."""
+        from pipeline import shards
+        from trainer.config import DFN_MODEL_DIR
+
+        if self.checkpoint or not run_dir:
+            return self.checkpoint
+        return shards.join(run_dir, DFN_MODEL_DIR, "model.pt")
+
+    def describe(self, run_dir: str = "") -> str:
+        if self.pretrained_network():
+            return f"{self.model}" + (f" ({self.pretrained})" if self.pretrained else "")
+        return self.checkpoint_path(run_dir) or "(no checkpoint)"
+
+    def fingerprint(self, run_dir: str, digest_file) -> dict:
+        """What identifies the weights, for a step's fingerprint: a pretrained network's name, tag and cached
+        weights' digest (none yet: not fetched), or the checkpoint's digest (its path while it does not exist).
+        `digest_file(path)` digests a checkpoint (the caller keeps its own memo). ConfigError as models.plan's."""
+        from pipeline import shards
+        from trainer.models import pretrained_digest
+
+        if self.pretrained_network():
+            digest = pretrained_digest(self.model, self.pretrained)
+            return {"model": self.model, "pretrained": self.pretrained, **({"weights_xxh3": digest} if digest else {})}
+        path = self.checkpoint_path(run_dir)
+        if not path:
+            return {}
+        if not shards.exists(path):
+            return {"checkpoint": path}
+        return {"checkpoint_sha256": digest_file(path)}
+
+    def scorer(self, run_dir: str, device: str, precision: str, batch_size: int, num_workers: int):
+        """The loaded model (trainer.score.Scorer). ValueError (ConfigError too) in one line: a checkpoint that
+        does not load, a pretrained network missing from the cache (naming `clipcurate fetch-model`)."""
+        from trainer.models import pick_device
+        from trainer.score import Scorer
+
+        if num_workers < 0:
+            num_workers = 4 if pick_device(device).type == "cuda" else 0
+        if self.pretrained_network():
+            return Scorer("", self.model, device, precision, batch_size, num_workers, pretrained=self.pretrained)
+        return Scorer(self.checkpoint_path(run_dir), self.model, device, precision, batch_size, num_workers)
