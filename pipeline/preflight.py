@@ -69,8 +69,25 @@ def check(steps: Iterable["recipe.Step"], run_dir: str, config: dict,
         out.append((INPUT, _listed(why)))
     store = images.ImageStore.load(run_dir) is not None
     for step in running:
-        out.append((step.name, step_problems(step, run_dir, config, recipe_steps, running, input_dir, state, store)))
+        problems = step_problems(step, run_dir, config, recipe_steps, running, input_dir, state, store)
+        out.append((step.name, _listed(_download_problem(step, run_dir, recipe_steps, running)) + problems))
     return out
+
+
+def _download_problem(step: "recipe.Step", run_dir: str, recipe_steps: list, running: list) -> str | None:
+    """A step after a download that follows curation steps (text-first) reads that download: when it has not
+    run and this command does not run it, the first such step says so (the runner's words: pipeline/runner.py
+    `_check_download_current`, which would refuse it too, after the config is written). A download that comes
+    first (the default recipe) can be stood in for by --input: the runner says what is missing then."""
+    downloads = [s for s in recipe_steps if recipe.downloads(s) and 0 < s.position < step.position
+                 and s not in running and not recipe.output_exists(run_dir, s)]
+    if not downloads:
+        return None
+    d = downloads[-1]
+    if any(p.position > d.position and p.position < step.position for p in running):
+        return None  # an earlier step of this command says it
+    return (f"{d.name} has not run in this run: it downloads what the steps before it kept (clipcurate {d.stage} URLS "
+            f"--run NAME), then run {step.name}")
 
 
 def _listed(problem: str | None) -> list[str]:
@@ -164,6 +181,8 @@ def _store_problem(step, run_dir: str, recipe_steps: list, running: list, input_
         d = before[-1]
         if d in running or store:
             return None
+        if d.position > 0 and not recipe.output_exists(run_dir, d):
+            return None  # that download has not run: _download_problem says so, once
         if input_dir is not None and d.position == 0 and input_state == IMAGES:
             return None  # a pool given with --input stands in for a download that comes first
         also = (f", or give --input a pool with images ({_input_lacks_images(input_dir, input_state)})"

@@ -179,15 +179,15 @@ class DfnStage(Stage):
         return self._digests[path]
 
     def setup(self) -> None:
-        if self.config.checkpoint or self.config.pretrained_network():  # else known once the runner names the run
-            self._load(self.detached())
+        """Nothing: the network is loaded on the first row the embedding store lacks (a new cut on stored vectors
+        never loads it); the preflight has checked it loads offline."""
 
     def _load(self, ctx: ShardContext) -> None:
         c = self.config
         net = self.network()
         pretrained = c.pretrained_network()
         path = net.describe() if pretrained else self.checkpoint_path(ctx)
-        key = (net, path)
+        key = (net, path, net.stamp(ctx.run_dir))  # new weights behind the same name are loaded again
         if self.scorer is not None and key == self._scorer_key:
             return
         if not pretrained and not shards.exists(path):
@@ -203,32 +203,44 @@ class DfnStage(Stage):
         log.info("dfn: %s (%s) on %s, %s", path, self.scorer.model_name, self.scorer.device, self.scorer.precision)
 
     # ---- scores ----------------------------------------------------------------------------------
-    def score_rows(self, table: pa.Table, ctx: ShardContext | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def score_rows(self, table: pa.Table, ctx: ShardContext | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(float32 cosine per row, NaN where the image is missing or undecodable; whether the row names image
-        bytes). The cosine of the rows' stored vectors (the run's embedding store, under this network's identity):
+        bytes; how many vectors the model computed now). The cosine of the rows' stored vectors (the run's embedding store, under this network's identity):
         what the store lacks is embedded now and stored (trainer/embed.py), so collect embeds and apply, or any
         later cut, only reads. Without a run folder (a detached call) nothing is stored; the vectors are still
         rounded as stored, so the score is the same either way."""
         from trainer.embed import shard_vectors
 
         ctx = ctx or self.detached()
-        self._load(ctx)
         if REF_COL not in table.column_names and ctx.pixels(table.slice(0, 0)) is None:
             raise SchemaError(f"shard {ctx.shard}: missing column 'image' (or '{REF_COL}'), "
                               "required by dfn: it scores image-text pairs")
-        store = embeddings.EmbeddingStore(ctx.run_dir, self.scorer.identity) if ctx.run_dir else None
-        image = shard_vectors(self.scorer, store, table, ctx, "image")
-        text = shard_vectors(self.scorer, store, table, ctx, "text")
+        net = self.network()
+        store = net.stored(ctx.run_dir) if ctx.run_dir else None  # found without loading the network
+
+        def loaded():
+            self._load(ctx)
+            return self.scorer
+
+        if store is None:
+            scorer = loaded()
+            store = embeddings.EmbeddingStore(ctx.run_dir, scorer.identity) if ctx.run_dir else None
+        image = shard_vectors(loaded, store, table, ctx, "image")
+        text = shard_vectors(loaded, store, table, ctx, "text")
         s = np.full(table.num_rows, np.nan, np.float32)
         both = image.found & text.found
         if both.any():
             s[both] = embeddings.cosine(image.vectors[both], text.vectors[both])
-        has = image.present
+        computed = image.computed + text.computed
         if store is not None:
-            computed = image.computed + text.computed
-            ctx.note(f"dfn: embedded now and stored in embeddings/{store.model_id}/" if computed else
+            ctx.note(f"dfn: embedded the rows the store lacked, into embeddings/{store.model_id}/" if computed else
                      f"dfn: scored from stored vectors (embeddings/{store.model_id}/, no model pass)")
-        return s, has
+        if store is not None and ctx.shard:
+            for kind in ("image", "text"):  # the done-marker vouches for the vectors scored from
+                if store.has(ctx.shard, kind):
+                    path = store.path(ctx.shard, kind)
+                    ctx.wrote(path, shards.file_record(path))
+        return s, image.present, computed
 
     def scores(self, table: pa.Table, ctx: ShardContext | None = None) -> np.ndarray:
         """float32 cosine per row (NaN: no image, or one that does not decode)."""
@@ -236,10 +248,10 @@ class DfnStage(Stage):
 
     # ---- contract --------------------------------------------------------------------------------
     def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> dict:
-        s, _ = self.score_rows(table, ctx)
+        s, _, computed = self.score_rows(table, ctx)
         ok = np.isfinite(s)
         hist = np.bincount(score_bins(s[ok], self.config.bins), minlength=self.config.bins).astype(np.int64)
-        return {"hist": hist, "scored": int(ok.sum()), "unscored": int((~ok).sum())}
+        return {"hist": hist, "scored": int(ok.sum()), "unscored": int((~ok).sum()), "embedded": int(computed)}
 
     def merge(self, partials: list) -> dict:
         parts = [p for p in partials if p is not None]
@@ -247,6 +259,7 @@ class DfnStage(Stage):
             "hist": np.sum([p["hist"] for p in parts], axis=0) if parts else np.zeros(self.config.bins, np.int64),
             "scored": sum(p["scored"] for p in parts),
             "unscored": sum(p["unscored"] for p in parts),
+            "embedded": sum(p.get("embedded", 0) for p in parts),
         }
 
     def cut(self, stats: dict) -> dict:
@@ -260,11 +273,13 @@ class DfnStage(Stage):
     def save_stats(self, stats: Any, folder: str) -> None:
         super().save_stats(stats, folder)
         c = self.cut(stats)
-        shards.write_json({"scored": stats["scored"], "unscored": stats["unscored"], "keep_fraction":
-                           self.config.keep_fraction, **c}, shards.join(folder, "cut.json"))
+        # embedded: vectors the model computed in this step (0: every score came from the embedding store)
+        shards.write_json({"scored": stats["scored"], "unscored": stats["unscored"], "embedded":
+                           stats.get("embedded", 0), "keep_fraction": self.config.keep_fraction, **c},
+                          shards.join(folder, "cut.json"))
 
     def apply(self, table: pa.Table, stats, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
-        s, has_image = self.score_rows(table, ctx)
+        s, has_image, _ = self.score_rows(table, ctx)
         ok = np.isfinite(s)
         c = self.cut(stats)
         if self.config.score_only:  # rows without a usable image still go: nothing can be trained on them

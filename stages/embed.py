@@ -110,7 +110,7 @@ class EmbedStage(Stage):
     def scorer(self, ctx: ShardContext):
         net = self.network(ctx)
         c = self.config
-        key = (net, ctx.run_dir if not (net.checkpoint or net.pretrained_network()) else "")
+        key = (net, net.checkpoint_path(ctx.run_dir), net.stamp(ctx.run_dir))  # new weights: loaded again
         if key not in self._scorers:
             path = net.checkpoint_path(ctx.run_dir)
             if not net.pretrained_network() and (not path or not shards.exists(path)):
@@ -132,8 +132,13 @@ class EmbedStage(Stage):
         from trainer.embed import shard_vectors
 
         ctx = ctx or self.detached()
-        scorer = self.scorer(ctx)
-        store = embeddings.EmbeddingStore(ctx.run_dir, scorer.identity) if ctx.run_dir else None
+        store = self.network(ctx).stored(ctx.run_dir) if ctx.run_dir else None  # found without loading
+        if store is None:
+            store = embeddings.EmbeddingStore(ctx.run_dir, self.scorer(ctx).identity) if ctx.run_dir else None
+
+        def scorer():
+            return self.scorer(ctx)
+
         for kind in KINDS:
             if kind not in self.config.kinds:
                 continue

@@ -50,7 +50,7 @@ def _stub_pool(scores: np.ndarray, cuts: list[int]) -> list[pa.Table]:
 def stub_scores(monkeypatch):
     """DfnStage.score_rows reads a column `s` instead of running a model (the keep rule on its own)."""
     monkeypatch.setattr(DfnStage, "score_rows", lambda self, table, ctx=None: (
-        table.column("s").to_numpy().astype(np.float32), pc.is_valid(table.column("image")).to_numpy()))
+        table.column("s").to_numpy().astype(np.float32), pc.is_valid(table.column("image")).to_numpy(), 0))
 
 
 # ---- the keep rule, without a model ---------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_a_copied_threshold_keeps_what_the_table_says(tmp_path, monkeypatch):
     cand = DfnStage({"keep_fraction": 0.2}).report(d, str(tmp_path / "report"))["tables"][1]
     pool = pa.table({"uid": _uids(N, "p"), "text": ["t"] * N, "image": pa.array([b"x"] * N, pa.binary()), "s": s})
     monkeypatch.setattr(DfnStage, "score_rows", lambda self, table, ctx=None: (
-        table.column("s").to_numpy().astype(np.float32), pc.is_valid(table.column("image")).to_numpy()))
+        table.column("s").to_numpy().astype(np.float32), pc.is_valid(table.column("image")).to_numpy(), 0))
     for t, n_kept, _, _ in cand.rows:
         k, _ = DfnStage({"threshold": float(t)}).apply(pool, {})
         assert k.num_rows == n_kept, t

@@ -130,11 +130,23 @@ def test_item4_dfn_from_stored_vectors_keeps_exactly_the_rows_of_direct_scoring(
     assert a == b  # same rows kept, same reasons, same scores to the bit
     reasons = [r for _, r in a.values()]
     assert reasons.count("no_image") == 1 and reasons.count("bad_image") == 1
-    # a new cut costs no model pass, and keeps the top share of the same scores
+    # a new cut costs no model pass, nor even loading the network, and keeps the top share of the same scores
     passes.update(text=0, image=0)
-    [res3] = run_pipeline(["dfn"], str(direct), _cfg(network, ["dfn"], keep_fraction=0.6), input_dir=str(pool),
-                          workers=0)
-    assert passes == {"text": 0, "image": 0}
+    loads = []
+    real_init = score_mod.Scorer.__init__
+
+    def counting_init(self, *a, **kw):
+        loads.append(a)
+        real_init(self, *a, **kw)
+
+    score_mod.Scorer.__init__ = counting_init
+    try:
+        [res3] = run_pipeline(["dfn"], str(direct), _cfg(network, ["dfn"], keep_fraction=0.6), input_dir=str(pool),
+                              workers=0)
+    finally:
+        score_mod.Scorer.__init__ = real_init
+    assert passes == {"text": 0, "image": 0} and loads == []
+    assert shards.read_json(str(direct / "00_dfn" / "stats" / "cut.json"))["embedded"] == 0
     c = _rows(direct, "00_dfn")
     assert {u: s for u, (s, _) in c.items()} == {u: s for u, (s, _) in a.items()}
     kept = sum(r is None for _, r in c.values())
@@ -181,3 +193,42 @@ def test_item3_text_before_the_download_then_images(pool, network, tmp_path, pas
     passes.update(text=0, image=0)
     run_pipeline(["embed", "dfn"], str(run), cfg, input_dir=str(pool), workers=0)
     assert passes == {"text": 0, "image": 119}
+
+
+def test_item3_decode_workers_give_the_same_vectors(pool, network, tmp_path):
+    """The GPU path's DataLoader workers (each reads and decodes its own chunks through the run's image reader)
+    give the vectors of the in-process path, row for row."""
+    runs = {}
+    for workers in (0, 2):
+        run = tmp_path / f"w{workers}"
+        cfg = config_mod.resolve({"run": {"stages": ["embed"]}, "embed": {
+            "checkpoint": network, "batch_size": 16, "num_workers": workers}})
+        run_pipeline(["embed"], str(run), cfg, input_dir=str(pool), workers=0)
+        [model_dir] = (run / "embeddings").iterdir()
+        runs[workers] = embeddings.EmbeddingStore.open(str(run), model_dir.name)
+    uids = pa.concat_tables([shards.read_shard(p) for p in shards.list_shards(str(pool))]).column("uid")
+    a, fa = runs[0].read_any(uids, "image")
+    b, fb = runs[2].read_any(uids, "image")
+    np.testing.assert_array_equal(fa, fb)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_item4_new_weights_behind_the_same_checkpoint_path_are_loaded(pool, network, tmp_path):
+    """A process keeps its loaded network only while the weights file is unchanged: a retrained checkpoint at the
+    same path is loaded and embedded anew (into another store folder), never scored with the old weights."""
+    import shutil
+
+    from trainer import models
+
+    ck = tmp_path / "model.pt"
+    shutil.copy(network, ck)
+    run = tmp_path / "r"
+    run_pipeline(["dfn"], str(run), _cfg(str(ck), ["dfn"]), input_dir=str(pool), workers=0)
+    before = _rows(run, "00_dfn")
+    torch.manual_seed(11)
+    other, _, _, _ = models.create("clipcurate-tiny")
+    torch.save({"model_name": "clipcurate-tiny", "state_dict": other.state_dict(), "step": 0}, ck)
+    run_pipeline(["dfn"], str(run), _cfg(str(ck), ["dfn"]), input_dir=str(pool), workers=0)
+    assert len(list((run / "embeddings").iterdir())) == 2
+    after = _rows(run, "00_dfn")
+    assert [s for s, _ in before.values()] != [after[u][0] for u in before]

@@ -28,6 +28,7 @@ from pipeline.images import REF_COL
 log = logging.getLogger("clipcurate.embed")
 
 KINDS = ("text", "image")
+NO_INPUT = np.uint64(0x9E3779B97F4A7C15)  # xor-ed into a stored row's source hash: "this row had no image bytes"
 
 
 class ShardVectors(NamedTuple):
@@ -56,39 +57,46 @@ def sources(table: pa.Table, kind: str) -> np.ndarray | None:
 def shard_vectors(scorer, store: embeddings.EmbeddingStore | None, table: pa.Table, ctx, kind: str) -> ShardVectors:
     """`kind` vectors of `table`'s rows: from the store where it holds them (this shard's file first, then any
     file, for rows resharded since), the rest computed with `scorer` and added to this shard's file (rows it
-    already held for other uids are kept). Without a store (`store` None) every row is computed."""
+    already held for other uids are kept). Without a store (`store` None) every row is computed. `scorer` may be
+    a function that loads the model: it is called only when a row must be embedded, so a new cut on stored
+    vectors never loads the network."""
     n = table.num_rows
     src = sources(table, kind)
     storable = store is not None and src is not None and bool(ctx.shard)
+    if store is None or not store.dims:
+        scorer = _loaded(scorer)
     vectors = np.zeros((n, scorer_dims(scorer, store)), np.float16)
     found = np.zeros(n, bool)
-    # the store answered for the row: with a vector, or with "bytes that do not decode". A row without bytes is
-    # never stored (reading it again costs nothing), so "listed" always means the row had an input.
-    have = np.zeros(n, bool)
+    have = np.zeros(n, bool)  # the store answered for the row (a vector, bytes that do not decode, or no bytes)
+    present = np.ones(n, bool)  # the row has an input (for images: bytes, decodable or not)
     uids = table.column("uid")
     if storable and n:
-        _from_store(store, ctx.shard, kind, uids, src, vectors, found, have)
+        _from_store(store, ctx.shard, kind, uids, src, vectors, found, have, present)
     todo = np.flatnonzero(~have)
     if len(todo) == 0:
-        return ShardVectors(vectors, found, have, 0, None)
+        return ShardVectors(vectors, found, present, 0, None)
     t0 = time.perf_counter()
+    scorer = _loaded(scorer)
     part = table.take(pa.array(todo))
     if kind == "text":
         raw = scorer.encode_texts(part.column("text").to_pylist())
-        ok = present = np.ones(len(todo), bool)
+        ok = had = np.ones(len(todo), bool)
     else:
-        raw, ok, present = _encode_images(scorer, part, ctx)
+        raw, ok, had = _encode_images(scorer, part, ctx)
     vectors[todo] = embeddings.as_stored(raw, ok)
     found[todo] = ok
-    have[todo] = present
+    present[todo] = had
     log.info("embed: %s %d %s vectors in %.1fs (%d from the store)", ctx.shard or "table", len(todo), kind,
              time.perf_counter() - t0, n - len(todo))
     record = None
-    if storable:
-        keep = np.flatnonzero(have)
-        record = _add_to_store(store, ctx.shard, kind, uids.take(pa.array(keep)), vectors[keep], found[keep],
-                               src[keep])
-    return ShardVectors(vectors, found, have, len(todo), record)
+    if storable:  # a row without bytes is stored too (no vector, its source marked): a rerun need not load the model
+        marked = np.where(present, src, src ^ NO_INPUT)
+        record = _add_to_store(store, ctx.shard, kind, uids, vectors, found, marked)
+    return ShardVectors(vectors, found, present, len(todo), record)
+
+
+def _loaded(scorer):
+    return scorer() if callable(scorer) and not hasattr(scorer, "encode_texts") else scorer
 
 
 def scorer_dims(scorer, store) -> int:
@@ -97,18 +105,22 @@ def scorer_dims(scorer, store) -> int:
     return scorer.dims
 
 
-def _from_store(store, shard: str, kind: str, uids, src: np.ndarray, vectors, found, have) -> None:
-    """Fill in what the store holds for these rows, when it was computed from the same source."""
+def _from_store(store, shard: str, kind: str, uids, src: np.ndarray, vectors, found, have, present) -> None:
+    """Fill in what the store holds for these rows, when it was computed from the same source (or recorded as
+    having none: the source hash with NO_INPUT flipped in)."""
     if store.has(shard, kind):
         got = store.lookup(shard, kind, uids)
-        hit = got.listed & (got.source == src)
+        same, none = got.listed & (got.source == src), got.listed & (got.source == (src ^ NO_INPUT))
+        hit = same | none
         vectors[hit], found[hit], have[hit] = got.vectors[hit], got.found[hit], True
+        present[none] = False
     rest = np.flatnonzero(~have)
     if len(rest) and any(stem != embeddings.shard_stem(shard) for stem in store.files(kind)):
         got = store.lookup_any(uids.take(pa.array(rest)), kind)
-        hit = got.listed & (got.source == src[rest])
-        at = rest[hit]
-        vectors[at], found[at], have[at] = got.vectors[hit], got.found[hit], True
+        same, none = got.listed & (got.source == src[rest]), got.listed & (got.source == (src[rest] ^ NO_INPUT))
+        at = rest[same | none]
+        vectors[at], found[at], have[at] = got.vectors[same | none], got.found[same | none], True
+        present[rest[none]] = False
 
 
 def _encode_images(scorer, part: pa.Table, ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -188,6 +200,61 @@ class Network(NamedTuple):
         if not shards.exists(path):
             return {"checkpoint": path}
         return {"checkpoint_sha256": digest_file(path)}
+
+    def weights_files(self, run_dir: str) -> list[str]:
+        """The files the weights are read from (none: not fetched, or random weights); no loading."""
+        if not self.pretrained_network():
+            path = self.checkpoint_path(run_dir)
+            return [path] if path else []
+        from trainer import hub
+        from trainer.models import register_configs
+
+        register_configs()
+        try:
+            return list(hub.cached_files(hub.plan(self.model, self.pretrained)) or [])
+        except ValueError:
+            return []
+
+    def stamp(self, run_dir: str) -> tuple:
+        """(path, size, mtime) of each weights file: a process keeps a loaded model while this is unchanged, so
+        new weights behind the same name (a new fetch, a retrained checkpoint) are loaded, not ignored."""
+        from pipeline import shards
+
+        out = []
+        for path in self.weights_files(run_dir):
+            try:
+                fs, p = shards.fs_and_path(path)
+                info = fs.info(p)
+                out.append((path, info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")))
+            except (OSError, FileNotFoundError):
+                out.append((path, None, ""))
+        return tuple(out)
+
+    def stored(self, run_dir: str) -> embeddings.EmbeddingStore | None:
+        """The run's embedding store of this network, found without loading it: the manifest whose identity
+        names the same weights (digest of the files, memoised per process by path, size and mtime) and tag.
+        None when there is none yet, or the weights are random (their digest needs the model)."""
+        from pipeline import shards
+        from trainer.models import weights_digest
+
+        files = self.weights_files(run_dir)
+        if not run_dir or not files or not all(shards.exists(f) for f in files):
+            return None
+        digest = weights_digest(files[-1:])  # the weights file, as models.load_pretrained / checkpoint_identity
+        folder = shards.join(run_dir, embeddings.FOLDER)
+        fs, p = shards.fs_and_path(folder)
+        if not fs.exists(p):
+            return None
+        for entry in sorted(fs.ls(p, detail=False)):
+            model_id = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            try:
+                store = embeddings.EmbeddingStore.open(run_dir, model_id)
+            except embeddings.EmbeddingError:
+                continue
+            ident = store.identity
+            if ident.get("weights_digest") == digest and (not self.pretrained_network() or ident.get("name") == self.model):
+                return store
+        return None
 
     def scorer(self, run_dir: str, device: str, precision: str, batch_size: int, num_workers: int):
         """The loaded model (trainer.score.Scorer). ValueError (ConfigError too) in one line: a checkpoint that

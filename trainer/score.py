@@ -1,9 +1,8 @@
 """A CLIP model's image and text embeddings, batched: what the embed and dfn stages (and their benchmarks) call.
 
-`Scorer.encode_images` reads, decodes and preprocesses images in DataLoader worker processes when `num_workers`
-> 0 (each worker reads its own chunks of rows through the run's image reader, so the main process only runs the
-model), with pinned memory on CUDA; `encode_texts` tokenises in batches. The model runs under inference mode,
-with bf16/fp16 autocast on a GPU. A row whose image is missing or cannot be decoded has no vector (ok False).
+`Scorer.encode_images` reads a group of rows' bytes through the run's image reader, then decodes and preprocesses
+them in DataLoader worker processes when `num_workers` > 0, with pinned memory on CUDA; `encode_texts` tokenises
+in batches. The model runs under inference mode, with bf16/fp16 autocast on a GPU. A row whose image is missing or cannot be decoded has no vector (ok False).
 `score` is the bare cosine loop the benchmarks compare against.
 """
 
@@ -89,56 +88,30 @@ class _PairsForScoring:
         return x, self.tokenizer([self.texts[i] or ""])[0], ok
 
 
-class _ImageChunks:
-    """Chunks of rows, each read (`read(lo, hi)` -> bytes or None per row), decoded and preprocessed in the
-    DataLoader worker that owns it (chunk k goes to worker k mod workers): the main process runs only the model.
-    Yields (row positions with an image, images, decoded ok) per chunk; rows without bytes are not sent to the model."""
+READ_GROUP_ROWS = 4096  # rows whose bytes the main process holds at once: ~100 MB of 256-px JPEGs
 
-    def __init__(self, read, n: int, chunk: int, preprocess, size: int, fast):
-        self.read, self.n, self.chunk = read, int(n), max(1, int(chunk))
-        self.preprocess, self.size, self.fast = preprocess, size, fast
 
-    def __iter__(self):
-        import torch
+class _Images:
+    """(image, decoded ok) per row of a list of bytes, decoded and preprocessed in the DataLoader's worker
+    processes. The bytes are read in the main process (through the run's image reader, a group of rows at a
+    time): a worker forked from a process whose Arrow/polars thread pools were busy must not use them again
+    (it deadlocks), and decoding, the costly part, is what the workers are for."""
 
-        info = torch.utils.data.get_worker_info()
-        me, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for k, lo in enumerate(range(0, self.n, self.chunk)):
-            if k % workers != me:
-                continue
-            blobs = self.read(lo, min(self.n, lo + self.chunk))
-            at, xs, oks = [], [], []
-            for j, b in enumerate(blobs):
-                if b is None:
-                    continue
-                x, ok = self._one(b)
-                at.append(lo + j)
-                xs.append(x)
-                oks.append(ok)
-            if at:
-                yield torch.as_tensor(np.asarray(at, np.int64)), torch.stack(xs), torch.as_tensor(oks)
+    def __init__(self, blobs: list, preprocess, size: int, fast):
+        self.blobs, self.preprocess, self.size, self.fast = blobs, preprocess, size, fast
 
-    def _one(self, data: bytes):
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __getitem__(self, i):
         import torch
 
         try:
-            img = decode_image(data, self.size)
+            img = decode_image(self.blobs[i], self.size)
             return (torch.from_numpy(self.fast(img).copy()) if self.fast else self.preprocess(img)), True
         except Exception:  # truncated or not an image: no vector, never a crash
             return (torch.zeros(self.fast.crop[0], self.fast.crop[1], 3, dtype=torch.uint8) if self.fast
                     else torch.zeros(3, self.size, self.size)), False
-
-
-def _dataset(chunks):
-    """`chunks` (an iterable of ready batches) as a torch IterableDataset; torch is imported lazily, so the class
-    is made here. DataLoader workers are forked: the dataset is not pickled."""
-    import torch
-
-    class _Dataset(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(chunks)
-
-    return _Dataset()
 
 
 class Scorer:
@@ -192,31 +165,37 @@ class Scorer:
 
     def encode_images(self, read, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(L2-normalised float32 image embeddings [n, dims], ok [n] (decoded), present [n] (had bytes)) for rows
-        0..n-1 whose bytes `read(lo, hi)` returns (a list: bytes, or None for a row without an image). Chunks of `batch_size` rows are read and
-        decoded in `num_workers` DataLoader workers (0: here), moved through pinned memory on CUDA."""
+        0..n-1 whose bytes `read(lo, hi)` returns (a list: bytes, or None for a row without an image). Bytes are
+        read here READ_GROUP_ROWS rows at a time (memory bounded by a group), decoded in `num_workers` DataLoader
+        workers (0: here), and moved through pinned memory on CUDA."""
         import torch
 
         dims = self.dims
         out = np.zeros((n, dims), np.float32)
         ok = np.zeros(n, bool)
         present = np.zeros(n, bool)
-        if n == 0:
-            return out, ok, present
-        data = _ImageChunks(read, n, self.batch_size, self.preprocess, self.size, self.fast)
         cuda = self.device.type == "cuda"
-        workers = min(self.num_workers, -(-n // self.batch_size))
-        loader = torch.utils.data.DataLoader(_dataset(data), batch_size=None,
-                                             num_workers=workers, pin_memory=cuda,
-                                             prefetch_factor=2 if workers else None)
         with torch.inference_mode(), models.autocast(self.device, self.precision), heap_for_tensors():
-            for at, x, good in loader:
-                x = x.to(self.device, non_blocking=cuda)
-                if self.fast is not None:
-                    x = self.fast.normalize(x)
-                at = at.numpy()
-                out[at] = self.model.encode_image(x, normalize=True).float().cpu().numpy()
-                ok[at] = good.numpy().astype(bool)
+            for lo in range(0, n, READ_GROUP_ROWS):
+                blobs = read(lo, min(n, lo + READ_GROUP_ROWS))
+                at = lo + np.array([i for i, b in enumerate(blobs) if b is not None], dtype=np.int64)
+                if len(at) == 0:
+                    continue
                 present[at] = True
+                data = _Images([blobs[i - lo] for i in at], self.preprocess, self.size, self.fast)
+                workers = min(self.num_workers, -(-len(at) // self.batch_size))
+                loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, shuffle=False,
+                                                     num_workers=workers, pin_memory=cuda,
+                                                     prefetch_factor=4 if workers else None)
+                pos = 0
+                for x, good in loader:
+                    x = x.to(self.device, non_blocking=cuda)
+                    if self.fast is not None:
+                        x = self.fast.normalize(x)
+                    rows = at[pos:pos + len(x)]
+                    out[rows] = self.model.encode_image(x, normalize=True).float().cpu().numpy()
+                    ok[rows] = good.numpy().astype(bool)
+                    pos += len(x)
         out[~ok] = 0
         return out, ok, present
 
