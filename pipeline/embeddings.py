@@ -7,10 +7,11 @@
 Why this shape (DESIGN principle 4, "a model looks at each pair once"):
 - One file per (shard, kind), so text vectors can be written before the download (text-first recipes) and image
   vectors after it, each resumable and verifiable alone, each the unit a `_done` marker vouches for.
-- The file is an uncompressed Arrow IPC file holding one record batch of three columns: `uid`
-  fixed_size_binary(16) (the uid's 128 bits, sorted ascending and unique), `valid` bool (False: the row has no
-  vector, e.g. an image that could not be fetched or decoded; an explicit mask, one bit a row) and `vector`
-  fixed_size_list<float16>[dims] (zeros where not valid). Data, never a pickle: a run folder on shared storage
+- The file is an uncompressed Arrow IPC file holding one record batch: `uid` fixed_size_binary(16) (the uid's
+  128 bits, sorted ascending and unique), `valid` bool (False: the row has no vector, e.g. an image that could not
+  be fetched or decoded; an explicit mask, one bit a row), `vector` fixed_size_list<float16>[dims] (zeros where
+  not valid), and optionally `source` uint64 (what the vector was computed from, hashed, so a reader can tell a
+  current vector from one of another input: trainer/embed.py). Data, never a pickle: a run folder on shared storage
   must not be a way to run code. Uncompressed because float16 embeddings do not compress, and because then a
   local file is memory-mapped (a lookup touches only the pages of the rows it takes) and a remote one is read
   by ranges (the cross-shard index asks only for the uid and valid buffers: 16 bytes and a bit a row).
