@@ -232,3 +232,23 @@ def test_item4_new_weights_behind_the_same_checkpoint_path_are_loaded(pool, netw
     assert len(list((run / "embeddings").iterdir())) == 2
     after = _rows(run, "00_dfn")
     assert [s for s, _ in before.values()] != [after[u][0] for u in before]
+
+
+def test_item4_the_dfn_train_network_is_just_another_model_for_embed(pool, network, tmp_path, passes):
+    """No network named anywhere: embed and dfn both use the run's dfn-train network (runs/NAME/dfn_model/model.pt),
+    and dfn scores from what embed stored."""
+    import shutil
+
+    from trainer.config import DFN_MODEL_DIR
+
+    run = tmp_path / "r"
+    (run / DFN_MODEL_DIR).mkdir(parents=True)
+    shutil.copy(network, run / DFN_MODEL_DIR / "model.pt")
+    cfg = config_mod.resolve({"run": {"stages": ["embed", "dfn"]}, "dfn": {"batch_size": 32}})
+    run_pipeline(["embed"], str(run), cfg, input_dir=str(pool), workers=0)
+    assert passes == {"text": 120, "image": 119}
+    passes.update(text=0, image=0)
+    run_pipeline(["dfn"], str(run), cfg, input_dir=str(pool), workers=0)
+    assert passes == {"text": 0, "image": 0}
+    [model_dir] = (run / "embeddings").iterdir()
+    assert model_dir.name.startswith("clipcurate-tiny.file.")
