@@ -52,3 +52,17 @@ def dask_cluster(tmp_path_factory):
         client.close()
         cluster.close()
         os.environ.pop(fault_hooks.ENV, None)
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline. huggingface_hub reads HF_HOME / HF_HUB_OFFLINE when the loader runs,
+    not only at import, so setting them here is enough whatever imported it first; CLIPCURATE_CACHE too, so no
+    test touches the user's caches."""
+    home = tmp_path / "hf"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CLIPCURATE_CACHE", str(tmp_path / "cc"))
+    return home

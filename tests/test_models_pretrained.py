@@ -75,19 +75,6 @@ def _xxh3(path: Path) -> str:
 
 
 @pytest.fixture
-def hf_home(tmp_path, monkeypatch):
-    """An empty HF cache, offline. The loader reads HF_HOME / HF_HUB_OFFLINE when it runs (huggingface_hub
-    reads them at import), so setting them here is enough, whatever imported huggingface_hub first."""
-    home = tmp_path / "hf"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("CLIPCURATE_CACHE", str(tmp_path / "cc"))  # dfn's score cache
-    return home
-
-
-@pytest.fixture
 def online(monkeypatch):
     """huggingface_hub online (for fetch-model), whatever the environment the tests run in says."""
     from huggingface_hub import constants

@@ -168,17 +168,6 @@ class ModelPasses:
         return got
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """An empty, offline Hugging Face cache (the loader reads HF_HOME / HF_HUB_OFFLINE when it runs)."""
-    home = tmp_path / "hf"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return home
-
-
 @contextlib.contextmanager
 def _online(monkeypatch):
     """huggingface_hub online for `fetch-model`, offline again after (whatever the environment says)."""
@@ -254,7 +243,7 @@ def dfn_scores(run: Path) -> np.ndarray:
 
 
 # ---- the route --------------------------------------------------------------------------------------------
-def test_the_readme_route_from_an_img2dataset_crawl_to_a_training_set(tmp_path, hf_cache, monkeypatch, capsys):
+def test_the_readme_route_from_an_img2dataset_crawl_to_a_training_set(tmp_path, hf_home, monkeypatch, capsys):
     crawl = tmp_path / "crawl"
     shard0, shard1 = _pairs(70, 0), _pairs(70, 1)
     shard0[5] = {"caption": "a red circle on a white table", "jpg": None, "size": None}  # a failed download
@@ -376,13 +365,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_the_readme_route_from_a_url_list(tmp_path, hf_cache, capsys):
+def test_the_readme_route_from_a_url_list(tmp_path, hf_home, capsys):
     """Step 4's other branch: a URL list, downloaded by img2dataset (from a loopback server, which the config must
     allow: `[ingest] allow_private_hosts`), then the same `run` to a training set with the published stand-in."""
     # the first route's weights: in one process, a dfn instance (cached per config by pipeline.stage.get_stage)
     # keeps the network it loaded even when the cache behind the same name holds other weights now
     # (its key names the network, not the weights; seed=1 here shows it: the stored identity keeps seed 0's digest)
-    weights = publish(hf_cache, repo="apple/DFN-public", seed=0)
+    weights = publish(hf_home, repo="apple/DFN-public", seed=0)
     www = tmp_path / "www"
     www.mkdir()
     pairs = _pairs(48, 2)

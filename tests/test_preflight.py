@@ -26,18 +26,6 @@ FAKE_CHECKPOINT = b"PK\x03\x04" + b"\0" * 60  # how torch.save's zip begins: all
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------
-@pytest.fixture
-def hf_home(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline (huggingface_hub reads both when asked, not only at import)."""
-    home = tmp_path / "hf"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("CLIPCURATE_CACHE", str(tmp_path / "cc"))
-    return home
-
-
 def _pool(folder: Path, n: int = 8, images: bool = True) -> Path:
     """n rows with uid/url/text and, with `images`, an image-bytes column (the bytes are never decoded here)."""
     folder.mkdir(parents=True, exist_ok=True)
