@@ -202,6 +202,24 @@ class Table:
     def markdown(self) -> str:
         return _md_table(self.header, self.rows)
 
+    @property
+    def text_columns(self) -> str:
+        """The HTML class that left-aligns this table's text columns ("l1 l5": the 1st and 5th), as its first column
+        is: numbers stay right-aligned, and a column of names (the funnel's reasons, under its stage names) reads
+        from the same edge as the names beside it. A column is text when every filled cell is a string that does not
+        start as a number does ("7 (1.8%)" is a number)."""
+        out = []
+        for j in range(len(self.header)):
+            cells = [r[j] for r in self.rows if j < len(r) and r[j] not in (None, "")]
+            if cells and all(isinstance(c, str) and not _numeric_start(c) for c in cells):
+                out.append(f"l{j + 1}")
+        return " ".join(out)
+
+
+def _numeric_start(c: str) -> bool:
+    c = c.lstrip()
+    return bool(c) and (c[0].isdigit() or (c[0] in "+-." and c[1:2].isdigit()))
+
 
 def _md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -248,6 +266,7 @@ def _training(run_dir: str, out_dir: str) -> dict:
                 continue
             if "step" in d and "loss" in d:
                 pts.append((d["step"], d["loss"]))
+        out["last_step"] = pts[-1][0] if pts else None
         if pts:
             import matplotlib
 
@@ -274,15 +293,90 @@ def _training(run_dir: str, out_dir: str) -> dict:
             evals[name.removesuffix(".json")] = ev
     if evals:
         out["eval"] = evals
+    out["trained"] = shards.exists(train)
+    out["finished"] = shards.exists(shards.join(train, "train.json"))  # the trainer's summary of a finished run
     ablation = shards.read_json(shards.join(run_dir, "ablation.json"))
     if ablation is not None:
         out["ablation"] = ablation
     return out
 
 
+# ---- the summary at the top ---------------------------------------------------------------------
+def planned_steps(run_dir: str, finished: list[str]) -> list[str]:
+    """The step names of the run's recipe (its saved config's), or the finished ones where it has none readable."""
+    from pipeline import config as config_mod
+    from pipeline import recipe
+
+    try:
+        return [s.name for s in recipe.of_config(config_mod.saved_config(run_dir) or config_mod.resolve({}))]
+    except (StageError, ValueError):
+        return list(finished)
+
+
+def training_set(ms: list[dict]) -> dict | None:
+    """The training set a step wrote: the last finished step whose pool-wide output (its manifest's `finalize`)
+    names a `folder` and counts its `samples` (the resharder's). None when no step has written one."""
+    for m in reversed(ms):
+        fin = m.get("finalize")
+        if isinstance(fin, dict) and fin.get("folder") and isinstance(fin.get("samples"), int):
+            return fin
+    return None
+
+
+def evaluation_state(run: str, training: dict) -> str:
+    """One line: the zero-shot results the run has, or why it has none (no model, training unfinished, not
+    evaluated): a training curve alone says nothing of the model's quality."""
+    evals = training.get("eval") or {}
+    if evals:
+        parts = []
+        for name, ev in evals.items():
+            key = next((k for k in ("top1", "image_to_text_R@1") if isinstance(ev.get(k), float)), None)
+            parts.append(f"{name}: {key} {ev[key]:.4f}" if key else name)
+        return "; ".join(parts)
+    return f"none: {no_evaluation_why(run, training)}"
+
+
+def no_evaluation_why(run: str, training: dict) -> str:
+    """Why a run has no zero-shot result: no model trained, its training unfinished, or not evaluated."""
+    if not training.get("trained"):
+        return f"no model has been trained on this run (clipcurate train --run {run})"
+    if not training.get("finished"):
+        at = training.get("last_step")
+        return (f"training has not finished ({f'last logged step {at}' if at is not None else 'no step logged'}); "
+                f"its model is evaluated when it ends (clipcurate train --run {run} --resume)")
+    return f"the trained model has not been evaluated (clipcurate eval --run {run})"
+
+
+def summary_rows(run_dir: str, training: dict) -> list[list]:
+    """The run in five lines, first in the report: rows in, rows emitted, where the training set is, which steps
+    of the recipe have not run, whether an evaluation exists."""
+    run = posixpath.basename(str(run_dir).rstrip("/"))
+    steps = stage_folders(run_dir)
+    ms = [shards.read_json(shards.join(folder, "_manifest.json")) or {} for _, folder in steps]
+    names = [n for n, _ in steps]
+    missing = [n for n in planned_steps(run_dir, names) if n not in names]
+    src = started_from(ms)
+    first = f"{ms[0].get('rows_in')} (read by {names[0]}" + (f" from {src})" if src else ")") if ms else "none"
+    ts = training_set(ms)
+    if ts:
+        emitted = str(ts["samples"])
+        n = ts.get("shards", "?")
+        where = f"{ts['folder']} ({', '.join(ts.get('formats') or [])}; {n} shard{'' if n == 1 else 's'})"
+    else:
+        emitted = f"none yet: the last finished step, {names[-1]}, kept {ms[-1].get('rows_out')}" if ms else "none"
+        where = "none: no finished step has written a training set"
+    return [["rows in", first], ["rows emitted", emitted], ["training set", where],
+            ["recipe steps not run", ", ".join(missing) if missing else "none: every step of the recipe has run"],
+            ["evaluation", evaluation_state(run, training)]]
+
+
 def world_truth(run_dir: str) -> str | None:
-    """The labelled truth of the world the run crawled: `truth.parquet` next to the URL list it ingested
-    (a download step's manifest `url_list`; the demo world writes one) or its first step's input, if there is one."""
+    """The labelled truth of the demo world the run crawled, or None. Only a world's own record counts: next to the
+    URL list the run ingested (a download step's manifest `url_list`) or its first step's input, a `world.json`
+    (demo/world.py) whose file digests name `truth.parquet` with the bytes it has now. A `truth.parquet` that a
+    user's crawl happens to hold beside its URL list is not labels of this run (give it with `report --truth`)."""
+    import hashlib
+
     steps = stage_folders(run_dir)
     if not steps:
         return None
@@ -290,8 +384,17 @@ def world_truth(run_dir: str) -> str | None:
     if not src or "://" in str(src):
         return None
     p = Path(src)
-    cand = (p if p.is_dir() else p.parent) / "truth.parquet"
-    return str(cand) if cand.exists() else None
+    world = p if p.is_dir() else p.parent
+    try:
+        record = json.loads((world / "world.json").read_text())
+        digest = record["files"]["truth.parquet"]
+        cand = world / "truth.parquet"
+        if hashlib.sha256(cand.read_bytes()).hexdigest() != digest:
+            log.warning("%s: truth.parquet is not the one its world.json records: no filter quality section", world)
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(cand)
 
 
 def filter_quality_tables(q: dict) -> list[tuple[str, list[str], list[list]]]:
@@ -466,33 +569,42 @@ def compare_section(run_dir: str, other_dir: str, other: str) -> dict:
                     compare=data)
 
 
-def build_report(run_dir: str, compare: str | None = None) -> dict:
+def build_report(run_dir: str, compare: str | None = None, truth: str | None = None) -> dict:
     """Write runs/NAME/report/report.md and report.html, both from the same sections. Returns what went in (for
-    tests and the CLI). `compare`: another run's folder, compared in a "Recipes compared" section."""
+    tests and the CLI). `compare`: another run's folder, compared in a "Recipes compared" section. `truth`: a
+    labels file (uid, kind) for the filter quality section, checked first (default: the demo world's own,
+    world_truth)."""
     ms = manifests(run_dir)
     if not ms:
         raise StageError(f"run {run_dir} has no finished stage yet: nothing to report")
+    if truth is not None:
+        from pipeline.truth import check_truth
+
+        check_truth(truth)
     if not shards.is_local(run_dir):  # drawn in a local folder, then copied next to the run (s3://...)
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="clipcurate-report-") as tmp:
-            res = _build_report(run_dir, Path(tmp), compare)
+            res = _build_report(run_dir, Path(tmp), compare, truth)
             dest = shards.join(run_dir, "report")
             fs, p = shards.fs_and_path(dest)
             fs.put(tmp.rstrip("/") + "/", p, recursive=True)
             return {**res, "html": shards.join(dest, "report.html"), "md": shards.join(dest, "report.md")}
     out_dir = Path(run_dir) / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _build_report(run_dir, out_dir, compare)
+    return _build_report(run_dir, out_dir, compare, truth)
 
 
-def _build_report(run_dir: str, out_dir: Path, compare: str | None = None) -> dict:
+def _build_report(run_dir: str, out_dir: Path, compare: str | None = None, truth: str | None = None) -> dict:
     ms = manifests(run_dir)
     hooks = histograms(run_dir, str(out_dir))
     thumbs = thumbnails(run_dir)
     training = _training(run_dir, str(out_dir))
+    training["no_eval"] = no_evaluation_why(Path(run_dir).name, training)
+    _remove_undrawn(out_dir, [p for res in hooks.values() for _, p in res.get("figures", [])]
+                    + ([training["curve"]] if training.get("curve") else []))
     funnel = funnel_rows(ms)
-    truth = world_truth(run_dir)
+    truth = truth or world_truth(run_dir)
     quality = None
     if truth:
         from pipeline.truth import filter_quality
@@ -500,6 +612,8 @@ def _build_report(run_dir: str, out_dir: Path, compare: str | None = None) -> di
         quality = filter_quality(run_dir, truth, stage_folders(run_dir))
         shards.write_json(quality, str(out_dir / "filter_quality.json"))
     sections = _sections(ms, funnel, truth, quality, hooks, training, thumbs, out_dir)
+    summary = summary_rows(run_dir, training)
+    sections.insert(0, _section("Summary", tables=[Table("", ["", "this run"], summary)]))
     compared = None
     if compare is not None:  # after the funnel: what this recipe cost and kept against the other's
         cs = compare_section(run_dir, compare, posixpath.basename(str(compare).rstrip("/")))
@@ -509,8 +623,22 @@ def _build_report(run_dir: str, out_dir: Path, compare: str | None = None) -> di
     (out_dir / "report.md").write_text(render_markdown(run, sections))
     (out_dir / "report.html").write_text(render_html(run, sections))
     return {"manifests": ms, "funnel": funnel, "hooks": hooks, "thumb_groups": len(thumbs), "training": training,
-            "filter_quality": quality, "sections": sections, "compare": compared,
+            "filter_quality": quality, "sections": sections, "compare": compared, "summary": summary,
             "html": str(out_dir / "report.html"), "md": str(out_dir / "report.md")}
+
+
+SCREENSHOT = "report.png"  # render-check's picture of the report, not one of its figures
+
+
+def _remove_undrawn(out_dir: Path, drawn: list[str]) -> None:
+    """Every figure in the report folder is one this report drew: a PNG left by an earlier report (a step rerun
+    that no longer draws it, a hook that failed this time, a step gone from the recipe) is removed, so that no
+    figure on disk or linked in an old page outlives the run it showed."""
+    keep = {Path(p).resolve() for p in drawn} | {(out_dir / SCREENSHOT).resolve()}
+    for png in out_dir.rglob("*.png"):
+        if png.resolve() not in keep:
+            log.info("report: removed %s, a figure this report no longer draws", png)
+            png.unlink(missing_ok=True)
 
 
 def _section(title: str, level: int = 2, **kw) -> dict:
@@ -528,7 +656,7 @@ def _sections(ms, funnel, truth, quality, hooks, training, thumbs, out_dir: Path
                     notes=[f"{m['stage']}: {n}" for m in ms for n in m.get("notes", [])])]
     if quality:
         out.append(_section("Filter quality against the truth",
-                            text=f"The world's labels: {truth} (pipeline/truth.py).",
+                            text=f"Labels: {truth} (pipeline/truth.py).",
                             tables=[Table(t, h, r) for t, h, r in filter_quality_tables(quality)]))
     out.append(_section("Timings", tables=[Table("", th, timing_rows(ms))]))
     for name, res in hooks.items():
@@ -537,7 +665,8 @@ def _sections(ms, funnel, truth, quality, hooks, training, thumbs, out_dir: Path
         for t in res.get("tables", []):
             out.append(_section(f"{name}: {t.title}", 3, tables=[Table("", t.header, t.rows)]))
     if training.get("curve"):
-        out.append(_section("Training", figures=[("training curve", rel(training["curve"]))]))
+        no_eval = [] if training.get("eval") else [f"No evaluation exists: {training['no_eval']}."]
+        out.append(_section("Training", figures=[("training curve", rel(training["curve"]))], notes=no_eval))
     for name, ev in training.get("eval", {}).items():
         out.append(_section(name, 3, tables=[Table("", ["metric", "value"], [list(x) for x in _flat(ev)])]))
     if "ablation" in training:
@@ -688,8 +817,10 @@ def cmd_report(args) -> int:
     compare = shards.join(args.runs_dir, args.compare) if args.compare else None
     run_dir = shards.join(args.runs_dir, args.run)
     with _writing_report(run_dir):
-        res = build_report(run_dir, compare)
-    # the run in a few lines: what went in, what each stage kept, how the trained model did
+        res = build_report(run_dir, compare, args.truth)
+    # the run in a few lines: the summary, what each stage kept, how the trained model did
+    for what, value in res["summary"]:
+        print(f"{what}: {value}")
     print("funnel:")
     for m in res["manifests"]:
         top = ", ".join(f"{k} {v}" for k, v in sorted(m.get("reasons", {}).items(), key=lambda kv: -kv[1])[:4])
@@ -745,4 +876,7 @@ def register(sub) -> None:
     p.add_argument("--compare", default=None, metavar="OTHER",
                    help="another run (RUNS_DIR/OTHER) to compare recipes with: URLs downloaded, image store bytes, "
                         "rows emitted, recorded time, and the two final sets by uid")
+    p.add_argument("--truth", default=None, metavar="FILE",
+                   help="labels (Parquet: uid, kind) to judge the filters against, in a filter quality section "
+                        "(default: a demo world's own truth, which its world.json records; none otherwise)")
     p.set_defaults(fn=cmd_report, writes_run=True)

@@ -19,6 +19,28 @@ import polars as pl
 from pipeline import shards
 
 
+REQUIRED = ("uid", "kind")
+
+
+def check_truth(path: str) -> None:
+    """A truth file a user names (`report --truth`, `ablate --truth`) is checked before any table is drawn: a file
+    that is missing, not Parquet, or without `uid` and `kind` is one line (a StageError), never a traceback from
+    deep in a join."""
+    from pipeline.stage import StageError
+
+    try:
+        cols = pl.read_parquet_schema(path)
+    except FileNotFoundError:
+        raise StageError(f"truth file {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - polars/pyarrow raise several kinds for a file that is not Parquet
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StageError(f"truth file {path} is not a readable Parquet file ({first})") from None
+    missing = [c for c in REQUIRED if c not in cols]
+    if missing:
+        raise StageError(f"truth file {path} has no {', '.join(missing)} column: a truth file holds one row per "
+                         "uid with its `kind` (clean or a noise kind), as a demo world's truth.parquet does")
+
+
 def _uids(folder: str, columns: list[str]) -> pl.DataFrame:
     paths = shards.list_shards(folder) if shards.exists(folder) else []
     frames = [pl.from_arrow(shards.read_shard(p, columns=columns)) for p in paths]

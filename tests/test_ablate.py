@@ -120,6 +120,10 @@ def test_controls_a_random_subset_the_full_pipelines_size_and_the_truth_clean_or
     (tmp_path / "world").mkdir()
     kinds = ["clean" if i % 3 else "mismatched" for i in range(30)] + ["clean"]  # one uid the pool never had
     pq.write_table(pa.table({"uid": uids + ["f" * 32], "kind": kinds}), tmp_path / "world" / "truth.parquet")
+    import hashlib  # a demo world's own record (world.json) names its truth: only then is it the run's labels
+
+    digest = hashlib.sha256((tmp_path / "world" / "truth.parquet").read_bytes()).hexdigest()
+    (tmp_path / "world" / "world.json").write_text(json.dumps({"files": {"truth.parquet": digest}}))
     seen = {}
 
     def fake_train(tc, data, out, resume):

@@ -25,7 +25,7 @@ pairs. So two more variants train with the same compute:
   * "random subset": a uniform random sample of the raw pool, the size of the full pipeline's output (a new
     sample per training seed, so the spread counts the sampling too);
   * "oracle": the raw pool's rows that the world's truth labels clean (`--truth`, default the demo world's
-    truth.parquet next to the run's URL list): what a perfect filter would keep; the ceiling of the table.
+    truth.parquet, which its world.json records): what a perfect filter would keep; the ceiling of the table.
 Their rows are metadata shards under `ablation/_subsets/` naming the run's image store (no image is copied).
 """
 
@@ -170,6 +170,9 @@ def oracle_subset(run_dir: str, pool: str, truth: str) -> str:
     import polars as pl
     import pyarrow.compute as pc
 
+    from pipeline.truth import check_truth
+
+    check_truth(truth)  # a user's --truth without uid/kind: one line, not a traceback from polars
     t = pl.read_parquet(truth, columns=["uid", "kind"])
     clean = t.filter(pl.col("kind") == "clean")["uid"].to_arrow()
     tag = shards.content_digest(truth)[:12]
@@ -324,6 +327,6 @@ def register(sub) -> None:
                         'align, + metaclip, + klite, + dfn for the default one; then "random subset" and "oracle")')
     p.add_argument("--truth", default=None,
                    help="the world's labels (truth.parquet: uid, kind) for the oracle variant (default: the demo "
-                        "world's, next to the run's URL list)")
+                        "world's own, which its world.json records next to the run's URL list)")
     p.set_defaults(fn=cmd_ablate, writes_run=True)  # pipeline/cli.py main takes the run's lock
 

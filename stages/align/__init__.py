@@ -241,10 +241,13 @@ class AlignStage(Stage):
         return out
 
     def fingerprint_parts(self, ctx=None) -> dict:
-        import datasketch
-        import wordfreq
+        from importlib.metadata import version
 
-        parts = {"datasketch": datasketch.__version__, "wordfreq": getattr(wordfreq, "__version__", "3.1.1"),
+        import datasketch
+
+        # wordfreq's installed version (it has no __version__): its word lists judge rare_token, so an upgrade
+        # redoes align
+        parts = {"datasketch": datasketch.__version__, "wordfreq": version("wordfreq"),
                  "uid_copies": 1, "polars": pl.__version__,  # row_content_key JSON-encodes nested columns with polars
                  "dhash": "draft-L"}  # dHash of the image decoded straight to grey (was "RGB", then converted)
         if self.config.eval_images and shards.exists(self.config.eval_images):
