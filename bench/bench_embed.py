@@ -17,16 +17,17 @@ Per network, `--rounds` (ViT-B-32: `--b32-rounds`) paired rounds, the order of t
         do); then `run_pipeline(["embed"], ..., scheduler=that cluster)`: embed rows/s = rows_in / the stage's
         time in its manifest (its passes: each worker's model load, reading the bytes from the pool's Parquet
         store, decode, forward, the float16 store files and the step's metadata shards). Then dfn on the same
-        run, every vector already stored: `run_pipeline(["dfn"])` (cold: each worker loads the network first,
-        which dfn still does to know the store's model identity), and again after removing dfn's folder (warm:
-        the workers hold the network from the cold run, so this is the store path alone: lookups by uid,
-        cosines, histogram, cut, the output shards).
+        run, every vector already stored: `run_pipeline(["dfn"])` (cold: dfn's first run in these workers, its
+        stage built fresh; since caf5fa4 dfn finds the store by the weights' digest and loads the network only
+        for rows the store lacks, here none), and again after removing dfn's folder (warm: the stage already
+        built in the workers). Either is the store path: lookups by uid, cosines, histogram, cut, the output
+        shards. Its stats/cut.json counts the vectors the step embedded (`embedded`: 0 expected).
   bare  2 processes at once (one a core, OMP_NUM_THREADS=1 as Dask's nanny sets it), each on half the same rows
         (read from the Parquet files and imported before the clock): torch.load + open_clip
         create_model_and_transforms + load_state_dict, then batches of `--batch` rows: Pillow open + draft("RGB",
         (S, S)) + load + convert (trainer.data.decode_image's decode), trainer.data.FastEvalTransform (the uint8
-        resize + centre crop score.py uses, normalised per batch), open_clip tokenizer, encode_image and
-        encode_text normalised, float32 numpy; kept in memory, nothing written. Its rate is the sum of the two
+        resize + centre crop score.py uses, normalised per batch), encode_image normalised; then the texts in
+        batches: open_clip tokenizer, encode_text normalised; float32 numpy, kept in memory, nothing written. Its rate is the sum of the two
         processes' rates, with the model load in the time (as ours has it) and without (loop only).
 Both sides are also measured in CPU time (user + system seconds of the 2 worker processes over the step; of the 2
 bare processes over model load + loop): rows per CPU second moves far less than rows/s when other jobs share the
@@ -61,6 +62,30 @@ from bench_images import COCO, FLICKR, LAION, _median, build_pool, folder_bytes,
 GOALS = {"embed_vs_bare": 0.9, "dfn_stored_vs_embed": 50.0}
 WORKERS = 2
 SAMPLE_ROWS = 64
+
+
+# ---- the code measured ---------------------------------------------------------------------------------
+UNDER_TEST = ["stages/embed.py", "stages/dfn.py", "trainer/embed.py", "trainer/score.py", "trainer/models.py",
+              "trainer/data.py", "trainer/hub.py", "pipeline/embeddings.py", "pipeline/runner.py", "pipeline/stage.py",
+              "pipeline/images.py", "pipeline/context.py", "pipeline/worker_init.py"]
+
+
+def code_state() -> dict:
+    """HEAD, and a digest of the files under test as they are on disk (others edit this tree while it runs:
+    the workers import the code as they start, each round)."""
+    import hashlib
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    digests = {p: hashlib.sha256((ROOT / p).read_bytes() if (ROOT / p).exists() else b"").hexdigest()[:16]
+               for p in UNDER_TEST}
+    dirty = git("status", "--porcelain", "--", *UNDER_TEST)
+    return {"commit": git("rev-parse", "HEAD"), "files_under_test_sha256": digests,
+            "uncommitted_files_under_test": [ln.split(None, 1)[-1] for ln in dirty.splitlines() if ln.strip()]}
 
 
 # ---- inputs: the pool, the subset, the networks --------------------------------------------------------
@@ -178,6 +203,12 @@ def _step(manifest: dict, wall: float, pids: list[int], load0: list[float], cpu_
             "notes": manifest.get("notes"), "loadavg_start": load0, "loadavg_end": loadavg()}
 
 
+def _embedded(stage_dir: Path) -> int | None:
+    """Vectors dfn embedded itself (its stats' cut.json; None where it does not say)."""
+    counts = [json.loads(p.read_text()).get("embedded") for p in stage_dir.glob("stats/**/cut.json")]
+    return None if not counts or None in counts else sum(counts)
+
+
 def store_sizes(run_dir: Path, rows: int) -> dict:
     """Bytes of the run's embedding store, per kind and per row."""
     [model_dir] = [p for p in (run_dir / "embeddings").iterdir() if p.is_dir()]
@@ -232,12 +263,14 @@ def run_ours(net: dict, pool: Path, cfg: dict, run_dir: Path) -> dict:
         t0 = time.perf_counter()
         [d1] = run_pipeline(["dfn"], str(run_dir), cfg, scheduler=addr)
         out["dfn_cold"] = _step(d1.manifest, time.perf_counter() - t0, pids, load0, cpu_seconds(pids) - cpu0)
+        out["dfn_cold"]["cut_json_embedded"] = _embedded(Path(d1.folder))
         shutil.rmtree(d1.folder)  # the workers keep their dfn stage (network loaded): the store path alone
         reset_hwm(pids)
         load0, cpu0 = loadavg(), cpu_seconds(pids)
         t0 = time.perf_counter()
         [d2] = run_pipeline(["dfn"], str(run_dir), cfg, scheduler=addr)
         out["dfn_warm"] = _step(d2.manifest, time.perf_counter() - t0, pids, load0, cpu_seconds(pids) - cpu0)
+        out["dfn_warm"]["cut_json_embedded"] = _embedded(Path(d2.folder))
         out["kept_same_cold_warm"] = d1.manifest["rows_out"] == d2.manifest["rows_out"]
         out["dfn_rows_out"] = d2.manifest["rows_out"]
         out["workers"] = list(ex.client.run(_worker_info).values())
@@ -286,18 +319,19 @@ def _bare_child(spec: dict) -> None:
         img.load()
         return img.convert("RGB")
 
+    # every image batch, then every text batch (as the Scorer does): 4-9% fewer CPU seconds than alternating the
+    # towers batch by batch (clipcurate-tiny, one process, measured by hand), so the baseline is the faster loop
     fi_out, ft_out = [], []
     w0, t1, c1 = time.time(), time.perf_counter(), time.process_time()
-    for i in range(0, len(texts), batch):
-        if fast is not None:
-            x = fast.normalize(torch.from_numpy(np.stack([fast(decode(b)) for b in images[i:i + batch]])))
-        else:
-            x = torch.stack([pre(decode(b)) for b in images[i:i + batch]])
-        with torch.inference_mode():
-            fi = model.encode_image(x, normalize=True)
-            ft = model.encode_text(tok(texts[i:i + batch]), normalize=True)
-        fi_out.append(fi.float().numpy())
-        ft_out.append(ft.float().numpy())
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            if fast is not None:
+                x = fast.normalize(torch.from_numpy(np.stack([fast(decode(b)) for b in images[i:i + batch]])))
+            else:
+                x = torch.stack([pre(decode(b)) for b in images[i:i + batch]])
+            fi_out.append(model.encode_image(x, normalize=True).float().numpy())
+        for i in range(0, len(texts), batch):
+            ft_out.append(model.encode_text(tok(texts[i:i + batch]), normalize=True).float().numpy())
     loop_s, loop_cpu_s = time.perf_counter() - t1, time.process_time() - c1
     if spec.get("sample"):
         np.savez(spec["sample"], uids=np.array(uids[:SAMPLE_ROWS]), image=fi_out[0][:SAMPLE_ROWS],
@@ -313,7 +347,11 @@ def _bare_child(spec: dict) -> None:
 def run_bare(net: dict, pool: Path, batch: int, sample: Path) -> dict:
     files = sorted(str(p) for p in pool.glob("part-*.parquet"))
     halves = [files[k::WORKERS] for k in range(WORKERS)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    # a plain process: Dask's LocalCluster writes its nanny's pre-spawn environment (MALLOC_TRIM_THRESHOLD_=65536
+    # among it) into this driver's os.environ, and a child inheriting it ran the bare loop ~0.6x as fast per CPU
+    # second (glibc's mmap threshold frozen at 128 KiB: bench_image_path.py); the workers undo that themselves
+    # (trainer/score.py heap_for_tensors), a plain loop has no reason to carry it
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "MALLOC_TRIM_THRESHOLD_")}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
     load0 = loadavg()
     kids = []
@@ -339,6 +377,7 @@ def run_bare(net: dict, pool: Path, batch: int, sample: Path) -> dict:
             "cpu_s": round(cpu, 2), "rows_per_cpu_s": round(rows / cpu, 1),
             "rows_per_cpu_s_loop_only": round(rows / sum(r["loop_cpu_s"] for r in results), 1),
             "rows_per_s_span": round(rows / span, 1),
+            "env": {k: env.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")},
             "per_process": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                              if k not in ("start", "end")} for r in results],
             "loadavg_start": load0, "loadavg_end": loadavg()}
@@ -416,10 +455,10 @@ def bench_network(net: dict, pool: Path, rows_note: str, rounds: int, batch: int
         "embed_vs_bare per CPU second (less sensitive to the other jobs on the machine)": {
             "goal": f">= {GOALS['embed_vs_bare']}", "value": m["embed_vs_bare_per_cpu_s"],
             "met": m["embed_vs_bare_per_cpu_s"] >= GOALS["embed_vs_bare"]},
-        "dfn_stored_vs_embed (cold: a fresh dfn step, network loaded)": {
+        "dfn_stored_vs_embed (cold: dfn's first run in the workers)": {
             "goal": f">= {GOALS['dfn_stored_vs_embed']}", "value": m["dfn_cold_vs_embed"],
             "met": m["dfn_cold_vs_embed"] >= GOALS["dfn_stored_vs_embed"]},
-        "dfn_stored_vs_embed (warm: network already in the workers)": {
+        "dfn_stored_vs_embed (warm: dfn run again in the same workers)": {
             "goal": f">= {GOALS['dfn_stored_vs_embed']}", "value": m["dfn_warm_vs_embed"],
             "met": m["dfn_warm_vs_embed"] >= GOALS["dfn_stored_vs_embed"]},
     }
@@ -457,6 +496,7 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     t_bench = time.perf_counter()
     load_start = loadavg()
+    code0 = code_state()
     cache = Path(args.cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("CLIPCURATE_CACHE", str(cache / "clipcurate-cache"))
@@ -504,6 +544,8 @@ def main() -> int:
                     "cuda_available": torch.cuda.is_available(), "loadavg_start": load_start, "loadavg_end": loadavg(),
                     "note": "shared 2-core VM: the lead and another helper ran tests during the bench; timings are "
                             "noisy (see each figure's loadavg)"},
+        "code": {**code0, "changed_during_run": sorted(
+            p for p, d in code_state()["files_under_test_sha256"].items() if d != code0["files_under_test_sha256"][p])},
         "gpu": "none on this machine: not measured",
         "goals": {k: f">= {v}" for k, v in GOALS.items()},
         "pool": pool_meta,
@@ -514,6 +556,8 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
     for name, r in networks.items():
         log(f"{name}: {json.dumps(r['median'])}")
+    if result["code"]["changed_during_run"]:
+        log(f"WARNING: files under test changed while the bench ran: {result['code']['changed_during_run']}")
     log(f"wrote {args.out} ({result['bench_s']:.0f} s)")
     return 0
 

@@ -108,7 +108,8 @@ def config_for(args, run_dir: str, running: list[str]) -> dict:
             sections = {c[0] for c in changed_output if c[:2] != ("run", "stages")}
             if sections or not recipe_changed:
                 redo = config_mod.redone_by(sections, _run_stages(run_dir, running, cfg))
-                print(f"config: this redoes {', '.join(redo)}" if redo else "config: no stage of this run depends on it")
+                print(f"config: this redoes {', '.join(redo)}" if redo
+                      else "config: this redoes nothing (no step that has run depends on it)")
         else:
             print(f"config: {args.config} changes nothing in this run")
     return cfg
@@ -132,12 +133,18 @@ def _show(v) -> str:
 
 
 def _run_stages(run_dir: str, running: list[str], cfg: dict) -> list[str]:
-    """The recipe steps this run has or is about to run, in order, and the trainer when it has trained: what a
-    config change may redo."""
+    """The recipe steps that have already run in this run (their folder exists), in order, and the trainer when
+    it has trained: what a config change may redo. A step about to run for the first time is not redone by it
+    (on a brand-new run the line named every step the command was about to run)."""
     steps = recipe.of_config(cfg)
-    have = [s.name for s in steps
-            if s.name in running or s.stage in running or recipe.output_exists(run_dir, s)]
-    have += [s for s in running if s not in have and recipe.find(steps, s) is None]
+    have = [s.name for s in steps if recipe.output_exists(run_dir, s)]
+    for name in running:  # a user's module:Class step outside the recipe: its place there (90_<name>)
+        if name not in have and recipe.find(steps, name) is None:
+            try:
+                if recipe.output_exists(run_dir, recipe.plan([name], steps)[0]):
+                    have.append(name)
+            except StageError:
+                pass  # an unknown stage: `run` says so itself
     if shards.exists(shards.join(run_dir, "train")):
         have.append("train")
     return have
@@ -231,7 +238,7 @@ def _workers(value: str) -> int:
 
 
 def add_exec(p) -> None:
-    p.add_argument("--workers", type=_workers, default=None, help="Dask workers (default: cores); 0 = in-process")
+    p.add_argument("--workers", type=_workers, default=None, help="Dask workers; 0 = in-process (default: in-process for a small pool, else one per core)")
     p.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
 
 

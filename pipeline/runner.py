@@ -209,21 +209,77 @@ def _worker_deaths(desc: str, item: tuple | None):
         ) from None
 
 
+# `--workers` not given: below this many rows in the pool a step reads, everything runs in-process; from it on, a
+# LocalCluster of one worker per core. bench/results/workers_default.json (`clipcurate run align,metaclip` on
+# demo worlds, 2 cores, best of 2): 2 workers against in-process took 11.4 / 3.5 s on 291 rows, 13.8 / 9.9 s on
+# 9,700, 15.5 / 13.2 s on 29,096, 70.9 / 64.4 s on 96,990. The cluster's fixed cost (start, tasks' travel,
+# close: ~8 s, the 291-row gap) is more than the whole in-process work below ~10,000 rows (9.9 - 3.5 = 6.4 s at
+# 9,700), so there no number of workers can win; above it more cores than these 2 may. Not measured elsewhere.
+IN_PROCESS_BELOW = 10_000
+
+
+def default_workers(pool_rows: int | None, cores: int | None = None) -> int:
+    """The worker count a command that was given no `--workers` uses: 0 (in-process) for a pool under
+    IN_PROCESS_BELOW rows, else one worker per core. `pool_rows` None (not known): one per core."""
+    if pool_rows is not None and pool_rows < IN_PROCESS_BELOW:
+        return 0
+    return cores or os.cpu_count() or 1
+
+
+def pool_rows_at_least(paths: list[str], limit: int = IN_PROCESS_BELOW) -> int | None:
+    """The rows of the Parquet shards `paths`, from their footers, counted until `limit` is reached (a big pool
+    on an object store costs one footer read per shard up to there, not one per shard). None when a footer
+    cannot be read: the step itself will say why."""
+    import pyarrow.parquet as pq
+
+    n = 0
+    for p in paths:
+        fs, path = shards.fs_and_path(p)
+        try:
+            with fs.open(path, "rb") as f:
+                n += pq.ParquetFile(f).metadata.num_rows
+        except Exception:  # noqa: BLE001 - an unreadable shard is the step's to report, in its own words
+            return None
+        if n >= limit:
+            break
+    return n
+
+
 class LazyExecutor:
     """Starts its executor (a Dask cluster costs ~10 s) on the first task, not before: a rerun with every shard
-    up to date starts nothing."""
+    up to date starts nothing. Given no worker count (`--workers` not given), the first step's pool decides
+    (`size_hint`, `default_workers`): in-process for a small pool, else one worker per core."""
 
     def __init__(self, workers: int | None, scheduler: str | None = None):
         if workers is not None and workers < 0:
             raise StageError(f"--workers {workers}: give 0 (in-process) or a positive number of workers")
         self.args = (workers, scheduler)
         self.inner = None
+        self._name_for(workers, scheduler)
+
+    def _name_for(self, workers: int | None, scheduler: str | None) -> None:
         if workers == 0 and not scheduler:
             self.name = InProcessExecutor.name
         elif scheduler:
             self.name = f"dask scheduler {scheduler}"
         else:
             self.name = f"dask LocalCluster ({workers or os.cpu_count() or 1} workers)"
+
+    def size_hint(self, inputs: list[str]) -> None:
+        """The shards of the pool the first step reads: with no worker count given and nothing started yet,
+        they decide between in-process and a LocalCluster (`default_workers`). An explicit `--workers N` or
+        `--scheduler` is always honoured."""
+        workers, scheduler = self.args
+        if workers is not None or scheduler or self.inner is not None or getattr(self, "_sized", False):
+            return
+        self._sized = True
+        rows = pool_rows_at_least(inputs)
+        chosen = default_workers(rows)
+        if chosen == 0:
+            log.info("%d rows: in-process (a pool under %d rows gains nothing from a Dask cluster; --workers N "
+                     "starts one)", rows, IN_PROCESS_BELOW)
+        self.args = (chosen, None)
+        self._name_for(chosen, None)
 
     def _started(self):
         if self.inner is None:
@@ -654,6 +710,8 @@ def run_stage(
     if before.get("fingerprint") != r.fp:
         shards.remove(manifest_path)
         before = {}
+    if hasattr(ex, "size_hint"):  # `--workers` not given: the pool's size decides (LazyExecutor)
+        ex.size_hint(r.inputs)
     log.debug("%s: %d shards from %s (fingerprint %s, %s)", r.name, len(r.inputs), input_dir, r.fp, ex.name)
     timings: dict[str, float] = {}
     todo, summaries = _shards_to_do(r, ex)

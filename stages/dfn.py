@@ -235,11 +235,8 @@ class DfnStage(Stage):
         if store is not None:
             ctx.note(f"dfn: embedded the rows the store lacked, into embeddings/{store.model_id}/" if computed else
                      f"dfn: scored from stored vectors (embeddings/{store.model_id}/, no model pass)")
-        if store is not None and ctx.shard:
-            for kind in ("image", "text"):  # the done-marker vouches for the vectors scored from
-                if store.has(ctx.shard, kind):
-                    path = store.path(ctx.shard, kind)
-                    ctx.wrote(path, shards.file_record(path))
+        # dfn's done-marker does not vouch for the store files: its outputs are its shards, still right when the
+        # vectors are later removed to save disk (a step `embed` owns and verifies the vectors it writes)
         return s, image.present, computed
 
     def scores(self, table: pa.Table, ctx: ShardContext | None = None) -> np.ndarray:

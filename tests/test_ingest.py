@@ -114,11 +114,16 @@ def _make_site(root: Path) -> tuple[list[tuple[str, str]], dict]:
     for i in range(2):
         (www / "img" / f"html{i}.jpg").write_bytes(b"<html><body>Not an image</body></html>")
         rows.append((f"{HOST}/img/html{i}.jpg", f"html page {i}"))
+    (www / "img" / "denied.jpg").write_bytes(b"Access denied\n")  # text, no HTML: not an image either
+    rows.append((f"{HOST}/img/denied.jpg", "a text page"))
+    jpeg = (www / "img" / "0.jpg").read_bytes()
+    (www / "img" / "cut.jpg").write_bytes(jpeg[:40])  # an image cut short: still img2dataset's decoding error
+    rows.append((f"{HOST}/img/cut.jpg", "a truncated picture"))
     rows += [("javascript:alert(1)", "script"), ("http:/broken", "broken")]
     # the same (url, caption) again: the same uid; kept once, the repeats rejected as `duplicate`
     rows += [(f"{HOST}/img/1.png", "picture number 1")] * 2 + [(f"{HOST}/img/missing0.jpg", "gone 0")]
-    expect = {"good_urls": 12, "good_rows": 14, "http_404": 3, "not_image": 2, "invalid": 1, "blocked_scheme": 1,
-              "repeats": 3, "rows": len(rows)}
+    expect = {"good_urls": 12, "good_rows": 14, "http_404": 3, "not_image": 2, "not_image_text": 1, "corrupt": 1,
+              "invalid": 1, "blocked_scheme": 1, "repeats": 3, "rows": len(rows)}
     return rows, expect
 
 
@@ -167,7 +172,12 @@ def test_ingest_downloads_duplicate_urls_once(ingested):
     stage_dir, expect = ingested
     raw = pa.concat_tables(pq.read_table(p, columns=["url"]) for p in glob.glob(str(stage_dir / "_img2dataset" / "0*.parquet")))
     urls = raw.column("url").to_pylist()
-    assert len(urls) == len(set(urls)) == expect["good_urls"] + expect["http_404"] + expect["not_image"]
+    assert len(urls) == len(set(urls)) == expect["good_urls"] + expect["http_404"] + _failed_to_decode(expect)
+
+
+def _failed_to_decode(expect: dict) -> int:
+    """Fetched URLs whose bytes did not decode: HTML pages, a text page, a truncated JPEG."""
+    return expect["not_image"] + expect["not_image_text"] + expect["corrupt"]
 
 
 def test_ingest_rejects_404_and_non_images_with_reasons(ingested):
@@ -175,15 +185,18 @@ def test_ingest_rejects_404_and_non_images_with_reasons(ingested):
     m = shards.read_json(str(stage_dir / "_manifest.json"))
     reasons = m["reasons"]
     n404 = sum(v for k, v in reasons.items() if k.startswith("failed_to_download") and "404" in k)
-    nimg = sum(v for k, v in reasons.items() if k.startswith("failed_to_resize"))
-    assert n404 == expect["http_404"] and nimg == expect["not_image"]
+    assert n404 == expect["http_404"]
+    # an HTML page or text under a .jpg name is not an image; an image cut short is one that failed to decode
+    assert reasons.get("not_an_image: an HTML page") == expect["not_image"]
+    assert reasons.get("not_an_image: text") == expect["not_image_text"]
+    assert reasons.get("failed_to_resize: Image decoding error") == expect["corrupt"]
     assert reasons.get("invalid_url: not an http(s) URL") == expect["invalid"]
     assert reasons.get("blocked_scheme") == expect["blocked_scheme"]  # javascript: (the egress policy)
-    assert reasons.get("duplicate: same url and caption as an earlier row") == expect["repeats"]
+    assert reasons.get("duplicate: same url and caption as another row") == expect["repeats"]  # as from a crawl
     assert m["rows_out"] + m["rejected"] == m["rows_in"] == expect["rows"] == (
-        expect["good_rows"] + expect["http_404"] + expect["not_image"] + expect["invalid"] + expect["blocked_scheme"]
-        + expect["repeats"])
-    assert m["download"]["unique_urls"] == expect["good_urls"] + expect["http_404"] + expect["not_image"]
+        expect["good_rows"] + expect["http_404"] + _failed_to_decode(expect) + expect["invalid"]
+        + expect["blocked_scheme"] + expect["repeats"])
+    assert m["download"]["unique_urls"] == expect["good_urls"] + expect["http_404"] + _failed_to_decode(expect)
 
 
 FUNNEL_LOG = re.compile(r"^(\w+): (\d+) rows in, (\d+) kept, (\d+) rejected")
@@ -202,6 +215,8 @@ def test_every_funnel_line_reads_rows_in_equals_kept_plus_rejected(ingested):
         _, rows_in, kept, rejected = m.groups()
         assert int(rows_in) == int(kept) + int(rejected) == expect["rows"], m.group(0)
     assert f"{expect['repeats']} repeated (url, caption) rows" in expect["stdout"]
+    # the same last line as text-first's ingest: what to run next
+    assert expect["stdout"].splitlines()[-1] == "next: clipcurate run --run r   (align, metaclip, klite, dfn, emit)"
 
 
 def test_ingest_rerun_reuses_download_and_shards(ingested, capsys):

@@ -40,10 +40,17 @@ def _print_summary(s: dict) -> None:
     )
 
 
+def _interrupted(e) -> int:
+    """Ctrl-C or SIGTERM stopped training with the step it was in saved: one line that says where and how to go
+    on; the exit status of a process that signal ended (130, 143)."""
+    print(f"clipcurate: {e}; rerun the same command with --resume to go on from it", file=sys.stderr)
+    return 128 + e.signum
+
+
 def cmd_train(args) -> int:
     from trainer.data import DataError
     from trainer.evaluate import EvalError
-    from trainer.train import train
+    from trainer.train import TrainingInterrupted, train
 
     run_dir, _, tc = _train_config(args)
     data = args.data or tc.data or _default_data(run_dir)
@@ -53,6 +60,8 @@ def cmd_train(args) -> int:
     except (DataError, ValueError) as e:
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        return _interrupted(e)
     _print_summary(s)
     print(f"model: {s['model_path']}   metrics: {out}/metrics.jsonl")
     if tc.eval_sets and not args.no_eval:
@@ -164,7 +173,7 @@ def cmd_eval(args) -> int:
 def cmd_dfn_train(args) -> int:
     from trainer.config import DFN_MODEL_DIR
     from trainer.data import DataError
-    from trainer.train import train
+    from trainer.train import TrainingInterrupted, train
 
     run_dir, cfg, tc = _train_config(args)
     why = hq_problem(args.hq)  # the preflight: before anything is written
@@ -178,6 +187,8 @@ def cmd_dfn_train(args) -> int:
     except (DataError, ValueError) as e:
         print(f"clipcurate: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        return _interrupted(e)
     _print_summary(s)
     # record the model in the run's config, so `clipcurate run dfn --run NAME` finds it
     model_path = s["model_path"]

@@ -29,7 +29,10 @@ import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
 
 from pipeline import shards
 from trainer.config import TrainConfig
@@ -39,6 +42,46 @@ from trainer import models
 log = logging.getLogger("clipcurate.train")
 
 CKPT_RE = re.compile(r"step-(\d+)\.pt$")
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped training after a finished step, whose checkpoint is saved: a run
+    with `resume=True` (`--resume`) goes on from `step`. A KeyboardInterrupt, so code that knows nothing of it
+    treats it as Ctrl-C."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"training stopped by {signal.Signals(signum).name} at step {step}"
+                         + (f" (checkpoint {checkpoint})" if checkpoint else " (no step finished: nothing saved)"))
+
+
+@contextmanager
+def _stop_requests():
+    """While open, SIGINT and SIGTERM ask the training loop to stop after the step it is in (it then saves
+    that step's checkpoint) instead of killing it mid-step: checkpoints come every `save_every` steps, and a
+    Ctrl-C used to lose all the steps since the last one. A second Ctrl-C stops at once, as before. Yields the
+    list of the signals received. Signal handlers can only be set from the main thread: elsewhere (a training
+    run in a thread) the signals keep their handlers and the list stays empty."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint of this step
+        got.append(signum)
+        log.warning("%s: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)",
+                    signal.Signals(signum).name)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def _atomic_save(obj, path: str) -> None:
@@ -366,12 +409,21 @@ def _run_steps(cfg: TrainConfig, parts: _Parts, out_dir: str, metrics_path: str,
         prefetch_factor=4 if workers else None,
     )
     cfg_dict = dataclasses.asdict(cfg)
-    step, last_loss, first_loss = start, None, None
+    step, last_loss, first_loss, saved = start, None, None, start
     t_start = time.perf_counter()
     t_last, n_since = t_start, 0
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    with _Metrics(metrics_path) as mf:
-        for images, tokens in loader:
+    with _Metrics(metrics_path) as mf, _stop_requests() as stop:
+        batches = iter(loader)
+        while not stop:
+            try:
+                images, tokens = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                if stop:  # DataLoader workers that took the Ctrl-C themselves: the last finished step is saved below
+                    break
+                raise
             step += 1
             lr = parts.scheduler(step - 1)
             last_loss = _step(cfg, parts, images, tokens)
@@ -397,6 +449,14 @@ def _run_steps(cfg: TrainConfig, parts: _Parts, out_dir: str, metrics_path: str,
                 mf.save()
                 _save_step(out_dir, step, sampler.epoch_of(step), cfg, parts.model, parts.optimizer, parts.scaler,
                            cfg_dict, fp)
+                saved = step
+        if stop:
+            if step > saved:  # the step the signal came in: saved, so a resume loses nothing
+                mf.save()
+                _save_step(out_dir, step, sampler.epoch_of(step), cfg, parts.model, parts.optimizer, parts.scaler,
+                           cfg_dict, fp)
+            bar.close()
+            raise TrainingInterrupted(stop[0], step, latest_checkpoint(out_dir) if step else None)
     bar.close()
     return step, first_loss, last_loss
 

@@ -7,7 +7,7 @@ ordinary runner so that resume, manifests and Dask apply to it too).
 A URL that appears with several captions is downloaded once: the list is grouped by URL before
 img2dataset sees it, all captions travel with it as a JSON column, and conversion yields one row per
 caption (same image bytes, distinct uids since uid hashes url + text). A row repeating an earlier (url, caption)
-would repeat its uid: it is rejected as `duplicate: same url and caption as an earlier row`, so ingest keeps one
+would repeat its uid: it is rejected as `duplicate: same url and caption as another row`, so ingest keeps one
 row per distinct (url, caption) and every uid once.
 
 Rejected rows (`reason`): img2dataset's status and error ("failed_to_download: HTTP Error 404: ..."), and
@@ -17,7 +17,8 @@ their text is kept lossy-decoded, U+FFFD for bad bytes). The egress policy (pipe
 `blocked_scheme` (ftp:, file:, data:, javascript: ...), `blocked_userinfo` (user@host), `blocked_address` (a
 loopback, private, link-local... address, literal or resolved, outside `[ingest] allow_private_hosts`) and
 `blocked_redirect` (more than 5 redirects): before the download where the URL alone says so, else from the
-fetch in img2dataset's worker (guard.py).
+fetch in img2dataset's worker (guard.py). A response that is no image at all (an HTML page under a .jpg name,
+text, an empty body) is `not_an_image: an HTML page` (guard.py sniffs the bytes img2dataset failed to decode).
 
 The package: this module is the stage (`IngestStage`, and `CopyStats`, its statistics); `urls.py` reads and
 groups the URL list, `download.py` runs img2dataset (`download_pool`, `run_img2dataset`), `crawl.py` uses an
@@ -43,7 +44,7 @@ from pipeline.stage import Stage
 from stages.ingest.crawl import crawl_input
 from stages.ingest.curated import CARRY_COL, carried_columns, carry_record, read_carry
 from stages.ingest.download import download_pool, run_img2dataset
-from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list
+from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, DUPLICATE_REASON, NOT_AN_IMAGE, group_by_url, read_url_list
 
 __all__ = ["IngestStage", "STAGE", "CopyStats", "CAPTIONS_COL", "read_url_list", "group_by_url", "download_pool",
            "run_img2dataset", "crawl_input"]
@@ -148,7 +149,7 @@ class IngestStage(Stage):
             if extra.any():
                 mask = pa.array(extra)
                 dup = kept.filter(mask).append_column(
-                    "reason", pa.array([f"{DUPLICATE}: same url and caption as another row"] * int(extra.sum()), pa.string()))
+                    "reason", pa.array([DUPLICATE_REASON] * int(extra.sum()), pa.string()))
                 kept = kept.filter(pc.invert(mask))
                 rejected = pa.concat_tables([rejected, dup.cast(rejected.schema)])
         if CARRY_COL in table.column_names:  # a run's curated output: each row gets back what it had
@@ -183,6 +184,7 @@ class IngestStage(Stage):
             pl.when(pl.col("status").is_in(egress.REASONS)).then(pl.col("status")),
             pl.col("error_message").cast(pl.String).str.extract(BLOCKED_ERROR, 1) if "error_message" in df.columns
             else pl.lit(None, dtype=pl.String))
+        not_image = pl.col("error_message").cast(pl.String).str.starts_with(f"{NOT_AN_IMAGE}: ").fill_null(False)
         ref = pl.col(REF_COL) if REF_COL in df.columns else pl.lit(None, dtype=pl.String)
         df = df.with_columns(
             text=captions,
@@ -195,6 +197,10 @@ class IngestStage(Stage):
             .then(pl.lit(None, dtype=pl.String))
             .when(blocked.is_not_null())
             .then(blocked)
+            .when(not_image)  # a response that is no image (an HTML page under a .jpg name): guard.SniffingResizer
+            .then(pl.col("error_message"))
+            .when(pl.col("status") == DUPLICATE)  # one wording, whatever a download made before it wrote
+            .then(pl.lit(DUPLICATE_REASON))
             .otherwise(
                 pl.col("status").fill_null("unknown")
                 + pl.lit(": ")

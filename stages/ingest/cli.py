@@ -100,11 +100,17 @@ def cmd_ingest(args) -> int:
     )
     print_funnel([res])
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
-    after = [s.name for s in steps if s.position > step.position]
-    if before and after:
-        print(f"next: clipcurate run --run {Path(run_dir).name}   ({', '.join(after)})")
+    _print_next(run_dir, steps, step)
     _fail_if_nothing_kept(res, "no URL downloaded", "check the URLs and the network")
     return 0
+
+
+def _print_next(run_dir: str, steps: list, step) -> None:
+    """The one `next:` line every ingest ends with (a URL list, text-first or not; a crawl used in place): the
+    command that runs the recipe's steps after the download."""
+    after = [s.name for s in steps if s.position > step.position]
+    if after:
+        print(f"next: clipcurate run --run {Path(run_dir).name}   ({', '.join(after)})")
 
 
 def _preflight(args, run_dir: str, cfg: dict, steps: list) -> None:
@@ -184,5 +190,6 @@ def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
     print(f"ingest: img2dataset {kind} output {store.root} used in place as the image store")
     print_funnel([res])
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
+    _print_next(run_dir, recipe.of_config(cfg), _ingest_step(cfg))
     _fail_if_nothing_kept(res, "no image of the crawl is usable", "check the crawl's status column")
     return 0

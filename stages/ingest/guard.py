@@ -28,18 +28,67 @@ from img2dataset.downloader import Downloader
 
 from pipeline import egress
 from pipeline.stage import StageError
+from stages.ingest.urls import NOT_AN_IMAGE  # the reason of a response that is no image at all
 
 PINNED_VERSION = "1.47.0"  # what this hook was written against: keep in step with pyproject.toml
 # the module, not `img2dataset.main` the function that the package's __init__ exports under the same name
 i2d_main = importlib.import_module("img2dataset.main")
 
 
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"RIFF", b"BM", b"II*", b"MM\0*")  # JPEG PNG GIF WebP BMP TIFF
+
+
+def sniff_not_an_image(head: bytes) -> str | None:
+    """Why a response that failed to decode is not an image at all, or None when it may be one (a truncated or
+    corrupt image keeps img2dataset's own error). Images are binary and start with a magic number; what a web
+    server sends instead (an error page under a .jpg name, a JSON error, an empty body) is text. SVG is text
+    too, but an image: img2dataset cannot decode it, and says so itself. One fixed message per kind, so the
+    funnel counts them together."""
+    if not head.strip():
+        return f"{NOT_AN_IMAGE}: an empty response"
+    if b"\0" in head or head.startswith(IMAGE_MAGIC):
+        return None  # binary: perhaps an image that is truncated or corrupt
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if b"<svg" in text:
+        return None
+    if text.startswith(b"<"):
+        return f"{NOT_AN_IMAGE}: an HTML page" if b"<html" in text or b"<!doctype html" in text or b"<body" in text \
+            else f"{NOT_AN_IMAGE}: an XML or HTML document"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not only a multi-byte character cut at the end of the sniffed head
+            return None
+    return f"{NOT_AN_IMAGE}: text"
+
+
+class SniffingResizer:
+    """img2dataset's resizer, with a failure to decode a response that is no image at all reported as
+    `not_an_image: ...` instead of "Image decoding error" (which sends users hunting for a resize problem).
+    img2dataset keeps no bytes of a failed row, so the bytes are looked at here, in the worker, as it fails."""
+
+    HEAD = 1024  # bytes sniffed: enough for a doctype and an <html> tag
+
+    def __init__(self, resizer):
+        self.resizer = resizer
+
+    def __call__(self, img_stream, *args, **kwargs):
+        out = self.resizer(img_stream, *args, **kwargs)
+        if out[-1] is None:
+            return out
+        img_stream.seek(0)
+        why = sniff_not_an_image(img_stream.read(self.HEAD))
+        return out if why is None else (*out[:-1], why)
+
+
 class GuardedDownloader(Downloader):
-    """img2dataset's Downloader, fetching through the egress policy in the process that runs the shard."""
+    """img2dataset's Downloader, fetching through the egress policy in the process that runs the shard (and
+    naming a response that is no image as such: SniffingResizer)."""
 
     def __init__(self, *args, egress_policy: egress.EgressPolicy, **kwargs):
         super().__init__(*args, **kwargs)
         self.egress_policy = egress_policy
+        self.resizer = SniffingResizer(self.resizer)
 
     def __call__(self, row):
         egress.install(self.egress_policy)  # this process's urlopen: cheap, and idempotent per shard

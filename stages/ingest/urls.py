@@ -15,7 +15,12 @@ from pipeline import egress, schema
 from pipeline.stage import StageError
 
 CAPTIONS_COL = "clipcurate_captions"
-DUPLICATE = "duplicate"  # reason of a repeated (url, caption) row: "duplicate: same url and caption ..."
+DUPLICATE = "duplicate"  # reason of a repeated (url, caption) row: DUPLICATE_REASON
+# one wording wherever the repeat is found: in a URL list (the first row is kept) or in a crawl used in place (the
+# kept copy is chosen by content, then position: not always the earlier one)
+DUPLICATE_MESSAGE = "same url and caption as another row"
+DUPLICATE_REASON = f"{DUPLICATE}: {DUPLICATE_MESSAGE}"
+NOT_AN_IMAGE = "not_an_image"  # reason of a response that is no image (an HTML page under a .jpg name): guard.py
 VALID_URL = r"(?i)^https?://[^\s/:?#]+(:\d+)?([/?#]\S*)?$"  # schemes are case-insensitive (RFC 3986 3.1)
 
 
@@ -192,7 +197,7 @@ def split_rows(df: pl.DataFrame, policy: egress.EgressPolicy | None = None) -> t
     # rejected rows (`duplicate`), so that rows in = kept + rejected still holds
     first = pl.struct("url", "caption").is_first_distinct()
     dups = good.filter(~first).with_columns(
-        status=pl.lit(DUPLICATE), error_message=pl.lit("same url and caption as an earlier row"))
+        status=pl.lit(DUPLICATE), error_message=pl.lit(DUPLICATE_MESSAGE))
     bad = pl.concat([bad, dups.select(bad.columns)]) if dups.height else bad
     return good.filter(first), bad
 
@@ -232,4 +237,5 @@ def reason_expr() -> pl.Expr:
     """A set-aside row's `reason`: "status: error_message", or the bare status for the egress policy's refusals
     (`blocked_address`, `blocked_scheme`, ...: one reason each, whatever the address)."""
     return (pl.when(pl.col("status").is_in(egress.REASONS)).then(pl.col("status"))
+            .when(pl.col("status") == DUPLICATE).then(pl.lit(DUPLICATE_REASON))  # whatever an older list wrote
             .otherwise(pl.col("status") + ": " + pl.col("error_message")))
