@@ -22,19 +22,22 @@ Per network, `--rounds` (ViT-B-32: `--b32-rounds`) paired rounds, the order of t
         for rows the store lacks, here none), and again after removing dfn's folder (warm: the stage already
         built in the workers). Either is the store path: lookups by uid, cosines, histogram, cut, the output
         shards. Its stats/cut.json counts the vectors the step embedded (`embedded`: 0 expected).
-  bare  2 processes at once (one a core, OMP_NUM_THREADS=1 as Dask's nanny sets it), each on half the same rows
-        (read from the Parquet files and imported before the clock): torch.load + open_clip
+  bare  2 processes at once (one a core, OMP_NUM_THREADS=1 as Dask's nanny sets it, but not the nanny's
+        MALLOC_TRIM_THRESHOLD_, which a LocalCluster leaves in the driver's environment: a plain process), each
+        on half the same rows (read from the Parquet files and imported before the clock): torch.load + open_clip
         create_model_and_transforms + load_state_dict, then batches of `--batch` rows: Pillow open + draft("RGB",
         (S, S)) + load + convert (trainer.data.decode_image's decode), trainer.data.FastEvalTransform (the uint8
         resize + centre crop score.py uses, normalised per batch), encode_image normalised; then the texts in
-        batches: open_clip tokenizer, encode_text normalised; float32 numpy, kept in memory, nothing written. Its rate is the sum of the two
-        processes' rates, with the model load in the time (as ours has it) and without (loop only).
+        batches: open_clip tokenizer, encode_text normalised; float32 numpy, kept in memory, nothing written.
+        Its rate is the sum of the two processes' rates, with the model load in the time (as ours has it) and
+        without (loop only).
 Both sides are also measured in CPU time (user + system seconds of the 2 worker processes over the step; of the 2
 bare processes over model load + loop): rows per CPU second moves far less than rows/s when other jobs share the
 cores, as they did here. Ratios per round are paired (ours / bare of the same round); the medians of rounds are
-reported, every round kept. A sample of 64 rows of bare's vectors is compared with the store's (same decode and preprocessing: they
-must agree to float16 rounding). Store bytes per row: the store's files / rows. Peak RSS per worker: VmHWM of
-each worker process, reset (clear_refs) before each step, read after it; the bare processes' VmHWM beside it.
+reported, every round kept. A sample of 64 rows of bare's vectors is compared with the store's (same decode and
+preprocessing: they must agree to float16 rounding). Store bytes per row: the store's files / rows. Peak RSS per
+worker: VmHWM of each worker process, reset (clear_refs) before each step, read after it; the bare processes'
+VmHWM beside it. The files under test are digested before and after (`code`: others edit this tree while it runs).
 GPU: none on this machine, not measured (nothing is estimated). The machine is a shared 2-core VM: the load
 average is recorded next to every figure.
 """
