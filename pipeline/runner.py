@@ -121,6 +121,10 @@ class DaskExecutor:
             # the scheduler's HTTP server (health routes, even with no dashboard) wants port 8787 and takes
             # another when that one is busy, warning in 4 lines that nothing is wrong
             warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+            # Dask sets its nanny environment (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS=1) in this process's
+            # os.environ to pass it to the workers and leaves it there: restored on close, so a process the
+            # command starts later (a DataLoader, a bench's own loop) does not inherit a worker's settings
+            self._saved_environ = dict(os.environ)
             self.cluster = LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,
@@ -183,6 +187,11 @@ class DaskExecutor:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+        saved = getattr(self, "_saved_environ", None)
+        if saved is not None:
+            for key in [k for k in os.environ if k not in saved]:
+                del os.environ[key]
+            os.environ.update({k: v for k, v in saved.items() if os.environ.get(k) != v})
 
 
 @contextmanager

@@ -86,3 +86,21 @@ def test_two_workers_close_without_the_nanny_warning_and_no_flag_runs_in_process
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"200 rows: in-process (a pool under {IN_PROCESS_BELOW} rows" in r.stderr
     assert "LocalCluster" not in r.stderr
+
+
+def test_a_closed_cluster_leaves_the_drivers_environment_as_it_was(monkeypatch):
+    """Dask puts its nanny settings (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS) in the driver's os.environ; a
+    process the command starts after the cluster closed must not inherit them (bench_embed's bare loop ran ~40%
+    slower per CPU second with them)."""
+    from pipeline.runner import DaskExecutor
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    before = dict(os.environ)
+    ex = DaskExecutor(1)
+    try:
+        during = dict(os.environ)
+    finally:
+        ex.close()
+    assert during != before  # Dask did set its nanny environment here (else this test checks nothing)
+    assert dict(os.environ) == before
