@@ -43,6 +43,7 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline import recipe
 from pipeline.context import ShardContext
 from pipeline.stage import Stage, StageError, fingerprint, get_stage, stage_class
+from pipeline.worker_init import LOCAL_WORKER_ENV
 
 log = logging.getLogger("clipcurate.runner")
 
@@ -131,7 +132,8 @@ class DaskExecutor:
                 processes=True,
                 dashboard_address=None,
                 silence_logs=logging.ERROR,
-                env=worker_env(n),  # set in each worker process before it imports polars
+                # set in each worker process before it imports polars; LOCAL_WORKER_ENV: see worker_init
+                env={**worker_env(n), LOCAL_WORKER_ENV: "1"},
                 preload=WORKER_PRELOAD,
             )
             self.client = Client(self.cluster)

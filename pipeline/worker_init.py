@@ -21,17 +21,27 @@ files are written atomically by the task), so once Dask has closed the worker (`
 skips that teardown (`os._exit` at exit, after the standard streams are flushed). A worker that dies any other
 way exits as before, with its own exit status.
 
+A LocalCluster's scheduler lives in the driver. When the driver stops (Ctrl-C) while a worker is inside a
+long task, the worker's next heartbeat finds the scheduler gone and Dask logs it as an error with a 20-line
+`CommClosedError` traceback, after the driver's one line. In a worker of our LocalCluster (`LOCAL_WORKER_ENV`
+set) the scheduler cannot be away for any other reason, so that one message is dropped; a worker of a cluster
+of your own keeps it (there a lost scheduler is news).
+
 Dask's own `dask worker` (a cluster of your own, `--scheduler`) takes the same file: `--preload pipeline.worker_init`.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
 import signal
 import sys
 import threading
+
+LOCAL_WORKER_ENV = "CLIPCURATE_LOCAL_WORKER"  # set in the workers of a LocalCluster the runner starts
+HEARTBEAT_LOST = "Failed to communicate with scheduler during heartbeat"
 
 _closed = threading.Event()  # set when Dask closes this worker: its process may then skip the interpreter's teardown
 
@@ -43,6 +53,8 @@ def dask_setup(worker=None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     atexit.register(_exit_now_if_closed)
+    if os.environ.get(LOCAL_WORKER_ENV):
+        logging.getLogger("distributed.worker").addFilter(_drop_lost_heartbeat)
     threading.Thread(target=_import_spine, name="clipcurate-warm-imports", daemon=True).start()
 
 
@@ -50,6 +62,11 @@ def dask_teardown(worker=None) -> None:
     """Dask closes this worker (Worker.close runs its preloads' teardown): nothing of ours is left to do."""
     if multiprocessing.current_process().name != "MainProcess":
         _closed.set()
+
+
+def _drop_lost_heartbeat(record: logging.LogRecord) -> bool:
+    """False for the heartbeat failure a LocalCluster worker logs when the driver has stopped its scheduler."""
+    return not str(record.msg).startswith(HEARTBEAT_LOST)
 
 
 def _exit_now_if_closed() -> None:

@@ -377,3 +377,16 @@ def _metaclip_config(tmp_path: Path) -> Path:
     p = tmp_path / "mc.toml"
     p.write_text(f'[metaclip]\nentries = "{_entries(tmp_path)}"\nt = 30\n')
     return p
+
+
+def test_local_worker_drops_only_the_lost_heartbeat_message():
+    import logging
+
+    from pipeline.worker_init import _drop_lost_heartbeat
+
+    def record(msg):
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg, None, None)
+
+    assert not _drop_lost_heartbeat(record("Failed to communicate with scheduler during heartbeat."))
+    assert _drop_lost_heartbeat(record("Unexpected exception during heartbeat. Closing worker."))
+    assert _drop_lost_heartbeat(record("Compute Failed"))
