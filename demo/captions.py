@@ -132,3 +132,64 @@ def weak_caption_for(shape: str, colour: str, count: int, bg: str, texture: str,
     text = re.sub(r"\b([Aa]) ([aeiou])", r"\1n \2", text)
     return (text[0].upper() + text[1:]) if rng.random() < 0.3 else text
 
+
+
+# Paraphrases (semantic duplicates, web world): another wording of the same content. Each phrase of the clean
+# templates that is not the picture's content (framing, size and style words, objects, textures, the background's
+# wording, suffixes) has two rewordings; the shape, the colour and the background's colour stay. Every rewording
+# is common English (wordfreq Zipf >= 1.8: align's rare-token rule passes it).
+PARAPHRASES = {
+    "stock photo of": ["stock image of", "royalty free picture of"], "a photo of": ["a photograph of", "a snapshot of"],
+    "photo of": ["photograph of", "snapshot of"], "picture of": ["image showing", "a picture showing"],
+    "image of": ["picture showing", "a view of"], "illustration of": ["artwork of", "an illustration showing"],
+    "drawing of": ["sketch of", "a drawing showing"], "close-up of": ["detail shot of", "macro view of"],
+    "hand drawn": ["sketched by hand", "drawn by hand"], "cut-out paper": ["paper cutout", "paper cut outs of"],
+    "craft project for kids": ["craft idea for children", "children's craft activity"],
+    "vector illustration": ["vector graphic", "vector artwork"], "icon": ["symbol", "sign"],
+    "logo": ["emblem", "badge design"], "printed on": ["stamped on", "screen printed on"],
+    "isolated on": ["set against", "cut out on"], "in a row": ["lined up", "side by side"],
+    "drawn on": ["sketched on", "painted on"], "background": ["backdrop", "backing"],
+    "paper": ["sheet", "card stock"], "fabric": ["cloth", "textile"], "table": ["tabletop", "desk"],
+    "wall": ["wall surface", "painted wall"], "card": ["cardboard", "card stock"], "shape": ["form", "figure"],
+    "small": ["little", "smallish"], "little": ["small", "wee"], "large": ["big", "sizeable"],
+    "big": ["large", "huge"], "tiny": ["very small", "miniature"], "medium": ["mid sized", "medium sized"],
+    "bright": ["vivid", "brilliant"], "bold": ["strong", "striking"], "flat": ["two dimensional", "flat style"],
+    "simple": ["basic", "uncomplicated"], "minimal": ["minimalist", "sparse"], "modern": ["contemporary", "new style"],
+    "retro": ["vintage", "old school"], "cute": ["adorable", "sweet"], "classic": ["traditional", "timeless"],
+    "colourful": ["vibrant", "multicoloured"], "geometric": ["geometrical", "angular"], "plain": ["solid", "blank"],
+    "sticker": ["label", "vinyl sticker"], "stickers": ["labels", "vinyl stickers"],
+    "magnet": ["fridge magnet", "refrigerator magnet"], "magnets": ["fridge magnets", "refrigerator magnets"],
+    "badge": ["pin", "lapel pin"], "badges": ["pins", "lapel pins"], "button": ["pin button", "round button"],
+    "buttons": ["pin buttons", "round buttons"], "token": ["coin", "game token"], "tokens": ["coins", "game tokens"],
+    "coaster": ["drink mat", "drinks coaster"], "coasters": ["drink mats", "drinks coasters"],
+    "patch": ["sew on patch", "iron on patch"], "patches": ["sew on patches", "iron on patches"],
+    "tile": ["ceramic tile", "mosaic tile"], "tiles": ["ceramic tiles", "mosaic tiles"],
+    "cards": ["postcards", "greeting cards"], "decal": ["transfer", "vinyl decal"], "decals": ["transfers", "vinyl decals"],
+    "striped": ["stripy", "lined"], "dotted": ["spotted", "polka dot"], "shaded": ["gradient", "graded"],
+    "checkered": ["chequered", "checked"], "grainy": ["speckled", "noisy"],
+    "stock image": ["stock picture", "stock photograph"], "free clipart": ["free clip art", "clip art for free"],
+    "high resolution": ["hi res", "in high definition"], "for print": ["for printing", "print ready"],
+    "detail": ["close view", "cropped"], "in the center": ["in the middle", "centred"],
+    "in the corner": ["in a corner", "off to one side"], "from above": ["seen from above", "top view"],
+    "two": ["2", "a pair of"], "three": ["3", "a trio of"], "four": ["4", "a set of four"],
+    "light grey": ["light gray", "pale grey"], "pale blue": ["light blue", "soft blue"], "mint": ["mint green"],
+}
+_PARAPHRASE_RE = re.compile(r"\b(?:" + "|".join(re.escape(k) for k in sorted(PARAPHRASES, key=len, reverse=True))
+                            + r")\b", re.IGNORECASE)
+
+
+def paraphrase(caption: str, rng: random.Random, max_words: int = 20) -> str:
+    """The caption in other words: every phrase of PARAPHRASES it holds reworded (longest first, once each),
+    articles agreed again, its first letter's case kept. What it says of the picture (shape, colour, count,
+    background) is unchanged; its words are not, so MinHash over word sets (align's near_duplicate, Jaccard 0.8)
+    finds too few in common (tests/test_world_semantic.py measures it). Rewordings are drawn again while the
+    result has over `max_words` words (align's too_many_words must not be what catches it)."""
+    for _try in range(20):
+        text = _PARAPHRASE_RE.sub(lambda m: rng.choice(PARAPHRASES[m.group(0).lower()]), caption)
+        if len(re.findall(r"\w+(?:['’]\w+)*", text)) <= max_words:
+            break
+    if text.lower() == caption.lower():  # no phrase to reword (the clean templates always hold one)
+        text = f"{rng.choice(['picture', 'image', 'photo'])} showing {caption[0].lower()}{caption[1:]}"
+    text = re.sub(r"\b([Aa])n? ([A-Za-z0-9])",
+                  lambda m: m.group(1) + ("n" if m.group(2).lower() in "aeiou" else "") + " " + m.group(2), text)
+    return (text[0].upper() + text[1:]) if caption[:1].isupper() else (text[0].lower() + text[1:])

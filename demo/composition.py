@@ -7,9 +7,9 @@ The web composition (share of the n URL rows; set from the published figures bel
 "Our choice" marks a value no source we found gives; the rest cite what they rest on.
 
   kind             share   where it comes from
-  clean            ~0.13   the rest (0.127 at n=3000; many_texts takes max(25, min(60, n/50)) rows first). What
-                           a good curation should keep: DataComp-1B is 1.4B of CommonPool's 12.8B pairs (11%) [1],
-                           DFN-2B 2B of 12.8B (15.6%) [2].
+  clean            ~0.11   the rest (0.112 at n=3000; many_texts takes max(25, min(60, n/50)) rows first; 0.127
+                           before semantic_duplicate took its 0.015 from it). What a good curation should keep:
+                           DataComp-1B is 1.4B of CommonPool's 12.8B pairs (11%) [1], DFN-2B 2B of 12.8B (15.6%) [2].
   weak             0.30    weak + mismatched = 0.52, a majority: LAION's CLIP-similarity thresholds (ViT-B/32:
   mismatched       0.22    0.30 for LAION-400M [3], 0.28 for LAION-5B [4]) keep only 20% (>= 0.300) and 30%
                            (>= 0.281) of CommonPool [1, Table 16], and DataComp's CLIP-score baseline keeps the top
@@ -22,6 +22,17 @@ The web composition (share of the n URL rows; set from the published figures bel
   exact_duplicate  0.03    duplicates are 0.06 = ~32% of the clean rows plus their copies (0.06 / 0.187): Webster
   near_duplicate   0.03    et al. find roughly 700M, about 30%, of LAION-2B's images likely duplicated [6]. The
                            exact / near split is our choice.
+  semantic_duplicate 0.015 our choice, taken from the clean rest (the other kinds' shares are as they were). A clean
+                           image re-framed (a crop: a shift and a zoom), re-sized, sometimes re-coloured (brightness,
+                           saturation) and re-encoded, with its caption paraphrased: the same scene, which neither
+                           align's content hash nor a dHash within 6 bits nor MinHash at 0.8 catches (SemDeDup's
+                           "semantic duplicates" [9]; tests/test_world_semantic.py measures it). With it the duplicates
+                           are 0.075 = 40% of the clean rows plus their copies (0.075 / 0.187), between Webster et al.'s
+                           ~30% of LAION-2B [6] (near-identical images only) and the 50% of LAION-440M SemDeDup removes
+                           at its thresholds with minimal loss [9]; SNIP puts LAION-2B's duplicates at about a third
+                           (issue 31). The value is bounded by the clean rest: each copy needs a clean original of its
+                           own, and 0.015 is the largest (in steps of 0.005) whose copies find one at n = 600 (the
+                           tests' web world); below n ~ 650 `demo.world._final_counts` caps it at the originals left.
   too_short        0.02    our choice (DataComp's basic filter drops captions of <= 2 words or < 6 characters [1];
   too_long         0.015   no share given for them alone).
   rare_token       0.01    our choice.
@@ -67,13 +78,15 @@ Sources:
   [7] rom1504/img2dataset issue #277, "Failed to download all of LAION-400M",
       https://github.com/rom1504/img2dataset/issues/277
   [8] Xu et al. 2023, "Demystifying CLIP Data" (MetaCLIP), arXiv 2309.16671, https://arxiv.org/abs/2309.16671.
+  [9] Abbas et al. 2023, "SemDeDup: Data-efficient learning at web-scale through semantic deduplication",
+      arXiv 2303.09540, https://arxiv.org/abs/2303.09540.
 """
 
 from __future__ import annotations
 
 KINDS = ["clean", "boilerplate", "many_texts", "mismatched", "weak", "exact_duplicate", "near_duplicate",
-         "too_short", "too_long", "rare_token", "small_image", "odd_aspect", "non_english", "eval_copy", "http_404",
-         "not_image"]
+         "semantic_duplicate", "too_short", "too_long", "rare_token", "small_image", "odd_aspect", "non_english",
+         "eval_copy", "http_404", "not_image"]
 # share of the n URL rows per kind (clean is the rest); many_texts is a fixed block
 SHARES = {"boilerplate": 0.05, "mismatched": 0.08, "exact_duplicate": 0.03, "near_duplicate": 0.03,
           "too_short": 0.03, "too_long": 0.025, "rare_token": 0.01, "small_image": 0.03, "odd_aspect": 0.02,
@@ -81,14 +94,27 @@ SHARES = {"boilerplate": 0.05, "mismatched": 0.08, "exact_duplicate": 0.03, "nea
 # the web world's composition: the table and its sources are in this module's docstring
 WEB_SHARES = {"weak": 0.30, "mismatched": 0.22, "boilerplate": 0.04, "exact_duplicate": 0.03, "near_duplicate": 0.03,
               "too_short": 0.02, "too_long": 0.015, "rare_token": 0.01, "small_image": 0.04, "odd_aspect": 0.01,
-              "non_english": 0.03, "eval_copy": 0.028, "http_404": 0.06, "not_image": 0.02}
+              "non_english": 0.03, "eval_copy": 0.028, "http_404": 0.06, "not_image": 0.02,
+              "semantic_duplicate": 0.015}
 NOISE_SHARES = {"default": SHARES, "web": WEB_SHARES}
 NOISE_MODES = tuple(NOISE_SHARES)
-WEB_ONLY_KINDS = [k for k in KINDS if k != "clean" and k != "many_texts" and k not in SHARES]  # ["weak"]
+WEB_ONLY_KINDS = [k for k in KINDS if k != "clean" and k != "many_texts" and k not in SHARES]  # weak, semantic_duplicate
 MIN_N = 200  # every noise kind needs a few rows
 WEB_MIN_N = 500  # below it the web world's duplicates outnumber the clean originals they copy
 WEB_ZIPF = (1.5, 1.2)  # shape and colour exponents of the web world (default: 1.1 and 0.9); see the docstring
 DUP_URL_SHARE = 0.05  # clean images that come with a second (or third) alt-text
+
+
+def clean_images(n_clean: int) -> int:
+    """Distinct images among n_clean clean rows (the rest are second or third alt-texts of some of them)."""
+    return int(n_clean / (1 + DUP_URL_SHARE * 1.5))
+
+
+def clean_originals(n_clean: int) -> int:
+    """Clean images with one alt-text among n_clean clean rows: the originals the duplicate kinds copy, one each
+    (`demo.kinds.clean` gives each of the n_clean - images extra rows to a different image)."""
+    images = clean_images(n_clean)
+    return images - min(n_clean - images, images)
 
 
 def kind_counts(n: int, noise: str = "default") -> dict[str, int]:

@@ -12,10 +12,10 @@ from typing import Iterator
 from PIL import Image
 
 from demo.builder import HOST, Builder
-from demo.captions import (BOILERPLATE, JUNK, LONG_FILLER, NON_ENGLISH, TRANSLATED, caption_for,
+from demo.captions import (BOILERPLATE, JUNK, LONG_FILLER, NON_ENGLISH, TRANSLATED, caption_for, paraphrase,
                            weak_caption_for)
-from demo.composition import DUP_URL_SHARE
-from demo.draw import PLURAL, SHAPES, jpeg
+from demo.composition import clean_images
+from demo.draw import PLURAL, SHAPES, jpeg, redraw
 
 # a clean image that duplicates may copy: (url, shape, colour, count, background, texture, jpeg bytes)
 Original = tuple[str, str, str, int, str, str, bytes]
@@ -26,7 +26,7 @@ def clean(b: Builder, n: int) -> list[Original]:
     (`dup_url`). Returns the clean images with one alt-text, shuffled: the originals duplicates copy (so that a
     duplicate is one, not a third caption)."""
     rng = b.rng
-    n_images = int(n / (1 + DUP_URL_SHARE * 1.5))
+    n_images = clean_images(n)
     images: list[Original] = []
     for _ in range(n_images):
         shape, colour, count = b.pick()
@@ -129,6 +129,20 @@ def near_duplicates(b: Builder, n: int, originals: Iterator[Original]) -> None:
                             {x.lower() for x in words}])
         edited = " ".join(words[:pos] + [extra] + words[pos:])
         b.add(b.file(data), edited, "near_duplicate", shape, colour, count, dup_of=(url, row["caption"]))
+        row["dup_of"] = (url, row["caption"])
+
+
+def semantic_duplicates(b: Builder, n: int, originals: Iterator[Original]) -> None:
+    """(web world only) The same scene again at a URL of its own: the original's picture re-framed, re-sized,
+    sometimes re-coloured and re-encoded (`draw.redraw`), its caption paraphrased (`captions.paraphrase`). Bytes
+    and words differ, the content does not: what align's hashes and MinHash miss and a semantic dedup should
+    find. The truth records the group as for the other duplicates (`dup_group`: the original's uid, on both)."""
+    rng = b.rng
+    for _ in range(n):
+        url, shape, colour, count, bg, tex, data = next(originals)
+        row = next(r for r in b.rows if r["url"] == url)
+        b.add(b.file(redraw(data, rng)), paraphrase(row["caption"], rng), "semantic_duplicate", shape, colour, count,
+              dup_of=(url, row["caption"]))
         row["dup_of"] = (url, row["caption"])
 
 

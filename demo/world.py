@@ -29,6 +29,10 @@ Noise kinds (the `kind` column; one per row):
   mismatched       a well-formed caption that describes another image
   exact_duplicate  a mirror URL of an image with the same caption (re-cased / re-spaced)
   near_duplicate   a mirror URL of an image with its caption lightly edited
+  semantic_duplicate  (web mode only) the same scene again: a clean image re-framed (a shift and a zoom), re-sized,
+                   sometimes re-coloured, re-encoded, at a URL of its own, with its caption paraphrased. No hash
+                   of bytes, dHash within align's bits or caption MinHash ties it to its original; its
+                   `dup_group` does (the original's uid, as for the other duplicates). SemDeDup's kind.
   too_short        1-2 words;  too_long: SEO keyword soup over 20 words
   rare_token       a caption carrying junk tokens (SKU codes, hashes)
   small_image      image under 200 px;  odd_aspect: banner with aspect ratio over 3
@@ -75,7 +79,7 @@ from demo import kinds, sets
 from demo.builder import Builder
 from demo.captions import BOILERPLATE
 from demo.composition import (KINDS, MIN_N, NOISE_MODES, SHARES, WEB_MIN_N, WEB_ONLY_KINDS, WEB_SHARES,
-                              WEB_ZIPF, kind_counts)
+                              WEB_ZIPF, clean_originals, kind_counts)
 from demo.config import RECIPES, config_file, demo_config
 from demo.draw import COLOURS, SHAPES, zipf_weights
 from demo.sets import RETRIEVAL_IMAGES
@@ -197,10 +201,15 @@ def make_world(out: str | Path, n: int = 3000, seed: int = 0, noise: str = "defa
 
 
 def _final_counts(n: int, noise: str, n_eval_images: int) -> dict[str, int]:
-    """kind_counts, with a copy per eval image at most (clean takes the rest)."""
+    """kind_counts, with a copy per eval image at most, and semantic duplicates no more than the clean originals
+    the exact and near ones leave (one each; clean takes the rest, so each one given up is a clean row more)."""
     counts = kind_counts(n, noise)
     counts["eval_copy"] = min(counts["eval_copy"], n_eval_images)
     counts["clean"] = n - sum(v for k, v in counts.items() if k != "clean")
+    while counts.get("semantic_duplicate", 0) > 0 and clean_originals(counts["clean"]) < (
+            counts["exact_duplicate"] + counts["near_duplicate"] + counts["semantic_duplicate"]):
+        counts["semantic_duplicate"] -= 1
+        counts["clean"] += 1
     return counts
 
 
@@ -213,6 +222,7 @@ def _draw_rows(b: Builder, counts: dict[str, int], eval_images: list[bytes]) -> 
     kinds.weak(b, counts.get("weak", 0))
     kinds.exact_duplicates(b, counts["exact_duplicate"], originals)
     kinds.near_duplicates(b, counts["near_duplicate"], originals)
+    kinds.semantic_duplicates(b, counts.get("semantic_duplicate", 0), originals)  # web only: none drawn, no draw
     kinds.too_short(b, counts["too_short"])
     kinds.too_long(b, counts["too_long"])
     kinds.rare_token(b, counts["rare_token"])

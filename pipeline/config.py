@@ -120,6 +120,16 @@ def _check_value(section: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def _named_table(section: str, name: str, value: dict, held: dict) -> dict:
+    """`[section.NAME]` (a sub-table, e.g. `[heads.aesthetic]`) of a section whose Config declares
+    `named_tables = "FIELD"`: kept in that dict field under NAME, its numbers checked finite here (the Config
+    checks the rest). Laid over what the field already holds for NAME (a run's saved config), key by key."""
+    for k, v in value.items():
+        _check_value(f"{section}.{name}", k, v, None)
+    old = held.get(name)
+    return {**(old if isinstance(old, dict) else {}), **value}
+
+
 def resolve(raw: dict) -> dict[str, dict]:
     """Defaults for every known section, overridden by `raw`; validated."""
     out: dict[str, dict] = {}
@@ -140,7 +150,11 @@ def resolve(raw: dict) -> dict[str, dict]:
                 out[section] = dict(given)  # stage not installed: keep what the user wrote
             continue
         defaults = dataclasses.asdict(cls())
+        tables = getattr(cls, "named_tables", None)  # a dict field that takes the section's [section.NAME] tables
         for key, value in given.items():
+            if key not in defaults and tables in defaults and isinstance(value, dict):
+                defaults[tables] = {**defaults[tables], key: _named_table(section, key, value, defaults[tables])}
+                continue
             if key not in defaults:
                 raise ConfigError(
                     f"config [{section}]: unknown key '{key}' (known: {', '.join(sorted(defaults))})"

@@ -36,6 +36,9 @@ class ShardContext:
     # files a hook wrote in the run folder outside its stage folder (the embedding store): {path relative to the
     # run folder: {"size", "xxh3"}}; the runner's done-marker vouches for them as for the shard's own files
     outputs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # a stage with a survey pass (Stage.survey): its concluded survey (semdedup's centroids), given to collect and
+    # apply; None otherwise
+    survey: Any = None
 
     @classmethod
     def detached(cls, stage) -> "ShardContext":

@@ -369,7 +369,71 @@ def _context(stage, stage_dir: str, shard: str, verify: bool = False) -> ShardCo
     run_dir = _parent(stage_dir)
     reader = images.run_reader(run_dir) if stage.needs_pixels else None
     return ShardContext(stage=stage.name, run_dir=run_dir, stage_dir=stage_dir, shard=shard, images=reader,
-                        needs_pixels=stage.needs_pixels, verify=verify)
+                        needs_pixels=stage.needs_pixels, verify=verify,
+                        survey=_survey_for(stage_dir) if stage.has_survey else None)
+
+
+# ---- the survey, for stages whose statistics need something pool-wide first (Stage.survey) -----------------
+def _survey_path(stage_dir: str) -> str:
+    return shards.join(stage_dir, "survey", "survey.data")
+
+
+_SURVEY_CACHE: dict[str, tuple[tuple, Any]] = {}
+
+
+def _survey_for(stage_dir: str) -> Any:
+    """The stage's concluded survey (None before it exists: the survey pass itself), read once per process while
+    the file is unchanged."""
+    path = _survey_path(stage_dir)
+    try:
+        fs, p = shards.fs_and_path(path)
+        info = fs.info(p)
+    except (OSError, FileNotFoundError):
+        return None
+    stamp = (info.get("size"), str(info.get("mtime") or info.get("LastModified") or ""))
+    cached = _SURVEY_CACHE.get(path)
+    if cached is None or cached[0] != stamp:
+        try:
+            value = codec.decode(shards.read_bytes(path))
+        except codec.CodecError as e:
+            raise StageError(f"survey {path}: {e}; rerun the stage") from None
+        _SURVEY_CACHE.clear()  # one stage's survey at a time per process
+        _SURVEY_CACHE[path] = cached = (stamp, value)
+    return cached[1]
+
+
+def survey_task(name: str, config: dict, seed: int, path: str, stage_dir: str,
+                max_text_bytes: int = schema.MAX_TEXT_BYTES) -> Any:
+    with _naming_shard(name, "survey", path):
+        stage = get_stage(name, config, seed)
+        ctx = _context(stage, stage_dir, stage.output_name(shards.shard_name(path)))
+        good, _ = _set_aside_bad_rows(_read_checked(stage, path, images.ImageStore.load(ctx.run_dir), max_text_bytes))
+        return stage.survey(good, ctx)
+
+
+class _MergeSurvey:
+    """Picklable survey merge (closures do not travel to workers)."""
+
+    def __init__(self, name: str, config: dict, seed: int):
+        self.args = (name, config, seed)
+
+    def __call__(self, partials):
+        return get_stage(*self.args).merge_survey(list(partials))
+
+
+def _surveyed(r: "_StepRun", ex, timings: dict, files: dict) -> None:
+    """The survey pass: partials per shard, tree-reduced, concluded once here, saved beside the statistics."""
+    t0 = time.perf_counter()
+    items = [(r.stage, r.stage_cfg, r.seed, p, r.stage_dir, r.max_text_bytes) for p in r.inputs]
+    partials = ex.collect_values(survey_task, items, f"{r.name} survey")
+    merged = ex.tree_reduce(_MergeSurvey(r.stage, r.stage_cfg, r.seed), partials, f"{r.name} survey merge")
+    del partials
+    stage = get_stage(r.stage, r.stage_cfg, r.seed)
+    result = stage.conclude_survey(merged, _context(stage, r.stage_dir, ""))
+    with shards.recording_writes() as wrote:
+        shards.write_bytes(codec.encode(result), _survey_path(r.stage_dir))
+    files.update(shards.records_under(r.stage_dir, wrote))
+    timings["survey_s"] = round(time.perf_counter() - t0, 3)
 
 
 def finalize_item_task(name: str, config: dict, seed: int, stage_dir: str, verify: bool, item) -> Any:
@@ -866,7 +930,10 @@ def _pass_one(r: _StepRun, config: dict, todo: list[str], ex, timings: dict) -> 
     # ... nor left lying around: the report and a reader of the folder would take them as this run's
     shards.remove(shards.join(r.stage_dir, "stats"))
     shards.remove(shards.join(r.stage_dir, "_shuffle"))
+    shards.remove(shards.join(r.stage_dir, "survey"))
     answer_bytes, files = None, {}
+    if r.probe.has_survey:
+        _surveyed(r, ex, timings, files)
     if shuffled:
         per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
         partitions = stats_partitions(len(r.inputs), per)

@@ -140,6 +140,29 @@ class Stage:
         """One shard's answers from every partition, joined into the `stats` its apply gets."""
         raise NotImplementedError
 
+    # ---- a survey before the statistics (optional) ----------------------------------------------------
+    # Statistics whose shuffle key needs something pool-wide first: semdedup shuffles rows by k-means cluster, and
+    # the centroids come from a pool-wide sample. A stage that defines `survey` gets a pass before collect: each
+    # shard's `survey` partial, merged associatively (`merge_survey`, tree-reduced), then `conclude_survey` once
+    # in the driver (the k-means); the result is saved in the stage folder beside the statistics (redone with
+    # them) and reaches collect and apply as `ctx.survey`.
+    @property
+    def has_survey(self) -> bool:
+        return type(self).survey is not Stage.survey
+
+    def survey(self, table: pa.Table, ctx: ShardContext | None = None) -> Any:
+        """A small per-shard partial of what collect needs pool-wide (a sample), or None."""
+        return None
+
+    def merge_survey(self, partials: list) -> Any:
+        """Combine survey partials (or merged ones: it must be associative)."""
+        raise NotImplementedError
+
+    def conclude_survey(self, merged: Any, ctx: ShardContext) -> Any:
+        """The survey's result from the merged partials, once, in the driver (`ctx`: the stage folder's). Data
+        only (pipeline.codec). Default: the merged partials."""
+        return merged
+
     def save_stats(self, stats: Any, folder: str) -> None:
         """Persist merged statistics in the stage folder. Default: `pipeline.codec` (arrays, frames, JSON; never
         a pickle); stages may write Parquet."""

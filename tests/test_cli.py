@@ -147,7 +147,7 @@ def test_module_class_stage_needs_no_pythonpath(tmp_path):
     (["run", "align", "--run", "x", "--workers", "two"], "'two' is not a number"),
     (["demo-world", "OUT", "--n", "50"], "give at least 200"),
     (["run", "ingest", "--run", "x"], "use `clipcurate ingest URLS --run NAME`"),
-    (["run", "alig", "--run", "x"], "stages: align, metaclip, klite, embed, dfn, emit; or your own as module:Class"),
+    (["run", "alig", "--run", "x"], "stages: align, metaclip, klite, embed, dfn, semdedup, heads, emit; or your own as module:Class"),
     (["run", "align", "--run", "x"], "ingest a URL list first"),
     (["run", "align", "--run", "x", "--fresh-config"], "--fresh-config needs --config FILE"),
     (["run", "align", "--run", "x", "--bogus"], "unrecognized arguments: --bogus (see clipcurate run --help)"),

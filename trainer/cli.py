@@ -1,4 +1,4 @@
-"""`clipcurate train | eval | dfn-train | fetch-model` (registered under the `clipcurate.commands` entry point, pyproject.toml)."""
+"""`clipcurate train | eval | dfn-train | train-head | fetch-model` (registered under the `clipcurate.commands` entry point, pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -247,6 +247,117 @@ def cmd_fetch_model(args) -> int:
     return 0
 
 
+def _head_store(run_dir: str, cfg: dict | None):
+    """The run's embedding store a head is fitted on: the one of the network the heads step reads ([heads]'s keys,
+    else [embed]'s, else [dfn]'s: trainer.embed.run_network_config), else the only store the run holds."""
+    from pipeline import embeddings
+    from trainer.embed import NETWORK_KEYS, Network, run_network_config
+
+    section = run_network_config(dict((cfg or {}).get("heads") or {}), cfg or {})
+    store = Network(*(str(section.get(k) or "") for k in NETWORK_KEYS)).stored(run_dir)
+    if store is not None:
+        return store
+    folder = shards.join(run_dir, embeddings.FOLDER)
+    fs, p = shards.fs_and_path(folder)
+    ids = sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=False)) if fs.exists(p) else []
+    ids = [i for i in ids if shards.exists(shards.join(folder, i, embeddings.MANIFEST))]
+    if len(ids) == 1:
+        return embeddings.EmbeddingStore.open(run_dir, ids[0])
+    if not ids:
+        raise config_mod.ConfigError(f"train-head: {run_dir} holds no embeddings ({folder} is empty): run embed first "
+                                     "(`clipcurate run embed --run NAME`)")
+    raise config_mod.ConfigError(f"train-head: {run_dir} holds embeddings of {len(ids)} networks ({', '.join(ids)}) "
+                                 "and none is the run's network: set [heads] (or [embed]) model/checkpoint to pick one")
+
+
+def _head_labels(path: str):
+    """(uids, labels float64 in [0, 1]) from a Parquet file with `uid` and `label` columns; one-line errors."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not shards.exists(path):
+        raise FileNotFoundError(f"train-head: labels file {path} does not exist")
+    try:
+        fs, p = shards.fs_and_path(path)
+        t = pq.read_table(p, filesystem=fs)
+    except (pa.ArrowException, OSError) as e:
+        raise config_mod.ConfigError(f"train-head: {path} is not a readable Parquet file ({str(e).splitlines()[0][:100]})") from None
+    missing = [c for c in ("uid", "label") if c not in t.column_names]
+    if missing:
+        raise config_mod.ConfigError(f"train-head: {path} lacks column(s) {', '.join(missing)}: give uid (the row's "
+                                     "uid) and label (0/1, or a number in [0, 1])")
+    lab = t.column("label")
+    if not (pa.types.is_integer(lab.type) or pa.types.is_floating(lab.type) or pa.types.is_boolean(lab.type)):
+        raise config_mod.ConfigError(f"train-head: {path}: label is {lab.type}, not a number or bool")
+    y = lab.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    bad = ~(np.isfinite(y) & (y >= 0) & (y <= 1))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise config_mod.ConfigError(f"train-head: {path}: label of row {i} is {lab[i].as_py()!r}: labels are 0/1 "
+                                     "or numbers in [0, 1]")
+    uids = t.column("uid").cast(pa.string()).combine_chunks()
+    if uids.null_count:
+        raise config_mod.ConfigError(f"train-head: {path}: a uid is null")
+    if len(set(uids.to_pylist())) != len(uids):
+        raise config_mod.ConfigError(f"train-head: {path}: a uid is labelled twice: give each row one label")
+    return uids, y
+
+
+def cmd_train_head(args) -> int:
+    """Fit a linear (logistic-regression) head on the run's stored vectors with labels given by uid, report its
+    held-out accuracy and AUC, and write it in the heads format (trainer/heads.py)."""
+    import numpy as np
+
+    from pipeline.hashing import uniform
+    from trainer import heads
+
+    run_dir = shards.join(args.runs_dir, args.run)
+    if not shards.exists(run_dir):
+        raise config_mod.ConfigError(f"train-head: no run {args.run} under {args.runs_dir}")
+    if not 0 <= args.holdout < 1:
+        raise config_mod.ConfigError(f"train-head --holdout {args.holdout}: give a share in [0, 1)")
+    if args.epochs < 1 or args.penalty < 0:
+        raise config_mod.ConfigError("train-head: --epochs must be at least 1 and --penalty at least 0")
+    store = _head_store(run_dir, config_mod.saved_config(run_dir))
+    uids, y = _head_labels(args.labels)
+    kinds = ("image", "text") if args.on == "pair" else (args.on,)
+    got = [store.read_any(uids, kind) for kind in kinds]
+    found = np.logical_and.reduce([f for _, f in got])
+    if not found.all():
+        print(f"labels: {int((~found).sum())} of {len(y)} labelled uids have no {args.on} vector in store "
+              f"{store.model_id} (not in the run, or no image): left out")
+    x = np.concatenate([v[found] for v, _ in got], axis=1).astype(np.float32)
+    y, kept_uids = y[found], uids.filter(found)
+    held = uniform(kept_uids, args.seed, "train-head") < args.holdout
+    train = ~held
+    if len(set((y[train] >= 0.5).tolist())) < 2:
+        raise config_mod.ConfigError(f"train-head: the {int(train.sum())} training rows hold one class only: "
+                                     "label rows of both classes")
+    w, b = heads.fit_logistic(x[train], y[train], steps=args.epochs, l2=args.penalty, seed=args.seed)
+    head = heads.Head(((w[None, :].astype(np.float32), np.array([b], np.float32)),), "relu", "sigmoid")
+    p = head(x)
+
+    def figures(mask) -> tuple[float, float]:
+        return float(((p[mask] >= 0.5) == (y[mask] >= 0.5)).mean()), heads.auc(p[mask], y[mask] >= 0.5)
+
+    tr_acc, tr_auc = figures(train)
+    te_acc, te_auc = figures(held) if held.any() else (float("nan"), float("nan"))
+    print(f"fitted on {int(train.sum())} rows ({int((y[train] >= 0.5).sum())} positive), {x.shape[1]}-d {args.on} "
+          f"vectors of {store.model_id}: train accuracy {tr_acc:.3f}, AUC {tr_auc:.3f}")
+    print(f"held out {int(held.sum())} rows ({int((y[held] >= 0.5).sum())} positive): accuracy {te_acc:.3f}, "
+          f"AUC {te_auc:.3f}")
+    out = args.out or shards.join(run_dir, "heads", f"head-{args.on}.safetensors")
+    heads.save(out, [(w[None, :], np.array([b]))], {
+        "on": args.on, "hidden": "relu", "activation": "sigmoid", "dims": x.shape[1], "model_id": store.model_id,
+        "rows_train": int(train.sum()), "rows_heldout": int(held.sum()), "heldout_accuracy": f"{te_acc:.4f}",
+        "heldout_auc": f"{te_auc:.4f}", "labels": args.labels})
+    print(f"head: {out} (output: the probability of label 1); use it with\n"
+          f"  [heads.mine]\n  path = \"{out}\"\n  on = \"{args.on}\"\n  threshold = 0.5\n  drop = \"above\"   "
+          "# drops rows the head calls label 1")
+    return 0
+
+
 def _add_train_flags(p) -> None:
     p.add_argument("--run", required=True, help="run name: its folder is RUNS_DIR/NAME")
     p.add_argument("--config", default=None, help="TOML file laid over the run's saved config ([train] section)")
@@ -284,6 +395,20 @@ def register(sub) -> None:
     _add_train_flags(p)
     p.add_argument("--hq", required=True, help="high-quality pairs: Parquet with image + text")
     p.set_defaults(fn=cmd_dfn_train, writes_run=True)
+
+    p = sub.add_parser("train-head", help="fit a linear (logistic-regression) head on the run's stored embeddings, "
+                                          "labels given by uid, for the heads step")
+    p.add_argument("--run", required=True, help="run name: its folder is RUNS_DIR/NAME (its embeddings are read)")
+    p.add_argument("--labels", required=True, help="Parquet with uid and label (0/1, or a number in [0, 1]) columns")
+    p.add_argument("--on", choices=("image", "text", "pair"), default="image",
+                   help="the head's input: image vectors (default), text vectors, or [image, text] concatenated")
+    p.add_argument("--out", default=None, help="the head file (default: runs/NAME/heads/head-ON.safetensors)")
+    p.add_argument("--epochs", type=int, default=100, help="full-batch L-BFGS iterations (default 100)")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="share of labelled rows held out (by uid) for the accuracy / AUC printed (default 0.2)")
+    p.add_argument("--penalty", type=float, default=1e-3, help="L2 penalty on the standardised weights (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
+    p.set_defaults(fn=cmd_train_head, writes_run=lambda a: not a.out)
 
     p = sub.add_parser("fetch-model", help="download a pretrained open_clip network into the Hugging Face cache "
                                            "(HF_HOME) ahead of a run, through the egress policy")

@@ -267,3 +267,92 @@ class Network(NamedTuple):
         if self.pretrained_network():
             return Scorer("", self.model, device, precision, batch_size, num_workers, pretrained=self.pretrained)
         return Scorer(self.checkpoint_path(run_dir), self.model, device, precision, batch_size, num_workers)
+
+
+# ---- the run's vectors, for a model-based rule (semdedup, heads) -----------------------------------------------
+NETWORK_KEYS = ("model", "pretrained", "checkpoint")
+
+
+def run_network_config(section: dict, run_config: dict) -> dict:
+    """A model-based step's network keys, all empty: the run's embedding network ([embed]'s when it names one,
+    else [dfn]'s, as embed itself), so every such step reads the vectors embed stored. For `Stage.step_config`."""
+    if any(section.get(k) for k in NETWORK_KEYS):
+        return section
+    for source in ("embed", "dfn"):
+        other = run_config.get(source) or {}
+        if any(other.get(k) for k in NETWORK_KEYS):
+            return {**section, **{k: str(other.get(k) or "") for k in NETWORK_KEYS}}
+    return section
+
+
+class RunVectors:
+    """The run's vectors of one network, for a stage whose rules read embeddings (semdedup, heads): the store found
+    without loading the network, the network loaded (once per process and weights) only for rows the store
+    lacks, which are then embedded and stored as embed would. A stage holds one; it keeps only what setup would
+    load (the scorer), never per-call state."""
+
+    def __init__(self, step: str, model: str = "", pretrained: str = "", checkpoint: str = "", device: str = "auto",
+                 precision: str = "auto", batch_size: int = 256, num_workers: int = -1):
+        self.step = step
+        self.network = Network(model, pretrained, checkpoint)
+        self.runtime = (device, precision, batch_size, num_workers)
+        self._scorer = None
+        self._key: tuple = ()
+        self._digests: dict[str, str] = {}
+
+    def fingerprint(self, ctx) -> dict:
+        from pipeline.config import ConfigError
+        from pipeline.stage import StageError
+
+        try:
+            return self.network.fingerprint(ctx.run_dir if ctx is not None else "", self._file_digest)
+        except ConfigError as e:
+            raise StageError(f"{self.step}: {e}") from None
+
+    def _file_digest(self, path: str) -> str:
+        if path not in self._digests:
+            from trainer.models import file_digest
+
+            self._digests[path] = file_digest(path)
+        return self._digests[path]
+
+    def preflight(self, ctx) -> list[str]:
+        """The network loads offline (looked for, not loaded), unless every row's vectors are stored already."""
+        from trainer.models import network_problem
+
+        net = self.network
+        problem = network_problem(net.model, net.pretrained, net.checkpoint_path(ctx.run_dir))
+        return [problem] if problem else []
+
+    def scorer(self, ctx):
+        from pipeline import shards
+        from pipeline.stage import StageError
+
+        net, run_dir = self.network, ctx.run_dir if ctx is not None else ""
+        key = (net, net.checkpoint_path(run_dir), net.stamp(run_dir))  # new weights behind a name: loaded again
+        if self._scorer is None or key != self._key:
+            path = net.checkpoint_path(run_dir)
+            if not net.pretrained_network() and (not path or not shards.exists(path)):
+                raise StageError(f"{self.step}: no network to embed with: {net.describe(run_dir)} does not exist; set "
+                                 f"[{self.step}] model/pretrained or [embed]'s or [dfn]'s (e.g. model = "
+                                 "\"hf-hub:apple/DFN-public\"), or run embed first")
+            try:
+                self._scorer = net.scorer(run_dir, *self.runtime)
+            except ValueError as e:
+                raise StageError(f"{self.step}: {e}") from None
+            self._key = key
+            log.info("%s: %s (%s) on %s", self.step, net.describe(run_dir), self._scorer.model_name,
+                     self._scorer.device)
+        return self._scorer
+
+    def store(self, ctx) -> embeddings.EmbeddingStore | None:
+        """The run's store of this network (None without a run folder: vectors are computed, not stored)."""
+        if ctx is None or not ctx.run_dir:
+            return None
+        found = self.network.stored(ctx.run_dir)
+        return found if found is not None else embeddings.EmbeddingStore(ctx.run_dir, self.scorer(ctx).identity)
+
+    def vectors(self, table: pa.Table, ctx, kind: str, store: embeddings.EmbeddingStore | None = None) -> ShardVectors:
+        """`kind` vectors of the rows (float16 as stored; `found` False where there is none)."""
+        store = store if store is not None else self.store(ctx)
+        return shard_vectors(lambda: self.scorer(ctx), store, table, ctx, kind)

@@ -14,11 +14,12 @@ import pyarrow.compute as pc
 
 from pipeline import shards
 from pipeline.hashing import content64
+from pipeline.evalsets import IMAGE_EXTS, eval_files, parquet_files
+from pipeline.evalsets import image_column as _image_column
 from pipeline.images import open_image
 from pipeline.stage import StageError
 
 _U64 = np.uint64
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 IMAGE_CHUNK = 256  # images per batch read and per thread task: the pool's per-task cost (~30 us) is nothing next to
 # ~0.15 s of decoding, and a batch of 256-px JPEGs is ~7 MB
 # Every per-image fact align needs, from one read of the shard's pixels (collect's; apply takes them from the
@@ -145,42 +146,14 @@ class HammingIndex:
         return hit
 
 
-def _image_column(table: pa.Table) -> str | None:
-    for name in ("image", "jpg", "bytes", "img"):
-        if name in table.column_names:
-            t = table.schema.field(name).type
-            if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-                return name
-            if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:  # Hugging Face Image feature
-                return name
-    return None
-
-
-def eval_files(path: str) -> list[tuple[str, int]]:
-    """(path relative to `path`, size) of every file of an eval set, local or fsspec (s3://...): a folder's files,
-    recursively, in path order, or ("", size) for a single file. [] when there is nothing at `path`."""
-    fs, p = shards.fs_and_path(path)
-    if not fs.exists(p):
-        return []
-    if not fs.isdir(p):
-        return [("", int(fs.info(p).get("size") or 0))]
-    root = p.rstrip("/") + "/"
-    found = [(f[len(root):], int(info.get("size") or 0)) for f, info in fs.find(p, detail=True).items()
-             if f.startswith(root) and info.get("type", "file") != "directory"]
-    return sorted(found, key=lambda x: x[0].split("/"))  # the order of the parts, as pathlib sorts paths
-
-
 def load_eval_hashes(path: str, max_pixels: int) -> tuple[np.ndarray, int]:
     """dHashes of an evaluation set: a folder of image files (recursive) or a Parquet file/folder with
     an image-bytes column (image/jpg/bytes, or a {bytes: ...} struct) or a uint64 `image_phash` column.
     Returns (hashes, unreadable count)."""
     blobs: list[bytes | None] = []
     files = eval_files(path)
-    fs, fp = shards.fs_and_path(path)
-    if not fs.isdir(fp):
-        parquet = [path]
-    else:  # a folder: its own Parquet files if it has any (not its subfolders'), else its images, recursively
-        parquet = [shards.join(path, rel) for rel, _ in files if "/" not in rel and rel.endswith(".parquet")]
+    # a folder: its own Parquet files if it has any (not its subfolders'), else its images, recursively
+    parquet = parquet_files(path, files)
     if parquet:
         for f in parquet:
             t = shards.read_shard(f)

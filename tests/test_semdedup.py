@@ -1,0 +1,313 @@
+"""semdedup (issue 31 items 1 and 2): the pairwise rule and the kept copy on hand-computed cases and against a
+plain reference, the sample and k-means, the step through the runner on stored vectors (duplicates found and
+named, the same result for any shard split, order or worker count), and eval decontamination naming its item."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pipeline import config as config_mod  # noqa: E402
+from pipeline import shards  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.runner import run_pipeline  # noqa: E402
+from stages.semdedup import SemDedupStage, clusters, groups  # noqa: E402
+from tests.test_trainer import synthetic_world  # noqa: E402
+
+
+def _unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ---- the pairwise rule, by hand --------------------------------------------------------------------------------
+def test_pairs_need_both_image_and_text_close_in_pair_mode():
+    # rows 0, 1: same picture, same caption; row 2: same picture, another caption; row 3: another picture
+    img = _unit([[1, 0, 0], [1, 0.01, 0], [1, 0, 0.02], [0, 1, 0]])
+    txt = _unit([[1, 0], [1, 0.05], [0, 1], [1, 0]])
+    i, j = groups.near_pairs(img, txt, eps_image=0.05, eps_text=0.1)
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1)]
+    i, j = groups.near_pairs(img, None, eps_image=0.05, eps_text=0.1)  # image mode: the caption does not matter
+    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1), (0, 2), (1, 2)]
+
+
+def test_blocked_pairs_equal_the_full_matrix():
+    rng = np.random.default_rng(0)
+    base = _unit(rng.standard_normal((30, 8)))
+    img = _unit(np.repeat(base, 3, axis=0) + 0.05 * rng.standard_normal((90, 8)))
+    txt = _unit(np.repeat(base, 3, axis=0) + 0.2 * rng.standard_normal((90, 8)))
+    full_i, full_j = np.nonzero(np.triu((img @ img.T >= 0.95) & (txt @ txt.T >= 0.9), k=1))
+    want = set(zip(full_i.tolist(), full_j.tolist()))
+    for budget in (1, 7, 90, 10_000):  # a block of one row ... the whole cluster at once
+        i, j = groups.near_pairs(img, txt, 0.05, 0.1, budget=budget)
+        assert set(zip(i.tolist(), j.tolist())) == want
+    assert want  # the case has pairs
+
+
+def test_one_row_kept_per_group_by_each_rule():
+    # rows 0-2 one group (a chain 0~1~2 with 0 !~ 2 is one group too), row 3 alone
+    img = _unit([[1, 0, 0], [1, 0.25, 0], [1, 0.5, 0], [0, 0, 1]])
+    sims = img @ img.T
+    assert sims[0, 1] >= 0.97 and sims[1, 2] >= 0.97 and sims[0, 2] < 0.97  # the chain, by hand
+    score = np.array([0.1, 0.3, np.nan, 0.9], np.float32)
+    typical = np.array([0.9, 0.5, 0.7, 1.0], np.float32)
+    uid_rank = np.arange(4)
+    cases = {"highest_score": 1, "hard": 1, "easy": 0}
+    for rule, keeper in cases.items():
+        rank = groups.keep_rank(rule, uid_rank, score, typical)
+        d = groups.decide(img, None, rank, eps_image=0.03, eps_text=0.0)
+        assert sorted(d.dropped.tolist()) == sorted({0, 1, 2} - {keeper}), rule
+        assert set(d.kept.tolist()) == {keeper}, rule
+        assert np.allclose(d.image_cosine, sims[d.dropped, keeper])
+
+
+def test_ties_and_missing_scores_fall_back_to_uid_order():
+    score = np.array([np.nan, 0.5, 0.5, np.nan])
+    rank = groups.keep_rank("highest_score", np.array([3, 2, 0, 1]), score, np.zeros(4))
+    assert rank.tolist() == [3, 1, 0, 2]  # scored first (tie: lower uid rank), then unscored by uid
+
+
+def _reference(img, txt, rank, eps_i, eps_t):
+    """Union-find over every pair, the plainest way: each group keeps its best-ranked row."""
+    n = len(img)
+    parent = list(range(n))
+
+    def root(a):
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for a, b in itertools.combinations(range(n), 2):
+        if float(img[a] @ img[b]) >= 1 - eps_i and (txt is None or float(txt[a] @ txt[b]) >= 1 - eps_t):
+            parent[root(a)] = root(b)
+    by_group = {}
+    for r in range(n):
+        by_group.setdefault(root(r), []).append(r)
+    out = {}
+    for members in by_group.values():
+        keeper = min(members, key=lambda r: rank[r])
+        out.update({r: keeper for r in members if r != keeper})
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decisions_match_a_plain_reference(seed):
+    rng = np.random.default_rng(seed)
+    base = _unit(rng.standard_normal((25, 16)))
+    pick = rng.integers(0, 25, 80)
+    img = _unit(base[pick] + 0.04 * rng.standard_normal((80, 16)))
+    txt = _unit(base[pick] + rng.choice([0.02, 0.5], 80)[:, None] * rng.standard_normal((80, 16)))
+    rank = rng.permutation(80)
+    d = groups.decide(img, txt, rank, 0.02, 0.05, budget=100)
+    got = dict(zip(d.dropped.tolist(), d.kept.tolist()))
+    assert got == _reference(img, txt, rank, 0.02, 0.05)
+    assert len(got) > 5
+
+
+# ---- sample and clusters ---------------------------------------------------------------------------------------
+def test_sample_is_the_same_for_any_grouping_of_the_shards():
+    rng = np.random.default_rng(4)
+    keys = rng.integers(0, 2**63, 1000, dtype=np.int64).astype(np.uint64)
+    draw = rng.random(1000)
+    vecs = rng.standard_normal((1000, 4)).astype(np.float16)
+
+    def part(idx):
+        at = clusters.sample_rows(draw[idx], 0.05, 30)
+        return {"rows": len(idx), "keys": keys[idx][at], "draw": draw[idx][at], "vectors": vecs[idx][at]}
+
+    whole = clusters.merge_samples([part(np.arange(1000))], 0.05, 30)
+    for cuts in ([300, 700], [10, 20, 500, 999]):
+        pieces = [part(idx) for idx in np.split(rng.permutation(1000), cuts)]
+        tree = clusters.merge_samples([clusters.merge_samples(pieces[:2], 0.05, 30),
+                                       clusters.merge_samples(pieces[2:], 0.05, 30)], 0.05, 30)
+        for k in whole:
+            np.testing.assert_array_equal(np.asarray(tree[k]), np.asarray(whole[k]))
+    want = np.sort(np.union1d(np.flatnonzero(draw < 0.05), np.argsort(draw)[:30]))
+    assert whole["rows"] == 1000 and sorted(whole["keys"].tolist()) == sorted(keys[want].tolist())
+    tiny = clusters.merge_samples([part(np.arange(20))], 0.05, 30)  # a pool under the floor: all of it
+    assert len(tiny["keys"]) == 20
+
+
+def test_kmeans_finds_planted_clusters_and_assigns_to_the_nearest():
+    rng = np.random.default_rng(5)
+    centres = _unit(rng.standard_normal((6, 32)))
+    x = _unit(np.repeat(centres, 200, axis=0) + 0.05 * rng.standard_normal((1200, 32)))
+    c = clusters.kmeans(x, 6, 20, seed=0)
+    label, best = clusters.assign(x, c)
+    assert len(np.unique(label)) == 6
+    # k-means may settle in a local minimum (one planted cluster cut in two, two merged); most stay whole
+    whole = sum(len(np.unique(label[g * 200:(g + 1) * 200])) == 1 for g in range(6))
+    assert whole >= 4
+    # near copies land in the same cluster whatever the minimum: a row and its copy are never apart here
+    copy_label, _ = clusters.assign(_unit(x + 0.002 * rng.standard_normal(x.shape)), c)
+    assert (copy_label == label).mean() > 0.99
+    np.testing.assert_allclose(best, np.max(x @ c.T, axis=1), rtol=1e-6)
+    assert clusters.default_clusters(25_001, 10_000) == 3 and clusters.default_clusters(0, 10_000) == 1
+
+
+def test_a_giant_cluster_is_split_to_bounded_parts():
+    rng = np.random.default_rng(6)
+    x = _unit(rng.standard_normal((500, 8)))
+    sub = clusters.split_large(x, 60, seed=0, iterations=10)
+    assert np.bincount(sub).max() <= 60
+    same = np.ones((300, 8), np.float32) / np.sqrt(8)  # identical rows: k-means cannot split them
+    assert np.bincount(clusters.split_large(same, 100, 0, 5)).max() <= 100
+    assert (clusters.split_large(x, 500, 0, 5) == 0).all()
+
+
+# ---- the step, through the runner -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return synthetic_world(tmp_path_factory.mktemp("semdedup_world"), n=90, seed=11)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory):
+    from trainer import models
+
+    torch.manual_seed(7)
+    model, _, _, _ = models.create("clipcurate-tiny")
+    path = tmp_path_factory.mktemp("net") / "model.pt"
+    torch.save({"model_name": "clipcurate-tiny", "state_dict": model.state_dict(), "step": 0}, path)
+    return str(path)
+
+
+def _content_vector(data: bytes | str, dims: int) -> np.ndarray:
+    import xxhash
+
+    raw = data.encode() if isinstance(data, str) else data
+    v = np.random.default_rng(xxhash.xxh64_intdigest(raw)).standard_normal(dims)
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+@pytest.fixture
+def content_vectors(monkeypatch):
+    """The network's vectors replaced by a function of the content: the same bytes or caption, the same vector;
+    any other, an unrelated one (a random network maps these small synthetic pictures all within cosine 0.95 of
+    each other, which says nothing about the rule). In-process only: a Dask worker runs the real network."""
+    from trainer import score as score_mod
+
+    def texts(self, t):
+        return np.stack([_content_vector(x, self.dims) for x in t]) if t else np.zeros((0, self.dims), np.float32)
+
+    def images(self, read, n):
+        blobs = read(0, n)
+        out = np.zeros((n, self.dims), np.float32)
+        ok = np.array([b is not None for b in blobs], bool)
+        for i in np.flatnonzero(ok):
+            out[i] = _content_vector(blobs[i], self.dims)
+        return out, ok, ok.copy()
+
+    monkeypatch.setattr(score_mod.Scorer, "encode_texts", texts)
+    monkeypatch.setattr(score_mod.Scorer, "encode_images", images)
+
+
+def _planted(world) -> tuple[pa.Table, dict]:
+    """The pool plus copies: rows 0-9 each copied twice under new uids (same image and caption: the same pair),
+    and rows 10-14 copied once with the caption of another row (same image, other text: not a pair duplicate)."""
+    from pipeline.schema import compute_uid
+
+    t = pq.read_table(world["pool"]).select(["url", "text", "image"])
+    extra, groups_of = [], {}
+    rows = t.to_pylist()
+    for i in range(10):
+        for c in range(2):
+            extra.append({**rows[i], "url": rows[i]["url"] + f"?copy={c}"})
+    for i in range(10, 15):
+        extra.append({**rows[i], "url": rows[i]["url"] + "?other", "text": rows[40 + i]["text"]})
+    full = pa.concat_tables([t, pa.Table.from_pylist(extra, schema=t.schema)])
+    full = full.append_column("uid", compute_uid(full.column("url"), full.column("text")))
+    uids = full.column("uid").to_pylist()
+    n = t.num_rows
+    for i in range(10):
+        groups_of[uids[i]] = {uids[n + 2 * i], uids[n + 2 * i + 1]}
+    return full, groups_of
+
+
+def _write(table: pa.Table, folder, parts: int, seed: int = 0):
+    folder.mkdir(parents=True)
+    order = np.random.default_rng(seed).permutation(table.num_rows) if seed else np.arange(table.num_rows)
+    t = table.take(pa.array(order))
+    for k, idx in enumerate(np.array_split(np.arange(t.num_rows), parts)):
+        shards.write_shard(t.take(pa.array(idx)), str(folder / f"part-{k:05d}.parquet"))
+    return folder
+
+
+def _cfg(network, **semdedup):
+    return config_mod.resolve({"run": {"stages": ["semdedup"]}, "dfn": {"checkpoint": network, "batch_size": 32},
+                               "semdedup": {"eps_image": 0.01, "eps_text": 0.01, "clusters": 3, **semdedup}})
+
+
+def _rejected(run, step="00_semdedup"):
+    t = pa.concat_tables([shards.read_shard(p) for p in shards.list_shards(str(run / step / "rejected"))])
+    return {u: (r, d, e) for u, r, d, e in zip(*(t.column(c).to_pylist()
+                                                   for c in ("uid", "reason", "duplicate_of", "eval_item")))}
+
+
+def test_step_drops_planted_pair_duplicates_and_names_the_kept_copy(world, network, tmp_path, content_vectors):
+    table, planted = _planted(world)
+    pool = _write(table, tmp_path / "in", 3)
+    [res] = run_pipeline(["semdedup"], str(tmp_path / "r"), _cfg(network), input_dir=str(pool), workers=0)
+    got = _rejected(tmp_path / "r")
+    # each planted group (an original and its two copies) keeps exactly one row and names it
+    for original, copies in planted.items():
+        members = {original} | copies
+        gone = {u for u in members if u in got}
+        assert len(gone) == 2, (original, gone)
+        [keeper] = members - gone
+        assert all(got[u][:2] == ("semantic_duplicate", keeper) for u in gone)
+    # rows with the same image but another caption are not pair duplicates
+    assert len(got) == 20 and res.manifest["rows_out"] == table.num_rows - 20
+    assert any("k-means clusters" in n for n in res.manifest["notes"])
+    # in image mode (NeMo's rule) the re-captioned copies go too
+    run_pipeline(["semdedup"], str(tmp_path / "img"), _cfg(network, mode="image"), input_dir=str(pool), workers=0)
+    assert len(_rejected(tmp_path / "img")) == 25
+
+
+def test_same_result_for_any_shards_order_and_workers(world, network, tmp_path, content_vectors):
+    table, _ = _planted(world)
+    cfg = config_mod.overlay(_cfg(network, keep="hard"), {"run": {"stages": ["embed", "semdedup"]}})
+    results = []
+    for name, parts, seed, workers in (("a", 1, 0, 0), ("b", 4, 3, 0), ("c", 3, 9, 2)):
+        pool = _write(table, tmp_path / f"in_{name}", parts, seed)
+        # vectors stored in-process first (the stand-in network is this process's), then semdedup on `workers`
+        run_pipeline(["embed"], str(tmp_path / name), cfg, input_dir=str(pool), workers=0)
+        res = run_pipeline(["semdedup"], str(tmp_path / name), cfg, input_dir=str(pool), workers=workers)
+        results.append(_rejected(tmp_path / name, "01_semdedup"))
+    assert results[0] == results[1] == results[2]
+    assert len(results[0]) == 20
+    assert "LocalCluster" in res[-1].manifest["executor"]
+
+
+def test_eval_decontamination_names_the_eval_item(world, network, tmp_path, content_vectors):
+    table, _ = _planted(world)
+    eval_dir = tmp_path / "evalset"
+    (eval_dir / "sub").mkdir(parents=True)
+    imgs = table.column("image").to_pylist()
+    (eval_dir / "sub" / "a.jpg").write_bytes(imgs[20])  # a pool image is an eval image
+    (eval_dir / "b.jpg").write_bytes(imgs[21])
+    pool = _write(table, tmp_path / "in", 2)
+    run_pipeline(["semdedup"], str(tmp_path / "r"), _cfg(network, eval_images=str(eval_dir)), input_dir=str(pool),
+                 workers=0)
+    got = _rejected(tmp_path / "r")
+    uids = table.column("uid").to_pylist()
+    assert got[uids[20]] == ("eval_semantic_duplicate", None, "evalset/sub/a.jpg")
+    assert got[uids[21]] == ("eval_semantic_duplicate", None, "evalset/b.jpg")
+    assert sum(r == "eval_semantic_duplicate" for r, _, _ in got.values()) == 2
+    assert sum(r == "semantic_duplicate" for r, _, _ in got.values()) == 20
+
+
+def test_bad_config_is_one_line():
+    for bad, word in (({"mode": "text"}, "mode"), ({"keep": "first"}, "keep"), ({"eps_image": -1}, "eps_image")):
+        with pytest.raises(ConfigError, match=word):
+            config_mod.resolve({"semdedup": bad})
+    assert SemDedupStage.step_config({}, {"dfn": {"model": "hf-hub:apple/DFN-public"}})["model"] == \
+        "hf-hub:apple/DFN-public"
+    assert SemDedupStage.step_config({}, {"embed": {"checkpoint": "e.pt"}, "dfn": {"checkpoint": "d.pt"}})[
+        "checkpoint"] == "e.pt"
