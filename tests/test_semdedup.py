@@ -311,3 +311,15 @@ def test_bad_config_is_one_line():
         "hf-hub:apple/DFN-public"
     assert SemDedupStage.step_config({}, {"embed": {"checkpoint": "e.pt"}, "dfn": {"checkpoint": "d.pt"}})[
         "checkpoint"] == "e.pt"
+
+
+def test_report_tables(world, network, tmp_path, content_vectors):
+    table, _ = _planted(world)
+    pool = _write(table, tmp_path / "in", 2)
+    run_pipeline(["semdedup"], str(tmp_path / "r"), _cfg(network), input_dir=str(pool), workers=0)
+    out = SemDedupStage(_cfg(network)["semdedup"]).report(str(tmp_path / "r" / "00_semdedup"), str(tmp_path))
+    [summary, quantiles] = out["tables"]
+    row = dict(zip(summary.header, summary.rows[0]))
+    assert row["semantic_duplicate"] == 20 and row["clusters"] == 3 and row["rows in"] == table.num_rows
+    assert row["k-means sample"] == table.num_rows  # a pool under min_sample: all of it
+    assert quantiles.rows[-1][1] == row["largest cluster"]

@@ -282,7 +282,8 @@ def _head_labels(path: str):
         fs, p = shards.fs_and_path(path)
         t = pq.read_table(p, filesystem=fs)
     except (pa.ArrowException, OSError) as e:
-        raise config_mod.ConfigError(f"train-head: {path} is not a readable Parquet file ({str(e).splitlines()[0][:100]})") from None
+        why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise config_mod.ConfigError(f"train-head: {path} is not a readable Parquet file ({why})") from None
     missing = [c for c in ("uid", "label") if c not in t.column_names]
     if missing:
         raise config_mod.ConfigError(f"train-head: {path} lacks column(s) {', '.join(missing)}: give uid (the row's "

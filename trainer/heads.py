@@ -74,7 +74,8 @@ def read_layout(path: str, what: str) -> Layout:
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise HeadError(f"{what}: {path} is not a safetensors file (its header is not JSON)") from None
     except OSError as e:
-        raise HeadError(f"{what}: {path} cannot be read ({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        raise HeadError(f"{what}: {path} cannot be read ({why})") from None
     if not isinstance(header, dict):
         raise HeadError(f"{what}: {path} is not a safetensors file (its header is not a JSON object)")
     meta = header.pop("__metadata__", None) or {}
