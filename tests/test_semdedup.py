@@ -323,3 +323,25 @@ def test_report_tables(world, network, tmp_path, content_vectors):
     assert row["semantic_duplicate"] == 20 and row["clusters"] == 3 and row["rows in"] == table.num_rows
     assert row["k-means sample"] == table.num_rows  # a pool under min_sample: all of it
     assert quantiles.rows[-1][1] == row["largest cluster"]
+
+
+def test_survey_is_reused_on_resume_and_redone_when_its_file_changed(world, network, tmp_path, content_vectors,
+                                                                      monkeypatch):
+    from stages.semdedup import clusters as clusters_mod
+
+    calls = []
+    real = clusters_mod.kmeans
+    monkeypatch.setattr(clusters_mod, "kmeans", lambda *a, **k: calls.append(1) or real(*a, **k))
+    table, _ = _planted(world)
+    pool = _write(table, tmp_path / "in", 2)
+    run = tmp_path / "r"
+    run_pipeline(["semdedup"], str(run), _cfg(network), input_dir=str(pool), workers=0)
+    first = _rejected(run)
+    assert len(calls) == 1
+    run_pipeline(["semdedup"], str(run), _cfg(network), input_dir=str(pool), workers=0)
+    assert len(calls) == 1  # up to date: no survey, no k-means
+    survey = run / "00_semdedup" / "survey" / "survey.data"
+    survey.write_bytes(survey.read_bytes() + b"x")  # changed behind the marker's back: recomputed, not trusted
+    (run / "00_semdedup" / "_done" / "part-00000.parquet.json").unlink()  # a shard to redo, so the statistics are needed
+    run_pipeline(["semdedup"], str(run), _cfg(network), input_dir=str(pool), workers=0)
+    assert len(calls) == 2 and _rejected(run) == first

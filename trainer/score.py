@@ -143,9 +143,9 @@ class Scorer:
             self._identity = models.checkpoint_identity(self.checkpoint, self.model_name, self.model)
         return self._identity
 
-    @property
+    @functools.cached_property
     def dims(self) -> int:
-        """Width of the model's embeddings."""
+        """Width of the model's embeddings (one text forward pass, once)."""
         import torch
 
         with torch.inference_mode():
