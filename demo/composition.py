@@ -23,10 +23,10 @@ The web composition (share of the n URL rows; set from the published figures bel
   near_duplicate   0.03    et al. find roughly 700M, about 30%, of LAION-2B's images likely duplicated [6]. The
                            exact / near split is our choice.
   semantic_duplicate 0.015 our choice, taken from the clean rest (the other kinds' shares are as they were). A clean
-                           image re-framed (a crop: a shift and a zoom), re-sized, sometimes re-coloured (brightness,
-                           saturation) and re-encoded, with its caption paraphrased: the same scene, which neither
-                           align's content hash nor a dHash within 6 bits nor MinHash at 0.8 catches (SemDeDup's
-                           "semantic duplicates" [9]; tests/test_world_semantic.py measures it). With it the duplicates
+                           image re-framed (a crop: a shift and a zoom), re-sized, sometimes re-coloured (saturation,
+                           contrast) and re-encoded, with its caption paraphrased: the same scene, which neither
+                           align's content hash nor MinHash at 0.8 catches, and a dHash within 6 bits rarely (4-7%)
+                           (SemDeDup's "semantic duplicates" [9]; tests/test_world_semantic.py). With it the duplicates
                            are 0.075 = 40% of the clean rows plus their copies (0.075 / 0.187), between Webster et al.'s
                            ~30% of LAION-2B [6] (near-identical images only) and the 50% of LAION-440M SemDeDup removes
                            at its thresholds with minimal loss [9]; SNIP puts LAION-2B's duplicates at about a third

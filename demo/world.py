@@ -30,9 +30,10 @@ Noise kinds (the `kind` column; one per row):
   exact_duplicate  a mirror URL of an image with the same caption (re-cased / re-spaced)
   near_duplicate   a mirror URL of an image with its caption lightly edited
   semantic_duplicate  (web mode only) the same scene again: a clean image re-framed (a shift and a zoom), re-sized,
-                   sometimes re-coloured, re-encoded, at a URL of its own, with its caption paraphrased. No hash
-                   of bytes, dHash within align's bits or caption MinHash ties it to its original; its
-                   `dup_group` does (the original's uid, as for the other duplicates). SemDeDup's kind.
+                   sometimes re-coloured, re-encoded, at a URL of its own, with its caption paraphrased. Neither
+                   a hash of its bytes nor caption MinHash ties it to its original, and a dHash rarely does (4-7%
+                   within align's 6 bits); its `dup_group` does (the original's uid, as for the other
+                   duplicates). SemDeDup's kind.
   too_short        1-2 words;  too_long: SEO keyword soup over 20 words
   rare_token       a caption carrying junk tokens (SKU codes, hashes)
   small_image      image under 200 px;  odd_aspect: banner with aspect ratio over 3
