@@ -21,7 +21,9 @@ BALANCE_LAST_WHY = ("the demo's filtering network (dfn-train, 300 steps) on a 30
                     "align keeps score >= 0.63, about the default recipe's dfn share (keep_fraction 0.8)")
 
 
-RECIPES = ("default", "text-first", "balance-last")  # stages/recipes/<name>.toml: what each is and why
+SEMDEDUP = ["ingest", "align", "dfn", "semdedup", "metaclip", "emit"]  # balance-last with semantic dedup
+
+RECIPES = ("default", "text-first", "balance-last", "semdedup")  # stages/recipes/<name>.toml: what each is and why
 
 
 def config_file(recipe: str = "default") -> str:
@@ -58,10 +60,16 @@ max_images_per_text = 10
 rules = {json.dumps(TEXT_RULES)}
 """
         align_rules = f"rules = {json.dumps(IMAGE_RULES)}   # after the download: image rules only\n"
-    elif recipe == "balance-last":
-        run = f"stages = {json.dumps(BALANCE_LAST)}\n"
+    elif recipe in ("balance-last", "semdedup"):
+        run = f"stages = {json.dumps(BALANCE_LAST if recipe == 'balance-last' else SEMDEDUP)}\n"
         dfn_extra = "score_only = true   # metaclip cuts on dfn_score as it balances\n"
         metaclip_extra = f"score_col = \"dfn_score\"\nmin_score = {BALANCE_LAST_MIN_SCORE}   # {BALANCE_LAST_WHY}\n"
+    semdedup = "" if recipe != "semdedup" else f"""
+[semdedup]   # the run's network (dfn-train's) vectors, stored by dfn: no second model pass
+mode = "pair"
+keep = "highest_score"
+eval_images = {q(eval_path)}   # the eval set align's dHash rule reads, here by embedding
+"""
     which = "" if recipe == "default" else f", {recipe} recipe (stages/recipes/{recipe}.toml)"
     return f"""# Demo config, written by `clipcurate demo-world` for a pool of {n} URL rows{which}.
 # The papers' thresholds assume web-scale pools; here they are scaled to the pool (DESIGN.md, "Small pools").
@@ -84,7 +92,7 @@ t = {t}   # MetaCLIP: 20,000 at 400M pairs; here n/100, about the 25th percentil
 {metaclip_extra}
 [dfn]
 {dfn_keep}
-{dfn_extra}
+{dfn_extra}{semdedup}
 [emit]
 samples_per_shard = 1000
 

@@ -16,6 +16,7 @@ What it writes (`make_world(out)`; `clipcurate demo-world OUT`):
   config.toml                  the pipeline config scaled to this pool size (DESIGN.md, "Small pools")
   config-text-first.toml       the same, for the text-first recipe (stages/recipes/text-first.toml)
   config-balance-last.toml     the same, for the balance-last recipe (stages/recipes/balance-last.toml)
+  config-semdedup.toml         the same, for the semdedup recipe (stages/recipes/semdedup.toml)
   world.json                   n, seed, host, counts per kind, class names
 
 Images are drawn with Pillow: shapes (circle, square, triangle, star, ring, cross, ...) in named colours,

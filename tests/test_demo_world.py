@@ -38,7 +38,7 @@ def test_deterministic_and_seeded(world, tmp_path):
     out, _ = world
     make_world(tmp_path / "again", n=600, seed=3)
     a, b = _digest(out), _digest(tmp_path / "again")
-    for name in ("config.toml", "config-text-first.toml", "config-balance-last.toml"):
+    for name in ("config.toml", "config-text-first.toml", "config-balance-last.toml", "config-semdedup.toml"):
         assert a.pop(name) and b.pop(name)  # each holds the world's absolute eval path
     assert a == b
     make_world(tmp_path / "other", n=600, seed=4)

@@ -102,7 +102,8 @@ def test_default_world_is_byte_for_byte_what_it_was(default_world):
     assert all(summary["counts"][k] == 0 for k in WEB_ONLY_KINDS)
     got = _digest(out)
     got.pop("world.json"), got.pop("config.toml")
-    got.pop("config-text-first.toml"), got.pop("config-balance-last.toml")  # the other recipes' configs
+    for name in ("config-text-first.toml", "config-balance-last.toml", "config-semdedup.toml"):
+        got.pop(name)  # the other recipes' configs
     assert len(got) == DEFAULT_300_FILES and got == summary["files"]
     if (PIL.__version__, pa.__version__) != (RECORDED_WITH["pillow"], RECORDED_WITH["pyarrow"]):
         pytest.skip(f"digests recorded with Pillow {RECORDED_WITH['pillow']}, pyarrow {RECORDED_WITH['pyarrow']}")
@@ -188,7 +189,7 @@ def test_web_world_is_deterministic_and_seeded(web_world, tmp_path):
     out, summary = web_world
     again = make_world(tmp_path / "again", n=WEB_N, seed=SEED, noise="web")
     a, b = _digest(out), _digest(tmp_path / "again")
-    for name in ("config.toml", "config-text-first.toml", "config-balance-last.toml"):
+    for name in ("config.toml", "config-text-first.toml", "config-balance-last.toml", "config-semdedup.toml"):
         assert a.pop(name) and b.pop(name)  # each holds the world's absolute eval path
     assert a.pop("world.json") and b.pop("world.json")
     assert a == b and again["files"] == summary["files"] and again["counts"] == summary["counts"]

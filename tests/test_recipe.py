@@ -177,7 +177,7 @@ def test_a_users_stage_in_the_saved_recipe_is_found_when_a_config_changes(tmp_pa
     assert cli_main(base + ["run", "align", "--run", "r", "--config", seed, "--workers", "0"]) == 0
 
 
-@pytest.mark.parametrize("name", ["text-first", "balance-last"])
+@pytest.mark.parametrize("name", ["text-first", "balance-last", "semdedup"])
 def test_the_shipped_recipes_are_valid_configs_and_the_demo_world_writes_the_same_recipe(name, tmp_path):
     """stages/recipes/<name>.toml resolves as a config, and a demo world's config-<name>.toml has the same steps
     and the same switches (rules, score_only, score_col), only with the world's scaled thresholds."""

@@ -245,7 +245,8 @@ def test_the_default_world_draws_none_and_keeps_its_bytes(tmp_path, monkeypatch)
     assert summary["counts"]["semantic_duplicate"] == 0 and "semantic_duplicate" not in set(truth["kind"])
     assert "semantic_duplicate" not in kind_counts(300)
     got = _digest(tmp_path / "w")
-    for name in ("world.json", "config.toml", "config-text-first.toml", "config-balance-last.toml"):
+    for name in ("world.json", "config.toml", "config-text-first.toml", "config-balance-last.toml",
+                 "config-semdedup.toml"):
         got.pop(name)
     assert got == summary["files"]
     if (PIL.__version__, pa.__version__) != (RECORDED_WITH["pillow"], RECORDED_WITH["pyarrow"]):
