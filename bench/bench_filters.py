@@ -65,16 +65,34 @@ def sh(args: list[str], log) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def curate(work: Path, noise: str, n: int, seed: int, workers: int, stages: str) -> tuple[Path, Path, dict]:
-    """The world and its curated run; (world, run folder, seconds per command)."""
+def with_recipe(config_text: str, steps: list[str]) -> str:
+    """A world's config.toml with another recipe: `[run] stages` set, and semdedup (when a step) reading the eval
+    set align's dHash rule reads."""
+    import re
+
+    out = config_text.replace("[run]\n", f"[run]\nstages = {json.dumps(steps)}\n", 1)
+    if "semdedup" in steps:
+        m = re.search(r"^eval_images = (.*?)$", config_text, flags=re.M)
+        out += f"\n[semdedup]\neval_images = {m.group(1) if m else json.dumps('')}\n"
+    return out
+
+
+def curate(work: Path, noise: str, n: int, seed: int, workers: int, stages: str,
+           recipe: list[str] | None = None, name: str = "") -> tuple[Path, Path, dict]:
+    """The world and its curated run; (world, run folder, seconds per command). `recipe`: the run's steps, when
+    not the world config's (default) recipe; `name`: the run's name then (the default recipe's run keeps its own)."""
     world, runs = work / f"world-{noise}-n{n}-s{seed}", work / "runs"
-    run = f"{noise}-n{n}-s{seed}"
+    run = f"{noise}-n{n}-s{seed}" + (f"-{name}" if name else "")
     secs = {}
     with open(work / f"{run}.log", "a") as log:
         base = ["--runs-dir", str(runs)]
         secs["demo-world"] = sh(["demo-world", str(world), "--n", str(n), "--seed", str(seed), "--noise", noise], log)
+        config = world / "config.toml"
+        if recipe:
+            config = work / f"{run}.config.toml"
+            config.write_text(with_recipe((world / "config.toml").read_text(), recipe))
         secs["ingest"] = sh(base + ["ingest", str(world / "urls.parquet"), "--run", run, "--config",
-                                    str(world / "config.toml"), "--workers", str(workers)], log)
+                                    str(config), "--workers", str(workers)], log)
         secs["dfn-train"] = sh(base + ["dfn-train", "--run", run, "--hq", str(world / "hq.parquet"), "--resume"], log)
         secs["run"] = sh(base + ["run", stages, "--run", run, "--workers", str(workers)], log)
         secs["report"] = sh(base + ["report", "--run", run], log)
@@ -98,7 +116,12 @@ def main() -> int:
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "worlds": {}}
     for noise in [x.strip() for x in args.noise.split(",") if x.strip()]:
         print(f"[filters] {noise} world, n={args.n}: curating ...", flush=True)
-        world, run_dir, secs = curate(work, noise, args.n, args.seed, args.workers, "align,metaclip,klite,dfn,emit")
+        if noise == "web":  # semdedup before dfn: its recall on the semantic_duplicate kind, before dfn's cut
+            steps = ["ingest", "align", "metaclip", "klite", "semdedup", "dfn", "emit"]
+            world, run_dir, secs = curate(work, noise, args.n, args.seed, args.workers, ",".join(steps[1:]), steps,
+                                          "semdedup")
+        else:
+            world, run_dir, secs = curate(work, noise, args.n, args.seed, args.workers, "align,metaclip,klite,dfn,emit")
         q = json.loads((run_dir / "report" / "filter_quality.json").read_text())
         q["truth"] = os.path.relpath(q["truth"], ROOT)
         world_json = json.loads((world / "world.json").read_text())

@@ -55,6 +55,17 @@ def image_column(table: pa.Table) -> str | None:
     return None
 
 
+def image_bytes(table: pa.Table, where: str) -> list:
+    """The table's image bytes, row by row (None: a row without). EvalSetError: it has no image column."""
+    name = image_column(table)
+    if name is None:
+        raise EvalSetError(f"eval set {where} has no image column ({'/'.join(IMAGE_COLUMNS)})")
+    col = table.column(name)
+    if pa.types.is_struct(col.type):
+        col = pc.struct_field(col, "bytes")
+    return col.to_pylist()
+
+
 def parquet_files(path: str, files: list[tuple[str, int]] | None = None) -> list[str]:
     """The eval set's Parquet files: the file itself, or a folder's own (not its subfolders'); [] for a folder of
     images."""
@@ -80,15 +91,9 @@ def read_eval_images(path: str) -> EvalImages:
     if parquet:
         for f in parquet:
             t = shards.read_shard(f)
-            col_name = image_column(t)
-            if col_name is None:
-                raise EvalSetError(f"eval set {f} has no image column ({'/'.join(IMAGE_COLUMNS)})")
-            col = t.column(col_name)
-            if pa.types.is_struct(col.type):
-                col = pc.struct_field(col, "bytes")
             label = top if f == path else f"{top}/{set_name(f)}"
             names.extend(f"{label}#{i}" for i in range(t.num_rows))
-            blobs.extend(col.to_pylist())
+            blobs.extend(image_bytes(t, f))
     else:
         for rel, _ in files:
             if os.path.splitext(rel)[1].lower() in IMAGE_EXTS:

@@ -66,3 +66,17 @@ def hf_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("CLIPCURATE_CACHE", str(tmp_path / "cc"))
     return home
+
+
+@pytest.fixture(scope="session")
+def network(tmp_path_factory):
+    """A clipcurate-tiny checkpoint with random weights: its vectors are arbitrary but deterministic (the embed,
+    dfn, semdedup and heads tests' network)."""
+    torch = pytest.importorskip("torch")
+    from trainer import models
+
+    torch.manual_seed(7)
+    model, _, _, _ = models.create("clipcurate-tiny")
+    path = tmp_path_factory.mktemp("net") / "model.pt"
+    torch.save({"model_name": "clipcurate-tiny", "state_dict": model.state_dict(), "step": 0}, path)
+    return str(path)

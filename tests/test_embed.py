@@ -23,17 +23,6 @@ def world(tmp_path_factory):
     return synthetic_world(tmp_path_factory.mktemp("embed_world"), n=120, seed=3)
 
 
-@pytest.fixture(scope="module")
-def network(tmp_path_factory):
-    """A clipcurate-tiny checkpoint with random weights: scores are arbitrary but deterministic."""
-    from trainer import models
-
-    torch.manual_seed(7)
-    model, _, _, _ = models.create("clipcurate-tiny")
-    path = tmp_path_factory.mktemp("net") / "model.pt"
-    torch.save({"model_name": "clipcurate-tiny", "state_dict": model.state_dict(), "step": 0}, path)
-    return str(path)
-
 
 @pytest.fixture
 def pool(world, tmp_path):

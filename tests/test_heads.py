@@ -28,17 +28,6 @@ from trainer import score as score_mod  # noqa: E402
 # ---- a small run with stored vectors --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def network(tmp_path_factory):
-    """A clipcurate-tiny checkpoint with random weights (as tests/test_embed.py): vectors arbitrary, deterministic."""
-    from trainer import models
-
-    torch.manual_seed(7)
-    model, _, _, _ = models.create("clipcurate-tiny")
-    path = tmp_path_factory.mktemp("net") / "model.pt"
-    torch.save({"model_name": "clipcurate-tiny", "state_dict": model.state_dict(), "step": 0}, path)
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, network):

@@ -167,16 +167,6 @@ def world(tmp_path_factory):
     return synthetic_world(tmp_path_factory.mktemp("semdedup_world"), n=90, seed=11)
 
 
-@pytest.fixture(scope="module")
-def network(tmp_path_factory):
-    from trainer import models
-
-    torch.manual_seed(7)
-    model, _, _, _ = models.create("clipcurate-tiny")
-    path = tmp_path_factory.mktemp("net") / "model.pt"
-    torch.save({"model_name": "clipcurate-tiny", "state_dict": model.state_dict(), "step": 0}, path)
-    return str(path)
-
 
 def _content_vector(data: bytes | str, dims: int) -> np.ndarray:
     import xxhash

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from pipeline import shards
 from pipeline.hashing import content64
-from pipeline.evalsets import IMAGE_EXTS, eval_files, parquet_files
+from pipeline.evalsets import IMAGE_EXTS, EvalSetError, eval_files, image_bytes, parquet_files
 from pipeline.evalsets import image_column as _image_column
 from pipeline.images import open_image
 from pipeline.stage import StageError
@@ -161,13 +161,10 @@ def load_eval_hashes(path: str, max_pixels: int) -> tuple[np.ndarray, int]:
                 col = pc.drop_null(t.column("image_phash")).to_numpy().astype(_U64)
                 blobs.extend(int(x) for x in col)  # type: ignore[arg-type]
                 continue
-            name = _image_column(t)
-            if name is None:
-                raise StageError(f"align: eval set {f} has no image column (image/jpg/bytes) or image_phash")
-            col = t.column(name)
-            if pa.types.is_struct(col.type):
-                col = pc.struct_field(col, "bytes")
-            blobs.extend(col.to_pylist())
+            try:
+                blobs.extend(image_bytes(t, f))
+            except EvalSetError as e:
+                raise StageError(f"align: {e} or image_phash") from None
     else:
         for rel, _ in files:
             if os.path.splitext(rel)[1].lower() in IMAGE_EXTS:
