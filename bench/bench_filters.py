@@ -73,7 +73,9 @@ def with_recipe(config_text: str, steps: list[str]) -> str:
     out = config_text.replace("[run]\n", f"[run]\nstages = {json.dumps(steps)}\n", 1)
     if "semdedup" in steps:
         m = re.search(r"^eval_images = (.*?)$", config_text, flags=re.M)
-        out += f"\n[semdedup]\neval_images = {m.group(1) if m else json.dumps('')}\n"
+        from demo.config import semdedup_demo
+
+        out += f"\n[semdedup]\neval_images = {m.group(1) if m else json.dumps('')}\n{semdedup_demo()}"
     return out
 
 

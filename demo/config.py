@@ -22,8 +22,22 @@ BALANCE_LAST_WHY = ("the demo's filtering network (dfn-train, 300 steps) on a 30
 
 
 SEMDEDUP = ["ingest", "align", "dfn", "semdedup", "metaclip", "emit"]  # balance-last with semantic dedup
+# semdedup's thresholds for the demo's network (dfn-train's 300-step clipcurate-tiny), chosen on the web world
+# n = 3,000 seed 1 (/tmp grid in the closing note of issue 31; bench/results/filters.json measures seed 0): the
+# largest recall of its semantic_duplicate groups with <= 1% of clean rows lost. That network places a re-crop no
+# closer to its original than to other pictures of the same shape and colour (copy-original image cosine: median
+# 0.959; many other clean pairs are closer), so recall stays low; a CLIP trained on the web tells instances apart.
+# Its image cosines run high: 362 rows of 1,867 were within 0.95 of some eval image, none an eval copy (align's
+# dHash had dropped those), 0 within 0.995.
+SEMDEDUP_DEMO = {"eps_image": 0.03, "eps_text": 0.05, "eval_threshold": 0.995}
 
 RECIPES = ("default", "text-first", "balance-last", "semdedup")  # stages/recipes/<name>.toml: what each is and why
+
+
+def semdedup_demo() -> str:
+    """The [semdedup] thresholds of a demo world's configs (SEMDEDUP_DEMO), as TOML lines."""
+    return "".join(f"{k} = {v}   # the demo network's scale (demo/config.py SEMDEDUP_DEMO)\n"
+                   for k, v in SEMDEDUP_DEMO.items())
 
 
 def config_file(recipe: str = "default") -> str:
@@ -69,7 +83,7 @@ rules = {json.dumps(TEXT_RULES)}
 mode = "pair"
 keep = "highest_score"
 eval_images = {q(eval_path)}   # the eval set align's dHash rule reads, here by embedding
-"""
+{semdedup_demo()}"""
     which = "" if recipe == "default" else f", {recipe} recipe (stages/recipes/{recipe}.toml)"
     return f"""# Demo config, written by `clipcurate demo-world` for a pool of {n} URL rows{which}.
 # The papers' thresholds assume web-scale pools; here they are scaled to the pool (DESIGN.md, "Small pools").
