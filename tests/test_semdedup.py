@@ -260,19 +260,21 @@ def test_step_drops_planted_pair_duplicates_and_names_the_kept_copy(world, netwo
     assert len(_rejected(tmp_path / "img")) == 25
 
 
-def test_same_result_for_any_shards_order_and_workers(world, network, tmp_path, content_vectors):
+def test_same_result_for_any_shards_order_and_workers(world, network, tmp_path, content_vectors, dask_cluster):
     table, _ = _planted(world)
     cfg = config_mod.overlay(_cfg(network, keep="hard"), {"run": {"stages": ["embed", "semdedup"]}})
     results = []
-    for name, parts, seed, workers in (("a", 1, 0, 0), ("b", 4, 3, 0), ("c", 3, 9, 2)):
+    for name, parts, seed, dask in (("a", 1, 0, False), ("b", 4, 3, False), ("c", 3, 9, True)):
         pool = _write(table, tmp_path / f"in_{name}", parts, seed)
-        # vectors stored in-process first (the stand-in network is this process's), then semdedup on `workers`
+        # vectors stored in-process first (the stand-in network is this process's), then semdedup on two Dask
+        # workers (the session's cluster: its survey, collect, partitions and applies run there)
         run_pipeline(["embed"], str(tmp_path / name), cfg, input_dir=str(pool), workers=0)
-        res = run_pipeline(["semdedup"], str(tmp_path / name), cfg, input_dir=str(pool), workers=workers)
+        where = {"scheduler": dask_cluster.scheduler.address} if dask else {"workers": 0}
+        res = run_pipeline(["semdedup"], str(tmp_path / name), cfg, input_dir=str(pool), **where)
         results.append(_rejected(tmp_path / name, "01_semdedup"))
     assert results[0] == results[1] == results[2]
     assert len(results[0]) == 20
-    assert "LocalCluster" in res[-1].manifest["executor"]
+    assert res[-1].manifest["executor"].startswith("dask scheduler")
 
 
 def test_eval_decontamination_names_the_eval_item(world, network, tmp_path, content_vectors):
