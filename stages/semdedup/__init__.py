@@ -176,7 +176,7 @@ class SemDedupStage(Stage):
         scorer = self.vectors.scorer(ctx)
         raw, ok, _ = scorer.encode_images(lambda lo, hi: items.blobs[lo:hi], n)
         vecs = as_stored(raw, ok)
-        if vecs.shape[1] != dims:
+        if dims and vecs.shape[1] != dims:  # (dims 0: the pool has no image vector to compare with)
             raise StageError(f"semdedup: the eval set's vectors have {vecs.shape[1]} dims, the pool's {dims}: the "
                              "store holds another network's vectors")
         log.info("semdedup: eval set %s: %d images embedded (%d do not decode)", self.config.eval_images,
