@@ -337,3 +337,16 @@ def test_survey_is_reused_on_resume_and_redone_when_its_file_changed(world, netw
     (run / "00_semdedup" / "_done" / "part-00000.parquet.json").unlink()  # a shard to redo, so the statistics are needed
     run_pipeline(["semdedup"], str(run), _cfg(network), input_dir=str(pool), workers=0)
     assert len(calls) == 2 and _rejected(run) == first
+
+
+def test_a_cluster_over_max_cluster_rows_is_split_and_identical_copies_still_meet(world, network, tmp_path,
+                                                                                   content_vectors):
+    table, planted = _planted(world)
+    pool = _write(table, tmp_path / "in", 2)
+    cfg = _cfg(network, clusters=1, max_cluster_rows=16)
+    run_pipeline(["semdedup"], str(tmp_path / "r"), cfg, input_dir=str(pool), workers=0)
+    got = _rejected(tmp_path / "r")
+    assert len(got) == 20  # an original and its copies have one vector: the same sub-cluster, whatever the split
+    out = SemDedupStage(cfg["semdedup"]).report(str(tmp_path / "r" / "00_semdedup"), str(tmp_path))
+    row = dict(zip(out["tables"][0].header, out["tables"][0].rows[0]))
+    assert row["clusters"] == 1 and row["clusters split"] == 1
