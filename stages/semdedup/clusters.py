@@ -20,7 +20,10 @@ import math
 
 import numpy as np
 
-ASSIGN_BLOCK = 1 << 14  # rows per block of the assignment's matmul: memory ~ block x clusters floats
+# floats of one block of the assignment's similarity matrix (64 MiB): rows per block = this / clusters, so memory
+# stays flat as the clusters grow with the pool (a fixed 16,384-row block against 100k centroids, the default at 1B
+# rows, took 6.4 GiB: bench/results/semdedup.json)
+ASSIGN_BUDGET = 1 << 24
 
 
 def sample_rows(draw: np.ndarray, rate: float, floor: int) -> np.ndarray:
@@ -81,15 +84,16 @@ def _unit(c: np.ndarray) -> np.ndarray:
 
 def assign(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(nearest centroid by cosine, that cosine) per row; ties go to the lower centroid index. Blocked: memory
-    is ASSIGN_BLOCK x clusters floats whatever the shard's size."""
+    is ASSIGN_BUDGET floats whatever the shard's size and the number of centroids."""
     n = len(vectors)
     label = np.zeros(n, np.int32)
     best = np.zeros(n, np.float32)
     c = np.asarray(centroids, np.float32)
-    for lo in range(0, n, ASSIGN_BLOCK):
-        sims = np.asarray(vectors[lo:lo + ASSIGN_BLOCK], np.float32) @ c.T
-        label[lo:lo + ASSIGN_BLOCK] = np.argmax(sims, axis=1)
-        best[lo:lo + ASSIGN_BLOCK] = sims[np.arange(len(sims)), label[lo:lo + ASSIGN_BLOCK]]
+    block = max(1, ASSIGN_BUDGET // max(1, len(c)))
+    for lo in range(0, n, block):
+        sims = np.asarray(vectors[lo:lo + block], np.float32) @ c.T
+        label[lo:lo + block] = np.argmax(sims, axis=1)
+        best[lo:lo + block] = sims[np.arange(len(sims)), label[lo:lo + block]]
     return label, best
 
 
