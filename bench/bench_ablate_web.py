@@ -19,7 +19,9 @@ curation (including dfn's filtering network, trained by `dfn-train` with the wor
    the full pipeline, a random subset of the raw pool the size of the full pipeline's output (one per seed) and
    the oracle (the raw pool's truth-clean rows); mean ± std over the seeds.
 3. The result file holds the ablation table, each variant's per-seed figures, the filter table of the run,
-   the full pipeline's margin over the raw pool and over the random subset in units of their larger std
+   the full pipeline's ("+ dfn") margin over the raw pool and over the random subset in units of their larger std,
+   and "+ semdedup"'s over both and over "+ dfn" (the run's recipe ends dfn -> semdedup -> emit; the random subset
+   has the size of semdedup's output)
    (the acceptance asks for > 2 on zero-shot top-1 and retrieval R@1), and the wall time of every command.
 """
 
@@ -62,7 +64,10 @@ def main() -> int:
     work = ROOT / "bench" / ".cache" / "filters"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    world, run_dir, secs = curate(work, "web", args.n, args.seed, args.workers, "align,metaclip,klite,dfn,emit")
+    # the default recipe with semdedup after dfn's cut: "+ dfn" is the full pipeline as before, "+ semdedup" adds
+    # it (issue 31), and the random subset is sized to the last step's output
+    steps = ["ingest", "align", "metaclip", "klite", "dfn", "semdedup", "emit"]
+    world, run_dir, secs = curate(work, "web", args.n, args.seed, args.workers, ",".join(steps[1:]), steps, "semdedup")
     with open(work / f"{run_dir.name}.log", "a") as log:
         overlay = work / f"{run_dir.name}.ablate.toml"  # [train] laid over the run's config, for ablate only
         overlay.write_text(f"[train]\nmodel = {json.dumps(args.model)}\n")
@@ -84,6 +89,9 @@ def main() -> int:
         "ablation": {k: v for k, v in ab.items() if k != "variants"},
         "variants": [{k: v for k, v in r.items() if k not in ("eval",)} for r in ab["variants"]],
         "full_vs": {other: margins(rows, full, other) for other in ("raw pool", "random subset") if full and other in rows},
+        # semdedup added to the full pipeline: against both controls, and against the pipeline without it
+        "semdedup_vs": {other: margins(rows, "+ semdedup", other) for other in ("raw pool", "random subset", full)
+                        if "+ semdedup" in rows and other in rows},
         "filters": json.loads((run_dir / "report" / "filter_quality.json").read_text()),
     }
     Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
