@@ -64,8 +64,11 @@ class EmbedStage(Stage):
 
     def __init__(self, config: Any = None, seed: int = 0):
         super().__init__(config, seed)
+        from trainer.embed import RunVectors
+
         self._scorers: dict[tuple, Any] = {}  # what setup would load, by network: the run's network is per run
-        self._digests: dict[str, str] = {}
+        c = self.config
+        self._identity = RunVectors("embed", c.model, c.pretrained, c.checkpoint)  # fingerprints (digests memoised)
 
     # ---- the network ---------------------------------------------------------------------------------
     NETWORK_KEYS = ("model", "pretrained", "checkpoint")
@@ -86,18 +89,7 @@ class EmbedStage(Stage):
         return Network(c.model, c.pretrained, c.checkpoint)
 
     def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
-        net = self.network(ctx)
-        try:
-            return {"network": net.fingerprint(ctx.run_dir if ctx else "", self._file_digest)}
-        except ConfigError as e:
-            raise StageError(f"embed: {e}") from None
-
-    def _file_digest(self, path: str) -> str:
-        if path not in self._digests:
-            from trainer.models import file_digest
-
-            self._digests[path] = file_digest(path)
-        return self._digests[path]
+        return {"network": self._identity.fingerprint(ctx)}
 
     def preflight(self, ctx: ShardContext) -> list[str]:
         """The network must load offline (a checkpoint that exists, or a pretrained network in the cache)."""
