@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps per variant (default: the world's config)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model", default="clipcurate-tiny-rn", help="the model every variant trains (docstring)")
+    ap.add_argument("--variants", default=None, help="only these variants, comma-separated (ablate --variants)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ablation_web.json"))
     args = ap.parse_args()
     work = ROOT / "bench" / ".cache" / "filters"
@@ -75,6 +76,8 @@ def main() -> int:
                "--config", str(overlay)]
         if args.steps:
             cmd += ["--steps", str(args.steps)]
+        if args.variants:
+            cmd += ["--variants", args.variants]
         secs["ablate"] = sh(cmd, log)
         secs["report"] = sh(["--runs-dir", str(run_dir.parent), "report", "--run", run_dir.name], log)  # + ablation
     ab = json.loads((run_dir / "ablation.json").read_text())
