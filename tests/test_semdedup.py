@@ -67,6 +67,44 @@ def test_one_row_kept_per_group_by_each_rule():
         assert np.allclose(d.image_cosine, sims[d.dropped, keeper])
 
 
+def test_nearest_kept_keeps_the_far_end_of_a_chain_and_names_a_close_kept_copy():
+    img = _unit([[1, 0, 0], [1, 0.25, 0], [1, 0.5, 0], [0, 0, 1]])  # 0 ~ 1 ~ 2, 0 !~ 2 (as above)
+    rank = np.arange(4)
+    d = groups.decide_nearest_kept(img, None, rank, eps_image=0.03, eps_text=0.0)
+    assert d.dropped.tolist() == [1] and d.kept.tolist() == [0]  # 2's only close row (1) is gone: 2 stays
+    comp = groups.decide(img, None, rank, eps_image=0.03, eps_text=0.0)
+    assert sorted(comp.dropped.tolist()) == [1, 2]
+
+
+def _greedy_reference(img, txt, rank, eps_i, eps_t):
+    """The plainest greedy: rows in rank order; dropped when a kept earlier row is close; named: the most
+    similar such row (ties: the better rank)."""
+    n = len(img)
+    kept, out = [], {}
+    for r in sorted(range(n), key=lambda r: rank[r]):
+        close = [k for k in kept if float(img[k] @ img[r]) >= 1 - eps_i
+                 and (txt is None or float(txt[k] @ txt[r]) >= 1 - eps_t)]
+        if close:
+            out[r] = max(close, key=lambda k: (float(img[k] @ img[r]), -rank[k]))
+        else:
+            kept.append(r)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nearest_kept_matches_a_plain_greedy_reference(seed):
+    rng = np.random.default_rng(seed)
+    base = _unit(rng.standard_normal((25, 16)))
+    pick = rng.integers(0, 25, 80)
+    img = _unit(base[pick] + 0.04 * rng.standard_normal((80, 16)))
+    txt = _unit(base[pick] + rng.choice([0.02, 0.5], 80)[:, None] * rng.standard_normal((80, 16)))
+    rank = rng.permutation(80)
+    d = groups.decide_nearest_kept(img, txt, rank, 0.02, 0.05, budget=100)
+    got = dict(zip(d.dropped.tolist(), d.kept.tolist()))
+    assert got == _greedy_reference(img, txt, rank, 0.02, 0.05)
+    assert 5 < len(got) <= len(_reference(img, txt, rank, 0.02, 0.05))  # never more than components drop
+
+
 def test_ties_and_missing_scores_fall_back_to_uid_order():
     score = np.array([np.nan, 0.5, 0.5, np.nan])
     rank = groups.keep_rank("highest_score", np.array([3, 2, 0, 1]), score, np.zeros(4))
@@ -255,6 +293,10 @@ def test_step_drops_planted_pair_duplicates_and_names_the_kept_copy(world, netwo
     # rows with the same image but another caption are not pair duplicates
     assert len(got) == 20 and res.manifest["rows_out"] == table.num_rows - 20
     assert any("k-means clusters" in n for n in res.manifest["notes"])
+    # nearest_kept drops the same rows here: every group is a clique of identical vectors
+    run_pipeline(["semdedup"], str(tmp_path / "nk"), _cfg(network, group="nearest_kept"), input_dir=str(pool),
+                 workers=0)
+    assert _rejected(tmp_path / "nk") == got
     # in image mode (NeMo's rule) the re-captioned copies go too
     run_pipeline(["semdedup"], str(tmp_path / "img"), _cfg(network, mode="image"), input_dir=str(pool), workers=0)
     assert len(_rejected(tmp_path / "img")) == 25
@@ -296,7 +338,8 @@ def test_eval_decontamination_names_the_eval_item(world, network, tmp_path, cont
 
 
 def test_bad_config_is_one_line():
-    for bad, word in (({"mode": "text"}, "mode"), ({"keep": "first"}, "keep"), ({"eps_image": -1}, "eps_image")):
+    for bad, word in (({"mode": "text"}, "mode"), ({"keep": "first"}, "keep"), ({"eps_image": -1}, "eps_image"),
+                      ({"group": "clique"}, "group")):
         with pytest.raises(ConfigError, match=word):
             config_mod.resolve({"semdedup": bad})
     assert SemDedupStage.step_config({}, {"dfn": {"model": "hf-hub:apple/DFN-public"}})["model"] == \

@@ -8,7 +8,8 @@ Rules, in order (the first that fires names the row's `reason`):
                            SET/path/in/set.jpg or SET/file.parquet#row (pipeline/evalsets.py)
   semantic_duplicate       in the same k-means cluster as a kept row, with image cosine >= 1 - eps_image and, in
                            `mode = "pair"` (the default), text cosine >= 1 - eps_text; `duplicate_of` names the
-                           kept row's uid (groups.py: the relation's connected components, one row kept each)
+                           kept row's uid (groups.py: the relation's connected components, one row kept each;
+                           `group = "nearest_kept"`: dropped only next to a better-ranked copy that is kept)
 
 How (the stage contract's passes; the runner's survey before the statistics, pipeline/stage.py):
   survey     each shard's sample of image vectors, drawn by uniform(uid) (clusters.py), merged pool-wide
@@ -70,6 +71,7 @@ class SemDedupStage(Stage):
         eps_image: float = 0.05  # duplicates: image cosine >= 1 - eps_image
         eps_text: float = 0.10  # ... and (pair mode) text cosine >= 1 - eps_text
         keep: str = "highest_score"  # or "hard" (least typical: NeMo's default) or "easy" (most typical)
+        group: str = "component"  # or "nearest_kept": dropped only next to a kept better-ranked copy (groups.py)
         clusters: int = 0  # k-means clusters; 0: one per `rows_per_cluster` rows of the pool, at least one
         rows_per_cluster: int = 10000
         sample_per_cluster: int = 100  # k-means sample: ~this many rows per default-sized cluster ...
@@ -90,6 +92,9 @@ class SemDedupStage(Stage):
                          batch_size=(1, None), num_workers=(-1, None))
             if self.mode not in groups.MODES:
                 raise ConfigError(f"config [semdedup] mode = {self.mode!r}: give one of {', '.join(groups.MODES)}")
+            if self.group not in groups.GROUPINGS:
+                raise ConfigError(f"config [semdedup] group = {self.group!r}: give one of "
+                                  f"{', '.join(groups.GROUPINGS)}")
             if self.keep not in groups.KEEP_RULES:
                 raise ConfigError(f"config [semdedup] keep = {self.keep!r}: give one of "
                                   f"{', '.join(groups.KEEP_RULES)}")
@@ -252,8 +257,9 @@ class SemDedupStage(Stage):
             for s in np.unique(sub):
                 at = idx[sub == s]
                 rank = groups.keep_rank(c.keep, np.arange(len(at)), rows["score"][at], rows["typicality"][at])
-                d = groups.decide(rows["image"][at], None if text_all is None else text_all[at], rank,
-                                  c.eps_image, c.eps_text)
+                decide = groups.decide if c.group == "component" else groups.decide_nearest_kept
+                d = decide(rows["image"][at], None if text_all is None else text_all[at], rank, c.eps_image,
+                           c.eps_text)
                 dropped.append(at[d.dropped])
                 kept.append(at[d.kept])
                 cos.append(d.image_cosine)
