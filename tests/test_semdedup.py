@@ -76,6 +76,17 @@ def test_nearest_kept_keeps_the_far_end_of_a_chain_and_names_a_close_kept_copy()
     assert sorted(comp.dropped.tolist()) == [1, 2]
 
 
+def _copies_of_25_scenes(seed: int):
+    """80 rows drawn from 25 scenes: close images; captions close (noise 0.02) or not (0.5); a random keep rank."""
+    rng = np.random.default_rng(seed)
+    base = _unit(rng.standard_normal((25, 16)))
+    pick = rng.integers(0, 25, 80)
+    img = _unit(base[pick] + 0.04 * rng.standard_normal((80, 16)))
+    txt = _unit(base[pick] + rng.choice([0.02, 0.5], 80)[:, None] * rng.standard_normal((80, 16)))
+    rank = rng.permutation(80)
+    return img, txt, rank
+
+
 def _greedy_reference(img, txt, rank, eps_i, eps_t):
     """The plainest greedy: rows in rank order; dropped when a kept earlier row is close; named: the most
     similar such row (ties: the better rank)."""
@@ -93,12 +104,7 @@ def _greedy_reference(img, txt, rank, eps_i, eps_t):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_nearest_kept_matches_a_plain_greedy_reference(seed):
-    rng = np.random.default_rng(seed)
-    base = _unit(rng.standard_normal((25, 16)))
-    pick = rng.integers(0, 25, 80)
-    img = _unit(base[pick] + 0.04 * rng.standard_normal((80, 16)))
-    txt = _unit(base[pick] + rng.choice([0.02, 0.5], 80)[:, None] * rng.standard_normal((80, 16)))
-    rank = rng.permutation(80)
+    img, txt, rank = _copies_of_25_scenes(seed)
     d = groups.decide_nearest_kept(img, txt, rank, 0.02, 0.05, budget=100)
     got = dict(zip(d.dropped.tolist(), d.kept.tolist()))
     assert got == _greedy_reference(img, txt, rank, 0.02, 0.05)
@@ -136,12 +142,7 @@ def _reference(img, txt, rank, eps_i, eps_t):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_decisions_match_a_plain_reference(seed):
-    rng = np.random.default_rng(seed)
-    base = _unit(rng.standard_normal((25, 16)))
-    pick = rng.integers(0, 25, 80)
-    img = _unit(base[pick] + 0.04 * rng.standard_normal((80, 16)))
-    txt = _unit(base[pick] + rng.choice([0.02, 0.5], 80)[:, None] * rng.standard_normal((80, 16)))
-    rank = rng.permutation(80)
+    img, txt, rank = _copies_of_25_scenes(seed)
     d = groups.decide(img, txt, rank, 0.02, 0.05, budget=100)
     got = dict(zip(d.dropped.tolist(), d.kept.tolist()))
     assert got == _reference(img, txt, rank, 0.02, 0.05)
