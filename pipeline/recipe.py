@@ -137,6 +137,17 @@ def find(steps: list[Step], name: str) -> Step | None:
     return None
 
 
+def _with_step(names: list[str], stage: str) -> str:
+    """The recipe with `stage` added where the registered stages' order puts it (before the first step whose stage is
+    registered after it; last otherwise), as a TOML array: the line a refusal offers."""
+    import json
+
+    order = {name: i for i, name in enumerate(stage_names())}
+    at = next((i for i, n in enumerate(names) if order.get(parse_step(n, 0).stage, -1) > order.get(stage, 1 << 30)),
+              len(names))
+    return json.dumps(names[:at] + [stage] + names[at:])
+
+
 def plan(names: list[str], steps: list[Step]) -> list[Step]:
     """The steps to run for command-line `names`, in recipe order. A user's stage that the recipe does not list
     runs after every recipe step, in the order given (its folder: 90_<name>, as before recipes)."""
@@ -149,7 +160,8 @@ def plan(names: list[str], steps: list[Step]) -> list[Step]:
             if ":" not in parsed.stage:
                 stage_class(parsed.stage)  # unknown stage: one line
                 raise StageError(f"'{n}' is not in this run's recipe ([run] stages = "
-                                 f"[{', '.join(repr(x.name) for x in steps)}])")
+                                 f"[{', '.join(repr(x.name) for x in steps)}]); to add it, give `--config FILE` with "
+                                 f"[run] stages = {_with_step([x.name for x in steps], parsed.stage)}")
             s = parsed
             extra.append(s)
         elif s not in chosen:

@@ -58,6 +58,13 @@ def test_plan_follows_the_recipe_order_and_names_repeated_stages():
     assert [s.name for s in recipe.plan(["klite", "align@text"], steps)] == ["align@text", "klite"]
     with pytest.raises(StageError, match="'emit' is not in this run's recipe"):
         recipe.plan(["emit"], steps)
+    # the refusal offers the line that adds the step, where the registered stages' order puts it
+    with pytest.raises(StageError) as e:
+        recipe.plan(["dfn"], recipe.steps_of(["ingest", "align", "metaclip", "emit"]))
+    assert str(e.value).endswith('[run] stages = ["ingest", "align", "metaclip", "dfn", "emit"]')
+    with pytest.raises(StageError) as e:
+        recipe.plan(["emit"], steps)
+    assert str(e.value).endswith('[run] stages = ["metaclip", "align@text", "klite", "align", "emit"]')
     one = recipe.steps_of(["align@text", "metaclip"])
     assert recipe.plan(["align"], one)[0].name == "align@text"  # a stage that appears once: its step
     two = recipe.steps_of(["align@text", "metaclip", "align@image"])
