@@ -220,7 +220,7 @@ class SemDedupStage(Stage):
         use = img.found & ~eval_hit
         label, typical = clusters.assign(img.vectors[use], survey["centroids"])
         take = pa.array(np.flatnonzero(use))
-        out = {"uid": np.asarray(table.column("uid").take(take).to_pylist(), dtype=object), "cluster": label,
+        out = {"uid": table.column("uid").take(take).to_numpy().astype(object), "cluster": label,
                "typicality": typical, "score": self._scores(table)[use], "image": img.vectors[use]}
         if self.config.mode == "pair":
             out["text"] = self.vectors.vectors(table, ctx, "text").vectors[use]
@@ -329,10 +329,10 @@ class SemDedupStage(Stage):
                                 ["quantile", "rows", "dropped share"],
                                 [[f"{int(x * 100)}%", int(np.quantile(sizes, x)), f"{100 * np.quantile(share, x):.1f}%"]
                                  for x in q]))
-        align = [d for name, d in stage_folders(posixpath_parent(stage_dir))
-                 if (shards.read_json(shards.join(d, "_manifest.json")) or {}).get("stage") == "align"]
-        dhash = sum(int((shards.read_json(shards.join(d, "_manifest.json")) or {}).get("reasons", {})
-                        .get("eval_near_duplicate", 0)) for d in align)
+        manifests = [shards.read_json(shards.join(d, "_manifest.json")) or {}
+                     for _, d in stage_folders(posixpath_parent(stage_dir))]
+        align = [m for m in manifests if m.get("stage") == "align"]
+        dhash = sum(int(m.get("reasons", {}).get("eval_near_duplicate", 0)) for m in align)
         if c.eval_images or dhash:
             tables.append(Table(
                 "eval decontamination: align's dHash rule and semdedup's embedding rule",
