@@ -155,6 +155,7 @@ def cmd_run(args) -> int:
 
     run_dir = run_dir_of(args)
     _import_from_cwd()  # a user's module:Class stage may be named on the command line or in the saved recipe
+    before = config_mod.saved_config(run_dir)
     if args.stages is None:  # the whole recipe, but its download step (`clipcurate ingest` does that)
         cfg = config_for(args, run_dir, [])
         names = [s.name for s in recipe.of_config(cfg) if not stage_class(s.stage).downloads]
@@ -163,11 +164,38 @@ def cmd_run(args) -> int:
         if not names:
             raise StageError(f"no stages given (e.g. {','.join(runnable()[:2])})")
         cfg = config_for(args, run_dir, names)
+    _refuse_a_download_left_behind(args, run_dir, before, cfg, names)
     results = run_pipeline(names, run_dir, cfg, input_dir=args.input, workers=args.workers, scheduler=args.scheduler,
                            verify=args.verify)
     print_funnel(results)
     _print_outputs(results)
     return 0
+
+
+def _refuse_a_download_left_behind(args, run_dir: str, before: dict | None, cfg: dict, names: list[str]) -> None:
+    """A config that redoes a step before the recipe's download (text-first: metaclip's t) changes what that
+    download should have fetched, and `run` never downloads: the steps after it would refuse the old download,
+    but only after the steps before it were redone. Refuse here, before any work, with the command that redoes
+    both (`clipcurate ingest --config FILE` curates again and downloads what is kept)."""
+    if before is None or not args.config:
+        return
+    changed = {c[0] for c in config_mod.changes(before, cfg)
+               if not _speed_only(c[0], c[1]) and c[:2] != ("run", "stages")}
+    if not changed:
+        return
+    steps = recipe.of_config(cfg)
+    redo = config_mod.redone_by(changed, _run_stages(run_dir, names, cfg))
+    for d in steps:
+        if d.name not in redo or d.name in names or not recipe.downloads(d):
+            continue
+        after = [n for n in names if (s := recipe.find(steps, n)) is not None and s.position > d.position]
+        if not after:
+            continue
+        upto = ", ".join(redo[:redo.index(d.name) + 1])
+        name = shards.shard_name(run_dir)
+        raise StageError(f"{after[0]}: this config redoes {upto}, and `run` does not download: give it to `clipcurate {d.stage} --run {name} --config {args.config}` first "
+                         f"(it redoes the steps before the download and fetches what they keep), then `clipcurate run "
+                         f"--run {name}`; nothing was done")
 
 
 def cmd_check(args) -> int:
@@ -225,6 +253,45 @@ def runnable() -> list[str]:
         return [n for n in recipe.default_recipe() if not stage_class(n).downloads]
     except StageError:
         return []
+
+
+def cmd_clean(args) -> int:
+    """`clipcurate clean --run NAME --stale`: remove the run's stale step folders (pipeline/stale.py: an older
+    recipe's `NN_name` folders, which no step of its current recipe writes or reads and `report` lists), one line
+    per folder, and nothing else. Without --stale it refuses, saying what it would remove (a command named
+    `clean` must not guess what to clean); --dry-run lists only."""
+    from pipeline import stale
+
+    run_dir = run_dir_of(args)
+    cfg = config_mod.saved_config(run_dir)
+    if cfg is None:
+        raise config_mod.ConfigError(f"clean: {run_dir} is not a run (it has no config.toml): nothing to clean")
+    _import_from_cwd()  # a user's module:Class step is named by its class: found as `run` finds it
+    found = stale.find(run_dir, cfg)
+    if not (args.stale or args.dry_run):
+        what = f"removes {', '.join(found.stale)}" if found.stale else "would remove nothing (the run has none now)"
+        raise config_mod.ConfigError(f"clean: say what to remove: --stale {what}, the run's stale step folders "
+                                     f"(`report` lists them); --dry-run lists them; nothing was removed")
+    for name, why in found.kept.items():
+        print(f"kept {shards.join(run_dir, name)}: not a step of the recipe now, but {why}")
+    for note in found.unjudged:
+        print(f"kept {shards.join(run_dir, note)}")
+    if args.dry_run:
+        for name in found.stale:
+            print(f"would remove {shards.join(run_dir, name)}")
+        print(f"clean: {len(found.stale)} stale step folder{'' if len(found.stale) == 1 else 's'} (--dry-run: "
+              "nothing removed)")
+        return 0
+    for name in found.stale:
+        try:
+            print(stale.remove(run_dir, name), flush=True)
+        except OSError as e:
+            raise StageError(f"clean: cannot remove {shards.join(run_dir, name)} ({e.strerror or e}); the folders "
+                             "above were removed, the others are as they were") from None
+    n = len(found.stale)
+    print(f"clean: removed {n} stale step folder{'' if n == 1 else 's'}" if n else
+          f"clean: no stale step folder (the recipe's: {', '.join(found.recipe or [])})")
+    return 0
 
 
 def _workers(value: str) -> int:
@@ -318,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     # no lock, no run folder: it writes nothing. Other packages add what their own commands need
     # (`extra_checks`: functions (args, run_dir, config) -> [(label, [problems])]; the trainer's --hq)
     p.set_defaults(fn=cmd_check, extra_checks=())
+
+    p = sub.add_parser("clean", help="remove a run's stale step folders: an older recipe's NN_name folders that no "
+                                     "step of its current recipe writes or reads (`report` lists them)")
+    p.add_argument("--run", required=True, help="run name: its folder is RUNS_DIR/NAME")
+    p.add_argument("--stale", action="store_true",
+                   help="remove the stale step folders (required: clean removes nothing else)")
+    p.add_argument("--dry-run", action="store_true", help="list what --stale would remove; remove nothing")
+    # main takes the run's lock when it removes (pipeline/runlock.py); a refusal or a listing writes nothing
+    p.set_defaults(fn=cmd_clean, writes_run=lambda a: a.stale and not a.dry_run)
 
     for extra in _extra_commands():
         extra(sub)

@@ -1101,6 +1101,7 @@ def run_pipeline(
     from pipeline import preflight
 
     preflight.require(todo, run_dir, config, input_dir=input_dir)
+    _print_scale_notes(todo, run_dir, config, steps, input_dir)
     with _driver_writes("run", run_dir):
         config_mod.save(config, shards.join(run_dir, "config.toml"))
         if input_dir is not None:
@@ -1131,6 +1132,31 @@ def run_pipeline(
             results.append(res)
             current, from_stage, last = res.folder, True, st
     return results
+
+
+SCALE_ROWS_LIMIT = 10_000_000  # footers read to size the pool for `scale_notes`; a bigger pool is web scale
+
+
+def _print_scale_notes(todo: list, run_dir: str, config: dict, steps: list, input_dir: str | None) -> None:
+    """Before any work: each step's `scale_notes` for the pool the command's first step reads (rows counted
+    from the shards' footers, up to SCALE_ROWS_LIMIT: above that no default is off scale), one line per note,
+    `STEP: note`. Printed, not logged: they are about the result, and a user reads them before waiting for it."""
+    if not todo:
+        return
+    pool = input_dir or previous_stage_dir(run_dir, todo[0], steps) or recorded_source(run_dir)
+    if pool is None:
+        return
+    try:
+        rows = pool_rows_at_least(shards.list_shards(pool), SCALE_ROWS_LIMIT)
+    except (shards.ShardError, OSError):
+        return  # the step that reads it says why, in its own words
+    if rows is None or rows >= SCALE_ROWS_LIMIT:
+        return
+    seed = int(config.get("run", {}).get("seed", 0))
+    for st in todo:
+        cls = stage_class(st.stage)
+        for note in cls(cls.step_config(config.get(st.name, {}), config), seed).scale_notes(rows) or []:
+            print(f"{st.name}: {note}")
 
 
 def _check_upstream_outputs(step: "recipe.Step", upstream_dir: str, steps: list, run_dir: str, verify: bool) -> None:

@@ -80,6 +80,13 @@ class Stage:
         a stage that needs pixels). Default: nothing missing."""
         return []
 
+    def scale_notes(self, pool_rows: int) -> list[str]:
+        """Lines a command prints before it runs this step, about settings made for web scale that do nothing (or
+        too much) on a pool of `pool_rows` rows (the rows of what the command's first step reads: an upper bound
+        on what reaches this step). Web-scale defaults fail silently on a small pool; a user who reads these
+        lines before the work knows which setting to change. Default: none."""
+        return []
+
     def rows_in(self, table, kept, rejected) -> int:
         """The shard's rows in, for the funnel, which must read rows in = kept + rejected. Default: the rows
         read; a stage whose input row stands for several (ingest: a URL with its captions) counts those."""

@@ -152,6 +152,15 @@ class DfnStage(Stage):
         except ConfigError as e:
             raise StageError(f"dfn: {e}") from None
 
+    def scale_notes(self, pool_rows: int) -> list[str]:
+        """The default keep share is DFN's and DataComp's for a raw web pool, whatever the pool: said before the
+        run, since a pool already curated by the steps before dfn may want to keep more."""
+        c = self.config
+        if c.score_only or c.threshold is not None or c.keep_fraction != self.Config.keep_fraction:
+            return []
+        return [f"keeps {c.keep_fraction:.0%} of the scored pairs (keep_fraction's default: the DFN/DataComp setting "
+                "for raw web pools; a pool curated before dfn may want a larger share, or a threshold)"]
+
     def preflight(self, ctx: ShardContext) -> list[str]:
         """The filtering network, resolvable offline (trainer.models.network_problem: looked for, not loaded): a
         checkpoint that exists (by default the run's dfn_model/model.pt, which dfn-train writes), or a pretrained

@@ -284,6 +284,21 @@ def test_steps_after_the_download_refuse_a_missing_or_stale_download(recipes, tm
     (runs / "stale" / "source.json").write_text(json.dumps({"input": str(runs / "stale" / "url_list")}))
     changed = tmp_path / "t.toml"
     changed.write_text("[metaclip]\nt = 7\n")
+    # a --config that redoes a step before the download: refused before any work, with the command that redoes both
+    stale = runs / "stale"
+    written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in stale.rglob("*") if p.is_file()}
     assert cli_main(base + ["run", "--run", "stale", "--config", str(changed), "--workers", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert "config: this redoes metaclip, klite, ingest, align, dfn" in out
+    assert err.strip() == (f"clipcurate: error: align: this config redoes metaclip, klite, ingest, and `run` does not "
+                           f"download: give it to `clipcurate ingest --run stale --config {changed}` first (it redoes "
+                           "the steps before the download and fetches what they keep), then `clipcurate run --run "
+                           "stale`; nothing was done")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in stale.rglob("*") if p.is_file()} == written
+    # the same change written into the run's config by hand: the steps after the download still refuse the old one
+    saved = tomllib.loads((stale / "config.toml").read_text())
+    saved.setdefault("metaclip", {})["t"] = 7
+    config_mod.save(saved, stale / "config.toml")
+    assert cli_main(base + ["run", "--run", "stale", "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "align: 03_ingest was downloaded from an older output of 02_klite" in err and "clipcurate ingest" in err

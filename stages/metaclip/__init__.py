@@ -247,6 +247,9 @@ class MetaClipStage(Stage):
         lang_col = self._languages(table, ctx)
         row_lang = None if lang_col is None else np.repeat(lang_col.to_numpy(), n_per_row)
         p = balance.match_probs(ids, row_lang, langs, ts, self.config.t, stats["n"])
+        largest, capped = balance.largest_over_t(langs, ts)
+        if not capped:
+            ctx.note(self.caps_nothing_note(ts, largest))
         chosen = None
         if self.config.one_text_per_image and stats.get("images") is not None:
             chosen = balance.is_chosen_text(*self._images(table), stats["images"])
@@ -255,6 +258,21 @@ class MetaClipStage(Stage):
         out = table.append_column(OUT_COL, lists) if OUT_COL not in table.column_names else table.set_column(
             table.column_names.index(OUT_COL), OUT_COL, lists)
         return split_by_reason(out, judge(facts))
+
+    def caps_nothing_note(self, ts: dict, largest: int) -> str:
+        """Said when balancing does nothing: MetaCLIP's t is for 400M pairs, and on a small pool no entry reaches
+        it, so every matched pair is kept and the set is as unbalanced as the pool."""
+        t = min(ts.values()) if ts else self.config.t
+        return (f"t = {t} caps no entry of this pool (largest count {largest}): every matched pair is kept; "
+                "set [metaclip] target_rows (the rows to keep) or a smaller t")
+
+    def scale_notes(self, pool_rows: int) -> list[str]:
+        """Before a run: a pool smaller than t cannot have an entry that reaches it."""
+        c = self.config
+        if c.target_rows or c.tail_share or pool_rows >= c.t:
+            return []
+        return [f"t = {c.t} caps no entry of this pool: it has {pool_rows} rows, fewer than t (MetaCLIP's t is for "
+                "400M pairs); set [metaclip] target_rows (the rows to keep) or a smaller t"]
 
     def report(self, stage_dir: str, out_dir: str) -> dict:
         """Entry counts before/after balancing, the head and the tail, the solved t (`report.entry_report`)."""

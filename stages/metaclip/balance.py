@@ -127,6 +127,20 @@ def thresholds(config, langs: dict[str, np.ndarray], t: int | None = None) -> tu
     return {k: (t if k == config.reference_language else p_to_t(v, p)) for k, v in langs.items()}, p
 
 
+def largest_over_t(langs: dict[str, np.ndarray], ts: dict[str, int]) -> tuple[int, bool]:
+    """(the largest entry count, whether any entry's count is above its t): when none is, balancing keeps every
+    matched pair. One t (`ts` = {"": t}) is compared with the counts of all languages summed, as `match_probs`."""
+    if not langs:
+        return 0, False
+    if set(ts) == {""}:
+        pools = {"": sum(langs.values())}
+    else:
+        pools = langs
+    largest = max((int(v.max()) for v in pools.values() if np.size(v)), default=0)
+    over = any(np.size(v) and int(v.max()) > int(ts.get(k, min(ts.values()))) for k, v in pools.items())
+    return largest, over
+
+
 # ---- one_text_per_image: which text each image keeps ------------------------------------------------------------
 def image_keys(table: pa.Table, col: str) -> np.ndarray:
     """A 64-bit key per row for its image (`image_col`'s value). The keys are saved (image_choice.parquet) and
