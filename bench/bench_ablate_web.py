@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,14 +43,35 @@ from bench_filters import ROOT, curate, sh  # noqa: E402
 
 
 def margins(rows: dict, full: str, against: str) -> dict:
-    """(full - other) / max(std) for every figure both rows hold: how many spreads apart they are."""
+    """full - other for every figure both rows hold, in three spreads:
+    in_std                the larger of the two rows' standard deviations across seeds (the first measure kept);
+    in_std_of_difference  the standard deviation of the per-seed differences (full at seed s - other at seed s:
+                          the same training seed, so the same initial weights and batch order draw): the spread of
+                          the difference itself, which is what says whether it is noise;
+    in_std_unpaired       sqrt(std_full^2 + std_other^2), the difference's spread if the seeds were unrelated.
+    Standard deviations are the sample's (n - 1), as the table's."""
     a, b = rows[full], rows[against]
+    by_seed_a = {s.get("seed"): s for s in a.get("seeds") or []}
+    by_seed_b = {s.get("seed"): s for s in b.get("seeds") or []}
+    common = sorted(set(by_seed_a) & set(by_seed_b), key=str)
     out = {}
     for k, v in a.items():
-        if isinstance(v, float) and isinstance(b.get(k), float):
-            sd = max(a["std"].get(k, 0.0), b["std"].get(k, 0.0))
-            out[k] = {"diff": round(v - b[k], 4), "in_std": round((v - b[k]) / sd, 2) if sd > 0 else None}
+        if not (isinstance(v, float) and isinstance(b.get(k), float)):
+            continue
+        diff = v - b[k]
+        sd = max(a["std"].get(k, 0.0), b["std"].get(k, 0.0))
+        per_seed = [by_seed_a[s][k] - by_seed_b[s][k] for s in common
+                    if isinstance(by_seed_a[s].get(k), float) and isinstance(by_seed_b[s].get(k), float)]
+        sd_diff = statistics.stdev(per_seed) if len(per_seed) >= 2 else 0.0
+        sd_unpaired = math.hypot(a["std"].get(k, 0.0), b["std"].get(k, 0.0))
+        out[k] = {"diff": round(diff, 4), "in_std": _ratio(diff, sd),
+                  "in_std_of_difference": _ratio(diff, sd_diff), "in_std_unpaired": _ratio(diff, sd_unpaired),
+                  "seeds_paired": len(per_seed)}
     return out
+
+
+def _ratio(diff: float, sd: float) -> float | None:
+    return round(diff / sd, 2) if sd > 0 else None
 
 
 def main() -> int:

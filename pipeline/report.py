@@ -34,8 +34,9 @@ THUMBS_PER_GROUP = 8
 
 def stage_folders(run_dir: str) -> list[tuple[str, str]]:
     """(step name, folder) for every step of the run's recipe that has finished (has a manifest), in recipe
-    order; then any other finished stage folder (a user's stage run outside the recipe). A step name is a stage
-    name, or stage@label for a repeated stage."""
+    order; then any other finished stage folder (a user's stage run outside the recipe), but an older recipe's
+    (stale: pipeline/stale.py, listed in the summary). A step name is a stage name, or stage@label for a repeated
+    stage."""
     from pipeline import config as config_mod
     from pipeline import recipe
 
@@ -49,6 +50,7 @@ def stage_folders(run_dir: str) -> list[tuple[str, str]]:
         seen.add(step.folder)
         if shards.exists(shards.join(d, "_manifest.json")):
             out.append((step.name, d))
+    seen |= _stale_names(run_dir)  # an older recipe's folders: listed in the summary, not steps of this run
     fs, p = shards.fs_and_path(run_dir)
     for name in sorted(posixpath.basename(x.rstrip("/")) for x in fs.glob(p.rstrip("/") + "/[0-9][0-9]_*")):
         if name not in seen:
@@ -56,6 +58,16 @@ def stage_folders(run_dir: str) -> list[tuple[str, str]]:
             if stage:
                 out.append((stage, shards.join(run_dir, name)))
     return out
+
+
+def _stale_names(run_dir: str) -> set[str]:
+    """The run's stale step folders (pipeline/stale.py), those `clean` keeps too; none where they cannot be told."""
+    from pipeline import stale
+
+    try:
+        return set(stale.find(run_dir, dependencies=False).stale)
+    except (StageError, ValueError, OSError):
+        return set()
 
 
 def manifests(run_dir: str) -> list[dict]:
@@ -348,8 +360,9 @@ def no_evaluation_why(run: str, training: dict) -> str:
 
 
 def summary_rows(run_dir: str, training: dict) -> list[list]:
-    """The run in five lines, first in the report: rows in, rows emitted, where the training set is, which steps
-    of the recipe have not run, whether an evaluation exists."""
+    """The run in six lines, first in the report: rows in, rows emitted, where the training set is, which steps
+    of the recipe have not run, whether an evaluation exists, which step folders are stale (an older recipe's:
+    `clipcurate clean --stale` removes them)."""
     run = posixpath.basename(str(run_dir).rstrip("/"))
     steps = stage_folders(run_dir)
     ms = [shards.read_json(shards.join(folder, "_manifest.json")) or {} for _, folder in steps]
@@ -367,7 +380,17 @@ def summary_rows(run_dir: str, training: dict) -> list[list]:
         where = "none: no finished step has written a training set"
     return [["rows in", first], ["rows emitted", emitted], ["training set", where],
             ["recipe steps not run", ", ".join(missing) if missing else "none: every step of the recipe has run"],
-            ["evaluation", evaluation_state(run, training)]]
+            ["evaluation", evaluation_state(run, training)], ["stale step folders", stale_folders_line(run_dir)]]
+
+
+def stale_folders_line(run_dir: str) -> str:
+    """The summary's line on stale step folders (pipeline/stale.py): which, and that `clean --stale` removes them."""
+    from pipeline import stale
+
+    try:
+        return stale.find(run_dir).describe(posixpath.basename(str(run_dir).rstrip("/")))
+    except (StageError, ValueError) as e:
+        return f"not judged: {e}"
 
 
 def world_truth(run_dir: str) -> str | None:
