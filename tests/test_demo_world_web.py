@@ -111,6 +111,15 @@ def test_default_world_is_byte_for_byte_what_it_was(default_world):
     assert _combined(got) == DEFAULT_300_ALL
 
 
+def test_digests_were_recorded_with_the_locked_encoders():
+    """The byte-for-byte checks above (and test_world_semantic's) skip under other Pillow or pyarrow versions:
+    `make setup` installs requirements.lock, so they run only while the lock pins the versions they were recorded
+    with. A lock bump must re-record them, not turn them into a skip in every `make test`."""
+    lock = (Path(__file__).resolve().parents[1] / "requirements.lock").read_text()
+    pins = dict(re.findall(r"^(pillow|pyarrow)==([^\s;#]+)", lock, re.M | re.I))
+    assert {k.lower(): v for k, v in pins.items()} == RECORDED_WITH
+
+
 def test_default_config_text_is_unchanged(default_world):
     assert demo_config(300, Path("/w/eval/classification.parquet")) == DEFAULT_300_CONFIG
     out, summary = default_world
