@@ -4,9 +4,15 @@ Curation stages carry metadata only (rows name their image with `image_ref`, pip
 the kept samples' bytes are materialised, once. `apply` passes each shard's rows through (the stage folder
 `05_emit/part-*.parquet` is the light table of what went in: no bytes); then the whole kept set is resharded
 into consecutive shards of exactly `samples_per_shard` rows (the last one holds the rest), in a fixed order:
-input shard order, then row order. Output shard j is `emit/parquet/part-{j:05d}.parquet` and
-`emit/wds/part-{j:05d}.tar` (WebDataset: `{uid}.jpg`, `{uid}.txt`, `{uid}.json` with every other column,
-`{uid}.klite.txt`), each shard's bytes read through the run's image reader a store file at a time. One task per
+input shard order, then row order. Output shard j is written in each of `formats`, a folder each:
+  wds             `emit/wds/part-{j:05d}.tar` (WebDataset: `{uid}.jpg`, `{uid}.txt`, `{uid}.json` with every other
+                  column, `{uid}.klite.txt`): the training set, the only copy of the images (default);
+  parquet         `emit/parquet/part-{j:05d}.parquet`: the same rows' metadata (uid, url, text, sizes, scores, ...)
+                  and where each sample is, `tar` (relative to the emit folder) and `member` (its image's member
+                  name; null for a row without an image), as DataComp ships its sets (default);
+  parquet-images  `emit/parquet-images/part-{j:05d}.parquet`: the rows with their image bytes (`image`), for
+                  those who want Parquet alone: a second copy of every image when given with wds.
+Each shard's bytes are read through the run's image reader a store file at a time. One task per
 output shard (`finalize_items` plans the slices of input shards each is cut from; the runner runs `finalize_item`
 on the workers, in parallel): the bytes never pass through the driver. Then the
 pool-wide index: `sizes.json` (what open_clip_train reads to know shard sizes), `uids.npy` (DataComp's habit: a
@@ -39,7 +45,9 @@ from pipeline.images import REF_COL
 from pipeline.context import ShardContext
 from pipeline.stage import Stage, StageError
 
-TAR_MTIME = 0.0  # fixed member times: the same rows give byte-identical tars
+# Fixed member times: the same rows give byte-identical tars. An int: Python's tarfile gives a float mtime a PAX
+# header of its own, 1,024 more bytes a member (4 members a sample: 5.4 MiB of the demo's 36 MiB of tars).
+TAR_MTIME = 0
 IMAGE_COL = "image"
 
 log = logging.getLogger("clipcurate.emit")
@@ -54,7 +62,10 @@ def _json_safe(v):
     return v
 
 
-FORMATS = ("parquet", "wds")
+# `parquet` is the metadata of the WebDataset samples (it names their tar and member), so it comes with `wds`;
+# `parquet-images` is Parquet with the image bytes. The error lists them in this order.
+FORMATS = ("parquet", "wds", "parquet-images")
+TAR_COL, MEMBER_COL = "tar", "member"  # the metadata Parquet's columns naming where each sample is
 # The image member's extension: one a WebDataset reader decodes as an image (open_clip_train's `jpg;png;jpeg;webp`).
 # It is part of every member name, so it is one of these, never a path.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -67,8 +78,14 @@ def _check_choices(config) -> None:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ConfigError(f"config [emit] formats = {list(formats)!r}: "
-                          f"{'unknown format ' + repr(unknown[0]) if unknown else 'empty'}; give one or both of "
-                          f"{', '.join(FORMATS)}")
+                          f"{'unknown format ' + repr(unknown[0]) if unknown else 'empty'}; give one or more of "
+                          f"{', '.join(FORMATS)} (parquet: the metadata of the wds samples; parquet-images: "
+                          "Parquet with the image bytes)")
+    if "parquet" in formats and "wds" not in formats:
+        # an older config's `formats = ["parquet"]` meant the image bytes: never a set without its images, silently
+        raise ConfigError(f"config [emit] formats = {list(formats)!r}: 'parquet' is the metadata of the WebDataset "
+                          "samples (their tar and member), so it comes with 'wds'; for Parquet with the image bytes "
+                          "give 'parquet-images'")
     if config.image_ext not in IMAGE_EXTS:
         raise ConfigError(f"config [emit] image_ext = {config.image_ext!r}: give one of {', '.join(IMAGE_EXTS)}")
 
@@ -97,7 +114,8 @@ class EmitStage(Stage):
     @dataclasses.dataclass
     class Config:
         samples_per_shard: int = 10000
-        formats: list = dataclasses.field(default_factory=lambda: ["parquet", "wds"])
+        # WebDataset plus a metadata-only Parquet, as DataComp ships its sets: each image is written once.
+        formats: list = dataclasses.field(default_factory=lambda: ["wds", "parquet"])
         image_ext: str = "jpg"  # name of the image member in tars (bytes are written as stored)
         klite: bool = True  # add `{uid}.klite.txt` when a `text_klite` column exists
         out: str = ""  # default: <run>/emit
@@ -108,6 +126,16 @@ class EmitStage(Stage):
 
     def out_dir(self, run_dir: str) -> str:
         return self.config.out or shards.join(run_dir, "emit")
+
+    def scale_notes(self, pool_rows: int) -> list[str]:
+        """A web-scale shard size on a small pool makes one shard, and open_clip_train's WebDataset loader wants at
+        least one shard per data-loader worker: said before the run, while the setting can still change."""
+        c = self.config
+        if pool_rows > c.samples_per_shard or c.samples_per_shard != self.Config.samples_per_shard:
+            return []
+        return [f"samples_per_shard = {c.samples_per_shard} writes this pool ({pool_rows} rows at most) as one shard; "
+                "open_clip_train's WebDataset loader wants a shard per data-loader worker: set [emit] "
+                "samples_per_shard"]
 
     def preflight(self, ctx: ShardContext) -> list[str]:
         """Beyond the image store (the spine's check; none needed for a text-only pool): a training-set folder
@@ -149,8 +177,8 @@ class EmitStage(Stage):
         piece = pa.concat_tables([tables[shard].slice(start, n) for shard, start, n in item["slices"]],
                                  promote_options="default").combine_chunks()
         written, redone = self._write_piece(piece, self.out_dir(ctx.run_dir), item["name"], ctx)
-        return {"name": item["name"], "rows": piece.num_rows, "written": written, "columns": _emitted_columns(piece),
-                "redone": redone}
+        return {"name": item["name"], "rows": piece.num_rows, "written": written,
+                "columns": _emitted_columns(piece, self.config.formats), "redone": redone}
 
     def finalize(self, stage_dir: str, run_dir: str, summaries: list[dict], done: list | None = None) -> dict:
         out = self.out_dir(run_dir)
@@ -193,8 +221,8 @@ class EmitStage(Stage):
         (1 if written, why a shard that was there was redone: a file that failed that check)."""
         digest = self._piece_digest(piece, ctx)
         marker = shards.join(out, "_done", name + ".json")
-        targets = {"parquet": f"parquet/{name}.parquet", "wds": f"wds/{name}.tar"}
-        wanted = [targets[f] for f in ("parquet", "wds") if f in self.config.formats]
+        targets = _targets(name)
+        wanted = [targets[f] for f in FORMATS if f in self.config.formats]
         done = shards.read_json(marker) or {}
         redone = None
         if done.get("digest") == digest:
@@ -212,8 +240,11 @@ class EmitStage(Stage):
         shards.remove(marker)
         full = self._materialise(piece, ctx)
         files = {}
+        if "parquet-images" in self.config.formats:
+            files[targets["parquet-images"]] = shards.write_shard(full, shards.join(out, targets["parquet-images"]))
         if "parquet" in self.config.formats:
-            files[targets["parquet"]] = shards.write_shard(full, shards.join(out, targets["parquet"]))
+            meta = self._metadata(full, targets["wds"])
+            files[targets["parquet"]] = shards.write_shard(meta, shards.join(out, targets["parquet"]))
         if "wds" in self.config.formats:
             files[targets["wds"]] = shards.write_bytes(self._tar(full), shards.join(out, targets["wds"]))
         shards.write_json({"digest": digest, "rows": piece.num_rows, "files": files}, marker)
@@ -227,8 +258,7 @@ class EmitStage(Stage):
         # the reader gives no bytes where a tar member's reference ("FILE#OFFSET:SIZE[:CRC]") no longer names what
         # it named (a tar rewritten or cut after the stages before emit read it): a sample without its image must
         # not enter the training set unnoticed. A Parquet store's row ("FILE#ROW") may hold no image: emitted as is.
-        tar_ref = pc.fill_null(pc.match_substring_regex(piece.column(REF_COL), r"#[0-9]+:[0-9]+(:[0-9]+)?$"), False)
-        lost = pc.and_(tar_ref, pc.is_null(blobs))
+        lost = pc.and_(_tar_refs(piece.column(REF_COL)), pc.is_null(blobs))
         if pc.any(lost).as_py():
             first = pc.filter(piece.column("uid"), lost)[0].as_py()
             raise StageError(f"emit: {pc.sum(lost).as_py()} kept rows' images can no longer be read from the image "
@@ -238,17 +268,40 @@ class EmitStage(Stage):
 
     def _remove_stale(self, out: str, names: set[str]) -> None:
         """Shards of an earlier run with other settings would silently join the training set."""
-        for fmt, ext in (("parquet", ".parquet"), ("wds", ".tar"), ("_done", ".json")):
+        for fmt, ext in (("parquet", ".parquet"), ("parquet-images", ".parquet"), ("wds", ".tar"), ("_done", ".json")):
             folder = shards.join(out, fmt)
             fs, p = shards.fs_and_path(folder)
             if not fs.exists(p):
                 continue
+            unwanted = fmt != "_done" and fmt not in self.config.formats
             for info in fs.ls(p, detail=True):
                 base = info["name"].rstrip("/").rsplit("/", 1)[-1]
                 stem = base[: -len(ext)] if base.endswith(ext) else None
-                unwanted = fmt != "_done" and fmt not in self.config.formats
                 if stem is not None and (stem not in names or unwanted):
                     fs.rm(info["name"])
+            if unwanted and shards.is_local(folder) and not fs.ls(p):  # a format no longer asked for: no empty
+                fs.rmdir(p)  # folder left behind (an object store has no folders)
+
+    def _metadata(self, table: pa.Table, tar: str) -> pa.Table:
+        """The metadata Parquet of one output shard: every column but the bytes, then `tar` (the shard's tar,
+        relative to the emit folder) and `member` (each sample's image member in it, as `_tar` names it; null
+        where the row has no image). Readers fetch an image by (tar, member) from the WebDataset part."""
+        clash = [c for c in (TAR_COL, MEMBER_COL) if c in table.column_names]
+        if clash:
+            raise StageError(f"emit: the kept rows have a column named {clash[0]!r}, which the metadata Parquet "
+                             "uses for where each sample is: rename it, or set [emit] formats = "
+                             "[\"wds\", \"parquet-images\"]")
+        n = table.num_rows
+        _check_uids(table.column("uid"), "member names")
+        if IMAGE_COL in table.column_names:
+            has = pc.is_valid(table.column(IMAGE_COL))
+            uids = table.column("uid").cast(pa.string())
+            names = pc.binary_join_element_wise(uids, pa.scalar(self.config.image_ext), ".")
+            member = pc.if_else(has, names, pa.scalar(None, pa.string()))
+            table = table.drop_columns([IMAGE_COL])
+        else:
+            member = pa.nulls(n, pa.string())
+        return table.append_column(TAR_COL, pa.array([tar] * n, pa.string())).append_column(MEMBER_COL, member)
 
     def _tar(self, table: pa.Table) -> bytes:
         """One WebDataset tar: {uid}.jpg (bytes as stored), {uid}.txt, {uid}.json (every other column)."""
@@ -285,10 +338,35 @@ def _say_redone(done: list[dict]) -> None:
                     "rewritten, once, so that every later resume can check them", len(old))
 
 
-def _emitted_columns(piece: pa.Table) -> list[str]:
-    """The columns of an emitted shard: the rows' metadata, the bytes in `image` in place of the reference."""
+def _targets(name: str) -> dict[str, str]:
+    """Each format's file of output shard `name`, relative to the emit folder (the folder is the format's name)."""
+    return {"parquet": f"parquet/{name}.parquet", "parquet-images": f"parquet-images/{name}.parquet",
+            "wds": f"wds/{name}.tar"}
+
+
+def _tar_refs(refs) -> pa.Array:
+    """True where a reference names a tar member ("FILE#OFFSET:SIZE[:CRC]", pipeline.images' grammar), False for
+    a Parquet row ("FILE#ROW") or no reference."""
+    import polars as pl
+
+    from pipeline.images import parse_refs
+
+    refs = refs.combine_chunks() if isinstance(refs, pa.ChunkedArray) else refs
+    at = parse_refs(refs).filter(pl.col("loc").str.contains(":"))["i"].to_numpy()
+    mask = np.zeros(len(refs), dtype=bool)
+    mask[at] = True
+    return pa.array(mask)
+
+
+def _emitted_columns(piece: pa.Table, formats) -> list[str]:
+    """The columns of an emitted shard's Parquet: the rows' metadata, then where each sample is (`tar`, `member`:
+    the metadata Parquet) or the bytes in `image` in place of the reference (parquet-images)."""
     cols = [c for c in piece.column_names if c != REF_COL]
-    return cols + [IMAGE_COL] if REF_COL in piece.column_names else cols
+    if "parquet" in formats:
+        return cols + [TAR_COL, MEMBER_COL]
+    if "parquet-images" in formats and REF_COL in piece.column_names:
+        return cols + [IMAGE_COL]
+    return cols  # (wds alone: the keys of each sample's .json member)
 
 
 def _read_uids(files: list[str]) -> pa.ChunkedArray:

@@ -78,8 +78,10 @@ def test_emit_writes_parquet_wds_sizes_and_uids(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"] == len(rows) and summary["shards"] == 3
     emitted = pq.read_table(out / "parquet")
-    assert "image_ref" not in emitted.column_names  # the training set holds the bytes themselves
-    assert sorted(emitted.column("image").to_pylist()) == sorted(r["image"] for r in rows)
+    assert "image_ref" not in emitted.column_names  # the training set holds the bytes themselves, in the tars
+    assert "image" not in emitted.column_names  # the Parquet is their metadata: each image is written once
+    assert emitted.column("tar").to_pylist() == [f"wds/part-{j:05d}.tar" for j in (0, 0, 0, 0, 1, 1, 1, 1, 2, 2)]
+    assert emitted.column("member").to_pylist() == [f"{u}.jpg" for u in order]
     # the stage folder keeps the light table: no image bytes
     light = pq.read_table(tmp_path / "r" / "05_emit" / "part-00000.parquet")
     assert "image" not in light.column_names and light.num_rows == 7

@@ -167,15 +167,17 @@ def test_an_input_pool_is_the_store_and_stage_files_hold_no_bytes(tmp_path):
     # another run reading this run's stage folder with --input brings the store along
     run_pipeline(["emit"], str(tmp_path / "runs" / "other"), cfg, input_dir=str(run / "01_align"), workers=0)
     assert ImageStore.load(str(tmp_path / "runs" / "other")) == ImageStore.load(str(run))
-    other = pq.read_table(tmp_path / "runs" / "other" / "emit" / "parquet")
-    assert other.num_rows == 8 and other.column("image").null_count == 0
+    from trainer.data import open_source  # emit's metadata Parquet, the images read from its tars
+
+    other = open_source(str(tmp_path / "runs" / "other" / "emit"))
+    assert len(other) == 8 and other.skipped == 0
     # the run folder moves; the store (outside it, recorded absolute) is still found; emit materialises bytes
     shutil.move(str(run), str(tmp_path / "elsewhere"))
     run_pipeline(["emit"], str(tmp_path / "elsewhere"), cfg, workers=0)
-    emitted = pq.read_table(tmp_path / "elsewhere" / "emit" / "parquet")
+    emitted = open_source(str(tmp_path / "elsewhere" / "emit"))
     by_uid = dict(zip(pool.column("uid").to_pylist(), pool.column("image").to_pylist()))
-    assert emitted.num_rows == 8
-    assert all(by_uid[u] == b for u, b in zip(emitted.column("uid").to_pylist(), emitted.column("image").to_pylist()))
+    assert len(emitted) == 8 and emitted.skipped == 0
+    assert all(by_uid[uid] == b for b, _, _, uid in map(emitted.get, range(len(emitted))))
 
 
 # ---- bring your own crawl --------------------------------------------------------------------------
@@ -232,8 +234,10 @@ def test_a_crawl_is_used_in_place_and_gives_the_kept_uids_of_ingest(crawls, tmp_
     assert _dir_bytes(run) < 0.2 * _dir_bytes(crawl)
     # emit materialises the kept samples from the crawl
     assert cli_main(common + ["run", "emit", "--run", "byo", "--workers", "0"]) == 0
-    emitted = pq.read_table(run / "emit" / "parquet", columns=["uid", "image"])
-    assert emitted.num_rows == RECORD["align"]["kept"] and emitted.column("image").null_count == 0
+    from trainer.data import open_source  # emit's metadata Parquet, the images read from its tars
+
+    emitted = open_source(str(run / "emit"))
+    assert len(emitted) == RECORD["align"]["kept"] and emitted.skipped == 0
 
 
 def test_a_folder_that_is_not_a_crawl_is_one_clear_error(tmp_path, capsys):

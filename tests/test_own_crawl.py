@@ -195,13 +195,18 @@ def _store_files(run: Path) -> dict[str, bytes]:
 
 
 def check_training_set(run: Path) -> set[str]:
-    """emit's training set is dfn's kept rows, as WebDataset tars and Parquet with image bytes; returns its uids."""
+    """emit's training set is dfn's kept rows, as WebDataset tars and their metadata Parquet (each sample's tar and
+    member: the images are in the tars only); returns its uids."""
     kept = _table(run / "04_dfn")
     uids = set(kept.column("uid").to_pylist())
     assert uids and len(uids) == kept.num_rows
     parquet = _table(run / "emit" / "parquet")
     assert set(parquet.column("uid").to_pylist()) == uids and parquet.num_rows == len(uids)
-    assert all(b and b[:2] == b"\xff\xd8" for b in parquet.column("image").to_pylist())  # the JPEG bytes
+    assert "image" not in parquet.column_names and parquet.column("member").null_count == 0
+    from trainer.data import open_source
+
+    src = open_source(str(run / "emit"))  # the trainer's reading: the images from the tars the Parquet names
+    assert len(src) == len(uids) and all(src.get(i)[0][:2] == b"\xff\xd8" for i in range(len(src)))  # the JPEGs
     assert np.isfinite(parquet.column("dfn_score").to_numpy()).all()
     import tarfile
 

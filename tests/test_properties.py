@@ -225,7 +225,7 @@ def assert_uids_unique(run: Path) -> list[str]:
 def test_uid_is_unique_in_every_stage_and_in_the_emitted_set(pool, cfg, dask_cluster):
     rows, with_images, cuts, per_partition = pool
     stages = STAGES + ["emit"]
-    cfg = dict(cfg, emit={"samples_per_shard": 4, "formats": ["parquet"]})
+    cfg = dict(cfg, emit={"samples_per_shard": 4, "formats": ["parquet-images"]})
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         table = copies_table(rows, with_images)

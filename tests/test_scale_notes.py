@@ -90,3 +90,13 @@ def test_run_says_it_before_the_work_and_the_funnel_names_the_largest_count(tmp_
     assert "caps no entry" not in out
     kept = sum(pq.read_metadata(f).num_rows for f in (runs / "r").glob("[0-9][0-9]_metaclip/part-*.parquet"))
     assert kept < 240
+
+
+def test_emit_scale_note_only_for_the_default_shard_size_on_a_pool_of_one_shard():
+    from stages.emit import EmitStage
+
+    assert EmitStage().scale_notes(3000) == [
+        "samples_per_shard = 10000 writes this pool (3000 rows at most) as one shard; open_clip_train's WebDataset "
+        "loader wants a shard per data-loader worker: set [emit] samples_per_shard"]
+    assert EmitStage().scale_notes(10001) == []
+    assert EmitStage({"samples_per_shard": 500}).scale_notes(3000) == []

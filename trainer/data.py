@@ -7,10 +7,15 @@ Sources (`open_source(path)`):
   WebDataset a `.tar` file or a folder of them with `{key}.jpg|png|webp`, `{key}.txt` [+ `{key}.klite.txt`,
             `{key}.json`], as the emit stage writes. The tars are indexed once (member offsets), then
             read by random access, so both formats give the same map-style dataset.
-  An emit folder (`runs/NAME/emit`, holding `parquet/` and `wds/`) reads its `parquet/` part.
-  Parquet may be on an fsspec URL (s3://bucket/runs/NAME/emit): the columns are read into memory once, as
-            locally. Tars are read from local paths only (random access per sample would be one ranged
-            request each on an object store): for a run in a bucket the emit folder's `parquet/` part is read.
+  An emit folder (`runs/NAME/emit`) reads its `parquet-images/` part where there is one, else its `parquet/`
+            part: the metadata Parquet, whose `tar` and `member` columns name each sample's image in the
+            folder's `wds/` tars (`tar` relative to the emit folder). Its images are read from those tars, a
+            tar at a time, into memory as a Parquet part's `image` column is: the same pairs in the same order
+            as the Parquet with the bytes that emit wrote before (the same bytes, the Parquet's rows and text).
+  Parquet may be on an fsspec URL (s3://bucket/runs/NAME/emit): the columns (and an emit folder's tars, each
+            read whole, once) are read into memory once, as locally. Tars given as the training data are read
+            from local paths only (random access per sample would be one ranged request each on an object
+            store): for a run in a bucket the emit folder's Parquet part is read, and its tars through it.
   A run's stage folder (`runs/NAME/03_klite`): its rows hold `image_ref`, not bytes; the bytes are read from
             the run's image store through pipeline.images' reader.
 
@@ -37,6 +42,9 @@ from pipeline.hashing import uniform_of_keys
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 REF_COL = "image_ref"  # pipeline.images.REF_COL: a curation stage's rows name their image in the run's store
+# stages.emit's metadata Parquet: each sample's tar (relative to the emit folder) and image member in it
+TAR_COL, MEMBER_COL = "tar", "member"
+PARQUET_PARTS = ("parquet-images", "parquet")  # an emit folder's Parquet parts, the one with the bytes first
 
 
 class DataError(ValueError):
@@ -49,14 +57,17 @@ class ParquetSource:
         tables = []
         for f in files:
             cols = _read_schema(f).names
+            why = _columns_problem(f, cols)
+            if why:
+                raise DataError(why)
             by_ref = "image" not in cols and REF_COL in cols
-            if ("image" not in cols and not by_ref) or "text" not in cols:
-                raise DataError(f"{f}: training Parquet needs `image` (or `{REF_COL}`) and `text` columns "
-                                f"(has {', '.join(cols)})")
-            want = [c for c in ("uid", "image", REF_COL, "text", "text_klite") if c in cols]
+            by_member = "image" not in cols and not by_ref
+            want = [c for c in ("uid", "image", REF_COL, TAR_COL, MEMBER_COL, "text", "text_klite") if c in cols]
             t = _read_table(f, want)
             if by_ref:  # a stage's shard of a run: its pixels are in the run's image store
                 t = t.append_column("image", _reader_for(f).read(t.column(REF_COL)))
+            elif by_member:  # an emit folder's metadata Parquet: its pixels are in the folder's tars
+                t = t.append_column("image", _member_bytes(f, t.column(TAR_COL), t.column(MEMBER_COL)))
             for c in ("uid", "text_klite"):
                 if c not in t.column_names:
                     t = t.append_column(c, pa.nulls(t.num_rows, pa.string()))
@@ -101,6 +112,82 @@ def _read_table(path: str, columns: list[str]):
         return shards.read_shard(path, columns)
     except shards.ShardError as e:
         raise DataError(str(e)) from None
+
+
+def _columns_problem(path: str, cols: list[str]) -> str | None:
+    """Why a Parquet file is not training data, judged from its column names (one line); None when it is."""
+    if "text" in cols and ("image" in cols or REF_COL in cols or {TAR_COL, MEMBER_COL} <= set(cols)):
+        return None
+    return (f"{path}: training Parquet needs `image` (or `{REF_COL}`, or emit's `{TAR_COL}` and `{MEMBER_COL}`) "
+            f"and `text` columns (has {', '.join(cols)})")
+
+
+def _emit_root(path: str) -> str:
+    """The emit folder a metadata Parquet file belongs to (`emit/parquet/part-*.parquet`): its `tar` values are
+    relative to it."""
+    if shards.is_local(path):
+        return os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return posixpath.dirname(posixpath.dirname(path))
+
+
+def _tar_paths(path: str, tars) -> dict[str, str]:
+    """The distinct `tar` values of a metadata Parquet file, each to its path. A value is a path inside the emit
+    folder (`wds/part-00000.tar`), never an absolute path or one that climbs out of it."""
+    import pyarrow.compute as pc
+
+    root = _emit_root(path)
+    out = {}
+    for rel in pc.unique(tars).to_pylist():
+        if rel is None:
+            continue
+        norm = posixpath.normpath(rel)
+        if posixpath.isabs(norm) or norm == ".." or norm.startswith("../") or not norm.endswith(".tar"):
+            raise DataError(f"{path}: `{TAR_COL}` value {rel[:80]!r} is not a .tar inside the emit folder")
+        out[rel] = os.path.join(root, *norm.split("/")) if shards.is_local(path) else shards.join(root, norm)
+    return out
+
+
+def _member_bytes(path: str, tars, members) -> pa.Array:
+    """The image bytes of a metadata Parquet file's rows, read from the tars they name (each tar read once, whole,
+    a tar at a time): aligned with the rows, null where `member` is null (a sample without an image). A tar or a
+    member that is not there is a one-line DataError: the emit folder is incomplete."""
+    import pyarrow.compute as pc
+
+    tars = tars.combine_chunks() if isinstance(tars, pa.ChunkedArray) else tars
+    members = members.combine_chunks() if isinstance(members, pa.ChunkedArray) else members
+    out: list = [None] * len(tars)
+    want = pc.and_(pc.is_valid(tars), pc.is_valid(members))
+    for rel, tar_path in _tar_paths(path, pc.filter(tars, want)).items():
+        rows = np.flatnonzero(pc.and_(want, pc.equal(tars, rel)).to_numpy(zero_copy_only=False))
+        data = _read_tar_bytes(path, tar_path)
+        at = _tar_members(tar_path, data)
+        names = pc.take(members, pa.array(rows)).to_pylist()
+        for r, name in zip(rows, names):
+            where = at.get(name)
+            if where is None:
+                raise DataError(f"{path}: member {name[:80]!r} is not in {rel} (the emit folder is incomplete: "
+                                "rerun emit)")
+            out[r] = data[where[0]: where[0] + where[1]]
+    return pa.array(out, pa.large_binary())
+
+
+def _read_tar_bytes(path: str, tar_path: str) -> bytes:
+    try:
+        return shards.read_bytes(tar_path)
+    except (OSError, shards.ShardError) as e:
+        raise DataError(f"{path} names {tar_path}, which cannot be read ({' '.join(str(e).split())[:160]}): the emit "
+                        "folder's wds/ part is incomplete (rerun emit)") from None
+
+
+def _tar_members(tar_path: str, data: bytes) -> dict[str, tuple[int, int]]:
+    """(offset, size) of every file member of a tar held in memory, by name: one header scan."""
+    import io
+
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            return {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
+    except tarfile.TarError as e:
+        raise DataError(f"{tar_path}: not a readable tar ({e})") from None
 
 
 def _reader_for(path: str):
@@ -180,14 +267,15 @@ def _files(path: str, ext: str) -> list[str]:
 
 
 def open_source(path: str):
-    """A Parquet or tar source for a file or a folder (an emit folder: its parquet/ part)."""
+    """A Parquet or tar source for a file or a folder (an emit folder: its Parquet part, PARQUET_PARTS)."""
     kind, files = locate(path)
     return ParquetSource(files) if kind == "parquet" else TarSource(files)
 
 
 def locate(path: str) -> tuple[str, list[str]]:
     """("parquet" | "tar", the files) `open_source(path)` reads: a file, or a folder's own files, else its
-    parquet/ (then wds/) part; a one-line DataError when there are none. Names only: no file is opened."""
+    parquet-images/, parquet/ (then wds/) part; a one-line DataError when there are none. Names only: no file is
+    opened."""
     if not path:
         raise DataError("no training data given")
     if not shards.is_local(path):
@@ -200,18 +288,18 @@ def locate(path: str) -> tuple[str, list[str]]:
         raise DataError(f"{path}: expected a .parquet or .tar file, or a folder of them")
     if not os.path.isdir(path):
         raise DataError(f"training data {path} does not exist")
-    for sub in ("", "parquet", "wds"):
+    for sub in ("", *PARQUET_PARTS, "wds"):
         folder = os.path.join(path, sub) if sub else path
         pqs, tars = _files(folder, "parquet"), _files(folder, "tar")
         if pqs:
             return "parquet", pqs
         if tars:
             return "tar", tars
-    raise DataError(f"{path}: no .parquet or .tar files in it (or in parquet/, wds/)")
+    raise DataError(f"{path}: no .parquet or .tar files in it (or in {'/, '.join(PARQUET_PARTS)}/, wds/)")
 
 
 def _locate_remote(path: str) -> list[str]:
-    """The Parquet files of a file or folder (an emit folder: its parquet/ part) on an fsspec URL."""
+    """The Parquet files of a file or folder (an emit folder: its Parquet part) on an fsspec URL."""
     fs, p = shards.fs_and_path(path)
     if fs.isfile(p):
         if path.endswith(".parquet"):
@@ -219,20 +307,21 @@ def _locate_remote(path: str) -> list[str]:
         raise DataError(f"{path}: expected a .parquet file or a folder of them (tars are read from local paths only)")
     if not fs.isdir(p):
         raise DataError(f"training data {path} does not exist")
-    for sub in ("", "parquet"):
+    for sub in ("", *PARQUET_PARTS):
         folder = shards.join(path, sub) if sub else path
         fs, fp = shards.fs_and_path(folder)
         names = sorted(shards.shard_name(g) for g in fs.glob(posixpath.join(fp, "*.parquet")))
         files = [shards.join(folder, n) for n in names if n[:1] not in "_."]
         if files:
             return files
-    raise DataError(f"{path}: no .parquet files in it (or in parquet/); tars are read from local paths only")
+    raise DataError(f"{path}: no .parquet files in it (or in {'/, '.join(PARQUET_PARTS)}/); tars are read from local "
+                    "paths only")
 
 
 def source_problem(path: str) -> str | None:
-    """Why `open_source(path)` would refuse a training set, judged from its file names and Parquet footers (the
-    set may be gigabytes: nothing else is read), in one line; None when it looks readable. dfn-train's preflight
-    of --hq, before anything is written."""
+    """Why `open_source(path)` would refuse a training set, judged from its file names, Parquet footers and an emit
+    metadata Parquet's `tar` names (the set may be gigabytes: nothing else is read), in one line; None when it
+    looks readable. dfn-train's preflight of --hq, before anything is written."""
     try:
         kind, files = locate(path)
         for f in files:
@@ -241,11 +330,15 @@ def source_problem(path: str) -> str | None:
                     return f"{f} cannot be read (permission denied)"
                 continue
             cols = _read_schema(f).names
-            if ("image" not in cols and REF_COL not in cols) or "text" not in cols:
-                return (f"{f}: training Parquet needs `image` (or `{REF_COL}`) and `text` columns "
-                        f"(has {', '.join(cols)})")
-            if "image" not in cols:
+            why = _columns_problem(f, cols)
+            if why:
+                return why
+            if "image" not in cols and REF_COL in cols:
                 _reader_for(f)  # references need their run's image store
+            elif "image" not in cols:  # emit's metadata Parquet: its tars must be there (their names: one column)
+                for tar_path in _tar_paths(f, _read_table(f, [TAR_COL]).column(TAR_COL)).values():
+                    if not shards.exists(tar_path):
+                        return f"{f} names {tar_path}, which does not exist: the emit folder's wds/ part is incomplete"
     except DataError as e:
         return str(e)
     except (OSError, pa.ArrowException) as e:
