@@ -287,7 +287,7 @@ def test_tagger_keeps_nouns_only(stage, tagged, wn):
 
 
 def test_tagger_option_fallback_and_fingerprint(monkeypatch, caplog):
-    with pytest.raises(ConfigError, match=r"pos_tagger = 'nltk': must be auto, spacy or none"):
+    with pytest.raises(ConfigError, match=r"pos_tagger = 'nltk': must be auto, spacy, every or none"):
         KLiteStage({"pos_tagger": "nltk"}).ensure_ready()
     assert KLiteStage(MORPHY).fingerprint_parts()["tagger"] == "none"
     if HAVE_TAGGER:

@@ -26,9 +26,31 @@ tagged (spaCy's small English pipeline) and an n-gram is a candidate only when i
 English noun compound) is tagged a noun (NN, NNS, NNP, NNPS): "running fast" then has no candidate and stays
 unchanged, "golden retrievers" (JJ NNS) keeps "golden retriever". Morphy still lemmatises. `pos_tagger =
 "auto"` (default) uses the tagger when its model package is installed and falls back to morphy alone, with
-one logged notice, when it is not; "spacy" requires it; "none" is morphy alone. The tagger in use is part of
-the stage's fingerprint. It is 50-70x slower than morphy alone: at web scale set `pos_tagger = "none"` or
-give klite more workers.
+one logged notice, when it is not; "spacy" requires it; "none" is morphy alone; "every" requires it and tags
+every caption the way klite did before the fast path below (the reference the tests and the bench compare
+with). The tagger in use is part of the stage's fingerprint ("every" and "spacy" share it: same output).
+
+Equivalence (what "auto"/"spacy" skip, and why the output is that of "every"). The code reads a tag in one
+place only: a matched n-gram is dropped when the tag of its last token is not a noun tag. So:
+  - a caption with no matched n-gram reads no tag: it is not tagged (exact: its tags are never read);
+  - captions with the same token list get the same tags (the tagger's input is the token list alone:
+    spaCy's tok2vec sees each token's NORM, PREFIX, SUFFIX, SHAPE, SPACY, IS_SPACE and a window of 4 tokens
+    either side, all a function of that list), so each distinct list is tagged once per shard (exact);
+  - spaCy's matrix products go through numpy's BLAS rather than thinc's BLIS (same weights, same formula,
+    another summation order): exact up to rounding only, not by construction (a tag is an argmax over 50
+    labels: it changes only where two scores tie to float32 precision; measured 0 differing noun flags
+    and 100% identical candidates on Flickr8k, LAION-10k and held-out COCO captions,
+    bench/results/klite_pos.json; tests/test_klite_fast_pos.py checks 3,200 real captions).
+What is NOT a safe rule, and not used: "skip a head word that WordNet lists as a noun only". The code drops a
+match on the tag, not on WordNet's parts of speech, and spaCy tags noun-only words as JJ/VB in context; it
+would also skip little (99% of Flickr8k captions have a head that WordNet also lists as a verb or
+adjective: "man", "dog", "running"). Batching does not change a tag: a document's tags do not depend on the
+other documents of its batch (checked at batches of 37 and 1000), so shard and worker invariance holds.
+Cost: the tagger's work is ~1 MFLOP per token (tok2vec's four 288->96x3 maxout layers and its 576-wide
+mixer), and it is needed on ~99% of captions (almost every caption has a match), so the fast path is ~1.9x
+"every" and still ~30x slower than morphy alone on one core (Flickr8k: 3,400 against 123,000 captions/s,
+bench/results/klite_pos.json); at web scale give klite more workers, or set `pos_tagger = "none"` (morphy
+alone).
 
 Tokens: lower case, ’ read as ', then runs of letters/digits with inner apostrophes; a possessive 's
 is a token of its own ("dog's bowl" -> dog 's bowl: "dog" is found, and "child plays" never matches
@@ -80,12 +102,13 @@ class KLiteStage(Stage):
         extra_stop_words: list = dataclasses.field(default_factory=list)
         max_definition_chars: int = 0  # 0: whole gloss; else cut at a word boundary
         hypernyms: bool = False  # add klite_hypernyms (list<string>)
-        pos_tagger: str = "auto"  # auto: spaCy's tagger when installed, else morphy alone; "spacy"; "none"
+        pos_tagger: str = "auto"  # auto: spaCy's tagger when installed, else morphy alone; "spacy"; "none";
+        # "every": spaCy's tagger on every caption, as before the fast path (the reference; same output)
 
         def __post_init__(self):
             check_ranges("klite", self, max_ngram=(1, 3), min_chars=(0, None), max_definition_chars=(0, None))
-            if self.pos_tagger not in ("auto", "spacy", "none"):
-                raise ConfigError(f"config [klite] pos_tagger = {self.pos_tagger!r}: must be auto, spacy or none")
+            if self.pos_tagger not in ("auto", "spacy", "every", "none"):
+                raise ConfigError(f"config [klite] pos_tagger = {self.pos_tagger!r}: must be auto, spacy, every or none")
 
     # -- setup: tables -> integer keys ------------------------------------------------------------------
     def setup(self) -> None:
@@ -108,14 +131,16 @@ class KLiteStage(Stage):
         from metadata.wordnet import not_installed
 
         out = [p for p in [not_installed()] if p]
-        if self.config.pos_tagger == "spacy" and tagger_id("spacy") == "missing":
-            out.append('pos_tagger = "spacy" but no spaCy English model is installed: run `make setup` (it installs '
+        if self.config.pos_tagger in ("spacy", "every") and tagger_id("spacy") == "missing":
+            out.append(f'pos_tagger = "{self.config.pos_tagger}" but no spaCy English model is installed: run `make setup` (it installs '
                        'the one requirements-tagger.lock pins), or set [klite] pos_tagger = "auto" or "none"')
         return out
 
     # -- candidates -------------------------------------------------------------------------------------
     def candidates(self, texts) -> pl.DataFrame:
-        """(row, lemma_id) for every candidate of every caption, one row per distinct pair."""
+        """(row, lemma_id) for every candidate of every caption, one row per distinct pair. The n-grams are
+        matched first, by morphy alone; the tagger then reads only the captions with a match (`_noun_flags`)
+        and drops the matches whose last word it does not call a noun."""
         series = as_series(texts)
         toks = normalise(series).str.extract_all(TOKEN_RE)
         df = (
@@ -123,12 +148,8 @@ class KLiteStage(Stage):
             .with_row_index("row")
             .explode("tok")
             .drop_nulls("tok")
+            .with_row_index("pos")  # the token's place in the exploded order: the tagger's flags are indexed by it
         )
-        if self._tagger is not None:  # one flag per token, in the exploded order (null / empty rows: none)
-            flags = [f for fs in self._tagger(cased_tokens(series, toks)) for f in fs]
-            df = df.with_columns(noun=pl.Series(flags, dtype=pl.Boolean))
-        else:
-            df = df.with_columns(noun=pl.lit(True))
         df = df.join(self._vocab, on="tok", how="left", maintain_order="left")
         b = self._base
         t1 = pl.col("tid")
@@ -136,21 +157,39 @@ class KLiteStage(Stage):
         same2 = pl.col("row").shift(-2) == pl.col("row")
         t2 = pl.when(same1).then(pl.col("tid").shift(-1))
         t3 = pl.when(same2).then(pl.col("tid").shift(-2))
-        # a candidate's last word must be a noun (always true without a tagger)
-        noun = pl.col("noun")
-        grams = [df.select("row", key=t1, last=noun)]
+        pos = pl.col("pos")
+        grams = [df.select("row", key=t1, last=pos)]  # last: where the n-gram's last word (its head) is
         if self.config.max_ngram >= 2:
-            grams.append(df.select("row", key=t1 * b + t2, last=noun.shift(-1)))
+            grams.append(df.select("row", key=t1 * b + t2, last=pos + 1))
         if self.config.max_ngram >= 3:
-            grams.append(df.select("row", key=(t1 * b + t2) * b + t3, last=noun.shift(-2)))
-        grams = [g.filter(pl.col("last")).drop("last") for g in grams]
-        return (
-            pl.concat(grams)
-            .drop_nulls("key")
-            .join(self._surface_keys, on="key", how="inner")
-            .select("row", "lemma_id")
-            .unique()
-        )
+            grams.append(df.select("row", key=(t1 * b + t2) * b + t3, last=pos + 2))
+        matched = pl.concat(grams).drop_nulls("key").join(self._surface_keys, on="key", how="inner")
+        if self._tagger is not None:  # a candidate's last word must be a noun (always true without a tagger)
+            noun = self._noun_flags(series, toks, matched["row"].unique())
+            matched = matched.filter(pl.Series(noun[matched["last"].to_numpy()]))
+        return matched.select("row", "lemma_id").unique()
+
+    def _noun_flags(self, series: pl.Series, toks: pl.Series, rows: pl.Series):
+        """Per token of the exploded order, whether the tagger calls it a noun. `pos_tagger = "every"` tags
+        every caption (the reference); otherwise only `rows`, the captions with at least one matched n-gram:
+        a flag is read only where an n-gram ends, so the other captions' tags could change nothing (the
+        docstring's "Equivalence"), and their flags stay True, unread."""
+        import numpy as np
+
+        lens = toks.list.len().fill_null(0).to_numpy().astype(np.int64)
+        if self.config.pos_tagger == "every":
+            flags = [f for fs in self._tagger(cased_tokens(series, toks)) for f in fs]
+            return np.asarray(flags, dtype=bool).reshape(-1)
+        noun = np.ones(int(lens.sum()), dtype=bool)
+        idx = rows.sort().cast(pl.Int64).to_numpy()
+        if len(idx) == 0:
+            return noun
+        cased = cased_tokens(series.gather(idx), toks.gather(idx))
+        flags = self._tagger(cased)
+        starts, n = np.cumsum(lens) - lens, lens[idx]  # where each caption's tokens begin; how many
+        at = np.repeat(starts[idx] - (np.cumsum(n) - n), n) + np.arange(int(n.sum()))  # their exploded positions
+        noun[at] = np.concatenate([np.asarray(f, dtype=bool) for f in flags])
+        return noun
 
     # -- collect / merge / stats ----------------------------------------------------------------------
     def _candidates_key(self) -> str:

@@ -13,9 +13,11 @@ fingerprint says so (`tagger_id`), so output made with and without the tagger is
 Why per caption is enough: tags depend on the caption alone, not on the batch it is tagged in (checked: the
 same tags with batches of 37 and 1000), so shard and worker invariance holds (tested).
 
-Cost: the tagger runs once per caption, in `collect` (apply takes the candidates it left, `ShardContext.cache_put`):
-~1,900 captions/s per core for the whole stage (bench/results/klite_pos.json), 50-70x slower than morphy
-alone: at web scale set `pos_tagger = "none"` or give klite more workers.
+Cost: the tagger runs once per distinct caption with a matched n-gram, in `collect` (apply takes the
+candidates it left, `ShardContext.cache_put`). Two implementations of one tagger: `_every_tagger` (the
+reference, `pos_tagger = "every"`: `nlp.pipe` over every caption, as before) and `_fast_tagger` (the default:
+the stage's docstring, "Equivalence", says why its tags are those of the reference). Figures:
+bench/results/klite_pos.json.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def tagger_id(mode: str) -> str:
     """What `mode` resolves to on this machine: "none", or "spacy:<model>==<version>" (the fingerprint)."""
     if mode == "none":
         return "none"
+    if mode == "every":
+        mode = "spacy"  # the same tagger, the same tags: "every" is the reference, not another output
     found = _installed_model()
     if found is None:
         return "none" if mode == "auto" else "missing"
@@ -80,8 +84,8 @@ def load_tagger(mode: str):
     found = _installed_model()
     tagger = None
     if found is None:
-        if mode == "spacy":
-            raise StageError("klite: pos_tagger = \"spacy\" but no spaCy English model is installed "
+        if mode in ("spacy", "every"):
+            raise StageError(f"klite: pos_tagger = \"{mode}\" but no spaCy English model is installed "
                              "(make setup installs it; or set [klite] pos_tagger = \"none\")")
         log.warning("klite: no part-of-speech tagger installed (spaCy + %s): candidates by morphy alone "
                     "(make setup installs it)", TAGGER_MODELS[-1])
@@ -92,13 +96,64 @@ def load_tagger(mode: str):
 
             nlp = spacy.load(found[0], exclude=["parser", "ner", "lemmatizer", "senter", "attribute_ruler"])
         except Exception as e:  # a broken install: say so in one line
-            if mode == "spacy":
+            if mode in ("spacy", "every"):
                 raise StageError(f"klite: the spaCy tagger {found[0]} does not load: {e}") from None
             log.warning("klite: the spaCy tagger %s does not load (%s): candidates by morphy alone", found[0], e)
         else:
-            def tagger(token_lists, _nlp=nlp, _Doc=Doc):
-                docs = (_Doc(_nlp.vocab, words=list(w or [])) for w in token_lists)
-                return [[t.tag_ in NOUN_TAGS for t in d] for d in _nlp.pipe(docs, batch_size=256)]
+            tagger = _every_tagger(nlp, Doc) if mode == "every" else _fast_tagger(nlp, Doc)
 
     _TAGGERS[mode] = tagger
     return tagger
+
+
+def _every_tagger(nlp, Doc):
+    """The reference (`pos_tagger = "every"`): every caption through `nlp.pipe`, tags read from spaCy's tokens."""
+    def tagger(token_lists):
+        docs = (Doc(nlp.vocab, words=list(w or [])) for w in token_lists)
+        return [[t.tag_ in NOUN_TAGS for t in d] for d in nlp.pipe(docs, batch_size=256)]
+    return tagger
+
+
+def _fast_tagger(nlp, Doc, numpy_gemm: bool = True):
+    """The reference's tagger (`_every_tagger`) with two changes (the stage's docstring, "Equivalence"):
+      - one call per distinct token list of the batch (captions repeat on the web; a caption's tags are a
+        function of its tokens alone): exact;
+      - the matrix products through numpy's BLAS instead of thinc's BLIS (`_numpy_gemm_ops`): exact up to
+        rounding only, not by construction (bench/results/klite_pos.json counts the tags that differ: 0).
+    Calling tok2vec and the tagger's softmax directly instead of `nlp.pipe` (no Token objects) was measured
+    too: no faster (3,000 Flickr8k captions, one core, medians of 4 rounds: 1.78 s against 1.77 s), so
+    `nlp.pipe` reads the tags, as in the reference."""
+    if numpy_gemm:  # (False: the bench's ablation)
+        ops = _numpy_gemm_ops()
+        for name in ("tok2vec", "tagger"):  # this nlp is the fast path's own (one load per mode)
+            for node in nlp.get_pipe(name).model.walk():
+                node.ops = ops
+    every = _every_tagger(nlp, Doc)
+
+    def tagger(token_lists):
+        index: dict[tuple, int] = {}
+        order = [index.setdefault(tuple(w or ()), len(index)) for w in token_lists]
+        tags = every([list(k) for k in index])
+        return [tags[j] for j in order]
+    return tagger
+
+
+def _numpy_gemm_ops():
+    """thinc's NumpyOps with `gemm` through numpy's matmul (OpenBLAS): the same products of the same float32
+    weights, ~3.5x faster here than thinc's BLIS on one core (gemm was ~60% of the tagger's time). Only the
+    summation order differs, so scores differ in the last bits; a tag (an argmax over 50 labels) changes only
+    where two labels' scores tie to that precision: 0 of the bench's tokens (bench/results/klite_pos.json)."""
+    import numpy as np
+    from thinc.api import NumpyOps
+
+    class NumpyGemmOps(NumpyOps):
+        name = "numpy"
+
+        def gemm(self, x, y, out=None, trans1=False, trans2=False):
+            r = np.matmul(x.T if trans1 else x, y.T if trans2 else y)
+            if out is None:
+                return r
+            out[...] = r
+            return out
+
+    return NumpyGemmOps()
