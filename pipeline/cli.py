@@ -193,9 +193,10 @@ def _refuse_a_download_left_behind(args, run_dir: str, before: dict | None, cfg:
             continue
         upto = ", ".join(redo[:redo.index(d.name) + 1])
         name = shards.shard_name(run_dir)
-        raise StageError(f"{after[0]}: this config redoes {upto}, and `run` does not download: give it to `clipcurate {d.stage} --run {name} --config {args.config}` first "
-                         f"(it redoes the steps before the download and fetches what they keep), then `clipcurate run "
-                         f"--run {name}`; nothing was done")
+        raise StageError(f"{after[0]}: this config redoes {upto}, and `run` does not download: give it to "
+                         f"`clipcurate {d.stage} --run {name} --config {args.config}` first (it redoes the steps "
+                         f"before the download and fetches what they keep), then `clipcurate run --run {name}`; "
+                         "nothing was done")
 
 
 def cmd_check(args) -> int:
