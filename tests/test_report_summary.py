@@ -60,7 +60,7 @@ def test_the_summary_comes_first_and_says_what_has_not_run(run, capsys):
     assert cli(runs, "report") == 0
     s = _summary((runs / "r" / "report" / "report.md").read_text())
     assert s["rows emitted"] == str(m["rows_out"])
-    assert s["training set"] == f"{runs / 'r' / 'emit'} (parquet, wds; 1 shard)"
+    assert s["training set"] == f"{runs / 'r' / 'emit'} (wds, parquet; 1 shard)"
     assert s["recipe steps not run"] == "ingest, align, klite, dfn"
 
 

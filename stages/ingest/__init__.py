@@ -19,11 +19,15 @@ loopback, private, link-local... address, literal or resolved, outside `[ingest]
 `blocked_redirect` (more than 5 redirects): before the download where the URL alone says so, else from the
 fetch in img2dataset's worker (guard.py). A response that is no image at all (an HTML page under a .jpg name,
 text, an empty body) is `not_an_image: an HTML page` (guard.py sniffs the bytes img2dataset failed to decode).
+Opt-outs, checked before the download (optout.py: each host's robots.txt and /.well-known/tdmrep.json, fetched
+once per run): `robots_disallowed` and `tdm_reserved`, never requested; every downloaded row carries the evidence
+(`robots_status`, `robots_rule`, `robots_sha256`, `tdm_reservation`) and the run's `optout/` holds the files.
 
 The package: this module is the stage (`IngestStage`, and `CopyStats`, its statistics); `urls.py` reads and
-groups the URL list, `download.py` runs img2dataset (`download_pool`, `run_img2dataset`), `crawl.py` uses an
-img2dataset output folder in place (`crawl_input`), and `serve.py` is the loopback server that a demo world's
-`www/` is downloaded from (`[ingest] serve_dir`). Every name other code imports is importable from here.
+groups the URL list, `optout.py` checks robots.txt and TDMRep before the download, `download.py` runs img2dataset
+(`download_pool`, `run_img2dataset`), `crawl.py` uses an img2dataset output folder in place (`crawl_input`), and
+`serve.py` is the loopback server that a demo world's `www/` is downloaded from (`[ingest] serve_dir`). Every
+name other code imports is importable from here.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ from pipeline.stage import Stage
 from stages.ingest.crawl import crawl_input
 from stages.ingest.curated import CARRY_COL, carried_columns, carry_record, read_carry
 from stages.ingest.download import download_pool, run_img2dataset
+from stages.ingest.optout import DEFAULT_USER_AGENT, EVIDENCE, product_token
+from stages.ingest.optout import REASONS as OPTOUT_REASONS
 from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, DUPLICATE_REASON, NOT_AN_IMAGE, group_by_url, read_url_list
 
 __all__ = ["IngestStage", "STAGE", "CopyStats", "CAPTIONS_COL", "read_url_list", "group_by_url", "download_pool",
@@ -71,6 +77,11 @@ class IngestStage(Stage):
         # exact "host:port" pairs exempt from the egress policy's address rule (pipeline/egress.py): a loopback
         # or LAN server you mean to download from. Nothing else is exempt, and only from that rule.
         allow_private_hosts: list = dataclasses.field(default_factory=list)
+        # opt-outs before the download (optout.py): robots.txt groups are matched against the product token (the
+        # part before "/"); name a contact (a URL or e-mail after "+") so that site owners can reach you
+        user_agent: str = DEFAULT_USER_AGENT
+        respect_robots: bool = True  # robots.txt (RFC 9309): a disallowed URL is `robots_disallowed`, never fetched
+        respect_tdmrep: bool = True  # /.well-known/tdmrep.json (W3C TDMRep): a reserved URL is `tdm_reserved`
 
         def __post_init__(self):
             check_ranges("ingest", self, image_size=(1, None), processes=(0, None), threads=(1, None),
@@ -80,6 +91,10 @@ class IngestStage(Stage):
                     egress.parse_host_port(entry)
                 except ValueError as e:
                     raise ConfigError(f"config [ingest] allow_private_hosts: {e}") from None
+            try:
+                product_token(self.user_agent)
+            except (ValueError, AttributeError, TypeError) as e:
+                raise ConfigError(f"config [ingest] user_agent: {e}") from None
 
         def egress_policy(self, pinned: dict | None = None) -> egress.EgressPolicy:
             """The policy every fetch of this ingest obeys; `pinned`: "host:port" -> (ip, port), as the demo's
@@ -181,7 +196,7 @@ class IngestStage(Stage):
         # the egress policy's refusals: one reason each (no address in it), from a row set aside before the
         # download (status) or a fetch img2dataset's worker was refused (error "blocked_address: ...", guard.py)
         blocked = pl.coalesce(
-            pl.when(pl.col("status").is_in(egress.REASONS)).then(pl.col("status")),
+            pl.when(pl.col("status").is_in(egress.REASONS + OPTOUT_REASONS)).then(pl.col("status")),
             pl.col("error_message").cast(pl.String).str.extract(BLOCKED_ERROR, 1) if "error_message" in df.columns
             else pl.lit(None, dtype=pl.String))
         not_image = pl.col("error_message").cast(pl.String).str.starts_with(f"{NOT_AN_IMAGE}: ").fill_null(False)
@@ -208,8 +223,10 @@ class IngestStage(Stage):
             ),
         ).explode("text")
         uid = schema.compute_uid(df["url"].to_arrow(), df["text"].to_arrow())
+        # the opt-out evidence of a downloaded URL list (optout.py), on kept and rejected rows alike
+        evidence = [pl.col(c).cast(t, strict=False) for c, t in EVIDENCE.items() if c in df.columns]
         df = df.with_columns(uid=pl.Series(uid)).select(
-            "uid", "url", "text", REF_COL, "width", "height", "orig_width", "orig_height", "reason"
+            "uid", "url", "text", REF_COL, "width", "height", "orig_width", "orig_height", "reason", *evidence
         )
         out = df.to_arrow()
         out = schema.check_columns(out, schema.ROW_SCHEMA, "ingest")

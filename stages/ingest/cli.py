@@ -82,7 +82,8 @@ def cmd_ingest(args) -> int:
         res = run_stage(step, run_dir, raw_dir, cfg, ex, verify=args.verify)
     res.manifest["download"] = info
     # the stage's input shards hold one row per unique URL; what the user gave was the caption rows
-    res.manifest["urls_downloaded"] = info["unique_urls"]  # what the report compares between recipes
+    # what the report compares between recipes: the URLs requested (not those robots.txt or TDMRep excluded)
+    res.manifest["urls_downloaded"] = info.get("urls_fetched", info["unique_urls"])
     res.manifest["rows_in"] = info["input_rows"]
     # the list the run started from (the report's truth check finds a demo world by it), not the curated rows
     res.manifest["url_list"] = url_list if "://" in str(url_list) else str(Path(url_list).resolve())
@@ -96,6 +97,8 @@ def cmd_ingest(args) -> int:
         f"ingest: {info['input_rows']} {what}: {info['unique_urls']} unique URLs (each fetched once), "
         f"{info['bad_urls']} malformed, "
         + (f"{info['blocked_urls']} refused by the egress policy, " if info.get("blocked_urls") else "")
+        + (f"{info['robots_disallowed']} disallowed by robots.txt, " if info.get("robots_disallowed") else "")
+        + (f"{info['tdm_reserved']} reserved by TDMRep, " if info.get("tdm_reserved") else "")
         + f"{info.get('duplicates', 0)} repeated (url, caption) rows (kept once)"
     )
     print_funnel([res])

@@ -9,8 +9,9 @@ import dataclasses
 import json
 import logging
 import os
+import posixpath
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from pipeline import egress, shards
@@ -48,18 +49,11 @@ def img2dataset_args(url_parquet: str, out_dir: str, cfg: IngestStage.Config, ad
     )
 
 
-def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None,
-                    output_format: str = "parquet") -> dict:
-    """Call img2dataset (in this process; it spawns its own workers), every fetch under the egress policy
-    (`[ingest] allow_private_hosts`; guard.py says how its workers are made to obey it). Returns its summed
-    stats. A demo world's `www/` (`serve_dir`) is served on loopback meanwhile, its host pinned there: whether
-    that loopback server may be fetched from is still allow_private_hosts' say."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    from img2dataset import download
-
-    from stages.ingest.guard import guarded_downloads
-
+@contextmanager
+def served(cfg: IngestStage.Config):
+    """While open, a demo world's `www/` (`serve_dir`) is served on loopback, its host pinned there; yields the
+    egress policy every fetch of the download obeys (whether that loopback server may be fetched from is still
+    allow_private_hosts' say)."""
     with ExitStack() as stack:
         pinned = {}
         if cfg.serve_dir:
@@ -68,7 +62,25 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
             server = stack.enter_context(serve_world(cfg.serve_dir))
             pinned = {f"{DEMO_HOST}:80": ("127.0.0.1", int(server.rsplit(":", 1)[1]))}
             log.info("serving %s as %s on %s", cfg.serve_dir, DEMO_HOST, server)
-        built = stack.enter_context(guarded_downloads(cfg.egress_policy(pinned)))
+        yield cfg.egress_policy(pinned)
+
+
+def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None,
+                    output_format: str = "parquet", policy: egress.EgressPolicy | None = None) -> dict:
+    """Call img2dataset (in this process; it spawns its own workers), every fetch under the egress policy
+    (`[ingest] allow_private_hosts`; guard.py says how its workers are made to obey it). Returns its summed
+    stats. A demo world's `www/` (`serve_dir`) is served on loopback meanwhile (`served`), unless `policy` is
+    given: the caller serves it already (download_pool, which fetches the opt-out files first)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    from img2dataset import download
+
+    from stages.ingest.guard import guarded_downloads
+
+    with ExitStack() as stack:
+        if policy is None:
+            policy = stack.enter_context(served(cfg))
+        built = stack.enter_context(guarded_downloads(policy))
         download(**img2dataset_args(url_parquet, out_dir, cfg, additional_columns, output_format))
         if not built:
             raise StageError("ingest: img2dataset did not build its downloader through clipcurate's egress guard "
@@ -88,11 +100,16 @@ def _content_digest(path: str) -> str:
     return shards.content_digest(path)
 
 
-def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> tuple[str, dict]:
-    """Group the list, run img2dataset into `<stage>/_img2dataset`. Skipped when already complete.
+def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config,
+                  optout_dir: str | None = None) -> tuple[str, dict]:
+    """Group the list, set aside what robots.txt and TDMRep exclude (optout.py: no request for those URLs), run
+    img2dataset into `<stage>/_img2dataset`. Skipped when already complete.
 
     `input_path`: a URL list file, or a run's curated output (a folder of row shards: `curated.py`), whose
-    rows' columns are set aside in `<stage>/_carry/` for the ingest stage to join back."""
+    rows' columns are set aside in `<stage>/_carry/` for the ingest stage to join back. `optout_dir`: where the
+    fetched policy files are recorded, default the run's `optout/` (beside the stage folder)."""
+    from stages.ingest import optout
+
     from stages.ingest.curated import CARRY_COL, group_curated, is_curated_folder
 
     list_path = os.path.join(stage_dir, "_urls.parquet")
@@ -116,6 +133,7 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
             "input": identity,
             "grouping": 2,  # 2: one row per distinct (url, caption), repeats rejected
             "egress": 1,  # every fetch under the egress policy: a download made before it is not reused
+            "optout": 1,  # robots.txt and TDMRep checked before the download (optout.py)
             "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
         }
     )
@@ -130,26 +148,46 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config) -> t
     if prior and prior.get("fingerprint") == fp:
         log.info("ingest: download already complete (%s), reusing", raw_dir)
         info.update(prior.get("img2dataset", {}))
+        info.update(prior.get("optout_counts", {}))
         return raw_dir, info
     if prior or shards.exists(raw_dir):
         shards.remove(raw_dir)  # a different list or config: start the download afresh
     shards.makedirs(stage_dir)
     if grouped.height == 0 and bad.height == 0:
         raise StageError(f"ingest: URL list {input_path} has no rows")
-    if curated is None:
-        grouped.write_parquet(list_path)
-    log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d refused by the egress policy, %d repeated "
-             "(url, caption) rows", input_rows, grouped.height, info["bad_urls"], n_blocked, n_dup)
-    t0 = time.perf_counter()
-    totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=extra_cols) if grouped.height else {}
-    totals["seconds"] = round(time.perf_counter() - t0, 3)
+    if optout_dir is None:
+        optout_dir = shards.join((posixpath if "://" in str(stage_dir) else os.path).dirname(
+            str(stage_dir).rstrip("/")), "optout")
+    with served(cfg) as policy:  # the demo's loopback host answers the policy fetches too
+        t0 = time.perf_counter()
+        grouped, bad, opt = optout.apply(grouped, bad, cfg, policy, optout_dir, CAPTIONS_COL)
+        opt["seconds"] = round(time.perf_counter() - t0, 3)
+        counts = {"robots_disallowed": int((bad["status"] == optout.ROBOTS_DISALLOWED).sum()),
+                  "tdm_reserved": int((bad["status"] == optout.TDM_RESERVED).sum()),
+                  "blocked_urls": int(bad["status"].is_in(egress.REASONS).sum()), "optout": opt,
+                  "urls_fetched": grouped.height}
+        info.update(counts)
+        extra_cols += list(optout.EVIDENCE)
+        if curated is None:
+            grouped.write_parquet(list_path)
+        else:
+            shards.write_shard(grouped.to_arrow(), list_path)
+        log.info("ingest: %d rows, %d unique URLs, %d malformed URLs, %d refused by the egress policy, %d repeated "
+                 "(url, caption) rows, %d disallowed by robots.txt, %d reserved by TDMRep (%d hosts, %.1f s)",
+                 input_rows, grouped.height, info["bad_urls"], counts["blocked_urls"], n_dup,
+                 counts["robots_disallowed"], counts["tdm_reserved"], opt["hosts"], opt["seconds"])
+        t0 = time.perf_counter()
+        totals = run_img2dataset(list_path, raw_dir, cfg, additional_columns=extra_cols, policy=policy) \
+            if grouped.height else {}
+        totals["seconds"] = round(time.perf_counter() - t0, 3)
     if bad.height:
-        # malformed URLs, rows that are not UTF-8 and repeated rows never reach img2dataset; they travel as an extra
-        # "failed" shard so no row is lost
+        # malformed URLs, rows that are not UTF-8, repeated rows and opt-outs never reach img2dataset; they travel as
+        # an extra "failed" shard so no row is lost
         shards.makedirs(raw_dir)
-        cols = ["url", "caption", "status", "error_message"] + [c for c in (CARRY_COL,) if c in bad.columns]
+        cols = ["url", "caption", "status", "error_message"] + [c for c in (CARRY_COL,) if c in bad.columns] \
+            + list(optout.EVIDENCE)
         bad.select(cols).write_parquet(os.path.join(raw_dir, "invalid-urls.parquet"))
     info["img2dataset"] = totals
-    shards.write_json({"fingerprint": fp, "img2dataset": totals}, marker)
+    shards.write_json({"fingerprint": fp, "img2dataset": totals, "optout_counts": counts}, marker)
     info.update(totals)
     return raw_dir, info
