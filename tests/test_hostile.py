@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 import glob
 import hashlib
@@ -45,6 +44,7 @@ from pipeline.cli import main as cli_main
 from pipeline.images import ImageStore
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
+from tests.loopback import LoopbackServer
 from tests.stages_for_tests import make_pool
 
 
@@ -60,48 +60,7 @@ from tests.stages_for_tests import make_pool
 # ====================================================================================================
 
 # ---- two loopback servers --------------------------------------------------------------------------------
-class _Server:
-    """A loopback HTTP server that counts the connections it accepts (a refused fetch must not even connect)
-    and records each request's (path, Host)."""
-
-    def __init__(self, route):
-        self.route, self.connections, self.requests = route, 0, []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                outer.requests.append((self.path, self.headers.get("Host")))
-                code, headers, body = outer.route(self.path)
-                self.send_response(code)
-                for k, v in {"Content-Length": str(len(body)), **headers}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def verify_request(self, request, client_address):
-                outer.connections += 1
-                return True
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+_Server = LoopbackServer  # tests/loopback.py: counts connections, records (path, Host) per request
 
 
 def _png(i: int) -> bytes:

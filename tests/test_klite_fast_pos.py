@@ -4,17 +4,14 @@ captions with a matched n-gram tagged, each distinct token list tagged once, and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from metadata import wordnet
 from pipeline import config as config_mod
-from pipeline import shards
 from pipeline import stage as stage_mod
 from pipeline.config import ConfigError
 from pipeline.runner import run_pipeline
@@ -22,6 +19,7 @@ from pipeline.schema import compute_uid
 from stages import klite as klite_mod
 from stages.klite import KLiteStage
 from stages.klite import tagger as tagger_mod
+from tests.test_klite import _read_run, _write_pool  # one pool writer and reader for both modules
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -166,17 +164,6 @@ def test_every_mode_config_and_fingerprint(monkeypatch):
 
 
 # ---- through the runner: every on one shard == the fast path on four shards and two workers -------------
-def _write_pool(folder, texts, n_shards):
-    t = table_of(texts)
-    os.makedirs(folder, exist_ok=True)
-    step = -(-len(texts) // n_shards)
-    for i in range(n_shards):
-        shards.write_shard(t.slice(i * step, step), os.path.join(str(folder), f"part-{i:05d}.parquet"))
-
-
-def _read_run(run_dir) -> pa.Table:
-    files = sorted(Path(run_dir, "03_klite").glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by("uid")
 
 
 @needs_wordnet

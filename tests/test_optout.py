@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import polars as pl
 import pyarrow as pa
@@ -22,65 +20,31 @@ from PIL import Image
 
 from pipeline import egress
 from stages.ingest import optout
+from tests.loopback import LoopbackServer
 
 UA = "clipcurate-test/0.1 (+https://example.org/crawler)"
 TOKEN = "clipcurate-test"
 
 
-class Host:
+class Host(LoopbackServer):
     """A loopback host: `files` maps a path to (status, body) (or a callable path -> (status, headers, body));
-    other /img/... and /private/... paths are PNGs; it counts requests per path and records User-Agents."""
+    other paths ending in .png are PNGs, the rest 404; `paths` counts the requests per path (query left out)."""
 
     def __init__(self, files: dict | None = None):
-        self.files, self.requests, self.agents, self.connections = files or {}, Counter(), [], 0
-        outer = self
+        super().__init__(self._answer)
+        self.files, self.paths = files or {}, Counter()
+        self.key = self.url
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                path = self.path
-                outer.requests[path.split("?")[0]] += 1
-                outer.agents.append(self.headers.get("User-Agent"))
-                got = outer.files.get(path.split("?")[0])
-                headers = {}
-                if callable(got):
-                    code, headers, body = got(path)
-                elif got is not None:
-                    code, body = got
-                elif path.endswith(".png"):
-                    code, headers, body = 200, {"Content-Type": "image/png"}, _png(len(path))
-                else:
-                    code, body = 404, b"missing"
-                self.send_response(code)
-                for k, v in {"Content-Length": str(len(body)), **headers}.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def verify_request(self, request, client_address):
-                outer.connections += 1
-                return True
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.key = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def _answer(self, path: str):
+        self.paths[path.split("?")[0]] += 1
+        got = self.files.get(path.split("?")[0])
+        if callable(got):
+            return got(path)
+        if got is not None:
+            return got[0], {}, got[1]
+        if path.endswith(".png"):
+            return 200, {"Content-Type": "image/png"}, _png(len(path))
+        return 404, {}, b"missing"
 
 
 def _png(i: int) -> bytes:
@@ -133,11 +97,11 @@ def test_ingest_never_requests_what_robots_txt_or_tdmrep_exclude(tmp_path, capsy
         assert code == 0, err
 
     # never requested: the excluded paths; each policy file once per host
-    assert not any(p.startswith("/private/") for p in groups.requests)
-    assert not any(p.startswith("/reserved/") for p in reserved.requests)
-    assert set(broken.requests) == {"/robots.txt", "/.well-known/tdmrep.json"}  # no image of it
+    assert not any(p.startswith("/private/") for p in groups.paths)
+    assert not any(p.startswith("/reserved/") for p in reserved.paths)
+    assert set(broken.paths) == {"/robots.txt", "/.well-known/tdmrep.json"}  # no image of it
     for h in hosts:
-        assert h.requests["/robots.txt"] == 1 and h.requests["/.well-known/tdmrep.json"] == 1, h.requests
+        assert h.paths["/robots.txt"] == 1 and h.paths["/.well-known/tdmrep.json"] == 1, h.paths
     assert set(groups.agents[:2]) == {UA}  # the policy fetches name the crawler
     assert "warning" not in err  # a contact is named
 
@@ -209,8 +173,8 @@ def test_each_policy_file_is_fetched_once_per_host_per_run(tmp_path):
         assert optout.origin_key("HTTP://Example.ORG") == optout.origin_key("http://example.org:80")
         assert optout.origin_key("https://example.org") != optout.origin_key("http://example.org")
     for h in (a, b):
-        assert h.requests["/robots.txt"] == 3 and h.requests["/.well-known/tdmrep.json"] == 2  # runs o, o2, o2
-        assert not any(p.endswith(".png") for p in h.requests)  # checking requests no image
+        assert h.paths["/robots.txt"] == 3 and h.paths["/.well-known/tdmrep.json"] == 2  # runs o, o2, o2
+        assert not any(p.endswith(".png") for p in h.paths)  # checking requests no image
     assert got["optout"].to_list() == [None] * 100 + ["robots_disallowed"] * 5 + [None]
 
 
@@ -244,7 +208,7 @@ def test_policy_fetches_obey_the_egress_policy(tmp_path, monkeypatch):
     with other, redirecting:
         urls = pl.Series([f"http://inward.test:{other.port}/img/1.png", f"{redirecting.url}/img/2.png"])
         got, info = optout.check_urls(urls, _settings(), _policy(redirecting), str(tmp_path / "o"))
-    assert other.connections == 0 and not other.requests
+    assert other.connections == 0 and not other.paths
     assert got["optout"].to_list() == ["blocked_address", "blocked_address"]
     assert info["blocked"] == 2
     hp = pl.read_parquet(tmp_path / "o" / "hosts.parquet")
@@ -270,7 +234,7 @@ def test_unreachable_host_is_disallowed_and_checks_can_be_turned_off(tmp_path):
         bad = pl.DataFrame({"url": [], "caption": [], "status": [], "error_message": []},
                            schema={c: pl.String for c in ("url", "caption", "status", "error_message")})
         keep, bad2, info = optout.apply(grouped, bad, Cfg, _policy(h), None, "caps")
-    assert keep.height == 1 and bad2.height == 0 and not h.requests  # off: nothing fetched, nothing excluded
+    assert keep.height == 1 and bad2.height == 0 and not h.paths  # off: nothing fetched, nothing excluded
     assert keep["robots_status"].to_list() == [None]
 
 
