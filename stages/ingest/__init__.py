@@ -19,6 +19,8 @@ loopback, private, link-local... address, literal or resolved, outside `[ingest]
 `blocked_redirect` (more than 5 redirects): before the download where the URL alone says so, else from the
 fetch in img2dataset's worker (guard.py). A response that is no image at all (an HTML page under a .jpg name,
 text, an empty body) is `not_an_image: an HTML page` (guard.py sniffs the bytes img2dataset failed to decode).
+Opt-outs: `robots_disallowed` and `tdm_reserved` before any request (optout.py), and `x_robots_tag` for an image
+response whose X-Robots-Tag names one of `x_robots_directives` (img2dataset's check, on the response headers).
 Opt-outs, checked before the download (optout.py: each host's robots.txt and /.well-known/tdmrep.json, fetched
 once per run): `robots_disallowed` and `tdm_reserved`, never requested; every downloaded row carries the evidence
 (`robots_status`, `robots_rule`, `robots_sha256`, `tdm_reservation`) and the run's `optout/` holds the files.
@@ -82,6 +84,11 @@ class IngestStage(Stage):
         user_agent: str = DEFAULT_USER_AGENT
         respect_robots: bool = True  # robots.txt (RFC 9309): a disallowed URL is `robots_disallowed`, never fetched
         respect_tdmrep: bool = True  # /.well-known/tdmrep.json (W3C TDMRep): a reserved URL is `tdm_reserved`
+        # X-Robots-Tag directives that refuse an image response (`x_robots_tag`), for every crawler or for our
+        # product token ("clipcurate: noai"); checked by img2dataset on the response, before its body is read.
+        # [] = not checked. img2dataset's default list.
+        x_robots_directives: list = dataclasses.field(
+            default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
 
         def __post_init__(self):
             check_ranges("ingest", self, image_size=(1, None), processes=(0, None), threads=(1, None),
@@ -95,6 +102,9 @@ class IngestStage(Stage):
                 product_token(self.user_agent)
             except (ValueError, AttributeError, TypeError) as e:
                 raise ConfigError(f"config [ingest] user_agent: {e}") from None
+            if not all(isinstance(d, str) and d.strip() for d in self.x_robots_directives):
+                raise ConfigError(f"config [ingest] x_robots_directives = {self.x_robots_directives!r}: give a list "
+                                  "of directive names (e.g. [\"noai\", \"noimageai\"]), or [] to not check them")
 
         def egress_policy(self, pinned: dict | None = None) -> egress.EgressPolicy:
             """The policy every fetch of this ingest obeys; `pinned`: "host:port" -> (ip, port), as the demo's
@@ -200,6 +210,7 @@ class IngestStage(Stage):
             pl.col("error_message").cast(pl.String).str.extract(BLOCKED_ERROR, 1) if "error_message" in df.columns
             else pl.lit(None, dtype=pl.String))
         not_image = pl.col("error_message").cast(pl.String).str.starts_with(f"{NOT_AN_IMAGE}: ").fill_null(False)
+        x_robots = (pl.col("error_message").cast(pl.String) == X_ROBOTS_ERROR).fill_null(False)
         ref = pl.col(REF_COL) if REF_COL in df.columns else pl.lit(None, dtype=pl.String)
         df = df.with_columns(
             text=captions,
@@ -214,6 +225,8 @@ class IngestStage(Stage):
             .then(blocked)
             .when(not_image)  # a response that is no image (an HTML page under a .jpg name): guard.SniffingResizer
             .then(pl.col("error_message"))
+            .when(x_robots)  # the response's X-Robots-Tag opts the image out (img2dataset read no body)
+            .then(pl.lit(X_ROBOTS_TAG))
             .when(pl.col("status") == DUPLICATE)  # one wording, whatever a download made before it wrote
             .then(pl.lit(DUPLICATE_REASON))
             .otherwise(
@@ -238,6 +251,8 @@ class IngestStage(Stage):
 
 STAGE = IngestStage
 BLOCKED_ERROR = r"^(" + "|".join(egress.REASONS) + r"): "  # str(egress.Blocked) as img2dataset records it
+X_ROBOTS_ERROR = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset 1.47's words (downloader.py)
+X_ROBOTS_TAG = "x_robots_tag"  # the reason: the image response's X-Robots-Tag opts it out
 
 
 _MAX = np.iinfo(np.uint64).max

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import egress, shards
 from pipeline.stage import StageError, fingerprint
+from stages.ingest.optout import product_token
 from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list
 
 if TYPE_CHECKING:
@@ -43,6 +44,10 @@ def img2dataset_args(url_parquet: str, out_dir: str, cfg: IngestStage.Config, ad
         number_sample_per_shard=cfg.shard_size,
         timeout=cfg.timeout,
         retries=cfg.retries,
+        # X-Robots-Tag on each image response (img2dataset's check): directives for all crawlers, or for our
+        # product token, which img2dataset also names in its User-Agent ("compatible; TOKEN")
+        disallowed_header_directives=[d.strip().lower() for d in cfg.x_robots_directives],
+        user_agent_token=product_token(cfg.user_agent).lower(),
         enable_wandb=False,
         distributor="multiprocessing",
         incremental_mode="incremental",

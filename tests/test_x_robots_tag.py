@@ -1,0 +1,72 @@
+"""Opt-outs in the response (issue 32, item 2, the X-Robots-Tag part): an image response whose X-Robots-Tag names a
+configured directive (`[ingest] x_robots_directives`, img2dataset's noai, noimageai, noindex, noimageindex by
+default), for every crawler or for our product token, is rejected as `x_robots_tag`; a directive for another
+crawler, or one not in the list, is not. Loopback only."""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main as cli_main
+from tests.test_optout import Host, UA, _png
+
+TAGS = {  # path -> the X-Robots-Tag header that host sends with that image
+    "/all.png": "noai",
+    "/ours.png": "clipcurate-test: noimageai",
+    "/other.png": "otherbot: noai",
+    "/list.png": "noarchive, nofollow",
+    "/none.png": None,
+}
+
+
+def _route(path: str):
+    tag = TAGS.get(path.split("?")[0])
+    headers = {"Content-Type": "image/png", **({"X-Robots-Tag": tag} if tag else {})}
+    return 200, headers, _png(len(path))
+
+
+def _ingest(tmp_path, host: Host, extra: str = "") -> dict[str, str | None]:
+    urls = [f"{host.url}{p}" for p in TAGS]
+    pq.write_table(pa.table({"url": urls, "caption": [f"an image at {p}" for p in TAGS]}), tmp_path / "u.parquet")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[ingest]\nprocesses = 1\nthreads = 2\ntimeout = 30\nuser_agent = "{UA}"\n'
+                   f'allow_private_hosts = ["127.0.0.1:{host.port}"]\n{extra}')
+    run = f"r{len(extra)}"  # one run per setting
+    assert cli_main(["--runs-dir", str(tmp_path / "runs"), "ingest", str(tmp_path / "u.parquet"), "--run", run,
+                     "--config", str(cfg), "--workers", "0"]) == 0
+    stage = tmp_path / "runs" / run / "00_ingest"
+    rows = pl.concat([pl.read_parquet(p) for p in sorted(stage.glob("part-*.parquet"))]
+                     + [pl.read_parquet(p) for p in sorted((stage / "rejected").glob("*.parquet"))], how="diagonal_relaxed")
+    return {t.removeprefix("an image at "): r for t, r in rows.select("text", "reason").rows()}
+
+
+def test_x_robots_tag_for_everyone_or_for_us_rejects_the_row(tmp_path):
+    host = Host({p: _route for p in TAGS})
+    with host:
+        got = _ingest(tmp_path, host)
+    assert got == {"/all.png": "x_robots_tag", "/ours.png": "x_robots_tag", "/other.png": None, "/list.png": None,
+                   "/none.png": None}
+
+
+def test_the_directive_list_is_configurable(tmp_path):
+    host = Host({p: _route for p in TAGS})
+    with host:
+        off = _ingest(tmp_path, host, "x_robots_directives = []\n")
+        narrow = _ingest(tmp_path, host, 'x_robots_directives = ["noarchive"]\n')
+    assert set(off.values()) == {None}
+    assert narrow == {"/all.png": None, "/ours.png": None, "/other.png": None, "/list.png": "x_robots_tag",
+                      "/none.png": None}
+
+
+def test_a_bad_directive_list_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[ingest]\nx_robots_directives = ["noai", ""]\n')
+    pq.write_table(pa.table({"url": ["http://example.com/a.png"], "caption": ["a"]}), tmp_path / "u.parquet")
+    assert cli_main(["--runs-dir", str(tmp_path / "runs"), "ingest", str(tmp_path / "u.parquet"), "--run", "x",
+                     "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clipcurate: error: config [ingest] x_robots_directives = ['noai', '']: give a list")
+    assert len(err.splitlines()) == 1
