@@ -70,3 +70,36 @@ def test_a_bad_directive_list_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipcurate: error: config [ingest] x_robots_directives = ['noai', '']: give a list")
     assert len(err.splitlines()) == 1
+
+
+# ---- TDMRep's HTTP header on the image response ----------------------------------------------------------------
+TDM = {"/reserved.png": "1", "/open.png": "0", "/plain.png": None}
+
+
+def _tdm_route(path: str):
+    value = TDM.get(path.split("?")[0])
+    return 200, {"Content-Type": "image/png", **({"tdm-reservation": value} if value else {})}, _png(len(path))
+
+
+def _ingest_tdm(tmp_path, host: Host, extra: str = "") -> dict[str, str | None]:
+    urls = [f"{host.url}{p}" for p in TDM]
+    pq.write_table(pa.table({"url": urls, "caption": [f"an image at {p}" for p in TDM]}), tmp_path / "t.parquet")
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[ingest]\nprocesses = 1\nthreads = 2\ntimeout = 30\nuser_agent = "{UA}"\n'
+                   f'allow_private_hosts = ["127.0.0.1:{host.port}"]\n{extra}')
+    run = f"t{len(extra)}"
+    assert cli_main(["--runs-dir", str(tmp_path / "runs"), "ingest", str(tmp_path / "t.parquet"), "--run", run,
+                     "--config", str(cfg), "--workers", "0"]) == 0
+    stage = tmp_path / "runs" / run / "00_ingest"
+    rows = pl.concat([pl.read_parquet(p) for p in sorted(stage.glob("part-*.parquet"))]
+                     + [pl.read_parquet(p) for p in sorted((stage / "rejected").glob("*.parquet"))], how="diagonal_relaxed")
+    return {t.removeprefix("an image at "): r for t, r in rows.select("text", "reason").rows()}
+
+
+def test_a_tdm_reservation_header_of_1_rejects_the_row_as_tdm_reserved(tmp_path):
+    host = Host({p: _tdm_route for p in TDM})
+    with host:
+        got = _ingest_tdm(tmp_path, host)
+        off = _ingest_tdm(tmp_path, host, "respect_tdmrep = false\n")
+    assert got == {"/reserved.png": "tdm_reserved", "/open.png": None, "/plain.png": None}
+    assert set(off.values()) == {None}  # the user's choice: not checked

@@ -19,8 +19,9 @@ loopback, private, link-local... address, literal or resolved, outside `[ingest]
 `blocked_redirect` (more than 5 redirects): before the download where the URL alone says so, else from the
 fetch in img2dataset's worker (guard.py). A response that is no image at all (an HTML page under a .jpg name,
 text, an empty body) is `not_an_image: an HTML page` (guard.py sniffs the bytes img2dataset failed to decode).
-Opt-outs: `robots_disallowed` and `tdm_reserved` before any request (optout.py), and `x_robots_tag` for an image
-response whose X-Robots-Tag names one of `x_robots_directives` (img2dataset's check, on the response headers).
+Opt-outs: `robots_disallowed` and `tdm_reserved` before any request (optout.py); after it, on the image response's
+headers, before its body is read: `x_robots_tag` (an X-Robots-Tag naming one of `x_robots_directives`:
+img2dataset's check) and `tdm_reserved` (a `tdm-reservation: 1` header: guard.TdmHeaderProcessor).
 Opt-outs, checked before the download (optout.py: each host's robots.txt and /.well-known/tdmrep.json, fetched
 once per run): `robots_disallowed` and `tdm_reserved`, never requested; every downloaded row carries the evidence
 (`robots_status`, `robots_rule`, `robots_sha256`, `tdm_reservation`) and the run's `optout/` holds the files.
@@ -52,7 +53,8 @@ from stages.ingest.curated import CARRY_COL, carried_columns, carry_record, read
 from stages.ingest.download import download_pool, run_img2dataset
 from stages.ingest.optout import DEFAULT_USER_AGENT, EVIDENCE, product_token
 from stages.ingest.optout import REASONS as OPTOUT_REASONS
-from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, DUPLICATE_REASON, NOT_AN_IMAGE, group_by_url, read_url_list
+from stages.ingest.urls import (CAPTIONS_COL, DUPLICATE, DUPLICATE_REASON, NOT_AN_IMAGE, TDM_HEADER_ERROR, group_by_url,
+                                read_url_list)
 
 __all__ = ["IngestStage", "STAGE", "CopyStats", "CAPTIONS_COL", "read_url_list", "group_by_url", "download_pool",
            "run_img2dataset", "crawl_input"]
@@ -211,6 +213,7 @@ class IngestStage(Stage):
             else pl.lit(None, dtype=pl.String))
         not_image = pl.col("error_message").cast(pl.String).str.starts_with(f"{NOT_AN_IMAGE}: ").fill_null(False)
         x_robots = (pl.col("error_message").cast(pl.String) == X_ROBOTS_ERROR).fill_null(False)
+        tdm_header = (pl.col("error_message").cast(pl.String) == TDM_HEADER_ERROR).fill_null(False)
         ref = pl.col(REF_COL) if REF_COL in df.columns else pl.lit(None, dtype=pl.String)
         df = df.with_columns(
             text=captions,
@@ -227,6 +230,8 @@ class IngestStage(Stage):
             .then(pl.col("error_message"))
             .when(x_robots)  # the response's X-Robots-Tag opts the image out (img2dataset read no body)
             .then(pl.lit(X_ROBOTS_TAG))
+            .when(tdm_header)  # the response's tdm-reservation header is 1 (guard.TdmHeaderProcessor: body unread)
+            .then(pl.lit("tdm_reserved"))
             .when(pl.col("status") == DUPLICATE)  # one wording, whatever a download made before it wrote
             .then(pl.lit(DUPLICATE_REASON))
             .otherwise(

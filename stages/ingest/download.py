@@ -85,7 +85,7 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
     with ExitStack() as stack:
         if policy is None:
             policy = stack.enter_context(served(cfg))
-        built = stack.enter_context(guarded_downloads(policy))
+        built = stack.enter_context(guarded_downloads(policy, tdm_header=cfg.respect_tdmrep))
         download(**img2dataset_args(url_parquet, out_dir, cfg, additional_columns, output_format))
         if not built:
             raise StageError("ingest: img2dataset did not build its downloader through clipcurate's egress guard "

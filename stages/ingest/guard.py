@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import urllib.request
 from contextlib import contextmanager
 
 from img2dataset.downloader import Downloader
@@ -29,6 +30,7 @@ from img2dataset.downloader import Downloader
 from pipeline import egress
 from pipeline.stage import StageError
 from stages.ingest.urls import NOT_AN_IMAGE  # the reason of a response that is no image at all
+from stages.ingest.urls import TDM_HEADER_ERROR  # the error of a response that reserves TDM by its header
 
 PINNED_VERSION = "1.47.0"  # what this hook was written against: keep in step with pyproject.toml
 # the module, not `img2dataset.main` the function that the package's __init__ exports under the same name
@@ -81,17 +83,45 @@ class SniffingResizer:
         return out if why is None else (*out[:-1], why)
 
 
+class TdmReservedResponse(Exception):
+    """An image response that reserves text and data mining (W3C TDMRep's HTTP header `tdm-reservation: 1`)."""
+
+    def __str__(self) -> str:
+        return TDM_HEADER_ERROR
+
+
+class TdmHeaderProcessor(urllib.request.BaseHandler):
+    """A response processor of the guarded opener: a response whose `tdm-reservation` header is 1 is closed
+    unread and raised as TdmReservedResponse, which img2dataset records as the row's error (str(err)) and ingest
+    turns into `tdm_reserved`. img2dataset reads only X-Robots-Tag from a response's headers, and its opener is
+    the only place the headers pass before the body is read."""
+
+    handler_order = 900  # before HTTPErrorProcessor (1000): a redirect's own headers are not what is kept
+
+    def http_response(self, request, response):
+        if str(response.headers.get("tdm-reservation", "")).strip() == "1":
+            response.close()
+            raise TdmReservedResponse()
+        return response
+
+    https_response = http_response
+
+
 class GuardedDownloader(Downloader):
     """img2dataset's Downloader, fetching through the egress policy in the process that runs the shard (and
-    naming a response that is no image as such: SniffingResizer)."""
+    naming a response that is no image as such: SniffingResizer; refusing one that reserves TDM by its header:
+    TdmHeaderProcessor)."""
 
-    def __init__(self, *args, egress_policy: egress.EgressPolicy, **kwargs):
+    def __init__(self, *args, egress_policy: egress.EgressPolicy, tdm_header: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.egress_policy = egress_policy
+        self.tdm_header = tdm_header
         self.resizer = SniffingResizer(self.resizer)
 
     def __call__(self, row):
-        egress.install(self.egress_policy)  # this process's urlopen: cheap, and idempotent per shard
+        opener = egress.install(self.egress_policy)  # this process's urlopen: cheap, and idempotent per shard
+        if self.tdm_header:
+            opener.add_handler(TdmHeaderProcessor())
         return super().__call__(row)
 
 
@@ -105,14 +135,15 @@ def check_version() -> None:
 
 
 @contextmanager
-def guarded_downloads(policy: egress.EgressPolicy):
-    """While open, `img2dataset.download(...)` builds a GuardedDownloader carrying `policy`. Yields the list of
-    downloaders built, so the caller can tell that the download went through the hook."""
+def guarded_downloads(policy: egress.EgressPolicy, tdm_header: bool = True):
+    """While open, `img2dataset.download(...)` builds a GuardedDownloader carrying `policy` (and, with
+    `tdm_header`, refusing responses whose tdm-reservation header is 1). Yields the list of downloaders built, so
+    the caller can tell that the download went through the hook."""
     check_version()
     built: list[GuardedDownloader] = []
 
     def make(*args, **kwargs):
-        d = GuardedDownloader(*args, egress_policy=policy, **kwargs)
+        d = GuardedDownloader(*args, egress_policy=policy, tdm_header=tdm_header, **kwargs)
         built.append(d)
         return d
 

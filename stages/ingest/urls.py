@@ -21,6 +21,9 @@ DUPLICATE = "duplicate"  # reason of a repeated (url, caption) row: DUPLICATE_RE
 DUPLICATE_MESSAGE = "same url and caption as another row"
 DUPLICATE_REASON = f"{DUPLICATE}: {DUPLICATE_MESSAGE}"
 NOT_AN_IMAGE = "not_an_image"  # reason of a response that is no image (an HTML page under a .jpg name): guard.py
+# the error of an image response whose tdm-reservation header is 1 (guard.TdmHeaderProcessor); ingest's reason:
+# tdm_reserved, as for a path tdmrep.json reserves
+TDM_HEADER_ERROR = "tdm_reserved: the image response's tdm-reservation header is 1"
 VALID_URL = r"(?i)^https?://[^\s/:?#]+(:\d+)?([/?#]\S*)?$"  # schemes are case-insensitive (RFC 3986 3.1)
 
 
