@@ -261,3 +261,18 @@ def ensure_uid(table: pa.Table) -> pa.Table:
         return table  # a mistyped uid column: check_columns says so in one line
     filled = pc.coalesce(old.cast(pa.string()), uid)
     return table.set_column(table.schema.get_field_index("uid"), "uid", filled)
+
+
+def uid_list(uids):
+    """A sorted structured array (hi, lo) of 128-bit uids: how DataComp stores a subset's uid list (`np.save`), and
+    what emit's `uids.npy` and `optout-recheck`'s drop list hold. `uids`: valid uids (`valid_uids`), any Arrow
+    string array or sequence."""
+    import numpy as np
+    import polars as pl
+
+    s = pl.Series(pa.chunked_array([uids]) if isinstance(uids, pa.Array) else uids, dtype=pl.String)
+    arr = np.empty(len(s), dtype=[("hi", "<u8"), ("lo", "<u8")])
+    arr["hi"] = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=True).to_numpy()
+    arr["lo"] = s.str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=True).to_numpy()
+    arr.sort(order=["hi", "lo"])
+    return arr

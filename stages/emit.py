@@ -381,19 +381,11 @@ def _npy(arr: np.ndarray) -> bytes:
 
 
 def _uids_to_u128(uids: pa.ChunkedArray) -> np.ndarray:
-    """Sorted structured array (hi, lo) of 128-bit uids, as DataComp stores subset lists. Each uid's own value:
-    one that is not 32 lowercase hex characters is an error (it used to become zeros)."""
-    import polars as pl
-
+    """Sorted structured array (hi, lo) of 128-bit uids, as DataComp stores subset lists (`schema.uid_list`). Each
+    uid's own value: one that is not 32 lowercase hex characters is an error (it used to become zeros)."""
     uids = uids.combine_chunks() if uids.num_chunks else pa.array([], pa.string())
     _check_uids(uids, "uids.npy")
-    s = pl.Series(uids)
-    hi = s.str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=True).to_numpy()
-    lo = s.str.slice(16, 16).str.to_integer(base=16, dtype=pl.UInt64, strict=True).to_numpy()
-    arr = np.empty(len(s), dtype=[("hi", "<u8"), ("lo", "<u8")])
-    arr["hi"], arr["lo"] = hi, lo
-    arr.sort(order=["hi", "lo"])
-    return arr
+    return schema.uid_list(uids)
 
 
 STAGE = EmitStage

@@ -31,6 +31,12 @@ def register(sub) -> None:
     add_exec(p)
     add_verify(p)
     p.set_defaults(fn=cmd_ingest, writes_run=True)  # pipeline/cli.py main takes the run's lock
+    r = sub.add_parser("optout-recheck", help="fetch today's robots.txt and TDMRep of the emitted rows' hosts and "
+                                              "write the uids they now exclude as a DataComp-style uid list")
+    r.add_argument("--run", required=True, help="run name: runs/NAME")
+    r.add_argument("--out", default=None, help="the uid list (.npy) to write (default: "
+                                               "runs/NAME/optout-recheck/<UTC time>/drop_uids.npy)")
+    r.set_defaults(fn=cmd_optout_recheck, writes_run=True)
 
 
 URL_LIST_DIR = "url_list"  # runs/NAME/url_list: the URL list as rows, for the steps before the download
@@ -195,4 +201,57 @@ def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
     _print_next(run_dir, recipe.of_config(cfg), _ingest_step(cfg))
     _fail_if_nothing_kept(res, "no image of the crawl is usable", "check the crawl's status column")
+    return 0
+
+
+# ---- optout-recheck: opt-outs published after the crawl ----------------------------------------------------------
+def cmd_optout_recheck(args) -> int:
+    """Opt-outs change after a crawl (Re-LAION-5B removed links later): fetch today's robots.txt and tdmrep.json
+    of every host the emitted rows name, afresh (not the run's recorded files), and write the uids they now
+    exclude as a DataComp-style uid list (`schema.uid_list`, np.save), beside that day's evidence: the fetched
+    files and hosts.parquet, and dropped.parquet (uid, url, reason, message). Nothing in the run is changed: the
+    list is for the user to filter the set with (or to hand to whoever trains on it)."""
+    import datetime
+
+    import numpy as np
+    import polars as pl
+
+    from pipeline import schema
+    from stages.ingest import optout
+    from stages.ingest.download import served
+
+    run_dir = run_dir_of(args)
+    cfg = config_mod.saved_config(run_dir)
+    if cfg is None:
+        raise StageError(f"optout-recheck: {run_dir} is not a run (it has no config.toml)")
+    emit = next((s for s in recipe.of_config(cfg) if s.stage == "emit"), None)
+    folder = shards.join(run_dir, emit.folder) if emit is not None else None
+    files = shards.list_shards(folder) if folder is not None and shards.exists(folder) else []
+    if not files:
+        raise StageError(f"optout-recheck: run {args.run} has emitted nothing yet (no {emit.folder if emit else 'emit'}"
+                         " shards): run emit first")
+    rows = pl.concat([pl.from_arrow(shards.read_shard(f, columns=["uid", "url"])) for f in files])
+    ingest_cfg = IngestStage.Config(**(cfg.get("ingest") or {}))
+    settings = optout.settings_of(ingest_cfg)
+    if not (settings.respect_robots or settings.respect_tdmrep):
+        raise StageError("optout-recheck: this run's [ingest] respect_robots and respect_tdmrep are both false: "
+                         "nothing to check")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    day = shards.join(run_dir, "optout-recheck", stamp)
+    urls = rows.get_column("url").unique(maintain_order=True)
+    with served(ingest_cfg) as policy:
+        checked, info = optout.check_urls(urls, settings, policy, day)
+    verdict = pl.DataFrame({"url": urls}).hstack(checked.select("optout", "message"))
+    dropped = rows.join(verdict.filter(pl.col("optout").is_not_null()), on="url", how="inner") \
+        .rename({"optout": "reason"}).sort("uid")
+    shards.write_shard(dropped.to_arrow(), shards.join(day, "dropped.parquet"))
+    out = args.out or shards.join(day, "drop_uids.npy")
+    import io
+    buf = io.BytesIO()
+    np.save(buf, schema.uid_list(dropped.get_column("uid").to_arrow()))
+    shards.write_bytes(buf.getvalue(), out)
+    by = dropped.group_by("reason").len().sort("reason").rows()
+    print(f"optout-recheck: {rows.height} emitted rows on {info['hosts']} hosts, policies fetched today: "
+          f"{dropped.height} now excluded" + (f" ({', '.join(f'{n} {r}' for r, n in by)})" if by else ""))
+    print(f"drop list: {out}   evidence: {day}/")
     return 0
