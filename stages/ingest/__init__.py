@@ -91,10 +91,15 @@ class IngestStage(Stage):
         # [] = not checked. img2dataset's default list.
         x_robots_directives: list = dataclasses.field(
             default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+        # a 429 or 503 answer: wait (its Retry-After, else 1, 2, 4 ... s; at most backoff_max_wait) and ask again,
+        # up to backoff_tries times a request (guard.RetryAfterHandler); 0 = off
+        backoff_tries: int = 3
+        backoff_max_wait: float = 60.0
 
         def __post_init__(self):
             check_ranges("ingest", self, image_size=(1, None), processes=(0, None), threads=(1, None),
-                         shard_size=(1, None), timeout=(1, None), retries=(0, None))
+                         shard_size=(1, None), timeout=(1, None), retries=(0, None), backoff_tries=(0, None),
+                         backoff_max_wait=(0, None))
             for entry in self.allow_private_hosts:
                 try:
                     egress.parse_host_port(entry)

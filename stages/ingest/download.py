@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pipeline import egress, shards
 from pipeline.stage import StageError, fingerprint
 from stages.ingest.optout import product_token
-from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list
+from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list, spread_hosts
 
 if TYPE_CHECKING:
     from stages.ingest import IngestStage
@@ -85,7 +85,8 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
     with ExitStack() as stack:
         if policy is None:
             policy = stack.enter_context(served(cfg))
-        built = stack.enter_context(guarded_downloads(policy, tdm_header=cfg.respect_tdmrep))
+        built = stack.enter_context(guarded_downloads(policy, tdm_header=cfg.respect_tdmrep,
+                                                      backoff=(cfg.backoff_tries, float(cfg.backoff_max_wait))))
         download(**img2dataset_args(url_parquet, out_dir, cfg, additional_columns, output_format))
         if not built:
             raise StageError("ingest: img2dataset did not build its downloader through clipcurate's egress guard "
@@ -173,6 +174,7 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config,
                   "urls_fetched": grouped.height}
         info.update(counts)
         extra_cols += list(optout.EVIDENCE)
+        grouped = spread_hosts(grouped)  # one host's URLs spread over img2dataset's shards and threads
         if curated is None:
             grouped.write_parquet(list_path)
         else:

@@ -20,8 +20,11 @@ not allowed would then be followed).
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import importlib
 import importlib.metadata
+import time
 import urllib.request
 from contextlib import contextmanager
 
@@ -107,21 +110,68 @@ class TdmHeaderProcessor(urllib.request.BaseHandler):
     https_response = http_response
 
 
+def retry_after_seconds(value: str | None, attempt: int, max_wait: float) -> float:
+    """How long to wait before asking again: the response's Retry-After (seconds, or an HTTP date: RFC 9110
+    10.2.3), else exponential backoff, 1, 2, 4 ... seconds by attempt; never negative, at most `max_wait`."""
+    wait = None
+    if value:
+        value = value.strip()
+        if value.isdigit():
+            wait = float(value)
+        else:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+                wait = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            except (TypeError, ValueError, IndexError, OverflowError):
+                wait = None
+    if wait is None:
+        wait = float(2 ** attempt)
+    return max(0.0, min(wait, max_wait))
+
+
+class RetryAfterHandler(urllib.request.BaseHandler):
+    """429 Too Many Requests and 503 Service Unavailable: the host asks us to slow down, so wait (its Retry-After,
+    else exponential backoff: `retry_after_seconds`) and ask again, up to `tries` times for one request; then the
+    error stands, and img2dataset records it (a transient reason). The wait holds one of img2dataset's threads,
+    so a busy host slows its own fetches, not the whole crawl's. The retried request goes through the guarded
+    opener again (the egress check included)."""
+
+    def __init__(self, tries: int, max_wait: float):
+        self.tries, self.max_wait = tries, max_wait
+
+    def http_error_429(self, req, fp, code, msg, headers):
+        attempt = getattr(req, "_clipcurate_backoff", 0)
+        if attempt >= self.tries:
+            return None  # the default handler raises the HTTPError
+        wait = retry_after_seconds(headers.get("Retry-After"), attempt, self.max_wait)
+        fp.read()
+        fp.close()
+        time.sleep(wait)
+        req._clipcurate_backoff = attempt + 1
+        return self.parent.open(req, timeout=req.timeout)
+
+    http_error_503 = http_error_429
+
+
 class GuardedDownloader(Downloader):
     """img2dataset's Downloader, fetching through the egress policy in the process that runs the shard (and
     naming a response that is no image as such: SniffingResizer; refusing one that reserves TDM by its header:
     TdmHeaderProcessor)."""
 
-    def __init__(self, *args, egress_policy: egress.EgressPolicy, tdm_header: bool = True, **kwargs):
+    def __init__(self, *args, egress_policy: egress.EgressPolicy, tdm_header: bool = True,
+                 backoff: tuple[int, float] = (0, 0.0), **kwargs):
         super().__init__(*args, **kwargs)
         self.egress_policy = egress_policy
         self.tdm_header = tdm_header
+        self.backoff = backoff
         self.resizer = SniffingResizer(self.resizer)
 
     def __call__(self, row):
         opener = egress.install(self.egress_policy)  # this process's urlopen: cheap, and idempotent per shard
         if self.tdm_header:
             opener.add_handler(TdmHeaderProcessor())
+        if self.backoff[0] > 0:
+            opener.add_handler(RetryAfterHandler(*self.backoff))
         return super().__call__(row)
 
 
@@ -135,7 +185,7 @@ def check_version() -> None:
 
 
 @contextmanager
-def guarded_downloads(policy: egress.EgressPolicy, tdm_header: bool = True):
+def guarded_downloads(policy: egress.EgressPolicy, tdm_header: bool = True, backoff: tuple[int, float] = (0, 0.0)):
     """While open, `img2dataset.download(...)` builds a GuardedDownloader carrying `policy` (and, with
     `tdm_header`, refusing responses whose tdm-reservation header is 1). Yields the list of downloaders built, so
     the caller can tell that the download went through the hook."""
@@ -143,7 +193,7 @@ def guarded_downloads(policy: egress.EgressPolicy, tdm_header: bool = True):
     built: list[GuardedDownloader] = []
 
     def make(*args, **kwargs):
-        d = GuardedDownloader(*args, egress_policy=policy, tdm_header=tdm_header, **kwargs)
+        d = GuardedDownloader(*args, egress_policy=policy, tdm_header=tdm_header, backoff=backoff, **kwargs)
         built.append(d)
         return d
 

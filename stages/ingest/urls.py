@@ -242,3 +242,16 @@ def reason_expr() -> pl.Expr:
     return (pl.when(pl.col("status").is_in(egress.REASONS)).then(pl.col("status"))
             .when(pl.col("status") == DUPLICATE).then(pl.lit(DUPLICATE_REASON))  # whatever an older list wrote
             .otherwise(pl.col("status") + ": " + pl.col("error_message")))
+
+
+def spread_hosts(grouped: pl.DataFrame) -> pl.DataFrame:
+    """The URL list in round-robin order over hosts (each host's URLs keep their order; hosts come in the order
+    of their first URL), so that img2dataset's shards and threads, which take the list in order, meet one host's
+    URLs spread out rather than one after another: a list sorted by site would otherwise send a thread pool's
+    worth of requests to one host at once. A list of one host keeps its order (the demo world's)."""
+    if grouped.height == 0:
+        return grouped
+    host = pl.col("url").str.extract(r"(?i)^[a-z][a-z0-9+.-]*://([^/?#]*)", 1).str.to_lowercase()
+    return (grouped.with_row_index("_i").with_columns(_h=host)
+            .with_columns(_round=pl.int_range(pl.len()).over("_h"), _first=pl.col("_i").min().over("_h"))
+            .sort(["_round", "_first"], maintain_order=True).drop("_i", "_h", "_round", "_first"))
