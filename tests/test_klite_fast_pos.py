@@ -4,13 +4,11 @@ captions with a matched n-gram tagged, each distinct token list tagged once, and
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 import pytest
 
-from metadata import wordnet
 from pipeline import config as config_mod
 from pipeline import stage as stage_mod
 from pipeline.config import ConfigError
@@ -19,19 +17,9 @@ from pipeline.schema import compute_uid
 from stages import klite as klite_mod
 from stages.klite import KLiteStage
 from stages.klite import tagger as tagger_mod
-from tests.test_klite import _read_run, _write_pool  # one pool writer and reader for both modules
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason="../shared/data is absent")
-try:
-    wordnet.load()
-    HAVE_WORDNET = True
-except wordnet.WordNetMissing:
-    HAVE_WORDNET = False
-needs_wordnet = pytest.mark.skipif(not HAVE_WORDNET, reason="WordNet is not installed")
-HAVE_TAGGER = klite_mod.tagger_id("auto") != "none"
-needs_tagger = pytest.mark.skipif(not HAVE_TAGGER, reason="spaCy's English model is not installed (make setup)")
+# one pool writer and reader, one set of skip marks, for both modules
+from tests.test_klite import (SHARED_DATA, _read_run, _write_pool, needs_data, needs_tagger,
+                              needs_wordnet)
 
 HAND = [
     "running fast", "a man running fast", "a man wears a hat", "golden retrievers playing", "fast food",
