@@ -402,14 +402,6 @@ def guarded_opener(policy: EgressPolicy = DEFAULT_POLICY, resolver: Resolver | N
     return opener
 
 
-def install(policy: EgressPolicy = DEFAULT_POLICY) -> GuardedOpener:
-    """Make `urllib.request.urlopen` in this process use the guarded opener (how img2dataset's workers are made
-    to obey the policy: stages/ingest/guard.py). Returns it."""
-    opener = guarded_opener(policy)
-    urllib.request.install_opener(opener)
-    return opener
-
-
 def urlopen(url, policy: EgressPolicy = DEFAULT_POLICY, timeout: float = 10, resolver: Resolver | None = None):
     """One guarded fetch, for code of the project's own (robots.txt, TDMRep, model files)."""
     return guarded_opener(policy, resolver).open(url, timeout=timeout)

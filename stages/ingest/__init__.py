@@ -95,11 +95,18 @@ class IngestStage(Stage):
         # up to backoff_tries times a request (guard.RetryAfterHandler); 0 = off
         backoff_tries: int = 3
         backoff_max_wait: float = 60.0
+        # politeness per host (scheme's default port or the URL's), held across img2dataset's processes and
+        # threads (hostlimit.py): at most per_host_concurrency open requests, request starts at most
+        # per_host_rps a second; 0 = no limit. Hosts in allow_private_hosts are your own servers and exempt,
+        # unless per_host_limit_private.
+        per_host_concurrency: int = 2
+        per_host_rps: float = 2.0
+        per_host_limit_private: bool = False
 
         def __post_init__(self):
             check_ranges("ingest", self, image_size=(1, None), processes=(0, None), threads=(1, None),
                          shard_size=(1, None), timeout=(1, None), retries=(0, None), backoff_tries=(0, None),
-                         backoff_max_wait=(0, None))
+                         backoff_max_wait=(0, None), per_host_concurrency=(0, None), per_host_rps=(0, None))
             for entry in self.allow_private_hosts:
                 try:
                     egress.parse_host_port(entry)

@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import posixpath
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from pipeline import egress, shards
 from pipeline.stage import StageError, fingerprint
+from stages.ingest.hostlimit import HostLimits
 from stages.ingest.optout import product_token
 from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list, spread_hosts
 
@@ -70,6 +72,22 @@ def served(cfg: IngestStage.Config):
         yield cfg.egress_policy(pinned)
 
 
+@contextmanager
+def host_limits(cfg: IngestStage.Config):
+    """The per-host limits of one download (hostlimit.py), with their lock folder, removed after it; None when
+    nothing is limited."""
+    if cfg.per_host_concurrency <= 0 and cfg.per_host_rps <= 0:
+        yield None
+        return
+    exempt = frozenset() if cfg.per_host_limit_private else frozenset(
+        egress.host_key(*egress.parse_host_port(h)) for h in cfg.allow_private_hosts)
+    with tempfile.TemporaryDirectory(prefix="clipcurate-hosts-") as folder:
+        log.info("ingest: per host at most %s open requests and %s request starts a second%s",
+                 cfg.per_host_concurrency or "any number of", cfg.per_host_rps or "any number of",
+                 f" ({len(exempt)} private hosts exempt)" if exempt else "")
+        yield HostLimits(folder, cfg.per_host_concurrency, float(cfg.per_host_rps), exempt)
+
+
 def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None,
                     output_format: str = "parquet", policy: egress.EgressPolicy | None = None) -> dict:
     """Call img2dataset (in this process; it spawns its own workers), every fetch under the egress policy
@@ -85,8 +103,10 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
     with ExitStack() as stack:
         if policy is None:
             policy = stack.enter_context(served(cfg))
+        limits = stack.enter_context(host_limits(cfg))
         built = stack.enter_context(guarded_downloads(policy, tdm_header=cfg.respect_tdmrep,
-                                                      backoff=(cfg.backoff_tries, float(cfg.backoff_max_wait))))
+                                                      backoff=(cfg.backoff_tries, float(cfg.backoff_max_wait)),
+                                                      host_limits=limits))
         download(**img2dataset_args(url_parquet, out_dir, cfg, additional_columns, output_format))
         if not built:
             raise StageError("ingest: img2dataset did not build its downloader through clipcurate's egress guard "
@@ -98,6 +118,9 @@ def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, add
         for k in totals:
             totals[k] += int(s.get(k, 0))
     return totals
+
+
+POLITENESS = ("processes", "threads", "per_host_concurrency", "per_host_rps", "per_host_limit_private")
 
 
 def _content_digest(path: str) -> str:
@@ -140,7 +163,8 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config,
             "grouping": 2,  # 2: one row per distinct (url, caption), repeats rejected
             "egress": 1,  # every fetch under the egress policy: a download made before it is not reused
             "optout": 1,  # robots.txt and TDMRep checked before the download (optout.py)
-            "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("processes", "threads")},
+            # how fast and how politely it is fetched does not change what is downloaded
+            "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in POLITENESS},
         }
     )
     marker = os.path.join(raw_dir, "_clipcurate_done.json")

@@ -6,7 +6,8 @@ reaches them. What does reach them is the `Downloader` object itself, pickled in
 
 - `GuardedDownloader` (a subclass of img2dataset's `Downloader`, importable from this module, so it pickles by
   reference) carries the policy, and in whichever process runs a shard installs the guarded opener
-  (`egress.install`: `urllib.request.install_opener`) before delegating to img2dataset's own code. Its
+  (`egress.guarded_opener`, made `urllib.request.urlopen`'s by `hostlimit.install`, which also holds the
+  per-host limits) before delegating to img2dataset's own code. Its
   `urlopen` then resolves, checks and connects through the policy, follows at most 5 checked redirects and no
   proxy. A refusal is an exception like any failed fetch: img2dataset records `str(err)`, "blocked_address:
   ...", as the row's `error_message`, and ingest's conversion turns that into the reason `blocked_address`.
@@ -32,6 +33,7 @@ from img2dataset.downloader import Downloader
 
 from pipeline import egress
 from pipeline.stage import StageError
+from stages.ingest import hostlimit
 from stages.ingest.urls import NOT_AN_IMAGE  # the reason of a response that is no image at all
 from stages.ingest.urls import TDM_HEADER_ERROR  # the error of a response that reserves TDM by its header
 
@@ -159,19 +161,21 @@ class GuardedDownloader(Downloader):
     TdmHeaderProcessor)."""
 
     def __init__(self, *args, egress_policy: egress.EgressPolicy, tdm_header: bool = True,
-                 backoff: tuple[int, float] = (0, 0.0), **kwargs):
+                 backoff: tuple[int, float] = (0, 0.0), host_limits: hostlimit.HostLimits | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.egress_policy = egress_policy
         self.tdm_header = tdm_header
         self.backoff = backoff
+        self.host_limits = host_limits
         self.resizer = SniffingResizer(self.resizer)
 
     def __call__(self, row):
-        opener = egress.install(self.egress_policy)  # this process's urlopen: cheap, and idempotent per shard
+        opener = egress.guarded_opener(self.egress_policy)  # this process's urlopen: cheap, idempotent per shard
         if self.tdm_header:
             opener.add_handler(TdmHeaderProcessor())
         if self.backoff[0] > 0:
             opener.add_handler(RetryAfterHandler(*self.backoff))
+        hostlimit.install(opener, self.host_limits)  # per-host slots and spacing, across processes (hostlimit.py)
         return super().__call__(row)
 
 
@@ -185,7 +189,8 @@ def check_version() -> None:
 
 
 @contextmanager
-def guarded_downloads(policy: egress.EgressPolicy, tdm_header: bool = True, backoff: tuple[int, float] = (0, 0.0)):
+def guarded_downloads(policy: egress.EgressPolicy, tdm_header: bool = True, backoff: tuple[int, float] = (0, 0.0),
+                      host_limits: hostlimit.HostLimits | None = None):
     """While open, `img2dataset.download(...)` builds a GuardedDownloader carrying `policy` (and, with
     `tdm_header`, refusing responses whose tdm-reservation header is 1). Yields the list of downloaders built, so
     the caller can tell that the download went through the hook."""
@@ -193,7 +198,8 @@ def guarded_downloads(policy: egress.EgressPolicy, tdm_header: bool = True, back
     built: list[GuardedDownloader] = []
 
     def make(*args, **kwargs):
-        d = GuardedDownloader(*args, egress_policy=policy, tdm_header=tdm_header, backoff=backoff, **kwargs)
+        d = GuardedDownloader(*args, egress_policy=policy, tdm_header=tdm_header, backoff=backoff,
+                              host_limits=host_limits, **kwargs)
         built.append(d)
         return d
 
