@@ -44,7 +44,14 @@ place only: a matched n-gram is dropped when the tag of its last token is not a 
 What is NOT a safe rule, and not used: "skip a head word that WordNet lists as a noun only". The code drops a
 match on the tag, not on WordNet's parts of speech, and spaCy tags noun-only words as JJ/VB in context; it
 would also skip little (99% of Flickr8k captions have a head that WordNet also lists as a verb or
-adjective: "man", "dog", "running"). Batching does not change a tag: a document's tags do not depend on the
+adjective: "man", "dog", "running"). Nor is a rule learned from spaCy's own tags (measured, not used:
+bench/bench_klite_pos.py's skip study, klite_pos.json "skip_study"): tables of the noun share per word or per
+context, and a logistic classifier over lexical and context features that decides a head only where it is
+confident, tuned on Flickr8k train + half of LAION-10k. On held-out captions (Flickr8k test, the other LAION
+half, COCO-mini), keeping >= 99.5% concept agreement with "every" still sends 57-76% of the captions to spaCy
+(projected 0.04-0.05x morphy alone); sending 8-19% keeps only 95-97%. Why: the pool counts read every head's
+flag (counts from morphy alone, exact flags in the choice: 96-97%), and the rarest candidate, the one the
+choice reads first, is rare by construction, so the least often decided. Batching does not change a tag: a document's tags do not depend on the
 other documents of its batch (checked at batches of 37 and 1000), so shard and worker invariance holds.
 Cost: the tagger's work is ~1 MFLOP per token (tok2vec's four 288->96x3 maxout layers and its 576-wide
 mixer), and it is needed on ~99% of captions (almost every caption has a match), so the fast path is ~1.9x
@@ -142,6 +149,16 @@ class KLiteStage(Stage):
         matched first, by morphy alone; the tagger then reads only the captions with a match (`_noun_flags`)
         and drops the matches whose last word it does not call a noun."""
         series = as_series(texts)
+        toks, matched = self.matches(series)
+        if self._tagger is not None:  # a candidate's last word must be a noun (always true without a tagger)
+            noun = self._noun_flags(series, toks, matched["row"].unique())
+            matched = matched.filter(pl.Series(noun[matched["last"].to_numpy()]))
+        return matched.select("row", "lemma_id").unique()
+
+    def matches(self, series: pl.Series) -> tuple[pl.Series, pl.DataFrame]:
+        """Morphy alone: the captions' lower-case tokens, and (row, key, last, lemma_id) for every matched
+        n-gram, `last` being its last token's place in the exploded token order (where its tag is read).
+        Public for the bench's skip study (bench/bench_klite_pos.py), which needs the head positions."""
         toks = normalise(series).str.extract_all(TOKEN_RE)
         df = (
             pl.DataFrame({"tok": toks})
@@ -163,11 +180,7 @@ class KLiteStage(Stage):
             grams.append(df.select("row", key=t1 * b + t2, last=pos + 1))
         if self.config.max_ngram >= 3:
             grams.append(df.select("row", key=(t1 * b + t2) * b + t3, last=pos + 2))
-        matched = pl.concat(grams).drop_nulls("key").join(self._surface_keys, on="key", how="inner")
-        if self._tagger is not None:  # a candidate's last word must be a noun (always true without a tagger)
-            noun = self._noun_flags(series, toks, matched["row"].unique())
-            matched = matched.filter(pl.Series(noun[matched["last"].to_numpy()]))
-        return matched.select("row", "lemma_id").unique()
+        return toks, pl.concat(grams).drop_nulls("key").join(self._surface_keys, on="key", how="inner")
 
     def _noun_flags(self, series: pl.Series, toks: pl.Series, rows: pl.Series):
         """Per token of the exploded order, whether the tagger calls it a noun. `pos_tagger = "every"` tags
