@@ -28,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--serve", default=None, help="serve this folder on loopback as the demo host while downloading "
                                                  "(demo); fetched only if [ingest] allow_private_hosts lists "
                                                  "demo.clipcurate.invalid:80")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="download again only the rows this run's download lost to passing trouble (timeouts, "
+                        "connection errors, 429 and 5xx answers, an unreachable robots.txt), into its image store; "
+                        "never a 404, an image that failed to decode or an opt-out")
     add_exec(p)
     add_verify(p)
     p.set_defaults(fn=cmd_ingest, writes_run=True)  # pipeline/cli.py main takes the run's lock
@@ -53,6 +57,8 @@ def _ingest_step(cfg: dict) -> "recipe.Step":
 def cmd_ingest(args) -> int:
     from pipeline.runner import UPSTREAM_KEY, executor, run_stage
 
+    if getattr(args, "retry_failed", False):
+        return _ingest_retry(args)
     run_dir = run_dir_of(args)
     cfg = config_for(args, run_dir, ["ingest"])
     steps = recipe.of_config(cfg)
@@ -111,6 +117,58 @@ def cmd_ingest(args) -> int:
     print(f"shards: {res.folder}/part-*.parquet   rejected: {res.folder}/rejected/")
     _print_next(run_dir, steps, step)
     _fail_if_nothing_kept(res, "no URL downloaded", "check the URLs and the network")
+    return 0
+
+
+MANIFEST_KEPT = ("download", "urls_downloaded", "rows_in", "url_list", "downloaded_from")  # what cmd_ingest adds
+
+
+def _ingest_retry(args) -> int:
+    """`ingest --retry-failed`: the run's transient failures downloaded again into its store (retry.py), then
+    the ingest step redone on the store (the runner redoes what the rewritten store shards changed)."""
+    from pipeline.runner import UPSTREAM_KEY, executor, run_stage
+    from stages.ingest.download import DONE_MARKER, optout_folder, run_img2dataset, served
+    from stages.ingest.retry import retry_failed
+
+    if args.input is not None:
+        raise StageError("ingest --retry-failed: give no input: it retries what this run's own download lost")
+    if args.config is not None:
+        raise StageError("ingest --retry-failed: it retries with the run's own config (runs/NAME/config.toml); "
+                         "--config would make it another download")
+    run_dir = run_dir_of(args)
+    cfg = config_mod.saved_config(run_dir)
+    if cfg is None:
+        raise StageError(f"ingest --retry-failed: {run_dir} is not a run (it has no config.toml): nothing to retry")
+    step = _ingest_step(cfg)
+    stage_dir = shards.join(run_dir, step.folder)
+    raw_dir = shards.join(stage_dir, "_img2dataset")
+    marker_path = shards.join(raw_dir, DONE_MARKER)
+    marker = shards.read_json(marker_path)
+    if not marker:
+        raise StageError(f"ingest --retry-failed: run {args.run} has no finished download to retry (a crawl used in "
+                         "place is retried with img2dataset itself; an ingest that did not finish: run it again)")
+    ingest_cfg = IngestStage.Config(**(cfg.get("ingest") or {}))
+    with served(ingest_cfg) as policy:
+        got = retry_failed(raw_dir, stage_dir, ingest_cfg, policy, optout_folder(stage_dir), run_img2dataset)
+    marker.setdefault("retries", []).append({k: v for k, v in got.items() if k != "img2dataset"})
+    shards.write_json(marker, marker_path)
+    if not got["tried"]:
+        print(f"ingest --retry-failed: nothing to retry in run {args.run}: no row failed for a transient reason "
+              "(a timeout, a connection error, a 429 or 5xx answer, an unreachable robots.txt)")
+        return 0
+    before = shards.read_json(shards.join(stage_dir, "_manifest.json")) or {}
+    with executor(args.workers, args.scheduler) as ex:
+        res = run_stage(step, run_dir, raw_dir, cfg, ex, verify=args.verify)
+    for key in (*MANIFEST_KEPT, UPSTREAM_KEY):
+        if key in before:
+            res.manifest[key] = before[key]
+    res.manifest.setdefault("download", {})["retries"] = marker["retries"]
+    shards.write_json(res.manifest, shards.join(res.folder, "_manifest.json"))
+    print(f"ingest --retry-failed: {got['tried']} URLs retried (timeouts, connection errors, 429 and 5xx answers"
+          + (f"; robots.txt fetched again from {got['robots_refetched_hosts']} hosts" if got["robots_refetched_hosts"]
+             else "") + f"): {got['recovered']} downloaded now, {got['still_failing']} still failing")
+    print_funnel([res])
+    _print_next(run_dir, recipe.of_config(cfg), step)
     return 0
 
 

@@ -129,6 +129,15 @@ def _content_digest(path: str) -> str:
     return shards.content_digest(path)
 
 
+def optout_folder(stage_dir: str) -> str:
+    """The run's `optout/` (beside the ingest stage's folder): the policy files fetched for its download."""
+    return shards.join((posixpath if "://" in str(stage_dir) else os.path).dirname(str(stage_dir).rstrip("/")),
+                       "optout")
+
+
+DONE_MARKER = "_clipcurate_done.json"  # in the download folder: its fingerprint, counts, and retries
+
+
 def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config,
                   optout_dir: str | None = None) -> tuple[str, dict]:
     """Group the list, set aside what robots.txt and TDMRep exclude (optout.py: no request for those URLs), run
@@ -167,7 +176,7 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config,
             "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in POLITENESS},
         }
     )
-    marker = os.path.join(raw_dir, "_clipcurate_done.json")
+    marker = os.path.join(raw_dir, DONE_MARKER)
     prior = shards.read_json(marker)
     n_dup = int((bad["status"] == DUPLICATE).sum())
     n_blocked = int(bad["status"].is_in(egress.REASONS).sum())  # refused by the egress policy, no request made
@@ -186,8 +195,7 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config,
     if grouped.height == 0 and bad.height == 0:
         raise StageError(f"ingest: URL list {input_path} has no rows")
     if optout_dir is None:
-        optout_dir = shards.join((posixpath if "://" in str(stage_dir) else os.path).dirname(
-            str(stage_dir).rstrip("/")), "optout")
+        optout_dir = optout_folder(stage_dir)
     with served(cfg) as policy:  # the demo's loopback host answers the policy fetches too
         t0 = time.perf_counter()
         grouped, bad, opt = optout.apply(grouped, bad, cfg, policy, optout_dir, CAPTIONS_COL)

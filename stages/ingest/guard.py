@@ -15,7 +15,7 @@ reaches them. What does reach them is the `Downloader` object itself, pickled in
   it builds its `Downloader` (it looks the name up in `img2dataset.main` at call time).
 
 Both rely on img2dataset's internals, so the version is pinned (pyproject.toml, requirements.lock) and checked
-here; tests/test_hostile_egress.py fails if the hook stops being called (a redirect to a loopback port that is
+here; tests/test_hostile.py fails if the hook stops being called (a redirect to a loopback port that is
 not allowed would then be followed).
 """
 

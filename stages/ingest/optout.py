@@ -459,9 +459,10 @@ class Settings:
 
 
 def check_urls(urls: pl.Series, settings: Settings, policy: egress.EgressPolicy, out_dir: str | None,
-               ) -> tuple[pl.DataFrame, dict]:
+               refetch_unreachable: bool = False) -> tuple[pl.DataFrame, dict]:
     """Per URL (in order): `optout` (null, "robots_disallowed", "tdm_reserved" or an egress reason), `message`,
-    and the evidence columns (`EVIDENCE`). Fetches what the run's record lacks, writes the record to `out_dir`.
+    and the evidence columns (`EVIDENCE`). Fetches what the run's record lacks (and, with `refetch_unreachable`,
+    the hosts whose robots.txt it records as unreachable: ingest --retry-failed), writes the record to `out_dir`.
     Returns (that frame, {"hosts", "fetched", "robots_disallowed", "tdm_reserved", "blocked"})."""
     token = product_token(settings.user_agent)
     keys_raw = urls.str.extract(_ORIGIN, 1)
@@ -475,7 +476,8 @@ def check_urls(urls: pl.Series, settings: Settings, policy: egress.EgressPolicy,
         return (settings.respect_robots and h.robots.status == "not_checked") or \
             (settings.respect_tdmrep and h.tdm.status == "not_checked" and h.robots.status != "blocked")
 
-    todo = [k for k in wanted if k not in known or lacks(known[k])]
+    todo = [k for k in wanted if k not in known or lacks(known[k])
+            or (refetch_unreachable and known[k].robots.status == "unreachable")]
     if settings.respect_robots or settings.respect_tdmrep:
         fetched = fetch_hosts(todo, policy, settings.user_agent, settings.timeout,
                               settings.respect_robots, settings.respect_tdmrep)
