@@ -604,15 +604,16 @@ def test_item4_a_10mb_caption_leaves_every_stages_peak_rss_within_10_percent(tmp
     reasons: dict = {}
 
     def measure(stage: str, attempt: int) -> None:
-        """The two children of a stage side by side (a peak is per process): half the wait. A peak that moves
-        by allocation timing (dfn's torch: +-60 MB between identical runs) only ever moves up: the lower of
-        two tries is kept."""
-        with ThreadPoolExecutor(2) as pool:
+        """The two children of a stage side by side (a peak is per process): half the wait. A stage over the
+        limit is measured again, the children one after the other, and that pair is kept: side by side, a peak
+        can move by which child gets ahead (emit: ~1,050 or ~1,330 MiB on the same pool, 10 MB caption or not;
+        one at a time, ~1,330 both), and dfn's torch by +-60 MB between identical runs."""
+        with ThreadPoolExecutor(2 if attempt == 0 else 1) as pool:
             runs = {kind: pool.submit(_run_measured, [stage, str(inp), str(tmp_path / f"run-{stage}-{kind}-{attempt}"),
                                                       str(cfg)]) for kind, inp in pools.items()}
         for kind, run in runs.items():
             rss, reasons[(stage, kind)] = run.result()
-            peaks[(stage, kind)] = min(rss, peaks.get((stage, kind), rss))
+            peaks[(stage, kind)] = rss
 
     for stage in STAGES:
         measure(stage, 0)
