@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import hashlib
 import os
+import random
 import socket
 import time
 import urllib.request
@@ -87,7 +88,9 @@ class HostLimits:
     def _take_slot(self, key: str) -> int:
         wait = POLL_START
         while True:
-            for slot in range(self.concurrency):
+            first = random.randrange(self.concurrency)  # not always slot 0: a busy host's search stays short
+            for i in range(self.concurrency):
+                slot = (first + i) % self.concurrency
                 fd = os.open(self._path(key, f".{slot}.slot"), os.O_CREAT | os.O_RDWR, 0o600)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
