@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 WORDNET_SRC = Path(os.environ.get("CLIPCURATE_WORDNET_SRC", "/usr/share/wordnet"))
 INSTALL_HINT = "sudo apt-get install -y wordnet-base wordnet-sense-index"

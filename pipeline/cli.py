@@ -13,7 +13,8 @@ import sys
 from pipeline import config as config_mod
 from pipeline import shards
 from pipeline import recipe
-from pipeline.stage import StageError, stage_class, stage_names
+from pipeline.errors import StageError
+from pipeline.registry import stage_class, stage_names
 
 log = logging.getLogger("clipcurate")
 

@@ -15,11 +15,8 @@ from typing import Any
 import tomli_w
 
 from pipeline import recipe
-from pipeline.stage import StageError, stage_class, stage_names
-
-
-class ConfigError(ValueError):
-    """Bad config file. str() is one line."""
+from pipeline.errors import ConfigError, StageError
+from pipeline.registry import stage_class, stage_names
 
 
 @dataclasses.dataclass

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import shards
+from pipeline.errors import StageError
 from pipeline.hashing import hash64_strings
 
 IMAGE_COL = "image"  # image bytes in a table built in memory (the runner never puts bytes in a stage's table)
@@ -89,7 +90,6 @@ class ShardContext:
         """None (no images), the bytes themselves (an in-memory table, or references that are all null), or
         (reader, references)."""
         from pipeline.images import REF_COL, STORE_FILE
-        from pipeline.stage import StageError
 
         if REF_COL not in table.column_names:
             if IMAGE_COL in table.column_names and _is_bytes(table.schema.field(IMAGE_COL).type):

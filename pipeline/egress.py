@@ -44,7 +44,7 @@ from urllib.error import URLError
 from urllib.parse import urljoin, urlsplit
 
 __all__ = ["EgressPolicy", "Blocked", "check_url", "refusal", "address_allowed", "literal_address", "resolve",
-           "guarded_opener", "install", "urlopen", "host_key", "parse_host_port", "REASONS"]
+           "guarded_opener", "urlopen", "host_key", "parse_host_port", "REASONS"]
 
 SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}

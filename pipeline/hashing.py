@@ -8,6 +8,8 @@ versions), not Python's `hash` (salted per process). SplitMix64's finaliser mixe
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -24,7 +26,7 @@ _M2 = _U64(0x94D049BB133111EB)
 _MAX_U64 = np.iinfo(np.uint64).max
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64 finaliser: a well-mixed bijection on uint64, vectorised (wraps mod 2^64)."""
     with np.errstate(over="ignore"):
         z = x + _GOLDEN
@@ -45,7 +47,7 @@ def content64(b: bytes) -> int:
     return xxhash.xxh3_64_intdigest(b)
 
 
-def _salt(name: str) -> np.uint64:
+def salt64(name: str) -> np.uint64:
     return _U64(blake64(name.encode()))
 
 
@@ -53,7 +55,7 @@ def hash64_value(value: str | int) -> np.uint64:
     """A seed or salt as 64 bits: an integer as itself (mod 2^64), anything else by blake64 of its str."""
     if isinstance(value, (int, np.integer)):
         return _U64(int(value) & 0xFFFFFFFFFFFFFFFF)
-    return _salt(str(value))
+    return salt64(str(value))
 
 
 def uid_to_u64(uids) -> np.ndarray:
@@ -64,7 +66,7 @@ def uid_to_u64(uids) -> np.ndarray:
     bad = (hi.is_null() | lo.is_null() | (s.str.len_chars() != 32)).to_numpy()
     hi_np = hi.fill_null(0).to_numpy().astype(_U64)
     lo_np = lo.fill_null(0).to_numpy().astype(_U64)
-    out = hi_np ^ _mix64(lo_np)
+    out = hi_np ^ mix64(lo_np)
     if bad.any():
         for i in np.flatnonzero(bad):  # rare path: only malformed user uids
             out[i] = hash64_value(str(s[int(i)]))
@@ -75,13 +77,13 @@ def uniform_of_keys(keys: np.ndarray, seed: int, salt: str | int | np.ndarray = 
     """`uniform` from the uids' 64-bit keys (`uid_to_u64`): numpy only, so safe in forked DataLoader workers
     (polars deadlocks in a child forked after the parent used its thread pool)."""
     keys = np.asarray(keys, dtype=_U64)
-    base = _mix64(np.asarray([hash64_value(seed)], dtype=_U64))[0]
+    base = mix64(np.asarray([hash64_value(seed)], dtype=_U64))[0]
     if isinstance(salt, np.ndarray):
         salt_arr = salt.astype(_U64)
     else:
         salt_arr = np.full(len(keys), hash64_value(salt), dtype=_U64)
     with np.errstate(over="ignore"):
-        x = _mix64(keys ^ _mix64(salt_arr ^ base))
+        x = mix64(keys ^ mix64(salt_arr ^ base))
     return (x >> _U64(11)).astype(np.float64) * (1.0 / 9007199254740992.0)
 
 
@@ -96,7 +98,7 @@ def uniform(uids, seed: int, salt: str | int | np.ndarray = 0) -> np.ndarray:
 
 def combine64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Order-sensitive 64-bit combination of two hash columns."""
-    return _mix64(_mix64(np.asarray(a, dtype=_U64)) ^ np.asarray(b, dtype=_U64))
+    return mix64(mix64(np.asarray(a, dtype=_U64)) ^ np.asarray(b, dtype=_U64))
 
 
 def hash64_strings(values, salt: str = "") -> np.ndarray:
@@ -130,16 +132,16 @@ def hash64_strings(values, salt: str = "") -> np.ndarray:
         # the vectorised fold below costs one numpy round per word position of the LONGEST string: a single
         # 1 MB caption would take seconds. Strings over _LONG_WORDS words are folded one by one in plain
         # Python integers instead (same function, same values), and leave the vectorised loop short.
-        seed = _mix64(lens[long].astype(_U64) ^ _salt("hash64:" + salt))
+        seed = mix64(lens[long].astype(_U64) ^ salt64("hash64:" + salt))
         long_h = np.array([_fold_words(int(h0), padded[starts[i] : starts[i] + lens[i]].tobytes())
                            for h0, i in zip(seed, long)], dtype=_U64)
         nwords = nwords.copy()
         nwords[long] = 0  # hashed above; the loop below skips them (0 words), their slot is overwritten
     order = np.argsort(-nwords, kind="stable")
     s_starts, s_lens, s_nw = starts[order], lens[order], nwords[order]
-    h = _mix64(s_lens.astype(_U64) ^ _salt("hash64:" + salt))
+    h = mix64(s_lens.astype(_U64) ^ salt64("hash64:" + salt))
     max_w = int(s_nw[0]) if n else 0
-    active = _count_gt(s_nw, max_w)  # active[w]: strings with more than w words (a prefix: sorted)
+    active = count_gt(s_nw, max_w)  # active[w]: strings with more than w words (a prefix: sorted)
     for w in range(max_w):
         k = int(active[w])
         rem = s_lens[:k] - 8 * w
@@ -148,7 +150,7 @@ def hash64_strings(values, salt: str = "") -> np.ndarray:
         if part.any():
             shift = (rem[part] * 8).astype(_U64)
             word[part] &= (_U64(1) << shift) - _U64(1)
-        h[:k] = _mix64(h[:k] ^ word)
+        h[:k] = mix64(h[:k] ^ word)
     out = np.empty(n, dtype=_U64)
     out[order] = h
     if len(long):
@@ -173,7 +175,7 @@ def _fold_words(h: int, data: bytes) -> int:
     return h
 
 
-def _count_gt(sorted_desc: np.ndarray, max_w: int) -> np.ndarray:
+def count_gt(sorted_desc: np.ndarray, max_w: int) -> np.ndarray:
     """For w in 0..max_w-1: how many entries of a descending array are > w."""
     asc = sorted_desc[::-1]
     return len(asc) - np.searchsorted(asc, np.arange(max_w), side="right")
@@ -202,7 +204,7 @@ def row_content_key(table: pa.Table, image_content: np.ndarray | None = None) ->
     references): it is left out, and the image's content hash (`image_content`, 0 = no bytes) stands in for it.
     A pure function of what the row holds: copies of a uid are ordered by that, never by where they sit."""
     n = table.num_rows
-    h = np.full(n, _salt("row"), dtype=_U64)
+    h = np.full(n, salt64("row"), dtype=_U64)
     if image_content is not None:
         h = combine64(h, np.asarray(image_content, dtype=_U64))
     for name in sorted(c for c in table.column_names if c != REF_COL):
@@ -222,8 +224,8 @@ def row_content_key(table: pa.Table, image_content: np.ndarray | None = None) ->
             text = col.cast(pa.string())
         v = hash64_strings(text, "col:" + name)
         null = pc.is_null(col).to_numpy(zero_copy_only=False)
-        v[null] = _salt("null")
-        h = combine64(combine64(h, _salt("name:" + name)), v)
+        v[null] = salt64("null")
+        h = combine64(combine64(h, salt64("name:" + name)), v)
     return h
 
 
@@ -241,3 +243,8 @@ def other_copy_kept(ck: np.ndarray, ck_min: np.ndarray, pos: np.ndarray, pos_min
     pool-wide minima (the u64 maximum where the uid, or the uid x content key, occurs once)."""
     return (ck > ck_min) | ((ck == ck_min) & (pos > pos_min))
 
+
+def fingerprint(obj: Any) -> str:
+    """A step's (or a download's, a cache entry's) identity: sha256 of the canonical JSON of what it is made
+    from, 16 hex digits. Key order does not matter; values JSON cannot hold are taken by str()."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -32,7 +32,8 @@ from typing import Iterable
 from pipeline import images, recipe, shards
 from pipeline.config import ConfigError
 from pipeline.context import ShardContext
-from pipeline.stage import StageError, stage_class
+from pipeline.errors import StageError
+from pipeline.registry import stage_class
 
 RUNS_DIR = "runs-dir"  # the label of the spine's line about the runs folder
 INPUT = "input"  # the label of the spine's line about --input

@@ -17,7 +17,8 @@ import dataclasses
 import re
 
 from pipeline import shards
-from pipeline.stage import StageError, stage_class, stage_names
+from pipeline.errors import StageError
+from pipeline.registry import stage_class, stage_names
 
 CUSTOM_POSITION = 90  # a user's stage run outside the recipe: after every step (its folder: 90_<name>)
 

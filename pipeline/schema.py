@@ -12,9 +12,7 @@ import hashlib
 import pyarrow as pa
 import pyarrow.compute as pc
 
-
-class SchemaError(ValueError):
-    """A shard lacks a column or has one of the wrong type. str() is one line naming both."""
+from pipeline.errors import SchemaError
 
 
 # Rows the reader found unusable (today: a string column that is not valid UTF-8) carry their reason

@@ -21,11 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
+from pipeline.errors import ShardError
+
 TMP_PREFIX = ".tmp-"
-
-
-class ShardError(RuntimeError):
-    """A shard cannot be read or written. str() is one line naming the shard."""
 
 
 def fs_and_path(path: str) -> tuple[fsspec.AbstractFileSystem, str]:

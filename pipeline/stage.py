@@ -1,4 +1,6 @@
-"""The Stage contract, the stage registry, and per-row random numbers that do not depend on sharding.
+"""The Stage contract: what the runner calls on a stage, and the two helpers every stage's `apply` uses to say
+why a row is rejected. (Finding a stage by name is pipeline/registry.py; the errors are pipeline/errors.py;
+per-row random numbers and fingerprints are pipeline/hashing.py.)
 
 A stage is a class in `stages/<name>.py` exposed as `STAGE`. The runner knows stages only through this
 contract: `collect(table, ctx)` (optional, per shard) -> `merge` (pool-wide, associative) -> `apply(table,
@@ -12,9 +14,6 @@ fix: a missing need refuses the command with nothing done (pipeline/preflight.py
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib
-import json
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,14 +22,7 @@ import pyarrow.compute as pc
 
 from pipeline import codec, shards
 from pipeline.context import ShardContext
-
-# Stages are found by name through the `clipcurate.stages` entry point (pyproject.toml: `name = "module:Class"`),
-# so the spine names none; a user's stage is given as "package.module:Class".
-STAGES_GROUP = "clipcurate.stages"
-
-
-class StageError(RuntimeError):
-    """A stage cannot run (unknown name, bad input). str() is one line."""
+from pipeline.errors import StageError
 
 
 class Stage:
@@ -256,69 +248,14 @@ def first_reason(n: int, rules: list[tuple[str, np.ndarray | None]]) -> pa.Array
     return pa.array(names[idx], type=pa.string())
 
 
-# ---- deterministic uniforms: pipeline.hashing (re-exported: stages import them from here) ----------------
-from pipeline.hashing import uid_to_u64, uniform  # noqa: E402,F401
+def __getattr__(name: str):
+    """Names that moved out of this module (registry.py, hashing.py), for the two modules being split while
+    this lands (runner.py, report.py): TEMPORARY, removed once they import from the new places."""
+    import importlib as _il
 
-
-# ---- registry ------------------------------------------------------------------------------------
-def stage_names() -> list[str]:
-    """The registered stages' names (`clipcurate.stages`), in registration order."""
-    from pipeline import plugins
-
-    return [name for name, _ in plugins.registered(STAGES_GROUP)]
-
-
-def stage_class(name: str) -> type[Stage]:
-    """A registered stage by name, or a user's stage as "package.module:ClassName"."""
-    from pipeline import plugins
-
-    if ":" in name:  # importing the module runs its code: only a step that runs (or is read) gets here
-        module_name, _, cls_name = name.partition(":")
-        try:
-            return _a_stage(name, getattr(importlib.import_module(module_name), cls_name))
-        except (ImportError, AttributeError) as e:  # (a missing dependency of the module too)
-            raise StageError(f"cannot load stage '{name}': {e} (the module must be importable from the current "
-                             "folder or PYTHONPATH)") from None
-    target = dict(plugins.registered(STAGES_GROUP)).get(name)
-    if target is None:  # the stages a recipe step or `run` can name: not the one that downloads (its own command)
-        offered = [n for n in stage_names() if not _downloads(n)]
-        raise StageError(f"unknown stage '{name}' (stages: {', '.join(offered)}; or your own as module:Class)")
-    cls = plugins.load(target)
-    if cls is None:
-        raise StageError(f"stage '{name}' is not available in this version")
-    return _a_stage(name, cls)
-
-
-def _a_stage(name: str, obj: Any) -> type[Stage]:
-    """`obj` when it is a Stage subclass; else one line naming it (`os:system` names a function, not a stage)."""
-    if isinstance(obj, type) and issubclass(obj, Stage) and obj is not Stage:
-        return obj
-    what = (f"class {obj.__name__}" if isinstance(obj, type) else "function" if callable(obj)
-            else type(obj).__name__)
-    raise StageError(f"'{name}' is not a stage: it names a {what}, not a subclass of pipeline.stage.Stage "
-                     "(a step is a stage name, or module:Class of your own Stage subclass)")
-
-
-def _downloads(name: str) -> bool:
-    """Whether a registered stage downloads (imports it: only for the error above)."""
-    try:
-        return bool(stage_class(name).downloads)
-    except StageError:
-        return False
-
-
-def fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-_INSTANCES: dict[str, Stage] = {}
-
-
-def get_stage(name: str, config: dict, seed: int) -> Stage:
-    """One ready instance per (stage, config, seed) per process: heavy setup happens once per worker."""
-    key = fingerprint([name, config, seed])
-    inst = _INSTANCES.get(key)
-    if inst is None:
-        inst = stage_class(name)(config, seed)
-        _INSTANCES[key] = inst
-    return inst.ensure_ready()
+    where = {"stage_class": "pipeline.registry", "stage_names": "pipeline.registry", "get_stage": "pipeline.registry",
+             "STAGES_GROUP": "pipeline.registry", "fingerprint": "pipeline.hashing", "uniform": "pipeline.hashing",
+             "uid_to_u64": "pipeline.hashing"}
+    if name in where:
+        return getattr(_il.import_module(where[name]), name)
+    raise AttributeError(f"module 'pipeline.stage' has no attribute {name!r}")

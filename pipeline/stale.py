@@ -35,7 +35,7 @@ import shutil
 
 from pipeline import shards
 from pipeline.recipe import CUSTOM_POSITION
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 STEP_FOLDER = re.compile(r"^(?P<position>[0-9]{2})_.+$")  # what Step.folder makes: NN_<stage>[-<label>]
 # what the runner writes in a step's folder (DESIGN.md, "A run on disk"): one of them marks a folder as a step's

@@ -51,7 +51,9 @@ from pipeline import embeddings, shards
 from pipeline.images import REF_COL
 from pipeline.schema import SchemaError
 from pipeline.context import ShardContext
-from pipeline.stage import Stage, StageError, split_by_reason, uniform
+from pipeline.errors import StageError
+from pipeline.hashing import uniform
+from pipeline.stage import Stage, split_by_reason
 
 from trainer.config import DFN_MODEL_DIR  # noqa: F401  runs/NAME/dfn_model/model.pt: where dfn-train writes
 

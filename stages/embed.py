@@ -32,7 +32,8 @@ import pyarrow as pa
 from pipeline import embeddings, shards
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
-from pipeline.stage import Stage, StageError, split_by_reason
+from pipeline.errors import StageError
+from pipeline.stage import Stage, split_by_reason
 
 log = logging.getLogger("clipcurate.embed")
 

@@ -43,7 +43,8 @@ from pipeline.config import ConfigError, check_ranges
 from pipeline import schema, shards
 from pipeline.images import REF_COL
 from pipeline.context import ShardContext
-from pipeline.stage import Stage, StageError
+from pipeline.errors import StageError
+from pipeline.stage import Stage
 
 # Fixed member times: the same rows give byte-identical tars. An int: Python's tarfile gives a float mtime a PAX
 # header of its own, 1,024 more bytes a member (4 members a sample: 5.4 MiB of the demo's 36 MiB of tars).

@@ -47,7 +47,8 @@ import pyarrow as pa
 
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
-from pipeline.stage import Stage, StageError, first_reason, split_by_reason
+from pipeline.errors import StageError
+from pipeline.stage import Stage, first_reason, split_by_reason
 
 log = logging.getLogger("clipcurate.heads")
 

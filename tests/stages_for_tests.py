@@ -11,7 +11,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.stage import Stage, first_reason, split_by_reason, uniform
+from pipeline.hashing import uniform
+from pipeline.stage import Stage, first_reason, split_by_reason
 
 
 class FirstWordStage(Stage):

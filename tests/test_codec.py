@@ -16,7 +16,7 @@ import pytest
 from pipeline import codec
 from pipeline import config as config_mod
 from pipeline.runner import run_pipeline
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 from stages.align import AlignAnswer, AlignStats
 from tests.stages_for_tests import make_pool
 

@@ -240,7 +240,7 @@ def test_dfn_default_model_is_the_runs_dfn_model_through_the_runner(world, dfn_m
 
 
 def test_dfn_without_a_model_is_one_clear_error(tmp_path):
-    from pipeline.stage import StageError
+    from pipeline.errors import StageError
 
     t = pa.table({"uid": _uids(2), "text": ["a", "b"], "image": pa.array([b"x", b"y"], pa.binary())})
     with pytest.raises(StageError, match="dfn-train"):

@@ -150,7 +150,7 @@ def test_the_default_formats_spelled_out_are_accepted():
 
 
 def test_a_column_named_tar_is_refused_in_one_line(tmp_path):
-    from pipeline.stage import StageError
+    from pipeline.errors import StageError
 
     _pool(tmp_path / "in", (4,), extra={"tar": "mine"})
     with pytest.raises(StageError) as e:

@@ -35,7 +35,7 @@ from pipeline import shards
 from pipeline.cli import main as cli_main
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["align", "metaclip", "klite"]

@@ -21,7 +21,7 @@ from pipeline import embeddings, shards  # noqa: E402
 from pipeline.cli import main as cli_main  # noqa: E402
 from pipeline.context import ShardContext  # noqa: E402
 from pipeline.runner import run_pipeline  # noqa: E402
-from pipeline.stage import StageError  # noqa: E402
+from pipeline.errors import StageError  # noqa: E402
 from tests.test_trainer import synthetic_world  # noqa: E402
 from trainer import score as score_mod  # noqa: E402
 

@@ -469,7 +469,7 @@ def test_item2_pool_uid_never_becomes_a_tar_member_and_uids_npy_holds_real_value
 def test_item2_emit_refuses_a_bad_uid_that_reaches_it(tmp_path):
     """A last line of defence: a row with a bad uid that reaches emit's writer (a stage folder written by
     something else) is an error, not a member name nor a zero in uids.npy."""
-    from pipeline.stage import StageError
+    from pipeline.errors import StageError
     from stages.emit import EmitStage, _uids_to_u128
 
     t = pool_table(2, images=False, uids=["0" * 32, "../../../../escape"])

@@ -22,7 +22,7 @@ from pipeline import shards
 from pipeline.cli import main as cli_main
 from pipeline.images import ImageStore, parquet_refs
 from pipeline.schema import ROW_SCHEMA, compute_uid
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 from stages.ingest import CAPTIONS_COL, IngestStage, group_by_url, read_url_list
 
 HOST = "http://demo.clipcurate.invalid"

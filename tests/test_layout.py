@@ -118,7 +118,8 @@ def test_the_spine_names_no_stage(monkeypatch):
     stages/, and with other entry points installed the spine knows those stages and that recipe only."""
     from pipeline import plugins
     from pipeline.recipe import RECIPES_GROUP, default_recipe
-    from pipeline.stage import STAGES_GROUP, StageError, stage_class, stage_names
+    from pipeline.errors import StageError
+    from pipeline.registry import STAGES_GROUP, stage_class, stage_names
     from tests.stages_for_tests import FirstWordStage
 
     for path in sorted((ROOT / "pipeline").rglob("*.py")):
@@ -134,3 +135,52 @@ def test_the_spine_names_no_stage(monkeypatch):
     assert default_recipe() == ["firstword"]
     with pytest.raises(StageError, match="unknown stage 'align' \\(stages: firstword"):
         stage_class("align")
+
+
+# ---- no import cycles, no private names across modules (issue 34) ---------------------------------------------
+def _module_names() -> dict[str, Path]:
+    mods = {}
+    for pkg in ("pipeline", "stages", "trainer", "metadata", "demo"):
+        for p in (ROOT / pkg).rglob("*.py"):
+            rel = p.relative_to(ROOT).with_suffix("")
+            mods[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = p
+    return mods
+
+
+def _depends_on(name: str, path: Path, mods: dict) -> set[str]:
+    """The modules of ours `name` imports, anywhere in it (inside functions and TYPE_CHECKING blocks too): `from
+    package import submodule` depends on the submodule, `from package import name` on the package."""
+    out, pkg = set(), name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module if not node.level else ".".join(
+                pkg.split(".")[:len(pkg.split(".")) - node.level + 1] + ([node.module] if node.module else []))
+            for a in node.names:
+                sub = f"{base}.{a.name}"
+                out.add(sub if sub in mods else base)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m in mods and m != name}
+
+
+def test_no_import_cycles():
+    """A cycle hidden by an import inside a function is still a cycle: two modules that need each other are one
+    module, or a third is missing (pipeline/errors.py, pipeline/layout.py, stages/ingest/config.py)."""
+    import graphlib
+
+    mods = _module_names()
+    graph = {m: _depends_on(m, p, mods) for m, p in mods.items()}
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        pytest.fail(f"import cycle: {' -> '.join(e.args[1])}")
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = []
+    for m, p in _module_names().items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and _ours(node.module) and node.level == 0:
+                bad += [f"{p.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)

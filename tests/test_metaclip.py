@@ -22,7 +22,7 @@ from pipeline import shards
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
 from pipeline.config import ConfigError
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 from stages.metaclip import Matcher, MetaClipStage, balance, entry_probs, p_to_t, spacing, t_to_p
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -468,7 +468,7 @@ def test_matcher_other_than_tokens_is_a_one_line_config_error(tmp_path, value):
 
 
 def test_setup_once_per_process(tmp_path):
-    from pipeline.stage import get_stage
+    from pipeline.registry import get_stage
 
     cfg = {"entries": _entries_file(tmp_path, ["dog"]), "t": 5}
     full = config_mod.resolve({"metaclip": cfg})["metaclip"]

@@ -251,7 +251,7 @@ def test_dfn_config_takes_model_and_pretrained(hf_home):
     assert not DfnStage({"model": "clipcurate-tiny"}).config.pretrained_network()  # the run's dfn-train network
     assert not DfnStage({}).config.pretrained_network()
     # without any network, the one line names the public one too (the route issue 30's user did not have)
-    from pipeline.stage import StageError
+    from pipeline.errors import StageError
 
     t = pa.table({"uid": ["u"], "text": ["a"], "image": pa.array([b"x"], pa.binary())})
     with pytest.raises(StageError, match=r'dfn-train.*model = "hf-hub:apple/DFN-public".*fetch-model'):

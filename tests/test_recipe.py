@@ -11,7 +11,7 @@ import pytest
 from pipeline import config as config_mod
 from pipeline import recipe
 from pipeline.cli import main as cli_main
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 from tests.stages_for_tests import make_pool
 
 FW = "tests.stages_for_tests:FirstWordStage"

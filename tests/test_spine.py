@@ -21,7 +21,8 @@ from pipeline import config as config_mod
 from pipeline import schema, shards
 from pipeline.cli import main as cli_main
 from pipeline.runner import run_pipeline
-from pipeline.stage import first_reason, split_by_reason, uniform
+from pipeline.hashing import uniform
+from pipeline.stage import first_reason, split_by_reason
 from tests.stages_for_tests import FirstWordStage, make_pool
 
 ROOT = Path(__file__).resolve().parents[1]

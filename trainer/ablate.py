@@ -42,7 +42,7 @@ from pipeline import config as config_mod
 from pipeline import shards
 from pipeline.report import Table
 from pipeline import recipe
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 log = logging.getLogger("clipcurate.ablate")
 

@@ -77,7 +77,7 @@ def _eval_fingerprint(checkpoint: str, sets: list, tc, model_name: str, out_dir:
     """The model's bytes, the eval sets' bytes (and per set whether K-LITE prompts run) and the settings that
     change a number: an eval with the same fingerprint as the one recorded in `out_dir` would print the same
     results."""
-    from pipeline.stage import fingerprint
+    from pipeline.hashing import fingerprint
     from trainer.evaluate import eval_specs
 
     digests = shards.DigestCache(shards.join(out_dir, "eval_digests.json"))

@@ -302,7 +302,7 @@ class RunVectors:
 
     def fingerprint(self, ctx) -> dict:
         from pipeline.config import ConfigError
-        from pipeline.stage import StageError
+        from pipeline.errors import StageError
 
         try:
             return self.network.fingerprint(ctx.run_dir if ctx is not None else "", self._file_digest)
@@ -326,7 +326,7 @@ class RunVectors:
 
     def scorer(self, ctx):
         from pipeline import shards
-        from pipeline.stage import StageError
+        from pipeline.errors import StageError
 
         net, run_dir = self.network, ctx.run_dir if ctx is not None else ""
         key = (net, net.checkpoint_path(run_dir), net.stamp(run_dir))  # new weights behind a name: loaded again

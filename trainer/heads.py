@@ -30,7 +30,7 @@ import struct
 import numpy as np
 
 from pipeline import shards
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 FORMAT = "clipcurate-head/1"
 HIDDEN = ("relu", "none")

@@ -74,7 +74,8 @@ from pipeline.config import ConfigError, check_ranges
 from pipeline.hashing import combine64, hash64_strings, other_copy_kept, row_content_key, row_positions
 from pipeline.images import MAX_IMAGE_PIXELS
 from pipeline.context import ShardContext
-from pipeline.stage import Stage, StageError, split_by_reason
+from pipeline.errors import StageError
+from pipeline.stage import Stage, split_by_reason
 
 from . import stats as _stats
 from .features import RowFeatures, judged_size, row_features

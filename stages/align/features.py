@@ -13,7 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.hashing import _mix64, _salt, hash64_strings, uid_rank
+from pipeline.hashing import hash64_strings, mix64, salt64, uid_rank
 
 from .text import normalise_text, tokenize
 
@@ -62,7 +62,7 @@ def row_features(table: pa.Table, img: dict | None, url_as_image: bool) -> RowFe
     has_bytes = img["has_bytes"] if img is not None else np.zeros(n, dtype=bool)
     content = img["content"] if img is not None else np.zeros(n, dtype=_U64)
     image_id = np.zeros(n, dtype=_U64)
-    image_id[has_bytes] = _mix64(content[has_bytes] ^ _salt("image"))
+    image_id[has_bytes] = mix64(content[has_bytes] ^ salt64("image"))
     id_ok = has_bytes.copy()
     if url_as_image and "url" in table.column_names:
         url = table.column("url").cast(pa.string())

@@ -17,7 +17,7 @@ from pipeline.hashing import content64
 from pipeline.evalsets import IMAGE_EXTS, EvalSetError, eval_files, image_bytes, parquet_files
 from pipeline.evalsets import image_column as _image_column
 from pipeline.images import open_image
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 _U64 = np.uint64
 IMAGE_CHUNK = 256  # images per batch read and per thread task: the pool's per-task cost (~30 us) is nothing next to

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import polars as pl
 
-from pipeline.hashing import _count_gt, _mix64, combine64
-from pipeline.stage import StageError
+from pipeline.hashing import combine64, count_gt, mix64
+from pipeline.errors import StageError
 
 _U64 = np.uint64
 _FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
@@ -73,7 +73,7 @@ class MinHasher:
         order = np.argsort(-lens, kind="stable")
         s_starts, s_lens = starts[order], lens[order]
         sig = pv[sid[s_starts]]
-        active = _count_gt(s_lens, int(s_lens[0]))
+        active = count_gt(s_lens, int(s_lens[0]))
         for j in range(1, int(s_lens[0])):
             k = int(active[j])
             np.minimum(sig[:k], pv[sid[s_starts[:k] + j]], out=sig[:k])
@@ -88,6 +88,6 @@ class MinHasher:
         for j in range(self.bands):
             h = combine64(image_id, np.full(len(sig), j, dtype=_U64))
             for v in sig[:, j * self.rows : (j + 1) * self.rows].T:
-                h = _mix64(h ^ v.astype(_U64))
+                h = mix64(h ^ v.astype(_U64))
             out[:, j] = h
         return out

@@ -9,7 +9,7 @@ from pathlib import Path
 from pipeline import config as config_mod
 from pipeline import recipe, shards
 from pipeline.cli import add_config, add_exec, add_verify, config_for, print_funnel, run_dir_of
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 from stages.ingest import IngestStage, crawl_input, download_pool
 from stages.ingest.curated import is_curated_folder, url_list_rows
 

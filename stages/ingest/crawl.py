@@ -16,7 +16,8 @@ import pyarrow as pa
 
 from pipeline import images, shards
 from pipeline.images import REF_COL, ImageStore
-from pipeline.stage import StageError, fingerprint
+from pipeline.errors import StageError
+from pipeline.hashing import fingerprint
 
 log = logging.getLogger("clipcurate.ingest")
 

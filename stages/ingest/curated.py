@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import images, schema, shards
-from pipeline.stage import StageError, fingerprint
+from pipeline.errors import StageError
+from pipeline.hashing import fingerprint
 from stages.ingest.urls import CAPTIONS_COL, group_by_url, read_url_list, reason_expr, split_rows
 
 log = logging.getLogger("clipcurate.ingest")

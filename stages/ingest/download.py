@@ -13,21 +13,21 @@ import posixpath
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING
 
 from pipeline import egress, shards
-from pipeline.stage import StageError, fingerprint
+from pipeline.errors import StageError
+from pipeline.hashing import fingerprint
+from stages.ingest import optout
+from stages.ingest.config import IngestConfig
 from stages.ingest.hostlimit import HostLimits
 from stages.ingest.optout import product_token
 from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list, spread_hosts
 
-if TYPE_CHECKING:
-    from stages.ingest import IngestStage
 
 log = logging.getLogger("clipcurate.ingest")
 
 
-def img2dataset_args(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None,
+def img2dataset_args(url_parquet: str, out_dir: str, cfg: IngestConfig, additional_columns=None,
                      output_format: str = "parquet") -> dict:
     """The keyword arguments ingest calls `img2dataset.download` with (the egress bench reuses them)."""
     return dict(
@@ -57,7 +57,7 @@ def img2dataset_args(url_parquet: str, out_dir: str, cfg: IngestStage.Config, ad
 
 
 @contextmanager
-def served(cfg: IngestStage.Config):
+def served(cfg: IngestConfig):
     """While open, a demo world's `www/` (`serve_dir`) is served on loopback, its host pinned there; yields the
     egress policy every fetch of the download obeys (whether that loopback server may be fetched from is still
     allow_private_hosts' say)."""
@@ -73,7 +73,7 @@ def served(cfg: IngestStage.Config):
 
 
 @contextmanager
-def host_limits(cfg: IngestStage.Config):
+def host_limits(cfg: IngestConfig):
     """The per-host limits of one download (hostlimit.py), with their lock folder, removed after it; None when
     nothing is limited."""
     if cfg.per_host_concurrency <= 0 and cfg.per_host_rps <= 0:
@@ -88,7 +88,7 @@ def host_limits(cfg: IngestStage.Config):
         yield HostLimits(folder, cfg.per_host_concurrency, float(cfg.per_host_rps), exempt)
 
 
-def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestStage.Config, additional_columns=None,
+def run_img2dataset(url_parquet: str, out_dir: str, cfg: IngestConfig, additional_columns=None,
                     output_format: str = "parquet", policy: egress.EgressPolicy | None = None) -> dict:
     """Call img2dataset (in this process; it spawns its own workers), every fetch under the egress policy
     (`[ingest] allow_private_hosts`; guard.py says how its workers are made to obey it). Returns its summed
@@ -138,7 +138,7 @@ def optout_folder(stage_dir: str) -> str:
 DONE_MARKER = "_clipcurate_done.json"  # in the download folder: its fingerprint, counts, and retries
 
 
-def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config,
+def download_pool(input_path: str, stage_dir: str, cfg: IngestConfig,
                   optout_dir: str | None = None) -> tuple[str, dict]:
     """Group the list, set aside what robots.txt and TDMRep exclude (optout.py: no request for those URLs), run
     img2dataset into `<stage>/_img2dataset`. Skipped when already complete.
@@ -146,8 +146,6 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestStage.Config,
     `input_path`: a URL list file, or a run's curated output (a folder of row shards: `curated.py`), whose
     rows' columns are set aside in `<stage>/_carry/` for the ingest stage to join back. `optout_dir`: where the
     fetched policy files are recorded, default the run's `optout/` (beside the stage folder)."""
-    from stages.ingest import optout
-
     from stages.ingest.curated import CARRY_COL, group_curated, is_curated_folder
 
     list_path = os.path.join(stage_dir, "_urls.parquet")

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from img2dataset.downloader import Downloader
 
 from pipeline import egress
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 from stages.ingest import hostlimit
 from stages.ingest.urls import NOT_AN_IMAGE  # the reason of a response that is no image at all
 from stages.ingest.urls import TDM_HEADER_ERROR  # the error of a response that reserves TDM by its header

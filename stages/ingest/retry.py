@@ -26,7 +26,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline import shards
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 from stages.ingest.curated import CARRY_COL
 from stages.ingest.optout import EVIDENCE, ROBOTS_DISALLOWED, check_urls, settings_of
 from stages.ingest.urls import CAPTIONS_COL

@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline import egress, schema
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 CAPTIONS_COL = "clipcurate_captions"
 DUPLICATE = "duplicate"  # reason of a repeated (url, caption) row: DUPLICATE_REASON

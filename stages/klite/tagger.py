@@ -26,7 +26,7 @@ import logging
 
 import polars as pl
 
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 from .wordnet import TOKEN_RE
 

@@ -21,7 +21,7 @@ import dataclasses
 import polars as pl
 import pyarrow as pa
 
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 from metadata.glosses import cached_tables, wordnet_signature as _wordnet_signature  # the tables' home
 
 # Token rule, shared by captions (polars, Rust regex) and WordNet lemmas (Python re: metadata.glosses.tokens).

@@ -55,7 +55,8 @@ import pyarrow.compute as pc
 from metadata import concepts
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
-from pipeline.stage import Stage, StageError, split_by_reason
+from pipeline.errors import StageError
+from pipeline.stage import Stage, split_by_reason
 
 from . import balance, stats as _stats, target as _target
 from .balance import Facts, entry_probs, judge, p_to_t, t_to_p, thresholds

@@ -17,7 +17,9 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.hashing import row_content_key, uid_to_u64, uniform_of_keys
-from pipeline.stage import StageError, first_reason, uniform
+from pipeline.errors import StageError
+from pipeline.hashing import uniform
+from pipeline.stage import first_reason
 
 
 @dataclasses.dataclass

@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.stage import StageError
+from pipeline.errors import StageError
 
 MATCHERS = ("tokens",)  # `[metaclip] matcher`: the token trie is the one matcher of the stage
 DEFAULT_MATCHER = "tokens"

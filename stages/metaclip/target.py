@@ -17,7 +17,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.stage import uniform
+from pipeline.hashing import uniform
 
 from .balance import is_chosen_text, match_probs, thresholds
 

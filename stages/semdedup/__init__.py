@@ -45,7 +45,8 @@ from pipeline import evalsets, shards
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
 from pipeline.hashing import uid_to_u64, uniform_of_keys
-from pipeline.stage import Stage, StageError, first_reason, split_by_reason
+from pipeline.errors import StageError
+from pipeline.stage import Stage, first_reason, split_by_reason
 
 from . import clusters, groups
 
