@@ -71,7 +71,7 @@ wordnet:
 	fi
 
 # Headless Chromium from Debian (render-check; the report's browser test in `make test`): installed when no
-# browser that pipeline/report.py's find_browser() looks for is on PATH and we are root. Otherwise one line, and
+# browser that pipeline/report/browser.py's find_browser() looks for is on PATH and we are root. Otherwise one line, and
 # setup goes on: only render-check and that one test need it (the test skips with its reason; with CI set it fails).
 # Debian 12, measured 2026-12-07 (`time make chromium`, apt lists fresh): 26 s, 116 packages, 131 MB downloaded,
 # 442 MiB installed (+597 MB on disk with apt's cached .debs).

@@ -1,4 +1,4 @@
-"""`make demo`, timed command by command: where the README's "make demo takes N min" and "dfn-train takes N min"
+"""`make demo`, timed command by command: where docs/commands.md's "make demo takes N min" and "dfn-train takes N min"
 come from. Writes bench/results/demo.json.
 
     .venv/bin/python bench/bench_demo.py [--rounds 1] [--n 3000]

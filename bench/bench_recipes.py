@@ -121,7 +121,7 @@ def run_recipe(rn: Runner, world: Path, recipe: str, name: str, dfn_model: Path)
 
 
 def _manifests(run: Path) -> list[dict]:
-    from pipeline.report import manifests
+    from pipeline.layout import manifests
 
     return manifests(str(run))
 

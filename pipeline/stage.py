@@ -1,6 +1,6 @@
-"""The Stage contract: what the runner calls on a stage, and the two helpers every stage's `apply` uses to say
-why a row is rejected. (Finding a stage by name is pipeline/registry.py; the errors are pipeline/errors.py;
-per-row random numbers and fingerprints are pipeline/hashing.py.)
+"""The Stage contract: what the runner calls on a stage. (Finding a stage by name is pipeline/registry.py; the
+errors are pipeline/errors.py; rules and rejection reasons pipeline/rules.py; per-row random numbers and
+fingerprints pipeline/hashing.py.)
 
 A stage is a class in `stages/<name>.py` exposed as `STAGE`. The runner knows stages only through this
 contract: `collect(table, ctx)` (optional, per shard) -> `merge` (pool-wide, associative) -> `apply(table,
@@ -16,9 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import codec, shards
 from pipeline.context import ShardContext
@@ -228,26 +226,6 @@ class Stage:
         return ShardContext.detached(self)
 
 
-def split_by_reason(table: pa.Table, reason: pa.Array | np.ndarray | list) -> tuple[pa.Table, pa.Table]:
-    """Rows whose reason is null are kept; the others go to `rejected` with their `reason` column."""
-    reason = pa.array(reason, type=pa.string()) if not isinstance(reason, (pa.Array, pa.ChunkedArray)) else reason
-    keep = pc.is_null(reason)
-    kept = table.filter(keep)
-    rejected = table.filter(pc.invert(keep)).append_column("reason", pc.filter(reason, pc.invert(keep)))
-    return kept, rejected
-
-
-def first_reason(n: int, rules: list[tuple[str, np.ndarray | None]]) -> pa.Array:
-    """Reason per row = name of the first rule (in list order) whose boolean mask is True; else null."""
-    names = np.array([r for r, _ in rules] + [None], dtype=object)
-    idx = np.full(n, len(rules), dtype=np.int64)
-    for i in range(len(rules) - 1, -1, -1):
-        mask = rules[i][1]
-        if mask is not None:
-            idx[np.asarray(mask, dtype=bool)] = i
-    return pa.array(names[idx], type=pa.string())
-
-
 def __getattr__(name: str):
     """Names that moved out of this module (registry.py, hashing.py), for the two modules being split while
     this lands (runner.py, report.py): TEMPORARY, removed once they import from the new places."""
@@ -255,7 +233,7 @@ def __getattr__(name: str):
 
     where = {"stage_class": "pipeline.registry", "stage_names": "pipeline.registry", "get_stage": "pipeline.registry",
              "STAGES_GROUP": "pipeline.registry", "fingerprint": "pipeline.hashing", "uniform": "pipeline.hashing",
-             "uid_to_u64": "pipeline.hashing"}
+             "uid_to_u64": "pipeline.hashing", "split_by_reason": "pipeline.rules", "first_reason": "pipeline.rules"}
     if name in where:
         return getattr(_il.import_module(where[name]), name)
     raise AttributeError(f"module 'pipeline.stage' has no attribute {name!r}")

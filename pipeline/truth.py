@@ -17,7 +17,8 @@ from __future__ import annotations
 import polars as pl
 
 from pipeline import shards
-
+from pipeline.errors import StageError
+from pipeline.layout import stage_folders
 
 REQUIRED = ("uid", "kind")
 
@@ -26,8 +27,6 @@ def check_truth(path: str) -> None:
     """A truth file a user names (`report --truth`, `ablate --truth`) is checked before any table is drawn: a file
     that is missing, not Parquet, or without `uid` and `kind` is one line (a StageError), never a traceback from
     deep in a join."""
-    from pipeline.stage import StageError
-
     try:
         cols = pl.read_parquet_schema(path)
     except FileNotFoundError:
@@ -88,8 +87,6 @@ def filter_quality(run_dir: str, truth_path: str, steps: list[tuple[str, str]] |
     """The recall / precision / clean-lost tables of a run against its world's truth. `steps`: (name, folder)
     of the finished steps in recipe order (default: the run's, as the report lists them)."""
     if steps is None:
-        from pipeline.report import stage_folders
-
         steps = stage_folders(run_dir)
     cols = [c for c in ("uid", "kind", "dup_group") if c in pl.read_parquet_schema(truth_path)]
     truth = pl.read_parquet(truth_path, columns=cols)
@@ -114,7 +111,8 @@ def filter_quality(run_dir: str, truth_path: str, steps: list[tuple[str, str]] |
         noise = int((g["kind"] != "clean").sum())
         precision[step] = {"dropped": g.height, "noise": noise,
                            "precision": round(noise / g.height, 4) if g.height else None,
-                           "by_reason": dict(g.group_by("reason").len().sort("len", descending=True).iter_rows())}
+                           "by_reason": dict(g.group_by("reason").len()  # ties by name: the same report every time
+                                             .sort(["len", "reason"], descending=[True, False]).iter_rows())}
     order = {name: i for i, (name, _) in enumerate(steps)}
     clean = rows.filter(pl.col("kind") == "clean")
     lost = clean.filter(pl.col("step").is_not_null() & (pl.col("step") != "unaccounted"))

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -53,14 +54,15 @@ from pipeline.schema import SchemaError
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
 from pipeline.hashing import uniform
-from pipeline.stage import Stage, split_by_reason
+from pipeline.rules import Rule, judge, split_by_reason
+from pipeline.stage import Stage
 
 from trainer.config import DFN_MODEL_DIR  # noqa: F401  runs/NAME/dfn_model/model.pt: where dfn-train writes
 
 log = logging.getLogger("clipcurate.dfn")
 
 PUBLIC_NETWORK_HINT = ('[dfn] model = "hf-hub:apple/DFN-public" (after `clipcurate fetch-model hf-hub:apple/DFN-public`; '
-                       'README "Scoring with a public filtering network")')
+                       'docs/trainer-and-dfn.md "Scoring with a public filtering network")')
 
 
 def score_bins(scores: np.ndarray, bins: int) -> np.ndarray:
@@ -83,6 +85,34 @@ def cut_for_fraction(hist: np.ndarray, fraction: float) -> tuple[int, float, int
     b = int(np.flatnonzero((above < want) & (above + hist >= want)).max())
     q = (want - int(above[b])) / int(hist[b])
     return b, float(q), want
+
+
+# ---- the rules, in order: a row not kept names the first it breaks (pipeline/rules.py) ----------------------
+class NoImage(Rule):
+    """No image to score: nothing can be trained on the row."""
+    name, needs = "no_image", ("keep", "has_image")
+
+    def mask(self, f) -> np.ndarray:
+        return ~f.keep & ~f.has_image
+
+
+class BadImage(Rule):
+    """An image the model could not score (undecodable): no finite score."""
+    name, needs = "bad_image", ("keep", "ok")
+
+    def mask(self, f) -> np.ndarray:
+        return ~f.keep & ~f.ok
+
+
+class DfnLowScore(Rule):
+    """Scored, and under the cut (the score is kept in the rejected shard)."""
+    name, needs = "dfn_low_score", ("keep",)
+
+    def mask(self, f) -> np.ndarray:
+        return ~f.keep
+
+
+RULES = (NoImage(), BadImage(), DfnLowScore())
 
 
 class DfnStage(Stage):
@@ -298,13 +328,12 @@ class DfnStage(Stage):
             b = np.where(ok, score_bins(np.where(ok, s, 0.0), self.config.bins), -1)
             u = uniform(table.column("uid"), self.seed, "dfn") if table.num_rows else np.zeros(0)
             keep = ok & ((b > c["bin"]) | ((b == c["bin"]) & (u < c["q"])))
-        no_image = ~has_image
-        reason = np.where(keep, None, np.where(no_image, "no_image", np.where(ok, "dfn_low_score", "bad_image")))
+        reason, _ = judge(list(RULES), SimpleNamespace(keep=keep, has_image=has_image, ok=ok), table.num_rows)
         score_col = pa.array(s, type=pa.float32(), mask=~ok)
         if "dfn_score" in table.column_names:
             table = table.drop_columns(["dfn_score"])
         table = table.append_column("dfn_score", score_col)
-        return split_by_reason(table, pa.array(reason.tolist(), type=pa.string()))
+        return split_by_reason(table, reason)
 
     # ---- report ----------------------------------------------------------------------------------
     def report(self, stage_dir: str, out_dir: str) -> dict:

@@ -33,7 +33,8 @@ from pipeline import embeddings, shards
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
-from pipeline.stage import Stage, split_by_reason
+from pipeline.rules import split_by_reason
+from pipeline.stage import Stage
 
 log = logging.getLogger("clipcurate.embed")
 

@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import math
 import re
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -48,7 +49,8 @@ import pyarrow as pa
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
-from pipeline.stage import Stage, first_reason, split_by_reason
+from pipeline.rules import Rule, judge, split_by_reason
+from pipeline.stage import Stage
 
 log = logging.getLogger("clipcurate.heads")
 
@@ -56,6 +58,22 @@ INPUTS = ("image", "text", "pair")
 DROPS = ("above", "below")
 HEAD_KEYS = ("path", "on", "threshold", "drop", "activation", "hidden")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")  # becomes a column name and a reason: kept plain
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadThreshold(Rule):
+    """`head:NAME`: a head's output above (or below) its threshold; rows the head could not score (no vector)
+    are never dropped by it."""
+    name: str
+    head: str
+    threshold: float
+    drop: str  # "above" | "below"
+    needs = ("outputs",)
+
+    def mask(self, f) -> np.ndarray:
+        out, applied = f.outputs[self.head]
+        with np.errstate(invalid="ignore"):
+            return applied & ((out > self.threshold) if self.drop == "above" else (out < self.threshold))
 
 
 class HeadSpec(NamedTuple):
@@ -204,7 +222,7 @@ class HeadsStage(Stage):
         specs = self.specs()
         if not specs:
             return ["no heads configured: add a [heads.NAME] table with path = \"....safetensors\", on, threshold "
-                    "and drop (README \"Heads over embeddings\")"]
+                    "and drop (docs/semdedup-and-heads.md \"Heads over embeddings\")"]
         store = self.run_vectors.network.stored(ctx.run_dir) if ctx.run_dir else None
         problems = []
         for spec in specs:
@@ -226,7 +244,7 @@ class HeadsStage(Stage):
         n = table.num_rows
         loaded = [(spec, self.head(spec)) for spec in specs]
         vectors = self._vectors(table, ctx, {k for spec in specs for k in spec.kinds}) if n else {}
-        rules = []
+        rules, outputs = [], {}
         for spec, head in loaded:
             out, applied = self._score(spec, head, vectors, n)
             col = pa.array(out, pa.float32(), mask=~applied)
@@ -234,14 +252,13 @@ class HeadsStage(Stage):
                 table = table.set_column(table.column_names.index(spec.column), spec.column, col)
             else:
                 table = table.append_column(spec.column, col)
+            outputs[spec.name] = (out, applied)
             if spec.threshold is not None:
-                with np.errstate(invalid="ignore"):
-                    drops = applied & ((out > spec.threshold) if spec.drop == "above" else (out < spec.threshold))
-                rules.append((spec.reason, drops))
+                rules.append(HeadThreshold(spec.reason, spec.name, spec.threshold, spec.drop))
             if n and not applied.all():
                 ctx.note(f"heads: rows without an {'image vector' if spec.on != 'text' else 'text vector'} are kept "
                          f"unjudged by head '{spec.name}' (head_{spec.name} null)")
-        return split_by_reason(table, first_reason(n, rules))
+        return split_by_reason(table, judge(rules, SimpleNamespace(outputs=outputs), n)[0])
 
     def _vectors(self, table: pa.Table, ctx: ShardContext, kinds: set[str]) -> dict:
         """The rows' stored vectors of each kind the heads read (one store lookup per kind)."""

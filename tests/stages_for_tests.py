@@ -12,7 +12,8 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.hashing import uniform
-from pipeline.stage import Stage, first_reason, split_by_reason
+from pipeline.rules import first_reason, split_by_reason
+from pipeline.stage import Stage
 
 
 class FirstWordStage(Stage):

@@ -14,7 +14,8 @@ from stages.align import REASONS, AlignStage, HammingIndex, RowFeatures
 from stages.align.features import judged_size
 from stages.align.rules import (AspectRatio, EvalNearDuplicate, ExactDuplicate, ImageManyTexts, ImageTooSmall,
                                 ImageUnreadable, Language, NearDuplicate, RareToken, TextManyImages, TooFewWords,
-                                TooManyWords, judge)
+                                TooManyWords)
+from pipeline.rules import judge
 
 MAX = np.iinfo(np.uint64).max
 
@@ -141,18 +142,18 @@ def test_judge_names_the_first_rule_broken_in_list_order_and_lists_the_skipped()
     # row 0 breaks both the size and the word rule, row 1 only the word rule, row 2 none
     f = RowFeatures(3, width=i64(10, 500, 500), height=i64(10, 500, 500), nwords=i64(1, 1, 5), uid=u64(1, 2, 3))
     rules = [ImageUnreadable(), ImageTooSmall(200), TooFewWords(3), NearDuplicate(), EvalNearDuplicate(None)]
-    reason, skipped = judge(rules, f)
+    reason, skipped = judge(rules, f, f.n)
     assert reason.to_pylist() == ["image_too_small", "too_few_words", None]
     # decoded and band_uid_min are None: ImageUnreadable is quiet, NearDuplicate said; the eval rule is off
     assert skipped == ["near_duplicate"]
-    reason, _ = judge([TooFewWords(3), ImageTooSmall(200)], f)
+    reason, _ = judge([TooFewWords(3), ImageTooSmall(200)], f, f.n)
     assert reason.to_pylist() == ["too_few_words", "too_few_words", None]
     assert isinstance(reason, pa.Array) and reason.type == pa.string()
 
 
 def test_an_off_rule_names_no_row_even_when_its_data_would_break_it():
     f = RowFeatures(2, decoded=b(True, True), phash=u64(0, 0), captions=["ein Hund", "a dog"])
-    reason, skipped = judge([EvalNearDuplicate(None), Language("", lambda t: "de")], f)
+    reason, skipped = judge([EvalNearDuplicate(None), Language("", lambda t: "de")], f, f.n)
     assert reason.to_pylist() == [None, None] and skipped == []
 
 

@@ -362,7 +362,7 @@ def test_whole_pipeline_over_bad_rows_loses_nothing_and_modifies_no_input(tmp_pa
 
 # ---- every image decoder refuses bombs and broken bytes --------------------------------------------------
 def test_decoders_refuse_bombs_before_decoding():
-    from pipeline.report import _thumb
+    from pipeline.report.figures import thumb as _thumb
     from stages.align import inspect_image
     from trainer.data import ImageTooLarge, decode_image
 

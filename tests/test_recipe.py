@@ -139,7 +139,7 @@ keep = 0.6
     assert man2["config"]["keep"] == 0.7 and man2["rows_out"] < man["00_firstword-first"]["rows_out"]
 
     # the report follows the recipe
-    from pipeline.report import stage_folders
+    from pipeline.layout import stage_folders
 
     assert [n for n, _ in stage_folders(str(run))] == [f"{FW}@first", "align", FW]
 

@@ -75,7 +75,8 @@ from pipeline.hashing import combine64, hash64_strings, other_copy_kept, row_con
 from pipeline.images import MAX_IMAGE_PIXELS
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
-from pipeline.stage import Stage, split_by_reason
+from pipeline.rules import Rule, judge, split_by_reason
+from pipeline.stage import Stage
 
 from . import stats as _stats
 from .features import RowFeatures, judged_size, row_features
@@ -84,8 +85,8 @@ from .images import (IMAGE_CHUNK, IMAGE_EXTS, IMAGE_FACTS, HammingIndex, decode_
 from .minhash import MinHasher
 from .report import funnel_report
 from .rules import (REASONS, AspectRatio, EvalNearDuplicate, ExactDuplicate, ImageManyTexts, ImageTooSmall,
-                    ImageUnreadable, Language, LanguageId, NearDuplicate, RareToken, Rule, TextManyImages,
-                    TooFewWords, TooManyWords, ZipfVocabulary, judge)
+                    ImageUnreadable, Language, LanguageId, NearDuplicate, RareToken, TextManyImages, TooFewWords,
+                    TooManyWords, ZipfVocabulary)
 from .stats import LOOKUPS, META_SUMS, AlignAnswer, AlignStats, _lookup
 from .text import TOKEN_RE, _explode_tokens, normalise_text, shingles, tokenize, word_table
 
@@ -420,7 +421,7 @@ class AlignStage(Stage):
         ctx = ctx or self.detached()
         stats = stats if stats is not None else AlignStats.empty()
         f = self._rule_features(table, stats, ctx)
-        reason, skipped = judge(self.rules(), f)
+        reason, skipped = judge(self.rules(), f, f.n)
         out = table
         for name in ("image_phash", "image_hash"):
             if name in out.column_names:

@@ -1,52 +1,18 @@
-"""align's rules as units: each a small object with its `name` (the rejection reason), the `RowFeatures` fields it
-`needs`, and a vectorised `mask(f)`, True where a row breaks it. `judge` names, per row, the first rule it
-breaks, in the stage's order (`REASONS`). What each rule means: the table in this package's docstring."""
+"""align's rules (pipeline/rules.py's idiom): each a small class with its `name` (the rejection reason), the
+`RowFeatures` fields it `needs`, and a vectorised `mask(f)`, True where a row breaks it. `RULES` is their order:
+a rejected row names the first one it breaks, and `REASONS` is derived from it. What each rule means: the
+table in this package's docstring."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, ClassVar
+from typing import Callable
 
 import numpy as np
-import pyarrow as pa
 
-from pipeline.stage import first_reason
+from pipeline.rules import Rule, reasons
 
 from .features import RowFeatures
-
-REASONS = [
-    "image_unreadable",
-    "image_too_small",
-    "aspect_ratio",
-    "image_many_texts",
-    "text_many_images",
-    "too_few_words",
-    "too_many_words",
-    "rare_token",
-    "exact_duplicate",
-    "near_duplicate",
-    "eval_near_duplicate",
-    "language",
-]
-
-
-class Rule:
-    name: ClassVar[str]
-    # RowFeatures fields `mask` reads; one of them None means the pool has no data for the rule: it is skipped
-    needs: ClassVar[tuple[str, ...]]
-    # skipped without a note in the manifest (a rule that only exists in some pools, by design)
-    quiet: ClassVar[bool] = False
-
-    @property
-    def on(self) -> bool:
-        """False when the configuration turns the rule off."""
-        return True
-
-    def has_data(self, f: RowFeatures) -> bool:
-        return all(getattr(f, k) is not None for k in self.needs)
-
-    def mask(self, f: RowFeatures) -> np.ndarray:
-        raise NotImplementedError
 
 
 # ---- the reference vocabularies two rules ask --------------------------------------------------------
@@ -83,20 +49,6 @@ class LanguageId:
 
             self._model = LanguageIdentifier.from_pickled_model(MODEL_FILE)
         return self._model.classify(text)[0]
-
-
-def judge(rules: list[Rule], f: RowFeatures) -> tuple[pa.Array, list[str]]:
-    """(reason per row: the name of the first rule it breaks, in list order, else null; the names of the rules
-    that are on but have no data in this pool, quiet ones left out)."""
-    masks, skipped = [], []
-    for r in rules:
-        m = None
-        if r.on and r.has_data(f):
-            m = r.mask(f)
-        elif r.on and not r.quiet:
-            skipped.append(r.name)
-        masks.append((r.name, m))
-    return first_reason(f.n, masks), skipped
 
 
 # ---- images -------------------------------------------------------------------------------------------
@@ -251,3 +203,9 @@ class Language(Rule):
 
     def mask(self, f: RowFeatures) -> np.ndarray:
         return np.array([bool(t) and self.classify(t) != self.want for t in f.captions], dtype=bool)
+
+
+# the order a rejected row names the first rule it breaks in (the stage builds them from its config: _all_rules)
+RULES = (ImageUnreadable, ImageTooSmall, AspectRatio, ImageManyTexts, TextManyImages, TooFewWords, TooManyWords,
+         RareToken, ExactDuplicate, NearDuplicate, EvalNearDuplicate, Language)
+REASONS = reasons(RULES)

@@ -56,7 +56,8 @@ from metadata import concepts
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
-from pipeline.stage import Stage, split_by_reason
+from pipeline.rules import split_by_reason
+from pipeline.stage import Stage
 
 from . import balance, stats as _stats, target as _target
 from .balance import Facts, entry_probs, judge, p_to_t, t_to_p, thresholds

@@ -1,7 +1,8 @@
 """metaclip's balancing rules as units (MetaCLIP's balancing.py; MetaCLIP 2's curate.py for the options).
 
-A row is rejected for the first rule it breaks, in the order of `RULES`; each rule is a function of the shard's
-`Facts`, named as the reason it gives, returning a mask (True: the row breaks it) or None (the rule is off).
+A row is rejected for the first rule it breaks, in the order of `RULES` (pipeline/rules.py's idiom): each rule
+reads the shard's `Facts` it `needs` and returns a mask (True: the row breaks it); a fact that is None (no
+quality cut, one_text_per_image off) turns its rule off.
 What the rules need besides the matches: the keep probability of each match (`entry_probs`, `match_probs`, at
 the t of `thresholds`), the draws that sample with it (`sampled`), and, for one_text_per_image, which text each
 image chose (`image_keys`, `choice_draw`, `is_chosen_text`). Every draw is uniform(uid, seed, salt): a pure
@@ -16,10 +17,10 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.hashing import row_content_key, uid_to_u64, uniform_of_keys
 from pipeline.errors import StageError
-from pipeline.hashing import uniform
-from pipeline.stage import first_reason
+from pipeline.hashing import row_content_key, uid_to_u64, uniform, uniform_of_keys
+from pipeline import rules
+from pipeline.rules import Rule
 
 
 @dataclasses.dataclass
@@ -33,41 +34,51 @@ class Facts:
 
 
 # ---- the rules, in order -----------------------------------------------------------------------------------
-def low_score(f: Facts) -> np.ndarray | None:
+class LowScore(Rule):
     """Under the quality cut (`score_col` < `min_score`, or no score). Balance among the good pairs, not
     among all of them (balance last): these rows were not counted in pass 1 either."""
-    return f.below_cut
+    name, needs, quiet = "low_score", ("below_cut",), True  # off without a cut
+
+    def mask(self, f: Facts) -> np.ndarray:
+        return f.below_cut
 
 
-def no_entry(f: Facts) -> np.ndarray:
+class NoEntry(Rule):
     """No entry of the concept list occurs in the text. MetaCLIP curates by the concepts a text names: a text
     that names none has no entry to be balanced under, and is dropped."""
-    return f.n_per_row == 0
+    name, needs = "no_entry", ("n_per_row",)
+
+    def mask(self, f: Facts) -> np.ndarray:
+        return f.n_per_row == 0
 
 
-def other_text_of_image(f: Facts) -> np.ndarray | None:
+class OtherTextOfImage(Rule):
     """Another matching text of the same image is the one kept (one_text_per_image). MetaCLIP 2 keeps one
     alt-text per image, `random.choice` among those that match an entry; here the one with the smallest
     uniform(uid, seed, "metaclip-one-text") pool-wide, so the choice is the same whatever the shards."""
-    if f.chosen is None:
-        return None
-    return (f.n_per_row > 0) & ~f.chosen
+    name, needs, quiet = "other_text_of_image", ("n_per_row", "chosen"), True  # off without the option
+
+    def mask(self, f: Facts) -> np.ndarray:
+        return (f.n_per_row > 0) & ~f.chosen
 
 
-def balanced_out(f: Facts) -> np.ndarray:
+class BalancedOut(Rule):
     """Not sampled. A pair is kept with probability 1 - prod_e (1 - p_e) over its entries, p_e = t / max(count_e,
     t): tail entries (count < t) keep every text, head entries about t of them, so the kept set's concept
     distribution is flattened (MetaCLIP's Algorithm 1). Kept when any entry's draw u_e < p_e."""
-    return ~f.sampled
+    name, needs = "balanced_out", ("sampled",)
+
+    def mask(self, f: Facts) -> np.ndarray:
+        return ~f.sampled
 
 
-RULES = (low_score, no_entry, other_text_of_image, balanced_out)
-REASONS = [rule.__name__ for rule in RULES]
+RULES = (LowScore(), NoEntry(), OtherTextOfImage(), BalancedOut())
+REASONS = rules.reasons(RULES)
 
 
 def judge(f: Facts) -> pa.Array:
     """Per row, the name of the first rule it breaks (null: kept)."""
-    return first_reason(len(f.n_per_row), [(rule.__name__, rule(f)) for rule in RULES])
+    return rules.judge(list(RULES), f, len(f.n_per_row))[0]
 
 
 # ---- the keep probability and its draws ----------------------------------------------------------------------

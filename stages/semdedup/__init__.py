@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -46,13 +47,32 @@ from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
 from pipeline.hashing import uid_to_u64, uniform_of_keys
 from pipeline.errors import StageError
-from pipeline.stage import Stage, first_reason, split_by_reason
+from pipeline.rules import Rule, judge, reasons, split_by_reason
+from pipeline.stage import Stage
 
 from . import clusters, groups
 
 log = logging.getLogger("clipcurate.semdedup")
 
-REASONS = ("eval_semantic_duplicate", "semantic_duplicate")
+
+class EvalSemanticDuplicate(Rule):
+    """The image's nearest evaluation image is within `eval_threshold` cosine (`eval_item` names it)."""
+    name, needs = "eval_semantic_duplicate", ("eval_hit",)
+
+    def mask(self, f) -> np.ndarray:
+        return f.eval_hit
+
+
+class SemanticDuplicate(Rule):
+    """Another row of its group is the one kept (`duplicate_of` names it): the merge's answer for this uid."""
+    name, needs = "semantic_duplicate", ("semantic",)
+
+    def mask(self, f) -> np.ndarray:
+        return f.semantic
+
+
+RULES = (EvalSemanticDuplicate(), SemanticDuplicate())
+REASONS = tuple(reasons(RULES))
 SAMPLE_SALT = "semdedup:sample"
 EVAL_BLOCK = 1 << 14  # rows per block against the eval set: memory ~ block x eval items floats
 
@@ -293,7 +313,7 @@ class SemDedupStage(Stage):
             img = self._image_vectors(table, ctx)
             eval_hit, eval_item = self.eval_matches(img.vectors, img.found, survey)
         semantic, dup_of = _looked_up(table.column("uid"), stats)
-        reason = first_reason(n, [("eval_semantic_duplicate", eval_hit), ("semantic_duplicate", semantic)])
+        reason, _ = judge(list(RULES), SimpleNamespace(eval_hit=eval_hit, semantic=semantic), n)
         kept, rejected = split_by_reason(table, reason)
         # every rejected shard has both columns (empty ones too): the shards of a folder share one schema
         gone = np.flatnonzero(eval_hit | semantic)
@@ -308,7 +328,8 @@ class SemDedupStage(Stage):
     # ---- report -----------------------------------------------------------------------------------------------
     def report(self, stage_dir: str, out_dir: str) -> dict:
         """What the step judged and dropped, its clusters, and eval decontamination beside align's dHash rule."""
-        from pipeline.report import Table, stage_folders
+        from pipeline.layout import stage_folders
+        from pipeline.report import Table
 
         man = shards.read_json(shards.join(stage_dir, "_manifest.json")) or {}
         reasons = man.get("reasons", {})
