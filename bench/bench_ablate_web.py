@@ -3,15 +3,9 @@ size control and the oracle. Writes bench/results/ablation_web.json. `make ablat
 
     .venv/bin/python bench/bench_ablate_web.py [--n 10000] [--seeds 0,1,2] [--steps 300] [--model clipcurate-tiny-rn]
 
-Two choices were made after the first run (n = 3000, the ViT tiny model), both because the oracle, trained on
-the truth-clean rows only, stayed at chance on shape classification (0.117 +- 0.015 against 1/12 = 0.083),
-so that task could rank nothing. Measured on the oracle rows, seed 0, 300 steps:
-  * more steps do not help (ResNet 300 steps: 0.154, 600 steps: 0.154): the limit is data and the model;
-  * the 16-px-patch ViT stays at chance even with 3x the data (n = 10000: 0.104), an 8-px patch gives 0.125;
-  * a small ResNet (`clipcurate-tiny-rn`) learns shape: 0.154 at n = 3000, 0.175 at n = 10000 (96 px: 0.175).
-So the ablation trains `clipcurate-tiny-rn` on a 10,000-row web world. The world's noise composition is
-unchanged (it is fixed in pipeline/demo_world.py): only its size and the ablation's model changed. The pool's
-curation (including dfn's filtering network, trained by `dfn-train` with the world config's ViT) is untouched.
+It trains `clipcurate-tiny-rn` on a 10,000-row web world: on the first, smaller setting the oracle itself could
+rank nothing (why and the figures: bench/README.md, "Why the web ablation trains a small ResNet on 10,000 rows").
+The world's noise composition is fixed in demo/composition.py.
 
 1. The web-noise world (`clipcurate demo-world --noise web`: its composition and sources are in
    demo/composition.py), crawled and curated as `bench/bench_filters.py` does it (same cache).
