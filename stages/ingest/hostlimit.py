@@ -28,9 +28,8 @@ import random
 import socket
 import time
 import urllib.request
-from urllib.parse import urlsplit
 
-from pipeline import egress
+from stages.ingest.optout import origin_key
 
 POLL_START, POLL_MAX = 0.005, 0.1  # seconds between tries for a slot: short at first, then backing off
 
@@ -51,16 +50,10 @@ class HostLimits:
         return self.concurrency > 0 or self.rps > 0
 
     def key(self, url: str) -> str | None:
-        """"host:port" of the URL (egress.host_key's spelling), None when it names no host or is exempt."""
-        try:
-            p = urlsplit(url)
-            port = p.port or egress.DEFAULT_PORTS[p.scheme.lower()]
-        except (ValueError, KeyError):
-            return None
-        if not p.hostname:
-            return None
-        key = egress.host_key(p.hostname, port)
-        return None if key in self.exempt else key
+        """"host:port" of the URL (as allow_private_hosts spells it), None when it names no host or is exempt."""
+        origin = origin_key(url)
+        key = origin.split("://", 1)[1] if origin else None
+        return None if key is None or key in self.exempt else key
 
     def _path(self, key: str, suffix: str) -> str:
         return os.path.join(self.folder, hashlib.sha256(key.encode()).hexdigest()[:24] + suffix)
