@@ -9,11 +9,13 @@ Which rows (the rule, on img2dataset's `status` and `error_message` and our opt-
 - never retried: any other HTTP answer (404, 403, 410 ...), an image that failed to decode or is no image, an
   opt-out (robots.txt rules, TDMRep, X-Robots-Tag), an egress refusal, a malformed or repeated row.
 
-Where the retried rows go: a row img2dataset downloaded into shard S keeps its place in S (S is rewritten with
-the retry's answer in that row: its status, error, bytes and sizes; the key and position stay, so every image
-reference into S stays valid); rows that never reached img2dataset (robots.txt unreachable) and are now
-downloaded go to one new store shard, and leave `invalid-urls.parquet`. The rewritten files are new inputs to
-the ingest step: the runner's resume redoes it and the steps after it on the next `clipcurate run`.
+Where the retried rows go: a recovered row img2dataset had downloaded into shard S keeps its place in S (S is
+rewritten with the retry's answer in that row: its status, bytes and sizes; the key and position stay, so every
+image reference into S stays valid); a row that fails again keeps its first error, and its shard is not touched.
+Rows that never reached img2dataset (robots.txt unreachable) that its robots.txt now allows go to one new store
+shard, downloaded or not, and leave `invalid-urls.parquet`. Only rewritten or added files are new inputs: with
+none, nothing is redone; else the runner's resume redoes the ingest step and, on the next `clipcurate run`, the
+steps after it (each a whole step: the runner's resume is per step when an input changes).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def retry_failed(raw_dir: str, stage_dir: str, cfg, policy, optout_dir: str, run
             lists.append(bad.select(_list_columns(bad)))
     invalid_path = shards.join(raw_dir, INVALID)
     invalid = pl.from_arrow(shards.read_shard(invalid_path)) if shards.exists(invalid_path) else None
-    refetched_hosts, allowed_now = 0, None
+    refetched_hosts, allowed_now, robots_changed = 0, None, False
     if invalid is not None and "robots_status" in invalid.columns:
         unreachable = invalid.filter(robots_unreachable())
         if unreachable.height:
@@ -84,6 +86,7 @@ def retry_failed(raw_dir: str, stage_dir: str, cfg, policy, optout_dir: str, run
             checked, info = check_urls(urls, settings_of(cfg), policy, optout_dir, refetch_unreachable=True)
             refetched_hosts = info["fetched"]
             verdict = pl.DataFrame({"url": urls}).hstack(checked)
+            robots_changed = bool((verdict["robots_status"] != "unreachable").any())
             allowed_now = verdict.filter(pl.col("optout").is_null())["url"]
             # the rows robots.txt now allows, as a URL list again (their captions grouped back, as download.py does)
             again = (unreachable.filter(pl.col("url").is_in(allowed_now.implode()))
@@ -99,6 +102,7 @@ def retry_failed(raw_dir: str, stage_dir: str, cfg, policy, optout_dir: str, run
             invalid = _with_fresh_evidence(invalid, verdict)
     tried = sum(x.height for x in lists)
     out = {"tried": tried, "robots_refetched_hosts": refetched_hosts, "recovered": 0, "still_failing": 0,
+           "changed_files": 0,
            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if not tried:
         return out
@@ -113,8 +117,12 @@ def retry_failed(raw_dir: str, stage_dir: str, cfg, policy, optout_dir: str, run
     stats = run_img2dataset(list_path, shards.join(work, "out"), cfg, additional_columns=extra, policy=policy)
     got = pl.concat([pl.from_arrow(shards.read_shard(f)) for f in shards.list_shards(shards.join(work, "out"))],
                     how="diagonal_relaxed")
-    for f, urls in failed.items():
-        _patch_shard(f, got.filter(pl.col("url").is_in(urls)))
+    changed = 0  # store files rewritten or added: what the ingest step has to redo
+    for f, urls in failed.items():  # a row that fails again keeps its first error: its shard stays as it was
+        recovered = got.filter(pl.col("url").is_in(urls) & (pl.col("status") == "success"))
+        if recovered.height:
+            _patch_shard(f, recovered)
+            changed += 1
     if allowed_now is not None and allowed_now.len():
         fresh = got.filter(pl.col("url").is_in(allowed_now.implode()))
         if fresh.height:
@@ -125,12 +133,14 @@ def retry_failed(raw_dir: str, stage_dir: str, cfg, policy, optout_dir: str, run
             table = fresh.to_arrow()
             shards.write_shard(_cast_like(table, template), shards.join(raw_dir, name))
             out["new_shard"] = name
+            changed += 1
         # (their evidence is today's already: what marks them is the URL, now in a store shard)
         invalid = invalid.filter(~((pl.col("status") == ROBOTS_DISALLOWED) & pl.col("url").is_in(allowed_now.implode())))
-    if invalid is not None:
+    if invalid is not None and robots_changed:  # a robots.txt that answered today: its rows' evidence is new
         shards.write_shard(invalid.to_arrow(), invalid_path)
+        changed += 1
     ok = int((got["status"] == "success").sum())
-    out.update(recovered=ok, still_failing=got.height - ok, img2dataset=stats)
+    out.update(recovered=ok, still_failing=got.height - ok, changed_files=changed, img2dataset=stats)
     shards.remove(work)
     return out
 
