@@ -175,8 +175,9 @@ class AlignStage(Stage):
     def rules(self) -> list[Rule]:
         """Every rule, in order; those `rules` leaves out are not in the list (their rows are never judged by
         them, and the manifest does not name them as skipped)."""
-        chosen = set(self.config.rules or REASONS)
-        return [r for r in self._all_rules() if r.name in chosen]
+        every = self._all_rules()  # a subclass may add its own rule to the list: it runs unless `rules` leaves it out
+        chosen = set(self.config.rules) if self.config.rules else {r.name for r in every}
+        return [r for r in every if r.name in chosen]
 
     def _all_rules(self) -> list[Rule]:
         c = self.config
