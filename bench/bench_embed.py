@@ -11,7 +11,7 @@ first `--b32-rows` rows in 2 shards (one a worker: ViT-B-32 embeds ~2-6 rows/s a
 would take over an hour a side).
 
 Per network, `--rounds` (ViT-B-32: `--b32-rounds`) paired rounds, the order of the two sides alternating:
-  ours  the runner's own LocalCluster of 2 single-threaded worker processes (`pipeline.runner.DaskExecutor(2)`,
+  ours  the runner's own LocalCluster of 2 single-threaded worker processes (`pipeline.executors.DaskExecutor(2)`,
         what `--workers 2` starts: worker_env, preload, Dask's OMP_NUM_THREADS=1), started fresh each round and
         before the clock, its workers importing torch and open_clip before the clock too (as the bare processes
         do); then `run_pipeline(["embed"], ..., scheduler=that cluster)`: embed rows/s = rows_in / the stage's
@@ -70,7 +70,8 @@ SAMPLE_ROWS = 64
 # ---- the code measured ---------------------------------------------------------------------------------
 UNDER_TEST = ["stages/embed.py", "stages/dfn.py", "trainer/embed.py", "trainer/score.py", "trainer/models.py",
               "trainer/data.py", "trainer/hub.py", "pipeline/embeddings.py", "pipeline/runner.py", "pipeline/stage.py",
-              "pipeline/images.py", "pipeline/context.py", "pipeline/worker_init.py"]
+              "pipeline/tasks.py", "pipeline/executors.py", "pipeline/images.py", "pipeline/context.py",
+              "pipeline/worker_init.py"]
 
 
 def code_state() -> dict:
@@ -247,7 +248,8 @@ def compare_sample(run_dir: Path, model_id: str, sample: Path) -> dict:
 def run_ours(net: dict, pool: Path, cfg: dict, run_dir: Path) -> dict:
     """The three steps on a fresh cluster; the run folder is left for the sample comparison (the caller
     removes it)."""
-    from pipeline.runner import DaskExecutor, run_pipeline
+    from pipeline.executors import DaskExecutor
+    from pipeline.runner import run_pipeline
 
     t0 = time.perf_counter()
     ex = DaskExecutor(WORKERS)  # the LocalCluster `--workers 2` starts

@@ -351,8 +351,11 @@ def bin_path(name: str) -> str:
 # ---- cluster and measurement --------------------------------------------------------------------
 def worker_settings(tree: str) -> tuple[dict, list[str]]:
     """The Dask config and preload modules that `tree`'s runner gives its LocalCluster's workers
-    (pipeline.runner.WORKER_DASK_CONFIG, WORKER_PRELOAD; none in a tree older than them)."""
-    code = ("import json, pipeline.runner as r; print(json.dumps([getattr(r, 'WORKER_DASK_CONFIG', {}), "
+    (pipeline.executors.WORKER_DASK_CONFIG, WORKER_PRELOAD; pipeline.runner's in a tree older than executors.py;
+    none in a tree older than them)."""
+    code = ("import importlib, importlib.util as u, json; r = importlib.import_module('pipeline.executors' if "
+            "u.find_spec('pipeline.executors') else 'pipeline.runner'); "
+            "print(json.dumps([getattr(r, 'WORKER_DASK_CONFIG', {}), "
             "getattr(r, 'WORKER_PRELOAD', [])]))")
     out = subprocess.run([sys.executable, "-c", code], env=tree_env(tree), cwd=tree, capture_output=True, text=True,
                          check=True)

@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_align import DATA, FLICKR, LAION, _worker_peak_rss, build_pool, load_real, reset_peak_rss  # noqa: E402
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.runner import run_pipeline, worker_env  # noqa: E402
+from pipeline.executors import worker_env  # noqa: E402
+from pipeline.runner import run_pipeline  # noqa: E402
 
 STAGES = ["align", "metaclip", "klite"]
 GOAL_ROWS_PER_MIN = 1_000_000

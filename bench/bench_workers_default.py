@@ -5,7 +5,7 @@ For each pool size, a demo world of about that many URL rows is made and ingeste
 and close included), its step folders removed before each timing, the two modes alternated per repeat to
 spread drift in machine load. Also records whether the command's stderr carried Dask's
 "Worker process still alive after ... seconds, killing" warning. Writes bench/results/workers_default.json; the
-runner's `IN_PROCESS_BELOW` (pipeline/runner.py) is read off it.
+runner's `IN_PROCESS_BELOW` (pipeline/executors.py) is read off it.
 
     .venv/bin/python bench/bench_workers_default.py [--sizes 300,3000,10000] [--repeats 2] [--append]
 

@@ -116,7 +116,7 @@ class Stage:
     # ---- partitioned statistics (optional) -------------------------------------------------------
     # For pool-wide statistics that grow with the pool (align: one row per distinct image-text pair and
     # per LSH band key), one merged whole would have to fit in one worker, and every apply would load all
-    # of it. A stage that defines `split` gets a shuffle instead (runner.py): each shard's partial is cut
+    # of it. A stage that defines `split` gets a shuffle instead (stats_pass.py): each shard's partial is cut
     # by key hash into partitions; each partition is merged alone (memory ~ pool / partitions); from each
     # merged partition, `answer` picks what one shard's apply needs (the keys that shard holds), and
     # apply gets `join_answers` of its shard's answers. The same design as datatrove's MinHash dedup.
@@ -224,16 +224,3 @@ class Stage:
     def detached(self) -> ShardContext:
         """The context of a call made without a runner: no run folder, no pass-1 cache, in-memory pixels."""
         return ShardContext.detached(self)
-
-
-def __getattr__(name: str):
-    """Names that moved out of this module (registry.py, hashing.py), for the two modules being split while
-    this lands (runner.py, report.py): TEMPORARY, removed once they import from the new places."""
-    import importlib as _il
-
-    where = {"stage_class": "pipeline.registry", "stage_names": "pipeline.registry", "get_stage": "pipeline.registry",
-             "STAGES_GROUP": "pipeline.registry", "fingerprint": "pipeline.hashing", "uniform": "pipeline.hashing",
-             "uid_to_u64": "pipeline.hashing", "split_by_reason": "pipeline.rules", "first_reason": "pipeline.rules"}
-    if name in where:
-        return getattr(_il.import_module(where[name]), name)
-    raise AttributeError(f"module 'pipeline.stage' has no attribute {name!r}")

@@ -7,9 +7,9 @@ turns it into one line ("interrupted; rerun the same command to resume") and clo
 took the signal themselves died mid-task and printed ~65 lines of tracebacks first. Workers ignore it: the
 driver's shutdown stops them.
 
-A fresh worker's first task paid for importing the spine (pipeline.runner with pyarrow, polars and numpy:
-0.26 s), Pillow's plugins and its stage's lazy libraries (align's datasketch and scipy: 0.28 s), on top of its
-work. A background thread imports them as the worker starts, while the driver plans the stage; a task that needs
+A fresh worker's first task paid for importing the spine (its tasks, pipeline/tasks.py, with pyarrow, polars and
+numpy: 0.26 s), Pillow's plugins and its stage's lazy libraries (align's datasketch and scipy: 0.28 s), on top of
+its work. A background thread imports them as the worker starts, while the driver plans the stage; a task that needs
 them first waits on Python's import lock, never imports twice. Only what a built-in stage lists in
 `Stage.worker_imports` (cheap to hold); torch and spaCy stay lazy: a worker imports them when its stage runs.
 
@@ -85,10 +85,10 @@ def _import_spine() -> None:
     try:
         import importlib
 
-        import pipeline.runner  # noqa: F401
+        import pipeline.tasks  # noqa: F401  (what a worker runs; not the runner: it imports this module)
         from PIL import Image
 
-        from pipeline.stage import stage_class, stage_names
+        from pipeline.registry import stage_class, stage_names
 
         Image.preinit()
         for name in stage_names():  # the registered stages' own cheap lazy imports (Stage.worker_imports)

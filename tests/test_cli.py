@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import config as config_mod
-from pipeline import runner
+from pipeline import executors, runner
 from pipeline.cli import build_parser
 from pipeline.cli import main as cli_main
 
@@ -263,7 +263,7 @@ def test_rerun_with_nothing_to_do_starts_no_cluster(tmp_path, caplog, monkeypatc
         def __init__(self, *a, **k):
             raise AssertionError("a cluster was started for a run with nothing to do")
 
-    monkeypatch.setattr(runner, "DaskExecutor", NoCluster)
+    monkeypatch.setattr(executors, "DaskExecutor", NoCluster)
     caplog.clear()
     with caplog.at_level("INFO", logger="clipcurate"):
         assert cli_main(argv + ["--workers", "2"]) == 0

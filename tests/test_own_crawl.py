@@ -373,7 +373,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def test_the_readme_route_from_a_url_list(tmp_path, hf_home, capsys):
     """Step 4's other branch: a URL list, downloaded by img2dataset (from a loopback server, which the config must
     allow: `[ingest] allow_private_hosts`), then the same `run` to a training set with the published stand-in."""
-    # the first route's weights: in one process, a dfn instance (cached per config by pipeline.stage.get_stage)
+    # the first route's weights: in one process, a dfn instance (cached per config by pipeline.registry.get_stage)
     # keeps the network it loaded even when the cache behind the same name holds other weights now
     # (its key names the network, not the weights; seed=1 here shows it: the stored identity keeps seed 0's digest)
     weights = publish(hf_home, repo="apple/DFN-public", seed=0)

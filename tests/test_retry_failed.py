@@ -138,3 +138,24 @@ def test_transient_rule_hand_cases(error, transient):
     import re
 
     assert bool(re.search(TRANSIENT_ERROR, error)) is transient
+
+
+def test_a_retry_that_recovers_nothing_leaves_the_run_unchanged(tmp_path, capsys):
+    from tests.test_optout import _png
+
+    host = Host({"/down.png": (503, b"busy"), "/up.png": (200, _png(3))})
+    with host:
+        pq.write_table(pa.table({"url": [host.url + "/down.png", host.url + "/up.png"], "caption": ["a", "b"]}),
+                       tmp_path / "u.parquet")
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[ingest]\nprocesses = 1\nthreads = 2\ntimeout = 20\nuser_agent = "{UA}"\nbackoff_tries = 0\n'
+                       f'allow_private_hosts = ["127.0.0.1:{host.port}"]\n')
+        runs = ["--runs-dir", str(tmp_path / "runs"), "ingest"]
+        assert cli_main(runs + [str(tmp_path / "u.parquet"), "--run", "r", "--config", str(cfg), "--workers", "0"]) == 0
+        store = tmp_path / "runs" / "r" / "00_ingest"
+        before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*.parquet")}
+        capsys.readouterr()
+        assert cli_main(runs + ["--run", "r", "--retry-failed", "--workers", "0"]) == 0
+        assert host.paths["/down.png"] == 2 and host.paths["/up.png"] == 1
+    assert "1 URLs retried, none downloaded now: run r is unchanged" in capsys.readouterr().out
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.rglob("*.parquet")} == before

@@ -22,7 +22,7 @@ from pipeline import schema, shards
 from pipeline.cli import main as cli_main
 from pipeline.runner import run_pipeline
 from pipeline.hashing import uniform
-from pipeline.stage import first_reason, split_by_reason
+from pipeline.rules import first_reason, split_by_reason
 from tests.stages_for_tests import FirstWordStage, make_pool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,7 +331,7 @@ def test_unforeseen_error_in_a_shard_is_one_line_naming_stage_and_shard(tmp_path
         raise KeyError("surprise")
 
     monkeypatch.setattr(FirstWordStage, step, boom)
-    from pipeline.runner import ShardFailed
+    from pipeline.tasks import ShardFailed
 
     with pytest.raises(ShardFailed, match=rf"{STAGE} {step}: shard part-0000\d.parquet: KeyError: 'surprise'") as e:
         run_pipeline([STAGE], str(tmp_path / "r"), config_mod.resolve({}), input_dir=str(tmp_path / "in"), workers=0)
@@ -339,7 +339,7 @@ def test_unforeseen_error_in_a_shard_is_one_line_naming_stage_and_shard(tmp_path
 
 
 def test_worker_env_splits_cores_among_workers_and_keeps_a_users_setting(monkeypatch):
-    from pipeline.runner import worker_env
+    from pipeline.executors import worker_env
 
     monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -352,7 +352,7 @@ def test_worker_env_splits_cores_among_workers_and_keeps_a_users_setting(monkeyp
 
 def test_local_cluster_workers_get_their_share_of_polars_threads(monkeypatch):
     """Each worker process imports polars with cores // workers threads (not all cores each)."""
-    from pipeline.runner import DaskExecutor
+    from pipeline.executors import DaskExecutor
 
     monkeypatch.delenv("POLARS_MAX_THREADS", raising=False)
 
@@ -394,7 +394,7 @@ def test_dask_collect_values_waits_instead_of_spinning(monkeypatch):
     import distributed
     from distributed import LocalCluster
 
-    from pipeline.runner import DaskExecutor
+    from pipeline.executors import DaskExecutor
 
     calls = []
     real_wait = distributed.wait
@@ -407,7 +407,7 @@ def test_dask_collect_values_waits_instead_of_spinning(monkeypatch):
     with LocalCluster(n_workers=1, threads_per_worker=3, processes=False, dashboard_address=None) as cluster:
         ex = DaskExecutor(scheduler=cluster.scheduler_address)
         try:
-            futures = ex.collect_values(_nap, [(0.01,), (0.6,), (1.2,)], "nap")
+            futures = ex.collect_values(_nap, [0.01, 0.6, 1.2], "nap")  # one item per task
             assert [f.result() for f in futures] == [0.01, 0.6, 1.2]  # in the items' order
         finally:
             ex.close()
@@ -417,7 +417,7 @@ def test_dask_collect_values_waits_instead_of_spinning(monkeypatch):
 def test_a_file_the_run_wrote_is_identified_without_reading_it(tmp_path, monkeypatch):
     """Ingest's input is the run's own download (the image store): its fingerprint must not read the bytes
     (a content digest of a 3 TB store). A file from outside the run (--input, a crawl) is digested."""
-    from pipeline import runner, shards
+    from pipeline import resume, shards
 
     run = tmp_path / "runs" / "r"
     inside = run / "00_ingest" / "_img2dataset" / "00000.parquet"
@@ -427,7 +427,7 @@ def test_a_file_the_run_wrote_is_identified_without_reading_it(tmp_path, monkeyp
         p.write_bytes(b"jpeg bytes")
     read = []
     monkeypatch.setattr(shards.DigestCache, "digest", lambda self, path, info=None: read.append(path) or "d")
-    ident = runner._input_identity(str(inside), None, shards.DigestCache(None), str(run))
+    ident = resume.input_identity(str(inside), None, shards.DigestCache(None), str(run))
     assert read == [] and ident["size"] == 10 and "mtime" in ident
-    assert runner._input_identity(str(outside), None, shards.DigestCache(None), str(run))["sha256"] == "d"
+    assert resume.input_identity(str(outside), None, shards.DigestCache(None), str(run))["sha256"] == "d"
     assert read == [str(outside)]

@@ -1,4 +1,4 @@
-"""`--workers` not given: in-process below a measured pool size (pipeline/runner.py `default_workers`,
+"""`--workers` not given: in-process below a measured pool size (pipeline/executors.py `default_workers`,
 bench/results/workers_default.json); an explicit `--workers N` is honoured; and a LocalCluster whose workers
 imported spaCy closes without Dask's "Worker process still alive after 4.0 seconds, killing"
 (pipeline/worker_init.py)."""
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.runner import IN_PROCESS_BELOW, LazyExecutor, default_workers
-from pipeline.stage import Stage, split_by_reason
+from pipeline.executors import IN_PROCESS_BELOW, LazyExecutor, default_workers
+from pipeline.rules import split_by_reason
+from pipeline.stage import Stage
 from tests.stages_for_tests import make_pool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +93,7 @@ def test_a_closed_cluster_leaves_the_drivers_environment_as_it_was(monkeypatch):
     """Dask puts its nanny settings (MALLOC_TRIM_THRESHOLD_, OMP_NUM_THREADS) in the driver's os.environ; a
     process the command starts after the cluster closed must not inherit them (bench_embed's bare loop ran ~40%
     slower per CPU second with them)."""
-    from pipeline.runner import DaskExecutor
+    from pipeline.executors import DaskExecutor
 
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "7")

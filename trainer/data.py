@@ -22,7 +22,7 @@ Sources (`open_source(path)`):
 Order: step k's batch is a slice of a permutation of the set seeded by (seed, epoch) (`StepBatchSampler`):
 the order is a pure function of (seed, step), whatever the worker count, and a resumed run starts exactly
 at its step without reading the skipped samples. Per sample, the K-LITE choice and the augmentation seed are
-pure functions of (uid, seed, epoch) (`pipeline.stage.uniform`), so resume reproduces them too.
+pure functions of (uid, seed, epoch) (`pipeline.hashing.uniform`), so resume reproduces them too.
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ class PairDataset:
         self._epoch_draws = None
         self.decode_size = decode_size
         # the uids' 64-bit keys, folded here in the parent: DataLoader workers are forked, and polars (which
-        # pipeline.stage.uid_to_u64 uses) deadlocks in a child forked after the parent used its thread pool
+        # pipeline.hashing.uid_to_u64 uses) deadlocks in a child forked after the parent used its thread pool
         from pipeline.hashing import uid_to_u64
 
         self._keys = uid_to_u64(list(source.uids)) if len(source) else np.zeros(0, np.uint64)

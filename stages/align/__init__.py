@@ -87,8 +87,8 @@ from .report import funnel_report
 from .rules import (REASONS, AspectRatio, EvalNearDuplicate, ExactDuplicate, ImageManyTexts, ImageTooSmall,
                     ImageUnreadable, Language, LanguageId, NearDuplicate, RareToken, TextManyImages, TooFewWords,
                     TooManyWords, ZipfVocabulary)
-from .stats import LOOKUPS, META_SUMS, AlignAnswer, AlignStats, _lookup
-from .text import TOKEN_RE, _explode_tokens, normalise_text, shingles, tokenize, word_table
+from .stats import LOOKUPS, META_SUMS, AlignAnswer, AlignStats, lookup_values
+from .text import TOKEN_RE, explode_tokens, normalise_text, shingles, tokenize, word_table
 
 __all__ = [
     "REASONS", "AlignStage", "STAGE", "AlignStats", "AlignAnswer", "RowFeatures", "Rule", "MinHasher", "HammingIndex",
@@ -345,7 +345,7 @@ class AlignStage(Stage):
         if img is not None:
             ctx.cache_put("images", table, img, self._images_key())
         f = self._features(table, img)
-        _, toks = _explode_tokens(f.tokens)
+        _, toks = explode_tokens(f.tokens)
         tok = hash64_strings(toks.to_arrow(), "tok") if len(toks) else np.zeros(0, _U64)
         ok = f.id_ok
         brow, keys = self._bands(f, self._band_rows(f))
@@ -389,26 +389,26 @@ class AlignStage(Stage):
 
         # each distinct word's pool count, for rare_token
         f.words, f.token_row, f.token_word = word_table(f.tokens)
-        f.word_count = (_lookup(stats.lookup("token_n"), hash64_strings(f.words.to_arrow(), "tok"), 0) if len(f.words)
+        f.word_count = (lookup_values(stats.lookup("token_n"), hash64_strings(f.words.to_arrow(), "tok"), 0) if len(f.words)
                         else np.zeros(0, _U64))
 
         # which copy of each uid is kept: every row has a uid, so this is known in every pool
         ck, copy_key, pos = self._copy_keys(table, f, ctx)
-        ck_min = _lookup(stats.lookup("uid_ck"), f.uid, _MAX_U64)
-        pos_min = _lookup(stats.lookup("copy_pos"), copy_key, _MAX_U64)
+        ck_min = lookup_values(stats.lookup("uid_ck"), f.uid, _MAX_U64)
+        pos_min = lookup_values(stats.lookup("copy_pos"), copy_key, _MAX_U64)
         f.other_copy_kept = other_copy_kept(ck, ck_min, pos, pos_min)
 
         # pool-wide counts by image identity (content hash, or url in text-only pools)
         f.pair_uid_min = np.full(n, _MAX_U64, dtype=_U64)
         if f.id_ok.any() or int(stats.meta.get("id_rows", 0)):
-            f.texts_per_image = _lookup(stats.lookup("image_texts"), f.image_id, 0)
-            f.images_per_text = _lookup(stats.lookup("text_images"), f.text_h, 0)
-            f.pair_uid_min = _lookup(stats.lookup("pair_uid"), combine64(f.image_id, f.text_h), _MAX_U64)
+            f.texts_per_image = lookup_values(stats.lookup("image_texts"), f.image_id, 0)
+            f.images_per_text = lookup_values(stats.lookup("text_images"), f.text_h, 0)
+            f.pair_uid_min = lookup_values(stats.lookup("pair_uid"), combine64(f.image_id, f.text_h), _MAX_U64)
             # an exact duplicate is not searched for near ones (exact_duplicate comes first): less MinHash work
             f.band_uid_min = np.full(n, _MAX_U64, dtype=_U64)
             brow, keys = self._cached_bands(table, f, self._band_rows(f) & ~ExactDuplicate().mask(f), ctx)
             if len(brow):
-                mins = _lookup(stats.lookup("band_uid"), keys.ravel(), _MAX_U64).reshape(keys.shape)
+                mins = lookup_values(stats.lookup("band_uid"), keys.ravel(), _MAX_U64).reshape(keys.shape)
                 f.band_uid_min[brow] = mins.min(axis=1)
             if not f.has_bytes.any() and f.id_ok.any():
                 self._note(ctx, "no image bytes: the url stands in for the image in image_many_texts, "

@@ -116,7 +116,7 @@ def _restrict(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray) -> tuple[n
     return table[0][i[found]], table[1][i[found]]
 
 
-def _lookup(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray, default: int) -> np.ndarray:
+def lookup_values(table: tuple[np.ndarray, np.ndarray], keys: np.ndarray, default: int) -> np.ndarray:
     i, found = _find(table[0], keys)
     out = np.full(len(keys), default, dtype=_U64)
     out[found] = table[1][i[found]]

@@ -27,7 +27,7 @@ def tokenize(norm: pl.Series) -> pl.Series:
     return norm.str.extract_all(TOKEN_RE).fill_null([])
 
 
-def _explode_tokens(tokens: pl.Series) -> tuple[np.ndarray, pl.Series]:
+def explode_tokens(tokens: pl.Series) -> tuple[np.ndarray, pl.Series]:
     """(row index per token, tokens) for a list[str] column."""
     lens = tokens.list.len().fill_null(0).to_numpy()
     rows = np.repeat(np.arange(len(tokens), dtype=np.int64), lens)
@@ -36,7 +36,7 @@ def _explode_tokens(tokens: pl.Series) -> tuple[np.ndarray, pl.Series]:
 
 def shingles(tokens: pl.Series, k: int) -> tuple[np.ndarray, pl.Series]:
     """Word k-shingles per row (rows with 1..k-1 tokens give one shingle: all their tokens)."""
-    rows, toks = _explode_tokens(tokens)
+    rows, toks = explode_tokens(tokens)
     if k <= 1 or len(rows) == 0:
         return rows, toks
     df = pl.DataFrame({"row": rows, "tok": toks})
@@ -56,7 +56,7 @@ def shingles(tokens: pl.Series, k: int) -> tuple[np.ndarray, pl.Series]:
 def word_table(tokens: pl.Series) -> tuple[pl.Series, np.ndarray, np.ndarray]:
     """(the shard's distinct words, sorted; row of each token; its word's index in the first): pool counts
     and reference-vocabulary lookups then go once per distinct word, not per token."""
-    rows, toks = _explode_tokens(tokens)
+    rows, toks = explode_tokens(tokens)
     if len(rows) == 0:
         return pl.Series([], dtype=pl.String), rows, np.zeros(0, np.int64)
     df = pl.DataFrame({"tok": toks}).with_columns(i=pl.col("tok").rank("dense").cast(pl.Int64) - 1)

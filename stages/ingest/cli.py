@@ -55,7 +55,8 @@ def _ingest_step(cfg: dict) -> "recipe.Step":
 
 
 def cmd_ingest(args) -> int:
-    from pipeline.runner import UPSTREAM_KEY, executor, run_stage
+    from pipeline.executors import executor
+    from pipeline.runner import UPSTREAM_KEY, run_stage
 
     if getattr(args, "retry_failed", False):
         return _ingest_retry(args)
@@ -126,7 +127,8 @@ MANIFEST_KEPT = ("download", "urls_downloaded", "rows_in", "url_list", "download
 def _ingest_retry(args) -> int:
     """`ingest --retry-failed`: the run's transient failures downloaded again into its store (retry.py), then
     the ingest step redone on the store (the runner redoes what the rewritten store shards changed)."""
-    from pipeline.runner import UPSTREAM_KEY, executor, run_stage
+    from pipeline.executors import executor
+    from pipeline.runner import UPSTREAM_KEY, run_stage
     from stages.ingest.download import DONE_MARKER, optout_folder, run_img2dataset, served
     from stages.ingest.retry import retry_failed
 
@@ -155,6 +157,9 @@ def _ingest_retry(args) -> int:
     if not got["tried"]:
         print(f"ingest --retry-failed: nothing to retry in run {args.run}: no row failed for a transient reason "
               "(a timeout, a connection error, a 429 or 5xx answer, an unreachable robots.txt)")
+        return 0
+    if not got["changed_files"]:
+        print(f"ingest --retry-failed: {got['tried']} URLs retried, none downloaded now: run {args.run} is unchanged")
         return 0
     before = shards.read_json(shards.join(stage_dir, "_manifest.json")) or {}
     with executor(args.workers, args.scheduler) as ex:
@@ -243,7 +248,8 @@ def _is_folder(path: str) -> bool:
 def _ingest_crawl(args, run_dir: str, cfg: dict) -> int:
     """Bring your own crawl: an img2dataset output folder (Parquet or WebDataset) is the run's image store, in
     place; ingest converts its metadata to rows with references, failures to rejected/ with img2dataset's error."""
-    from pipeline.runner import executor, run_stage
+    from pipeline.executors import executor
+    from pipeline.runner import run_stage
 
     config_mod.save(cfg, shards.join(run_dir, "config.toml"))
     stage_dir = shards.join(run_dir, _ingest_step(cfg).folder)

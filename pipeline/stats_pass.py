@@ -1,0 +1,128 @@
+"""Pass 1, driven from the driver: a step's pool-wide statistics, for stages with `collect`.
+
+- A survey first, for a stage whose statistics need something pool-wide before collect (Stage.survey:
+  semdedup's centroids): partials per shard, tree-reduced, concluded once, saved beside the statistics.
+- Statistics bounded by something other than the pool (metaclip: entries; klite: lemmas): collect per shard,
+  partials tree-reduced with `merge` in shard order with a fixed fan-in, saved by the driver.
+- Statistics that grow with the pool (Stage.split: align), a shuffle: collect writes its partial cut by key hash
+  into partitions, one task per partition merges and saves it and writes each shard's answer. No task ever holds
+  more than one partition of the pool; the driver holds none.
+
+Reused, not recomputed, while `_stats.json` carries the step's fingerprint and its files pass their check
+(pipeline/resume.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline import codec, resume, shards
+from pipeline.config import RunConfig
+from pipeline.tasks import (MergeWith, PartitionTask, ShardTask, SplitTask, WorkerStep, answers_ready,
+                            collect_split_task, collect_task, merge_partition_task, shard_context, survey_path,
+                            survey_task)
+
+log = logging.getLogger("clipcurate.runner")  # the runner's logger: its lines read as one story to a user
+
+
+def stats_partitions(n_shards: int, shards_per_partition: int) -> int:
+    """A partition's merge holds about `shards_per_partition` shards' worth of keys whatever the pool size
+    (`[run] stats_shards_per_partition`), so memory per task stays flat as the pool grows. The result does not
+    depend on it: every key is merged whole inside its one partition."""
+    return max(1, -(-n_shards // max(1, int(shards_per_partition))))
+
+
+def pass_one(r: resume.StepRun, config: dict, todo: list[str], ex, timings: dict) -> tuple[int, int | None]:
+    """Pool-wide statistics, unless up to date: tree-reduced, or shuffled by key into partitions for a stage
+    whose statistics grow with the pool. Returns (partitions, answer bytes written; None when reused)."""
+    if not r.probe.has_stats:
+        return 0, None
+    prior = shards.read_json(resume.stats_marker(r.stage_dir)) or {}
+    shuffled = r.probe.shuffles_stats
+    partitions = int(prior.get("partitions", 0)) if shuffled else 0
+    # a shuffled stage's per-shard answers are removed once every shard is applied: needed again only
+    # when some shard is to do
+    if prior.get("fingerprint") == r.fp and (not shuffled or not todo or answers_ready(r.stage_dir, partitions)):
+        why = resume.stats_mismatch(r.stage_dir, prior, r.verify)
+        if why is None:
+            log.info("%s: statistics up to date, reusing", r.name)
+            return partitions, None
+        log.warning("%s: statistics: %s: recomputing them", r.name, why)
+    shards.remove(resume.stats_marker(r.stage_dir))  # stale stats must never be trusted if we die below
+    # ... nor left lying around: the report and a reader of the folder would take them as this run's
+    for sub in ("stats", "_shuffle", "survey"):
+        shards.remove(shards.join(r.stage_dir, sub))
+    answer_bytes, files = None, {}
+    if r.probe.has_survey:
+        _surveyed(r, ex, timings, files)
+    if shuffled:
+        per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
+        partitions = stats_partitions(len(r.inputs), per)
+        answer_bytes = _shuffled_stats(r, ex, timings, partitions, files)
+    else:
+        _reduced_stats(r, ex, timings, files)
+    resume.write_stats_marker(r, partitions, files)
+    return partitions, answer_bytes
+
+
+def _surveyed(r: resume.StepRun, ex, timings: dict, files: dict) -> None:
+    """The survey pass: partials per shard, tree-reduced, concluded once here, saved beside the statistics."""
+    t0 = time.perf_counter()
+    step = WorkerStep.of(r)
+    partials = ex.collect_values(survey_task, [ShardTask(step, p) for p in r.inputs], f"{r.name} survey")
+    merged = ex.tree_reduce(MergeWith(step, "merge_survey"), partials, f"{r.name} survey merge")
+    del partials
+    stage = step.build()
+    result = stage.conclude_survey(merged, shard_context(stage, r.stage_dir, ""))
+    with shards.recording_writes() as wrote:
+        shards.write_bytes(codec.encode(result), survey_path(r.stage_dir))
+    files.update(shards.records_under(r.stage_dir, wrote))
+    timings["survey_s"] = round(time.perf_counter() - t0, 3)
+
+
+# (these two name their passes by the stage's name, `align`, as they always have; the survey by the step's)
+def _reduced_stats(r: resume.StepRun, ex, timings: dict, files: dict) -> None:
+    """Statistics bounded by something other than the pool (metaclip: entries; klite: lemmas): partials
+    tree-reduced with `merge`, saved by the driver; `files` gets the records of the files saved."""
+    t0 = time.perf_counter()
+    step = WorkerStep.of(r)
+    partials = ex.collect_values(collect_task, [ShardTask(step, p) for p in r.inputs], f"{r.stage} collect")
+    timings["collect_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    stats = ex.tree_reduce(MergeWith(step), partials, f"{r.stage} merge")
+    # On Dask these are futures: held, they make the scheduler recompute a partial whose worker dies
+    # later, in apply, rerunning collect (and its side effects, e.g. a pass-1 cache file written
+    # after apply took it) for nothing. Released now.
+    del partials
+    stats_dir = shards.join(r.stage_dir, "stats")
+    shards.remove(stats_dir)
+    with shards.recording_writes() as wrote:
+        r.probe.save_stats(stats, stats_dir)
+    files.update(shards.records_under(r.stage_dir, wrote))
+    timings["merge_s"] = round(time.perf_counter() - t0, 3)
+
+
+def _shuffled_stats(r: resume.StepRun, ex, timings: dict, partitions: int, files: dict) -> dict:
+    """Statistics that grow with the pool (Stage.split): collect writes each shard's partial cut into
+    partitions; one task per partition merges it, saves it as stats/pNNNN and writes every shard's answer.
+    Returns the size of the answers one shard reads in apply (bytes: max and mean over shards); `files` gets
+    the records of the statistics files saved (for `_stats.json`)."""
+    t0 = time.perf_counter()
+    step = WorkerStep.of(r)
+    names = [None] * len(r.inputs)
+    items = [SplitTask(step, p, partitions) for p in r.inputs]
+    for i, out in ex.map(collect_split_task, items, f"{r.stage} collect"):
+        names[i] = out
+    timings["collect_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    per_shard = [0] * len(names)  # what each shard's apply will read, over all partitions
+    items = [PartitionTask(step, k, names) for k in range(partitions)]
+    for _, (sizes, saved) in ex.map(merge_partition_task, items, f"{r.stage} merge ({partitions} partitions)"):
+        per_shard = [a + b for a, b in zip(per_shard, sizes)]
+        files.update(saved)
+    shards.remove(shards.join(r.stage_dir, "_shuffle", "pieces"))
+    timings["merge_s"] = round(time.perf_counter() - t0, 3)
+    log.info("%s: statistics in %d partitions; answers per shard: max %.1f MiB, mean %.1f MiB", r.stage, partitions,
+             max(per_shard) / 2**20, sum(per_shard) / len(per_shard) / 2**20)
+    return {"max": max(per_shard), "mean": round(sum(per_shard) / len(per_shard))}

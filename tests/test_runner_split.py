@@ -1,0 +1,70 @@
+"""runner.py split by job (#34): executors.py, tasks.py, resume.py, stats_pass.py. What must not move with it: the
+fingerprint a step's output is made from (a run made before the split resumes as up to date after it), and what
+a task says about where it works when its worker dies."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from pipeline import config as config_mod
+from pipeline import executors, resume, shards, tasks
+from pipeline.runner import run_stage
+from tests.stages_for_tests import make_pool
+
+STAGE = "tests.stages_for_tests:FirstWordStage"
+# The manifest's fingerprint of the step below, computed by the runner before the split (HEAD 89f35ec, the same
+# script): a change here means every existing run redoes every step.
+FINGERPRINT_BEFORE_THE_SPLIT = "303691f89e8feb00"
+
+
+def test_a_steps_fingerprint_is_the_one_the_runner_made_before_the_split(tmp_path):
+    """Upstream shards identified by their upstream fingerprints (no file bytes, so no pyarrow version, in it)."""
+    run = tmp_path / "runs" / "r"
+    up = str(run / "01_up")
+    for i, p in enumerate(make_pool(40, 2, up)):
+        shards.write_json({"fingerprint": f"up{i}"}, resume.done_path(up, shards.shard_name(p)))
+    res = run_stage(STAGE, str(run), up, config_mod.resolve({}), executors.InProcessExecutor(), upstream_is_stage=True)
+    assert res.manifest["fingerprint"] == FINGERPRINT_BEFORE_THE_SPLIT
+    assert res.manifest["rows_out"] == 14
+    markers = [resume.read_done(res.folder, s["shard"]) for s in res.manifest["shards"]]
+    assert all(m["fingerprint"] == FINGERPRINT_BEFORE_THE_SPLIT and resume.FILES_KEY in m for m in markers)
+
+
+def _tasks() -> dict[str, object]:
+    step = tasks.WorkerStep("firstword", {"keep": 0.5}, 0, "/runs/r/01_firstword")
+    return {
+        "shard part-00003.parquet": tasks.ShardTask(step, "/pool/part-00003.parquet"),
+        "shard part-00004.parquet": tasks.SplitTask(step, "/pool/part-00004.parquet", 4),
+        "shard part-00005.parquet": tasks.ApplyTask(step, "/pool/part-00005.parquet", fp="ab", partitions=2),
+        "statistics partition 7": tasks.PartitionTask(step, 7, ["part-00000.parquet"]),
+        "finalize item part-00001": tasks.FinalizeTask(step, {"name": "part-00001", "slices": []}, verify=True),
+    }
+
+
+def test_tasks_travel_by_pickle_and_say_where_they_work():
+    for where, task in _tasks().items():
+        back = pickle.loads(pickle.dumps(task))
+        assert back == task and back.where == where
+    merge = pickle.loads(pickle.dumps(tasks.MergeWith(_tasks()["statistics partition 7"].step, "merge_survey")))
+    assert merge.hook == "merge_survey"
+
+
+def test_a_task_whose_worker_died_is_named_in_one_line():
+    distributed = pytest.importorskip("distributed")
+    from pipeline.errors import StageError
+
+    for where, task in [*_tasks().items(), ("merge task", None)]:
+        with pytest.raises(StageError) as e, executors._worker_deaths("align apply", task):
+            raise distributed.KilledWorker("task-key-0123", None, 3)
+        assert str(e.value).startswith(f"align apply: {where}: the Dask worker running it died on every try")
+        assert "\n" not in str(e.value)
+
+
+def test_executors_give_a_task_one_item():
+    """In-process, as on Dask: `fn(item)`, the task's dataclass whole (not spread over positional arguments)."""
+    ex = executors.InProcessExecutor()
+    items = [(1, 2), (3, 4)]
+    assert dict(ex.map(lambda item: item, items, "echo")) == {0: (1, 2), 1: (3, 4)}
+    assert ex.collect_values(sum, items, "sum") == [3, 7]
