@@ -18,7 +18,7 @@ from metadata import wordnet
 from pipeline.config import ConfigError
 from pipeline import config as config_mod
 from pipeline import shards
-from pipeline import stage as stage_mod
+from pipeline import errors, registry
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
 from stages import klite as klite_mod
@@ -299,7 +299,7 @@ def test_tagger_option_fallback_and_fingerprint(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="clipcurate.klite"):
         assert klite_mod.load_tagger("auto") is None
     assert "no part-of-speech tagger installed" in caplog.text
-    with pytest.raises(stage_mod.StageError, match="no spaCy English model is installed"):
+    with pytest.raises(errors.StageError, match="no spaCy English model is installed"):
         klite_mod.load_tagger("spacy")
 
 
@@ -386,11 +386,11 @@ def test_wordnet_missing_is_one_line(tmp_path, monkeypatch, capsys):
     from pipeline import cli
 
     monkeypatch.setattr(wordnet, "WORDNET_SRC", tmp_path / "empty")
-    monkeypatch.setattr(stage_mod, "_INSTANCES", {})
+    monkeypatch.setattr(registry, "_INSTANCES", {})
     monkeypatch.setenv("CLIPCURATE_CACHE", str(tmp_path / "cache"))
     wordnet.load.cache_clear()
     try:
-        with pytest.raises(stage_mod.StageError) as e:
+        with pytest.raises(errors.StageError) as e:
             KLiteStage({}).ensure_ready()
         msg = str(e.value)
         assert "\n" not in msg and "apt-get install -y wordnet-base wordnet-sense-index" in msg

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import config as config_mod
-from pipeline import stage as stage_mod
+from pipeline import errors
 from pipeline.config import ConfigError
 from pipeline.runner import run_pipeline
 from pipeline.schema import compute_uid
@@ -147,7 +147,7 @@ def test_every_mode_config_and_fingerprint(monkeypatch):
         KLiteStage({"pos_tagger": "spacy"}).fingerprint_parts()["tagger"]  # same tags: same output
     monkeypatch.setattr(tagger_mod, "_installed_model", lambda: None)
     monkeypatch.setattr(tagger_mod, "_TAGGERS", {})
-    with pytest.raises(stage_mod.StageError, match=r'pos_tagger = "every" but no spaCy English model'):
+    with pytest.raises(errors.StageError, match=r'pos_tagger = "every" but no spaCy English model'):
         klite_mod.load_tagger("every")
 
 
