@@ -1,6 +1,8 @@
 """Run-folder discovery: which step folders a run has, in what order, what their manifests say, and where the run
-started from. Read-only: nothing here writes a run. The report (pipeline/report/) and truth (pipeline/truth.py)
-both find a run's steps here, so neither imports the other to learn where the data is.
+started from, and the earlier step a step reads. The runner, the report (pipeline/report/) and truth
+(pipeline/truth.py) all find a run's steps here, so none imports another to learn where the data is. Two
+functions write: the run's record of its input pool (`record_source`) and of its image store
+(`record_input_store`), the two files that say where a run's data comes from.
 
 A run on disk (DESIGN.md, "A run on disk"): `runs/NAME/NN_<stage>[-<label>]/` per step of its recipe, each with
 a `_manifest.json` once the step has finished, its kept shards (`part-*.parquet`) and its `rejected/` shards.
@@ -8,12 +10,15 @@ a `_manifest.json` once the step has finished, its kept shards (`part-*.parquet`
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 
 from pipeline import config as config_mod
-from pipeline import recipe, shards, stale
+from pipeline import images, recipe, shards, stale
 from pipeline.errors import StageError
+
+log = logging.getLogger("clipcurate.runner")  # the runner's words, where the runner calls these
 
 MANIFEST = "_manifest.json"  # what the runner writes in a step's folder when the step has finished
 
@@ -83,3 +88,68 @@ def started_from(ms: list[dict]) -> str | None:
     if not src:
         return None
     return str(src).rstrip("/") if "://" in str(src) else os.path.normpath(os.path.abspath(str(src)))
+
+
+# ---- what a run folder records of its input, and the step a step reads --------------------------------------
+def record_input_store(run_dir: str, input_dir: str) -> "images.ImageStore | None":
+    """A pool given with --input becomes the run's image store when its shards hold image bytes (the runner
+    then reads them without the bytes, with references); a folder of metadata shards with references (another
+    run's stage) brings its run's store along. A text-only pool leaves the run's record as it is."""
+    store, refs = None, False
+    for path in shards.list_shards(input_dir):  # the first shard that says (an empty one may have no columns)
+        sch = shards.read_schema(path)
+        col = images.byte_column(sch)
+        if col is not None:
+            store = images.ImageStore(images.normalised(input_dir), "parquet", col)
+            break
+        if images.REF_COL in sch.names:
+            refs = True
+            break
+    if refs:
+        store = images.store_of_folder(input_dir)
+        if store is None:
+            log.warning("%s has image references but no run of its own records their image store (%s); "
+                        "stages that need pixels will fail", input_dir, images.STORE_FILE)
+            return None
+    elif store is None:
+        return None
+    store.save(run_dir)
+    return store
+
+
+SOURCE_FILE = "source.json"
+
+
+def record_source(run_dir: str, input_dir: str) -> None:
+    """The pool a run was started on with --input (`runs/NAME/source.json`): a later `run` without --input
+    reads it where no earlier stage of the run exists, as it reads ingest's output in a run that ingested."""
+    shards.write_json({"input": images.normalised(input_dir)}, shards.join(run_dir, SOURCE_FILE))
+
+
+def recorded_source(run_dir: str) -> str | None:
+    rec = shards.read_json(shards.join(run_dir, SOURCE_FILE)) or {}
+    return rec.get("input") or None
+
+
+def previous_stage_dir(run_dir: str, step: "recipe.Step", steps: list) -> str | None:
+    """The output of the nearest earlier step of the recipe that exists in this run (for a run given no --input)."""
+    for prev in reversed([s for s in steps if s.position < step.position]):
+        d = shards.join(run_dir, prev.folder)
+        if shards.exists(shards.join(d, MANIFEST)):
+            return d
+        if shards.exists(d) and shards.list_shards(d):
+            # a stage that wrote shards but no manifest was killed (or failed) mid-way: its folder may mix
+            # shards of an old and a new config. Reading past it to an earlier stage would silently skip it.
+            raise StageError(f"{step.name}: {prev.name} did not finish in this run ({d} has no _manifest.json); "
+                             f"rerun it first")
+    return None
+
+
+def skipped_stages(step: "recipe.Step", upstream_dir: str, steps: list) -> list[str]:
+    """Recipe steps between the folder a step reads and the step itself that have not run: `run klite` on a
+    fresh run reads ingest's output, and align and metaclip are then silently not part of the data."""
+    folder = shards.shard_name(upstream_dir)
+    earlier = [s for s in steps if s.position < step.position and s.folder == folder]
+    if not earlier:
+        return []
+    return [s.name for s in steps if earlier[0].position < s.position < step.position]

@@ -145,7 +145,7 @@ IMAGES, REFS_WITHOUT_STORE, NO_IMAGES = "images", "refs without a store", "no im
 
 def _input_images(input_dir: str) -> tuple[str | None, str | None]:
     """(what --input holds, why it cannot be read): IMAGES (image bytes, or references whose run records their
-    store), REFS_WITHOUT_STORE or NO_IMAGES, read from the shards' footers as `runner.record_input_store` reads
+    store), REFS_WITHOUT_STORE or NO_IMAGES, read from the shards' footers as `layout.record_input_store` reads
     them (the first shard that has columns says)."""
     try:
         paths = shards.list_shards(input_dir)

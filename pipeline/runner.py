@@ -20,9 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
-from pipeline import images, recipe, resume, schema, shards
+from pipeline import recipe, resume, schema, shards
 from pipeline.errors import StageError
 from pipeline.executors import executor, pool_rows_at_least
+from pipeline.layout import previous_stage_dir, record_input_store, record_source, recorded_source, skipped_stages
 from pipeline.registry import get_stage, stage_class
 from pipeline.stage import Stage
 from pipeline.stats_pass import pass_one
@@ -341,68 +342,3 @@ def _warn_skipped(step: "recipe.Step", upstream_dir: str, steps: list, running: 
         log.warning("%s reads %s: %s did not run in this run, so its rows are not curated by %s "
                     "(to include: clipcurate run %s,%s --run ...)", step.name, upstream_dir, ", ".join(missing),
                     "it" if len(missing) == 1 else "them", ",".join(missing), step.name)
-
-
-# ---- what a run folder records of its input (run-folder discovery: pipeline/layout.py's job, not moved yet)
-def record_input_store(run_dir: str, input_dir: str) -> "images.ImageStore | None":
-    """A pool given with --input becomes the run's image store when its shards hold image bytes (the runner
-    then reads them without the bytes, with references); a folder of metadata shards with references (another
-    run's stage) brings its run's store along. A text-only pool leaves the run's record as it is."""
-    store, refs = None, False
-    for path in shards.list_shards(input_dir):  # the first shard that says (an empty one may have no columns)
-        sch = shards.read_schema(path)
-        col = images.byte_column(sch)
-        if col is not None:
-            store = images.ImageStore(images.normalised(input_dir), "parquet", col)
-            break
-        if images.REF_COL in sch.names:
-            refs = True
-            break
-    if refs:
-        store = images.store_of_folder(input_dir)
-        if store is None:
-            log.warning("%s has image references but no run of its own records their image store (%s); "
-                        "stages that need pixels will fail", input_dir, images.STORE_FILE)
-            return None
-    elif store is None:
-        return None
-    store.save(run_dir)
-    return store
-
-
-SOURCE_FILE = "source.json"
-
-
-def record_source(run_dir: str, input_dir: str) -> None:
-    """The pool a run was started on with --input (`runs/NAME/source.json`): a later `run` without --input
-    reads it where no earlier stage of the run exists, as it reads ingest's output in a run that ingested."""
-    shards.write_json({"input": images.normalised(input_dir)}, shards.join(run_dir, SOURCE_FILE))
-
-
-def recorded_source(run_dir: str) -> str | None:
-    rec = shards.read_json(shards.join(run_dir, SOURCE_FILE)) or {}
-    return rec.get("input") or None
-
-
-def previous_stage_dir(run_dir: str, step: "recipe.Step", steps: list) -> str | None:
-    """The output of the nearest earlier step of the recipe that exists in this run (for a run given no --input)."""
-    for prev in reversed([s for s in steps if s.position < step.position]):
-        d = shards.join(run_dir, prev.folder)
-        if shards.exists(shards.join(d, "_manifest.json")):
-            return d
-        if shards.exists(d) and shards.list_shards(d):
-            # a stage that wrote shards but no manifest was killed (or failed) mid-way: its folder may mix
-            # shards of an old and a new config. Reading past it to an earlier stage would silently skip it.
-            raise StageError(f"{step.name}: {prev.name} did not finish in this run ({d} has no _manifest.json); "
-                             f"rerun it first")
-    return None
-
-
-def skipped_stages(step: "recipe.Step", upstream_dir: str, steps: list) -> list[str]:
-    """Recipe steps between the folder a step reads and the step itself that have not run: `run klite` on a
-    fresh run reads ingest's output, and align and metaclip are then silently not part of the data."""
-    folder = shards.shard_name(upstream_dir)
-    earlier = [s for s in steps if s.position < step.position and s.folder == folder]
-    if not earlier:
-        return []
-    return [s.name for s in steps if earlier[0].position < s.position < step.position]

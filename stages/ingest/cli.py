@@ -206,7 +206,8 @@ def _curate_before_download(args, run_dir: str, cfg: dict, steps: list, step, be
     folder of row shards, or, given no input, on the pool the run was started on; returns (the folder whose
     rows to download: the last of those steps' output, {"folder", "fingerprint"} of that step, the URL list or
     folder the run started from)."""
-    from pipeline.runner import previous_stage_dir, run_pipeline
+    from pipeline.layout import previous_stage_dir
+    from pipeline.runner import run_pipeline
 
     input_dir, started_from = None, args.input
     if args.input is not None and _is_folder(args.input):
