@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from pipeline import shards
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
@@ -260,6 +261,27 @@ class HeadsStage(Stage):
                          f"unjudged by head '{spec.name}' (head_{spec.name} null)")
         return split_by_reason(table, judge(rules, SimpleNamespace(outputs=outputs), n)[0])
 
+    # ---- report -----------------------------------------------------------------------------------------------
+    def report(self, stage_dir: str, out_dir: str) -> dict:
+        """Per head: what it reads, its rule, the rows it judged and dropped, and its output's quantiles over
+        the kept and the dropped rows (where a threshold sits against what the head gives this pool)."""
+        from pipeline.report import Table
+
+        man = shards.read_json(shards.join(stage_dir, "_manifest.json")) or {}
+        reasons = man.get("reasons", {})
+        kept, gone = _outputs(stage_dir), _outputs(shards.join(stage_dir, "rejected"))
+        q = [0.1, 0.5, 0.9]
+        rows = []
+        for spec in self.specs():
+            k, d = kept.get(spec.column, np.zeros(0)), gone.get(spec.column, np.zeros(0))
+            both = np.concatenate([k, d])
+            rule = (f"drop {spec.drop} {spec.threshold:g}" if spec.threshold is not None else "score only")
+            rows.append([spec.name, spec.on, rule, len(both), reasons.get(spec.reason, 0)]
+                        + [f"{np.quantile(both, x):.3f}" if len(both) else "" for x in q])
+        return {"figures": [], "tables": [Table(
+            "heads: each head's rule, rows judged and dropped, and its output over the rows it judged",
+            ["head", "on", "rule", "judged", "dropped", "output 10%", "50%", "90%"], rows)]}
+
     def _vectors(self, table: pa.Table, ctx: ShardContext, kinds: set[str]) -> dict:
         """The rows' stored vectors of each kind the heads read (one store lookup per kind)."""
         from pipeline.images import REF_COL
@@ -288,6 +310,19 @@ class HeadsStage(Stage):
             x = np.concatenate([v[applied] for v, _ in parts], axis=1) if len(parts) > 1 else parts[0][0][applied]
             out[applied] = head(x)
         return out, applied
+
+
+def _outputs(folder: str) -> dict[str, np.ndarray]:
+    """Each `head_*` column's non-null values (float64) over a folder's shards; {} for a folder that does not exist."""
+    vals: dict[str, list] = {}
+    for p in shards.list_shards(folder) if shards.exists(folder) else []:
+        cols = [c for c in shards.read_schema(p).names if c.startswith("head_")]
+        if cols:
+            t = shards.read_shard(p, columns=cols)
+            for c in cols:
+                v = t.column(c).drop_null()
+                vals.setdefault(c, []).append(np.asarray(v.to_numpy(zero_copy_only=False), np.float64))
+    return {c: np.concatenate(v) for c, v in vals.items()}
 
 
 def _width(on: str, dims: int) -> int:

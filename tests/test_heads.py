@@ -155,6 +155,17 @@ def test_hand_written_heads_give_the_outputs_computed_here_and_cut_as_configured
         assert all(table.schema.field(f"head_{n}").type == pa.float32() for n in heads)
     assert rejected.num_rows == int((lin_drops | mlp_drops).sum()) and rejected.num_rows > 0
     assert any("kept unjudged by head 'lin'" in n for n in res.manifest["notes"]), res.manifest["notes"]
+    # the report's section: per head its rule, rows judged and dropped, and its output's quantiles
+    from pipeline.registry import stage_class
+
+    cfg = _cfg(network, heads)
+    stage = stage_class("heads")(stage_class("heads").step_config(cfg["heads"], cfg), 0)
+    [table] = stage.report(str(run / "01_heads"), str(tmp_path / "report"))["tables"]
+    by = {r[0]: r for r in table.rows}
+    assert by["lin"][1:5] == ["image", f"drop above {cut_lin:g}", 59, int(lin_drops.sum())]
+    assert by["mlp"][3:5] == [59, int((mlp_drops & ~lin_drops).sum())]  # a row both drop is counted as lin's
+    assert by["txt"][2:5] == ["score only", 60, 0]
+    assert by["lin"][6] == f"{np.quantile(want_lin[ifound].astype(np.float32).astype(np.float64), 0.5):.3f}"
 
     # a new threshold: numpy over stored vectors again (still no network), only the cut moves
     heads["lin"]["threshold"] = float(np.max(want_lin[ifound]))  # drops nothing (> max)
