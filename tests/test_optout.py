@@ -20,6 +20,7 @@ from PIL import Image
 
 from pipeline import egress
 from stages.ingest import optout
+from stages.ingest import policies
 from tests.loopback import LoopbackServer
 
 UA = "clipcurate-test/0.1 (+https://example.org/crawler)"
@@ -282,13 +283,13 @@ PATHS = ["/", "/private/x.png", "/private/public/x.png", "/a.gif", "/a.gif?x=1",
 
 @pytest.mark.parametrize("agent", ["clipcurate-test", "otherbot", "somebot", "CLIPCURATE-TEST"])
 def test_robots_decisions_agree_with_protego(agent):
-    """The vectorised matching (optout.robots_decisions) says what protego's can_fetch says, URL by URL, for every
+    """The vectorised matching (policies.robots_decisions) says what protego's can_fetch says, URL by URL, for every
     group: ours, another bot's, the * group; product tokens match case-insensitively."""
     from protego import Protego
 
     parser = Protego.parse(ROBOTS.decode())
     urls = pl.Series([f"http://h.test{p}" for p in PATHS])
-    got = optout.robots_decisions(urls, optout.Robots("ok", 200, ROBOTS), agent)
+    got = policies.robots_decisions(urls, policies.Robots("ok", 200, ROBOTS), agent)
     assert got["allowed"].to_list() == [parser.can_fetch(u, agent) for u in urls.to_list()]
     rules = dict(zip(PATHS, got["robots_rule"].to_list()))
     if agent.lower() == "clipcurate-test":
@@ -302,23 +303,23 @@ def test_robots_decisions_agree_with_protego(agent):
 
 
 def test_robots_status_rules_follow_rfc9309():
-    f = optout.Fetched
-    assert optout.robots_of(f("http", 404)).status == "unavailable"  # 2.3.1.3: allow all
-    assert optout.robots_of(f("http", 403)).status == "unavailable"
-    assert optout.robots_of(f("http", 500)).status == "unreachable"  # 2.3.1.4: disallow all
-    assert optout.robots_of(f("http", 503)).status == "unreachable"
-    assert optout.robots_of(f("unreachable", error="timeout")).status == "unreachable"
-    assert optout.robots_of(f("blocked", blocked="blocked_redirect")).status == "unavailable"  # > 5 redirects
-    assert optout.robots_of(f("blocked", blocked="blocked_address")).status == "blocked"
+    f = policies.Fetched
+    assert policies.robots_of(f("http", 404)).status == "unavailable"  # 2.3.1.3: allow all
+    assert policies.robots_of(f("http", 403)).status == "unavailable"
+    assert policies.robots_of(f("http", 500)).status == "unreachable"  # 2.3.1.4: disallow all
+    assert policies.robots_of(f("http", 503)).status == "unreachable"
+    assert policies.robots_of(f("unreachable", error="timeout")).status == "unreachable"
+    assert policies.robots_of(f("blocked", blocked="blocked_redirect")).status == "unavailable"  # > 5 redirects
+    assert policies.robots_of(f("blocked", blocked="blocked_address")).status == "blocked"
     urls = pl.Series(["http://h.test/a.png", "http://h.test/b/c.png"])
-    assert optout.robots_decisions(urls, optout.Robots("unavailable", 404), TOKEN)["allowed"].to_list() == [True] * 2
-    assert optout.robots_decisions(urls, optout.Robots("unreachable", 503), TOKEN)["allowed"].to_list() == [False] * 2
+    assert policies.robots_decisions(urls, policies.Robots("unavailable", 404), TOKEN)["allowed"].to_list() == [True] * 2
+    assert policies.robots_decisions(urls, policies.Robots("unreachable", 503), TOKEN)["allowed"].to_list() == [False] * 2
     # a byte order mark does not hide the first group
-    bom = optout.Robots("ok", 200, b"\xef\xbb\xbfUser-agent: *\nDisallow: /b/\n")
-    assert optout.robots_decisions(urls, bom, TOKEN)["allowed"].to_list() == [True, False]
+    bom = policies.Robots("ok", 200, b"\xef\xbb\xbfUser-agent: *\nDisallow: /b/\n")
+    assert policies.robots_decisions(urls, bom, TOKEN)["allowed"].to_list() == [True, False]
     # an empty file, a file without our group or *: no rule
-    assert optout.robots_decisions(urls, optout.Robots("ok", 200, b""), TOKEN)["allowed"].all()
-    assert optout.robots_decisions(urls, optout.Robots("ok", 200, b"User-agent: x\nDisallow: /\n"), TOKEN)[
+    assert policies.robots_decisions(urls, policies.Robots("ok", 200, b""), TOKEN)["allowed"].all()
+    assert policies.robots_decisions(urls, policies.Robots("ok", 200, b"User-agent: x\nDisallow: /\n"), TOKEN)[
         "allowed"].all()
 
 
@@ -327,31 +328,31 @@ def test_robots_over_500_kib_parses_the_first_500_kib():
     head = b"User-agent: *\nDisallow: /early/\n" + pad * 200  # ~200 KB
     body = head + pad * 400 + b"Disallow: /late/\n"  # the late rule lies beyond 500 KiB
     with Host({"/robots.txt": (200, body)}) as h:
-        got = optout.fetch(f"{h.url}/robots.txt", _policy(h), UA, 3.0, optout.ROBOTS_MAX)
+        got = policies.fetch(f"{h.url}/robots.txt", _policy(h), UA, 3.0, policies.ROBOTS_MAX)
     assert got.kind == "ok" and got.truncated and len(got.body) == 500 * 1024
-    r = optout.robots_of(got)
-    d = optout.robots_decisions(pl.Series(["http://h.test/early/1.png", "http://h.test/late/1.png"]), r, TOKEN)
+    r = policies.robots_of(got)
+    d = policies.robots_decisions(pl.Series(["http://h.test/early/1.png", "http://h.test/late/1.png"]), r, TOKEN)
     assert d["allowed"].to_list() == [False, True]
 
 
 def test_tdmrep_rules():
-    rules = optout.parse_tdmrep(b'[{"location": "/a/*.jpg$", "tdm-reservation": 1},'
+    rules = policies.parse_tdmrep(b'[{"location": "/a/*.jpg$", "tdm-reservation": 1},'
                                 b' {"location": "/a/", "tdm-reservation": 0, "tdm-policy": "https://p"},'
                                 b' {"location": "/", "tdm-reservation": 1}]')
-    t = optout.TdmRep("ok", 200, b"", rules=rules)
+    t = policies.TdmRep("ok", 200, b"", rules=rules)
     urls = pl.Series(["http://h.test/a/x.jpg", "http://h.test/a/x.jpg?s=1", "http://h.test/a/x.png",
                       "http://h.test/b.png"])
     # first matching rule in file order decides
-    assert optout.tdm_reservations(urls, t).to_list() == [1, 0, 0, 1]
+    assert policies.tdm_reservations(urls, t).to_list() == [1, 0, 0, 1]
     for bad, why in [(b"{", "not JSON"), (b'{"location": "/"}', "not an array"), (b'[{"tdm-reservation": 1}]',
                      "no location"), (b'[{"location": "/", "tdm-reservation": 2}]', "not 0 or 1"),
                      (b'[{"location": "/", "tdm-reservation": true}]', "not 0 or 1")]:
-        got = optout.tdmrep_of(optout.Fetched("ok", 200, bad))
+        got = policies.tdmrep_of(policies.Fetched("ok", 200, bad))
         assert got.status == "malformed" and why in got.error
-        assert optout.tdm_reservations(urls, got).to_list() == [None] * 4  # malformed: no reservation
-    assert optout.tdmrep_of(optout.Fetched("http", 404)).status == "absent"
-    assert optout.tdmrep_of(optout.Fetched("unreachable", error="x")).status == "unreachable"
-    big = optout.tdmrep_of(optout.Fetched("ok", 200, b"[" + b" " * 10, truncated=True))
+        assert policies.tdm_reservations(urls, got).to_list() == [None] * 4  # malformed: no reservation
+    assert policies.tdmrep_of(policies.Fetched("http", 404)).status == "absent"
+    assert policies.tdmrep_of(policies.Fetched("unreachable", error="x")).status == "unreachable"
+    big = policies.tdmrep_of(policies.Fetched("ok", 200, b"[" + b" " * 10, truncated=True))
     assert big.status == "malformed"
 
 
@@ -359,12 +360,12 @@ def test_user_agent_config():
     from pipeline import config
     from pipeline.config import ConfigError
 
-    assert optout.product_token("clipcurate/0.1 (+CONTACT)") == "clipcurate"
-    assert optout.contact_warning(optout.DEFAULT_USER_AGENT)  # the default names no contact: a warning
-    assert optout.contact_warning("clipcurate/0.1 (+https://example.org/bot)") is None
-    assert optout.contact_warning("clipcurate/0.1 (crawler@example.org)") is None
+    assert policies.product_token("clipcurate/0.1 (+CONTACT)") == "clipcurate"
+    assert policies.contact_warning(policies.DEFAULT_USER_AGENT)  # the default names no contact: a warning
+    assert policies.contact_warning("clipcurate/0.1 (+https://example.org/bot)") is None
+    assert policies.contact_warning("clipcurate/0.1 (crawler@example.org)") is None
     cfg = config.resolve({"ingest": {}})
-    assert cfg["ingest"]["user_agent"] == optout.DEFAULT_USER_AGENT
+    assert cfg["ingest"]["user_agent"] == policies.DEFAULT_USER_AGENT
     assert cfg["ingest"]["respect_robots"] is True and cfg["ingest"]["respect_tdmrep"] is True
     for bad in ["", "/0.1", "clip!curate/1", "bot.v2/1"]:
         with pytest.raises(ConfigError) as e:
@@ -376,7 +377,7 @@ def test_default_user_agent_warns_once_for_public_hosts(tmp_path, capsys, monkey
     """No contact in the user agent: one warning line when the list names a host outside allow_private_hosts (its
     owner is who the contact is for); none for the user's own loopback servers (a demo, a test)."""
     class Cfg:
-        user_agent, respect_robots, respect_tdmrep, timeout = optout.DEFAULT_USER_AGENT, True, False, 5
+        user_agent, respect_robots, respect_tdmrep, timeout = policies.DEFAULT_USER_AGENT, True, False, 5
 
     monkeypatch.setattr(egress, "resolve", lambda host, port: [])  # no DNS: the public host is unreachable
     bad = pl.DataFrame(schema={c: pl.String for c in ("url", "caption", "status", "error_message")})
@@ -384,7 +385,7 @@ def test_default_user_agent_warns_once_for_public_hosts(tmp_path, capsys, monkey
         grouped = pl.DataFrame({"url": [f"{h.url}/a.png"], "caption": ["a"], "caps": ['{"c":["a"]}']})
         optout.apply(grouped, bad, Cfg, _policy(h), None, "caps")
         assert capsys.readouterr().err == ""
-        assert h.agents == [optout.DEFAULT_USER_AGENT]
+        assert h.agents == [policies.DEFAULT_USER_AGENT]
         grouped = pl.DataFrame({"url": [f"{h.url}/a.png", "http://public.example/b.png"], "caption": ["a", "b"],
                                 "caps": ['{"c":["a"]}', '{"c":["b"]}']})
         keep, bad2, _ = optout.apply(grouped, bad, Cfg, _policy(h), None, "caps")
@@ -412,5 +413,5 @@ def test_robots_decisions_agree_with_protego_on_random_files():
                  for _ in range(60)]
         urls = [f"http://h.test{p}" for p in paths]
         parser = Protego.parse(body.decode())
-        got = optout.robots_decisions(pl.Series(urls), optout.Robots("ok", 200, body), TOKEN)["allowed"].to_list()
+        got = policies.robots_decisions(pl.Series(urls), policies.Robots("ok", 200, body), TOKEN)["allowed"].to_list()
         assert got == [parser.can_fetch(u, TOKEN) for u in urls], body

@@ -52,7 +52,7 @@ from stages.ingest.crawl import crawl_input
 from stages.ingest.curated import CARRY_COL, carried_columns, carry_record, read_carry
 from stages.ingest.download import download_pool, run_img2dataset
 from stages.ingest.optout import EVIDENCE
-from stages.ingest.optout import REASONS as OPTOUT_REASONS
+from stages.ingest.policies import REASONS as OPTOUT_REASONS
 from stages.ingest.urls import (CAPTIONS_COL, DUPLICATE, DUPLICATE_REASON, NOT_AN_IMAGE, TDM_HEADER_ERROR, group_by_url,
                                 read_url_list)
 

@@ -7,7 +7,7 @@ import dataclasses
 
 from pipeline import egress
 from pipeline.config import ConfigError, check_ranges
-from stages.ingest.optout import DEFAULT_USER_AGENT, product_token
+from stages.ingest.policies import DEFAULT_USER_AGENT, product_token
 
 
 @dataclasses.dataclass

@@ -17,10 +17,10 @@ from contextlib import ExitStack, contextmanager
 from pipeline import egress, shards
 from pipeline.errors import StageError
 from pipeline.hashing import fingerprint
-from stages.ingest import optout
+from stages.ingest import optout, policies
 from stages.ingest.config import IngestConfig
 from stages.ingest.hostlimit import HostLimits
-from stages.ingest.optout import product_token
+from stages.ingest.policies import product_token
 from stages.ingest.urls import CAPTIONS_COL, DUPLICATE, group_by_url, read_url_list, spread_hosts
 
 
@@ -198,8 +198,8 @@ def download_pool(input_path: str, stage_dir: str, cfg: IngestConfig,
         t0 = time.perf_counter()
         grouped, bad, opt = optout.apply(grouped, bad, cfg, policy, optout_dir, CAPTIONS_COL)
         opt["seconds"] = round(time.perf_counter() - t0, 3)
-        counts = {"robots_disallowed": int((bad["status"] == optout.ROBOTS_DISALLOWED).sum()),
-                  "tdm_reserved": int((bad["status"] == optout.TDM_RESERVED).sum()),
+        counts = {"robots_disallowed": int((bad["status"] == policies.ROBOTS_DISALLOWED).sum()),
+                  "tdm_reserved": int((bad["status"] == policies.TDM_RESERVED).sum()),
                   "blocked_urls": int(bad["status"].is_in(egress.REASONS).sum()), "optout": opt,
                   "urls_fetched": grouped.height}
         info.update(counts)

@@ -30,7 +30,8 @@ import pyarrow as pa
 from pipeline import shards
 from pipeline.errors import StageError
 from stages.ingest.curated import CARRY_COL
-from stages.ingest.optout import EVIDENCE, ROBOTS_DISALLOWED, check_urls, settings_of
+from stages.ingest.optout import EVIDENCE, check_urls, settings_of
+from stages.ingest.policies import ROBOTS_DISALLOWED
 from stages.ingest.urls import CAPTIONS_COL
 
 log = logging.getLogger("clipcurate.ingest")
