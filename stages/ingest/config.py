@@ -45,8 +45,8 @@ class IngestConfig:
     # per_host_rps a second; 0 = no limit. Hosts in allow_private_hosts are your own servers and exempt,
     # unless per_host_limit_private.
     per_host_concurrency: int = 2
-    per_host_rps: float = 2.0
-    per_host_limit_private: bool = False
+    per_host_rps: float = 2.0  # request starts a second per host; 0 = no spacing
+    per_host_limit_private: bool = False  # true: the limits hold for allow_private_hosts too
 
     def __post_init__(self):
         check_ranges("ingest", self, image_size=(1, None), processes=(0, None), threads=(1, None),
