@@ -11,6 +11,7 @@ is one class, one list entry and the config field it reads (the pattern of datat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -40,7 +41,7 @@ def reasons(rules) -> list[str]:
     return [r.name for r in rules]
 
 
-def judge(rules: list[Rule], facts, n: int) -> tuple[pa.Array, list[str]]:
+def judge(rules: Sequence[Rule], facts, n: int) -> tuple[pa.Array, list[str]]:
     """(reason per row: the name of the first rule it breaks, in list order, else null; the names of the rules
     that are on but have no data in this pool, quiet ones left out)."""
     masks, skipped = [], []

@@ -328,7 +328,7 @@ class DfnStage(Stage):
             b = np.where(ok, score_bins(np.where(ok, s, 0.0), self.config.bins), -1)
             u = uniform(table.column("uid"), self.seed, "dfn") if table.num_rows else np.zeros(0)
             keep = ok & ((b > c["bin"]) | ((b == c["bin"]) & (u < c["q"])))
-        reason, _ = judge(list(RULES), SimpleNamespace(keep=keep, has_image=has_image, ok=ok), table.num_rows)
+        reason, _ = judge(RULES, SimpleNamespace(keep=keep, has_image=has_image, ok=ok), table.num_rows)
         score_col = pa.array(s, type=pa.float32(), mask=~ok)
         if "dfn_score" in table.column_names:
             table = table.drop_columns(["dfn_score"])

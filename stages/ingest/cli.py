@@ -129,7 +129,7 @@ def _ingest_retry(args) -> int:
     the ingest step redone on the store (the runner redoes what the rewritten store shards changed)."""
     from pipeline.executors import executor
     from pipeline.runner import UPSTREAM_KEY, run_stage
-    from stages.ingest.download import DONE_MARKER, optout_folder, run_img2dataset, served
+    from stages.ingest.download import DONE_MARKER, optout_folder, served
     from stages.ingest.retry import retry_failed
 
     if args.input is not None:
@@ -151,7 +151,7 @@ def _ingest_retry(args) -> int:
                          "place is retried with img2dataset itself; an ingest that did not finish: run it again)")
     ingest_cfg = IngestStage.Config(**(cfg.get("ingest") or {}))
     with served(ingest_cfg) as policy:
-        got = retry_failed(raw_dir, stage_dir, ingest_cfg, policy, optout_folder(stage_dir), run_img2dataset)
+        got = retry_failed(raw_dir, stage_dir, ingest_cfg, policy, optout_folder(stage_dir))
     marker.setdefault("retries", []).append({k: v for k, v in got.items() if k != "img2dataset"})
     shards.write_json(marker, marker_path)
     if not got["tried"]:

@@ -30,6 +30,7 @@ import pyarrow as pa
 from pipeline import shards
 from pipeline.errors import StageError
 from stages.ingest.curated import CARRY_COL
+from stages.ingest.download import run_img2dataset
 from stages.ingest.optout import EVIDENCE, check_urls, settings_of
 from stages.ingest.policies import ROBOTS_DISALLOWED
 from stages.ingest.urls import CAPTIONS_COL
@@ -43,8 +44,8 @@ TRANSIENT_ERROR = (r"(?i)HTTP Error (408|425|429|5\d\d)\b|timed out|Connection (
                    r"|Network is unreachable|No route to host|Broken pipe|EOF occurred in violation")
 
 
-def transient(meta: pl.DataFrame) -> pl.Series:
-    """Per img2dataset row: a failure worth a second try (the module's rule)."""
+def transient() -> pl.Expr:
+    """An img2dataset row that failed in a way worth a second try (the module's rule)."""
     return ((pl.col("status") == "failed_to_download")
             & pl.col("error_message").cast(pl.String).str.contains(TRANSIENT_ERROR).fill_null(False))
 
@@ -64,16 +65,16 @@ def _list_columns(df: pl.DataFrame) -> list[str]:
     return ["url", "caption", CAPTIONS_COL] + [c for c in (CARRY_COL, *EVIDENCE) if c in df.columns]
 
 
-def retry_failed(raw_dir: str, stage_dir: str, cfg, policy, optout_dir: str, run_img2dataset) -> dict:
-    """Retry the run's transient failures (the module's rule) with `run_img2dataset(list, out, cfg,
-    additional_columns=..., policy=...)`; returns counts for the manifest and the summary line."""
+def retry_failed(raw_dir: str, stage_dir: str, cfg, policy, optout_dir: str) -> dict:
+    """Download the run's transient failures (the module's rule) again with img2dataset, under `policy`;
+    returns counts for the manifest and the summary line."""
     failed: dict[str, list[str]] = {}  # store shard -> its URLs to retry
     lists = []
     for f in store_shards(raw_dir):
         cols = [x.name for x in shards.read_schema(f) if not pa.types.is_binary(x.type)
                 and not pa.types.is_large_binary(x.type)]  # no image bytes: the rows' facts only
         meta = pl.from_arrow(shards.read_shard(f, columns=cols))
-        bad = meta.filter(transient(meta))
+        bad = meta.filter(transient())
         if bad.height:
             failed[f] = bad["url"].to_list()
             lists.append(bad.select(_list_columns(bad)))

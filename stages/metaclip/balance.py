@@ -78,7 +78,7 @@ REASONS = rules.reasons(RULES)
 
 def judge(f: Facts) -> pa.Array:
     """Per row, the name of the first rule it breaks (null: kept)."""
-    return rules.judge(list(RULES), f, len(f.n_per_row))[0]
+    return rules.judge(RULES, f, len(f.n_per_row))[0]
 
 
 # ---- the keep probability and its draws ----------------------------------------------------------------------

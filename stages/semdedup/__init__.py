@@ -313,7 +313,7 @@ class SemDedupStage(Stage):
             img = self._image_vectors(table, ctx)
             eval_hit, eval_item = self.eval_matches(img.vectors, img.found, survey)
         semantic, dup_of = _looked_up(table.column("uid"), stats)
-        reason, _ = judge(list(RULES), SimpleNamespace(eval_hit=eval_hit, semantic=semantic), n)
+        reason, _ = judge(RULES, SimpleNamespace(eval_hit=eval_hit, semantic=semantic), n)
         kept, rejected = split_by_reason(table, reason)
         # every rejected shard has both columns (empty ones too): the shards of a folder share one schema
         gone = np.flatnonzero(eval_hit | semantic)
