@@ -3,9 +3,13 @@ markers vouch for.
 
 A step's fingerprint covers its config (less its speed keys), the seed, the reader's text limit for a stage that
 reads text, the stage's own parts (a model file, an automaton) and the identity of every input shard
-(`input_identity`). A shard is skipped when its done-marker (`_done/<shard>.json`) carries that fingerprint and
-every file the marker records (size and XXH3, hashed as written) is still there at its size, and with
-`--verify` still hashes to its digest; otherwise it is redone, in one line that names the file. Statistics are
+(`input_identity`); its statistics and its manifest carry it. Each shard has its own fingerprint too
+(`shard_fingerprints`): the step's less the inputs, its one input, and its key into the statistics. A shard is
+skipped when its done-marker (`_done/<shard>.json`) carries that fingerprint and every file the marker records
+(size and XXH3, hashed as written) is still there at its size, and with `--verify` still hashes to its digest;
+otherwise it is redone, in one line that names the file. So an input rewritten redoes its own shard and those
+whose statistics it changed, and, a later step's input identity being the upstream shard's fingerprint, the same
+shards down the recipe: never the whole step. Statistics are
 reused when `_stats.json` carries the fingerprint and its files pass the same check. A kill at any moment leaves
 either a complete shard with its marker, or no marker (the shard is redone, overwriting by name), so a rerun
 never loses or duplicates a row.
@@ -53,7 +57,9 @@ class StepRun:
     stage_dir: str
     input_dir: str
     inputs: list
-    fp: str = ""
+    fp: str = ""  # the step's: config, stage parts and every input shard (the manifest's; the statistics')
+    base_fp: str = ""  # config and stage parts alone: what every shard of the step shares
+    identities: tuple = ()  # each input shard's identity (input_identity), in `inputs` order
     verify: bool = False  # `--verify`: a resume checks the digests of what done shards wrote, not only sizes
     max_text_bytes: int = schema.MAX_TEXT_BYTES  # [run]: the shard reader's limit, given to every task
 
@@ -81,26 +87,39 @@ def input_identity(path: str, upstream_dir: str | None, digests: shards.DigestCa
     return shards.file_content_identity(path, digests)
 
 
-def step_fingerprint(r: StepRun, upstream_is_stage: bool) -> str:
+def step_fingerprint(r: StepRun, upstream_is_stage: bool) -> tuple[str, str, tuple]:
     """What the step's output is made from: config (less speed keys), seed, the reader's text limit (it decides
     which rows a stage that reads text sees), the stage's own parts (they may name run resources, so they get a
-    context of the run), and the identity of every input shard."""
+    context of the run), and the identity of every input shard. Returns (the step's fingerprint, the same less
+    the inputs, each input's identity): a shard's own fingerprint (`shard_fingerprints`) is made of the last two."""
     digests = shards.DigestCache(shards.join(r.run_dir, DIGESTS_FILE))
     probe_ctx = ShardContext(stage=r.probe.name, run_dir=r.run_dir, stage_dir=r.stage_dir)
     limits = {"max_text_bytes": r.max_text_bytes} if "text" in r.cls.requires else {}
-    fp = fingerprint(
-        {
-            "stage": r.name,
-            "config": {k: v for k, v in r.stage_cfg.items() if k not in r.cls.speed_keys},
-            "seed": r.seed,
-            **limits,
-            "parts": r.probe.fingerprint_parts(probe_ctx),
-            "inputs": [input_identity(p, r.input_dir if upstream_is_stage else None, digests, r.run_dir)
-                       for p in r.inputs],
-        }
-    )
+    base = {
+        "stage": r.name,
+        "config": {k: v for k, v in r.stage_cfg.items() if k not in r.cls.speed_keys},
+        "seed": r.seed,
+        **limits,
+        "parts": r.probe.fingerprint_parts(probe_ctx),
+    }
+    identities = tuple(input_identity(p, r.input_dir if upstream_is_stage else None, digests, r.run_dir)
+                       for p in r.inputs)
     digests.save()
-    return fp
+    return fingerprint({**base, "inputs": list(identities)}), fingerprint(base), identities
+
+
+def shard_fingerprints(r: StepRun, stats_keys: dict | None) -> dict[str, str]:
+    """Each output shard's own fingerprint, in its done-marker: the step less its inputs, the shard's input, and
+    what apply reads of the pool-wide statistics for it (`stats_keys[out]`: a shuffled stage's answer for that
+    shard; the statistics whole for any other; None without statistics). A shard is redone exactly when one of
+    these changed: an input rewritten (a retried download) redoes its shard, and the shards whose answers it
+    changed, not the step. A later step's input identity is this fingerprint, so the same holds down the recipe."""
+    out = {}
+    for p, ident in zip(r.inputs, r.identities):
+        name = r.probe.output_name(shards.shard_name(p))
+        key = (stats_keys or {}).get(name)
+        out[name] = fingerprint({"step": r.base_fp, "input": ident, "stats": key})
+    return out
 
 
 # ---- done-markers: `_done/<shard>.json`, written by the shard's apply task as its last act ----------------
@@ -135,13 +154,15 @@ def outputs_mismatch(stage_dir: str, out: str, done: dict, verify: bool = False)
     return why
 
 
-def shards_to_do(r: StepRun, executor_name: str) -> tuple[list[str], dict[str, dict]]:
-    """(input shards to apply, summaries of those already done under this fingerprint: the resume)."""
+def shards_to_do(r: StepRun, executor_name: str, shard_fps: dict[str, str]) -> tuple[list[str], dict[str, dict]]:
+    """(input shards to apply, summaries of those already done: the resume). A shard is done when its marker
+    carries its own fingerprint (`shard_fps`), or the step's (a marker of an older clipcurate, which fingerprinted
+    the step whole: it was made from exactly these inputs), and its files check out."""
     todo, summaries, unrecorded = [], {}, 0
     for p in r.inputs:
         out = r.probe.output_name(shards.shard_name(p))
         done = read_done(r.stage_dir, out)
-        if not done or done.get("fingerprint") != r.fp:
+        if not done or done.get("fingerprint") not in (shard_fps[out], r.fp):
             todo.append(p)
             continue
         why = outputs_mismatch(r.stage_dir, out, done, r.verify)
@@ -176,12 +197,19 @@ def stats_mismatch(stage_dir: str, prior: dict, verify: bool) -> str | None:
     are recomputed once (see UNRECORDED)."""
     if not isinstance(prior.get(FILES_KEY), dict):
         return "saved by an older clipcurate, which recorded no sizes or digests"
+    if not isinstance(prior.get(APPLY_KEYS), dict):
+        return "saved by an older clipcurate, which recorded no key per shard"
     return shards.records_mismatch(stage_dir, prior[FILES_KEY], digest=verify)
 
 
-def write_stats_marker(r: StepRun, partitions: int, files: dict) -> None:
-    """Like a shard's marker, `_stats.json` vouches for the bytes saved (hashed as written), checked before reuse."""
-    shards.write_json({"fingerprint": r.fp, "partitions": partitions, FILES_KEY: files}, stats_marker(r.stage_dir))
+APPLY_KEYS = "apply_keys"  # `_stats.json`: {output shard: what its apply reads of the statistics} (shard_fingerprints)
+
+
+def write_stats_marker(r: StepRun, partitions: int, files: dict, apply_keys: dict) -> None:
+    """Like a shard's marker, `_stats.json` vouches for the bytes saved (hashed as written), checked before reuse;
+    it keeps each shard's key into them, for the shard fingerprints of a resume that reuses them."""
+    shards.write_json({"fingerprint": r.fp, "partitions": partitions, FILES_KEY: files, APPLY_KEYS: apply_keys},
+                      stats_marker(r.stage_dir))
 
 
 # ---- the manifest: `_manifest.json`, the step's summary, written last; it vouches for the whole folder ------------

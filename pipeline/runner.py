@@ -27,7 +27,7 @@ from pipeline.layout import previous_stage_dir, record_input_store, record_sourc
 from pipeline.registry import get_stage, stage_class
 from pipeline.stage import Stage
 from pipeline.stats_pass import pass_one
-from pipeline.tasks import ApplyTask, FinalizeTask, WorkerStep, apply_task, finalize_item_task
+from pipeline.tasks import ApplyTask, FinalizeTask, WorkerStep, answers_ready, apply_task, finalize_item_task
 
 log = logging.getLogger("clipcurate.runner")
 
@@ -126,11 +126,19 @@ def run_stage(
         ex.size_hint(r.inputs)
     log.debug("%s: %d shards from %s (fingerprint %s, %s)", r.name, len(r.inputs), input_dir, r.fp, ex.name)
     timings: dict[str, float] = {}
-    todo, summaries = resume.shards_to_do(r, ex.name)
-    partitions, answer_bytes = pass_one(r, config, todo, ex, timings)
+    stats = pass_one(r, config, ex, timings)
+    fps = resume.shard_fingerprints(r, stats.apply_keys)
+    todo, summaries = resume.shards_to_do(r, ex.name, fps)
+    if todo and r.probe.shuffles_stats and not answers_ready(r.stage_dir, stats.partitions):
+        # the answers are removed once every shard is applied: made again for the shards to redo (the same bytes)
+        stats = pass_one(r, config, ex, timings, force=True)
+        if resume.shard_fingerprints(r, stats.apply_keys) != fps:
+            fps = resume.shard_fingerprints(r, stats.apply_keys)
+            todo, summaries = resume.shards_to_do(r, ex.name, fps)
 
     t0 = time.perf_counter()
-    items = [ApplyTask(WorkerStep.of(r), p, fp=r.fp, partitions=partitions) for p in todo]
+    items = [ApplyTask(WorkerStep.of(r), p, fp=fps[r.probe.output_name(shards.shard_name(p))],
+                       partitions=stats.partitions, stats_fp=r.fp) for p in todo]
     for _, summary in ex.map(apply_task, items, f"{r.name} apply"):
         summaries[summary["shard"]] = summary
     timings["apply_s"] = round(time.perf_counter() - t0, 3)
@@ -147,10 +155,10 @@ def run_stage(
     if final is not None:
         manifest["finalize"] = final
     manifest["executor"] = ex.name
-    if partitions:
-        manifest["stats_partitions"] = partitions
-    if answer_bytes:  # only when this run shuffled (a rerun that reused the statistics did not)
-        manifest["stats_answer_bytes"] = answer_bytes
+    if stats.partitions:
+        manifest["stats_partitions"] = stats.partitions
+    if stats.answer_bytes:  # only when this run shuffled (a rerun that reused the statistics did not)
+        manifest["stats_answer_bytes"] = stats.answer_bytes
     shards.write_json(manifest, shards.join(r.stage_dir, "_manifest.json"))
     log.info(
         "%s: %d rows in, %d kept, %d rejected %s",
@@ -173,7 +181,8 @@ def _step_run(name, run_dir: str, input_dir: str, config: dict, upstream_is_stag
     r = resume.StepRun(step.name, step.stage, cls, probe, seed, stage_cfg, run_dir,
                        shards.join(run_dir, step.folder), input_dir, inputs, verify=verify,
                        max_text_bytes=int(config.get("run", {}).get("max_text_bytes", schema.MAX_TEXT_BYTES)))
-    return replace(r, fp=resume.step_fingerprint(r, upstream_is_stage))
+    fp, base_fp, identities = resume.step_fingerprint(r, upstream_is_stage)
+    return replace(r, fp=fp, base_fp=base_fp, identities=identities)
 
 
 def step_of(name: "str | recipe.Step", config: dict) -> "recipe.Step":

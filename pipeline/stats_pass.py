@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 from pipeline import codec, resume, shards
 from pipeline.config import RunConfig
-from pipeline.tasks import (MergeWith, PartitionTask, ShardTask, SplitTask, WorkerStep, answers_ready,
+from pipeline.hashing import fingerprint
+from pipeline.tasks import (MergeWith, PartitionTask, ShardTask, SplitTask, WorkerStep,
                             collect_split_task, collect_task, merge_partition_task, shard_context, survey_path,
                             survey_task)
 
@@ -33,37 +35,51 @@ def stats_partitions(n_shards: int, shards_per_partition: int) -> int:
     return max(1, -(-n_shards // max(1, int(shards_per_partition))))
 
 
-def pass_one(r: resume.StepRun, config: dict, todo: list[str], ex, timings: dict) -> tuple[int, int | None]:
-    """Pool-wide statistics, unless up to date: tree-reduced, or shuffled by key into partitions for a stage
-    whose statistics grow with the pool. Returns (partitions, answer bytes written; None when reused)."""
+@dataclass(frozen=True)
+class StatsPass:
+    """What pass 1 leaves for apply: the shuffle's partitions (0: not shuffled), the size of the answers one
+    shard reads (None: reused, not written now), and each output shard's key into the statistics, for its
+    fingerprint (resume.shard_fingerprints)."""
+
+    partitions: int = 0
+    answer_bytes: dict | None = None
+    apply_keys: dict = field(default_factory=dict)
+
+
+def pass_one(r: resume.StepRun, config: dict, ex, timings: dict, force: bool = False) -> StatsPass:
+    """Pool-wide statistics, unless up to date (and not `force`d: a shuffled stage's answers, removed once every
+    shard was applied, are wanted again): tree-reduced, or shuffled by key into partitions for a stage whose
+    statistics grow with the pool."""
     if not r.probe.has_stats:
-        return 0, None
+        return StatsPass()
     prior = shards.read_json(resume.stats_marker(r.stage_dir)) or {}
     shuffled = r.probe.shuffles_stats
-    partitions = int(prior.get("partitions", 0)) if shuffled else 0
-    # a shuffled stage's per-shard answers are removed once every shard is applied: needed again only
-    # when some shard is to do
-    if prior.get("fingerprint") == r.fp and (not shuffled or not todo or answers_ready(r.stage_dir, partitions)):
+    if prior.get("fingerprint") == r.fp and not force:
         why = resume.stats_mismatch(r.stage_dir, prior, r.verify)
         if why is None:
             log.info("%s: statistics up to date, reusing", r.name)
-            return partitions, None
+            return StatsPass(int(prior.get("partitions", 0)) if shuffled else 0, None, prior[resume.APPLY_KEYS])
         log.warning("%s: statistics: %s: recomputing them", r.name, why)
     shards.remove(resume.stats_marker(r.stage_dir))  # stale stats must never be trusted if we die below
     # ... nor left lying around: the report and a reader of the folder would take them as this run's
     for sub in ("stats", "_shuffle", "survey"):
         shards.remove(shards.join(r.stage_dir, sub))
-    answer_bytes, files = None, {}
+    answer_bytes, files, partitions = None, {}, 0
     if r.probe.has_survey:
         _surveyed(r, ex, timings, files)
     if shuffled:
         per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
         partitions = stats_partitions(len(r.inputs), per)
-        answer_bytes = _shuffled_stats(r, ex, timings, partitions, files)
+        answer_bytes, answers = _shuffled_stats(r, ex, timings, partitions, files)
+        # a shard's apply reads its answers, and the survey (ctx.survey) when there is one
+        survey = fingerprint({k: v for k, v in files.items() if k.startswith("survey/")})
+        keys = {out: {"answers": digest, "survey": survey} for out, digest in answers.items()}
     else:
         _reduced_stats(r, ex, timings, files)
-    resume.write_stats_marker(r, partitions, files)
-    return partitions, answer_bytes
+        whole = fingerprint(files)  # every apply reads all of it
+        keys = {r.probe.output_name(shards.shard_name(p)): whole for p in r.inputs}
+    resume.write_stats_marker(r, partitions, files, keys)
+    return StatsPass(partitions, answer_bytes, keys)
 
 
 def _surveyed(r: resume.StepRun, ex, timings: dict, files: dict) -> None:
@@ -103,11 +119,11 @@ def _reduced_stats(r: resume.StepRun, ex, timings: dict, files: dict) -> None:
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
 
 
-def _shuffled_stats(r: resume.StepRun, ex, timings: dict, partitions: int, files: dict) -> dict:
+def _shuffled_stats(r: resume.StepRun, ex, timings: dict, partitions: int, files: dict) -> tuple[dict, dict]:
     """Statistics that grow with the pool (Stage.split): collect writes each shard's partial cut into
     partitions; one task per partition merges it, saves it as stats/pNNNN and writes every shard's answer.
-    Returns the size of the answers one shard reads in apply (bytes: max and mean over shards); `files` gets
-    the records of the statistics files saved (for `_stats.json`)."""
+    Returns the size of the answers one shard reads in apply (bytes: max and mean over shards) and each output
+    shard's digest of them; `files` gets the records of the statistics files saved (for `_stats.json`)."""
     t0 = time.perf_counter()
     step = WorkerStep.of(r)
     names = [None] * len(r.inputs)
@@ -117,12 +133,16 @@ def _shuffled_stats(r: resume.StepRun, ex, timings: dict, partitions: int, files
     timings["collect_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     per_shard = [0] * len(names)  # what each shard's apply will read, over all partitions
+    digests = [[""] * partitions for _ in names]  # ... and its digest, per partition
     items = [PartitionTask(step, k, names) for k in range(partitions)]
-    for _, (sizes, saved) in ex.map(merge_partition_task, items, f"{r.stage} merge ({partitions} partitions)"):
+    for k, (sizes, saved, dig) in ex.map(merge_partition_task, items, f"{r.stage} merge ({partitions} partitions)"):
         per_shard = [a + b for a, b in zip(per_shard, sizes)]
+        for i, d in enumerate(dig):
+            digests[i][k] = d
         files.update(saved)
     shards.remove(shards.join(r.stage_dir, "_shuffle", "pieces"))
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
     log.info("%s: statistics in %d partitions; answers per shard: max %.1f MiB, mean %.1f MiB", r.stage, partitions,
              max(per_shard) / 2**20, sum(per_shard) / len(per_shard) / 2**20)
-    return {"max": max(per_shard), "mean": round(sum(per_shard) / len(per_shard))}
+    return ({"max": max(per_shard), "mean": round(sum(per_shard) / len(per_shard))},
+            {out: fingerprint(d) for out, d in zip(names, digests)})

@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from pipeline import codec, images, resume, schema, shards
 from pipeline.context import ShardContext
@@ -75,11 +76,13 @@ class SplitTask(ShardTask):
 
 @dataclass(frozen=True)
 class ApplyTask(ShardTask):
-    """One input shard's apply: `fp` goes in its done-marker; `partitions` > 0 for a shuffled stage, whose
-    answers for this shard it reads."""
+    """One input shard's apply: `fp`, the shard's fingerprint, goes in its done-marker; `stats_fp` names the
+    statistics it reads (the step's fingerprint); `partitions` > 0 for a shuffled stage, whose answers for this
+    shard it reads."""
 
     fp: str = ""
     partitions: int = 0
+    stats_fp: str = ""
 
 
 @dataclass(frozen=True)
@@ -297,9 +300,10 @@ def collect_split_task(task: SplitTask) -> str:
         return out
 
 
-def merge_partition_task(task: PartitionTask) -> tuple[list[int], dict]:
+def merge_partition_task(task: PartitionTask) -> tuple[list[int], dict, list[str]]:
     """Merge partition k of every shard, save it as stats/pNNNN, and write each shard's answer from it.
-    Returns the answers' sizes in bytes, in shard order, and the records of the statistics files it saved."""
+    Returns the answers' sizes in bytes, in shard order, the records of the statistics files it saved, and the
+    answers' digests in shard order (a shard whose answers are unchanged need not be applied again)."""
     stage_dir, k, shard_names = task.step.stage_dir, task.k, task.shard_names
     with _naming_shard(task.step.stage, "merge", task.where):
         stage = task.step.build()
@@ -312,7 +316,8 @@ def merge_partition_task(task: PartitionTask) -> tuple[list[int], dict]:
             answers[s] = codec.encode(stage.answer(merged, pieces[i]))
             pieces[i] = None  # freed as we go
         shards.write_bundle(answers, _answers_path(stage_dir, k))
-        return [len(answers[s]) for s in shard_names], shards.records_under(stage_dir, wrote)
+        return ([len(answers[s]) for s in shard_names], shards.records_under(stage_dir, wrote),
+                [xxhash.xxh3_128_hexdigest(answers[s]) for s in shard_names])
 
 
 # ---- pass 2: apply ----------------------------------------------------------------------------------------
@@ -345,7 +350,8 @@ def _apply(task: ApplyTask) -> dict:
     ctx = shard_context(stage, stage_dir, out_name)
     table = _read_checked(stage, task.path, images.ImageStore.load(ctx.run_dir), max_text_bytes)
     good, bad = _set_aside_bad_rows(table)
-    kept, rejected = stage.apply(good, _stats_for(stage, stage_dir, task.fp, out_name, task.partitions), ctx)
+    stats = _stats_for(stage, stage_dir, task.stats_fp or task.fp, out_name, task.partitions)
+    kept, rejected = stage.apply(good, stats, ctx)
     if bad is not None and bad.num_rows:
         for line in _set_aside_notes(stage.name, bad, max_text_bytes):
             ctx.note(line)

@@ -85,3 +85,59 @@ class NotingStage(FirstWordStage):
         from pipeline.report import Table
 
         return {"figures": [], "tables": [Table("first words", ["word", "note"], [["w0", "<script>x</script>"]])]}
+
+
+class KeepShareStage(Stage):
+    """No statistics: keeps a random `keep` share of the rows (by uid), the rest `sampled_out`."""
+
+    name = "keepshare"
+
+    @dataclasses.dataclass
+    class Config:
+        keep: float = 0.7
+
+    def apply(self, table, stats, ctx=None):
+        unlucky = uniform(table.column("uid").to_pylist(), self.seed, "keepshare") >= self.config.keep
+        return split_by_reason(table, first_reason(table.num_rows, [("sampled_out", unlucky)]))
+
+
+class ShuffledFirstWordStage(Stage):
+    """FirstWordStage's rule (a first word seen fewer than `min_count` times in the pool is rare) with its counts
+    shuffled by word (Stage.split): each shard's apply reads only the counts of its own first words."""
+
+    name = "shuffledfirstword"
+
+    @dataclasses.dataclass
+    class Config:
+        min_count: int = 2
+
+    @staticmethod
+    def _first(table) -> list:
+        return pl.from_arrow(table.column("text")).str.split(" ").list.first().to_list()
+
+    def collect(self, table, ctx=None):
+        return dict(sorted(Counter(w for w in self._first(table) if w is not None).items()))
+
+    def split(self, partial, n):
+        from pipeline.hashing import hash64_value
+
+        pieces = [{} for _ in range(n)]
+        for w, c in partial.items():
+            pieces[int(hash64_value(w) % np.uint64(n))][w] = c
+        return pieces
+
+    def merge(self, partials):
+        total = Counter()
+        for p in partials:
+            total.update(p)
+        return dict(sorted(total.items()))
+
+    def answer(self, merged, piece):
+        return {w: merged[w] for w in sorted(piece)}
+
+    def join_answers(self, answers):
+        return self.merge(answers)
+
+    def apply(self, table, stats, ctx=None):
+        rare = np.array([stats.get(w, 0) < self.config.min_count for w in self._first(table)], dtype=bool)
+        return split_by_reason(table, first_reason(table.num_rows, [("rare_first_word", rare)]))

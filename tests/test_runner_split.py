@@ -29,7 +29,27 @@ def test_a_steps_fingerprint_is_the_one_the_runner_made_before_the_split(tmp_pat
     assert res.manifest["fingerprint"] == FINGERPRINT_BEFORE_THE_SPLIT
     assert res.manifest["rows_out"] == 14
     markers = [resume.read_done(res.folder, s["shard"]) for s in res.manifest["shards"]]
-    assert all(m["fingerprint"] == FINGERPRINT_BEFORE_THE_SPLIT and resume.FILES_KEY in m for m in markers)
+    # each shard's marker carries the shard's own fingerprint (#32: resume per shard), all different
+    assert all(resume.FILES_KEY in m for m in markers)
+    assert len({m["fingerprint"] for m in markers} | {FINGERPRINT_BEFORE_THE_SPLIT}) == len(markers) + 1
+
+
+def test_a_run_whose_markers_carry_the_steps_fingerprint_resumes_as_up_to_date(tmp_path):
+    """Markers written before shards had their own fingerprints carry the step's: such a shard was made from
+    exactly these inputs and this config, so it is trusted, not redone (nor is anything after it)."""
+    run = tmp_path / "runs" / "r"
+    up = str(run / "01_up")
+    for i, p in enumerate(make_pool(40, 2, up)):
+        shards.write_json({"fingerprint": f"up{i}"}, resume.done_path(up, shards.shard_name(p)))
+    cfg = config_mod.resolve({})
+    res = run_stage(STAGE, str(run), up, cfg, executors.InProcessExecutor(), upstream_is_stage=True)
+    for s in res.manifest["shards"]:  # as an older clipcurate wrote them
+        m = resume.read_done(res.folder, s["shard"])
+        shards.write_json({**m, "fingerprint": res.manifest["fingerprint"]}, resume.done_path(res.folder, s["shard"]))
+    stamps = {p: shards.file_identity(p) for p in shards.list_shards(res.folder)}
+    again = run_stage(STAGE, str(run), up, cfg, executors.InProcessExecutor(), upstream_is_stage=True)
+    assert again.manifest["fingerprint"] == FINGERPRINT_BEFORE_THE_SPLIT
+    assert {p: shards.file_identity(p) for p in shards.list_shards(res.folder)} == stamps  # nothing rewritten
 
 
 def _tasks() -> dict[str, object]:
