@@ -68,9 +68,9 @@ SAMPLE_ROWS = 64
 
 
 # ---- the code measured ---------------------------------------------------------------------------------
-UNDER_TEST = ["stages/embed.py", "stages/dfn.py", "trainer/embed.py", "trainer/score.py", "trainer/models.py",
-              "trainer/data.py", "trainer/hub.py", "pipeline/embeddings.py", "pipeline/runner.py", "pipeline/stage.py",
-              "pipeline/tasks.py", "pipeline/executors.py", "pipeline/images.py", "pipeline/context.py",
+UNDER_TEST = ["stages/embed.py", "stages/dfn/__init__.py", "stages/dfn/cut.py", "trainer/embed.py", "trainer/score.py",
+              "trainer/models.py", "trainer/data.py", "trainer/hub.py", "pipeline/embeddings.py", "pipeline/runner.py",
+              "pipeline/stage.py", "pipeline/tasks.py", "pipeline/executors.py", "pipeline/images.py", "pipeline/context.py",
               "pipeline/worker_init.py"]
 
 

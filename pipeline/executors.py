@@ -60,9 +60,9 @@ def worker_env(workers: int) -> dict[str, str]:
 
     polars sizes its thread pool to every core of the machine in every process, so two workers on two cores
     ran four busy threads. One pool of cores // workers threads per worker: on 2 cores, 2 workers, the
-    1M-caption scale bench went from 64.1 s to 59.4 s (metaclip 6.5 -> 5.1 s, klite 9.4 -> 6.0 s; align, whose
-    time is mostly its own numpy code, unchanged; bench/results/scale_polars_threads.json). A POLARS_MAX_THREADS
-    the user set is left alone."""
+    1M-caption scale bench ran faster (metaclip and klite; align, whose time is mostly its own numpy code,
+    unchanged; bench/results/scale_polars_threads.json, bench/README.md, scale). A POLARS_MAX_THREADS the user
+    set is left alone."""
     if "POLARS_MAX_THREADS" in os.environ:
         return {"POLARS_MAX_THREADS": os.environ["POLARS_MAX_THREADS"]}
     return {"POLARS_MAX_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, workers)))}
@@ -70,7 +70,8 @@ def worker_env(workers: int) -> dict[str, str]:
 
 # How the workers of a LocalCluster of ours run (bench/bench_images.py starts its own cluster with the same):
 # - the worker's statistical profiler samples every thread's stack each 10 ms for a dashboard that our
-#   LocalCluster never shows: 3% of align's decode time (its steady shards took 2.65 s against 2.73 s);
+#   LocalCluster never shows, at a measurable share of align's decode time (timed by hand: bench/README.md,
+#   "The Dask executor");
 # - pipeline.worker_init: workers ignore Ctrl-C (the driver stops them, in one line) and import the spine
 #   as they start.
 WORKER_DASK_CONFIG = {"distributed.worker.profile.enabled": False}
@@ -154,7 +155,7 @@ class DaskExecutor:
         with tqdm(total=len(futures), desc=desc, unit="shard", leave=False, disable=None) as bar:
             # wait on the futures still pending only: waiting on all of them returns at once as soon as one is
             # done, and the loop spun the driver's event loop for the rest of the pass (on 2 cores, CPU taken
-            # from the workers; one run by hand: dfn's collect on bench_images' pool 66 s, 49 s with this)
+            # from the workers; timed by hand on dfn's collect: bench/README.md, "The Dask executor")
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=None, return_when="FIRST_COMPLETED")
@@ -195,11 +196,10 @@ def _worker_deaths(desc: str, item: Any):
 
 
 # `--workers` not given: below this many rows in the pool a step reads, everything runs in-process; from it on, a
-# LocalCluster of one worker per core. bench/results/workers_default.json (`clipcurate run align,metaclip` on
-# demo worlds, 2 cores, best of 2): 2 workers against in-process took 11.4 / 3.5 s on 291 rows, 13.8 / 9.9 s on
-# 9,700, 15.5 / 13.2 s on 29,096, 70.9 / 64.4 s on 96,990. The cluster's fixed cost (start, tasks' travel,
-# close: ~8 s, the 291-row gap) is more than the whole in-process work below ~10,000 rows (9.9 - 3.5 = 6.4 s at
-# 9,700), so there no number of workers can win; above it more cores than these 2 may. Not measured elsewhere.
+# LocalCluster of one worker per core. The cluster's fixed cost (start, tasks' travel, close) is more than the
+# whole in-process work of a smaller pool, so there no number of workers can win; above it more cores than the 2
+# measured may (bench/results/workers_default.json: `clipcurate run align,metaclip` on demo worlds; bench/README.md,
+# "The Dask executor"). Not measured elsewhere.
 IN_PROCESS_BELOW = 10_000
 
 
@@ -231,9 +231,10 @@ def pool_rows_at_least(paths: list[str], limit: int = IN_PROCESS_BELOW) -> int |
 
 
 class LazyExecutor:
-    """Starts its executor (a Dask cluster costs ~10 s) on the first task, not before: a rerun with every shard
-    up to date starts nothing. Given no worker count (`--workers` not given), the first step's pool decides
-    (`size_hint`, `default_workers`): in-process for a small pool, else one worker per core."""
+    """Starts its executor (a Dask cluster is slow to start: bench/README.md, "The Dask executor") on the first
+    task, not before: a rerun with every shard up to date starts nothing. Given no worker count (`--workers` not
+    given), the first step's pool decides (`size_hint`, `default_workers`): in-process for a small pool, else one
+    worker per core."""
 
     def __init__(self, workers: int | None, scheduler: str | None = None):
         if workers is not None and workers < 0:

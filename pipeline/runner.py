@@ -27,7 +27,8 @@ from pipeline.layout import previous_stage_dir, record_input_store, record_sourc
 from pipeline.registry import get_stage, stage_class
 from pipeline.stage import Stage
 from pipeline.stats_pass import pass_one
-from pipeline.tasks import ApplyTask, FinalizeTask, WorkerStep, answers_ready, apply_task, finalize_item_task
+from pipeline.tasks import (ApplyTask, FinalizeTask, WorkerStep, answers_ready, apply_task, finalize_item_task,
+                            partials_dir)
 
 log = logging.getLogger("clipcurate.runner")
 
@@ -218,7 +219,7 @@ def _after_apply(r: resume.StepRun) -> None:
     _clean_temporaries(r.stage_dir)
     shards.remove(shards.join(r.stage_dir, "_cache"))
     shards.remove(shards.join(r.stage_dir, "_shuffle"))
-    # outputs of shards no longer in the input are stale
+    # outputs of shards no longer in the input are stale, and so are their kept partials (tasks.keep_partial)
     expected = {r.probe.output_name(shards.shard_name(p)) for p in r.inputs}
     for sub in ("", "rejected"):
         folder = shards.join(r.stage_dir, sub) if sub else r.stage_dir
@@ -226,6 +227,11 @@ def _after_apply(r: resume.StepRun) -> None:
             for p in shards.list_shards(folder):
                 if shards.shard_name(p) not in expected:
                     shards.remove(p)
+    fs, kept = shards.fs_and_path(partials_dir(r.stage_dir))
+    if fs.exists(kept):
+        for info in fs.ls(kept, detail=True):
+            if info["name"].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] not in expected:
+                fs.rm(info["name"], recursive=True)
 
 
 def _finalize(r: resume.StepRun, per_shard: list[dict], ex) -> dict | None:

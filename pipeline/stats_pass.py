@@ -67,19 +67,26 @@ def pass_one(r: resume.StepRun, config: dict, ex, timings: dict, force: bool = F
     answer_bytes, files, partitions = None, {}, 0
     if r.probe.has_survey:
         _surveyed(r, ex, timings, files)
+    survey = fingerprint({k: v for k, v in files.items() if k.startswith("survey/")})  # collect reads it too
     if shuffled:
         per = config.get("run", {}).get("stats_shards_per_partition", RunConfig.stats_shards_per_partition)
         partitions = stats_partitions(len(r.inputs), per)
-        answer_bytes, answers = _shuffled_stats(r, ex, timings, partitions, files)
+        answer_bytes, answers = _shuffled_stats(r, ex, timings, partitions, files, _keep_keys(r, survey, partitions))
         # a shard's apply reads its answers, and the survey (ctx.survey) when there is one
-        survey = fingerprint({k: v for k, v in files.items() if k.startswith("survey/")})
         keys = {out: {"answers": digest, "survey": survey} for out, digest in answers.items()}
     else:
-        _reduced_stats(r, ex, timings, files)
+        _reduced_stats(r, ex, timings, files, _keep_keys(r, survey, 0))
         whole = fingerprint(files)  # every apply reads all of it
         keys = {r.probe.output_name(shards.shard_name(p)): whole for p in r.inputs}
     resume.write_stats_marker(r, partitions, files, keys)
     return StatsPass(partitions, answer_bytes, keys)
+
+
+def _keep_keys(r: resume.StepRun, survey: str, partitions: int) -> list[str]:
+    """Per input shard, what its collect is made of: the step less its inputs, the shard's input, the survey
+    and the partitions its pieces are cut into (tasks.kept_partial)."""
+    return [fingerprint({"step": r.base_fp, "input": ident, "survey": survey, "partitions": partitions})
+            for ident in r.identities]
 
 
 def _surveyed(r: resume.StepRun, ex, timings: dict, files: dict) -> None:
@@ -98,12 +105,13 @@ def _surveyed(r: resume.StepRun, ex, timings: dict, files: dict) -> None:
 
 
 # (these two name their passes by the stage's name, `align`, as they always have; the survey by the step's)
-def _reduced_stats(r: resume.StepRun, ex, timings: dict, files: dict) -> None:
+def _reduced_stats(r: resume.StepRun, ex, timings: dict, files: dict, keep: list[str]) -> None:
     """Statistics bounded by something other than the pool (metaclip: entries; klite: lemmas): partials
     tree-reduced with `merge`, saved by the driver; `files` gets the records of the files saved."""
     t0 = time.perf_counter()
     step = WorkerStep.of(r)
-    partials = ex.collect_values(collect_task, [ShardTask(step, p) for p in r.inputs], f"{r.stage} collect")
+    partials = ex.collect_values(collect_task, [ShardTask(step, p, k) for p, k in zip(r.inputs, keep)],
+                                 f"{r.stage} collect")
     timings["collect_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     stats = ex.tree_reduce(MergeWith(step), partials, f"{r.stage} merge")
@@ -119,7 +127,8 @@ def _reduced_stats(r: resume.StepRun, ex, timings: dict, files: dict) -> None:
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
 
 
-def _shuffled_stats(r: resume.StepRun, ex, timings: dict, partitions: int, files: dict) -> tuple[dict, dict]:
+def _shuffled_stats(r: resume.StepRun, ex, timings: dict, partitions: int, files: dict,
+                    keep: list[str]) -> tuple[dict, dict]:
     """Statistics that grow with the pool (Stage.split): collect writes each shard's partial cut into
     partitions; one task per partition merges it, saves it as stats/pNNNN and writes every shard's answer.
     Returns the size of the answers one shard reads in apply (bytes: max and mean over shards) and each output
@@ -127,7 +136,7 @@ def _shuffled_stats(r: resume.StepRun, ex, timings: dict, partitions: int, files
     t0 = time.perf_counter()
     step = WorkerStep.of(r)
     names = [None] * len(r.inputs)
-    items = [SplitTask(step, p, partitions) for p in r.inputs]
+    items = [SplitTask(step, p, k, partitions) for p, k in zip(r.inputs, keep)]
     for i, out in ex.map(collect_split_task, items, f"{r.stage} collect"):
         names[i] = out
     timings["collect_s"] = round(time.perf_counter() - t0, 3)
@@ -140,7 +149,6 @@ def _shuffled_stats(r: resume.StepRun, ex, timings: dict, partitions: int, files
         for i, d in enumerate(dig):
             digests[i][k] = d
         files.update(saved)
-    shards.remove(shards.join(r.stage_dir, "_shuffle", "pieces"))
     timings["merge_s"] = round(time.perf_counter() - t0, 3)
     log.info("%s: statistics in %d partitions; answers per shard: max %.1f MiB, mean %.1f MiB", r.stage, partitions,
              max(per_shard) / 2**20, sum(per_shard) / len(per_shard) / 2**20)

@@ -57,10 +57,12 @@ class WorkerStep:
 
 @dataclass(frozen=True)
 class ShardTask:
-    """One input shard: its survey or its collect."""
+    """One input shard: its survey or its collect. `keep_key`: what the shard's collect is made of (pass 1
+    keeps its partial under that key, and takes it back instead of collecting while the key holds)."""
 
     step: WorkerStep
     path: str
+    keep_key: str = ""
 
     @property
     def where(self) -> str:
@@ -261,8 +263,57 @@ def survey_task(task: ShardTask) -> Any:
 
 # ---- pass 1: collect --------------------------------------------------------------------------------------
 def collect_task(task: ShardTask) -> Any:
+    """The shard's partial: the one an earlier pass 1 kept under the same key, else collected now (and kept)."""
     with _naming_shard(task.step.stage, "collect", task.where):
-        return _collect(task)
+        stage_dir, out = task.step.stage_dir, task.step.build().output_name(shards.shard_name(task.path))
+        if kept_partial(stage_dir, out, task.keep_key, ".data"):
+            try:
+                return codec.decode(shards.read_bytes(partial_path(stage_dir, out, ".data")))
+            except (codec.CodecError, ShardError, OSError):
+                pass  # unreadable: collected again below
+        partial = _collect(task)
+        if task.keep_key:
+            try:
+                data = codec.encode(partial)
+            except TypeError:
+                return partial  # not data (a stage's own save_stats): not kept, collected again next time
+            keep_partial(stage_dir, out, task.keep_key, lambda: shards.write_bytes(data, partial_path(
+                stage_dir, out, ".data")))
+        return partial
+
+
+# ---- pass 1's partials, kept per shard -----------------------------------------------------------------------
+# A resume whose input changed in one shard recomputes the pool-wide statistics; kept partials make that pass
+# collect the changed shard alone, and merge (align reads pixels and klite tags every caption in collect: that is
+# work to do once). A partial is kept under its key (the step less its inputs, the shard's input identity, the
+# survey, the partitions) with the record of its file, in a sidecar written after it; the sidecar goes first
+# when a partial is rewritten, so a kill leaves a partial without a sidecar, which is collected again.
+def partials_dir(stage_dir: str) -> str:
+    return shards.join(stage_dir, "_partials")
+
+
+def partial_path(stage_dir: str, shard: str, ext: str) -> str:
+    return shards.join(partials_dir(stage_dir), shard + ext)
+
+
+def kept_partial(stage_dir: str, shard: str, key: str, ext: str) -> bool:
+    """The shard's kept partial is what collect would give now: its sidecar carries `key`, and its file is
+    still there at its recorded size."""
+    if not key:
+        return False
+    side = shards.read_json(partial_path(stage_dir, shard, ".json"))
+    if not isinstance(side, dict) or side.get("key") != key:
+        return False
+    return shards.records_mismatch(partials_dir(stage_dir), side.get(resume.FILES_KEY)) is None
+
+
+def keep_partial(stage_dir: str, shard: str, key: str, write) -> None:
+    """Write the partial (`write()`), then its sidecar: its key and the record of what was written."""
+    shards.remove(partial_path(stage_dir, shard, ".json"))
+    with shards.recording_writes() as wrote:
+        write()
+    shards.write_json({"key": key, resume.FILES_KEY: shards.records_under(partials_dir(stage_dir), wrote)},
+                      partial_path(stage_dir, shard, ".json"))
 
 
 def _collect(task: ShardTask) -> Any:
@@ -274,7 +325,7 @@ def _collect(task: ShardTask) -> Any:
 
 # ---- the shuffle, for stages whose statistics grow with the pool (Stage.split) -----------------------
 def _pieces_path(stage_dir: str, shard: str) -> str:
-    return shards.join(stage_dir, "_shuffle", "pieces", shard + ".bundle")
+    return partial_path(stage_dir, shard, ".bundle")  # kept, as every partial is (see above)
 
 
 def _answers_path(stage_dir: str, k: int) -> str:
@@ -287,16 +338,24 @@ def answers_ready(stage_dir: str, partitions: int) -> bool:
 
 
 def collect_split_task(task: SplitTask) -> str:
-    """collect, then write the partial cut into `partitions` pieces (one bundle per shard). Returns only the
-    shard's name: partials never travel through the scheduler nor wait in worker memory."""
+    """collect, then write the partial cut into `partitions` pieces (one bundle per shard, kept: its key names
+    the partitions too); or nothing, when an earlier pass kept them under the same key. Returns only the shard's
+    name: partials never travel through the scheduler nor wait in worker memory."""
     with _naming_shard(task.step.stage, "collect", task.where):
         stage = task.step.build()
+        out, stage_dir = stage.output_name(shards.shard_name(task.path)), task.step.stage_dir
+        if kept_partial(stage_dir, out, task.keep_key, ".bundle"):
+            return out
         partial = _collect(task)
         pieces = stage.split(partial, task.partitions)
         del partial
-        out = stage.output_name(shards.shard_name(task.path))
-        shards.write_bundle({str(k): codec.encode(p) for k, p in enumerate(pieces)},
-                            _pieces_path(task.step.stage_dir, out))
+        blobs = {str(k): codec.encode(p) for k, p in enumerate(pieces)}
+        del pieces
+        write = lambda: shards.write_bundle(blobs, _pieces_path(stage_dir, out))  # noqa: E731
+        if task.keep_key:
+            keep_partial(stage_dir, out, task.keep_key, write)
+        else:
+            write()
         return out
 
 

@@ -27,7 +27,11 @@ class FirstWordStage(Stage):
         keep: float = 0.5
         sleep_per_shard: float = 0.0  # lets a test kill the run in the middle of a stage
 
+    collected: list = []  # the shards collect ran on, in this process (in-process tests of kept partials)
+
     def collect(self, table, ctx=None):
+        if ctx is not None:
+            FirstWordStage.collected.append(ctx.shard)
         words = pl.from_arrow(table.column("text")).str.split(" ").list.first()
         return Counter(words.drop_nulls().to_list())
 
@@ -115,7 +119,11 @@ class ShuffledFirstWordStage(Stage):
     def _first(table) -> list:
         return pl.from_arrow(table.column("text")).str.split(" ").list.first().to_list()
 
+    collected: list = []  # as FirstWordStage's
+
     def collect(self, table, ctx=None):
+        if ctx is not None:
+            ShuffledFirstWordStage.collected.append(ctx.shard)
         return dict(sorted(Counter(w for w in self._first(table) if w is not None).items()))
 
     def split(self, partial, n):

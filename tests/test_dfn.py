@@ -220,7 +220,7 @@ def test_dfn_default_model_is_the_runs_dfn_model_through_the_runner(world, dfn_m
     import shutil
 
     from pipeline.runner import run_pipeline
-    from stages.dfn import DFN_MODEL_DIR
+    from trainer.config import DFN_MODEL_DIR
 
     _pool_shards(world, tmp_path / "in", n_shards=2)
     run = tmp_path / "r"

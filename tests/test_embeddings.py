@@ -15,6 +15,7 @@ import pytest
 from tests.s3_server import moto_s3
 from pipeline import embeddings as emb
 from pipeline.embeddings import EmbeddingError, EmbeddingStore, cosine
+from pipeline.embedding_files import file_batch
 from pipeline.shards import ShardError
 
 IDENTITY = {"id": "ViT-B-32__openai__0123abcd", "name": "ViT-B-32", "pretrained": "openai",
@@ -338,7 +339,7 @@ def test_a_file_not_written_by_the_store_is_refused(tmp_path):
         store.read("s", "image", uids)
     assert "not a image embedding file" in _one_line(e)
     keys = np.sort(emb.uid_keys(uids))[::-1]  # descending: not ours
-    batch = emb._file_batch(keys, np.zeros((20, 8), np.float16), np.ones(20, bool), 8, "text", IDENTITY["id"])
+    batch = file_batch(keys, np.zeros((20, 8), np.float16), np.ones(20, bool), 8, "text", IDENTITY["id"])
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, batch.schema) as w:
         w.write_batch(batch)

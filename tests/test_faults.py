@@ -249,7 +249,7 @@ def _check_kill_point(stage_dir: Path, point: str) -> None:
         assert not (stage_dir / "_stats.json").exists() and not (stage_dir / "stats").exists()
         assert done(stage_dir) == 0
     elif point == "merge":  # align's partitions merge in parallel: others may have saved theirs already
-        assert not (stage_dir / "_stats.json").exists() and (stage_dir / "_shuffle" / "pieces").exists()
+        assert not (stage_dir / "_stats.json").exists() and (stage_dir / "_partials").exists()  # the pieces, kept
         assert done(stage_dir) == 0
     elif point == "save_stats":
         assert (stage_dir / "stats").exists() and not (stage_dir / "_stats.json").exists()

@@ -14,7 +14,7 @@ import pytest
 from pipeline import config as config_mod
 from pipeline import executors, resume, shards
 from pipeline.runner import run_stage
-from tests.stages_for_tests import make_pool
+from tests.stages_for_tests import FirstWordStage, ShuffledFirstWordStage, make_pool
 
 KEEP = "tests.stages_for_tests:KeepShareStage"  # no statistics
 SHUFFLED = "tests.stages_for_tests:ShuffledFirstWordStage"  # shuffled statistics: an answer per shard
@@ -54,11 +54,11 @@ def _run(step: str, run, src: str, upstream_is_stage: bool = False, cfg: dict | 
                      upstream_is_stage=upstream_is_stage)
 
 
-def _same_as_from_scratch(tmp_path, pool: str, steps: list[str], results: list) -> None:
+def _same_as_from_scratch(tmp_path, pool: str, steps: list[str], results: list, cfg: dict | None = None) -> None:
     fresh = tmp_path / "runs" / "fresh"
     src, upstream = pool, False
     for step, res in zip(steps, results):
-        again = _run(step, fresh, src, upstream)
+        again = _run(step, fresh, src, upstream, cfg)
         for a, b in zip(_rows(res.folder), _rows(again.folder)):
             assert a.equals(b)
         src, upstream = again.folder, True
@@ -78,7 +78,9 @@ def test_a_rewritten_input_redoes_its_shard_and_the_shards_whose_answer_it_chang
     # (a) a row of shard 2 changes, but no first word's count: shard 2 alone is redone, in both steps
     t = pa.parquet.read_table(paths[2]).column("text").to_pylist()
     _set_text(paths[2], 3, t[3] + " changed")
+    ShuffledFirstWordStage.collected.clear()
     a1 = _run(SHUFFLED, run, pool)
+    assert ShuffledFirstWordStage.collected == ["part-00002.parquet"]  # pass 1 took the other partials it kept
     a2 = _run(KEEP, run, a1.folder, upstream_is_stage=True)
     assert _redone(m1, _marks(a1.folder)) == {"part-00002.parquet"}
     assert _redone(m2, _marks(a2.folder)) == {"part-00002.parquet"}
@@ -88,7 +90,9 @@ def test_a_rewritten_input_redoes_its_shard_and_the_shards_whose_answer_it_chang
     # redone, 1 and 2 are not; the step after redoes the same two
     m1, m2 = _marks(a1.folder), _marks(a2.folder)
     _set_text(paths[3], 5, "solo x y z #65")
+    ShuffledFirstWordStage.collected.clear()
     b1 = _run(SHUFFLED, run, pool)
+    assert ShuffledFirstWordStage.collected == ["part-00003.parquet"]
     b2 = _run(KEEP, run, b1.folder, upstream_is_stage=True)
     assert _redone(m1, _marks(b1.folder)) == {"part-00000.parquet", "part-00003.parquet"}
     assert _redone(m2, _marks(b2.folder)) == {"part-00000.parquet", "part-00003.parquet"}
@@ -134,7 +138,9 @@ def test_reduced_statistics_redo_every_shard_only_when_they_change(tmp_path, cou
     m = _marks(first.folder)
     t = pa.parquet.read_table(paths[1]).column("text").to_pylist()
     _set_text(paths[1], 2, "brandnew q r s #22" if counts_change else t[2] + " changed")
+    FirstWordStage.collected.clear()
     again = _run(REDUCED, run, pool)
+    assert FirstWordStage.collected == ["part-00001.parquet"]  # the other partials were kept
     want = set(m) if counts_change else {"part-00001.parquet"}
     assert _redone(m, _marks(again.folder)) == want
     _same_as_from_scratch(tmp_path, pool, [REDUCED], [again])
@@ -148,3 +154,26 @@ def test_markers_carry_a_fingerprint_per_shard_and_the_manifest_the_steps(tmp_pa
     assert len(set(fps)) == 2 and res.manifest["fingerprint"] not in fps
     keys = shards.read_json(resume.stats_marker(res.folder))[resume.APPLY_KEYS]
     assert set(keys) == {s["shard"] for s in res.manifest["shards"]}
+
+
+def test_kept_partials_follow_the_pool(tmp_path):
+    """A kept partial is taken back only under its key: another config collects every shard again; a shard gone
+    from the input takes its partial with it; a partial whose file was cut short is collected again."""
+    pool = str(tmp_path / "pool")
+    paths = make_pool(60, 3, pool)
+    run = tmp_path / "runs" / "r"
+    res = _run(SHUFFLED, run, pool)
+    kept = os.path.join(res.folder, "_partials")
+    assert sorted(os.listdir(kept)) == sorted(f"part-0000{i}.parquet{e}" for i in range(3) for e in (".bundle", ".json"))
+    ShuffledFirstWordStage.collected.clear()
+    _run(SHUFFLED, run, pool, cfg={SHUFFLED: {"min_count": 3}})
+    assert sorted(ShuffledFirstWordStage.collected) == [f"part-0000{i}.parquet" for i in range(3)]
+    os.remove(paths[2])
+    with open(os.path.join(kept, "part-00001.parquet.bundle"), "r+b") as f:
+        f.truncate(10)
+    _set_text(paths[0], 1, "changed a b c #1")
+    ShuffledFirstWordStage.collected.clear()
+    res = _run(SHUFFLED, run, pool, cfg={SHUFFLED: {"min_count": 3}})
+    assert sorted(ShuffledFirstWordStage.collected) == ["part-00000.parquet", "part-00001.parquet"]
+    assert not any(n.startswith("part-00002") for n in os.listdir(kept))
+    _same_as_from_scratch(tmp_path, pool, [SHUFFLED], [res], cfg={SHUFFLED: {"min_count": 3}})

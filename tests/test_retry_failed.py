@@ -89,6 +89,9 @@ def test_retry_failed_ends_with_the_rows_of_a_clean_pass(tmp_path, capsys):
         assert lost.height == 2 + 4  # /flaky/*, and host B's images (its robots.txt did not answer)
         assert rej1.filter(pl.col("reason") == "robots_disallowed").height == 5  # and /private/x.png
         capsys.readouterr()
+        step = tmp_path / "runs" / "flaky" / "00_ingest"
+        raw_before = {p.name: p.stat().st_mtime_ns for p in (step / "_img2dataset").glob("*.parquet")}
+        marks_before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (step / "_done").glob("*.json")}
         assert _ingest(tmp_path, world, "flaky", "--retry-failed") == 0
         out = capsys.readouterr().out
         # the 404, the HTML page and the opted-out path are not asked again; the 503s and host B's images are
@@ -97,6 +100,12 @@ def test_retry_failed_ends_with_the_rows_of_a_clean_pass(tmp_path, capsys):
         assert world.a.paths["/flaky/1.png"] == 2 and world.a.paths["/img/0.png"] == 1
         assert world.b.paths["/robots.txt"] == 2 and all(world.b.paths[p] == 1 for p in PATHS_B)
     assert "6 URLs retried" in out and "6 downloaded now, 0 still failing" in out, out
+    # resume per shard: the ingest step redid the shards whose store shard the retry rewrote or added, no other
+    raw_after = {p.name: p.stat().st_mtime_ns for p in (step / "_img2dataset").glob("*.parquet")}
+    changed = {n for n in raw_after if raw_before.get(n) != raw_after[n]}  # the set-aside rows too
+    marks_after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (step / "_done").glob("*.json")}
+    redone = {n.removesuffix(".json") for n in marks_after if marks_before.get(n) != marks_after[n]}
+    assert redone == {"part-" + n for n in changed} and 0 < len(redone) < len(marks_after), (changed, redone)
     kept, rejected = _rows(tmp_path, "flaky")
     clean_kept, clean_rej = _rows(tmp_path, "clean")
     def facts(rows: pl.DataFrame, hosts) -> pl.DataFrame:  # the servers' ports differ between the passes

@@ -56,7 +56,7 @@ def _tasks() -> dict[str, object]:
     step = tasks.WorkerStep("firstword", {"keep": 0.5}, 0, "/runs/r/01_firstword")
     return {
         "shard part-00003.parquet": tasks.ShardTask(step, "/pool/part-00003.parquet"),
-        "shard part-00004.parquet": tasks.SplitTask(step, "/pool/part-00004.parquet", 4),
+        "shard part-00004.parquet": tasks.SplitTask(step, "/pool/part-00004.parquet", partitions=4),
         "shard part-00005.parquet": tasks.ApplyTask(step, "/pool/part-00005.parquet", fp="ab", partitions=2),
         "statistics partition 7": tasks.PartitionTask(step, 7, ["part-00000.parquet"]),
         "finalize item part-00001": tasks.FinalizeTask(step, {"name": "part-00001", "slices": []}, verify=True),

@@ -55,7 +55,9 @@ boilerplate and duplicates are still found; the image-only rules are skipped and
 
 The package: `rules` (each rule a small unit over `features.RowFeatures`, and `judge`), `text` (normalise,
 tokens, shingles), `minhash` (MinHash and LSH band keys), `images` (image facts, dHash, the eval set's Hamming
-index), `stats` (the pool-wide tables, their merge and shuffle); the stage here wires them: `rules()` is the list.
+index), `stats` (the pool-wide tables, their merge and shuffle), and two parts of the stage as mixins: `bands` (the
+band keys, cached from collect for apply) and `lookups` (pass 2's features from the pool); the stage here wires
+them: `rules()` is the list.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ import pyarrow as pa
 
 from pipeline import shards
 from pipeline.config import ConfigError, check_ranges
-from pipeline.hashing import combine64, hash64_strings, other_copy_kept, row_content_key, row_positions
+from pipeline.hashing import combine64, hash64_strings
 from pipeline.images import MAX_IMAGE_PIXELS
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
@@ -79,16 +81,18 @@ from pipeline.rules import Rule, judge, split_by_reason
 from pipeline.stage import Stage
 
 from . import stats as _stats
-from .features import RowFeatures, judged_size, row_features
+from .bands import BandKeys
+from .features import RowFeatures, row_features
 from .images import (IMAGE_CHUNK, IMAGE_EXTS, IMAGE_FACTS, HammingIndex, decode_threads, dhash64, eval_files,
                      image_facts, inspect_image, load_eval_hashes)
+from .lookups import PoolLookups
 from .minhash import MinHasher
 from .report import funnel_report
 from .rules import (REASONS, AspectRatio, EvalNearDuplicate, ExactDuplicate, ImageManyTexts, ImageTooSmall,
                     ImageUnreadable, Language, LanguageId, NearDuplicate, RareToken, TextManyImages, TooFewWords,
                     TooManyWords, ZipfVocabulary)
-from .stats import LOOKUPS, META_SUMS, AlignAnswer, AlignStats, lookup_values
-from .text import TOKEN_RE, explode_tokens, normalise_text, shingles, tokenize, word_table
+from .stats import LOOKUPS, META_SUMS, AlignAnswer, AlignStats
+from .text import TOKEN_RE, explode_tokens, normalise_text, shingles, tokenize
 
 __all__ = [
     "REASONS", "AlignStage", "STAGE", "AlignStats", "AlignAnswer", "RowFeatures", "Rule", "MinHasher", "HammingIndex",
@@ -99,10 +103,9 @@ __all__ = [
 log = logging.getLogger("clipcurate.align")
 
 _U64 = np.uint64
-_MAX_U64 = np.iinfo(np.uint64).max
 
 
-class AlignStage(Stage):
+class AlignStage(BandKeys, PoolLookups, Stage):
     """ALIGN / DataComp-basic filtering with exact and near-duplicate removal and eval decontamination."""
 
     needs_pixels = True
@@ -196,14 +199,7 @@ class AlignStage(Stage):
             Language(c.language, self._langid),
         ]
 
-    # ---- resources ----
-    @property
-    def minhasher(self) -> MinHasher:
-        if self._minhasher is None:
-            c = self.config
-            self._minhasher = MinHasher(c.num_perm, c.minhash_seed, c.near_dup_threshold)
-        return self._minhasher
-
+    # ---- resources (the MinHash permutations, `minhasher`: bands.py) ----
     def eval_index(self) -> HammingIndex | None:
         if not self.config.eval_images:
             return None
@@ -287,58 +283,7 @@ class AlignStage(Stage):
             return self._inspect_images(table, ctx)
         return {k: cached.column(k).to_numpy(zero_copy_only=False).astype(t) for k, t in self.IMAGE_FACTS.items()}
 
-    # ---- near-duplicate search: MinHash LSH band keys ----
-    def _band_rows(self, f: RowFeatures) -> np.ndarray:
-        """Rows that take part in near-duplicate search: an image identity and a word count in range
-        (a caption dropped for its length must not knock out its near-duplicate twin)."""
-        c = self.config
-        return f.id_ok & ~TooFewWords(c.min_words).mask(f) & ~TooManyWords(c.max_words).mask(f)
-
-    def _bands(self, f: RowFeatures, rows_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(row ids, [m, bands] band keys) for the masked rows."""
-        idx = np.flatnonzero(rows_mask)
-        if len(idx) == 0:
-            return idx, np.zeros((0, self.minhasher.bands), dtype=_U64)
-        rows, sh = shingles(f.tokens.gather(idx), self.config.shingle_size)
-        sub_rows, sig = self.minhasher.signatures(rows, sh, len(idx))
-        keys = self.minhasher.band_keys(sig, f.image_id[idx][sub_rows])
-        return idx[sub_rows], keys
-
-    # MinHash signatures and band keys are the costliest per-row work of both passes, and apply needs
-    # the same keys collect made: collect leaves them in the stage folder (ShardContext.cache_put), apply takes
-    # them. A missing or mismatching cache means computing them again (same keys: pure functions).
-    def _bands_key(self) -> str:
-        return json.dumps([dataclasses.asdict(self.config), self.seed, self.minhasher.bands, self.minhasher.rows],
-                          sort_keys=True, default=str)
-
-    def _cache_bands(self, table: pa.Table, brow: np.ndarray, keys: np.ndarray, ctx: ShardContext) -> None:
-        n, b = table.num_rows, self.minhasher.bands
-        mat = np.zeros((n, b), dtype=_U64)
-        mat[brow] = keys
-        has = np.zeros(n, dtype=bool)
-        has[brow] = True
-        ctx.cache_put("bands", table, {"has_bands": has,
-                                        "band_keys": pa.FixedSizeListArray.from_arrays(pa.array(mat.ravel()), b)},
-                       self._bands_key())
-
-    def _cached_bands(self, table: pa.Table, f: RowFeatures, rows_mask: np.ndarray,
-                      ctx: ShardContext) -> tuple[np.ndarray, np.ndarray]:
-        cached = ctx.cache_take("bands", table, self._bands_key())
-        if cached is None:
-            return self._bands(f, rows_mask)
-        b = self.minhasher.bands
-        mat = cached.column("band_keys").combine_chunks().flatten().to_numpy().reshape(-1, b)
-        idx = np.flatnonzero(rows_mask & cached.column("has_bands").to_numpy(zero_copy_only=False))
-        return idx, mat[idx]
-
-    def _copy_keys(self, table: pa.Table, f: RowFeatures, ctx: ShardContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(content key, uid x content key, position hash) per row: what decides which copy of a uid is kept.
-        The position (shard name, row) only orders byte-identical rows, for which the choice changes nothing
-        but the shard the one kept lands in."""
-        ck = row_content_key(table, np.where(f.has_bytes, f.content, _U64(0)))
-        return ck, combine64(f.uid, ck), row_positions(ctx.shard, table.num_rows)
-
-    # ---- pass 1 ----
+    # ---- pass 1 (near-duplicate search's MinHash LSH band keys, made here and cached for apply: bands.py) ----
     def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> AlignStats:
         ctx = ctx or self.detached()
         img = self._inspect_images(table, ctx)
@@ -375,48 +320,7 @@ class AlignStage(Stage):
         return _stats.load(folder)
 
     # ---- pass 2 ----
-    def _rule_features(self, table: pa.Table, stats: AlignStats | AlignAnswer, ctx: ShardContext) -> RowFeatures:
-        """The shard's features, and what the rules read from the pool and the pixels (None: no data)."""
-        n = table.num_rows
-        f = self._features(table, self._cached_images(table, ctx))
-        # images: decoded once, in collect (the pass-1 cache), or here when the cache is missing
-        img = f.images if int(stats.meta.get("image_rows", 0)) > 0 else None
-        if img is not None:
-            f.decoded, f.phash = img["decoded"], img["phash"]
-        zeros = np.zeros(n, dtype=np.int64)
-        dw, dh = (img["width"], img["height"]) if img is not None else (zeros, zeros)
-        f.width, f.height = judged_size(table, f.decoded, dw, dh)
-
-        # each distinct word's pool count, for rare_token
-        f.words, f.token_row, f.token_word = word_table(f.tokens)
-        f.word_count = (lookup_values(stats.lookup("token_n"), hash64_strings(f.words.to_arrow(), "tok"), 0) if len(f.words)
-                        else np.zeros(0, _U64))
-
-        # which copy of each uid is kept: every row has a uid, so this is known in every pool
-        ck, copy_key, pos = self._copy_keys(table, f, ctx)
-        ck_min = lookup_values(stats.lookup("uid_ck"), f.uid, _MAX_U64)
-        pos_min = lookup_values(stats.lookup("copy_pos"), copy_key, _MAX_U64)
-        f.other_copy_kept = other_copy_kept(ck, ck_min, pos, pos_min)
-
-        # pool-wide counts by image identity (content hash, or url in text-only pools)
-        f.pair_uid_min = np.full(n, _MAX_U64, dtype=_U64)
-        if f.id_ok.any() or int(stats.meta.get("id_rows", 0)):
-            f.texts_per_image = lookup_values(stats.lookup("image_texts"), f.image_id, 0)
-            f.images_per_text = lookup_values(stats.lookup("text_images"), f.text_h, 0)
-            f.pair_uid_min = lookup_values(stats.lookup("pair_uid"), combine64(f.image_id, f.text_h), _MAX_U64)
-            # an exact duplicate is not searched for near ones (exact_duplicate comes first): less MinHash work
-            f.band_uid_min = np.full(n, _MAX_U64, dtype=_U64)
-            brow, keys = self._cached_bands(table, f, self._band_rows(f) & ~ExactDuplicate().mask(f), ctx)
-            if len(brow):
-                mins = lookup_values(stats.lookup("band_uid"), keys.ravel(), _MAX_U64).reshape(keys.shape)
-                f.band_uid_min[brow] = mins.min(axis=1)
-            if not f.has_bytes.any() and f.id_ok.any():
-                self._note(ctx, "no image bytes: the url stands in for the image in image_many_texts, "
-                           "text_many_images, exact_duplicate and near_duplicate")
-        if self.config.language:
-            f.captions = table.column("text").to_pylist()
-        return f
-
+    # (the shard's features, and what the rules read from the pool and the pixels: lookups.py)
     def apply(self, table: pa.Table, stats: AlignStats | AlignAnswer,
               ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
         ctx = ctx or self.detached()

@@ -20,8 +20,8 @@ from pipeline.images import open_image
 from pipeline.errors import StageError
 
 _U64 = np.uint64
-IMAGE_CHUNK = 256  # images per batch read and per thread task: the pool's per-task cost (~30 us) is nothing next to
-# ~0.15 s of decoding, and a batch of 256-px JPEGs is ~7 MB
+IMAGE_CHUNK = 256  # images per batch read and per thread task: the pool's per-task cost is nothing next to a
+# batch's decoding (timed by hand: bench/README.md, image path), and a batch of 256-px JPEGs is ~7 MB
 # Every per-image fact align needs, from one read of the shard's pixels (collect's; apply takes them from the
 # pass-1 cache)
 IMAGE_FACTS = {"has_bytes": np.bool_, "content": _U64, "decoded": np.bool_, "width": np.int64,
@@ -45,11 +45,11 @@ def inspect_image(data: bytes | None, max_pixels: int) -> tuple[bool, int, int, 
     files (Pillow raises; LOAD_TRUNCATED_IMAGES stays off). JPEGs are decoded at reduced scale
     (`draft`, at least 128 px a side): the hash needs a 9x8 thumbnail, not the full image. Not smaller:
     at 64 px the DCT-domain downscale differs enough between an image and its resized copy to push
-    copies past k (measured on the demo world's eval copies: mean distance 1.6 bits at 64 px, 0.9 at
-    128 px, 0.8 with a full decode; 128 px costs ~1.5x the 64 px decode, 0.65x a full one).
+    copies past k, while 128 px stays well under the cost of a full decode and hashes nearly as a full decode
+    does (measured on the demo world's eval copies: bench/README.md, image path).
     And straight to grey (`draft("L")`: libjpeg returns the Y channel, no chroma upsampling nor colour
-    conversion), as the hash only looks at luminance: 1.17x (COCO photos) to 1.42x (demo world) faster than
-    decoding RGB and converting, the same bits for 100% / 93% of the hashes (bench/results/image_path.json).
+    conversion), as the hash only looks at luminance: measured faster than decoding RGB and converting, with
+    the same bits for all or nearly all of the hashes (bench/results/image_path.json; bench/README.md, image path).
     """
     try:
         with open_image(data, max_pixels) as img:

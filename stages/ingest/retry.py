@@ -14,8 +14,9 @@ rewritten with the retry's answer in that row: its status, bytes and sizes; the 
 image reference into S stays valid); a row that fails again keeps its first error, and its shard is not touched.
 Rows that never reached img2dataset (robots.txt unreachable) that its robots.txt now allows go to one new store
 shard, downloaded or not, and leave `invalid-urls.parquet`. Only rewritten or added files are new inputs: with
-none, nothing is redone; else the runner's resume redoes the ingest step and, on the next `clipcurate run`, the
-steps after it (each a whole step: the runner's resume is per step when an input changes).
+none, nothing is redone; else the runner's resume (per shard: pipeline/resume.py) redoes the ingest shards made
+from those files and, on the next `clipcurate run`, the same shards in the steps after it, with any whose answer
+from a step's pool-wide statistics changed.
 """
 
 from __future__ import annotations

@@ -38,26 +38,27 @@ place only: a matched n-gram is dropped when the tag of its last token is not a 
     either side, all a function of that list), so each distinct list is tagged once per shard (exact);
   - spaCy's matrix products go through numpy's BLAS rather than thinc's BLIS (same weights, same formula,
     another summation order): exact up to rounding only, not by construction (a tag is an argmax over 50
-    labels: it changes only where two scores tie to float32 precision; measured 0 differing noun flags
-    and 100% identical candidates on Flickr8k, LAION-10k and held-out COCO captions,
-    bench/results/klite_pos.json; tests/test_klite_fast_pos.py checks 3,200 real captions).
+    labels: it changes only where two scores tie to float32 precision; measured: no noun flag and no
+    candidate differed on Flickr8k, LAION-10k and held-out COCO captions, bench/results/klite_pos.json and
+    bench/README.md, klite's part-of-speech tagger; tests/test_klite_fast_pos.py checks 3,200 real captions).
 What is NOT a safe rule, and not used: "skip a head word that WordNet lists as a noun only". The code drops a
 match on the tag, not on WordNet's parts of speech, and spaCy tags noun-only words as JJ/VB in context; it
-would also skip little (99% of Flickr8k captions have a head that WordNet also lists as a verb or
-adjective: "man", "dog", "running"). Nor is a rule learned from spaCy's own tags (measured, not used:
-bench/bench_klite_pos.py's skip study, klite_pos.json "skip_study"): tables of the noun share per word or per
-context, and a logistic classifier over lexical and context features that decides a head only where it is
-confident, tuned on Flickr8k train + half of LAION-10k. On held-out captions (Flickr8k test, the other LAION
-half, COCO-mini), keeping >= 99.5% concept agreement with "every" still sends 57-76% of the captions to spaCy
-(projected 0.04-0.05x morphy alone); sending 8-19% keeps only 95-97%. Why: the pool counts read every head's
-flag (counts from morphy alone, exact flags in the choice: 96-97%), and the rarest candidate, the one the
+would also skip little (nearly every Flickr8k caption has a head that WordNet also lists as a verb or adjective:
+"man", "dog", "running"; counted by hand: bench/README.md, klite's part-of-speech tagger). Nor is a rule learned
+from spaCy's own tags (measured, not used: bench/bench_klite_pos.py's skip study, klite_pos.json "skip_study"):
+tables of the noun share per word or per context, and a logistic classifier over lexical and context features that
+decides a head only where it is confident, tuned on Flickr8k train + half of LAION-10k. On held-out captions
+(Flickr8k test, the other LAION half, COCO-mini), keeping >= 99.5% concept agreement with "every" still sends most
+captions to spaCy (projected: still far slower than morphy alone), and sending few loses agreement (bench/README.md,
+klite's part-of-speech tagger). Why: the pool counts read every head's flag (counts from morphy alone with exact
+flags in the choice still disagree, measured by hand: same section), and the rarest candidate, the one the
 choice reads first, is rare by construction, so the least often decided. Batching does not change a tag: a document's tags do not depend on the
 other documents of its batch (checked at batches of 37 and 1000), so shard and worker invariance holds.
-Cost: the tagger's work is ~1 MFLOP per token (tok2vec's four 288->96x3 maxout layers and its 576-wide
-mixer), and it is needed on ~99% of captions (almost every caption has a match), so the fast path is ~1.9x
-"every" and still ~30x slower than morphy alone on one core (Flickr8k: 3,400 against 123,000 captions/s,
-bench/results/klite_pos.json); at web scale give klite more workers, or set `pos_tagger = "none"` (morphy
-alone).
+Cost: the tagger's work per token is large (tok2vec's four 288->96x3 maxout layers and its 576-wide mixer),
+and it is needed on almost every caption (almost every caption has a match), so the fast path is measured
+faster than "every" and still far slower than morphy alone on one core (bench/results/klite_pos.json;
+bench/README.md, klite's part-of-speech tagger); at web scale give klite more workers, or set
+`pos_tagger = "none"` (morphy alone).
 
 Tokens: lower case, ’ read as ', then runs of letters/digits with inner apostrophes; a possessive 's
 is a token of its own ("dog's bowl" -> dog 's bowl: "dog" is found, and "child plays" never matches

@@ -119,10 +119,10 @@ def _fast_tagger(nlp, Doc, numpy_gemm: bool = True):
       - one call per distinct token list of the batch (captions repeat on the web; a caption's tags are a
         function of its tokens alone): exact;
       - the matrix products through numpy's BLAS instead of thinc's BLIS (`_numpy_gemm_ops`): exact up to
-        rounding only, not by construction (bench/results/klite_pos.json counts the tags that differ: 0).
+        rounding only, not by construction (bench/results/klite_pos.json counts the tags that differ: none did).
     Calling tok2vec and the tagger's softmax directly instead of `nlp.pipe` (no Token objects) was measured
-    too: no faster (3,000 Flickr8k captions, one core, medians of 4 rounds: 1.78 s against 1.77 s), so
-    `nlp.pipe` reads the tags, as in the reference."""
+    too: no faster (timed by hand: bench/README.md, klite's part-of-speech tagger), so `nlp.pipe` reads the
+    tags, as in the reference."""
     if numpy_gemm:  # (False: the bench's ablation)
         ops = _numpy_gemm_ops()
         for name in ("tok2vec", "tagger"):  # this nlp is the fast path's own (one load per mode)
@@ -140,9 +140,10 @@ def _fast_tagger(nlp, Doc, numpy_gemm: bool = True):
 
 def _numpy_gemm_ops():
     """thinc's NumpyOps with `gemm` through numpy's matmul (OpenBLAS): the same products of the same float32
-    weights, ~3.5x faster here than thinc's BLIS on one core (gemm was ~60% of the tagger's time). Only the
-    summation order differs, so scores differ in the last bits; a tag (an argmax over 50 labels) changes only
-    where two labels' scores tie to that precision: 0 of the bench's tokens (bench/results/klite_pos.json)."""
+    weights, measured faster here than thinc's BLIS on one core, and gemm is most of the tagger's time (timed by
+    hand: bench/README.md, klite's part-of-speech tagger). Only the summation order differs, so scores differ in
+    the last bits; a tag (an argmax over 50 labels) changes only where two labels' scores tie to that precision:
+    none of the bench's tokens (bench/results/klite_pos.json)."""
     import numpy as np
     from thinc.api import NumpyOps
 

@@ -8,7 +8,7 @@ rows per cluster the default sizing makes) or among the `floor` lowest draws of 
 lowest `floor` draws), so the survey's tree reduction gives the same sample in any order.
 
 k-means: faiss (faiss-cpu from PyPI; its `Kmeans` with `spherical=True`, since the vectors are unit vectors and
-SemDeDup clusters by cosine; bench/results/semdedup.json: 50k rows into 500 centroids in 4.3 s here), and
+SemDeDup clusters by cosine; fast enough on a CPU for the sample: bench/README.md, semdedup), and
 is what NeMo Curator's GPU k-means replaces at scale. The sample is sorted by (draw, uid key) before training and the
 seed is fixed, so the centroids are a function of the pool alone. They are computed once, in the driver, and saved;
 every shard assigns its rows to them.
@@ -21,8 +21,8 @@ import math
 import numpy as np
 
 # floats of one block of the assignment's similarity matrix (64 MiB): rows per block = this / clusters, so memory
-# stays flat as the clusters grow with the pool (a fixed 16,384-row block against 100k centroids, the default at 1B
-# rows, took 6.4 GiB: bench/results/semdedup.json)
+# stays flat as the clusters grow with the pool (a block of fixed rows grew with the centroids to gigabytes at the
+# default for 1B rows: bench/results/semdedup.json; bench/README.md, semdedup)
 ASSIGN_BUDGET = 1 << 24
 
 

@@ -7,14 +7,13 @@ Groups      the connected components of that relation (scipy's connected_compone
             drops a row similar to *any* row ranked before it, kept or not, so a chain a ~ b ~ c with a !~ c
             loses b and c, and c's named copy b is itself gone; a group keeps exactly one row and names it.
             Both lose the same rows when the relation is transitive (a group is a clique), as for re-encodes,
-            crops and re-captions of one picture. Where it chains, components lose the most: on the web demo
-            world (n = 10,000, after dfn, the demo's 300-step network, eps 0.03 / 0.05) components dropped 692 of
-            1,912 rows, SemDeDup's rule 619, and "dropped only next to a better-ranked row that is kept" 526
-            (/tmp measurement, issue 31's closing note); thresholds must fit the network's scale.
+            crops and re-captions of one picture. Where it chains, components lose the most, SemDeDup's rule
+            fewer, and "dropped only next to a better-ranked row that is kept" the fewest (measured by hand on
+            the web demo world: bench/README.md, semdedup); thresholds must fit the network's scale.
 Option      `group = "nearest_kept"` instead: rows in keep order, a row dropped only when a better-ranked row that
             is *kept* is its duplicate (`duplicate_of`: the most similar such row). Every dropped row then has its
             named copy within the thresholds, and a chain a ~ b ~ c with a !~ c keeps a and c. It drops the fewest
-            of the three rules (526 against components' 692 in the measurement above).
+            of the three rules (in the measurement above).
 Kept row    `highest_score`: the highest dfn_score (rows without one after those with one), then the lowest uid;
             `hard`: the least typical row, the lowest cosine to its cluster centroid (NeMo's default: SemDeDup
             found keeping hard examples best); `easy`: the most typical. Ties: the lowest uid.
