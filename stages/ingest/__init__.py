@@ -21,7 +21,9 @@ fetch in img2dataset's worker (guard.py). A response that is no image at all (an
 text, an empty body) is `not_an_image: an HTML page` (guard.py sniffs the bytes img2dataset failed to decode).
 Opt-outs: `robots_disallowed` and `tdm_reserved` before any request (optout.py); after it, on the image response's
 headers, before its body is read: `x_robots_tag` (an X-Robots-Tag naming one of `x_robots_directives`:
-img2dataset's check) and `tdm_reserved` (a `tdm-reservation: 1` header: guard.TdmHeaderProcessor).
+img2dataset's check) and `tdm_reserved` (a `tdm-reservation: 1` header: guard.TdmHeaderProcessor). Both sets are
+rules (optout_rules.py, pipeline/rules.py's idiom); after the download their reason ranks below the egress refusals
+and not_an_image, above duplicate and img2dataset's own status.
 Opt-outs, checked before the download (optout.py: each host's robots.txt and /.well-known/tdmrep.json, fetched
 once per run): `robots_disallowed` and `tdm_reserved`, never requested; every downloaded row carries the evidence
 (`robots_status`, `robots_rule`, `robots_sha256`, `tdm_reservation`) and the run's `optout/` holds the files.
@@ -46,12 +48,14 @@ from pipeline import egress, schema, shards
 from pipeline.codec import data_record
 from pipeline.images import REF_COL
 from pipeline.context import ShardContext
+from pipeline.rules import judge
 from pipeline.stage import Stage
 from stages.ingest.config import IngestConfig
 from stages.ingest.crawl import crawl_input
 from stages.ingest.curated import CARRY_COL, carried_columns, carry_record, read_carry
 from stages.ingest.download import download_pool, run_img2dataset
 from stages.ingest.optout import EVIDENCE
+from stages.ingest.optout_rules import AFTER_DOWNLOAD, X_ROBOTS_TAG, OptoutFacts  # X_ROBOTS_TAG: importable here
 from stages.ingest.policies import REASONS as OPTOUT_REASONS
 from stages.ingest.urls import (CAPTIONS_COL, DUPLICATE, DUPLICATE_REASON, NOT_AN_IMAGE, TDM_HEADER_ERROR, group_by_url,
                                 read_url_list)
@@ -166,8 +170,12 @@ class IngestStage(Stage):
             pl.col("error_message").cast(pl.String).str.extract(BLOCKED_ERROR, 1) if "error_message" in df.columns
             else pl.lit(None, dtype=pl.String))
         not_image = pl.col("error_message").cast(pl.String).str.starts_with(f"{NOT_AN_IMAGE}: ").fill_null(False)
-        x_robots = (pl.col("error_message").cast(pl.String) == X_ROBOTS_ERROR).fill_null(False)
-        tdm_header = (pl.col("error_message").cast(pl.String) == TDM_HEADER_ERROR).fill_null(False)
+        # the opt-outs the image response's headers state (optout_rules.AFTER_DOWNLOAD: X-Robots-Tag, then
+        # tdm-reservation), judged as rules; their reason takes its place in the chain below
+        heads = df.select(x_robots_tag=(pl.col("error_message").cast(pl.String) == X_ROBOTS_ERROR).fill_null(False),
+                          tdm_header=(pl.col("error_message").cast(pl.String) == TDM_HEADER_ERROR).fill_null(False))
+        facts = OptoutFacts(x_robots_tag=heads["x_robots_tag"].to_numpy(), tdm_header=heads["tdm_header"].to_numpy())
+        df = df.with_columns(pl.from_arrow(judge(AFTER_DOWNLOAD, facts, df.height)[0]).alias("_optout"))
         ref = pl.col(REF_COL) if REF_COL in df.columns else pl.lit(None, dtype=pl.String)
         df = df.with_columns(
             text=captions,
@@ -182,10 +190,8 @@ class IngestStage(Stage):
             .then(blocked)
             .when(not_image)  # a response that is no image (an HTML page under a .jpg name): guard.SniffingResizer
             .then(pl.col("error_message"))
-            .when(x_robots)  # the response's X-Robots-Tag opts the image out (img2dataset read no body)
-            .then(pl.lit(X_ROBOTS_TAG))
-            .when(tdm_header)  # the response's tdm-reservation header is 1 (guard.TdmHeaderProcessor: body unread)
-            .then(pl.lit("tdm_reserved"))
+            .when(pl.col("_optout").is_not_null())  # the response's headers opt the image out (its body unread)
+            .then(pl.col("_optout"))
             .when(pl.col("status") == DUPLICATE)  # one wording, whatever a download made before it wrote
             .then(pl.lit(DUPLICATE_REASON))
             .otherwise(
@@ -211,7 +217,6 @@ class IngestStage(Stage):
 STAGE = IngestStage
 BLOCKED_ERROR = r"^(" + "|".join(egress.REASONS) + r"): "  # str(egress.Blocked) as img2dataset records it
 X_ROBOTS_ERROR = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset 1.47's words (downloader.py)
-X_ROBOTS_TAG = "x_robots_tag"  # the reason: the image response's X-Robots-Tag opts it out
 
 
 _MAX = np.iinfo(np.uint64).max

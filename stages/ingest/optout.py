@@ -15,7 +15,10 @@ Recorded (`write_record`): the run's `optout/` folder holds each fetched file (`
 (statuses, HTTP codes, fetch times, sha256 of the bytes used, file names, counts). A host already in the run's
 `hosts.parquet` is not fetched again (once per run: a rerun or a resumed run reuses the recorded files). Each URL's
 evidence travels with its rows (`EVIDENCE`): `robots_status`, `robots_rule` (the rule that matched, e.g.
-"disallow: /private/", null when none did), `robots_sha256`, `tdm_reservation` (1, 0, or null: no rule).
+"disallow: /private/", null when none did), `robots_sha256`, `tdm_reservation` (1, 0, or null: no rule). A URL's
+reason on a host with rules is the first of optout_rules.BEFORE_DOWNLOAD it breaks (robots_disallowed, then
+tdm_reserved); a host with no rule for us gives all its URLs one answer (robots_disallowed when its robots.txt is
+unreachable, the egress reason when the policy refuses it).
 
 
 Matching is vectorised: per host, the URLs' normalised paths are compared with each rule as a polars expression
@@ -35,6 +38,8 @@ from urllib.parse import urlsplit
 import polars as pl
 
 from pipeline import egress, shards
+from pipeline.rules import judge
+from stages.ingest.optout_rules import BEFORE_DOWNLOAD, OptoutFacts
 from stages.ingest.policies import (DEFAULT_USER_AGENT, POLICY_TIMEOUT, ROBOTS_DISALLOWED, ROBOTS_MAX, TDM_RESERVED,
                                     TDMREP_MAX, Robots, TdmRep, contact_warning, fetch, parse_tdmrep, product_token,
                                     robots_decisions, robots_of, tdm_reservations, tdmrep_of)
@@ -237,14 +242,15 @@ def check_urls(urls: pl.Series, settings: Settings, policy: egress.EgressPolicy,
         res = tdm_reservations(group["url"], t)
         rmsg = (f"robots.txt unreachable ({r.error}): RFC 9309 2.3.1.4 disallows all" if r.status == "unreachable"
                 else f"robots.txt disallows it for {token}")
-        why = pl.when(~pl.col("allowed")).then(pl.lit(ROBOTS_DISALLOWED)).when(pl.col("tdm") == 1) \
-            .then(pl.lit(TDM_RESERVED))
-        msg = pl.when(~pl.col("allowed")).then(
+        facts = OptoutFacts(robots_allowed=dec["allowed"].fill_null(True).to_numpy(), tdm_reservation=res.to_numpy())
+        why = pl.from_arrow(judge(BEFORE_DOWNLOAD, facts, group.height)[0]).alias("optout")
+        msg = pl.when(pl.col("optout") == ROBOTS_DISALLOWED).then(
             pl.lit(rmsg) + pl.when(pl.col("robots_rule").is_not_null())
             .then(pl.lit(" (") + pl.col("robots_rule") + pl.lit(")")).otherwise(pl.lit(""))) \
-            .when(pl.col("tdm") == 1).then(pl.lit("/.well-known/tdmrep.json reserves TDM rights"))
-        parts.append(pl.concat([group.select("_row"), dec, res.alias("tdm").to_frame()], how="horizontal").select(
-            "_row", optout=why.cast(pl.String), message=msg.cast(pl.String),
+            .when(pl.col("optout") == TDM_RESERVED).then(pl.lit("/.well-known/tdmrep.json reserves TDM rights"))
+        parts.append(pl.concat([group.select("_row"), dec, res.alias("tdm").to_frame(), why.to_frame()],
+                               how="horizontal").select(
+            "_row", optout=pl.col("optout").cast(pl.String), message=msg.cast(pl.String),
             robots_status=pl.lit(r.status, pl.String), robots_rule=pl.col("robots_rule"),
             robots_sha256=pl.lit(r.sha256, pl.String), tdm_reservation=pl.col("tdm").cast(pl.Int8)))
     result = pl.concat(parts).sort("_row").drop("_row")
