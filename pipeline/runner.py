@@ -27,8 +27,8 @@ from pipeline.layout import previous_stage_dir, record_input_store, record_sourc
 from pipeline.registry import get_stage, stage_class
 from pipeline.stage import Stage
 from pipeline.stats_pass import pass_one
-from pipeline.tasks import (ApplyTask, FinalizeTask, WorkerStep, answers_ready, apply_task, finalize_item_task,
-                            partials_dir)
+from pipeline.partials import partials_dir
+from pipeline.tasks import ApplyTask, FinalizeTask, WorkerStep, answers_ready, apply_task, finalize_item_task
 
 log = logging.getLogger("clipcurate.runner")
 
@@ -219,7 +219,7 @@ def _after_apply(r: resume.StepRun) -> None:
     _clean_temporaries(r.stage_dir)
     shards.remove(shards.join(r.stage_dir, "_cache"))
     shards.remove(shards.join(r.stage_dir, "_shuffle"))
-    # outputs of shards no longer in the input are stale, and so are their kept partials (tasks.keep_partial)
+    # outputs of shards no longer in the input are stale, and so are their kept partials (pipeline/partials.py)
     expected = {r.probe.output_name(shards.shard_name(p)) for p in r.inputs}
     for sub in ("", "rejected"):
         folder = shards.join(r.stage_dir, sub) if sub else r.stage_dir

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pipeline import codec, resume, shards
 from pipeline.config import RunConfig
 from pipeline.hashing import fingerprint
-from pipeline.tasks import (MergeWith, PartitionTask, ShardTask, SplitTask, WorkerStep,
-                            collect_split_task, collect_task, merge_partition_task, shard_context, survey_path,
-                            survey_task)
+from pipeline.task_inputs import shard_context, survey_path
+from pipeline.tasks import (MergeWith, PartitionTask, ShardTask, SplitTask, WorkerStep, collect_split_task,
+                            collect_task, merge_partition_task, survey_task)
 
 log = logging.getLogger("clipcurate.runner")  # the runner's logger: its lines read as one story to a user
 
@@ -84,7 +84,7 @@ def pass_one(r: resume.StepRun, config: dict, ex, timings: dict, force: bool = F
 
 def _keep_keys(r: resume.StepRun, survey: str, partitions: int) -> list[str]:
     """Per input shard, what its collect is made of: the step less its inputs, the shard's input, the survey
-    and the partitions its pieces are cut into (tasks.kept_partial)."""
+    and the partitions its pieces are cut into (pipeline/partials.py)."""
     return [fingerprint({"step": r.base_fp, "input": ident, "survey": survey, "partitions": partitions})
             for ident in r.identities]
 

@@ -27,10 +27,11 @@ import pyarrow.compute as pc
 import xxhash
 
 from pipeline import codec, images, resume, schema, shards
-from pipeline.context import ShardContext
 from pipeline.errors import ConfigError, SchemaError, ShardError, StageError
+from pipeline.partials import keep_partial, kept_partial, partial_path
 from pipeline.registry import get_stage
 from pipeline.stage import Stage
+from pipeline.task_inputs import good_rows, read_checked, set_aside_bad_rows, set_aside_notes, shard_context
 
 log = logging.getLogger("clipcurate.runner")  # the runner's logger: its lines read as one story to a user
 
@@ -126,83 +127,6 @@ class MergeWith:
         return getattr(self.step.build(), self.hook)(list(partials))
 
 
-# ---- reading a shard ---------------------------------------------------------------------------------------
-def _read_checked(stage, path: str, store: "images.ImageStore | None" = None,
-                  max_text_bytes: int = schema.MAX_TEXT_BYTES) -> pa.Table:
-    """The shard's metadata, checked: every column but the image bytes, which no stage reads from a shard.
-    A shard of the image store itself (ingest's download, a crawl or a pool given with --input) gets an
-    `image_ref` naming each of its rows instead. Rows no stage may see are flagged for `_set_aside_bad_rows`
-    (`schema.ROW_ERROR_COL`): text that is not UTF-8, a uid that is not 32 lowercase hex characters, text over
-    `[run] max_text_bytes` (cut to that here: nothing after the reader holds a 10 MB caption)."""
-    table, had_bytes = _read_metadata(path)
-    in_store = store is not None and store.format == "parquet" and store.holds(resume.parent_dir(path))
-    if had_bytes and not in_store:  # its bytes would be dropped and nothing would name them: refuse
-        raise StageError(f"{stage.name}: shard {shards.shard_name(path)} holds image bytes but is not in the run's "
-                         f"image store ({images.STORE_FILE}); give its folder with --input")
-    if in_store and had_bytes:
-        if images.REF_COL in table.column_names:
-            table = table.drop_columns([images.REF_COL])
-        table = table.append_column(images.REF_COL, images.parquet_refs(shards.shard_name(path), table.num_rows))
-    if "text" in stage.requires:  # first: a pool without text lacks its uid too, but text is what to fix
-        table = schema.check_columns(table, {"text": pa.string()}, shards.shard_name(path), stage.name)
-        table = schema.ensure_uid(table)  # a uid computed here is always valid; the pool's own are checked below
-    table = schema.check_columns(table, stage.requires, shards.shard_name(path), stage.name)
-    table, cut = schema.flag_row_limits(table, max_text_bytes, uid="uid" in stage.requires,
-                                        text="text" in stage.requires)
-    if cut:  # the long values were only in the tables just dropped
-        schema.release_cut_memory()
-    return table
-
-
-def _read_metadata(path: str) -> tuple[pa.Table, bool]:
-    """(every column but the image-bytes column, whether the shard had one)."""
-    sch = shards.read_schema(path)
-    byte_col = images.byte_column(sch)
-    if byte_col is None:
-        return shards.read_shard(path), False
-    keep = [c for c in sch.names if c != byte_col]
-    return shards.read_shard(path, columns=keep), True
-
-
-def _good_rows(stage, path: str, ctx: ShardContext, max_text_bytes: int) -> pa.Table:
-    """The rows of the shard a stage's pass 1 sees (survey, collect): those the reader did not set aside."""
-    good, _ = _set_aside_bad_rows(_read_checked(stage, path, images.ImageStore.load(ctx.run_dir), max_text_bytes))
-    return good
-
-
-def shard_context(stage, stage_dir: str, shard: str, verify: bool = False) -> ShardContext:
-    """What a stage's hooks get besides the table: run and stage folders, the shard, a notes sink, and, for a
-    stage that declares `needs_pixels`, the run's image reader (the others never get one)."""
-    run_dir = resume.parent_dir(stage_dir)
-    reader = images.run_reader(run_dir) if stage.needs_pixels else None
-    return ShardContext(stage=stage.name, run_dir=run_dir, stage_dir=stage_dir, shard=shard, images=reader,
-                        needs_pixels=stage.needs_pixels, verify=verify,
-                        survey=_survey_for(stage_dir) if stage.has_survey else None)
-
-
-def _set_aside_bad_rows(table: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-    """(rows a stage may see, rows the reader marked unusable with their reason: `schema.ROW_ERROR_COL`,
-    invalid_utf8, invalid_uid, text_too_long): collect never counts them, apply's rejected gets them with that
-    reason. Filters only: no Python object per row (a too-long text was already cut by the reader)."""
-    if schema.ROW_ERROR_COL not in table.column_names:
-        return table, None
-    err = table.column(schema.ROW_ERROR_COL)
-    ok = pc.is_null(err)
-    good = table.filter(ok).drop_columns([schema.ROW_ERROR_COL])
-    bad = table.filter(pc.invert(ok))
-    bad = bad.drop_columns([schema.ROW_ERROR_COL]).append_column("reason", bad.column(schema.ROW_ERROR_COL))
-    return good, bad
-
-
-def _set_aside_notes(stage: str, bad: pa.Table, max_text_bytes: int) -> list[str]:
-    """A line for the manifest per reason the reader set rows aside for (`schema.ROW_ERROR_NOTES`)."""
-    out = []
-    for reason in pc.unique(bad.column("reason")).to_pylist():
-        what = schema.ROW_ERROR_NOTES.get(reason, "rows the reader could not use are rejected")
-        out.append(f"{stage}: {what.format(max_text_bytes=max_text_bytes)} ({reason})")
-    return sorted(out)
-
-
 # ---- errors ------------------------------------------------------------------------------------------------
 class ShardFailed(StageError):
     """A shard task died of something the stage did not foresee: says which stage, pass and shard.
@@ -226,39 +150,11 @@ def _naming_shard(name: str, step: str, where: str):
 
 
 # ---- the survey, for stages whose statistics need something pool-wide first (Stage.survey) -----------------
-def survey_path(stage_dir: str) -> str:
-    return shards.join(stage_dir, "survey", "survey.data")
-
-
-_SURVEY_CACHE: dict[str, tuple[tuple, Any]] = {}
-
-
-def _survey_for(stage_dir: str) -> Any:
-    """The stage's concluded survey (None before it exists: the survey pass itself), read once per process while
-    the file is unchanged."""
-    path = survey_path(stage_dir)
-    try:
-        fs, p = shards.fs_and_path(path)
-        info = fs.info(p)
-    except (OSError, FileNotFoundError):
-        return None
-    stamp = (info.get("size"), str(info.get("mtime") or info.get("LastModified") or ""))
-    cached = _SURVEY_CACHE.get(path)
-    if cached is None or cached[0] != stamp:
-        try:
-            value = codec.decode(shards.read_bytes(path))
-        except codec.CodecError as e:
-            raise StageError(f"survey {path}: {e}; rerun the stage") from None
-        _SURVEY_CACHE.clear()  # one stage's survey at a time per process
-        _SURVEY_CACHE[path] = cached = (stamp, value)
-    return cached[1]
-
-
 def survey_task(task: ShardTask) -> Any:
     with _naming_shard(task.step.stage, "survey", task.where):
         stage = task.step.build()
         ctx = shard_context(stage, task.step.stage_dir, stage.output_name(shards.shard_name(task.path)))
-        return stage.survey(_good_rows(stage, task.path, ctx, task.step.max_text_bytes), ctx)
+        return stage.survey(good_rows(stage, task.path, ctx, task.step.max_text_bytes), ctx)
 
 
 # ---- pass 1: collect --------------------------------------------------------------------------------------
@@ -282,45 +178,11 @@ def collect_task(task: ShardTask) -> Any:
         return partial
 
 
-# ---- pass 1's partials, kept per shard -----------------------------------------------------------------------
-# A resume whose input changed in one shard recomputes the pool-wide statistics; kept partials make that pass
-# collect the changed shard alone, and merge (align reads pixels and klite tags every caption in collect: that is
-# work to do once). A partial is kept under its key (the step less its inputs, the shard's input identity, the
-# survey, the partitions) with the record of its file, in a sidecar written after it; the sidecar goes first
-# when a partial is rewritten, so a kill leaves a partial without a sidecar, which is collected again.
-def partials_dir(stage_dir: str) -> str:
-    return shards.join(stage_dir, "_partials")
-
-
-def partial_path(stage_dir: str, shard: str, ext: str) -> str:
-    return shards.join(partials_dir(stage_dir), shard + ext)
-
-
-def kept_partial(stage_dir: str, shard: str, key: str, ext: str) -> bool:
-    """The shard's kept partial is what collect would give now: its sidecar carries `key`, and its file is
-    still there at its recorded size."""
-    if not key:
-        return False
-    side = shards.read_json(partial_path(stage_dir, shard, ".json"))
-    if not isinstance(side, dict) or side.get("key") != key:
-        return False
-    return shards.records_mismatch(partials_dir(stage_dir), side.get(resume.FILES_KEY)) is None
-
-
-def keep_partial(stage_dir: str, shard: str, key: str, write) -> None:
-    """Write the partial (`write()`), then its sidecar: its key and the record of what was written."""
-    shards.remove(partial_path(stage_dir, shard, ".json"))
-    with shards.recording_writes() as wrote:
-        write()
-    shards.write_json({"key": key, resume.FILES_KEY: shards.records_under(partials_dir(stage_dir), wrote)},
-                      partial_path(stage_dir, shard, ".json"))
-
-
 def _collect(task: ShardTask) -> Any:
     stage = task.step.build()
     # the same context apply gets: stages that find run resources (dfn's default model) need it in pass 1 too
     ctx = shard_context(stage, task.step.stage_dir, stage.output_name(shards.shard_name(task.path)))
-    return stage.collect(_good_rows(stage, task.path, ctx, task.step.max_text_bytes), ctx)
+    return stage.collect(good_rows(stage, task.path, ctx, task.step.max_text_bytes), ctx)
 
 
 # ---- the shuffle, for stages whose statistics grow with the pool (Stage.split) -----------------------
@@ -407,12 +269,12 @@ def _apply(task: ApplyTask) -> dict:
     stage, stage_dir, max_text_bytes = task.step.build(), task.step.stage_dir, task.step.max_text_bytes
     out_name = stage.output_name(shards.shard_name(task.path))
     ctx = shard_context(stage, stage_dir, out_name)
-    table = _read_checked(stage, task.path, images.ImageStore.load(ctx.run_dir), max_text_bytes)
-    good, bad = _set_aside_bad_rows(table)
+    table = read_checked(stage, task.path, images.ImageStore.load(ctx.run_dir), max_text_bytes)
+    good, bad = set_aside_bad_rows(table)
     stats = _stats_for(stage, stage_dir, task.stats_fp or task.fp, out_name, task.partitions)
     kept, rejected = stage.apply(good, stats, ctx)
     if bad is not None and bad.num_rows:
-        for line in _set_aside_notes(stage.name, bad, max_text_bytes):
+        for line in set_aside_notes(stage.name, bad, max_text_bytes):
             ctx.note(line)
         rejected = pa.concat_tables([rejected, bad], promote_options="default")
     files = {out_name: shards.write_shard(kept, shards.join(stage_dir, out_name)),

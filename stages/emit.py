@@ -21,7 +21,7 @@ sorted array of 128-bit uids, so a curated subset can be re-materialised from th
 Resume: each output shard's marker (`emit/_done/part-NNNNN.json`) records a digest of its rows (uids and
 references), the store and the config; a rerun rewrites only shards whose digest changed. Same rows, same
 bytes (fixed tar member times, deterministic Parquet). Rows are never dropped here, except the rows every stage's
-reader sets aside (`invalid_utf8`, `invalid_uid`, `text_too_long`: `pipeline.tasks._read_checked`). Member names
+reader sets aside (`invalid_utf8`, `invalid_uid`, `text_too_long`: `pipeline.task_inputs.read_checked`). Member names
 are `<uid>.<ext>` only: a uid is 32 lowercase hex characters (checked again here: any other is an error, never a
 name), `image_ext` one of IMAGE_EXTS, `formats` of FORMATS (config errors otherwise).
 """
