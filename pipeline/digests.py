@@ -16,7 +16,7 @@ from pipeline.fileio import DIGEST_BLOCK, DIGEST_KEY, fs_and_path, join, read_js
 
 
 def content_digest(path: str) -> str:
-    """sha256 of a file's bytes (streamed: ~1 s per GB)."""
+    """sha256 of a file's bytes, streamed (its cost per GB, timed by hand: bench/README.md, "The spine by hand")."""
     fs, p = fs_and_path(path)
     h = hashlib.sha256()
     with fs.open(p, "rb") as f:

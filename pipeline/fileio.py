@@ -222,9 +222,9 @@ def clean_temporaries(folder: str, recursive: bool = False) -> int:
 
 # ---- what a done-marker vouches for: size and XXH3 of every file a task wrote -----------------------------
 # XXH3-128, not sha256: this guards against truncation and bit rot (disks, copies, an interrupted sync), not an
-# adversary who can rewrite the marker beside the file. On this project's 2-core machines it hashed 3.8-10 GB/s
-# where sha256 did 0.7-0.8 GB/s, so hashing on write costs nothing measurable (<1% of a run) and `--verify` is
-# bounded by reading the files back.
+# adversary who can rewrite the marker beside the file. On this project's 2-core machines it hashed several times
+# faster than sha256 (timed by hand: bench/README.md, "The spine by hand"), so hashing on write costs nothing
+# measurable in a run and `--verify` is bounded by reading the files back.
 DIGEST_KEY = "xxh3"  # xxh3_128 hexdigest
 DIGEST_BLOCK = 1 << 22  # streamed in 4 MiB blocks: a file is never held whole
 

@@ -41,9 +41,10 @@ def blake64(b: bytes) -> int:
 
 
 def content64(b: bytes) -> int:
-    """64-bit hash of an image's bytes (its content identity): XXH3, 1.5 us for a 29 KB JPEG where blake2b
-    takes 32 us, 6% of align's whole per-image work (decode and dHash included). Not cryptographic; none is
-    needed: a collision among 10^8 images has odds ~3e-4, and costs one pair wrongly dropped as a copy."""
+    """64-bit hash of an image's bytes (its content identity): XXH3, timed by hand far faster than blake2b on a
+    JPEG, where blake2b was a visible share of align's whole per-image work (decode and dHash included; figures:
+    bench/README.md, "The spine by hand"). Not cryptographic; none is needed: a collision among 10^8 images has
+    odds ~3e-4, and costs one pair wrongly dropped as a copy."""
     return xxhash.xxh3_64_intdigest(b)
 
 

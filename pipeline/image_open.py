@@ -69,8 +69,9 @@ def jpeg_data_budget(data: bytes) -> tuple[int, int]:
     blocks as flat grey, so a 300x240 JPEG whose SOF says 9000x9000 decodes "fine" as 9000x9000, 243 MB of RGB
     per decode in dfn and the trainer. Counting is exact and cheap: every component's blocks, from the frame
     header's size and sampling factors, at their floor in bits (`_JPEG_MIN_BITS_PER_BLOCK`); an honest JPEG is
-    always above it (real ones take 20-100x more), so nothing honest is refused. Only the headers are parsed,
-    up to the first scan. (0, 0) where the file is not one this can judge."""
+    always above it (real ones take many times more, measured by hand: bench/README.md, "The spine by hand"), so
+    nothing honest is refused. Only the headers are parsed, up to the first scan. (0, 0) where the file is not one
+    this can judge."""
     pos, n, frame = 2, len(data), None
     if data[:2] != b"\xff\xd8":
         return 0, 0

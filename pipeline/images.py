@@ -146,8 +146,9 @@ class ImageReader:
         Streamed (`batches`' default batch), never a store file's whole column at once: read whole, the column
         and the rows taken from it (any row of the file not asked for: one row set aside by the reader) were
         both held, and in Arrow's pool (mimalloc) what was freed stayed resident under what the stage did next.
-        dfn's peak RSS on 2,000 images went from 1.54-1.61 GB to 1.66-1.79 GB with one row set aside; streamed,
-        1.56-1.58 GB either way (tests/test_hostile_rows.py measures it with a 10 MB caption)."""
+        Measured by hand: read whole, one row set aside raised dfn's peak RSS; streamed, the peak is the same
+        either way (figures: bench/README.md, "The image store by hand"; tests/test_hostile_rows.py measures it
+        with a 10 MB caption)."""
         refs = refs.combine_chunks() if isinstance(refs, pa.ChunkedArray) else refs
         rows, values = [], []
         for at, blobs in self.batches(refs):  # a store file at a time, a batch at a time
@@ -169,10 +170,9 @@ class ImageReader:
 
         For readers that decode as they read (align): they hold one batch of bytes, not a shard's (5,000 256-px
         JPEGs are 147 MB; a real crawl's shard of full-size images, a GB), and each batch reuses the memory the
-        previous one freed. That is also faster: two fresh processes each reading a 147 MB column whole took
-        1.0-1.2 s for the first read on this VM (first touch of new pages), 0.07 s for a later one; streamed in
-        batches of 256, align's first shard in each such process took 2.56 s, as its later ones (2.48 s), where
-        the whole read made it 3.3-4.0 s.
+        previous one freed. That is also faster: in a fresh process the first whole read of a column is slow (first
+        touch of new pages), and streamed, align's first shard takes as long as its later ones, where the whole
+        read made it slower (timed by hand: bench/README.md, "The image store by hand").
         ImageStoreError (one line) for a store file that is missing or unreadable."""
         refs = refs.combine_chunks() if isinstance(refs, pa.ChunkedArray) else refs
         parsed = parse_refs(refs)
@@ -185,7 +185,7 @@ class ImageReader:
         try:
             if self.store.format == "parquet" and shards.is_local(path):
                 # pyarrow's own reader on a local file (GIL released, no Python file object in between):
-                # 0.16-0.24 s for a 295 MB column where an fsspec file object took 0.40-0.54 s (warm cache)
+                # timed by hand faster than through an fsspec file object (bench/README.md, "The image store by hand")
                 yield from self._parquet_rows(p, at, locs, rows)
                 return
             with fs.open(p, "rb") as f:

@@ -36,7 +36,8 @@ def registered(group: str) -> tuple[tuple[str, str], ...]:
     """(name, "module:attr") of every entry point of `group`: the project's own (from its source tree's
     pyproject.toml when there is one, else from the installed metadata), then other distributions'. A name the
     project registers is not overridden. Read once per process (`registered.cache_clear()` reads again): the
-    stage registry is asked on every stage lookup, and a metadata scan costs ~15 ms."""
+    stage registry is asked on every stage lookup, and a metadata scan is not free (timed by hand: bench/README.md,
+    "The spine by hand")."""
     from importlib.metadata import entry_points
 
     source = _source_tree_entry_points()

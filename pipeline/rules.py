@@ -1,8 +1,8 @@
 """One way to write a rule, for every stage that rejects rows.
 
 A rule is a small class: its `name` is the reason a row that breaks it is rejected with, `needs` names the facts
-its vectorised `mask(facts)` reads (attributes of whatever object the stage computes its facts into: align's
-`RowFeatures`, metaclip's `Facts`, ...), and `mask` is True where a row breaks it. A fact that is None means
+its vectorised `mask(facts)` reads (attributes of the object the stage keeps its facts in: a `Facts` below, as
+align's `RowFeatures`, or any object with those attributes), and `mask` is True where a row breaks it. A fact that is None means
 the pool has no data for it (a text-only pool has no pixels): the rule is skipped, and said so unless `quiet`.
 A configuration turns a rule off through `on`. A stage keeps its rules in one ordered list; `judge` names, per
 row, the first rule the row breaks, and the stage's reasons are the list's names (`reasons`), so adding a rule
@@ -11,8 +11,8 @@ is one class, one list entry and the config field it reads (the pattern of datat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,57 @@ class Rule:
 
     def mask(self, facts) -> np.ndarray:
         raise NotImplementedError
+
+
+def provides(*names: str) -> Callable:
+    """Marks a `Facts` method as the provider of the facts `names`: it returns their values, one per name (a
+    provider may compute several at once: a lookup's values and their index)."""
+    def mark(fn: Callable) -> Callable:
+        fn.provides = names
+        return fn
+    return mark
+
+
+class Facts:
+    """What a stage's rules read, by name. A fact given when the object is made is that value; a fact not given
+    is computed by its provider (`@provides`) the first time a rule (or anyone) reads it, and kept; a fact with
+    neither is None: no data in this pool, and a rule that needs it is skipped. So the rules pay for the facts
+    the rules that are on read, no more, and a rule over a new fact adds one provider method, not a line in a
+    function that computes every fact. `FIELDS` names the facts that may be given (a misspelt name is an error)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, n: int, **given: Any):
+        unknown = set(given) - set(self.FIELDS) - set(self._providers())
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown facts {sorted(unknown)}")
+        self.n = n
+        self.__dict__.update(given)
+
+    @classmethod
+    def _providers(cls) -> dict[str, Callable]:
+        got = cls.__dict__.get("_provider_map")
+        if got is None:
+            got = {}
+            for klass in reversed(cls.__mro__):  # a subclass's provider wins
+                for fn in vars(klass).values():
+                    for name in getattr(fn, "provides", ()):
+                        got[name] = fn
+            cls._provider_map = got
+        return got
+
+    def __getattr__(self, name: str) -> Any:  # only for a fact not set yet
+        if name.startswith("__"):
+            raise AttributeError(name)
+        fn = self._providers().get(name)
+        if fn is None:
+            if name in self.FIELDS:
+                return None
+            raise AttributeError(f"{type(self).__name__} has no fact {name!r}")
+        values = fn(self)
+        for k, v in zip(fn.provides, values if len(fn.provides) > 1 else (values,)):
+            self.__dict__.setdefault(k, v)  # a fact given when made wins
+        return self.__dict__[name]
 
 
 def reasons(rules) -> list[str]:
@@ -75,4 +126,4 @@ def split_by_reason(table: pa.Table, reason: pa.Array | np.ndarray | list) -> tu
     return kept, rejected
 
 
-__all__ = ["Rule", "reasons", "judge", "first_reason", "split_by_reason"]
+__all__ = ["Rule", "Facts", "provides", "reasons", "judge", "first_reason", "split_by_reason"]

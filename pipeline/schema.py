@@ -222,9 +222,10 @@ def flag_row_limits(table: pa.Table, max_text_bytes: int, uid: bool = True,
 
 def release_cut_memory() -> None:
     """Give the pages of values `flag_row_limits` cut (once nothing holds them) back to the OS. Reading a 10 MB
-    caption from Parquet takes ~40 MB for a moment (page, dictionary, the column's buffer), and Arrow's default
-    pool (mimalloc) keeps it after the tables are dropped, under whatever the stage does next: metaclip's peak on
-    a 2,000-row shard went from 274 MiB to 313 MiB with one such caption; released here, 290 MiB."""
+    caption from Parquet takes several times its size for a moment (page, dictionary, the column's buffer), and
+    Arrow's default pool (mimalloc) keeps it after the tables are dropped, under whatever the stage does next:
+    measured by hand, one such caption raised metaclip's peak on a small shard, and releasing here takes back
+    over half of that (figures: bench/README.md, "The spine by hand")."""
     pa.default_memory_pool().release_unused()
 
 
@@ -232,8 +233,8 @@ def compute_uid(urls, texts) -> pa.Array:
     """uid = first 128 bits of blake2b(url + "\\n" + text), as 32 hex chars.
 
     A per-row hashlib call: neither Arrow nor polars offers a stable 128-bit hash (polars' hash
-    is 64-bit and not stable across versions), and uids must never change. ~1.5 µs a row; it runs
-    once, at ingest (or when a user's input lacks uids).
+    is 64-bit and not stable across versions), and uids must never change. Cheap per row (timed by hand:
+    bench/README.md, "The spine by hand"), and it runs once, at ingest (or when a user's input lacks uids).
     """
     urls = pa.array(urls, type=pa.string()) if not isinstance(urls, (pa.Array, pa.ChunkedArray)) else urls
     texts = pa.array(texts, type=pa.string()) if not isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts

@@ -206,10 +206,11 @@ def member_bytes(f, offset: int, size: int, header_crc: int = -1) -> bytes | Non
         return None
     f.seek(offset - TAR_BLOCK)
     block = f.read(TAR_BLOCK)
-    if header_crc >= 0:  # the header tarfile checked when the tar was indexed, byte for byte (~1 us)
+    if header_crc >= 0:  # the header tarfile checked when the tar was indexed, byte for byte (cheap)
         if zlib.crc32(block) != header_crc:
             return None
-    else:  # a reference without it (FILE#OFFSET:SIZE): tarfile's checks on the header, ~45 us
+    else:  # a reference without it (FILE#OFFSET:SIZE): tarfile's checks on the header, dearer
+        # (both timed by hand: bench/README.md, "The spine by hand")
         try:
             head = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
         except (tarfile.HeaderError, ValueError):

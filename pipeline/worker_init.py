@@ -8,18 +8,19 @@ took the signal themselves died mid-task and printed ~65 lines of tracebacks fir
 driver's shutdown stops them.
 
 A fresh worker's first task paid for importing the spine (its tasks, pipeline/tasks.py, with pyarrow, polars and
-numpy: 0.26 s), Pillow's plugins and its stage's lazy libraries (align's datasketch and scipy: 0.28 s), on top of
-its work. A background thread imports them as the worker starts, while the driver plans the stage; a task that needs
-them first waits on Python's import lock, never imports twice. Only what a built-in stage lists in
-`Stage.worker_imports` (cheap to hold); torch and spaCy stay lazy: a worker imports them when its stage runs.
+numpy), Pillow's plugins and its stage's lazy libraries (align's datasketch and scipy), on top of its work (each a
+fraction of a second, timed by hand: bench/README.md, "The Dask executor"). A background thread imports them as the
+worker starts, while the driver plans the stage; a task that needs them first waits on Python's import lock, never
+imports twice. Only what a built-in stage lists in `Stage.worker_imports` (cheap to hold); torch and spaCy stay
+lazy: a worker imports them when its stage runs.
 
-A closed worker leaves at once. Once a worker has run klite (spaCy) or dfn (torch), its process took ~4 s on a
-loaded 2-core machine to tear its interpreter down after the worker had closed (module teardown: ~0.25 s
-without it); the nanny waits 4 s, then kills it and warns, once per worker, at every command's end
-("Worker process still alive after 4.0 seconds, killing"). The worker has nothing left to write then (a task's
-files are written atomically by the task), so once Dask has closed the worker (`dask_teardown`), its process
-skips that teardown (`os._exit` at exit, after the standard streams are flushed). A worker that dies any other
-way exits as before, with its own exit status.
+A closed worker leaves at once. Once a worker has run klite (spaCy) or dfn (torch), its process took seconds on a
+loaded 2-core machine to tear its interpreter down after the worker had closed (far longer than without them; timed
+by hand: bench/README.md, "The Dask executor"); the nanny waits 4 s, then kills it and warns, once per worker, at
+every command's end ("Worker process still alive after 4.0 seconds, killing"). The worker has nothing left to write
+then (a task's files are written atomically by the task), so once Dask has closed the worker (`dask_teardown`), its
+process skips that teardown (`os._exit` at exit, after the standard streams are flushed). A worker that dies any
+other way exits as before, with its own exit status.
 
 A LocalCluster's scheduler lives in the driver. When the driver stops (Ctrl-C) while a worker is inside a
 long task, the worker's next heartbeat finds the scheduler gone and Dask logs it as an error with a 20-line

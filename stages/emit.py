@@ -47,7 +47,8 @@ from pipeline.errors import StageError
 from pipeline.stage import Stage
 
 # Fixed member times: the same rows give byte-identical tars. An int: Python's tarfile gives a float mtime a PAX
-# header of its own, 1,024 more bytes a member (4 members a sample: 5.4 MiB of the demo's 36 MiB of tars).
+# header of its own, 1,024 more bytes a member (4 members a sample: a visible share of the demo's tars, measured
+# by hand: bench/README.md, "emit's tars by hand").
 TAR_MTIME = 0
 IMAGE_COL = "image"
 

@@ -452,7 +452,8 @@ class FastEvalTransform:
     """open_clip's eval transform (Resize shortest side to S, bicubic; CenterCrop S; ToTensor; Normalize), split
     in two: a uint8 S x S x 3 array per image (Pillow, in the DataLoader workers), and one batched
     normalisation on the device. Same pixels as the torchvision pipeline (its PIL backend calls the same
-    Pillow resize), ~2.5x cheaper per image on the CPU, and 4x fewer bytes through pinned memory to a GPU.
+    Pillow resize), timed by hand cheaper per image on the CPU (bench/README.md, "The trainer by hand"), and 4x
+    fewer bytes through pinned memory to a GPU.
     `from_compose` returns None for any other transform (the caller then uses it as it is)."""
 
     def __init__(self, size: int, crop: tuple[int, int], mean, std, interpolation):

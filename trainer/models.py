@@ -35,7 +35,8 @@ from pipeline.config import ConfigError
 
 DEFAULT_MODEL = "clipcurate-tiny"
 
-# ~8 M parameters (6.3 M of them the token embedding); ~1,000 img/s image encoding on 2 CPU cores.
+# ~8 M parameters (6.3 M of them the token embedding); fast enough to encode images on a CPU (timed by hand:
+# bench/README.md, "The trainer by hand").
 TINY_CONFIGS: dict[str, dict] = {
     "clipcurate-tiny": {
         "embed_dim": 128,
@@ -45,7 +46,8 @@ TINY_CONFIGS: dict[str, dict] = {
     # The same text tower with a small ResNet (open_clip's ModifiedResNet, one block per stage, attention
     # pooling): a CNN's locality prior learns shapes from the few hundred clean pairs of a web-noise demo world,
     # where the 16-px-patch ViT above stays at chance on shape even trained on the truth-clean rows only
-    # (bench_ablate_web: 0.10 top-1 over 12 shapes, ResNet 0.175, same 300 steps). ~1.6x the ViT's step time.
+    # (bench/bench_ablate_web.py; bench/README.md, "Why the web ablation trains a small ResNet"). A dearer step
+    # than the ViT's (timed by hand: bench/README.md, "The trainer by hand").
     "clipcurate-tiny-rn": {
         "embed_dim": 128,
         "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32},
@@ -280,7 +282,8 @@ _DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> xxh3: a process digest
 
 def weights_digest(paths: list[str]) -> str:
     """xxh3_128 of the weights file (several files: of their digests in order); local paths and fsspec URIs.
-    Streamed (~4 GB/s here: ViT-L-14's 1.7 GB in well under a second once the file is in the page cache)."""
+    Streamed; a large model's file takes well under a second once it is in the page cache (timed by hand:
+    bench/README.md, "The trainer by hand")."""
     import xxhash
 
     from pipeline import shards
@@ -423,10 +426,11 @@ def network_problem(model: str, pretrained: str, checkpoint_path: str, fix: str 
 
 
 def hub_source(model: str):
-    """hub.plan's Source for a well-formed `hf-hub:ORG/NAME`, without importing open_clip (8-12 s with torch on
-    2 loaded cores; the preflight of `clipcurate check` would be mostly that): open_clip's hub layout, its config
-    and the weights as open_clip 3.3 looks for them, .safetensors first (tests/test_preflight.py checks this equals
-    hub.plan's). None for any other name (hub.plan decides, and says what is wrong)."""
+    """hub.plan's Source for a well-formed `hf-hub:ORG/NAME`, without importing open_clip (seconds, with torch, on 2
+    loaded cores: bench/README.md, "The trainer by hand"; the preflight of `clipcurate check` would be mostly that):
+    open_clip's hub layout, its config and the weights as open_clip 3.3 looks for them, .safetensors first
+    (tests/test_preflight.py checks this equals hub.plan's). None for any other name (hub.plan decides, and says
+    what is wrong)."""
     from trainer import hub
 
     repo = model[len(hub.HUB_PREFIX):] if model.startswith(hub.HUB_PREFIX) else ""

@@ -42,9 +42,10 @@ def heap_for_tensors(libc=None):
 
     A Dask nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (so freed memory returns to the OS at
     once). That also freezes glibc's mmap threshold at 128 KiB, so every activation tensor of a forward pass is
-    a fresh mmap: page faults and zeroing on each batch: 0.67-0.76x a plain process's scoring, 0.98-0.99x
-    inside this context (bench/results/image_path.json, clipcurate-tiny, 1 torch thread). Only acts where that variable is set; on exit the nanny's setting is restored and the heap trimmed,
-    so the worker's memory goes back to what Dask expects."""
+    a fresh mmap: page faults and zeroing on each batch make scoring markedly slower than in a plain process, and
+    inside this context it runs as fast as there (bench/results/image_path.json; bench/README.md, image path). Only
+    acts where that variable is set; on exit the nanny's setting is restored and the heap trimmed, so the worker's
+    memory goes back to what Dask expects."""
     trim = os.environ.get("MALLOC_TRIM_THRESHOLD_")
     libc = libc if libc is not None else (_glibc() if trim is not None else None)
     if trim is None or libc is None:

@@ -305,7 +305,8 @@ def index_webdataset(store: ImageStore, index_dir: str) -> str:
     fs, p = shards.fs_and_path(store.root)
     tars = sorted(n.rstrip("/").rsplit("/", 1)[-1] for n in fs.ls(p, detail=False)
                   if n.endswith(".tar") and not n.rstrip("/").rsplit("/", 1)[-1].startswith((".", "_")))
-    # by content (each tar read once, ~1 s per GB; remembered by size and mtime in `_digests.json` beside the index)
+    # by content (each tar read once, a cost per GB: bench/README.md, "The spine by hand"; remembered by size and
+    # mtime in `_digests.json` beside the index)
     digests = shards.DigestCache(shards.join(index_dir, "_digests.json"))
     fp = fingerprint([INDEX_VERSION] + [shards.file_content_identity(store.path(t), digests) for t in tars])
     marker = shards.join(index_dir, "_index.json")

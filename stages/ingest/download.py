@@ -125,7 +125,8 @@ POLITENESS = ("processes", "threads", "per_host_concurrency", "per_host_rps", "p
 
 def _content_digest(path: str) -> str:
     """sha256 of the URL list's bytes: a list rewritten with the same content (a regenerated demo world, a
-    copy) must not trigger a new crawl, and an edited one must. Hashing costs ~1 s per GB; a crawl far more."""
+    copy) must not trigger a new crawl, and an edited one must. Hashing costs far less than a crawl (its
+    cost per GB, timed by hand: bench/README.md, "The spine by hand")."""
     return shards.content_digest(path)
 
 

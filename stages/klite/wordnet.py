@@ -1,13 +1,13 @@
 """klite's WordNet lookup: caption tokens, stop words, and the cached tables turned into integer n-gram keys.
 
-Why integer keys. WordNet lookups are per token, and nltk's reader takes ~18 s to load. So once (per WordNet
-install) `metadata.glosses` builds two small tables from WordNet and caches them as Parquet under
-`metadata.wordnet.cache_root()/klite/`: every surface form whose morphy result is a noun lemma (the lemmas
-themselves, their inverse-rule plurals -s/-es/-ies/-ves/-men, and noun.exc's irregular plurals: since morphy
-only ever applies those rules or the exception list, this set is complete and the table equals morphy
-exactly), and per lemma its gloss and hypernym chain. Workers then load the Parquet in well under a second
-(no WordNet reader at all), map caption tokens to integer ids, and find candidates with integer joins in
-polars: no per-row Python on the hot path.
+Why integer keys. WordNet lookups are per token, and nltk's reader is slow to load (timed by hand: bench/README.md,
+klite). So once (per WordNet install) `metadata.glosses` builds two small tables from WordNet and caches them as
+Parquet under `metadata.wordnet.cache_root()/klite/`: every surface form whose morphy result is a noun lemma (the
+lemmas themselves, their inverse-rule plurals -s/-es/-ies/-ves/-men, and noun.exc's irregular plurals: since morphy
+only ever applies those rules or the exception list, this set is complete and the table equals morphy exactly), and
+per lemma its gloss and hypernym chain. Workers then load the Parquet in well under a second (no WordNet reader at
+all), map caption tokens to integer ids, and find candidates with integer joins in polars: no per-row Python on the
+hot path.
 
 Why `TOKEN_RE` and `normalise` live beside the tables: `metadata.glosses.tokens`, their Python twin, cut
 WordNet's lemmas into the keys of the surfaces table, and a caption n-gram finds its lemma only when both

@@ -15,11 +15,10 @@ is the fastest. Two automata, pyahocorasick's and polars' `extract_many`, were i
 bench/contender_matchers.py, where bench/bench_metaclip.py times them and tests/test_metaclip_contenders.py
 checks they still agree.
 Its cost per call is proportional to the call's captions: everything sized by the entry list (trie, token hash
-table, edge filter) is built once per process. bench/bench_metaclip.py, 148,730 WordNet entries, 300,000 captions
-per set, one core, 5 paired rounds (speedup = median of the per-round ratios to MetaCLIP's per-caption loop), at
-10k / 50k / 100k captions per call: Flickr8k train/dev/unsplit (tuned on it) x3.21 / x3.62 / x3.50; held out,
-Flickr8k test x3.95 / x4.60 / x4.56, LAION 10k x3.60 / x4.55 / x5.16 (CPU-time ratios x3.29-x5.14); the
-contenders pyahocorasick x1.27-x1.44 and polars x0.78-x0.91 at 100k.
+table, edge filter) is built once per process. bench/bench_metaclip.py times it against MetaCLIP's per-caption
+loop and the contenders, on the captions it was tuned on and on held-out ones (bench/results/metaclip.json;
+bench/README.md, metaclip matching): faster than the reference at every call size, and than both contenders.
+What the comments below say was timed by hand has its figures in the same place.
 """
 
 from __future__ import annotations
@@ -63,8 +62,8 @@ def _tokens(texts) -> tuple[np.ndarray, pa.Array]:
     pieces kept. These are ASCII bytes, never part of a multi-byte UTF-8 character, so this works on bytes.
     With the whitespace bytes taken out of the column's data buffer, every token is a contiguous run of
     what is left, and the breaks are offsets into it: the tokens are an Arrow string array over that
-    buffer, no string copied per token. 1.4x faster than polars' replace_many + Arrow's split_pattern at
-    100k Flickr8k captions (34 vs 48 ms, one core), which built and then re-split a spaced copy.
+    buffer, no string copied per token. Timed by hand faster than polars' replace_many + Arrow's split_pattern,
+    which built and then re-split a spaced copy (bench/README.md, metaclip matching).
     """
     s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
     arr = s.cast(pl.String).fill_null("").to_arrow()
@@ -96,7 +95,8 @@ def _tokens(texts) -> tuple[np.ndarray, pa.Array]:
     # token boundaries: every caption start and every break, as one sorted run (ties are equal values)
     bounds = np.sort(np.concatenate([starts, breaks, [len(data) - len(ws_at)]]), kind="stable")
     lens = np.diff(np.concatenate([[0], upto])[np.searchsorted(ev, off)]) + 1  # breaks + 1 per caption
-    # polars' filter: ~20x numpy's boolean indexing on a 5 MB uint8 array
+    # polars' filter: timed by hand far faster than numpy's boolean indexing on a large uint8 array
+    # (bench/README.md, metaclip matching)
     kept = pl.Series(data).filter(pl.Series(~ws)).to_numpy()
     flat = pa.LargeStringArray.from_buffers(len(bounds) - 1, pa.py_buffer(bounds), pa.py_buffer(kept))
     return lens, flat
@@ -105,9 +105,11 @@ def _tokens(texts) -> tuple[np.ndarray, pa.Array]:
 def entry_lists(n: int, rows: np.ndarray, ids: np.ndarray, n_entries: int) -> pa.ListArray:
     """Sorted unique entry ids per row as list<int32>, from unordered (row, id) pairs."""
     # stable sort (timsort/radix in numpy): the hits arrive as a few runs already in row order (one per
-    # token depth), which it merges ~4x faster than the default quicksort sorts them
+    # token depth), which it merges faster than the default quicksort sorts them (timed by hand:
+    # bench/README.md, metaclip matching)
     key = np.sort(rows.astype(np.int64) * np.int64(n_entries) + ids.astype(np.int64), kind="stable")
-    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key  # np.unique: ~50x slower in numpy 2.4
+    # np.unique: far slower (timed by hand: bench/README.md, metaclip matching)
+    key = key[np.r_[True, key[1:] != key[:-1]]] if len(key) else key
     r = key // n_entries
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(np.bincount(r, minlength=n), out=offsets[1:])
@@ -137,7 +139,7 @@ class Matcher:
         W = V + 1  # edge key = node * W + token: token V can never be part of an edge's key
         edges: dict[int, int] = {}  # node * W + token -> child node (root = 0)
         terminal = [-1]
-        for seq, eid in zip(seqs, ids.tolist()):  # Python loop: build only, ~0.5 s for 150k entries
+        for seq, eid in zip(seqs, ids.tolist()):  # Python loop: build only, once per process
             node = 0
             for tok in seq:
                 key = node * W + tok
@@ -150,12 +152,14 @@ class Matcher:
         keys = np.fromiter(edges.keys(), dtype=np.int64, count=len(edges))
         kids = np.fromiter(edges.values(), dtype=np.int64, count=len(edges))
         self.V, self.W, self.edge_child = V, W, kids
-        # pandas' Index is a hash table with a vectorised lookup (khash): ~8x numpy.searchsorted on 160k keys
+        # pandas' Index is a hash table with a vectorised lookup (khash): timed by hand faster than
+        # numpy.searchsorted (bench/README.md, metaclip matching)
         self.edge_index = pd.Index(keys)
         # ... and before it, a one-hash Bloom filter over the edge keys (a bool per slot, >= 16 slots per
-        # key: ~6% of the slots set), read by direct indexing: most walks die at depth 2 (on WordNet, 85% of
-        # the (node, token) pairs tried there are no edge), and the filter drops ~94% of those for the cost
-        # of one gather, so pandas hashes only what may be an edge
+        # key: ~6% of the slots set), read by direct indexing: most walks die at depth 2 (on WordNet, most of the
+        # (node, token) pairs tried there are no edge), and the filter drops nearly all of those for the cost
+        # of one gather, so pandas hashes only what may be an edge (shares measured by hand: bench/README.md,
+        # metaclip matching)
         slots = 1 << max(16, (16 * max(len(keys), 1) - 1).bit_length())
         self.edge_mask = slots - 1
         self.edge_maybe = np.zeros(slots, dtype=bool)
@@ -174,13 +178,13 @@ class Matcher:
     def _build_vocab(self, tokens: list[str]) -> None:
         """Token -> id lookup, built once: polars' 64-bit string hash of each token in a pandas Index.
 
-        Casting to a `pl.Enum` of the tokens (what this did before) rebuilds polars' category hash map on
-        every call: ~7.5 ms a call for 98k WordNet tokens, 30% of a 10k-caption call. Here the hash table is
-        built once; per call, only the call's distinct tokens are looked up (`_token_ids`). A found token is
-        compared, as a string, with the vocabulary token of that id (one vectorised `==`), so a hash
-        collision with an unknown token can never make a false match: the lookup is exact. A seed under
-        which two vocabulary tokens collide is skipped at build time. The hashes are only ever compared
-        within this process (polars' hash is stable within a polars version; each worker builds its own).
+        Casting to a `pl.Enum` of the tokens (what this did before) rebuilds polars' category hash map on every
+        call: a large share of a small call (timed by hand: bench/README.md, metaclip matching). Here the hash table
+        is built once; per call, only the call's distinct tokens are looked up (`_token_ids`). A found token is
+        compared, as a string, with the vocabulary token of that id (one vectorised `==`), so a hash collision with
+        an unknown token can never make a false match: the lookup is exact. A seed under which two vocabulary tokens
+        collide is skipped at build time. The hashes are only ever compared within this process (polars' hash is
+        stable within a polars version; each worker builds its own).
         """
         self.vocab = pl.Series("token", tokens, dtype=pl.String)
         for seed in range(16):
@@ -195,9 +199,9 @@ class Matcher:
         """Token id per token (a string array without nulls); self.V for a token that is in no entry.
 
         Arrow's `dictionary_encode` (one hash pass, in C++) gives each token the code of its distinct
-        string; only the distinct strings (a few % of the tokens: 9k distinct among 1.37M tokens in 100k
-        Flickr8k captions) are hashed, looked up and compared with the vocabulary, and the codes then
-        index that small table. 1.4x faster at 100k captions than hashing and checking every token.
+        string; only the distinct strings (a few % of the tokens) are hashed, looked up and compared with the
+        vocabulary, and the codes then index that small table. Timed by hand faster than hashing and checking
+        every token (bench/README.md, metaclip matching).
         """
         enc = pc.dictionary_encode(tokens)
         distinct = pl.Series(enc.dictionary)
@@ -219,7 +223,8 @@ class Matcher:
         and the tokens become ids (unknown -> V, `_token_ids`); then every start position walks
         the trie at once, one vectorised numpy step per token depth (edges looked up in a hash table,
         pandas' Index, behind a Bloom filter), never past its caption's last token. Splitting T rather than
-        the padded text spares two empty tokens per caption (~13% of the tokens).
+        the padded text spares two empty tokens per caption (a visible share of the tokens,
+        counted by hand: bench/README.md, metaclip matching).
         """
         lens, flat = _tokens(texts)
         tid = self._token_ids(flat)
@@ -256,11 +261,10 @@ class Matcher:
         if n == 0 or len(self.ids) == 0:
             return pa.array([[]] * n, type=pa.list_(pa.int32()))
         # in pieces of _PIECE captions: a 100k-caption call's working arrays (1.4M tokens, 8 bytes each) are
-        # above glibc's mmap threshold, so every call page-faults them in afresh (5.6k minor faults per 100k
-        # Flickr8k captions; ~800 in 16k pieces). 300k captions in 100k calls, one core, CPU time, 7 interleaved
-        # rounds, median: 376 ms whole, 359 in 16,384-caption pieces, 350 in 20,000, 373 in 25,000, 429 in
-        # 33,334 (a loaded 2-core VM: differences of a few % are noise; 8,192 pieces are slower again, each
-        # piece's fixed cost, ~0.6 ms, weighing).
+        # above glibc's mmap threshold, so every call page-faults them in afresh (far fewer faults in pieces).
+        # Timed by hand, pieces of about this size were the fastest, by a few %: noise on a loaded 2-core VM,
+        # but larger pieces fault more and smaller ones weigh each piece's fixed cost (bench/README.md,
+        # metaclip matching).
         s = texts if isinstance(texts, pl.Series) else pl.Series("text", texts, dtype=pl.String)
         pieces = []
         for i in range(0, n, _PIECE):
