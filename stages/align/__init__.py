@@ -111,7 +111,7 @@ class AlignStage(BandKeys, PoolLookups, Stage):
     needs_pixels = True
     pixels_optional = True  # a text-only pool (a URL list): the text rules run, the image rules are skipped
     name = "align"
-    worker_imports = ("datasketch",)  # MinHash permutations and LSH parameters: 0.28 s to import (scipy)
+    worker_imports = ("datasketch",)  # MinHash permutations and LSH parameters: scipy is slow to import
     requires = {"uid": pa.string(), "text": pa.string()}
 
     @dataclasses.dataclass
@@ -125,9 +125,9 @@ class AlignStage(BandKeys, PoolLookups, Stage):
         # Rare = pool count < min_token_count AND Zipf < min_zipf. ALIGN keeps the 100M most frequent
         # unigrams+bigrams of 1.8B pairs; the count at that cut scales with pool size and is below 2
         # for any pool under ~1e9 pairs, so the smallest meaningful threshold, 2 ("seen once"), is the
-        # default; raise it for web-scale pools. With Zipf < 1.5 (wordfreq 'en') the rule alone flags
-        # 1.6% of Flickr8k captions and 31.5% of the raw LAION 10k sample (28.1% as the first broken
-        # rule, after the word counts): typos, product codes, names, non-English (bench/results/align.json).
+        # default; raise it for web-scale pools. With Zipf < 1.5 (wordfreq 'en') it flags typos, product
+        # codes, names and non-English words: a third of raw LAION alt-text, few human captions (the shares:
+        # bench/README.md, align row; bench/results/align.json).
         min_token_count: int = 2
         min_zipf: float = 1.5
         zipf_language: str = "en"  # wordfreq reference vocabulary

@@ -90,8 +90,8 @@ def _empty_frame(value: str) -> pl.DataFrame:
 @dataclasses.dataclass
 class AlignAnswer:
     """What one shard's apply needs from the pool: every lookup restricted to the keys the shard holds
-    (sorted key and value arrays), and the pool-wide meta. Its size follows the shard, not the pool: 5.2 MiB
-    per 50k-row shard of bench_align's 1M-caption pool (bench/results/align.json)."""
+    (sorted key and value arrays), and the pool-wide meta. Its size follows the shard, not the pool (bench_align's
+    figure: bench/README.md, align row)."""
 
     __module__ = "stages.align"  # the record's name in run folders (see AlignStats)
 
