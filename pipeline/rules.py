@@ -54,7 +54,7 @@ class Facts:
 
     FIELDS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, n: int, **given: Any):
+    def __init__(self, n: int | None = None, **given: Any):
         unknown = set(given) - set(self.FIELDS) - set(self._providers())
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown facts {sorted(unknown)}")

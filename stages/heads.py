@@ -40,7 +40,6 @@ import dataclasses
 import logging
 import math
 import re
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -50,7 +49,7 @@ from pipeline import shards
 from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
-from pipeline.rules import Rule, judge, split_by_reason
+from pipeline.rules import Facts, Rule, judge, split_by_reason
 from pipeline.stage import Stage
 
 log = logging.getLogger("clipcurate.heads")
@@ -59,6 +58,12 @@ INPUTS = ("image", "text", "pair")
 DROPS = ("above", "below")
 HEAD_KEYS = ("path", "on", "threshold", "drop", "activation", "hidden")
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")  # becomes a column name and a reason: kept plain
+
+
+class HeadFacts(Facts):
+    """What the heads' rules read: per head, (its outputs, which rows it scored)."""
+
+    FIELDS = ("outputs",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +264,7 @@ class HeadsStage(Stage):
             if n and not applied.all():
                 ctx.note(f"heads: rows without an {'image vector' if spec.on != 'text' else 'text vector'} are kept "
                          f"unjudged by head '{spec.name}' (head_{spec.name} null)")
-        return split_by_reason(table, judge(rules, SimpleNamespace(outputs=outputs), n)[0])
+        return split_by_reason(table, judge(rules, HeadFacts(n, outputs=outputs), n)[0])
 
     # ---- report -----------------------------------------------------------------------------------------------
     def report(self, stage_dir: str, out_dir: str) -> dict:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -55,7 +54,7 @@ from pipeline.schema import SchemaError
 from pipeline.context import ShardContext
 from pipeline.errors import StageError
 from pipeline.hashing import uniform
-from pipeline.rules import Rule, judge, split_by_reason
+from pipeline.rules import Facts, Rule, judge, split_by_reason
 from pipeline.stage import Stage
 
 from .cut import bin_lower_edge, cut_for_fraction, score_bins
@@ -68,6 +67,16 @@ PUBLIC_NETWORK_HINT = ('[dfn] model = "hf-hub:apple/DFN-public" (after `clipcura
 
 
 # ---- the rules, in order: a row not kept names the first it breaks (pipeline/rules.py) ----------------------
+class CutFacts(Facts):
+    """A shard's rows as the cut's rules read them (all given: apply scores every row once)."""
+
+    FIELDS = (
+        "keep",  # under the cut's rule: scored and at or above the threshold (or drawn in the boundary bin)
+        "has_image",  # the row has an image
+        "ok",  # the image got a finite score
+    )
+
+
 class NoImage(Rule):
     """No image to score: nothing can be trained on the row."""
     name, needs = "no_image", ("keep", "has_image")
@@ -308,7 +317,7 @@ class DfnStage(Stage):
             b = np.where(ok, score_bins(np.where(ok, s, 0.0), self.config.bins), -1)
             u = uniform(table.column("uid"), self.seed, "dfn") if table.num_rows else np.zeros(0)
             keep = ok & ((b > c["bin"]) | ((b == c["bin"]) & (u < c["q"])))
-        reason, _ = judge(RULES, SimpleNamespace(keep=keep, has_image=has_image, ok=ok), table.num_rows)
+        reason, _ = judge(RULES, CutFacts(table.num_rows, keep=keep, has_image=has_image, ok=ok), table.num_rows)
         score_col = pa.array(s, type=pa.float32(), mask=~ok)
         if "dfn_score" in table.column_names:
             table = table.drop_columns(["dfn_score"])

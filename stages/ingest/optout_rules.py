@@ -7,24 +7,24 @@ is run by pipeline.rules' `judge`."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 
-from pipeline.rules import Rule
+from pipeline.rules import Facts, Rule
 from stages.ingest.policies import ROBOTS_DISALLOWED, TDM_RESERVED
 
 X_ROBOTS_TAG = "x_robots_tag"  # the reason: the image response's X-Robots-Tag opts it out
 
 
-@dataclasses.dataclass
-class OptoutFacts:
+class OptoutFacts(Facts):
     """Per URL (before the download) or per response (after it); None: not known here, its rule is skipped."""
 
-    robots_allowed: np.ndarray | None = None  # bool: robots.txt lets our product token fetch it
-    tdm_reservation: np.ndarray | None = None  # TDMRep's tdm-reservation: 1, 0, or NaN/None (no rule)
-    x_robots_tag: np.ndarray | None = None  # bool: the response's X-Robots-Tag names a refused directive
-    tdm_header: np.ndarray | None = None  # bool: the response's tdm-reservation header is 1
+    FIELDS = (
+        "robots_allowed",  # bool: robots.txt lets our product token fetch it
+        "tdm_reservation",  # TDMRep's tdm-reservation: 1, 0, or NaN/None (no rule)
+        "x_robots_tag",  # bool: the response's X-Robots-Tag names a refused directive
+        "tdm_header",  # bool: the response's tdm-reservation header is 1
+    )
 
 
 # ---- before the download: the host's robots.txt and /.well-known/tdmrep.json ------------------------------------

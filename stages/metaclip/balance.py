@@ -11,7 +11,6 @@ function of the row, so the outcome never depends on shards, workers or row orde
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import polars as pl
@@ -23,14 +22,15 @@ from pipeline import rules
 from pipeline.rules import Rule
 
 
-@dataclasses.dataclass
-class Facts:
-    """One shard's rows, as the rules read them."""
+class Facts(rules.Facts):
+    """One shard's rows, as the rules read them (all given: the stage computes each once in apply)."""
 
-    n_per_row: np.ndarray  # entries matched per row (its list under the cut, pass 1 counted the same)
-    sampled: np.ndarray  # some matched entry's draw fell under its keep probability p_e
-    below_cut: np.ndarray | None = None  # under the quality cut (score_col / min_score); None: no cut
-    chosen: np.ndarray | None = None  # the text its image chose (one_text_per_image); None: option off
+    FIELDS = (
+        "n_per_row",  # entries matched per row (its list under the cut, pass 1 counted the same)
+        "sampled",  # some matched entry's draw fell under its keep probability p_e
+        "below_cut",  # under the quality cut (score_col / min_score); None: no cut
+        "chosen",  # the text its image chose (one_text_per_image); None: option off
+    )
 
 
 # ---- the rules, in order -----------------------------------------------------------------------------------

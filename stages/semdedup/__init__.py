@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -47,13 +46,22 @@ from pipeline.config import ConfigError, check_ranges
 from pipeline.context import ShardContext
 from pipeline.hashing import uid_to_u64, uniform_of_keys
 from pipeline.errors import StageError
-from pipeline.rules import Rule, judge, reasons, split_by_reason
+from pipeline.rules import Facts, Rule, judge, reasons, split_by_reason
 from pipeline.stage import Stage
 
 from . import clusters, groups
 from .report import stage_report
 
 log = logging.getLogger("clipcurate.semdedup")
+
+
+class DedupFacts(Facts):
+    """A shard's rows as semdedup's rules read them (all given: apply computes both once)."""
+
+    FIELDS = (
+        "eval_hit",  # the image's nearest eval image is within eval_threshold
+        "semantic",  # another row of its group is kept (the merge's answer)
+    )
 
 
 class EvalSemanticDuplicate(Rule):
@@ -314,7 +322,7 @@ class SemDedupStage(Stage):
             img = self._image_vectors(table, ctx)
             eval_hit, eval_item = self.eval_matches(img.vectors, img.found, survey)
         semantic, dup_of = _looked_up(table.column("uid"), stats)
-        reason, _ = judge(RULES, SimpleNamespace(eval_hit=eval_hit, semantic=semantic), n)
+        reason, _ = judge(RULES, DedupFacts(n, eval_hit=eval_hit, semantic=semantic), n)
         kept, rejected = split_by_reason(table, reason)
         # every rejected shard has both columns (empty ones too): the shards of a folder share one schema
         gone = np.flatnonzero(eval_hit | semantic)
