@@ -3,7 +3,7 @@
 A resume whose input changed in one shard recomputes the pool-wide statistics; kept partials make that pass
 collect the changed shard alone, and merge (align reads pixels and klite tags every caption in collect: that is
 work to do once). A partial is kept under its key (the step less its inputs, the shard's input identity, the
-survey, the partitions) with the record of its file, in a sidecar written after it; the sidecar goes first
+survey, the partitions) with the record of its file (size and digest), in a sidecar written after it; the sidecar goes first
 when a partial is rewritten, so a kill leaves a partial without a sidecar, which is collected again.
 """
 
@@ -22,13 +22,14 @@ def partial_path(stage_dir: str, shard: str, ext: str) -> str:
 
 def kept_partial(stage_dir: str, shard: str, key: str, ext: str) -> bool:
     """The shard's kept partial is what collect would give now: its sidecar carries `key`, and its file is
-    still there at its recorded size."""
+    still there with its recorded size and digest (always the digest, not only with --verify: a partial read
+    back wrong would fail the merge on every rerun, and hashing it costs little beside collect)."""
     if not key:
         return False
     side = shards.read_json(partial_path(stage_dir, shard, ".json"))
     if not isinstance(side, dict) or side.get("key") != key:
         return False
-    return shards.records_mismatch(partials_dir(stage_dir), side.get(resume.FILES_KEY)) is None
+    return shards.records_mismatch(partials_dir(stage_dir), side.get(resume.FILES_KEY), digest=True) is None
 
 
 def keep_partial(stage_dir: str, shard: str, key: str, write) -> None:

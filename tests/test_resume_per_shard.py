@@ -177,3 +177,21 @@ def test_kept_partials_follow_the_pool(tmp_path):
     assert sorted(ShuffledFirstWordStage.collected) == ["part-00000.parquet", "part-00001.parquet"]
     assert not any(n.startswith("part-00002") for n in os.listdir(kept))
     _same_as_from_scratch(tmp_path, pool, [SHUFFLED], [res], cfg={SHUFFLED: {"min_count": 3}})
+
+
+def test_a_kept_partial_whose_bytes_changed_is_collected_again(tmp_path):
+    """Same size, other bytes (a bit flipped on disk): the partial is not trusted, the shard is collected again,
+    and the result is a run from scratch's."""
+    pool = str(tmp_path / "pool")
+    paths = make_pool(60, 3, pool)
+    run = tmp_path / "runs" / "r"
+    _run(SHUFFLED, run, pool)
+    bundle = os.path.join(run, "90_shuffledfirstword", "_partials", "part-00001.parquet.bundle")
+    data = bytearray(open(bundle, "rb").read())
+    data[-3] ^= 0xFF
+    open(bundle, "wb").write(bytes(data))
+    _set_text(paths[0], 1, "changed a b c #1")  # an input changes: the statistics are recomputed
+    ShuffledFirstWordStage.collected.clear()
+    res = _run(SHUFFLED, run, pool)
+    assert sorted(ShuffledFirstWordStage.collected) == ["part-00000.parquet", "part-00001.parquet"]
+    _same_as_from_scratch(tmp_path, pool, [SHUFFLED], [res])
