@@ -1044,7 +1044,13 @@ def main() -> int:
         log("GPU check ...")
         gpu = gpu_figures(after, pool_dir / "images", dfn["checkpoint"], work, fresh_cache(warm, work / "cache-gpu"))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep_runs:  # everything but the runs goes: their folder is what --keep-runs asked for
+            for p in work.iterdir():
+                if p.name != "runs":
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            log(f"runs kept in {work / 'runs'}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     result = {
         "bench": "images",
