@@ -170,6 +170,14 @@ class Stage:
                              f"str, or @data_record dataclasses ({e}); or override save_stats/load_stats") from None
         shards.write_bytes(data, shards.join(folder, "stats.data"))
 
+    def apply_key(self, stats: Any) -> Any:
+        """What every apply reads of the saved statistics (`load_stats`' value), as plain data (lists, numbers,
+        str: no arrays), when that is less than all of them: a shard whose input and key are unchanged is not
+        redone when the statistics changed only elsewhere (resume per shard, pipeline/resume.py). Default None:
+        the statistics whole (the digests of their files). Not for a stage that shuffles its statistics: its
+        key per shard is the digest of that shard's answers."""
+        return None
+
     def load_stats(self, folder: str) -> Any:
         path = shards.join(folder, "stats.data")
         try:

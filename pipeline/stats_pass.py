@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pipeline import codec, resume, shards
 from pipeline.config import RunConfig
 from pipeline.hashing import fingerprint
+from pipeline.stage import Stage
 from pipeline.task_inputs import shard_context, survey_path
 from pipeline.tasks import (MergeWith, PartitionTask, ShardTask, SplitTask, WorkerStep, collect_split_task,
                             collect_task, merge_partition_task, survey_task)
@@ -76,7 +77,10 @@ def pass_one(r: resume.StepRun, config: dict, ex, timings: dict, force: bool = F
         keys = {out: {"answers": digest, "survey": survey} for out, digest in answers.items()}
     else:
         _reduced_stats(r, ex, timings, files, _keep_keys(r, survey, 0))
-        whole = fingerprint(files)  # every apply reads all of it
+        whole = fingerprint(files)  # every apply reads all of it, unless the stage says what it reads
+        if type(r.probe).apply_key is not Stage.apply_key:
+            key = r.probe.apply_key(r.probe.load_stats(shards.join(r.stage_dir, "stats")))
+            whole = fingerprint({"apply_key": key, "survey": survey})
         keys = {r.probe.output_name(shards.shard_name(p)): whole for p in r.inputs}
     resume.write_stats_marker(r, partitions, files, keys)
     return StatsPass(partitions, answer_bytes, keys)

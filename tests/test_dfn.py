@@ -411,3 +411,19 @@ def test_balance_last_recipe_balances_among_the_pairs_above_the_score_cut(world,
         assert n_kept <= n_above
         if n_above > 20:  # a head entry: about t of its rows, plus those kept through another entry
             assert n_kept <= 20 + 4.5 * np.sqrt(20) + via_others, (e, n_above, n_kept, via_others)
+
+
+def test_apply_key_is_the_cut():
+    """Resume per shard: dfn's apply reads only the cut, so a histogram change that moves no score across it
+    leaves every other shard as it is."""
+    from stages.dfn import DfnStage
+
+    stage = DfnStage({"keep_fraction": 0.5, "bins": 10})
+    hist = np.array([0, 0, 4, 0, 0, 0, 3, 1, 0, 0], dtype=np.int64)  # 8 scored: keep 4, the top 4 (bins 6 and 7)
+    moved = np.array([0, 0, 3, 1, 0, 0, 3, 1, 0, 0], dtype=np.int64)  # one score moved below the cut
+    crossed = np.array([0, 0, 3, 0, 0, 0, 4, 1, 0, 0], dtype=np.int64)  # one score moved across it
+    key = stage.apply_key({"hist": hist})
+    assert key == stage.apply_key({"hist": moved}) and key != stage.apply_key({"hist": crossed})
+    import json
+
+    json.dumps(key)  # plain data

@@ -669,3 +669,20 @@ def test_score_cut_config_and_missing_column_are_one_line(tmp_path):
                                            "min_score": 0.2}})
     with pytest.raises(StageError, match="score_col 'dfn_score' is not a column of the shard"):
         run_pipeline(["metaclip"], str(tmp_path / "run"), cfg, input_dir=str(pool), workers=0)
+
+
+def test_apply_key_names_only_what_apply_reads():
+    """Resume per shard: a shard of metaclip is redone when the counts it reads change. p_e = 1 for an entry at
+    or under t whatever its count, so the key holds t, the entries above it with their counts, and the largest
+    count when nothing is capped (apply's note names it)."""
+    stage = MetaClipStage({"t": 10})
+
+    def key(counts):
+        return stage.apply_key({"n": 3, "langs": {"": (np.array([0, 1, 2]), np.array(counts))}, "images": None})
+
+    base = key([3, 50, 7])
+    assert base["over"]["*"] == [[1], [50]] and base["largest"] is None  # entry 1 is capped
+    assert key([4, 50, 9]) == base  # tail counts moved: nothing apply reads changed
+    assert key([3, 51, 7]) != base  # a capped entry's count: its p_e changed
+    assert key([3, 7, 7]) != key([3, 8, 7])  # nothing capped: the note's largest count changed
+    assert key([3, 50, 11]) != base  # a tail entry crossed t

@@ -305,6 +305,10 @@ class DfnStage(Stage):
                            stats.get("embedded", 0), "keep_fraction": self.config.keep_fraction, **c},
                           shards.join(folder, "cut.json"))
 
+    def apply_key(self, stats) -> dict:
+        """apply reads only the cut: a pool change that moves no score across it redoes no other shard."""
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in self.cut(stats).items()}
+
     def apply(self, table: pa.Table, stats, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
         s, has_image, _ = self.score_rows(table, ctx)
         ok = np.isfinite(s)

@@ -51,6 +51,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from metadata import concepts
 from pipeline.config import ConfigError, check_ranges
@@ -234,6 +235,28 @@ class MetaClipStage(Stage):
 
     def load_stats(self, folder: str) -> dict:
         return _stats.load(folder, self.config.language_col)
+
+    def apply_key(self, stats: dict) -> dict:
+        """What apply reads of the counts: the t per language, and the entries above it with their counts (an
+        entry at or under its t is kept with p = 1 whatever its count), the largest count when nothing is capped
+        (apply's note names it), and the image choices with one_text_per_image. A retry that adds rows to tail
+        entries redoes no shard of metaclip but those whose rows changed."""
+        n = stats["n"]
+        langs = {k: _stats.dense(v, n) for k, v in stats["langs"].items()}
+        ts = stats.get("t") or thresholds(self.config, langs)[0]
+        largest, capped = balance.largest_over_t(langs, ts)
+        # the counts and t each row's p_e is drawn from (balance.match_probs): all languages summed at ts[""] for
+        # rows without a language, else the row's language at its own t
+        views = {"*": (sum(langs.values()) if langs else np.zeros(n, np.int64), int(ts.get("", self.config.t)))}
+        views.update({lang: (counts, int(ts.get(lang, self.config.t))) for lang, counts in langs.items()})
+        over = {}
+        for view, (counts, t) in sorted(views.items()):
+            ids = np.flatnonzero(counts > t)
+            over[view] = [ids.tolist(), counts[ids].tolist()]
+        key = {"t": {k: int(v) for k, v in ts.items()}, "over": over, "largest": None if capped else int(largest)}
+        if self.config.one_text_per_image and stats.get("images") is not None:  # per image: a digest, not a list
+            key["images"] = [xxhash.xxh3_128_hexdigest(np.ascontiguousarray(a).tobytes()) for a in stats["images"]]
+        return key
 
     # -- pass 2: keep or reject ---------------------------------------------------------------------------------
     def apply(self, table: pa.Table, stats: dict, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
