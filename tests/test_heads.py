@@ -175,6 +175,28 @@ def test_hand_written_heads_give_the_outputs_computed_here_and_cut_as_configured
     assert [rows2[u]["reason"] for u in uids] == [("head:mlp" if m else None) for m in mlp_drops]
 
 
+def test_heads_on_dask_workers_write_what_one_process_writes(embedded, network, tmp_path, dask_cluster):
+    """The heads step on a 2-worker Dask cluster (the runner's `scheduler` address, as on a real cluster): every
+    kept and rejected row, head outputs and reasons, equal to the in-process run's."""
+    store = _store(embedded[0])
+    img, ifound = store.read_any(embedded[2], "image")
+    x = img.astype(np.float32)
+    w = np.zeros((1, store.dims), np.float32)
+    w[0, 0], w[0, 1] = 3.0, -2.0
+    save_file({"weight": w, "bias": np.array([0.1], np.float32)}, str(tmp_path / "lin.safetensors"))
+    heads = {"lin": {"path": str(tmp_path / "lin.safetensors"), "drop": "above",
+                     "threshold": float(np.median((3 * x[:, 0] - 2 * x[:, 1] + 0.1)[ifound]))}}
+    local, dask_run = tmp_path / "local", tmp_path / "dask"
+    shutil.copytree(embedded[0], local)
+    shutil.copytree(embedded[0], dask_run)
+    [a] = run_pipeline(["heads"], str(local), _cfg(network, heads), input_dir=str(embedded[1]), workers=0)
+    [b] = run_pipeline(["heads"], str(dask_run), _cfg(network, heads), input_dir=str(embedded[1]),
+                       scheduler=dask_cluster.scheduler.address)
+    assert b.manifest["executor"] != a.manifest["executor"] and b.manifest["reasons"] == a.manifest["reasons"]
+    assert b.manifest["rejected"] > 0
+    assert _rows(dask_run) == _rows(local)
+
+
 def test_a_head_of_the_wrong_width_is_a_one_line_error(embedded, network, tmp_path):
     run = _run_copy(embedded, tmp_path)
     d = _store(run).dims
