@@ -39,3 +39,14 @@ def keep_partial(stage_dir: str, shard: str, key: str, write) -> None:
         write()
     shards.write_json({"key": key, resume.FILES_KEY: shards.records_under(partials_dir(stage_dir), wrote)},
                       partial_path(stage_dir, shard, ".json"))
+
+
+def remove_stale_partials(stage_dir: str, shards_now: set[str]) -> None:
+    """The kept partials (and their sidecars) of shards no longer in the step's input."""
+    fs, folder = shards.fs_and_path(partials_dir(stage_dir))
+    if not fs.exists(folder):
+        return
+    for info in fs.ls(folder, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]  # "<shard>.data", ".bundle" or ".json"
+        if name.rsplit(".", 1)[0] not in shards_now:
+            fs.rm(info["name"], recursive=True)

@@ -27,7 +27,7 @@ from pipeline.layout import previous_stage_dir, record_input_store, record_sourc
 from pipeline.registry import get_stage, stage_class
 from pipeline.stage import Stage
 from pipeline.stats_pass import pass_one
-from pipeline.partials import partials_dir
+from pipeline.partials import remove_stale_partials
 from pipeline.tasks import ApplyTask, FinalizeTask, WorkerStep, answers_ready, apply_task, finalize_item_task
 
 log = logging.getLogger("clipcurate.runner")
@@ -227,11 +227,7 @@ def _after_apply(r: resume.StepRun) -> None:
             for p in shards.list_shards(folder):
                 if shards.shard_name(p) not in expected:
                     shards.remove(p)
-    fs, kept = shards.fs_and_path(partials_dir(r.stage_dir))
-    if fs.exists(kept):
-        for info in fs.ls(kept, detail=True):
-            if info["name"].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] not in expected:
-                fs.rm(info["name"], recursive=True)
+    remove_stale_partials(r.stage_dir, expected)
 
 
 def _finalize(r: resume.StepRun, per_shard: list[dict], ex) -> dict | None:

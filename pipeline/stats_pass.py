@@ -79,6 +79,7 @@ def pass_one(r: resume.StepRun, config: dict, ex, timings: dict, force: bool = F
         _reduced_stats(r, ex, timings, files, _keep_keys(r, survey, 0))
         whole = fingerprint(files)  # every apply reads all of it, unless the stage says what it reads
         if type(r.probe).apply_key is not Stage.apply_key:
+            # read back as apply will read it: save_stats may derive what apply uses (metaclip's t)
             key = r.probe.apply_key(r.probe.load_stats(shards.join(r.stage_dir, "stats")))
             whole = fingerprint({"apply_key": key, "survey": survey})
         keys = {r.probe.output_name(shards.shard_name(p)): whole for p in r.inputs}

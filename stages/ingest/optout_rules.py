@@ -7,7 +7,6 @@ is run by pipeline.rules' `judge`."""
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from pipeline.rules import Facts, Rule
