@@ -1,6 +1,8 @@
 """Evaluation sets, as the rules that keep them out of the training set read them (align's dHash rule,
 semdedup's embedding rule): a folder of image files (recursive), or a Parquet file or folder with an image-bytes
-column (image/jpg/bytes/img, or a Hugging Face {bytes: ...} struct).
+column (image/jpg/bytes/img, or a Hugging Face {bytes: ...} struct). An item's captions, where the set has them:
+a Parquet text column (text/caption/captions/txt: a string or a list of strings per row), or beside a folder's
+image the file of the same stem with `.txt` (the WebDataset and img2dataset convention).
 
 Every item has a name that says where it is, for a rejected row's `eval_item`: `SET/RELATIVE/PATH.jpg` for a
 folder's file, `SET/FILE.parquet#ROW` for a Parquet row (ROW counts from 0 in the file), with SET the eval set's
@@ -19,6 +21,8 @@ from pipeline import shards
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 IMAGE_COLUMNS = ("image", "jpg", "bytes", "img")
+TEXT_COLUMNS = ("text", "caption", "captions", "txt")
+MAX_CAPTION_BYTES = 1 << 16  # of a caption file read: a text encoder reads 77 tokens, memory stays bounded
 
 
 class EvalSetError(ValueError):
@@ -76,17 +80,56 @@ def parquet_files(path: str, files: list[tuple[str, int]] | None = None) -> list
     return [shards.join(path, rel) for rel, _ in files if "/" not in rel and rel.endswith(".parquet")]
 
 
-class EvalImages(NamedTuple):
+def text_column(table: pa.Table) -> str | None:
+    """The column holding captions (a string, or a list of strings, per row), if any."""
+    for name in TEXT_COLUMNS:
+        if name in table.column_names:
+            t = table.schema.field(name).type
+            if pa.types.is_string(t) or pa.types.is_large_string(t):
+                return name
+            if (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+                    pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)):
+                return name
+    return None
+
+
+def captions_of(table: pa.Table) -> list[list[str]]:
+    """Each row's non-empty captions ([] for a row without, or a table without a text column)."""
+    name = text_column(table)
+    if name is None:
+        return [[] for _ in range(table.num_rows)]
+    out = []
+    for v in table.column(name).to_pylist():
+        caps = v if isinstance(v, list) else [v]
+        out.append([c.strip() for c in caps if isinstance(c, str) and c.strip()])
+    return out
+
+
+def _sidecar_caption(path: str, rel: str, sizes: dict) -> list[str]:
+    """The caption file beside a folder's image (`a.jpg` -> `a.txt`), its first MAX_CAPTION_BYTES, if any."""
+    txt = os.path.splitext(rel)[0] + ".txt"
+    if txt not in sizes:
+        return []
+    fs, p = shards.fs_and_path(shards.join(path, txt))
+    with fs.open(p, "rb") as f:
+        text = f.read(MAX_CAPTION_BYTES).decode("utf-8", errors="replace").strip()
+    return [text] if text else []
+
+
+class EvalItems(NamedTuple):
     names: list[str]  # one per item, as `eval_item` names it
     blobs: list  # bytes, or None for a Parquet row without bytes
+    captions: list  # per item, its captions (a list of str; [] for an item without)
 
 
-def read_eval_images(path: str) -> EvalImages:
-    """Every image of the eval set, with its name. EvalSetError: a Parquet file without an image column."""
+def read_eval_items(path: str) -> EvalItems:
+    """Every image of the eval set, with its name and captions. EvalSetError: a Parquet file without an image
+    column."""
     files = eval_files(path)
     top = set_name(path)
     names: list[str] = []
     blobs: list = []
+    captions: list = []
     parquet = parquet_files(path, files)
     if parquet:
         for f in parquet:
@@ -94,9 +137,12 @@ def read_eval_images(path: str) -> EvalImages:
             label = top if f == path else f"{top}/{set_name(f)}"
             names.extend(f"{label}#{i}" for i in range(t.num_rows))
             blobs.extend(image_bytes(t, f))
+            captions.extend(captions_of(t))
     else:
+        sizes = dict(files)
         for rel, _ in files:
             if os.path.splitext(rel)[1].lower() in IMAGE_EXTS:
                 names.append(f"{top}/{rel}")
                 blobs.append(shards.read_bytes(shards.join(path, rel)))
-    return EvalImages(names, blobs)
+                captions.append(_sidecar_caption(path, rel, sizes))
+    return EvalItems(names, blobs, captions)

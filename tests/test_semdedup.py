@@ -394,3 +394,110 @@ def test_a_cluster_over_max_cluster_rows_is_split_and_identical_copies_still_mee
     out = SemDedupStage(cfg["semdedup"]).report(str(tmp_path / "r" / "00_semdedup"), str(tmp_path))
     row = dict(zip(out["tables"][0].header, out["tables"][0].rows[0]))
     assert row["clusters"] == 1 and row["clusters split"] == 1
+
+
+# ---- eval captions (issue 31 item 2: the eval set's images and captions embedded once) --------------------------
+def test_eval_items_read_captions_of_parquet_and_folder_sets(tmp_path):
+    from pipeline import evalsets
+
+    pq.write_table(pa.table({"image": [b"a", b"b", b"c"], "captions": [["one", " two "], [], None]}),
+                   tmp_path / "ret.parquet")
+    assert evalsets.read_eval_items(str(tmp_path / "ret.parquet")).captions == [["one", "two"], [], []]
+    pq.write_table(pa.table({"jpg": [b"a", b"b"], "caption": ["x", ""]}), tmp_path / "cap.parquet")
+    items = evalsets.read_eval_items(str(tmp_path / "cap.parquet"))
+    assert (items.names, items.captions) == (["cap.parquet#0", "cap.parquet#1"], [["x"], []])
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.jpg").write_bytes(b"A")
+    (folder / "sub" / "a.txt").write_text("a caption\n")
+    (folder / "b.png").write_bytes(b"B")  # no caption file
+    (folder / "c.jpg").write_bytes(b"C")
+    (folder / "c.txt").write_bytes(b"y" * (evalsets.MAX_CAPTION_BYTES + 10))  # read up to the cap only
+    items = evalsets.read_eval_items(str(folder))
+    assert items.names == ["imgs/b.png", "imgs/c.jpg", "imgs/sub/a.jpg"]
+    assert items.captions == [[], ["y" * evalsets.MAX_CAPTION_BYTES], ["a caption"]]
+
+
+def test_eval_match_by_hand():
+    from stages.semdedup import match_eval
+    from trainer.embed import ShardVectors
+
+    def vecs(x, found=None):
+        v = _unit(x)
+        return ShardVectors(v, np.ones(len(v), bool) if found is None else np.asarray(found), None, 0, None)
+
+    survey = {"eval_names": ["E/a.jpg", "E/b.jpg"], "eval_vectors": _unit([[1, 0, 0], [0, 1, 0]]),
+              # item a has two captions, item b none; the third caption's item has no image (-1)
+              "eval_text_names": ["E/a.jpg", "E/a.jpg", "E/c.jpg"],
+              "eval_text_vectors": _unit([[1, 0], [0.6, 0.8], [0, 1]]), "eval_text_image": np.array([0, 0, -1])}
+    # row 0: image = a, caption 0.8 from a's 2nd caption; row 1: image near b (cos 0.995); row 2: image far from
+    # both, caption = c's; row 3: far in both
+    img = vecs([[1, 0, 0], [0.1, 1, 0], [0, 0, 1], [0, 0.5, 1]])
+    txt = vecs([[0.6, 0.8], [1, 0], [0, 1], [1, -1]])
+    m = match_eval(img, txt, survey, image_threshold=0.99, text_threshold=0.0)  # caption rule off
+    assert m.image_hit.tolist() == [True, True, False, False] and not m.text_hit.any()
+    assert m.item.tolist() == ["E/a.jpg", "E/b.jpg", None, None]
+    np.testing.assert_allclose(m.image_cosine[:2], [1.0, 1 / np.sqrt(1.01)], rtol=1e-6)
+    assert m.text_cosine[0] == pytest.approx(1.0)  # the best of a's two captions (0.6*0.6 + 0.8*0.8)
+    assert np.isnan(m.text_cosine[1:]).all()  # b has no caption; rows 2, 3 are not dropped
+    m = match_eval(img, txt, survey, image_threshold=0.99, text_threshold=0.9)  # caption rule on
+    assert m.text_hit.tolist() == [False, False, True, False]
+    assert m.item[2] == "E/c.jpg" and m.text_cosine[2] == pytest.approx(1.0)
+    assert np.isnan(m.image_cosine[2])  # c has no image to compare with
+    # a row whose caption is within the threshold of a's captions: its image is compared with a's image
+    m = match_eval(vecs([[0, 0.6, 0.8]]), vecs([[1, 0.01]]), survey, 0.99, 0.9)
+    assert m.text_hit.tolist() == [True] and m.item[0] == "E/a.jpg"
+    assert m.image_cosine[0] == pytest.approx(0.0, abs=1e-6)
+    # a row without an image vector is judged on its caption alone
+    m = match_eval(vecs([[1, 0, 0]], found=[False]), vecs([[1, 0]]), survey, 0.99, 0.9)
+    assert m.text_hit.tolist() == [True] and np.isnan(m.image_cosine[0])
+
+
+def test_eval_captions_are_compared_and_their_rule_names_the_item(world, network, tmp_path, content_vectors):
+    table, _ = _planted(world)
+    texts = table.column("text").to_pylist()
+    imgs = table.column("image").to_pylist()
+    eval_dir = tmp_path / "evalset"
+    eval_dir.mkdir()
+    (eval_dir / "a.jpg").write_bytes(imgs[20])  # the pair leaked: image and caption
+    (eval_dir / "a.txt").write_text(texts[20])
+    (eval_dir / "b.jpg").write_bytes(imgs[21])  # the picture alone
+    (eval_dir / "b.txt").write_text("a caption no row of the pool has")
+    (eval_dir / "c.jpg").write_bytes(imgs[30] + b"\0")  # another picture (other bytes), row 22's caption
+    (eval_dir / "c.txt").write_text(texts[22])
+    pool = _write(table, tmp_path / "in", 2)
+    uids = table.column("uid").to_pylist()
+
+    def rejected(run):
+        t = pa.concat_tables([shards.read_shard(p) for p in shards.list_shards(str(run / "00_semdedup" / "rejected"))])
+        return {r["uid"]: r for r in t.to_pylist()}
+
+    run_pipeline(["semdedup"], str(tmp_path / "off"), _cfg(network, eval_images=str(eval_dir)), input_dir=str(pool),
+                 workers=0)
+    got = rejected(tmp_path / "off")
+    assert got[uids[20]]["eval_text_cosine"] == pytest.approx(1.0, abs=1e-3)  # content vectors: same caption
+    assert got[uids[20]]["eval_image_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(got[uids[21]]["eval_text_cosine"]) < 0.5  # unrelated random vectors
+    assert {u for u, r in got.items() if r["reason"].startswith("eval_")} == {uids[20], uids[21]}
+    assert all(r["eval_text_cosine"] is None for r in got.values() if r["reason"] == "semantic_duplicate")
+    # the caption rule on: every row carrying c's caption goes, named c (a reference: the rows with that text)
+    run_pipeline(["semdedup"], str(tmp_path / "on"),
+                 _cfg(network, eval_images=str(eval_dir), eval_text_threshold=0.99), input_dir=str(pool), workers=0)
+    got = rejected(tmp_path / "on")
+    by_caption = {u for u, r in got.items() if r["reason"] == "eval_caption_duplicate"}
+    same_text = {u for u, t in zip(uids, texts) if t == texts[22]} - {uids[20], uids[21]}
+    assert by_caption == same_text and uids[22] in by_caption
+    assert {got[u]["eval_item"] for u in by_caption} == {"evalset/c.jpg"}
+    assert got[uids[20]]["reason"] == "eval_semantic_duplicate"  # the image rule comes first
+    cfg = _cfg(network, eval_images=str(eval_dir), eval_text_threshold=0.99)["semdedup"]
+    tables = {t.title: t for t in SemDedupStage(cfg).report(str(tmp_path / "on" / "00_semdedup"),
+                                                            str(tmp_path))["tables"]}
+    rules = {r[0].split(" (")[0]: r[1] for r in tables[next(k for k in tables if "dHash rule" in k)].rows}
+    assert rules == {"dHash": 0, "embeddings, image": 2, "embeddings, caption": len(by_caption)}
+    cos = tables["eval decontamination: dropped rows' cosine to the eval item they name (median)"]
+    # image rule: rows 20 (caption 1.0) and 21 (caption ~0): one median over both; caption rule: all at 1.0
+    assert [r[:2] + r[3:4] for r in cos.rows] == [["eval_semantic_duplicate", 2, 2],
+                                                   ["eval_caption_duplicate", len(by_caption), len(by_caption)]]
+    assert cos.rows[1][4] == "1.000"
+    with pytest.raises(ConfigError, match="eval_text_threshold"):
+        config_mod.resolve({"semdedup": {"eval_text_threshold": 1.5}})

@@ -6,6 +6,10 @@ Rules, in order (the first that fires names the row's `reason`):
   eval_semantic_duplicate  the row's image is within `eval_threshold` cosine of an evaluation image
                            (`eval_images`, the same sets align's dHash rule reads); `eval_item` names it:
                            SET/path/in/set.jpg or SET/file.parquet#row (pipeline/evalsets.py)
+  eval_caption_duplicate   (`eval_text_threshold` > 0) the row's caption is within that cosine of an eval item's
+                           caption (a Parquet eval set's text/caption/captions column, a folder's a.txt beside
+                           a.jpg); `eval_item` names the item. Off by default: web alt-text repeats generic
+                           captions ("a red car"), so a caption alone is weaker evidence than an image
   semantic_duplicate       in the same k-means cluster as a kept row, with image cosine >= 1 - eps_image and, in
                            `mode = "pair"` (the default), text cosine >= 1 - eps_text; `duplicate_of` names the
                            kept row's uid (groups.py: the relation's connected components, one row kept each;
@@ -14,7 +18,7 @@ Rules, in order (the first that fires names the row's `reason`):
 How (the stage contract's passes; the runner's survey before the statistics, pipeline/stage.py):
   survey     each shard's sample of image vectors, drawn by uniform(uid) (clusters.py), merged pool-wide
   conclude   k-means (faiss, fixed seed) of the sample, once, in the driver: `clusters` centroids (0: one per
-             `rows_per_cluster` rows); the eval set's images embedded once with the run's network. Both saved in
+             `rows_per_cluster` rows); the eval set's images and captions embedded once with the run's network. Both saved in
              the stage folder (survey/), given to every collect and apply
   collect    each row's nearest centroid; rows (uid, cluster, vectors, dfn_score) shuffled by cluster into
              partitions as align's statistics are; eval copies are left out (never kept as a group's copy)
@@ -27,6 +31,10 @@ checkpoint, or when those are empty [embed]'s, else [dfn]'s, so the vectors embe
 computed again; rows the store lacks are embedded and stored. Rows without an image vector (no image, or bytes
 that do not decode) are not judged and pass.
 
+A row dropped by an eval rule carries `eval_image_cosine` and `eval_text_cosine`: its image's and its caption's
+cosine to the named eval item's image and nearest caption (null where the item has none), so a reader sees
+whether the pair leaked or only the picture.
+
 Result: the same for any shard split, worker count or row order (the sample is a function of the uids, the
 centroids of the sample, a cluster is decided whole in one partition, in uid order).
 """
@@ -35,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +68,7 @@ class DedupFacts(Facts):
 
     FIELDS = (
         "eval_hit",  # the image's nearest eval image is within eval_threshold
+        "eval_text_hit",  # the caption's nearest eval caption is within eval_text_threshold (when on)
         "semantic",  # another row of its group is kept (the merge's answer)
     )
 
@@ -72,6 +81,14 @@ class EvalSemanticDuplicate(Rule):
         return f.eval_hit
 
 
+class EvalCaptionDuplicate(Rule):
+    """The caption's nearest eval caption is within `eval_text_threshold` cosine (`eval_item` names its item)."""
+    name, needs = "eval_caption_duplicate", ("eval_text_hit",)
+
+    def mask(self, f) -> np.ndarray:
+        return f.eval_text_hit
+
+
 class SemanticDuplicate(Rule):
     """Another row of its group is the one kept (`duplicate_of` names it): the merge's answer for this uid."""
     name, needs = "semantic_duplicate", ("semantic",)
@@ -80,7 +97,7 @@ class SemanticDuplicate(Rule):
         return f.semantic
 
 
-RULES = (EvalSemanticDuplicate(), SemanticDuplicate())
+RULES = (EvalSemanticDuplicate(), EvalCaptionDuplicate(), SemanticDuplicate())
 REASONS = tuple(reasons(RULES))
 SAMPLE_SALT = "semdedup:sample"
 EVAL_BLOCK = 1 << 14  # rows per block against the eval set: memory ~ block x eval items floats
@@ -110,6 +127,7 @@ class SemDedupStage(Stage):
         max_cluster_rows: int = 20000  # a bigger cluster is split by k-means again before its pairwise step
         eval_images: str = ""  # eval set (folder of images, or Parquet with image bytes); "" = off
         eval_threshold: float = 0.95  # a row whose image is this close (cosine) to an eval image is rejected
+        eval_text_threshold: float = 0.0  # 0 = off; else a row whose caption is this close to an eval caption
         batch_size: int = 256
         device: str = "auto"
         precision: str = "auto"
@@ -119,6 +137,7 @@ class SemDedupStage(Stage):
             check_ranges("semdedup", self, eps_image=(0, 2), eps_text=(0, 2), clusters=(0, None),
                          rows_per_cluster=(1, None), sample_per_cluster=(1, None), min_sample=(1, None),
                          kmeans_iterations=(1, None), max_cluster_rows=(2, None), eval_threshold=(-1, 1),
+                         eval_text_threshold=(0, 1),
                          batch_size=(1, None), num_workers=(-1, None))
             if self.mode not in groups.MODES:
                 raise ConfigError(f"config [semdedup] mode = {self.mode!r}: give one of {', '.join(groups.MODES)}")
@@ -146,9 +165,10 @@ class SemDedupStage(Stage):
     def fingerprint_parts(self, ctx: ShardContext | None = None) -> dict:
         import faiss
 
-        parts = {"network": self.vectors.fingerprint(ctx), "faiss": faiss.__version__, "rule": "components-1"}
+        parts = {"network": self.vectors.fingerprint(ctx), "faiss": faiss.__version__, "rule": "components-1",
+                 "eval": "image-and-caption-1"}
         if self.config.eval_images and shards.exists(self.config.eval_images):
-            parts["eval"] = [(rel or evalsets.set_name(self.config.eval_images), size)
+            parts["eval_files"] = [(rel or evalsets.set_name(self.config.eval_images), size)
                              for rel, size in evalsets.eval_files(self.config.eval_images)]
         return parts
 
@@ -192,17 +212,18 @@ class SemDedupStage(Stage):
                  merged["rows"], len(merged["vectors"]))
         out = {"rows": int(merged["rows"]), "sample": len(merged["vectors"]), "asked": int(k),
                "centroids": centroids, "eval_names": [], "eval_vectors": np.zeros((0, centroids.shape[1]), np.float16),
-               "eval_unreadable": 0}
+               "eval_unreadable": 0, **_no_eval_captions(centroids.shape[1])}
         if c.eval_images:
             out.update(self._embed_eval_set(ctx, centroids.shape[1]))
         return out
 
     def _embed_eval_set(self, ctx: ShardContext, dims: int) -> dict:
-        """The eval set's images, embedded once with the run's network (vectors as stored: float16 unit rows)."""
+        """The eval set's images and captions, embedded once with the run's network (vectors as stored: float16
+        unit rows). Captions keep the index of their item's image (-1: the item's image does not decode)."""
         from pipeline.embeddings import as_stored
 
         try:
-            items = evalsets.read_eval_images(self.config.eval_images)
+            items = evalsets.read_eval_items(self.config.eval_images)
         except evalsets.EvalSetError as e:
             raise StageError(f"semdedup: {e}") from None
         n = len(items.names)
@@ -214,30 +235,28 @@ class SemDedupStage(Stage):
         if dims and vecs.shape[1] != dims:  # (dims 0: the pool has no image vector to compare with)
             raise StageError(f"semdedup: the eval set's vectors have {vecs.shape[1]} dims, the pool's {dims}: the "
                              "store holds another network's vectors")
-        log.info("semdedup: eval set %s: %d images embedded (%d do not decode)", self.config.eval_images,
-                 int(ok.sum()), int((~ok).sum()))
+        image_at = np.cumsum(ok) - 1  # item -> its row among the decoded images
+        owner = [i for i, caps in enumerate(items.captions) for _ in caps]
+        texts = [c for caps in items.captions for c in caps]
+        text_vecs = as_stored(scorer.encode_texts(texts)) if texts else np.zeros((0, vecs.shape[1]), np.float16)
+        log.info("semdedup: eval set %s: %d images embedded (%d do not decode), %d captions of %d items",
+                 self.config.eval_images, int(ok.sum()), int((~ok).sum()), len(texts), len(set(owner)))
         return {"eval_names": [items.names[i] for i in np.flatnonzero(ok)], "eval_vectors": vecs[ok],
-                "eval_unreadable": int((~ok).sum())}
+                "eval_unreadable": int((~ok).sum()),
+                "eval_text_names": [items.names[i] for i in owner], "eval_text_vectors": text_vecs,
+                "eval_text_image": np.array([image_at[i] if ok[i] else -1 for i in owner], np.int64)}
 
-    def eval_matches(self, vectors: np.ndarray, found: np.ndarray, survey: dict | None) -> tuple[np.ndarray, list]:
-        """(hit, eval item per hit row): rows whose image is within eval_threshold of an eval image."""
-        n = len(vectors)
-        hit = np.zeros(n, bool)
-        names: list = [None] * n
-        ev = None if survey is None else survey.get("eval_vectors")
-        if ev is None or len(ev) == 0:
-            return hit, names
-        e = np.asarray(ev, np.float32)
-        rows = np.flatnonzero(found)
-        for lo in range(0, len(rows), EVAL_BLOCK):
-            at = rows[lo:lo + EVAL_BLOCK]
-            sims = np.asarray(vectors[at], np.float32) @ e.T
-            best = np.argmax(sims, axis=1)
-            close = sims[np.arange(len(at)), best] >= self.config.eval_threshold
-            hit[at[close]] = True
-            for r, b in zip(at[close], best[close]):  # only the rows that hit: few
-                names[r] = survey["eval_names"][int(b)]
-        return hit, names
+    def eval_matches(self, img, txt, survey: dict | None) -> "EvalMatch":
+        """Which rows an eval rule drops, the eval item each names and the two cosines it reports. `img`, `txt`:
+        the shard's ShardVectors (`txt` None: its captions are not compared)."""
+        return match_eval(img, txt, survey, self.config.eval_threshold, self.config.eval_text_threshold)
+
+    def _needs_text(self, survey: dict | None, for_collect: bool) -> bool:
+        """Whether the shard's caption vectors are read: pair mode's grouping (collect), the caption rule, or an
+        eval set with captions (apply: the cosine a dropped row reports)."""
+        has_captions = survey is not None and len(survey.get("eval_text_vectors", ())) > 0
+        rule_on = has_captions and self.config.eval_text_threshold > 0
+        return (for_collect and self.config.mode == "pair") or rule_on or (not for_collect and has_captions)
 
     # ---- collect: rows shuffled by cluster --------------------------------------------------------------------
     def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> dict:
@@ -246,14 +265,15 @@ class SemDedupStage(Stage):
         if survey is None:
             raise StageError("semdedup: no survey (centroids): run it through the runner (`clipcurate run`)")
         img = self._image_vectors(table, ctx)
-        eval_hit, _ = self.eval_matches(img.vectors, img.found, survey)
-        use = img.found & ~eval_hit
+        txt = self.vectors.vectors(table, ctx, "text") if self._needs_text(survey, True) else None
+        m = self.eval_matches(img, txt, survey)
+        use = img.found & ~m.image_hit & ~m.text_hit
         label, typical = clusters.assign(img.vectors[use], survey["centroids"])
         take = pa.array(np.flatnonzero(use))
         out = {"uid": table.column("uid").take(take).to_numpy().astype(object), "cluster": label,
                "typicality": typical, "score": self._scores(table)[use], "image": img.vectors[use]}
         if self.config.mode == "pair":
-            out["text"] = self.vectors.vectors(table, ctx, "text").vectors[use]
+            out["text"] = txt.vectors[use]
         return out
 
     @staticmethod
@@ -315,20 +335,24 @@ class SemDedupStage(Stage):
     def apply(self, table: pa.Table, stats, ctx: ShardContext | None = None) -> tuple[pa.Table, pa.Table]:
         ctx = ctx or self.detached()
         n = table.num_rows
-        eval_hit = np.zeros(n, bool)
-        eval_item: list = [None] * n
+        m = no_eval_match(n)
         survey = ctx.survey
-        if survey is not None and len(survey.get("eval_names") or []):
+        if survey is not None and len(survey.get("eval_names") or []) + len(survey.get("eval_text_names") or []):
             img = self._image_vectors(table, ctx)
-            eval_hit, eval_item = self.eval_matches(img.vectors, img.found, survey)
+            txt = self.vectors.vectors(table, ctx, "text") if self._needs_text(survey, False) else None
+            m = self.eval_matches(img, txt, survey)
         semantic, dup_of = _looked_up(table.column("uid"), stats)
-        reason, _ = judge(RULES, DedupFacts(n, eval_hit=eval_hit, semantic=semantic), n)
+        facts = DedupFacts(n, eval_hit=m.image_hit, eval_text_hit=m.text_hit, semantic=semantic)
+        reason, _ = judge(RULES, facts, n)
         kept, rejected = split_by_reason(table, reason)
-        # every rejected shard has both columns (empty ones too): the shards of a folder share one schema
-        gone = np.flatnonzero(eval_hit | semantic)
-        named = np.where(eval_hit[gone], None, dup_of[gone])
+        # every rejected shard has these columns (empty ones too): the shards of a folder share one schema
+        gone = np.flatnonzero(m.image_hit | m.text_hit | semantic)
+        by_eval = m.image_hit[gone] | m.text_hit[gone]
+        named = np.where(by_eval, None, dup_of[gone])
         rejected = rejected.append_column("duplicate_of", pa.array(named, pa.string()))
-        rejected = rejected.append_column("eval_item", pa.array([eval_item[i] for i in gone], pa.string()))
+        rejected = rejected.append_column("eval_item", pa.array(m.item[gone], pa.string()))
+        for name, cos in (("eval_image_cosine", m.image_cosine), ("eval_text_cosine", m.text_cosine)):
+            rejected = rejected.append_column(name, pa.array(cos[gone], pa.float32(), from_pandas=True))
         if survey is not None:
             ctx.note(f"semdedup: {len(survey['centroids'])} k-means clusters of the image vectors (sample of "
                      f"{survey['sample']} rows), {self.config.mode} mode")
@@ -338,6 +362,85 @@ class SemDedupStage(Stage):
     def report(self, stage_dir: str, out_dir: str) -> dict:
         """What the step judged and dropped, its clusters, and eval decontamination beside align's dHash rule."""
         return stage_report(self.config, stage_dir, out_dir, self.load_stats)
+
+
+class EvalMatch(NamedTuple):
+    """Per row of a shard: dropped by the image rule, by the caption rule, the eval item named (None: neither),
+    and the image's and caption's cosine to that item's image and nearest caption (NaN: not compared)."""
+    image_hit: np.ndarray
+    text_hit: np.ndarray
+    item: np.ndarray
+    image_cosine: np.ndarray
+    text_cosine: np.ndarray
+
+
+def no_eval_match(n: int) -> EvalMatch:
+    return EvalMatch(np.zeros(n, bool), np.zeros(n, bool), np.full(n, None, dtype=object),
+                     np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32))
+
+
+def _no_eval_captions(dims: int) -> dict:
+    return {"eval_text_names": [], "eval_text_vectors": np.zeros((0, dims), np.float16),
+            "eval_text_image": np.zeros(0, np.int64)}
+
+
+def _nearest(vectors: np.ndarray, rows: np.ndarray, against: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index, cosine) of each given row's nearest vector in `against`, EVAL_BLOCK rows at a time (memory: a block
+    x eval items floats)."""
+    best = np.full(len(rows), -1, np.int64)
+    cos = np.full(len(rows), -np.inf, np.float32)
+    if len(against) == 0:
+        return best, cos
+    e = np.asarray(against, np.float32)
+    for lo in range(0, len(rows), EVAL_BLOCK):
+        sims = np.asarray(vectors[rows[lo:lo + EVAL_BLOCK]], np.float32) @ e.T
+        best[lo:lo + EVAL_BLOCK] = np.argmax(sims, axis=1)
+        cos[lo:lo + EVAL_BLOCK] = sims[np.arange(len(sims)), best[lo:lo + EVAL_BLOCK]]
+    return best, cos
+
+
+def match_eval(img, txt, survey: dict | None, image_threshold: float, text_threshold: float) -> EvalMatch:
+    """The eval rules on one shard (`img`, `txt`: its ShardVectors, `txt` None: captions not compared). The
+    image rule names the nearest eval image's item; the caption rule (text_threshold > 0), for rows the image rule
+    left, the nearest caption's item. Each dropped row's other cosine is to the item it names: the caption against
+    that item's captions (the best), the image against that item's image. Loops run over dropped rows only."""
+    n = len(img.vectors)
+    m = no_eval_match(n)
+    if survey is None:
+        return m
+    ev = np.asarray(survey.get("eval_vectors", np.zeros((0, 0))), np.float32)
+    tv = np.asarray(survey.get("eval_text_vectors", np.zeros((0, 0))), np.float32)
+    text_image = np.asarray(survey.get("eval_text_image", np.zeros(0, np.int64)))
+    rows = np.flatnonzero(img.found)
+    best, cos = _nearest(img.vectors, rows, ev)
+    hit = rows[cos >= image_threshold]
+    m.image_hit[hit] = True
+    m.image_cosine[hit] = cos[cos >= image_threshold]
+    names = survey.get("eval_names") or []
+    image_item = np.full(n, -1, np.int64)
+    image_item[rows] = best
+    for r in hit:
+        m.item[r] = names[image_item[r]]
+    if txt is None or len(tv) == 0:
+        return m
+    for r in hit:  # the caption against the named item's own captions
+        caps = np.flatnonzero(text_image == image_item[r])
+        if len(caps) and txt.found[r]:
+            m.text_cosine[r] = float(np.max(tv[caps] @ np.asarray(txt.vectors[r], np.float32)))
+    if text_threshold <= 0:
+        return m
+    trows = np.flatnonzero(txt.found & ~m.image_hit)
+    tbest, tcos = _nearest(txt.vectors, trows, tv)
+    close = tcos >= text_threshold
+    thit = trows[close]
+    m.text_hit[thit] = True
+    m.text_cosine[thit] = tcos[close]
+    text_names = survey.get("eval_text_names") or []
+    for r, c in zip(thit, tbest[close]):
+        m.item[r] = text_names[c]
+        if text_image[c] >= 0 and img.found[r]:
+            m.image_cosine[r] = float(ev[text_image[c]] @ np.asarray(img.vectors[r], np.float32))
+    return m
 
 
 def _looked_up(uids: pa.ChunkedArray, stats: dict | None) -> tuple[np.ndarray, np.ndarray]:

@@ -42,15 +42,55 @@ def stage_report(config, stage_dir: str, out_dir: str, load_stats: Callable[[str
     align = [m for m in manifests if m.get("stage") == "align"]
     dhash = sum(int(m.get("reasons", {}).get("eval_near_duplicate", 0)) for m in align)
     if c.eval_images or dhash:
-        tables.append(Table(
-            "eval decontamination: align's dHash rule and semdedup's embedding rule",
-            ["rule", "rows dropped", "caught by this rule alone"],
-            [["dHash (align eval_near_duplicate)", dhash,
-              "not measured: align dropped them before any embedding (bench/results/filters.json compares both "
-              "on the same rows)" if dhash else 0],
-             ["embeddings (semdedup eval_semantic_duplicate, after align)", reasons.get("eval_semantic_duplicate", 0),
-              reasons.get("eval_semantic_duplicate", 0) if align else "align did not run"]]))
+        by_image, by_caption = reasons.get("eval_semantic_duplicate", 0), reasons.get("eval_caption_duplicate", 0)
+        rows = [["dHash (align eval_near_duplicate)", dhash,
+                 "not measured: align dropped them before any embedding (bench/results/filters.json compares both "
+                 "on the same rows)" if dhash else 0],
+                ["embeddings, image (semdedup eval_semantic_duplicate, after align)", by_image,
+                 by_image if align else "align did not run"]]
+        if c.eval_text_threshold > 0:
+            rows.append([f"embeddings, caption (semdedup eval_caption_duplicate, cos >= {c.eval_text_threshold})",
+                         by_caption, by_caption])
+        tables.append(Table("eval decontamination: align's dHash rule and semdedup's embedding rules",
+                            ["rule", "rows dropped", "caught by this rule alone"], rows))
+        leaks = _eval_cosines(stage_dir)
+        if leaks is not None:
+            tables.append(leaks)
     return {"figures": [], "tables": tables}
+
+
+def _eval_cosines(stage_dir: str):
+    """How close each row an eval rule dropped is to its eval item, in both modalities: the picture alone, or the
+    pair (None: no such row, or no caption compared)."""
+    from pipeline.report import Table
+
+    folder = shards.join(stage_dir, "rejected")
+    files = shards.list_shards(folder) if shards.exists(folder) else []
+    cols = ("reason", "eval_image_cosine", "eval_text_cosine")
+    parts = [shards.read_shard(f, columns=list(cols)) for f in files if set(cols) <= set(shards.read_schema(f).names)]
+    if not parts:
+        return None
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = pa.concat_tables(parts)
+    out = []
+    for reason in ("eval_semantic_duplicate", "eval_caption_duplicate"):
+        at = np.asarray(pc.equal(t.column("reason"), reason).fill_null(False).to_numpy(zero_copy_only=False), bool)
+        if not at.any():
+            continue
+        img = np.asarray(t.column("eval_image_cosine").to_numpy(zero_copy_only=False), np.float64)[at]
+        txt = np.asarray(t.column("eval_text_cosine").to_numpy(zero_copy_only=False), np.float64)[at]
+        out.append([reason, int(at.sum()), _median(img), int(np.isfinite(txt).sum()), _median(txt)])
+    if not out:
+        return None
+    return Table("eval decontamination: dropped rows' cosine to the eval item they name (median)",
+                 ["rule", "rows", "image cosine", "rows with a caption compared", "caption cosine"], out)
+
+
+def _median(x: np.ndarray) -> str:
+    x = x[np.isfinite(x)]
+    return f"{np.median(x):.3f}" if len(x) else "-"
 
 
 def posixpath_parent(path: str) -> str:
