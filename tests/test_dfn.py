@@ -99,6 +99,25 @@ def test_keep_rule_ignores_shard_boundaries(stub_scores):
     assert kept([]) == kept([10, 2000, 2001, 4999]) == kept([2500])
 
 
+def test_partials_are_sparse_and_merge_to_the_pool_histogram(stub_scores):
+    from pipeline import codec
+
+    rng = np.random.default_rng(5)
+    s = np.round(rng.normal(0.2, 0.1, 3000), 3)
+    tables = _stub_pool(s, [1000, 1001, 2500])
+    stage = DfnStage({"keep_fraction": 0.3})
+    partials = [stage.collect(t) for t in tables]
+    reference = np.bincount(score_bins(s.astype(np.float32), stage.config.bins), minlength=stage.config.bins)
+    assert np.array_equal(stage.merge(partials)["hist"], reference)
+    # a kept partial of an older run (dense) merges with the new ones; a merged histogram merges again
+    dense = {**{k: v for k, v in partials[0].items() if k not in ("bins", "counts")},
+             "hist": np.bincount(partials[0]["bins"], partials[0]["counts"], stage.config.bins).astype(np.int64)}
+    assert np.array_equal(stage.merge([dense, *partials[1:]])["hist"], reference)
+    assert np.array_equal(stage.merge([stage.merge(partials[:2]), stage.merge(partials[2:])])["hist"], reference)
+    # its size follows the shard's distinct scores, not the histogram's 20,001 bins (a one-row shard: ~100 B)
+    assert len(codec.encode(partials[1])) < 1000 < 8 * stage.config.bins
+
+
 def test_cut_for_fraction_by_hand():
     hist = np.array([0, 5, 0, 3, 2])  # 10 rows; from the top: 2 (bin 4), 3 (bin 3), 5 (bin 1)
     assert cut_for_fraction(hist, 0.2) == (4, 1.0, 2)
