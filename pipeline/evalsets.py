@@ -47,16 +47,23 @@ def set_name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+def _first_column(table: pa.Table, names: tuple, holds) -> str | None:
+    """The first of `names` that the table has with a type `holds` accepts."""
+    return next((n for n in names if n in table.column_names and holds(table.schema.field(n).type)), None)
+
+
+def _binary(t) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _string(t) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
 def image_column(table: pa.Table) -> str | None:
-    """The column holding image bytes (or a {bytes: ...} struct), if any."""
-    for name in IMAGE_COLUMNS:
-        if name in table.column_names:
-            t = table.schema.field(name).type
-            if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-                return name
-            if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0:  # Hugging Face Image feature
-                return name
-    return None
+    """The column holding image bytes (or a {bytes: ...} struct: a Hugging Face Image feature), if any."""
+    return _first_column(table, IMAGE_COLUMNS,
+                         lambda t: _binary(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0))
 
 
 def image_bytes(table: pa.Table, where: str) -> list:
@@ -82,15 +89,8 @@ def parquet_files(path: str, files: list[tuple[str, int]] | None = None) -> list
 
 def text_column(table: pa.Table) -> str | None:
     """The column holding captions (a string, or a list of strings, per row), if any."""
-    for name in TEXT_COLUMNS:
-        if name in table.column_names:
-            t = table.schema.field(name).type
-            if pa.types.is_string(t) or pa.types.is_large_string(t):
-                return name
-            if (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
-                    pa.types.is_string(t.value_type) or pa.types.is_large_string(t.value_type)):
-                return name
-    return None
+    return _first_column(table, TEXT_COLUMNS, lambda t: _string(t) or (
+        (pa.types.is_list(t) or pa.types.is_large_list(t)) and _string(t.value_type)))
 
 
 def captions_of(table: pa.Table) -> list[list[str]]:
