@@ -501,3 +501,28 @@ def test_eval_captions_are_compared_and_their_rule_names_the_item(world, network
     assert cos.rows[1][4] == "1.000"
     with pytest.raises(ConfigError, match="eval_text_threshold"):
         config_mod.resolve({"semdedup": {"eval_text_threshold": 1.5}})
+
+
+def test_image_mode_encodes_no_pool_caption_unless_a_row_is_dropped_by_an_eval_rule(world, network, tmp_path,
+                                                                                     content_vectors, monkeypatch):
+    from trainer import score as score_mod
+
+    encoded = []
+    real = score_mod.Scorer.encode_texts
+    monkeypatch.setattr(score_mod.Scorer, "encode_texts", lambda self, t: encoded.extend(t) or real(self, t))
+    table, _ = _planted(world)
+    imgs, texts = table.column("image").to_pylist(), table.column("text").to_pylist()
+    pool = _write(table, tmp_path / "in", 2)
+    eval_dir = tmp_path / "evalset"
+    eval_dir.mkdir()
+    (eval_dir / "c.jpg").write_bytes(imgs[30] + b"\0")  # no row's image
+    (eval_dir / "c.txt").write_text("an eval caption")
+    run_pipeline(["semdedup"], str(tmp_path / "a"), _cfg(network, mode="image", eval_images=str(eval_dir)),
+                 input_dir=str(pool), workers=0)
+    assert encoded == ["an eval caption"]  # the eval set's, once; no pool caption
+    encoded.clear()
+    (eval_dir / "a.jpg").write_bytes(imgs[20])  # now a row's image: its shard's captions are read for its cosine
+    (eval_dir / "a.txt").write_text(texts[20])
+    run_pipeline(["semdedup"], str(tmp_path / "b"), _cfg(network, mode="image", eval_images=str(eval_dir)),
+                 input_dir=str(pool), workers=0)
+    assert texts[20] in encoded[2:] and len(encoded) < 2 + len(texts)  # eval captions, then one shard's

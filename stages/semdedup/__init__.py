@@ -251,12 +251,9 @@ class SemDedupStage(Stage):
         the shard's ShardVectors (`txt` None: its captions are not compared)."""
         return match_eval(img, txt, survey, self.config.eval_threshold, self.config.eval_text_threshold)
 
-    def _needs_text(self, survey: dict | None, for_collect: bool) -> bool:
-        """Whether the shard's caption vectors are read: pair mode's grouping (collect), the caption rule, or an
-        eval set with captions (apply: the cosine a dropped row reports)."""
-        has_captions = survey is not None and len(survey.get("eval_text_vectors", ())) > 0
-        rule_on = has_captions and self.config.eval_text_threshold > 0
-        return (for_collect and self.config.mode == "pair") or rule_on or (not for_collect and has_captions)
+    def _caption_rule_on(self, survey: dict | None) -> bool:
+        return (self.config.eval_text_threshold > 0 and survey is not None
+                and len(survey.get("eval_text_vectors", ())) > 0)
 
     # ---- collect: rows shuffled by cluster --------------------------------------------------------------------
     def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> dict:
@@ -265,14 +262,15 @@ class SemDedupStage(Stage):
         if survey is None:
             raise StageError("semdedup: no survey (centroids): run it through the runner (`clipcurate run`)")
         img = self._image_vectors(table, ctx)
-        txt = self.vectors.vectors(table, ctx, "text") if self._needs_text(survey, True) else None
+        pair = self.config.mode == "pair"
+        txt = self.vectors.vectors(table, ctx, "text") if pair or self._caption_rule_on(survey) else None
         m = self.eval_matches(img, txt, survey)
         use = img.found & ~m.image_hit & ~m.text_hit
         label, typical = clusters.assign(img.vectors[use], survey["centroids"])
         take = pa.array(np.flatnonzero(use))
         out = {"uid": table.column("uid").take(take).to_numpy().astype(object), "cluster": label,
                "typicality": typical, "score": self._scores(table)[use], "image": img.vectors[use]}
-        if self.config.mode == "pair":
+        if pair:
             out["text"] = txt.vectors[use]
         return out
 
@@ -339,8 +337,11 @@ class SemDedupStage(Stage):
         survey = ctx.survey
         if survey is not None and len(survey.get("eval_names") or []) + len(survey.get("eval_text_names") or []):
             img = self._image_vectors(table, ctx)
-            txt = self.vectors.vectors(table, ctx, "text") if self._needs_text(survey, False) else None
-            m = self.eval_matches(img, txt, survey)
+            m = self.eval_matches(img, None, survey)
+            # captions read only where they are judged, or where a dropped row reports its caption's cosine: in
+            # image mode a store may lack text vectors, and encoding a shard's captions for nothing costs
+            if self._caption_rule_on(survey) or (m.image_hit.any() and len(survey.get("eval_text_vectors", ()))):
+                m = self.eval_matches(img, self.vectors.vectors(table, ctx, "text"), survey)
         semantic, dup_of = _looked_up(table.column("uid"), stats)
         facts = DedupFacts(n, eval_hit=m.image_hit, eval_text_hit=m.text_hit, semantic=semantic)
         reason, _ = judge(RULES, facts, n)
