@@ -18,8 +18,8 @@ Rules, in order (the first that fires names the row's `reason`):
 How (the stage contract's passes; the runner's survey before the statistics, pipeline/stage.py):
   survey     each shard's sample of image vectors, drawn by uniform(uid) (clusters.py), merged pool-wide
   conclude   k-means (faiss, fixed seed) of the sample, once, in the driver: `clusters` centroids (0: one per
-             `rows_per_cluster` rows); the eval set's images and captions embedded once with the run's network. Both saved in
-             the stage folder (survey/), given to every collect and apply
+             `rows_per_cluster` rows); the eval set's images and captions embedded once with the run's network.
+             Both saved in the stage folder (survey/), given to every collect and apply
   collect    each row's nearest centroid; rows (uid, cluster, vectors, dfn_score) shuffled by cluster into
              partitions as align's statistics are; eval copies are left out (never kept as a group's copy)
   merge      per partition, per cluster (a cluster over `max_cluster_rows` split again by k-means first): the
