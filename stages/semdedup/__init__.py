@@ -424,10 +424,12 @@ def match_eval(img, txt, survey: dict | None, image_threshold: float, text_thres
         m.item[r] = names[image_item[r]]
     if txt is None or len(tv) == 0:
         return m
-    for r in hit:  # the caption against the named item's own captions
-        caps = np.flatnonzero(text_image == image_item[r])
-        if len(caps) and txt.found[r]:
-            m.text_cosine[r] = float(np.max(tv[caps] @ np.asarray(txt.vectors[r], np.float32)))
+    by_item = np.argsort(text_image, kind="stable")  # captions grouped by their item's image
+    starts = np.searchsorted(text_image[by_item], image_item[hit], side="left")
+    ends = np.searchsorted(text_image[by_item], image_item[hit], side="right")
+    for r, lo, hi in zip(hit, starts, ends):  # the caption against the named item's own captions
+        if hi > lo and txt.found[r]:
+            m.text_cosine[r] = float(np.max(tv[by_item[lo:hi]] @ np.asarray(txt.vectors[r], np.float32)))
     if text_threshold <= 0:
         return m
     trows = np.flatnonzero(txt.found & ~m.image_hit)
