@@ -33,7 +33,7 @@ that do not decode) are not judged and pass.
 
 A row dropped by an eval rule carries `eval_image_cosine` and `eval_text_cosine`: its image's and its caption's
 cosine to the named eval item's image and nearest caption (null where the item has none), so a reader sees
-whether the pair leaked or only the picture.
+whether the pair leaked or only the picture (evalmatch.py).
 
 Result: the same for any shard split, worker count or row order (the sample is a function of the uids, the
 centroids of the sample, a cluster is decided whole in one partition, in uid order).
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +58,7 @@ from pipeline.rules import Facts, Rule, judge, reasons, split_by_reason
 from pipeline.stage import Stage
 
 from . import clusters, groups
+from .evalmatch import EvalMatch, match_eval, no_eval_captions, no_eval_match
 from .report import stage_report
 
 log = logging.getLogger("clipcurate.semdedup")
@@ -100,7 +101,6 @@ class SemanticDuplicate(Rule):
 RULES = (EvalSemanticDuplicate(), EvalCaptionDuplicate(), SemanticDuplicate())
 REASONS = tuple(reasons(RULES))
 SAMPLE_SALT = "semdedup:sample"
-EVAL_BLOCK = 1 << 14  # rows per block against the eval set: memory ~ block x eval items floats
 
 
 class SemDedupStage(Stage):
@@ -212,7 +212,7 @@ class SemDedupStage(Stage):
                  merged["rows"], len(merged["vectors"]))
         out = {"rows": int(merged["rows"]), "sample": len(merged["vectors"]), "asked": int(k),
                "centroids": centroids, "eval_names": [], "eval_vectors": np.zeros((0, centroids.shape[1]), np.float16),
-               "eval_unreadable": 0, **_no_eval_captions(centroids.shape[1])}
+               "eval_unreadable": 0, **no_eval_captions(centroids.shape[1])}
         if c.eval_images:
             out.update(self._embed_eval_set(ctx, centroids.shape[1]))
         return out
@@ -246,7 +246,7 @@ class SemDedupStage(Stage):
                 "eval_text_names": [items.names[i] for i in owner], "eval_text_vectors": text_vecs,
                 "eval_text_image": np.array([image_at[i] if ok[i] else -1 for i in owner], np.int64)}
 
-    def eval_matches(self, img, txt, survey: dict | None) -> "EvalMatch":
+    def eval_matches(self, img, txt, survey: dict | None) -> EvalMatch:
         """Which rows an eval rule drops, the eval item each names and the two cosines it reports. `img`, `txt`:
         the shard's ShardVectors (`txt` None: its captions are not compared)."""
         return match_eval(img, txt, survey, self.config.eval_threshold, self.config.eval_text_threshold)
@@ -363,87 +363,6 @@ class SemDedupStage(Stage):
     def report(self, stage_dir: str, out_dir: str) -> dict:
         """What the step judged and dropped, its clusters, and eval decontamination beside align's dHash rule."""
         return stage_report(self.config, stage_dir, out_dir, self.load_stats)
-
-
-class EvalMatch(NamedTuple):
-    """Per row of a shard: dropped by the image rule, by the caption rule, the eval item named (None: neither),
-    and the image's and caption's cosine to that item's image and nearest caption (NaN: not compared)."""
-    image_hit: np.ndarray
-    text_hit: np.ndarray
-    item: np.ndarray
-    image_cosine: np.ndarray
-    text_cosine: np.ndarray
-
-
-def no_eval_match(n: int) -> EvalMatch:
-    return EvalMatch(np.zeros(n, bool), np.zeros(n, bool), np.full(n, None, dtype=object),
-                     np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32))
-
-
-def _no_eval_captions(dims: int) -> dict:
-    return {"eval_text_names": [], "eval_text_vectors": np.zeros((0, dims), np.float16),
-            "eval_text_image": np.zeros(0, np.int64)}
-
-
-def _nearest(vectors: np.ndarray, rows: np.ndarray, against: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index, cosine) of each given row's nearest vector in `against`, EVAL_BLOCK rows at a time (memory: a block
-    x eval items floats)."""
-    best = np.full(len(rows), -1, np.int64)
-    cos = np.full(len(rows), -np.inf, np.float32)
-    if len(against) == 0:
-        return best, cos
-    e = np.asarray(against, np.float32)
-    for lo in range(0, len(rows), EVAL_BLOCK):
-        sims = np.asarray(vectors[rows[lo:lo + EVAL_BLOCK]], np.float32) @ e.T
-        best[lo:lo + EVAL_BLOCK] = np.argmax(sims, axis=1)
-        cos[lo:lo + EVAL_BLOCK] = sims[np.arange(len(sims)), best[lo:lo + EVAL_BLOCK]]
-    return best, cos
-
-
-def match_eval(img, txt, survey: dict | None, image_threshold: float, text_threshold: float) -> EvalMatch:
-    """The eval rules on one shard (`img`, `txt`: its ShardVectors, `txt` None: captions not compared). The
-    image rule names the nearest eval image's item; the caption rule (text_threshold > 0), for rows the image rule
-    left, the nearest caption's item. Each dropped row's other cosine is to the item it names: the caption against
-    that item's captions (the best), the image against that item's image. Loops run over dropped rows only."""
-    n = len(img.vectors)
-    m = no_eval_match(n)
-    if survey is None:
-        return m
-    ev = np.asarray(survey.get("eval_vectors", np.zeros((0, 0))), np.float32)
-    tv = np.asarray(survey.get("eval_text_vectors", np.zeros((0, 0))), np.float32)
-    text_image = np.asarray(survey.get("eval_text_image", np.zeros(0, np.int64)))
-    rows = np.flatnonzero(img.found)
-    best, cos = _nearest(img.vectors, rows, ev)
-    hit = rows[cos >= image_threshold]
-    m.image_hit[hit] = True
-    m.image_cosine[hit] = cos[cos >= image_threshold]
-    names = survey.get("eval_names") or []
-    image_item = np.full(n, -1, np.int64)
-    image_item[rows] = best
-    for r in hit:
-        m.item[r] = names[image_item[r]]
-    if txt is None or len(tv) == 0:
-        return m
-    by_item = np.argsort(text_image, kind="stable")  # captions grouped by their item's image
-    starts = np.searchsorted(text_image[by_item], image_item[hit], side="left")
-    ends = np.searchsorted(text_image[by_item], image_item[hit], side="right")
-    for r, lo, hi in zip(hit, starts, ends):  # the caption against the named item's own captions
-        if hi > lo and txt.found[r]:
-            m.text_cosine[r] = float(np.max(tv[by_item[lo:hi]] @ np.asarray(txt.vectors[r], np.float32)))
-    if text_threshold <= 0:
-        return m
-    trows = np.flatnonzero(txt.found & ~m.image_hit)
-    tbest, tcos = _nearest(txt.vectors, trows, tv)
-    close = tcos >= text_threshold
-    thit = trows[close]
-    m.text_hit[thit] = True
-    m.text_cosine[thit] = tcos[close]
-    text_names = survey.get("eval_text_names") or []
-    for r, c in zip(thit, tbest[close]):
-        m.item[r] = text_names[c]
-        if text_image[c] >= 0 and img.found[r]:
-            m.image_cosine[r] = float(ev[text_image[c]] @ np.asarray(img.vectors[r], np.float32))
-    return m
 
 
 def _looked_up(uids: pa.ChunkedArray, stats: dict | None) -> tuple[np.ndarray, np.ndarray]:
