@@ -22,7 +22,7 @@ from pipeline import shards
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 IMAGE_COLUMNS = ("image", "jpg", "bytes", "img")
 TEXT_COLUMNS = ("text", "caption", "captions", "txt")
-MAX_CAPTION_BYTES = 1 << 16  # of a caption file read: a text encoder reads 77 tokens, memory stays bounded
+MAX_CAPTION_BYTES = 1 << 16  # of a caption read: a text encoder reads 77 tokens, memory stays bounded
 
 
 class EvalSetError(ValueError):
@@ -101,8 +101,15 @@ def captions_of(table: pa.Table) -> list[list[str]]:
     out = []
     for v in table.column(name).to_pylist():
         caps = v if isinstance(v, list) else [v]
-        out.append([c.strip() for c in caps if isinstance(c, str) and c.strip()])
+        out.append([t for t in (_bounded(c) for c in caps if isinstance(c, str)) if t])
     return out
+
+
+def _bounded(text: str) -> str:
+    """A caption cut to its first MAX_CAPTION_BYTES of UTF-8 (a tokeniser encodes all of it before it truncates
+    to 77 tokens), stripped."""
+    raw = text.encode("utf-8")
+    return (raw[:MAX_CAPTION_BYTES].decode("utf-8", errors="ignore") if len(raw) > MAX_CAPTION_BYTES else text).strip()
 
 
 def _sidecar_caption(path: str, rel: str, sizes: dict) -> list[str]:
@@ -112,7 +119,7 @@ def _sidecar_caption(path: str, rel: str, sizes: dict) -> list[str]:
         return []
     fs, p = shards.fs_and_path(shards.join(path, txt))
     with fs.open(p, "rb") as f:
-        text = f.read(MAX_CAPTION_BYTES).decode("utf-8", errors="replace").strip()
+        text = _bounded(f.read(MAX_CAPTION_BYTES).decode("utf-8", errors="ignore"))
     return [text] if text else []
 
 

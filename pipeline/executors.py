@@ -2,10 +2,11 @@
 
 Every executor has the same three verbs, so that the runner reads the same for all of them: `map` (one task per
 item, results as they come), `collect_values` (one task per item, results kept where they are: on Dask, futures
-that stay on the workers until merged) and `tree_reduce` (merge with a fixed fan-in, MERGE_FAN_IN). A task is a
-top-level function and one item (pipeline/tasks.py): both travel to a Dask worker by pickle. Partials are reduced
-in item order with a fixed fan-in, so the merge tree (and any float sum inside it) is the same for any worker
-count.
+that stay on the workers until merged) and `tree_reduce` (merge with a fixed fan-in, MERGE_FAN_IN, at least
+once: what it returns is always a merge's output, so a stage's collect may return a smaller form than its
+statistics, as dfn's sparse histogram). A task is a top-level function and one item (pipeline/tasks.py): both
+travel to a Dask worker by pickle. Partials are reduced in item order with a fixed fan-in, so the merge tree (and
+any float sum inside it) is the same for any worker count.
 
 `executor(workers, scheduler)` is what the runner and the commands use: a LazyExecutor, which starts nothing
 until the first task and, given no worker count, lets the first step's pool size choose (`default_workers`).
@@ -41,9 +42,10 @@ class InProcessExecutor:
             yield i, fn(item)
 
     def tree_reduce(self, fn: Callable, values: list, desc: str = "merge") -> Any:
-        while len(values) > 1:
+        while True:  # at least one round: the result is `fn`'s, even of one value (collect's form may differ)
             values = [fn(values[i : i + MERGE_FAN_IN]) for i in range(0, len(values), MERGE_FAN_IN)]
-        return values[0]
+            if len(values) <= 1:
+                return values[0]
 
     def collect_values(self, fn: Callable, items: list, desc: str) -> list:
         out = [None] * len(items)
@@ -137,12 +139,15 @@ class DaskExecutor:
                 f.cancel()
 
     def tree_reduce(self, fn: Callable, values: list, desc: str = "merge") -> Any:
-        # values are futures living on workers: partials never travel to the client until merged
-        while len(values) > 1:
+        # values are futures living on workers: partials never travel to the client until merged; at least one
+        # round, as in-process
+        while True:
             values = [
                 self.client.submit(fn, values[i : i + MERGE_FAN_IN], pure=False)
                 for i in range(0, len(values), MERGE_FAN_IN)
             ]
+            if len(values) <= 1:
+                break
         v = values[0]
         with _worker_deaths(desc, None):
             return v.result() if hasattr(v, "result") else v

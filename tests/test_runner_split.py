@@ -88,3 +88,20 @@ def test_executors_give_a_task_one_item():
     items = [(1, 2), (3, 4)]
     assert dict(ex.map(lambda item: item, items, "echo")) == {0: (1, 2), 1: (3, 4)}
     assert ex.collect_values(sum, items, "sum") == [3, 7]
+
+
+def _tagged_sum(parts: list) -> tuple:
+    """A merge whose output differs from its inputs' form: ("merged", total)."""
+    return ("merged", sum(p[1] if isinstance(p, tuple) else p for p in parts))
+
+
+@pytest.mark.parametrize("on_dask", [False, True])
+def test_tree_reduce_merges_at_least_once(on_dask, dask_cluster):
+    """A one-shard pool's statistics are a merge's output too (dfn's collect is sparse, its statistics dense)."""
+    ex = executors.DaskExecutor(scheduler=dask_cluster.scheduler.address) if on_dask else executors.InProcessExecutor()
+    try:
+        assert ex.tree_reduce(_tagged_sum, [5]) == ("merged", 5)
+        n = executors.MERGE_FAN_IN * 2 + 1  # two rounds
+        assert ex.tree_reduce(_tagged_sum, list(range(n))) == ("merged", sum(range(n)))
+    finally:
+        ex.close()

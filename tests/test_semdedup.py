@@ -403,9 +403,11 @@ def test_eval_items_read_captions_of_parquet_and_folder_sets(tmp_path):
     pq.write_table(pa.table({"image": [b"a", b"b", b"c"], "captions": [["one", " two "], [], None]}),
                    tmp_path / "ret.parquet")
     assert evalsets.read_eval_items(str(tmp_path / "ret.parquet")).captions == [["one", "two"], [], []]
-    pq.write_table(pa.table({"jpg": [b"a", b"b"], "caption": ["x", ""]}), tmp_path / "cap.parquet")
+    long = "é" * evalsets.MAX_CAPTION_BYTES  # 2 bytes a character: cut at the cap, never inside a character
+    pq.write_table(pa.table({"jpg": [b"a", b"b", b"c"], "caption": ["x", "", long]}), tmp_path / "cap.parquet")
     items = evalsets.read_eval_items(str(tmp_path / "cap.parquet"))
-    assert (items.names, items.captions) == (["cap.parquet#0", "cap.parquet#1"], [["x"], []])
+    assert items.names == ["cap.parquet#0", "cap.parquet#1", "cap.parquet#2"]
+    assert items.captions == [["x"], [], ["é" * (evalsets.MAX_CAPTION_BYTES // 2)]]
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)
     (folder / "sub" / "a.jpg").write_bytes(b"A")
@@ -434,22 +436,31 @@ def test_eval_match_by_hand():
     # both, caption = c's; row 3: far in both
     img = vecs([[1, 0, 0], [0.1, 1, 0], [0, 0, 1], [0, 0.5, 1]])
     txt = vecs([[0.6, 0.8], [1, 0], [0, 1], [1, -1]])
-    m = match_eval(img, txt, survey, image_threshold=0.99, text_threshold=0.0)  # caption rule off
+    reads = []
+
+    def read(v):
+        return lambda: reads.append(1) or v
+
+    # no image hit and the caption rule off: the captions are not read at all
+    m = match_eval(vecs([[0, 0, 1]]), read(vecs([[1, 0]])), survey, image_threshold=0.99, text_threshold=0.0)
+    assert reads == [] and not m.image_hit.any() and np.isnan(m.text_cosine).all()
+    m = match_eval(img, read(txt), survey, image_threshold=0.99, text_threshold=0.0)  # caption rule off
+    assert reads == [1]  # read once: a dropped row's item has captions
     assert m.image_hit.tolist() == [True, True, False, False] and not m.text_hit.any()
     assert m.item.tolist() == ["E/a.jpg", "E/b.jpg", None, None]
     np.testing.assert_allclose(m.image_cosine[:2], [1.0, 1 / np.sqrt(1.01)], rtol=1e-6)
     assert m.text_cosine[0] == pytest.approx(1.0)  # the best of a's two captions (0.6*0.6 + 0.8*0.8)
     assert np.isnan(m.text_cosine[1:]).all()  # b has no caption; rows 2, 3 are not dropped
-    m = match_eval(img, txt, survey, image_threshold=0.99, text_threshold=0.9)  # caption rule on
+    m = match_eval(img, lambda: txt, survey, image_threshold=0.99, text_threshold=0.9)  # caption rule on
     assert m.text_hit.tolist() == [False, False, True, False]
     assert m.item[2] == "E/c.jpg" and m.text_cosine[2] == pytest.approx(1.0)
     assert np.isnan(m.image_cosine[2])  # c has no image to compare with
     # a row whose caption is within the threshold of a's captions: its image is compared with a's image
-    m = match_eval(vecs([[0, 0.6, 0.8]]), vecs([[1, 0.01]]), survey, 0.99, 0.9)
+    m = match_eval(vecs([[0, 0.6, 0.8]]), lambda: vecs([[1, 0.01]]), survey, 0.99, 0.9)
     assert m.text_hit.tolist() == [True] and m.item[0] == "E/a.jpg"
     assert m.image_cosine[0] == pytest.approx(0.0, abs=1e-6)
     # a row without an image vector is judged on its caption alone
-    m = match_eval(vecs([[1, 0, 0]], found=[False]), vecs([[1, 0]]), survey, 0.99, 0.9)
+    m = match_eval(vecs([[1, 0, 0]], found=[False]), lambda: vecs([[1, 0]]), survey, 0.99, 0.9)
     assert m.text_hit.tolist() == [True] and np.isnan(m.image_cosine[0])
 
 

@@ -302,10 +302,7 @@ class DfnStage(Stage):
         """The keep rule in numbers: {"mode", "threshold", "bin", "q", "wanted"}."""
         if self.config.threshold is not None:
             return {"mode": "threshold", "threshold": float(self.config.threshold)}
-        # a one-shard pool's statistics are its collect output as it is (a tree reduce of one value merges
-        # nothing): sparse, so densified here
-        hist = stats["hist"] if "hist" in stats else self.merge([stats])["hist"]
-        b, q, want = cut_for_fraction(hist, self.config.keep_fraction)
+        b, q, want = cut_for_fraction(stats["hist"], self.config.keep_fraction)
         return {"mode": "fraction", "bin": b, "q": q, "wanted": want,
                 "threshold": bin_lower_edge(b, self.config.bins) if b < self.config.bins else 1.0}
 

@@ -246,14 +246,10 @@ class SemDedupStage(Stage):
                 "eval_text_names": [items.names[i] for i in owner], "eval_text_vectors": text_vecs,
                 "eval_text_image": np.array([image_at[i] if ok[i] else -1 for i in owner], np.int64)}
 
-    def eval_matches(self, img, txt, survey: dict | None) -> EvalMatch:
-        """Which rows an eval rule drops, the eval item each names and the two cosines it reports. `img`, `txt`:
-        the shard's ShardVectors (`txt` None: its captions are not compared)."""
-        return match_eval(img, txt, survey, self.config.eval_threshold, self.config.eval_text_threshold)
-
-    def _caption_rule_on(self, survey: dict | None) -> bool:
-        return (self.config.eval_text_threshold > 0 and survey is not None
-                and len(survey.get("eval_text_vectors", ())) > 0)
+    def eval_matches(self, img, read_text, survey: dict | None) -> EvalMatch:
+        """Which rows an eval rule drops, the eval item each names and the two cosines it reports (evalmatch.py:
+        `read_text` gives the shard's caption vectors where they are compared, None: never)."""
+        return match_eval(img, read_text, survey, self.config.eval_threshold, self.config.eval_text_threshold)
 
     # ---- collect: rows shuffled by cluster --------------------------------------------------------------------
     def collect(self, table: pa.Table, ctx: ShardContext | None = None) -> dict:
@@ -263,8 +259,11 @@ class SemDedupStage(Stage):
             raise StageError("semdedup: no survey (centroids): run it through the runner (`clipcurate run`)")
         img = self._image_vectors(table, ctx)
         pair = self.config.mode == "pair"
-        txt = self.vectors.vectors(table, ctx, "text") if pair or self._caption_rule_on(survey) else None
-        m = self.eval_matches(img, txt, survey)
+        txt = self.vectors.vectors(table, ctx, "text") if pair else None
+        # the caption rule may read captions; the cosines a dropped row reports are apply's, not read here
+        reader = (lambda: txt) if pair else (
+            (lambda: self.vectors.vectors(table, ctx, "text")) if self.config.eval_text_threshold > 0 else None)
+        m = self.eval_matches(img, reader, survey)
         use = img.found & ~m.image_hit & ~m.text_hit
         label, typical = clusters.assign(img.vectors[use], survey["centroids"])
         take = pa.array(np.flatnonzero(use))
@@ -336,12 +335,8 @@ class SemDedupStage(Stage):
         m = no_eval_match(n)
         survey = ctx.survey
         if survey is not None and len(survey.get("eval_names") or []) + len(survey.get("eval_text_names") or []):
-            img = self._image_vectors(table, ctx)
-            m = self.eval_matches(img, None, survey)
-            # captions read only where they are judged, or where a dropped row reports its caption's cosine: in
-            # image mode a store may lack text vectors, and encoding a shard's captions for nothing costs
-            if self._caption_rule_on(survey) or (m.image_hit.any() and len(survey.get("eval_text_vectors", ()))):
-                m = self.eval_matches(img, self.vectors.vectors(table, ctx, "text"), survey)
+            m = self.eval_matches(self._image_vectors(table, ctx), lambda: self.vectors.vectors(table, ctx, "text"),
+                                  survey)
         semantic, dup_of = _looked_up(table.column("uid"), stats)
         facts = DedupFacts(n, eval_hit=m.image_hit, eval_text_hit=m.text_hit, semantic=semantic)
         reason, _ = judge(RULES, facts, n)

@@ -46,11 +46,14 @@ def _nearest(vectors: np.ndarray, rows: np.ndarray, against: np.ndarray) -> tupl
     return best, cos
 
 
-def match_eval(img, txt, survey: dict | None, image_threshold: float, text_threshold: float) -> EvalMatch:
-    """The eval rules on one shard (`img`, `txt`: its ShardVectors, `txt` None: captions not compared). The
-    image rule names the nearest eval image's item; the caption rule (text_threshold > 0), for rows the image rule
-    left, the nearest caption's item. Each dropped row's other cosine is to the item it names: the caption against
-    that item's captions (the best), the image against that item's image. Loops run over dropped rows only."""
+def match_eval(img, read_text, survey: dict | None, image_threshold: float, text_threshold: float) -> EvalMatch:
+    """The eval rules on one shard. `img`: its image ShardVectors; `read_text`: a function giving its caption
+    ShardVectors, called only where captions are compared (the caption rule is on, or the image rule dropped a row
+    whose item has captions: in image mode the store may lack text vectors, and encoding a shard's captions for
+    nothing costs), or None: captions not compared. The image rule names the nearest eval image's item; the
+    caption rule (text_threshold > 0), for rows the image rule left, the nearest caption's item. Each dropped row's
+    other cosine is to the item it names: the caption against that item's captions (the best), the image against
+    that item's image. Loops run over dropped rows only."""
     n = len(img.vectors)
     m = no_eval_match(n)
     if survey is None:
@@ -60,19 +63,17 @@ def match_eval(img, txt, survey: dict | None, image_threshold: float, text_thres
     text_image = np.asarray(survey.get("eval_text_image", np.zeros(0, np.int64)))
     rows = np.flatnonzero(img.found)
     best, cos = _nearest(img.vectors, rows, ev)
-    hit = rows[cos >= image_threshold]
+    close = cos >= image_threshold
+    hit, hit_item = rows[close], best[close]
     m.image_hit[hit] = True
-    m.image_cosine[hit] = cos[cos >= image_threshold]
-    names = survey.get("eval_names") or []
-    image_item = np.full(n, -1, np.int64)
-    image_item[rows] = best
-    for r in hit:
-        m.item[r] = names[image_item[r]]
-    if txt is None or len(tv) == 0:
+    m.image_cosine[hit] = cos[close]
+    m.item[hit] = np.asarray(survey.get("eval_names") or [], dtype=object)[hit_item]
+    if read_text is None or len(tv) == 0 or not (len(hit) or text_threshold > 0):
         return m
+    txt = read_text()
     by_item = np.argsort(text_image, kind="stable")  # captions grouped by their item's image
-    starts = np.searchsorted(text_image[by_item], image_item[hit], side="left")
-    ends = np.searchsorted(text_image[by_item], image_item[hit], side="right")
+    starts = np.searchsorted(text_image[by_item], hit_item, side="left")
+    ends = np.searchsorted(text_image[by_item], hit_item, side="right")
     for r, lo, hi in zip(hit, starts, ends):  # the caption against the named item's own captions
         if hi > lo and txt.found[r]:
             m.text_cosine[r] = float(np.max(tv[by_item[lo:hi]] @ np.asarray(txt.vectors[r], np.float32)))
@@ -81,12 +82,11 @@ def match_eval(img, txt, survey: dict | None, image_threshold: float, text_thres
     trows = np.flatnonzero(txt.found & ~m.image_hit)
     tbest, tcos = _nearest(txt.vectors, trows, tv)
     close = tcos >= text_threshold
-    thit = trows[close]
+    thit, tbest = trows[close], tbest[close]
     m.text_hit[thit] = True
     m.text_cosine[thit] = tcos[close]
-    text_names = survey.get("eval_text_names") or []
-    for r, c in zip(thit, tbest[close]):
-        m.item[r] = text_names[c]
-        if text_image[c] >= 0 and img.found[r]:
-            m.image_cosine[r] = float(ev[text_image[c]] @ np.asarray(img.vectors[r], np.float32))
+    m.item[thit] = np.asarray(survey.get("eval_text_names") or [], dtype=object)[tbest]
+    has_image = (text_image[tbest] >= 0) & img.found[thit]
+    for r, c in zip(thit[has_image], tbest[has_image]):
+        m.image_cosine[r] = float(ev[text_image[c]] @ np.asarray(img.vectors[r], np.float32))
     return m

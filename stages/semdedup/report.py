@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import shards
 from pipeline.errors import StageError
@@ -70,9 +72,6 @@ def _eval_cosines(stage_dir: str):
     parts = [shards.read_shard(f, columns=list(cols)) for f in files if set(cols) <= set(shards.read_schema(f).names)]
     if not parts:
         return None
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     t = pa.concat_tables(parts)
     out = []
     for reason in ("eval_semantic_duplicate", "eval_caption_duplicate"):
